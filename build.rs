@@ -1,0 +1,18 @@
+//! Compiles `proto/` with protox (pure Rust: no protoc to install on any machine or in CI).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/loggregator-api/v2/envelope.proto",
+        "proto/loggregator-api/v2/ingress.proto",
+    ];
+    // No generator prints these itself: without them proto edits are silently ignored.
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        // Sorted maps make the signing form and the counter-total key deterministic for free.
+        .btree_map(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

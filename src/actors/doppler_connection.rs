@@ -1,0 +1,249 @@
+//! One Doppler connection actor per slot: owns one HTTP/2 connection and its `Ingress.BatchSender`
+//! stream. Supervised: on any failure it stops itself, actix's `Supervisor` restarts the same
+//! struct, `restarting` reports to our supervisor actor, and it waits for a new [`Connect`].
+//!
+//! State machine: `Idle → Connecting → Connected`; any failure → (restart) → `Idle`. The slot's
+//! queue lives outside the connection, so a restart loses nothing that was still queued.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::fut::wrap_future;
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use super::messages::{Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch};
+use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue, EgressStream};
+use crate::proto::BatchSenderResponse;
+use crate::telemetry::{Ledger, RestartCause};
+
+enum State {
+    /// Waiting for the supervisor's [`Connect`].
+    Idle,
+    Connecting {
+        endpoint: usize,
+    },
+    Connected {
+        endpoint: usize,
+        since: Instant,
+        task: AbortHandle,
+    },
+}
+
+/// Everything a connection actor needs that does not change over its life.
+pub struct ConnectionSetup {
+    pub dial: DialSettings,
+    pub limits: BatchLimits,
+    pub ledger: Arc<Ledger>,
+    pub down: Recipient<ConnectionDown>,
+    pub up: Recipient<ConnectionUp>,
+}
+
+pub struct DopplerConnection {
+    slot: usize,
+    queue: Arc<EgressQueue>,
+    setup: Arc<ConnectionSetup>,
+    state: State,
+    /// Why the actor stopped itself, read by `restarting`.
+    failure: Option<RestartCause>,
+    /// What `stopped` tore down, reported by `restarting`: (endpoint, how long it was up).
+    torn_down: Option<(Option<usize>, Duration)>,
+    draining: bool,
+    drain_waiters: Vec<oneshot::Sender<bool>>,
+}
+
+impl DopplerConnection {
+    pub fn new(slot: usize, queue: Arc<EgressQueue>, setup: Arc<ConnectionSetup>) -> Self {
+        Self {
+            slot,
+            queue,
+            setup,
+            state: State::Idle,
+            failure: None,
+            torn_down: None,
+            draining: false,
+            drain_waiters: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, cause: RestartCause, detail: &str, ctx: &mut Context<Self>) {
+        tracing::debug!(
+            slot = self.slot,
+            cause = cause.name(),
+            detail,
+            "doppler connection failed"
+        );
+        if self.draining {
+            // Shutting down: no restart, just let the drain know.
+            self.teardown();
+            self.finish_drain(false);
+            return;
+        }
+        self.failure = Some(cause);
+        ctx.stop();
+    }
+
+    /// Drops the connection, if any; returns (endpoint, time it was up).
+    fn teardown(&mut self) -> (Option<usize>, Duration) {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::Idle => (None, Duration::ZERO),
+            State::Connecting { endpoint } => (Some(endpoint), Duration::ZERO),
+            State::Connected {
+                endpoint,
+                since,
+                task,
+            } => {
+                task.abort();
+                let m = self.setup.ledger.metrics();
+                m.doppler_connections.fetch_sub(1, Ordering::Relaxed);
+                m.doppler_v2_streams.fetch_sub(1, Ordering::Relaxed);
+                (Some(endpoint), since.elapsed())
+            }
+        }
+    }
+
+    fn finish_drain(&mut self, flushed: bool) {
+        for w in self.drain_waiters.drain(..) {
+            let _ = w.send(flushed);
+        }
+    }
+
+    fn start_stream(
+        &mut self,
+        mut client: crate::proto::ingress_client::IngressClient<tonic::transport::Channel>,
+        endpoint: usize,
+        ctx: &mut Context<Self>,
+    ) {
+        let stream = EgressStream::new(
+            self.queue.clone(),
+            self.setup.ledger.clone(),
+            self.setup.limits,
+        );
+        let span = tracing::info_span!("doppler_stream", slot = self.slot, endpoint);
+        let handle =
+            tokio::spawn(async move { client.batch_sender(stream).await }.instrument(span));
+        let task = handle.abort_handle();
+        ctx.spawn(wrap_future(handle).map(
+            |res: Result<
+                Result<tonic::Response<BatchSenderResponse>, tonic::Status>,
+                tokio::task::JoinError,
+            >,
+             act: &mut Self,
+             ctx| act.on_stream_end(res, ctx),
+        ));
+        let m = self.setup.ledger.metrics();
+        m.doppler_connections.fetch_add(1, Ordering::Relaxed);
+        m.doppler_v2_streams.fetch_add(1, Ordering::Relaxed);
+        self.state = State::Connected {
+            endpoint,
+            since: Instant::now(),
+            task,
+        };
+        // Control message: it must reach the supervisor whatever its mailbox holds.
+        self.setup.up.do_send(ConnectionUp {
+            slot: self.slot,
+            endpoint,
+        });
+    }
+
+    fn on_stream_end(
+        &mut self,
+        res: Result<
+            Result<tonic::Response<BatchSenderResponse>, tonic::Status>,
+            tokio::task::JoinError,
+        >,
+        ctx: &mut Context<Self>,
+    ) {
+        match res {
+            Ok(Ok(_)) if self.draining => {
+                self.teardown();
+                self.finish_drain(true);
+            }
+            Ok(Ok(_)) => self.fail(RestartCause::StreamClosed, "doppler ended the stream", ctx),
+            Ok(Err(status)) => self.fail(RestartCause::StreamFailed, &status.to_string(), ctx),
+            Err(e) => self.fail(RestartCause::StreamFailed, &e.to_string(), ctx),
+        }
+    }
+}
+
+impl Actor for DopplerConnection {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.torn_down = Some(self.teardown());
+    }
+}
+
+impl Supervised for DopplerConnection {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        let cause = self.failure.take().unwrap_or(RestartCause::Killed);
+        let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
+        self.setup.ledger.metrics().restarted(cause);
+        // Control message: it must reach the supervisor whatever its mailbox holds.
+        self.setup.down.do_send(ConnectionDown {
+            slot: self.slot,
+            endpoint,
+            cause,
+            lived,
+        });
+    }
+}
+
+impl Handler<EgressBatch> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, EgressBatch(batch): EgressBatch, _: &mut Context<Self>) {
+        self.queue.push(batch);
+    }
+}
+
+impl Handler<Connect> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
+        if self.draining || !matches!(self.state, State::Idle) {
+            return;
+        }
+        let endpoint = msg.endpoint;
+        self.state = State::Connecting { endpoint };
+        let dial_settings = self.setup.dial.clone();
+        let fut = async move {
+            tokio::time::sleep(msg.delay).await;
+            dial(&msg.addr, &dial_settings).await
+        };
+        ctx.spawn(
+            wrap_future(fut).map(move |res, act: &mut Self, ctx| match res {
+                Ok(client) => act.start_stream(client, endpoint, ctx),
+                Err(e) => act.fail(RestartCause::ConnectFailed, &e.to_string(), ctx),
+            }),
+        );
+    }
+}
+
+impl Handler<Drain> for DopplerConnection {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        self.queue.close();
+        if !matches!(self.state, State::Connected { .. }) {
+            self.teardown();
+            return Box::pin(async { false });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        Box::pin(async move { rx.await.unwrap_or(false) })
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosKill> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: super::messages::ChaosKill, ctx: &mut Context<Self>) {
+        self.fail(RestartCause::Killed, "killed by the chaos hook", ctx);
+    }
+}

@@ -1,0 +1,51 @@
+//! The ingress actor: applies upstream's ingress rules (origin mapping, tags, counter totals) to
+//! every admitted envelope, then hands the batch to the sequencer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::messages::{IngressBatch, TaggedBatch};
+use crate::envelope::tagging::Tagger;
+use crate::telemetry::{DropReason, Ledger};
+
+pub struct IngressActor {
+    tagger: Tagger,
+    next: Recipient<TaggedBatch>,
+    ledger: Arc<Ledger>,
+}
+
+impl IngressActor {
+    pub fn new(tagger: Tagger, next: Recipient<TaggedBatch>, ledger: Arc<Ledger>) -> Self {
+        Self {
+            tagger,
+            next,
+            ledger,
+        }
+    }
+}
+
+impl Actor for IngressActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<IngressBatch> for IngressActor {
+    type Result = ();
+
+    fn handle(&mut self, IngressBatch(mut batch): IngressBatch, _: &mut Context<Self>) {
+        let mut mapped = 0;
+        for env in batch.envelopes_mut() {
+            mapped += u64::from(self.tagger.process(env).origin_mapped);
+        }
+        self.ledger
+            .metrics()
+            .origin_mappings
+            .fetch_add(mapped, Ordering::Relaxed);
+        let (n, bytes) = (batch.len(), batch.bytes());
+        if self.next.try_send(TaggedBatch(batch)).is_err() {
+            self.ledger
+                .dropped(DropReason::SequencerQueueFull, n, bytes);
+        }
+    }
+}

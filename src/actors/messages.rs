@@ -1,0 +1,77 @@
+//! Every message the actors exchange, in one readable place.
+//!
+//! Data flows one way: edge → [`IngressBatch`] → ingress actor → [`TaggedBatch`] → sequencer →
+//! [`SequencedBatch`] → signer → [`EgressBatch`] → one Doppler connection actor. Each data message
+//! carries a whole batch, never a single envelope. Health and control travel separately:
+//! connections report [`ConnectionUp`] / [`ConnectionDown`] to the supervisor, which answers with
+//! [`Connect`]; shutdown sends [`Drain`].
+
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::envelope::Batch;
+use crate::telemetry::RestartCause;
+
+/// Admitted envelopes from one emitter message (or a run of them), in arrival order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct IngressBatch(pub Batch);
+
+/// Envelopes after origin mapping, tagging and counter totals.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaggedBatch(pub Batch);
+
+/// Sequenced envelopes split by connection slot: `parts[i]` = (slot, envelopes for it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SequencedBatch {
+    pub parts: Vec<(usize, Batch)>,
+}
+
+/// Signed envelopes for one connection slot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EgressBatch(pub Batch);
+
+/// Supervisor → connection: dial `addr` (configured endpoint `endpoint`) after `delay`.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Connect {
+    pub endpoint: usize,
+    pub addr: String,
+    pub delay: Duration,
+}
+
+/// Connection → supervisor: the stream to `endpoint` is open.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct ConnectionUp {
+    pub slot: usize,
+    pub endpoint: usize,
+}
+
+/// Connection → supervisor: the actor restarted and holds no connection; it waits for [`Connect`].
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct ConnectionDown {
+    pub slot: usize,
+    /// The endpoint it had been given, if any.
+    pub endpoint: Option<usize>,
+    pub cause: RestartCause,
+    /// How long the connection had been up (zero if it never came up).
+    pub lived: Duration,
+}
+
+/// Shutdown: finish the stream once the slot's queue is empty. Resolves when the Doppler has
+/// acknowledged the end of the stream (true) or there was no stream to finish (false).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Drain;
+
+/// Test-only: make the connection actor fail as if it had crashed (chaos hook).
+#[cfg(feature = "chaos-hooks")]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChaosKill;

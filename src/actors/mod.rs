@@ -1,0 +1,9 @@
+//! The actors: thin shells (mailbox, lifecycle, forwarding) around the plain logic in
+//! `envelope/` and `routing/`. One file per actor; every message type is in `messages.rs`.
+
+pub mod doppler_connection;
+pub mod ingress;
+pub mod messages;
+pub mod sequencer;
+pub mod signer;
+pub mod supervisor;

@@ -1,0 +1,153 @@
+//! The supervisor actor: starts one supervised connection actor per slot, tells each which Doppler
+//! to dial (via the [`Balancer`]: local AZ first, spread, backoff), and re-assigns a slot whenever
+//! its actor reports that it restarted. Warnings are rate-limited: an hour without any Doppler
+//! writes a bounded number of lines.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::doppler_connection::{ConnectionSetup, DopplerConnection};
+use super::messages::{Connect, ConnectionDown, ConnectionUp};
+use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue};
+use crate::routing::balancer::Balancer;
+use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{Ledger, RestartCause};
+
+/// A connection that stayed up this long counts as healthy: its endpoint's backoff resets.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+
+pub struct DopplerSupervisor {
+    balancer: Balancer,
+    slots: Vec<Addr<DopplerConnection>>,
+    /// The endpoint each slot holds in the balancer's count.
+    assigned: Vec<Option<usize>>,
+    failures: RateLimit,
+    connects: RateLimit,
+}
+
+/// What the supervisor needs to build its connections.
+pub struct SupervisorSetup {
+    pub balancer: Balancer,
+    pub connections: usize,
+    pub mailbox_capacity: usize,
+    pub dial: DialSettings,
+    pub limits: BatchLimits,
+    pub ledger: Arc<Ledger>,
+}
+
+impl DopplerSupervisor {
+    /// Starts the supervisor and its connection actors on the current arbiter; returns the
+    /// supervisor and the connection actors, indexed by slot.
+    pub fn launch(s: SupervisorSetup) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
+        let mut slots = Vec::with_capacity(s.connections);
+        let sup = DopplerSupervisor::create(|ctx| {
+            let me = ctx.address();
+            let setup = Arc::new(ConnectionSetup {
+                dial: s.dial,
+                limits: s.limits,
+                ledger: s.ledger,
+                down: me.clone().recipient(),
+                up: me.recipient(),
+            });
+            for slot in 0..s.connections {
+                let setup = setup.clone();
+                let cap = s.mailbox_capacity;
+                slots.push(actix::Supervisor::start(
+                    move |c: &mut Context<DopplerConnection>| {
+                        c.set_mailbox_capacity(cap);
+                        DopplerConnection::new(slot, Arc::new(EgressQueue::default()), setup)
+                    },
+                ));
+            }
+            DopplerSupervisor {
+                balancer: s.balancer,
+                slots: slots.clone(),
+                assigned: vec![None; s.connections],
+                failures: RateLimit::new(Duration::from_secs(30)),
+                connects: RateLimit::new(Duration::from_secs(30)),
+            }
+        });
+        (sup, slots)
+    }
+
+    fn connect(&mut self, slot: usize) {
+        if let Some(old) = self.assigned[slot].take() {
+            self.balancer.release(old);
+        }
+        let a = self.balancer.assign(Instant::now());
+        self.assigned[slot] = Some(a.endpoint);
+        // Control message: it must get through even when the slot's mailbox is full of data.
+        self.slots[slot].do_send(Connect {
+            endpoint: a.endpoint,
+            addr: self.balancer.endpoint(a.endpoint).addr.clone(),
+            delay: a.delay,
+        });
+    }
+}
+
+impl Actor for DopplerSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Context<Self>) {
+        for slot in 0..self.slots.len() {
+            self.connect(slot);
+        }
+    }
+}
+
+impl Handler<ConnectionUp> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionUp, _: &mut Context<Self>) {
+        // A stale Connect may have won a race with a newer one: trust what actually connected.
+        if self.assigned[msg.slot] != Some(msg.endpoint) {
+            if let Some(old) = self.assigned[msg.slot].replace(msg.endpoint) {
+                self.balancer.release(old);
+            }
+            self.balancer.claim(msg.endpoint);
+        }
+        if let Some(times) = self.connects.check() {
+            let ep = self.balancer.endpoint(msg.endpoint);
+            tracing::info!(
+                slot = msg.slot,
+                doppler = %ep.addr,
+                az = %ep.az,
+                local = self.balancer.is_local(msg.endpoint),
+                connections_opened = times,
+                "doppler stream open"
+            );
+        }
+    }
+}
+
+impl Handler<ConnectionDown> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionDown, _: &mut Context<Self>) {
+        if let Some(ep) = self.assigned[msg.slot] {
+            if msg.lived >= HEALTHY_AFTER {
+                self.balancer.on_healthy(ep);
+            }
+            // A killed actor says nothing about its Doppler.
+            if msg.cause != RestartCause::Killed {
+                self.balancer
+                    .on_failure(ep, Instant::now(), crate::entropy::random_u64());
+            }
+            if let Some(times) = self.failures.check() {
+                let e = self.balancer.endpoint(ep);
+                tracing::warn!(
+                    slot = msg.slot,
+                    doppler = %e.addr,
+                    az = %e.az,
+                    cause = msg.cause.name(),
+                    failures = times,
+                    consecutive = self.balancer.failures(ep),
+                    "doppler connection lost; reconnecting with backoff"
+                );
+            }
+        }
+        self.connect(msg.slot);
+    }
+}

@@ -1,0 +1,738 @@
+//! The YAML config: parse → validate → typed [`Config`]. The only caller of `serde_yaml`.
+//!
+//! Every error names the YAML key it is about (`dopplers.endpoints[1].addr: ...`) so an operator can
+//! fix the file from one line on stderr; `main` exits with code 64 on any of them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The largest message a Doppler (and this agent's ingress) accepts.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
+
+/// A config problem, always tied to the YAML key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted YAML path, e.g. `dopplers.tls.ca`; `<file>` for the file as a whole.
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The validated config the agent runs from. Built only by [`Config::load`] / [`Config::from_yaml`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub identity: Identity,
+    /// Default tags added where an envelope lacks the key (identity tags first, then `tags:`).
+    pub default_tags: BTreeMap<String, String>,
+    pub ingress: IngressConfig,
+    pub dopplers: DopplersConfig,
+    pub metrics: MetricsConfig,
+    pub signing: Option<SigningConfig>,
+    pub pipeline: PipelineConfig,
+    pub shutdown_grace: Duration,
+    pub log_level: String,
+    pub development: DevelopmentConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    #[serde(default)]
+    pub deployment: String,
+    #[serde(default)]
+    pub job: String,
+    #[serde(default)]
+    pub index: String,
+    #[serde(default)]
+    pub ip: String,
+    /// The agent's availability zone: Dopplers with the same `az` are preferred.
+    #[serde(default)]
+    pub az: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    /// `None` only in development mode, where credentials are generated at start-up.
+    pub tls: Option<TlsFiles>,
+    /// The longest an emitter's call waits for room in the pipeline before its envelopes are dropped.
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct DopplersConfig {
+    pub endpoints: Vec<EndpointConfig>,
+    pub tls: Option<TlsFiles>,
+    /// The name the Doppler's certificate must be valid for.
+    pub server_name: String,
+    /// How many Doppler connections (each one actor, one HTTP/2 connection, one BatchSender stream).
+    pub connections: NonZeroUsize,
+    pub connect_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub batch_max_envelopes: NonZeroUsize,
+    pub batch_max_bytes: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `host:port`; resolved when a connection is made.
+    pub addr: String,
+    #[serde(default)]
+    pub az: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served; `None` turns the endpoint off.
+    pub listen: Option<SocketAddr>,
+    /// How often the agent's own counters are also sent through the pipeline as envelopes
+    /// (source_id `metron`); `None` = never.
+    pub envelope_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    pub key_id: String,
+    pub key: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Budget of encoded envelope bytes admitted and not yet written to a Doppler or dropped.
+    pub max_buffered_bytes: NonZeroUsize,
+    /// Capacity, in batches, of each actor mailbox on the data path.
+    pub mailbox_capacity: NonZeroUsize,
+    /// Per-source sequence state kept before a new `metron_stream` is started.
+    pub max_sources: NonZeroUsize,
+    /// Counter-total keys kept before the table is reset (upstream: 10,000).
+    pub max_counter_keys: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DevelopmentConfig {
+    /// Generate a throwaway CA and certificates for any `tls:` block that is absent.
+    pub enabled: bool,
+    pub credentials_dir: PathBuf,
+    /// Run an in-process development Doppler here that logs what it receives.
+    pub doppler_listen: Option<SocketAddr>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The YAML shape. Defaults are named functions so the README and the code cannot disagree.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    identity: Identity,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    ingress: RawIngress,
+    dopplers: RawDopplers,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    signing: Option<RawSigning>,
+    #[serde(default)]
+    pipeline: RawPipeline,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
+    logging: RawLogging,
+    #[serde(default)]
+    development: RawDevelopment,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngress {
+    grpc: RawGrpcIngress,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpcIngress {
+    #[serde(default = "default_ingress_listen")]
+    listen: String,
+    #[serde(default)]
+    tls: Option<TlsFiles>,
+    #[serde(default = "default_ingress_max_wait_ms")]
+    max_wait_ms: u64,
+}
+
+fn default_ingress_listen() -> String {
+    "127.0.0.1:3458".into()
+}
+fn default_ingress_max_wait_ms() -> u64 {
+    100
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDopplers {
+    endpoints: Vec<EndpointConfig>,
+    #[serde(default)]
+    tls: Option<RawDopplerTls>,
+    #[serde(default = "default_connections")]
+    connections: NonZeroUsize,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: NonZeroU64,
+    #[serde(default = "default_backoff_initial_ms")]
+    backoff_initial_ms: NonZeroU64,
+    #[serde(default = "default_backoff_max_ms")]
+    backoff_max_ms: NonZeroU64,
+    #[serde(default = "default_keepalive_interval_ms")]
+    keepalive_interval_ms: NonZeroU64,
+    #[serde(default = "default_keepalive_timeout_ms")]
+    keepalive_timeout_ms: NonZeroU64,
+    #[serde(default = "default_batch_max_envelopes")]
+    batch_max_envelopes: NonZeroUsize,
+    #[serde(default = "default_batch_max_bytes")]
+    batch_max_bytes: NonZeroUsize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDopplerTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_server_name")]
+    server_name: String,
+}
+
+fn default_server_name() -> String {
+    "doppler".into()
+}
+fn default_connections() -> NonZeroUsize {
+    NonZeroUsize::new(5).unwrap()
+}
+fn default_connect_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(2_000).unwrap()
+}
+fn default_backoff_initial_ms() -> NonZeroU64 {
+    NonZeroU64::new(50).unwrap()
+}
+fn default_backoff_max_ms() -> NonZeroU64 {
+    NonZeroU64::new(1_000).unwrap()
+}
+fn default_keepalive_interval_ms() -> NonZeroU64 {
+    NonZeroU64::new(15_000).unwrap()
+}
+fn default_keepalive_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(15_000).unwrap()
+}
+fn default_batch_max_envelopes() -> NonZeroUsize {
+    NonZeroUsize::new(1_000).unwrap()
+}
+fn default_batch_max_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(1024 * 1024).unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default = "default_metrics_listen")]
+    listen: Option<String>,
+    #[serde(default)]
+    envelope_interval_ms: Option<NonZeroU64>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+            envelope_interval_ms: None,
+        }
+    }
+}
+
+fn default_metrics_listen() -> Option<String> {
+    Some("127.0.0.1:14824".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    key_id: String,
+    key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    #[serde(default = "default_max_buffered_bytes")]
+    max_buffered_bytes: NonZeroUsize,
+    #[serde(default = "default_mailbox_capacity")]
+    mailbox_capacity: NonZeroUsize,
+    #[serde(default = "default_max_sources")]
+    max_sources: NonZeroUsize,
+    #[serde(default = "default_max_counter_keys")]
+    max_counter_keys: NonZeroUsize,
+}
+
+impl Default for RawPipeline {
+    fn default() -> Self {
+        Self {
+            max_buffered_bytes: default_max_buffered_bytes(),
+            mailbox_capacity: default_mailbox_capacity(),
+            max_sources: default_max_sources(),
+            max_counter_keys: default_max_counter_keys(),
+        }
+    }
+}
+
+fn default_max_buffered_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(32 * 1024 * 1024).unwrap()
+}
+fn default_mailbox_capacity() -> NonZeroUsize {
+    NonZeroUsize::new(1024).unwrap()
+}
+fn default_max_sources() -> NonZeroUsize {
+    NonZeroUsize::new(100_000).unwrap()
+}
+fn default_max_counter_keys() -> NonZeroUsize {
+    NonZeroUsize::new(10_000).unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default = "default_grace_period_ms")]
+    grace_period_ms: NonZeroU32,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        Self {
+            grace_period_ms: default_grace_period_ms(),
+        }
+    }
+}
+
+fn default_grace_period_ms() -> NonZeroU32 {
+    NonZeroU32::new(5_000).unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    #[serde(default = "default_log_level")]
+    level: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDevelopment {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_credentials_dir")]
+    credentials_dir: PathBuf,
+    #[serde(default)]
+    doppler_listen: Option<String>,
+}
+
+fn default_credentials_dir() -> PathBuf {
+    PathBuf::from(".metron-dev")
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault, or `<file>` when the file cannot be read.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("<file>", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parses and validates YAML text; relative paths are taken as they are (relative to the
+    /// working directory, as operators write them in job specs).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        raw.validate()
+    }
+}
+
+/// serde_yaml's messages read `ingress.grpc: unknown field ...`; split off the path so every
+/// error has the same `key: problem` shape.
+fn yaml_error(e: serde_yaml::Error) -> ConfigError {
+    let msg = e.to_string();
+    match msg.split_once(": ") {
+        Some((key, problem)) if !key.contains(' ') => ConfigError::new(key, problem),
+        _ => ConfigError::new("<file>", msg),
+    }
+}
+
+fn parse_socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(key, format!("{value:?} is not an ip:port address")))
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+}
+
+fn check_tls_files(key: &str, tls: &TlsFiles) -> Result<(), ConfigError> {
+    check_readable(&format!("{key}.ca"), &tls.ca)?;
+    check_readable(&format!("{key}.cert"), &tls.cert)?;
+    check_readable(&format!("{key}.key"), &tls.key)
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let development = DevelopmentConfig {
+            enabled: self.development.enabled,
+            credentials_dir: self.development.credentials_dir,
+            doppler_listen: self
+                .development
+                .doppler_listen
+                .as_deref()
+                .map(|a| parse_socket_addr("development.doppler_listen", a))
+                .transpose()?,
+        };
+
+        for (k, v) in [
+            ("identity.deployment", &self.identity.deployment),
+            ("identity.job", &self.identity.job),
+            ("identity.index", &self.identity.index),
+            ("identity.ip", &self.identity.ip),
+        ] {
+            if v.is_empty() {
+                return Err(ConfigError::new(k, "must not be empty"));
+            }
+        }
+        // Identity tags come first; `tags:` may add more but not silently replace them.
+        let mut default_tags = BTreeMap::new();
+        default_tags.insert("deployment".into(), self.identity.deployment.clone());
+        default_tags.insert("job".into(), self.identity.job.clone());
+        default_tags.insert("index".into(), self.identity.index.clone());
+        default_tags.insert("ip".into(), self.identity.ip.clone());
+        for (k, v) in self.tags {
+            if k.is_empty() {
+                return Err(ConfigError::new("tags", "a tag name must not be empty"));
+            }
+            if k.starts_with("metron_") {
+                return Err(ConfigError::new(
+                    format!("tags.{k}"),
+                    "the metron_ prefix is reserved for the agent's own tags",
+                ));
+            }
+            if default_tags.contains_key(&k) {
+                return Err(ConfigError::new(
+                    format!("tags.{k}"),
+                    "already set from identity; change it there",
+                ));
+            }
+            default_tags.insert(k, v);
+        }
+
+        let g = self.ingress.grpc;
+        let ingress_tls = match g.tls {
+            Some(t) => {
+                check_tls_files("ingress.grpc.tls", &t)?;
+                Some(t)
+            }
+            None if development.enabled => None,
+            None => {
+                return Err(ConfigError::new(
+                    "ingress.grpc.tls",
+                    "missing (required unless development.enabled is true)",
+                ))
+            }
+        };
+        if g.max_wait_ms > 10_000 {
+            return Err(ConfigError::new(
+                "ingress.grpc.max_wait_ms",
+                format!(
+                    "{} is above 10000: emitters must not be stalled that long",
+                    g.max_wait_ms
+                ),
+            ));
+        }
+        let ingress = IngressConfig {
+            listen: parse_socket_addr("ingress.grpc.listen", &g.listen)?,
+            tls: ingress_tls,
+            max_wait: Duration::from_millis(g.max_wait_ms),
+        };
+
+        let d = self.dopplers;
+        if d.endpoints.is_empty() {
+            return Err(ConfigError::new(
+                "dopplers.endpoints",
+                "at least one endpoint is required",
+            ));
+        }
+        for (i, ep) in d.endpoints.iter().enumerate() {
+            let key = format!("dopplers.endpoints[{i}].addr");
+            let ok = ep
+                .addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{:?} is not a host:port address", ep.addr),
+                ));
+            }
+        }
+        let (doppler_tls, server_name) = match d.tls {
+            Some(t) => {
+                let files = TlsFiles {
+                    ca: t.ca,
+                    cert: t.cert,
+                    key: t.key,
+                };
+                check_tls_files("dopplers.tls", &files)?;
+                if t.server_name.is_empty() {
+                    return Err(ConfigError::new(
+                        "dopplers.tls.server_name",
+                        "must not be empty",
+                    ));
+                }
+                (Some(files), t.server_name)
+            }
+            None if development.enabled => (None, default_server_name()),
+            None => {
+                return Err(ConfigError::new(
+                    "dopplers.tls",
+                    "missing (required unless development.enabled is true)",
+                ))
+            }
+        };
+        if d.backoff_max_ms < d.backoff_initial_ms {
+            return Err(ConfigError::new(
+                "dopplers.backoff_max_ms",
+                format!(
+                    "{} is below dopplers.backoff_initial_ms ({})",
+                    d.backoff_max_ms, d.backoff_initial_ms
+                ),
+            ));
+        }
+        // Leave room for the gRPC framing and the tags the agent adds after sizing.
+        let batch_limit = MAX_GRPC_MESSAGE_BYTES / 2;
+        if d.batch_max_bytes.get() > batch_limit {
+            return Err(ConfigError::new(
+                "dopplers.batch_max_bytes",
+                format!(
+                    "{} is above {batch_limit}: a Doppler refuses messages over 10 MiB",
+                    d.batch_max_bytes
+                ),
+            ));
+        }
+        let dopplers = DopplersConfig {
+            endpoints: d.endpoints,
+            tls: doppler_tls,
+            server_name,
+            connections: d.connections,
+            connect_timeout: Duration::from_millis(d.connect_timeout_ms.get()),
+            backoff_initial: Duration::from_millis(d.backoff_initial_ms.get()),
+            backoff_max: Duration::from_millis(d.backoff_max_ms.get()),
+            keepalive_interval: Duration::from_millis(d.keepalive_interval_ms.get()),
+            keepalive_timeout: Duration::from_millis(d.keepalive_timeout_ms.get()),
+            batch_max_envelopes: d.batch_max_envelopes,
+            batch_max_bytes: d.batch_max_bytes,
+        };
+
+        if development.doppler_listen.is_some() && dopplers.tls.is_some() {
+            return Err(ConfigError::new(
+                "development.doppler_listen",
+                "the development Doppler uses development credentials: remove dopplers.tls",
+            ));
+        }
+        let metrics = MetricsConfig {
+            listen: self
+                .metrics
+                .listen
+                .as_deref()
+                .map(|a| parse_socket_addr("metrics.listen", a))
+                .transpose()?,
+            envelope_interval: self
+                .metrics
+                .envelope_interval_ms
+                .map(|ms| Duration::from_millis(ms.get())),
+        };
+
+        let signing = match self.signing {
+            None => None,
+            Some(s) => {
+                if s.key_id.is_empty() || s.key_id.contains(':') {
+                    return Err(ConfigError::new(
+                        "signing.key_id",
+                        "must be non-empty and contain no ':'",
+                    ));
+                }
+                let mut key = std::fs::read(&s.key_file).map_err(|e| {
+                    ConfigError::new(
+                        "signing.key_file",
+                        format!("cannot read {}: {e}", s.key_file.display()),
+                    )
+                })?;
+                if key.last() == Some(&b'\n') {
+                    key.pop();
+                }
+                if key.is_empty() {
+                    return Err(ConfigError::new("signing.key_file", "the key is empty"));
+                }
+                Some(SigningConfig {
+                    key_id: s.key_id,
+                    key,
+                })
+            }
+        };
+
+        let p = self.pipeline;
+        if p.max_buffered_bytes.get() < MAX_GRPC_MESSAGE_BYTES {
+            return Err(ConfigError::new(
+                "pipeline.max_buffered_bytes",
+                format!(
+                    "{} is below {MAX_GRPC_MESSAGE_BYTES}: one maximal ingress message must fit",
+                    p.max_buffered_bytes
+                ),
+            ));
+        }
+        let pipeline = PipelineConfig {
+            max_buffered_bytes: p.max_buffered_bytes,
+            mailbox_capacity: p.mailbox_capacity,
+            max_sources: p.max_sources,
+            max_counter_keys: p.max_counter_keys,
+        };
+
+        let level = self.logging.level;
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(ConfigError::new(
+                "logging.level",
+                format!("{level:?} is not a log level or filter"),
+            ));
+        }
+
+        Ok(Config {
+            identity: self.identity,
+            default_tags,
+            ingress,
+            dopplers,
+            metrics,
+            signing,
+            pipeline,
+            shutdown_grace: Duration::from_millis(u64::from(self.shutdown.grace_period_ms.get())),
+            log_level: level,
+            development,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+identity: { deployment: cf, job: diego-cell, index: "0", ip: 10.0.0.5, az: z1 }
+ingress: { grpc: { listen: "127.0.0.1:3458" } }
+dopplers: { endpoints: [ { addr: "127.0.0.1:8082", az: z1 } ] }
+development: { enabled: true }
+"#;
+
+    #[test]
+    fn minimal_development_config_loads_with_defaults() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.dopplers.connections.get(), 5);
+        assert_eq!(c.ingress.max_wait, Duration::from_millis(100));
+        assert_eq!(c.default_tags["job"], "diego-cell");
+        assert_eq!(c.dopplers.server_name, "doppler");
+        assert!(c.signing.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("listen: \"127.0.0.1:3458\"", "lisen: x");
+        let e = Config::from_yaml(&text).unwrap_err();
+        assert_eq!(e.key, "ingress.grpc");
+        assert!(e.problem.contains("unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn bad_endpoint_is_named_with_its_index() {
+        let text = MINIMAL.replace("addr: \"127.0.0.1:8082\"", "addr: \"nope\"");
+        let e = Config::from_yaml(&text).unwrap_err();
+        assert_eq!(e.key, "dopplers.endpoints[0].addr");
+    }
+
+    #[test]
+    fn tls_is_required_outside_development() {
+        let text = MINIMAL.replace("enabled: true", "enabled: false");
+        let e = Config::from_yaml(&text).unwrap_err();
+        assert_eq!(e.key, "ingress.grpc.tls");
+    }
+
+    #[test]
+    fn unreadable_cert_file_is_named() {
+        let text = MINIMAL.replace(
+            "listen: \"127.0.0.1:3458\"",
+            "listen: \"127.0.0.1:3458\", tls: { ca: /nonexistent/ca.pem, cert: /x, key: /y }",
+        );
+        let e = Config::from_yaml(&text).unwrap_err();
+        assert_eq!(e.key, "ingress.grpc.tls.ca");
+    }
+
+    #[test]
+    fn zero_connections_is_refused() {
+        let text = MINIMAL.replace("az: z1 } ] }", "az: z1 } ], connections: 0 }");
+        let e = Config::from_yaml(&text).unwrap_err();
+        assert_eq!(e.key, "dopplers.connections");
+    }
+
+    #[test]
+    fn shipped_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.development.enabled);
+    }
+}

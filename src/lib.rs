@@ -1,0 +1,393 @@
+//! # metron: a Loggregator v2 agent
+//!
+//! Emitters on a VM send envelopes over mTLS gRPC; metron tags, sequences, signs and batches them
+//! and forwards them over mTLS to a pool of Dopplers, preferring its own availability zone.
+//!
+//! ## Message flow (data goes one way, left to right)
+//!
+//! ```text
+//!  emitters ──gRPC/mTLS──▶ Edge ──IngressBatch──▶ IngressActor ──TaggedBatch──▶ SequencerActor
+//!  (Sender, BatchSender,    │ admission:              tagging,                 metron_stream,
+//!   Send)                   │ budget + counts         counter totals           metron_seq, slot
+//!                           ▼                                                        │
+//!                        dropped{ingress}                                  SequencedBatch
+//!                                                                                    ▼
+//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀──EgressBatch── SignerActor (own thread)
+//!                 (one actor, one stream each; EgressQueue per slot)          metron_sig
+//!                         ▲ Connect                │ ConnectionUp/Down
+//!                         └──── DopplerSupervisor ◀┘   (Balancer: local AZ first, backoff)
+//! ```
+//!
+//! * [`grpc::ingress`] — the edge. Counts `ingress`, prices each envelope and takes its cost from
+//!   the pipeline's byte budget ([`telemetry::Ledger`]); if the budget stays full for
+//!   `ingress.grpc.max_wait_ms` (or at once while no Doppler stream is open) the batch is dropped
+//!   there, *before* any work is spent on it (`dropped{direction="ingress"}`, reason
+//!   `pipeline_full`). Emitters are never blocked longer than that bound.
+//! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
+//! * [`actors::sequencer`] — per-source numbering and slot choice ([`envelope::sequence`]).
+//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), on its own
+//!   arbiter thread.
+//! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
+//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued.
+//! * [`actors::supervisor`] — assigns endpoints with [`routing::balancer`], restarts with capped
+//!   jittered backoff ([`routing::backoff`]), rate-limits its warnings.
+//!
+//! Every mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with `try_send`; a
+//! full one drops the batch with its own reason. All queues together are bounded by
+//! `pipeline.max_buffered_bytes`. The ledger makes `ingress == egress + Σ dropped + buffered`
+//! exact at every instant, and `buffered` is zero after shutdown.
+//!
+//! ## Threads
+//!
+//! The agent runs on one dedicated thread hosting the actix `System` on a 2-worker tokio runtime:
+//! ingress, sequencer, supervisor and connection actors live on the system arbiter; tonic's
+//! connections, TLS and the BatchSender streams run on the tokio workers; the signer has an
+//! arbiter (thread) of its own.
+
+pub mod actors;
+pub mod config;
+pub mod dev;
+pub mod entropy;
+pub mod envelope;
+pub mod grpc;
+pub mod routing;
+pub mod telemetry;
+pub mod tls;
+pub mod wire;
+
+pub mod proto {
+    //! Generated Loggregator v2 types (`proto/`), with `BTreeMap` for every map field.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("loggregator.v2");
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use actix::Addr;
+
+use crate::actors::doppler_connection::DopplerConnection;
+use crate::config::{Config, ConfigError};
+use crate::dev::DevCredentials;
+use crate::telemetry::{DropReason, Ledger, Metrics, MetricsSnapshot};
+use crate::tls::TlsMaterial;
+
+pub use envelope::signing::{verify, VerifyError};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration found while preparing (e.g. a certificate file that does not parse).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dev(#[from] dev::DevError),
+    #[error("cannot start the agent runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl StartError {
+    /// The process exit code `main` uses: 64 for configuration problems, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// What a finished agent reports.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    /// Everything buffered reached a Doppler stream before the grace period ran out.
+    pub flushed: bool,
+    pub metrics: MetricsSnapshot,
+}
+
+enum Control {
+    Shutdown,
+}
+
+/// A running agent. Dropping it shuts it down gracefully (bounded by the grace period).
+pub struct Agent {
+    ingress_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    dev_doppler_addr: Option<SocketAddr>,
+    dev_credentials: Option<DevCredentials>,
+    ledger: Arc<Ledger>,
+    connections: Vec<Addr<DopplerConnection>>,
+    control: Option<tokio::sync::oneshot::Sender<Control>>,
+    thread: Option<JoinHandle<ShutdownReport>>,
+}
+
+fn bind(key: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
+        key,
+        addr,
+        source,
+    })?;
+    l.set_nonblocking(true).map_err(StartError::Runtime)?;
+    Ok(l)
+}
+
+impl Agent {
+    /// Resolves credentials, binds every socket, then starts the actor system on its own thread.
+    /// Returns once the agent accepts emitters.
+    ///
+    /// # Errors
+    /// A [`StartError`]; nothing is left running when it fails.
+    pub fn start(config: Config) -> Result<Agent, StartError> {
+        tls::install_crypto_provider();
+        let dev_credentials = if config.development.enabled
+            && (config.ingress.tls.is_none() || config.dopplers.tls.is_none())
+        {
+            let creds = dev::generate(&config.development.credentials_dir)?;
+            tracing::warn!(
+                dir = %config.development.credentials_dir.display(),
+                "!!! RUNNING WITH DEVELOPMENT CREDENTIALS: a throwaway CA and certificates were \
+                 generated at start-up. NEVER use this in production: configure ingress.grpc.tls \
+                 and dopplers.tls and set development.enabled: false !!!"
+            );
+            Some(creds)
+        } else {
+            None
+        };
+        let ingress_files = config
+            .ingress
+            .tls
+            .clone()
+            .or_else(|| dev_credentials.as_ref().map(|d| d.agent.clone()))
+            .expect("validated: tls present or development credentials generated");
+        let doppler_files = config
+            .dopplers
+            .tls
+            .clone()
+            .or_else(|| dev_credentials.as_ref().map(|d| d.agent.clone()))
+            .expect("validated: tls present or development credentials generated");
+        let ingress_tls = TlsMaterial::load(&ingress_files, "ingress.grpc.tls")?;
+        let doppler_tls = TlsMaterial::load(&doppler_files, "dopplers.tls")?;
+        let dev_doppler_tls = match (&config.development.doppler_listen, &dev_credentials) {
+            (Some(_), Some(d)) => Some(TlsMaterial::load(&d.doppler, "development")?),
+            _ => None,
+        };
+
+        let (signing_key_id, signing_key) = match &config.signing {
+            Some(s) => (s.key_id.clone(), s.key.clone()),
+            None => {
+                let mut key = vec![0u8; 32];
+                entropy::fill(&mut key);
+                tracing::warn!(
+                    "!!! NO signing KEY CONFIGURED: envelopes are signed with a random key made for \
+                     this process only (key id \"ephemeral\"); nobody can verify them. Set \
+                     signing.key_id and signing.key_file !!!"
+                );
+                ("ephemeral".to_string(), key)
+            }
+        };
+
+        let ingress_listener = bind("ingress.grpc.listen", config.ingress.listen)?;
+        let ingress_addr = ingress_listener.local_addr().map_err(StartError::Runtime)?;
+        let metrics_listener = config
+            .metrics
+            .listen
+            .map(|a| bind("metrics.listen", a))
+            .transpose()?;
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let dev_doppler_listener = match (&config.development.doppler_listen, &dev_doppler_tls) {
+            (Some(a), Some(_)) => Some(bind("development.doppler_listen", *a)?),
+            _ => None,
+        };
+        let dev_doppler_addr = dev_doppler_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
+
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Arc::new(Ledger::new(
+            metrics,
+            config.pipeline.max_buffered_bytes.get(),
+        ));
+        let grace = config.shutdown_grace;
+        let prepared = wire::Prepared {
+            config,
+            ingress_tls,
+            doppler_tls,
+            dev_doppler_tls,
+            signing_key_id,
+            signing_key,
+            ingress_listener,
+            metrics_listener,
+            dev_doppler_listener,
+            ledger: ledger.clone(),
+        };
+
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let thread_ledger = ledger.clone();
+        let thread = std::thread::Builder::new()
+            .name("metron-system".into())
+            .spawn(move || run_system(prepared, grace, thread_ledger, ready_tx, control_rx))
+            .map_err(StartError::Runtime)?;
+        let connections = match ready_rx.recv() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(StartError::Runtime(e));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(StartError::Runtime(std::io::Error::other(
+                    "agent thread exited during start-up",
+                )));
+            }
+        };
+        tracing::info!(
+            ingress = %ingress_addr,
+            metrics = ?metrics_addr,
+            dev_doppler = ?dev_doppler_addr,
+            "metron is running"
+        );
+        Ok(Agent {
+            ingress_addr,
+            metrics_addr,
+            dev_doppler_addr,
+            dev_credentials,
+            ledger,
+            connections,
+            control: Some(control_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn ingress_addr(&self) -> SocketAddr {
+        self.ingress_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn dev_doppler_addr(&self) -> Option<SocketAddr> {
+        self.dev_doppler_addr
+    }
+
+    /// The development credentials in use, if any (the emitter certificate is for clients).
+    pub fn dev_credentials(&self) -> Option<&DevCredentials> {
+        self.dev_credentials.as_ref()
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.ledger.metrics().snapshot()
+    }
+
+    /// (envelopes, budget bytes) admitted and not yet delivered or dropped.
+    pub fn buffered(&self) -> (u64, u64) {
+        self.ledger.buffered()
+    }
+
+    /// Number of Doppler connection slots.
+    pub fn connection_slots(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Test-only chaos hook: makes slot `slot`'s connection actor fail as if it had crashed; its
+    /// supervisor restarts it.
+    #[cfg(feature = "chaos-hooks")]
+    pub fn chaos_kill_connection(&self, slot: usize) {
+        self.connections[slot].do_send(actors::messages::ChaosKill);
+    }
+
+    /// Graceful shutdown: stop accepting, flush to Dopplers within the grace period, stop.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> ShutdownReport {
+        if let Some(c) = self.control.take() {
+            let _ = c.send(Control::Shutdown);
+        }
+        let report = self.thread.take().and_then(|t| t.join().ok());
+        report.unwrap_or_else(|| ShutdownReport {
+            flushed: false,
+            metrics: self.metrics(),
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// The agent thread: builds the graph inside an actix `System` on a 2-worker tokio runtime, runs
+/// until told to stop, drains, then counts whatever could not be flushed.
+fn run_system(
+    prepared: wire::Prepared,
+    grace: std::time::Duration,
+    ledger: Arc<Ledger>,
+    ready: std::sync::mpsc::Sender<std::io::Result<Vec<Addr<DopplerConnection>>>>,
+    control: tokio::sync::oneshot::Receiver<Control>,
+) -> ShutdownReport {
+    let runner = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("metron-io")
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    let (flushed, signer_arbiter) = runner.block_on(async move {
+        let running = match wire::start(prepared) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return (false, None);
+            }
+        };
+        let _ = ready.send(Ok(running.connections.clone()));
+        let _ = control.await;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining to Dopplers"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        let (flushed, arbiter) = running.drain(deadline).await;
+        (flushed, Some(arbiter))
+    });
+    if let Some(a) = signer_arbiter {
+        a.stop();
+        let _ = a.join();
+    }
+    // Dropping the runtime stops every actor and task: from here on nothing moves, so what is
+    // still buffered is exactly what the grace period could not flush.
+    drop(runner);
+    let (left, bytes) = ledger.buffered();
+    if left > 0 {
+        ledger.dropped(
+            DropReason::ShutdownGraceExpired,
+            left as usize,
+            bytes as usize,
+        );
+    }
+    let metrics = ledger.metrics().snapshot();
+    tracing::info!(
+        flushed = flushed && left == 0,
+        ingress = metrics.ingress,
+        egress = metrics.egress,
+        dropped = metrics.dropped_total(),
+        "metron stopped"
+    );
+    ShutdownReport {
+        flushed: flushed && left == 0,
+        metrics,
+    }
+}

@@ -1,0 +1,109 @@
+//! `metron [--config PATH]`: load and validate the config (exit 64 on any problem), start the
+//! agent, run until SIGTERM/SIGINT, drain within the grace period, exit 0. A second signal exits
+//! at once with code 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use metron::config::Config;
+use metron::Agent;
+
+const USAGE: &str = "usage: metron [--config PATH]   (default ./config.yaml)";
+
+fn parse_args() -> Result<PathBuf, String> {
+    let mut args = std::env::args().skip(1);
+    let mut config = PathBuf::from("config.yaml");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => {
+                config = args
+                    .next()
+                    .map(PathBuf::from)
+                    .ok_or("--config needs a path")?;
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--version" | "-V" => {
+                println!("metron {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let path = match parse_args() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("metron: {e}\n{USAGE}");
+            return ExitCode::from(64);
+        }
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("metron: config error in {}: {e}", path.display());
+            return ExitCode::from(64);
+        }
+    };
+    metron::telemetry::init_logging(&config.log_level);
+
+    let agent = match Agent::start(config) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("metron: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    if let Some(d) = agent.dev_credentials() {
+        tracing::warn!(
+            ca = %d.emitter.ca.display(),
+            cert = %d.emitter.cert.display(),
+            key = %d.emitter.key.display(),
+            "development emitter credentials (dial the agent with server name \"metron\")"
+        );
+    }
+
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("metron: cannot start the signal handler: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down gracefully (send another to exit at once)");
+        std::thread::spawn(move || {
+            // Exit 0 either way: what could not be flushed is counted and logged by the agent.
+            agent.shutdown();
+            std::process::exit(0);
+        });
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process can only be killed; park instead of spinning.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,152 @@
+//! The pipeline's ledger: a byte budget shared by every queue between the edge and the Doppler
+//! streams, and the bookkeeping that makes `ingress == egress + Σ dropped + buffered` exact.
+//!
+//! An envelope is *admitted* at the edge (taking its cost from the budget) and leaves the ledger
+//! exactly once: *delivered* when a Doppler stream takes it, or *dropped* with a reason. Envelopes
+//! refused at the edge are dropped without ever being admitted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+
+use super::metrics::{DropReason, Metrics};
+
+#[derive(Debug)]
+pub struct Ledger {
+    metrics: Arc<Metrics>,
+    /// One permit per budget byte.
+    budget: Semaphore,
+    max_bytes: usize,
+    in_flight: AtomicU64,
+    /// Woken whenever envelopes leave, for the shutdown drain.
+    released: Notify,
+}
+
+impl Ledger {
+    pub fn new(metrics: Arc<Metrics>, max_bytes: usize) -> Self {
+        Self {
+            metrics,
+            budget: Semaphore::new(max_bytes),
+            max_bytes,
+            in_flight: AtomicU64::new(0),
+            released: Notify::new(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Admits `n` envelopes costing `bytes` if the budget has room now.
+    pub fn try_admit(&self, n: usize, bytes: usize) -> bool {
+        let Ok(permits) = u32::try_from(bytes) else {
+            return false;
+        };
+        match self.budget.try_acquire_many(permits) {
+            Ok(p) => {
+                p.forget();
+                self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Admits, waiting at most `wait` for room. False if the batch could never fit or the wait ran
+    /// out; the caller then drops it as [`DropReason::PipelineFull`].
+    pub async fn admit(&self, n: usize, bytes: usize, wait: Duration) -> bool {
+        if self.try_admit(n, bytes) {
+            return true;
+        }
+        if wait.is_zero() || bytes > self.max_bytes {
+            return false;
+        }
+        let Ok(permits) = u32::try_from(bytes) else {
+            return false;
+        };
+        match tokio::time::timeout(wait, self.budget.acquire_many(permits)).await {
+            Ok(Ok(p)) => {
+                p.forget();
+                self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release(&self, n: usize, bytes: usize) {
+        let prev = self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
+        debug_assert!(prev >= n as u64, "released more envelopes than admitted");
+        self.budget.add_permits(bytes);
+        self.released.notify_waiters();
+    }
+
+    /// Admitted envelopes written to a Doppler stream.
+    pub fn delivered(&self, n: usize, bytes: usize) {
+        self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
+        self.release(n, bytes);
+    }
+
+    /// Admitted envelopes dropped after admission.
+    pub fn dropped(&self, reason: DropReason, n: usize, bytes: usize) {
+        self.metrics.dropped(reason, n as u64);
+        self.release(n, bytes);
+    }
+
+    /// Envelopes dropped at the edge, never admitted.
+    pub fn refused(&self, reason: DropReason, n: usize) {
+        self.metrics.dropped(reason, n as u64);
+    }
+
+    /// (envelopes, budget bytes) admitted and not yet delivered or dropped.
+    pub fn buffered(&self) -> (u64, u64) {
+        let bytes = self.max_bytes - self.budget.available_permits();
+        (self.in_flight.load(Ordering::Relaxed), bytes as u64)
+    }
+
+    /// Waits until nothing is buffered or `deadline` passes; true if drained.
+    pub async fn wait_drained(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.released.notified();
+            if self.buffered().0 == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.buffered().0 == 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn admitted_envelopes_leave_exactly_once() {
+        let m = Arc::new(Metrics::new());
+        let l = Ledger::new(m.clone(), 100);
+        assert!(l.try_admit(3, 60));
+        assert!(!l.try_admit(1, 50), "over budget");
+        assert!(!l.admit(1, 50, Duration::from_millis(5)).await);
+        l.refused(DropReason::PipelineFull, 1);
+        l.delivered(2, 40);
+        l.dropped(DropReason::ConnectionQueueFull, 1, 20);
+        assert_eq!(l.buffered(), (0, 0));
+        let s = m.snapshot();
+        assert_eq!((s.egress, s.dropped_total()), (2, 2));
+        assert!(l.try_admit(1, 100));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_admission_gets_in_when_room_appears() {
+        let l = Arc::new(Ledger::new(Arc::new(Metrics::new()), 100));
+        assert!(l.try_admit(1, 100));
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.admit(1, 10, Duration::from_secs(10)).await });
+        l.delivered(1, 100);
+        assert!(waiter.await.unwrap());
+    }
+}

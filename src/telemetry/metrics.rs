@@ -1,0 +1,370 @@
+//! Every metric the agent exposes, named in one place with upstream's names and labels, so
+//! existing Loggregator dashboards keep working. Counters are atomics: cheap to bump from any
+//! thread, read by the Prometheus endpoint and by tests.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::ratelimit::RateLimit;
+
+/// Why envelopes were dropped. Each reason belongs to one `direction`: `ingress` when the envelope
+/// was dropped before it was sequenced (it leaves no gap in `metron_seq`), `egress` after (it does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The pipeline's byte budget stayed full for `ingress.grpc.max_wait_ms` (drop newest, at the
+    /// edge, before any work is spent on it).
+    PipelineFull,
+    /// A single envelope too large to ever fit in a Doppler message.
+    Oversize,
+    /// The ingress actor's mailbox was full.
+    IngressQueueFull,
+    /// The sequencer's mailbox was full.
+    SequencerQueueFull,
+    /// Arrived while the agent was shutting down.
+    ShuttingDown,
+    /// The signer's mailbox was full (after sequencing).
+    SignerQueueFull,
+    /// A Doppler connection actor's mailbox was full.
+    ConnectionQueueFull,
+    /// Still buffered when the shutdown grace period ran out.
+    ShutdownGraceExpired,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::PipelineFull,
+        DropReason::Oversize,
+        DropReason::IngressQueueFull,
+        DropReason::SequencerQueueFull,
+        DropReason::ShuttingDown,
+        DropReason::SignerQueueFull,
+        DropReason::ConnectionQueueFull,
+        DropReason::ShutdownGraceExpired,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::PipelineFull => "pipeline_full",
+            DropReason::Oversize => "oversize",
+            DropReason::IngressQueueFull => "ingress_queue_full",
+            DropReason::SequencerQueueFull => "sequencer_queue_full",
+            DropReason::ShuttingDown => "shutting_down",
+            DropReason::SignerQueueFull => "signer_queue_full",
+            DropReason::ConnectionQueueFull => "connection_queue_full",
+            DropReason::ShutdownGraceExpired => "shutdown_grace_expired",
+        }
+    }
+
+    pub fn direction(self) -> &'static str {
+        match self {
+            DropReason::PipelineFull
+            | DropReason::Oversize
+            | DropReason::IngressQueueFull
+            | DropReason::SequencerQueueFull
+            | DropReason::ShuttingDown => "ingress",
+            DropReason::SignerQueueFull
+            | DropReason::ConnectionQueueFull
+            | DropReason::ShutdownGraceExpired => "egress",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).expect("in ALL")
+    }
+}
+
+/// Why a Doppler connection actor was restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestartCause {
+    /// Dialing or the TLS handshake failed.
+    ConnectFailed,
+    /// The BatchSender stream ended with an error (Doppler died, refused us, or keepalive expired).
+    StreamFailed,
+    /// The Doppler closed the stream without an error.
+    StreamClosed,
+    /// Killed on purpose (the chaos hook).
+    Killed,
+}
+
+impl RestartCause {
+    pub const ALL: [RestartCause; 4] = [
+        RestartCause::ConnectFailed,
+        RestartCause::StreamFailed,
+        RestartCause::StreamClosed,
+        RestartCause::Killed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartCause::ConnectFailed => "connect_failed",
+            RestartCause::StreamFailed => "stream_failed",
+            RestartCause::StreamClosed => "stream_closed",
+            RestartCause::Killed => "killed",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).expect("in ALL")
+    }
+}
+
+/// The one metrics struct. Fields are public counters/gauges; drops and restarts go through
+/// [`Metrics::dropped`] / [`Metrics::restarted`], which also decide the (rate-limited) log line.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `ingress{metric_version="2.0"}`: envelopes received (v2 gRPC, plus the agent's own when
+    /// `metrics.envelope_interval_ms` is set).
+    pub ingress: AtomicU64,
+    /// `origin_mappings{metric_version="2.0"}`: source_id taken from the origin tag.
+    pub origin_mappings: AtomicU64,
+    /// `egress{metric_version="2.0"}`: envelopes written to a Doppler stream.
+    pub egress: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    drop_warnings: [RateLimit; DropReason::ALL.len()],
+    /// `doppler_connections{metric_version="2.0"}`: open Doppler connections.
+    pub doppler_connections: AtomicI64,
+    /// `doppler_v2_streams{metric_version="2.0"}`: open BatchSender streams.
+    pub doppler_v2_streams: AtomicI64,
+    restarts: [AtomicU64; RestartCause::ALL.len()],
+    /// `ingress_stream_errors`: client streams ended by a malformed or oversize message.
+    pub ingress_stream_errors: AtomicU64,
+    /// `sequence_stream_rotations`: times the per-source table filled and a new stream began.
+    pub sequence_rotations: AtomicU64,
+}
+
+/// A point-in-time copy of the counters, for tests and the shutdown report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    pub ingress: u64,
+    pub origin_mappings: u64,
+    pub egress: u64,
+    /// Per reason, every reason listed (zeros included).
+    pub dropped: Vec<(DropReason, u64)>,
+    pub restarts: Vec<(RestartCause, u64)>,
+    pub doppler_connections: i64,
+    pub doppler_v2_streams: i64,
+}
+
+impl MetricsSnapshot {
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn dropped_by(&self, reason: DropReason) -> u64 {
+        self.dropped
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn restarts_total(&self) -> u64 {
+        self.restarts.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            ingress: AtomicU64::new(0),
+            origin_mappings: AtomicU64::new(0),
+            egress: AtomicU64::new(0),
+            dropped: Default::default(),
+            drop_warnings: std::array::from_fn(|_| RateLimit::new(Duration::from_secs(10))),
+            doppler_connections: AtomicI64::new(0),
+            doppler_v2_streams: AtomicI64::new(0),
+            restarts: Default::default(),
+            ingress_stream_errors: AtomicU64::new(0),
+            sequence_rotations: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `n` dropped envelopes and warns at most once per 10 s per reason. The only place
+    /// drops are counted, so the log and the counter cannot disagree.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = reason.index();
+        self.dropped[i].fetch_add(n, Ordering::Relaxed);
+        if let Some(times) = self.drop_warnings[i].check() {
+            tracing::warn!(
+                reason = reason.name(),
+                direction = reason.direction(),
+                batches = times,
+                total_dropped = self.dropped[i].load(Ordering::Relaxed),
+                "dropping envelopes"
+            );
+        }
+    }
+
+    pub fn restarted(&self, cause: RestartCause) {
+        self.restarts[cause.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            ingress: get(&self.ingress),
+            origin_mappings: get(&self.origin_mappings),
+            egress: get(&self.egress),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| (*r, get(&self.dropped[r.index()])))
+                .collect(),
+            restarts: RestartCause::ALL
+                .iter()
+                .map(|c| (*c, get(&self.restarts[c.index()])))
+                .collect(),
+            doppler_connections: self.doppler_connections.load(Ordering::Relaxed),
+            doppler_v2_streams: self.doppler_v2_streams.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Prometheus text exposition (format 0.0.4). `buffered` is the ledger's (envelopes, bytes).
+    pub fn render(&self, buffered: (u64, u64)) -> String {
+        let s = self.snapshot();
+        let mut out = String::with_capacity(4096);
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        };
+        let v2 = |v: u64| vec![("metric_version=\"2.0\"".to_string(), v.to_string())];
+        family("ingress", "counter", "Envelopes received.", &v2(s.ingress));
+        family(
+            "origin_mappings",
+            "counter",
+            "Envelopes whose source_id was taken from the origin tag.",
+            &v2(s.origin_mappings),
+        );
+        family(
+            "egress",
+            "counter",
+            "Envelopes written to a Doppler stream.",
+            &v2(s.egress),
+        );
+        let by_direction = |d: &str| {
+            s.dropped
+                .iter()
+                .filter(|(r, _)| r.direction() == d)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        family(
+            "dropped",
+            "counter",
+            "Envelopes dropped, by direction (ingress: before sequencing; egress: after).",
+            &["ingress", "egress"].map(|d| {
+                (
+                    format!("direction=\"{d}\",metric_version=\"2.0\""),
+                    by_direction(d).to_string(),
+                )
+            }),
+        );
+        let reasons: Vec<_> = s
+            .dropped
+            .iter()
+            .map(|(r, n)| {
+                (
+                    format!(
+                        "direction=\"{}\",reason=\"{}\",metric_version=\"2.0\"",
+                        r.direction(),
+                        r.name()
+                    ),
+                    n.to_string(),
+                )
+            })
+            .collect();
+        family(
+            "dropped_by_reason",
+            "counter",
+            "Envelopes dropped, by the named policy that dropped them.",
+            &reasons,
+        );
+        let gauge = |v: i64| vec![("metric_version=\"2.0\"".to_string(), v.to_string())];
+        family(
+            "doppler_connections",
+            "gauge",
+            "Open Doppler connections.",
+            &gauge(s.doppler_connections),
+        );
+        family(
+            "doppler_v2_streams",
+            "gauge",
+            "Open BatchSender streams to Dopplers.",
+            &gauge(s.doppler_v2_streams),
+        );
+        let restarts: Vec<_> = s
+            .restarts
+            .iter()
+            .map(|(c, n)| (format!("cause=\"{}\"", c.name()), n.to_string()))
+            .collect();
+        family(
+            "doppler_connection_restarts",
+            "counter",
+            "Doppler connection actors restarted, by cause.",
+            &restarts,
+        );
+        family(
+            "buffered_envelopes",
+            "gauge",
+            "Envelopes admitted and not yet written to a Doppler or dropped.",
+            &[(String::new(), buffered.0.to_string())],
+        );
+        family(
+            "buffered_bytes",
+            "gauge",
+            "Budget bytes held by buffered envelopes (see pipeline.max_buffered_bytes).",
+            &[(String::new(), buffered.1.to_string())],
+        );
+        family(
+            "ingress_stream_errors",
+            "counter",
+            "Emitter streams ended by a malformed or oversize message.",
+            &[(
+                String::new(),
+                self.ingress_stream_errors
+                    .load(Ordering::Relaxed)
+                    .to_string(),
+            )],
+        );
+        family(
+            "sequence_stream_rotations",
+            "counter",
+            "Times the per-source sequence table filled and a new metron_stream began.",
+            &[(
+                String::new(),
+                self.sequence_rotations.load(Ordering::Relaxed).to_string(),
+            )],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_upstream_names_and_sums_directions() {
+        let m = Metrics::new();
+        m.ingress.fetch_add(10, Ordering::Relaxed);
+        m.dropped(DropReason::PipelineFull, 2);
+        m.dropped(DropReason::Oversize, 1);
+        m.dropped(DropReason::ConnectionQueueFull, 3);
+        let text = m.render((0, 0));
+        assert!(text.contains("ingress{metric_version=\"2.0\"} 10\n"));
+        assert!(text.contains("dropped{direction=\"ingress\",metric_version=\"2.0\"} 3\n"));
+        assert!(text.contains("dropped{direction=\"egress\",metric_version=\"2.0\"} 3\n"));
+        assert!(text.contains("reason=\"pipeline_full\""));
+        assert_eq!(m.snapshot().dropped_total(), 6);
+    }
+}

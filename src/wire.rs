@@ -1,0 +1,264 @@
+//! Builds the actor graph in one place and hands out the handles (no globals). Runs inside the
+//! agent's actix `System`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::actors::doppler_connection::DopplerConnection;
+use crate::actors::ingress::IngressActor;
+use crate::actors::messages::Drain;
+use crate::actors::sequencer::SequencerActor;
+use crate::actors::signer::SignerActor;
+use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
+use crate::config::Config;
+use crate::envelope::sequence::Sequencer;
+use crate::envelope::signing::Signer;
+use crate::envelope::tagging::Tagger;
+use crate::grpc::egress::{BatchLimits, DialSettings};
+use crate::grpc::ingress::{Edge, IngressService};
+use crate::proto::{envelope::Message, Counter, Envelope};
+use crate::routing::balancer::{Balancer, Endpoint};
+use crate::telemetry::{Ledger, Metrics};
+use crate::tls::TlsMaterial;
+
+/// Everything resolved before the runtime starts: TLS material, keys, bound sockets.
+pub struct Prepared {
+    pub config: Config,
+    pub ingress_tls: TlsMaterial,
+    pub doppler_tls: TlsMaterial,
+    /// TLS for the development Doppler, when one runs.
+    pub dev_doppler_tls: Option<TlsMaterial>,
+    pub signing_key_id: String,
+    pub signing_key: Vec<u8>,
+    pub ingress_listener: std::net::TcpListener,
+    pub metrics_listener: Option<std::net::TcpListener>,
+    pub dev_doppler_listener: Option<std::net::TcpListener>,
+    pub ledger: Arc<Ledger>,
+}
+
+/// The running graph, as the agent thread needs it for shutdown.
+pub struct Running {
+    pub connections: Vec<Addr<DopplerConnection>>,
+    closed: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    signer_arbiter: Arbiter,
+    ledger: Arc<Ledger>,
+    _supervisor: Addr<DopplerSupervisor>,
+}
+
+/// Upper bound on what the agent adds to an envelope after it was priced: `metron_stream` (32
+/// hex), `metron_seq` (≤ 20 digits), `metron_sig` (key id + 65), map-entry framing, and every
+/// default tag.
+fn per_envelope_overhead(config: &Config, key_id: &str) -> usize {
+    let framing = 8;
+    let agent = (13 + 32 + framing) + (10 + 20 + framing) + (10 + key_id.len() + 65 + framing);
+    let defaults: usize = config
+        .default_tags
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + framing)
+        .sum();
+    agent + defaults
+}
+
+/// Starts every actor and server. Must run inside the agent's actix `System`.
+///
+/// # Errors
+/// When a listener cannot be handed to tokio or TLS set-up fails.
+pub fn start(p: Prepared) -> std::io::Result<Running> {
+    let c = &p.config;
+    let cap = c.pipeline.mailbox_capacity.get();
+    let ledger = p.ledger.clone();
+    let slots = c.dopplers.connections.get();
+
+    let balancer = Balancer::new(
+        &c.identity.az,
+        c.dopplers
+            .endpoints
+            .iter()
+            .map(|e| Endpoint {
+                addr: e.addr.clone(),
+                az: e.az.clone(),
+            })
+            .collect(),
+        c.dopplers.backoff_initial,
+        c.dopplers.backoff_max,
+    );
+    let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
+        balancer,
+        connections: slots,
+        mailbox_capacity: cap,
+        dial: DialSettings {
+            tls: p.doppler_tls.client_config(&c.dopplers.server_name),
+            connect_timeout: c.dopplers.connect_timeout,
+            keepalive_interval: c.dopplers.keepalive_interval,
+            keepalive_timeout: c.dopplers.keepalive_timeout,
+        },
+        limits: BatchLimits {
+            max_envelopes: c.dopplers.batch_max_envelopes.get(),
+            max_bytes: c.dopplers.batch_max_bytes.get(),
+            per_envelope_overhead: per_envelope_overhead(c, &p.signing_key_id),
+        },
+        ledger: ledger.clone(),
+    });
+
+    // Signing is the CPU-heavy stage: it gets its own thread so it never stalls routing.
+    let signer_arbiter = Arbiter::new();
+    let signer = {
+        let slots = connections.iter().map(|a| a.clone().recipient()).collect();
+        let ledger = ledger.clone();
+        let signer = Signer::new(&p.signing_key_id, &p.signing_key);
+        SignerActor::start_in_arbiter(&signer_arbiter.handle(), move |ctx| {
+            ctx.set_mailbox_capacity(cap);
+            SignerActor::new(signer, slots, ledger)
+        })
+    };
+    let sequencer = {
+        let sequencer = Sequencer::new(slots, c.pipeline.max_sources.get(), || {
+            crate::entropy::random_hex(16)
+        });
+        tracing::info!(
+            metron_stream = sequencer.stream_id(),
+            "sequence stream started"
+        );
+        let ledger = ledger.clone();
+        SequencerActor::create(move |ctx| {
+            ctx.set_mailbox_capacity(cap);
+            SequencerActor::new(sequencer, slots, signer.recipient(), ledger)
+        })
+    };
+    let ingress = {
+        let tagger = Tagger::new(&c.default_tags, c.pipeline.max_counter_keys.get());
+        let ledger = ledger.clone();
+        IngressActor::create(move |ctx| {
+            ctx.set_mailbox_capacity(cap);
+            IngressActor::new(tagger, sequencer.recipient(), ledger)
+        })
+    };
+
+    let (closed, closed_rx) = watch::channel(false);
+    let edge = Edge::new(
+        ingress.recipient(),
+        ledger.clone(),
+        c.ingress.max_wait,
+        closed_rx.clone(),
+    );
+
+    let listener = tokio::net::TcpListener::from_std(p.ingress_listener)?;
+    let mut stop = closed_rx;
+    let router = Server::builder()
+        .tls_config(p.ingress_tls.server_config())
+        .map_err(std::io::Error::other)?
+        .add_service(IngressService::new(edge.clone()));
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|c| *c).await;
+        };
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "ingress server failed");
+        }
+    });
+
+    let mut background = Vec::new();
+    if let Some(l) = p.metrics_listener {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        background.push(tokio::spawn(crate::telemetry::server::serve(
+            l,
+            ledger.clone(),
+        )));
+    }
+    if let (Some(l), Some(tls)) = (p.dev_doppler_listener, p.dev_doppler_tls) {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        background.push(tokio::spawn(crate::grpc::dev_doppler::serve(
+            l,
+            tls.server_config(),
+            Duration::from_secs(5),
+        )));
+    }
+    if let Some(every) = c.metrics.envelope_interval {
+        let edge = edge.clone();
+        let metrics = ledger.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                edge.accept(self_envelopes(metrics.metrics())).await;
+            }
+        }));
+    }
+
+    Ok(Running {
+        connections,
+        closed,
+        server,
+        background,
+        signer_arbiter,
+        ledger,
+        _supervisor: supervisor,
+    })
+}
+
+/// The agent's own counters as envelopes (source_id `metron`), sent through its own pipeline.
+fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
+    let s = m.snapshot();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    [
+        ("ingress", s.ingress),
+        ("egress", s.egress),
+        ("dropped", s.dropped_total()),
+        ("origin_mappings", s.origin_mappings),
+    ]
+    .into_iter()
+    .map(|(name, total)| {
+        let mut e = Envelope {
+            timestamp: now,
+            source_id: "metron".into(),
+            message: Some(Message::Counter(Counter {
+                name: name.into(),
+                delta: 0,
+                total,
+            })),
+            ..Default::default()
+        };
+        e.tags.insert("metric_version".into(), "2.0".into());
+        e
+    })
+    .collect()
+}
+
+impl Running {
+    /// Graceful shutdown, phase one: stop accepting, let the pipeline drain into the Dopplers and
+    /// finish each stream, all before `deadline`. What is still buffered afterwards is counted by
+    /// the caller once nothing can move any more. Returns whether everything was flushed.
+    pub async fn drain(self, deadline: tokio::time::Instant) -> (bool, Arbiter) {
+        let _ = self.closed.send(true);
+        let drained = self.ledger.wait_drained(deadline).await;
+        let requests: Vec<_> = self.connections.iter().map(|c| c.send(Drain)).collect();
+        for r in requests {
+            let _ = tokio::time::timeout_at(deadline, r).await;
+        }
+        let mut server = self.server;
+        if tokio::time::timeout_at(deadline, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+        for t in self.background {
+            t.abort();
+        }
+        (drained, self.signer_arbiter)
+    }
+}
