@@ -53,6 +53,10 @@ pub struct Running {
     _supervisor: Addr<DopplerSupervisor>,
 }
 
+/// How long shutdown lets emitter calls already in progress finish before closing their
+/// connections (an admission waits at most `ingress.grpc.max_wait_ms`, capped at 10 s).
+const SERVER_SETTLE: Duration = Duration::from_millis(200);
+
 /// Upper bound on what the agent adds to an envelope after it was priced: `metron_stream` (32
 /// hex), `metron_seq` (≤ 20 digits), `metron_sig` (key id + 65), map-entry framing, and every
 /// default tag.
@@ -244,17 +248,20 @@ impl Running {
     /// the caller once nothing can move any more. Returns whether everything was flushed.
     pub async fn drain(self, deadline: tokio::time::Instant) -> (bool, Arbiter) {
         let _ = self.closed.send(true);
-        let drained = self.ledger.wait_drained(deadline).await;
-        let requests: Vec<_> = self.connections.iter().map(|c| c.send(Drain)).collect();
-        for r in requests {
-            let _ = tokio::time::timeout_at(deadline, r).await;
-        }
+        // Emitter handlers see `closed` and return; give the ones mid-call a moment to finish,
+        // then cut idle emitter connections (the edge is cancel-safe, so nothing is miscounted).
         let mut server = self.server;
-        if tokio::time::timeout_at(deadline, &mut server)
+        let settle = tokio::time::Instant::now() + SERVER_SETTLE;
+        if tokio::time::timeout_at(settle.min(deadline), &mut server)
             .await
             .is_err()
         {
             server.abort();
+        }
+        let drained = self.ledger.wait_drained(deadline).await;
+        let requests: Vec<_> = self.connections.iter().map(|c| c.send(Drain)).collect();
+        for r in requests {
+            let _ = tokio::time::timeout_at(deadline, r).await;
         }
         for t in self.background {
             t.abort();

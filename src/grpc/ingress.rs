@@ -54,18 +54,23 @@ impl Edge {
         }
     }
 
+    /// Takes responsibility for `envelopes`: each is then counted in `ingress` and ends up
+    /// delivered or counted as dropped.
+    ///
+    /// Cancel-safe: the counts are made together with the decision, after the only `.await`, so a
+    /// call cut short (an emitter's RPC dropped mid-way, or shutdown) has counted nothing.
     pub async fn accept(&self, envelopes: Vec<Envelope>) {
-        let n = envelopes.len();
-        if n == 0 {
+        let total = envelopes.len();
+        if total == 0 {
             return;
         }
         let metrics = self.ledger.metrics();
-        metrics.ingress.fetch_add(n as u64, Ordering::Relaxed);
         if *self.closed.borrow() {
-            self.ledger.refused(DropReason::ShuttingDown, n);
+            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+            self.ledger.refused(DropReason::ShuttingDown, total);
             return;
         }
-        let mut batch = Batch::with_capacity(n);
+        let mut batch = Batch::with_capacity(total);
         let mut oversize = 0;
         for env in envelopes {
             let cost = admission_cost(&env);
@@ -75,10 +80,6 @@ impl Edge {
                 batch.push(env, cost);
             }
         }
-        self.ledger.refused(DropReason::Oversize, oversize);
-        if batch.is_empty() {
-            return;
-        }
         let (n, bytes) = (batch.len(), batch.bytes());
         // Waiting only helps while a stream is draining the pipeline; with every Doppler down the
         // budget frees up only on reconnect, and the emitter must not pay for that.
@@ -87,7 +88,11 @@ impl Edge {
         } else {
             Duration::ZERO
         };
-        if !self.ledger.admit(n, bytes, wait).await {
+        let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
+        // From here on no `.await`: decision and counts land together.
+        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        self.ledger.refused(DropReason::Oversize, oversize);
+        if !admitted {
             self.ledger.refused(DropReason::PipelineFull, n);
             return;
         }

@@ -5,6 +5,7 @@
 //! `unused_imports` one on the re-exports (scoped there so real unused imports still warn).
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod doppler;
 pub mod pki;
 pub mod util;

@@ -1,0 +1,122 @@
+//! Starting a real agent in-process for a test: certificates from the test's PKI, a signing key,
+//! ephemeral ports, and Dopplers given as (address, az).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metron::config::Config;
+use metron::proto::Envelope;
+use metron::Agent;
+
+use super::{CertFiles, Pki};
+
+pub const KEY_ID: &str = "test-key";
+pub const KEY: &[u8] = b"a signing key for tests";
+
+/// Everything a test needs around one agent.
+pub struct World {
+    pub pki: Pki,
+    pub agent_cert: CertFiles,
+    pub client_cert: CertFiles,
+    pub key_file: PathBuf,
+}
+
+impl World {
+    pub fn new() -> World {
+        super::install_crypto_provider();
+        let pki = Pki::new();
+        let agent_cert = pki.issue("metron", &["metron"]);
+        let client_cert = pki.issue("emitter", &["emitter"]);
+        let key_file = pki.dir.join("signing.key");
+        // A trailing newline, as an operator's editor would leave it: not part of the key.
+        std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+        World {
+            pki,
+            agent_cert,
+            client_cert,
+            key_file,
+        }
+    }
+
+    /// The agent's YAML for these Dopplers; `extra` is appended under the top level (e.g.
+    /// `pipeline: { max_buffered_bytes: 10485760 }`). Ports are ephemeral.
+    pub fn yaml(&self, dopplers: &[(SocketAddr, &str)], extra: &str) -> String {
+        let endpoints: String = dopplers
+            .iter()
+            .map(|(a, az)| format!("    - {{ addr: \"{a}\", az: {az} }}\n"))
+            .collect();
+        let tls = format!(
+            "{{ ca: {}, cert: {}, key: {} }}",
+            self.pki.ca_path.display(),
+            self.agent_cert.cert_path.display(),
+            self.agent_cert.key_path.display()
+        );
+        format!(
+            r#"identity: {{ deployment: cf, job: diego-cell, index: "3", ip: 10.0.0.5, az: z1 }}
+tags: {{ team: loggregator }}
+ingress:
+  grpc:
+    listen: "127.0.0.1:0"
+    tls: {tls}
+dopplers:
+  endpoints:
+{endpoints}  tls: {tls}
+  connections: 3
+  backoff_initial_ms: 20
+  backoff_max_ms: 200
+metrics:
+  listen: "127.0.0.1:0"
+signing: {{ key_id: {KEY_ID}, key_file: {} }}
+logging: {{ level: warn }}
+{extra}
+"#,
+            self.key_file.display()
+        )
+    }
+
+    pub fn config(&self, dopplers: &[(SocketAddr, &str)], extra: &str) -> Config {
+        let yaml = self.yaml(dopplers, extra);
+        Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("test config: {e}\n{yaml}"))
+    }
+
+    pub fn start(&self, dopplers: &[(SocketAddr, &str)], extra: &str) -> Agent {
+        metron::telemetry::init_logging("warn");
+        Agent::start(self.config(dopplers, extra)).expect("agent starts")
+    }
+}
+
+/// The balance every test ends with: each envelope that entered was delivered or dropped.
+pub fn assert_balanced(agent: &Agent) {
+    let m = agent.metrics();
+    let (buffered, _) = agent.buffered();
+    assert_eq!(
+        m.ingress,
+        m.egress + m.dropped_total() + buffered,
+        "ingress == egress + dropped + buffered: {m:?}, buffered {buffered}"
+    );
+}
+
+/// Waits until nothing is buffered in the agent.
+pub fn wait_drained(agent: &Agent, timeout: Duration) -> bool {
+    super::wait_until(timeout, || agent.buffered().0 == 0)
+}
+
+/// (metron_stream, metron_seq) of an envelope.
+pub fn seq_of(e: &Envelope) -> (String, u64) {
+    let stream = e.tags.get("metron_stream").expect("metron_stream").clone();
+    let seq = e.tags["metron_seq"].parse().expect("metron_seq is decimal");
+    (stream, seq)
+}
+
+/// Per (stream, source), the sequence numbers in the order a Doppler received them.
+pub fn sequences(received: &[Envelope]) -> std::collections::BTreeMap<(String, String), Vec<u64>> {
+    let mut out: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
+    for e in received {
+        let (stream, seq) = seq_of(e);
+        out.entry((stream, e.source_id.clone()))
+            .or_default()
+            .push(seq);
+    }
+    out
+}
