@@ -1,0 +1,85 @@
+//! Availability zones: traffic goes to the Doppler in the agent's AZ; with it dead, to another AZ.
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{assert_balanced, World};
+use common::*;
+use metron::proto::{Envelope, EnvelopeBatch};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn wave(tag: &str, n: usize) -> Vec<Envelope> {
+    (0..n)
+        .map(|i| log_envelope(&format!("app-{}", i % 17), &format!("{tag} {i}")))
+        .collect()
+}
+
+async fn send_all(
+    client: &mut metron::proto::ingress_client::IngressClient<tonic::transport::Channel>,
+    envs: &[Envelope],
+) {
+    for chunk in envs.chunks(50) {
+        client
+            .send(EnvelopeBatch {
+                batch: chunk.to_vec(),
+            })
+            .await
+            .expect("send");
+    }
+}
+
+#[tokio::test]
+async fn prefers_the_local_az_and_falls_back_when_it_dies() {
+    let w = World::new();
+    let mut local = FakeDoppler::start(&w.pki);
+    let remote = FakeDoppler::start(&w.pki);
+    // The remote endpoint is listed first: preference must come from the AZ, not the order.
+    let agent = w.start(&[(remote.addr(), "z2"), (local.addr(), "z1")], "");
+    let slots = agent.connection_slots();
+    assert!(
+        local.wait_for_streams(slots, WAIT),
+        "every connection goes to the local AZ"
+    );
+    assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
+    assert_eq!(remote.streams_opened(), 0);
+
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let first = wave("first", 600);
+    send_all(&mut client, &first).await;
+    assert!(
+        local.wait_for_count(first.len(), WAIT),
+        "local got {}",
+        local.count()
+    );
+    assert_eq!(remote.count(), 0, "nothing went to the other AZ");
+
+    local.kill();
+    assert!(
+        remote.wait_for_streams(slots, WAIT),
+        "with the local Doppler dead every connection moves to the other AZ ({} opened)",
+        remote.streams_opened()
+    );
+    assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
+
+    let second = wave("second", 600);
+    send_all(&mut client, &second).await;
+    assert!(
+        remote.wait_for_count(second.len(), WAIT),
+        "remote got {}",
+        remote.count()
+    );
+    assert_eq!(
+        remote.count(),
+        second.len(),
+        "exactly the second wave, once"
+    );
+    assert_eq!(local.count(), first.len());
+
+    let m = agent.metrics();
+    assert_eq!(m.ingress, (first.len() + second.len()) as u64);
+    assert_eq!(m.egress, m.ingress);
+    assert!(m.restarts_total() >= slots as u64, "{m:?}");
+    assert_balanced(&agent);
+}

@@ -1,0 +1,168 @@
+//! The balance: every envelope that enters is delivered or counted as dropped, exactly.
+//! Healthy, overloaded (stalled Doppler) and with no Doppler at all.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::{assert_balanced, sequences, wait_drained, World};
+use common::*;
+use metron::proto::{Envelope, EnvelopeBatch};
+use metron::telemetry::DropReason;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn batches(sources: usize, count: usize, per_batch: usize, payload: usize) -> Vec<EnvelopeBatch> {
+    let body = "x".repeat(payload);
+    let envs: Vec<Envelope> = (0..count)
+        .map(|i| log_envelope(&format!("src-{}", i % sources), &body))
+        .collect();
+    envs.chunks(per_batch)
+        .map(|c| EnvelopeBatch { batch: c.to_vec() })
+        .collect()
+}
+
+/// Every source's numbers are exactly 1..=n: drops at the edge happen before sequencing and so
+/// leave no gaps.
+fn assert_gapless(received: &[Envelope]) {
+    for ((_, source), seqs) in sequences(received) {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "sequence of {source}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_doppler_gets_every_envelope_from_concurrent_streams() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let streams = 4;
+    let per_stream = 50 * 100;
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+        let load: Vec<EnvelopeBatch> = batches(25, per_stream, 100, 200)
+            .into_iter()
+            .map(|mut b| {
+                for e in &mut b.batch {
+                    e.source_id = format!("{}-stream{s}", e.source_id);
+                }
+                b
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            client
+                .batch_sender(tokio_stream::iter(load))
+                .await
+                .expect("BatchSender");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = streams * per_stream;
+    assert!(
+        doppler.wait_for_count_async(sent, WAIT).await,
+        "{} of {sent}",
+        doppler.count()
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        (m.ingress, m.egress, m.dropped_total()),
+        (sent as u64, sent as u64, 0)
+    );
+    assert_eq!(doppler.count(), sent);
+    assert_gapless(&doppler.received());
+    assert_balanced(&agent);
+}
+
+#[tokio::test]
+async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exactly() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    doppler.set_stalled(true);
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        "pipeline: { max_buffered_bytes: 10485760 }\n",
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    assert_eventually!(agent.metrics().doppler_v2_streams == 3);
+    // 4 KiB envelopes: the 10 MiB budget holds about 2,500 of them.
+    let load = batches(10, 8_000, 100, 4096);
+    let mut slowest = Duration::ZERO;
+    for b in load {
+        let t = Instant::now();
+        client
+            .send(b)
+            .await
+            .expect("Send never fails for a full pipeline");
+        slowest = slowest.max(t.elapsed());
+    }
+    // The bound is ingress.grpc.max_wait_ms (100 ms); the margin absorbs a loaded CI machine.
+    assert!(
+        slowest < Duration::from_secs(3),
+        "an emitter call took {slowest:?}"
+    );
+    let m = agent.metrics();
+    assert_eq!(m.ingress, 8_000);
+    assert!(m.dropped_by(DropReason::PipelineFull) > 0, "{m:?}");
+    assert!(agent.buffered().1 <= 10 * 1024 * 1024);
+
+    doppler.set_stalled(false);
+    assert!(wait_drained(&agent, WAIT));
+    let m = agent.metrics();
+    assert!(doppler.wait_for_count(m.egress as usize, WAIT));
+    assert_eq!(
+        doppler.count() as u64,
+        m.egress,
+        "everything counted as egress arrived"
+    );
+    assert_eq!(m.ingress, m.egress + m.dropped_total());
+    assert_eq!(m.dropped_total(), m.dropped_by(DropReason::PipelineFull));
+    assert_gapless(&doppler.received());
+}
+
+#[tokio::test]
+async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
+    let w = World::new();
+    // An address with nothing listening: every connection attempt fails.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let agent = w.start(
+        &[(addr, "z1")],
+        "pipeline: { max_buffered_bytes: 10485760 }\n",
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let load = batches(10, 6_000, 100, 4096);
+    let t = Instant::now();
+    for b in load {
+        client
+            .send(b)
+            .await
+            .expect("Send never fails with no Doppler");
+    }
+    // With no Doppler stream open the edge does not wait at all.
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "60 calls took {:?}",
+        t.elapsed()
+    );
+    let m = agent.metrics();
+    let (buffered, bytes) = agent.buffered();
+    assert_eq!(m.egress, 0);
+    assert!(buffered > 1_000, "kept up to the budget: {buffered}");
+    assert!(bytes <= 10 * 1024 * 1024);
+    assert_eq!(m.ingress, m.dropped_by(DropReason::PipelineFull) + buffered);
+
+    let doppler = FakeDoppler::start_on(&w.pki, addr);
+    assert!(
+        wait_drained(&agent, WAIT),
+        "buffered envelopes delivered once a Doppler appears"
+    );
+    assert!(doppler.wait_for_count(buffered as usize, WAIT));
+    assert_eq!(doppler.count() as u64, buffered);
+    assert_gapless(&doppler.received());
+    assert_balanced(&agent);
+}
