@@ -399,14 +399,26 @@ impl Config {
     }
 }
 
-/// serde_yaml's messages read `ingress.grpc: unknown field ...`; split off the path so every
-/// error has the same `key: problem` shape.
+/// serde_yaml's messages read `ingress.grpc: unknown field `lisen`, ...`; turn them into the same
+/// `key: problem` shape as every other error, naming the full key where the message names a field.
 fn yaml_error(e: serde_yaml::Error) -> ConfigError {
     let msg = e.to_string();
-    match msg.split_once(": ") {
-        Some((key, problem)) if !key.contains(' ') => ConfigError::new(key, problem),
-        _ => ConfigError::new("<file>", msg),
-    }
+    let (path, problem) = match msg.split_once(": ") {
+        Some((key, problem)) if !key.contains(' ') => (key.to_string(), problem.to_string()),
+        _ => (String::new(), msg),
+    };
+    let field = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|p| problem.strip_prefix(p))
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name);
+    let key = match (path.is_empty(), field) {
+        (true, Some(f)) => f.to_string(),
+        (false, Some(f)) => format!("{path}.{f}"),
+        (true, None) => "<file>".to_string(),
+        (false, None) => path,
+    };
+    ConfigError::new(key, problem)
 }
 
 fn parse_socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -694,8 +706,19 @@ development: { enabled: true }
     fn unknown_key_is_named() {
         let text = MINIMAL.replace("listen: \"127.0.0.1:3458\"", "lisen: x");
         let e = Config::from_yaml(&text).unwrap_err();
-        assert_eq!(e.key, "ingress.grpc");
+        assert_eq!(e.key, "ingress.grpc.lisen");
         assert!(e.problem.contains("unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn serde_errors_name_the_full_key() {
+        let key = |t: &str| Config::from_yaml(t).unwrap_err().key;
+        assert_eq!(key("identity: {}\n"), "ingress");
+        assert_eq!(key("surprise: 1\n"), "surprise");
+        let no_addr = MINIMAL.replace("addr: \"127.0.0.1:8082\", ", "");
+        assert_eq!(key(&no_addr), "dopplers.endpoints[0].addr");
+        let negative = MINIMAL.replace("az: z1 } ] }", "az: z1 } ], connections: -1 }");
+        assert_eq!(key(&negative), "dopplers.connections");
     }
 
     #[test]
