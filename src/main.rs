@@ -79,31 +79,47 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        wait_for_signal().await;
+        // Listeners are made once, before the first wait, so a second signal that arrives while
+        // the first is being handled is not lost.
+        let mut signals = Signals::new();
+        signals.next().await;
         tracing::info!("signal received: shutting down gracefully (send another to exit at once)");
         std::thread::spawn(move || {
             // Exit 0 either way: what could not be flushed is counted and logged by the agent.
             agent.shutdown();
             std::process::exit(0);
         });
-        wait_for_signal().await;
+        signals.next().await;
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed; park instead of spinning.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn next(&mut self) {
+        match (&mut self.term, &mut self.int) {
+            (Some(term), Some(int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            // Without signal handlers the process can only be killed; park instead of spinning.
+            _ => std::future::pending::<()>().await,
+        }
     }
 }

@@ -1,0 +1,458 @@
+//! The real `metron` binary: configuration errors exit 64 with one line on stderr naming the key,
+//! SIGTERM drains and exits 0, and a second signal during a slow drain exits 1 at once.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use common::agent::World;
+use common::*;
+use metron::proto::EnvelopeBatch;
+
+const METRON: &str = env!("CARGO_BIN_EXE_metron");
+
+/// Bounds every wait on the child process or the network.
+const STEP: Duration = Duration::from_secs(15);
+
+/// The grace period of the slow-shutdown test; the second signal must end the process long
+/// before it runs out.
+const LONG_GRACE_MS: u64 = 20_000;
+
+/// Which pipe a line came from: config errors go to stderr, logs (tracing's default) to stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pipe {
+    Stdout,
+    Stderr,
+}
+
+/// A running `metron` process and the lines of its output. Killed (SIGKILL, by its own pid) if
+/// still running when dropped, so a failing test leaks no process.
+struct Metron {
+    child: Child,
+    output: Receiver<(Pipe, String)>,
+    /// Every line read so far, for the assertions and for failure messages.
+    seen: Vec<(Pipe, String)>,
+}
+
+/// Forwards each line of `pipe` to `tx` until EOF, i.e. until the process has exited.
+fn forward_lines(
+    from: Pipe,
+    pipe: impl std::io::Read + Send + 'static,
+    tx: Sender<(Pipe, String)>,
+) {
+    std::thread::Builder::new()
+        .name(format!("metron-{from:?}"))
+        .spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send((from, line)).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn output reader");
+}
+
+impl Metron {
+    /// Starts `metron --config <config>`; stdout and stderr are read line by line on threads of
+    /// their own.
+    fn spawn(config: &Path) -> Metron {
+        let mut child = Command::new(METRON)
+            .arg("--config")
+            .arg(config)
+            // Plain log lines: the assertions look for words, not escape codes.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {METRON}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        forward_lines(
+            Pipe::Stdout,
+            child.stdout.take().expect("piped"),
+            tx.clone(),
+        );
+        forward_lines(Pipe::Stderr, child.stderr.take().expect("piped"), tx);
+        Metron {
+            child,
+            output: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `within` for a line (on either pipe) containing `needle`; returns whether one
+    /// came.
+    fn wait_for_line(&mut self, needle: &str, within: Duration) -> bool {
+        if self.seen.iter().any(|(_, l)| l.contains(needle)) {
+            return true;
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.1.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return true;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Polls for the exit status until `within` passes.
+    ///
+    /// # Panics
+    /// If the process is still running then (it is killed by `Drop`).
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut status = None;
+        let exited = wait_until(within, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "metron still running after {within:?}; output so far: {:#?}",
+            self.seen
+        );
+        status.expect("exited")
+    }
+
+    /// Every line of `pipe`, once the process has exited (both pipes are then at EOF).
+    fn all_lines(&mut self, pipe: Pipe) -> Vec<String> {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("output still open after exit"),
+            }
+        }
+        self.seen
+            .iter()
+            .filter(|(p, _)| *p == pipe)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}: {status}", self.pid());
+    }
+}
+
+impl Drop for Metron {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn write_config(w: &World, yaml: &str) -> PathBuf {
+    let path = w.pki.dir.join("metron.yaml");
+    std::fs::write(&path, yaml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
+/// `s` with the first `from` replaced by `to`.
+///
+/// # Panics
+/// If `s` has no `from`, so a change in `World::yaml` cannot silently void a test.
+fn replace_first(s: &str, from: &str, to: &str) -> String {
+    assert!(s.contains(from), "{from:?} not in:\n{s}");
+    s.replacen(from, to, 1)
+}
+
+/// Runs metron on `yaml` and checks it refuses it: exit code 64 and exactly one line on stderr,
+/// which starts with `key: ` after the prefix and contains `detail`.
+fn assert_config_error(w: &World, yaml: &str, key: &str, detail: &str) -> String {
+    let config = write_config(w, yaml);
+    let mut metron = Metron::spawn(&config);
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stderr);
+    assert_eq!(status.code(), Some(64), "{status}; stderr: {lines:#?}");
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {lines:#?}");
+    assert_eq!(
+        metron.all_lines(Pipe::Stdout),
+        Vec::<String>::new(),
+        "nothing on stdout"
+    );
+    let line = &lines[0];
+    assert!(line.starts_with("metron: "), "{line}");
+    assert!(line.contains(&format!(" {key}: ")), "names {key}: {line}");
+    assert!(line.contains(detail), "mentions {detail:?}: {line}");
+    line.clone()
+}
+
+/// An address nobody serves: configs that fail validation never dial it.
+fn nowhere() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9))
+}
+
+#[test]
+fn unknown_key_exits_64_naming_the_key_and_the_field() {
+    let w = World::new();
+    let yaml = w.yaml(&[(nowhere(), "z1")], "");
+    let yaml = replace_first(&yaml, "\n    listen: ", "\n    lisen: ");
+    // The key is the full path of the offending field, and the problem names the field too.
+    let line = assert_config_error(&w, &yaml, "ingress.grpc.lisen", "unknown field `lisen`");
+    assert!(line.contains("metron.yaml"), "names the file: {line}");
+}
+
+#[test]
+fn missing_ca_file_exits_64_naming_its_key() {
+    let w = World::new();
+    let yaml = w.yaml(&[(nowhere(), "z1")], "");
+    let missing = w.pki.dir.join("no-such-ca.pem");
+    // The ingress block comes first in the YAML; the Doppler block keeps the real CA.
+    let yaml = replace_first(
+        &yaml,
+        &format!("ca: {}", w.pki.ca_path.display()),
+        &format!("ca: {}", missing.display()),
+    );
+    assert_config_error(
+        &w,
+        &yaml,
+        "ingress.grpc.tls.ca",
+        &missing.display().to_string(),
+    );
+}
+
+#[test]
+fn ca_path_that_opens_but_cannot_be_read_exits_64_naming_its_key() {
+    // A directory opens (the validation pass) but cannot be read (the loading pass).
+    let w = World::new();
+    let yaml = w.yaml(&[(nowhere(), "z1")], "");
+    let yaml = replace_first(
+        &yaml,
+        &format!("ca: {}", w.pki.ca_path.display()),
+        &format!("ca: {}", w.pki.dir.display()),
+    );
+    assert_config_error(&w, &yaml, "ingress.grpc.tls.ca", "cannot read");
+}
+
+#[test]
+fn ca_file_without_a_certificate_exits_64_naming_its_key() {
+    let w = World::new();
+    let not_pem = w.pki.dir.join("not-a-ca.pem");
+    std::fs::write(&not_pem, "this is not PEM\n").unwrap();
+    let yaml = w.yaml(&[(nowhere(), "z1")], "");
+    let yaml = replace_first(
+        &yaml,
+        &format!("ca: {}", w.pki.ca_path.display()),
+        &format!("ca: {}", not_pem.display()),
+    );
+    assert_config_error(&w, &yaml, "ingress.grpc.tls.ca", "no certificate");
+}
+
+#[test]
+fn missing_config_file_exits_64() {
+    let w = World::new();
+    let absent = w.pki.dir.join("absent.yaml");
+    let mut metron = Metron::spawn(&absent);
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stderr);
+    assert_eq!(status.code(), Some(64), "{status}; stderr: {lines:#?}");
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {lines:#?}");
+    assert_eq!(
+        metron.all_lines(Pipe::Stdout),
+        Vec::<String>::new(),
+        "nothing on stdout"
+    );
+    assert!(lines[0].contains("<file>: cannot read"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&absent.display().to_string()),
+        "{}",
+        lines[0]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals, on a running agent.
+
+/// Two distinct free loopback ports. Both listeners are open at once so the ports differ; they
+/// are closed before metron binds them (another process taking one in between would fail the
+/// test at start-up, loudly, not make it pass).
+fn two_free_ports() -> (SocketAddr, SocketAddr) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap(), b.local_addr().unwrap())
+}
+
+/// A running metron for `doppler`, logging at info, with `extra` YAML; returns it with its
+/// ingress and metrics addresses once it has logged that it runs.
+fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, SocketAddr, SocketAddr) {
+    let (ingress, metrics) = two_free_ports();
+    let yaml = w.yaml(&[(doppler.addr(), "z1")], extra);
+    // The ingress listen address comes first in the YAML, the metrics one second.
+    let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{ingress}\""));
+    let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{metrics}\""));
+    let yaml = replace_first(
+        &yaml,
+        "logging: { level: warn }",
+        "logging: { level: info }",
+    );
+    let config = write_config(w, &yaml);
+    let mut metron = Metron::spawn(&config);
+    assert!(
+        metron.wait_for_line("metron is running", STEP),
+        "metron did not start: {:?}; output: {:#?}",
+        metron.child.try_wait(),
+        metron.seen
+    );
+    // Serving, on the ports chosen above.
+    let text = scrape(metrics);
+    assert_eq!(
+        metric_value(&text, "ingress", &[("metric_version", "2.0")]),
+        Some(0.0)
+    );
+    (metron, ingress, metrics)
+}
+
+fn scraped(metrics: SocketAddr, name: &str) -> Option<f64> {
+    metric_value(&scrape(metrics), name, &[])
+}
+
+async fn send(w: &World, ingress: SocketAddr, source_id: &str, n: usize) {
+    let mut client = ingress_client(ingress, &w.pki, &w.client_cert).await;
+    let batch = EnvelopeBatch {
+        batch: (0..n)
+            .map(|i| log_envelope(source_id, &format!("line {i}")))
+            .collect(),
+    };
+    tokio::time::timeout(STEP, client.send(batch))
+        .await
+        .expect("Send within the step bound")
+        .expect("Send succeeds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_0() {
+    const N: usize = 12;
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let (mut metron, ingress, metrics) = start_metron(&w, &doppler, "");
+    assert!(
+        doppler.wait_for_streams(3, STEP),
+        "streams: {:?}",
+        doppler.counts()
+    );
+
+    for round in 0..3 {
+        send(&w, ingress, &format!("app-{round}"), N / 3).await;
+    }
+    assert!(
+        doppler.wait_for_count(N, STEP),
+        "delivered {}",
+        doppler.count()
+    );
+    assert!(
+        wait_until(STEP, || scraped(metrics, "buffered_envelopes") == Some(0.0)),
+        "still buffered"
+    );
+    assert_eq!(doppler.count(), N);
+    assert_eq!(
+        metric_value(&scrape(metrics), "egress", &[("metric_version", "2.0")]),
+        Some(N as f64)
+    );
+
+    metron.signal("TERM");
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stdout);
+    assert_eq!(status.code(), Some(0), "{status}; logs: {lines:#?}");
+    let want = format!("metron stopped flushed=true ingress={N} egress={N} dropped=0");
+    assert!(
+        lines.iter().any(|l| l.ends_with(&want)),
+        "the agent reports a complete drain ({want}): {lines:#?}"
+    );
+    assert_eq!(doppler.count(), N, "nothing more arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_1_without_waiting_for_the_grace_period() {
+    const BUFFERED: usize = 7;
+    let w = World::new();
+    let mut doppler = FakeDoppler::start(&w.pki);
+    let extra = format!("shutdown: {{ grace_period_ms: {LONG_GRACE_MS} }}");
+    let (mut metron, ingress, metrics) = start_metron(&w, &doppler, &extra);
+    assert!(
+        doppler.wait_for_streams(3, STEP),
+        "streams: {:?}",
+        doppler.counts()
+    );
+    send(&w, ingress, "live", 3).await;
+    assert!(
+        doppler.wait_for_count(3, STEP),
+        "delivered {}",
+        doppler.count()
+    );
+
+    // With no Doppler left, what is sent now stays buffered and the drain can only wait out the
+    // grace period. (A stalled Doppler would not do: HTTP/2 windows and socket buffers absorb
+    // an unknown amount, and what a stream has taken already counts as egress.)
+    doppler.kill();
+    assert!(
+        wait_until(STEP, || scraped(metrics, "doppler_v2_streams") == Some(0.0)),
+        "streams still open"
+    );
+    send(&w, ingress, "stuck", BUFFERED).await;
+    assert!(
+        wait_until(STEP, || {
+            scraped(metrics, "buffered_envelopes") == Some(BUFFERED as f64)
+        }),
+        "buffered: {:?}",
+        scraped(metrics, "buffered_envelopes")
+    );
+
+    metron.signal("TERM");
+    let first = Instant::now();
+    assert!(
+        metron.wait_for_line("draining to Dopplers", STEP),
+        "the drain did not begin: {:#?}",
+        metron.seen
+    );
+    assert_eq!(
+        metron.child.try_wait().expect("try_wait"),
+        None,
+        "still draining"
+    );
+    // main.rs subscribes to the second signal only after its first handler returned, at about
+    // the time the agent logs the line above; a signal landing before that subscription is lost
+    // (tokio keeps no backlog for a new listener). Reading the line and running `kill` takes
+    // far longer than that window, which is what makes this step reliable.
+    metron.signal("TERM");
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stdout);
+    assert_eq!(status.code(), Some(1), "{status}; logs: {lines:#?}");
+    let took = first.elapsed();
+    assert!(
+        took < Duration::from_millis(LONG_GRACE_MS / 2),
+        "exited {took:?} after the first signal, the grace period is {LONG_GRACE_MS} ms"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("second signal")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("metron stopped")),
+        "exited at once, not after a drain: {lines:#?}"
+    );
+    assert_eq!(doppler.count(), 3);
+}
