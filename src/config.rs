@@ -92,6 +92,8 @@ pub struct DopplersConfig {
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// How often the supervisor moves one connection from another AZ back to a usable local one.
+    pub rebalance_interval: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub batch_max_envelopes: NonZeroUsize,
@@ -207,6 +209,8 @@ struct RawDopplers {
     backoff_initial_ms: NonZeroU64,
     #[serde(default = "default_backoff_max_ms")]
     backoff_max_ms: NonZeroU64,
+    #[serde(default = "default_rebalance_interval_ms")]
+    rebalance_interval_ms: NonZeroU64,
     #[serde(default = "default_keepalive_interval_ms")]
     keepalive_interval_ms: NonZeroU64,
     #[serde(default = "default_keepalive_timeout_ms")]
@@ -241,6 +245,9 @@ fn default_backoff_initial_ms() -> NonZeroU64 {
 }
 fn default_backoff_max_ms() -> NonZeroU64 {
     NonZeroU64::new(1_000).unwrap()
+}
+fn default_rebalance_interval_ms() -> NonZeroU64 {
+    NonZeroU64::new(5_000).unwrap()
 }
 fn default_keepalive_interval_ms() -> NonZeroU64 {
     NonZeroU64::new(15_000).unwrap()
@@ -588,6 +595,7 @@ impl RawConfig {
             connect_timeout: Duration::from_millis(d.connect_timeout_ms.get()),
             backoff_initial: Duration::from_millis(d.backoff_initial_ms.get()),
             backoff_max: Duration::from_millis(d.backoff_max_ms.get()),
+            rebalance_interval: Duration::from_millis(d.rebalance_interval_ms.get()),
             keepalive_interval: Duration::from_millis(d.keepalive_interval_ms.get()),
             keepalive_timeout: Duration::from_millis(d.keepalive_timeout_ms.get()),
             batch_max_envelopes: d.batch_max_envelopes,

@@ -98,6 +98,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         balancer,
         connections: slots,
         mailbox_capacity: cap,
+        rebalance_interval: c.dopplers.rebalance_interval,
         dial: DialSettings {
             tls: p.doppler_tls.client_config(&c.dopplers.server_name),
             connect_timeout: c.dopplers.connect_timeout,

@@ -1,4 +1,5 @@
-//! Availability zones: traffic goes to the Doppler in the agent's AZ; with it dead, to another AZ.
+//! Availability zones: traffic goes to the Doppler in the agent's AZ; with it dead, to another
+//! AZ; and back home once the local Doppler returns.
 
 mod common;
 
@@ -31,7 +32,7 @@ async fn send_all(
 }
 
 #[tokio::test]
-async fn prefers_the_local_az_and_falls_back_when_it_dies() {
+async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
     let w = World::new();
     let mut local = FakeDoppler::start(&w.pki);
     let remote = FakeDoppler::start(&w.pki);
@@ -77,8 +78,44 @@ async fn prefers_the_local_az_and_falls_back_when_it_dies() {
     );
     assert_eq!(local.count(), first.len());
 
+    // The local Doppler returns: the supervisor moves every connection back, one at a time.
+    let opened = local.streams_opened();
+    local.restart();
+    assert!(
+        local.wait_for_streams(opened + slots, WAIT),
+        "every connection returns to the local AZ ({} reopened)",
+        local.streams_opened() - opened
+    );
+    assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
+    let third = wave("third", 600);
+    send_all(&mut client, &third).await;
+    assert!(
+        local.wait_for_count(first.len() + third.len(), WAIT),
+        "local got {}",
+        local.count()
+    );
+    assert_eq!(
+        local.count(),
+        first.len() + third.len(),
+        "exactly the third wave, once"
+    );
+    assert_eq!(
+        remote.count(),
+        second.len(),
+        "nothing more went to the other AZ"
+    );
+
     let m = agent.metrics();
-    assert_eq!(m.ingress, (first.len() + second.len()) as u64);
+    let recycled = m
+        .restarts
+        .iter()
+        .find(|(c, _)| *c == metron::telemetry::RestartCause::Recycled)
+        .map_or(0, |(_, n)| *n);
+    assert_eq!(
+        recycled, slots as u64,
+        "each slot was moved home once: {m:?}"
+    );
+    assert_eq!(m.ingress, (first.len() + second.len() + third.len()) as u64);
     assert_eq!(m.egress, m.ingress);
     assert!(m.restarts_total() >= slots as u64, "{m:?}");
     assert_balanced(&agent);

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-use super::messages::{Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch};
+use super::messages::{Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch, Recycle};
 use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue, EgressStream};
 use crate::proto::BatchSenderResponse;
 use crate::telemetry::{Ledger, RestartCause};
@@ -53,6 +53,8 @@ pub struct DopplerConnection {
     torn_down: Option<(Option<usize>, Duration)>,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<bool>>,
+    /// The current stream was ended on purpose by [`Recycle`].
+    recycling: bool,
 }
 
 impl DopplerConnection {
@@ -66,6 +68,7 @@ impl DopplerConnection {
             torn_down: None,
             draining: false,
             drain_waiters: Vec::new(),
+            recycling: false,
         }
     }
 
@@ -162,6 +165,9 @@ impl DopplerConnection {
                 self.teardown();
                 self.finish_drain(true);
             }
+            Ok(Ok(_)) if self.recycling => {
+                self.fail(RestartCause::Recycled, "recycled by the supervisor", ctx)
+            }
             Ok(Ok(_)) => self.fail(RestartCause::StreamClosed, "doppler ended the stream", ctx),
             Ok(Err(status)) => self.fail(RestartCause::StreamFailed, &status.to_string(), ctx),
             Err(e) => self.fail(RestartCause::StreamFailed, &e.to_string(), ctx),
@@ -179,6 +185,7 @@ impl Actor for DopplerConnection {
 
 impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        self.recycling = false;
         let cause = self.failure.take().unwrap_or(RestartCause::Killed);
         let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
         self.setup.ledger.metrics().restarted(cause);
@@ -220,6 +227,17 @@ impl Handler<Connect> for DopplerConnection {
                 Err(e) => act.fail(RestartCause::ConnectFailed, &e.to_string(), ctx),
             }),
         );
+    }
+}
+
+impl Handler<Recycle> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: Recycle, _: &mut Context<Self>) {
+        if matches!(self.state, State::Connected { .. }) && !self.draining {
+            self.recycling = true;
+            self.queue.end_stream();
+        }
     }
 }
 

@@ -70,6 +70,12 @@ pub struct ConnectionDown {
 #[rtype(result = "bool")]
 pub struct Drain;
 
+/// Supervisor → connection: end the stream cleanly and reconnect (to move the slot back to the
+/// local AZ). Nothing queued is lost.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Recycle;
+
 /// Test-only: make the connection actor fail as if it had crashed (chaos hook).
 #[cfg(feature = "chaos-hooks")]
 #[derive(Message)]

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::fut::wrap_future;
 use actix::prelude::*;
 
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
-use super::messages::{Connect, ConnectionDown, ConnectionUp};
-use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue};
+use super::messages::{Connect, ConnectionDown, ConnectionUp, Recycle};
+use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue};
 use crate::routing::balancer::Balancer;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{Ledger, RestartCause};
@@ -23,6 +24,12 @@ pub struct DopplerSupervisor {
     slots: Vec<Addr<DopplerConnection>>,
     /// The endpoint each slot holds in the balancer's count.
     assigned: Vec<Option<usize>>,
+    /// Slots whose stream is open.
+    up: Vec<bool>,
+    rebalance_interval: Duration,
+    /// For probing a local endpoint before moving a connection back to it.
+    dial: DialSettings,
+    probing: bool,
     failures: RateLimit,
     connects: RateLimit,
 }
@@ -32,6 +39,7 @@ pub struct SupervisorSetup {
     pub balancer: Balancer,
     pub connections: usize,
     pub mailbox_capacity: usize,
+    pub rebalance_interval: Duration,
     pub dial: DialSettings,
     pub limits: BatchLimits,
     pub ledger: Arc<Ledger>,
@@ -44,6 +52,7 @@ impl DopplerSupervisor {
         let mut slots = Vec::with_capacity(s.connections);
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
+            let probe_dial = s.dial.clone();
             let setup = Arc::new(ConnectionSetup {
                 dial: s.dial,
                 limits: s.limits,
@@ -65,11 +74,50 @@ impl DopplerSupervisor {
                 balancer: s.balancer,
                 slots: slots.clone(),
                 assigned: vec![None; s.connections],
+                up: vec![false; s.connections],
+                rebalance_interval: s.rebalance_interval,
+                dial: probe_dial,
+                probing: false,
                 failures: RateLimit::new(Duration::from_secs(30)),
                 connects: RateLimit::new(Duration::from_secs(30)),
             }
         });
         (sup, slots)
+    }
+
+    /// Moves one slot that is up in another AZ back home once a local endpoint answers a probe
+    /// (a full mTLS dial, so a still-dead AZ costs the running connections nothing). One slot per
+    /// interval, so a recovering AZ gets its connections back gradually.
+    fn rebalance(&mut self, ctx: &mut Context<Self>) {
+        if self.probing {
+            return;
+        }
+        let Some(away) = (0..self.slots.len())
+            .find(|&s| self.up[s] && self.assigned[s].is_some_and(|e| !self.balancer.is_local(e)))
+        else {
+            return;
+        };
+        let Some(local) = self.balancer.local_candidate(Instant::now()) else {
+            return;
+        };
+        self.probing = true;
+        let addr = self.balancer.endpoint(local).addr.clone();
+        let settings = self.dial.clone();
+        let probe = async move { dial(&addr, &settings).await.is_ok() };
+        ctx.spawn(wrap_future(probe).map(move |reachable, act: &mut Self, _| {
+            act.probing = false;
+            if !reachable {
+                act.balancer
+                    .on_failure(local, Instant::now(), crate::entropy::random_u64());
+                return;
+            }
+            // Still away? (It may have failed over or been moved meanwhile.)
+            if act.up[away] && act.assigned[away].is_some_and(|e| !act.balancer.is_local(e)) {
+                tracing::debug!(slot = away, "moving a connection back to the local AZ");
+                // Control message: it must get through even when the slot's mailbox is full.
+                act.slots[away].do_send(Recycle);
+            }
+        }));
     }
 
     fn connect(&mut self, slot: usize) {
@@ -90,10 +138,11 @@ impl DopplerSupervisor {
 impl Actor for DopplerSupervisor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         for slot in 0..self.slots.len() {
             self.connect(slot);
         }
+        ctx.run_interval(self.rebalance_interval, |act, ctx| act.rebalance(ctx));
     }
 }
 
@@ -101,6 +150,7 @@ impl Handler<ConnectionUp> for DopplerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionUp, _: &mut Context<Self>) {
+        self.up[msg.slot] = true;
         // A stale Connect may have won a race with a newer one: trust what actually connected.
         if self.assigned[msg.slot] != Some(msg.endpoint) {
             if let Some(old) = self.assigned[msg.slot].replace(msg.endpoint) {
@@ -126,26 +176,28 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionDown, _: &mut Context<Self>) {
+        self.up[msg.slot] = false;
         if let Some(ep) = self.assigned[msg.slot] {
             if msg.lived >= HEALTHY_AFTER {
                 self.balancer.on_healthy(ep);
             }
-            // A killed actor says nothing about its Doppler.
-            if msg.cause != RestartCause::Killed {
+            // A killed or recycled actor says nothing about its Doppler.
+            let failed = !matches!(msg.cause, RestartCause::Killed | RestartCause::Recycled);
+            if failed {
                 self.balancer
                     .on_failure(ep, Instant::now(), crate::entropy::random_u64());
-            }
-            if let Some(times) = self.failures.check() {
-                let e = self.balancer.endpoint(ep);
-                tracing::warn!(
-                    slot = msg.slot,
-                    doppler = %e.addr,
-                    az = %e.az,
-                    cause = msg.cause.name(),
-                    failures = times,
-                    consecutive = self.balancer.failures(ep),
-                    "doppler connection lost; reconnecting with backoff"
-                );
+                if let Some(times) = self.failures.check() {
+                    let e = self.balancer.endpoint(ep);
+                    tracing::warn!(
+                        slot = msg.slot,
+                        doppler = %e.addr,
+                        az = %e.az,
+                        cause = msg.cause.name(),
+                        failures = times,
+                        consecutive = self.balancer.failures(ep),
+                        "doppler connection lost; reconnecting with backoff"
+                    );
+                }
             }
         }
         self.connect(msg.slot);

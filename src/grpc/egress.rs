@@ -56,6 +56,9 @@ struct Inner {
     waker: Option<Waker>,
     /// Shutdown: the stream ends once the queue is empty.
     closing: bool,
+    /// Streams of an older epoch end at their next poll (recycling a connection): nothing is
+    /// taken from the queue for them any more.
+    epoch: u64,
 }
 
 /// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
@@ -85,6 +88,22 @@ impl EgressQueue {
         self.inner.lock().envelopes
     }
 
+    /// Ends the current stream at once, leaving the queue for the slot's next one.
+    pub fn end_stream(&self) {
+        let waker = {
+            let mut q = self.inner.lock();
+            q.epoch += 1;
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
     /// Ends the current stream once the queue is empty (shutdown).
     pub fn close(&self) {
         let waker = {
@@ -99,8 +118,16 @@ impl EgressQueue {
 
     /// Takes the next outgoing batch: whole queued batches merged while they fit the limits, or
     /// the fitting prefix of an oversized one.
-    fn poll_take(&self, cx: &mut Context<'_>, limits: &BatchLimits) -> Poll<Option<Batch>> {
+    fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        limits: &BatchLimits,
+        epoch: u64,
+    ) -> Poll<Option<Batch>> {
         let mut q = self.inner.lock();
+        if q.epoch != epoch {
+            return Poll::Ready(None);
+        }
         let Some(mut out) = q.batches.pop_front() else {
             if q.closing {
                 return Poll::Ready(None);
@@ -134,14 +161,17 @@ pub struct EgressStream {
     queue: Arc<EgressQueue>,
     ledger: Arc<Ledger>,
     limits: BatchLimits,
+    epoch: u64,
 }
 
 impl EgressStream {
     pub fn new(queue: Arc<EgressQueue>, ledger: Arc<Ledger>, limits: BatchLimits) -> Self {
+        let epoch = queue.epoch();
         Self {
             queue,
             ledger,
             limits,
+            epoch,
         }
     }
 }
@@ -151,7 +181,7 @@ impl Stream for EgressStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EnvelopeBatch>> {
         let this = self.get_mut();
-        this.queue.poll_take(cx, &this.limits).map(|b| {
+        this.queue.poll_take(cx, &this.limits, this.epoch).map(|b| {
             b.map(|batch| {
                 let (n, bytes) = (batch.len(), batch.bytes());
                 let (envelopes, _) = batch.into_parts();
@@ -215,7 +245,7 @@ mod tests {
 
     fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<Batch> {
         let mut cx = Context::from_waker(Waker::noop());
-        match q.poll_take(&mut cx, limits) {
+        match q.poll_take(&mut cx, limits, q.epoch()) {
             Poll::Ready(b) => b,
             Poll::Pending => None,
         }

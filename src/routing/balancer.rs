@@ -100,6 +100,13 @@ impl Balancer {
         Assignment { endpoint, delay }
     }
 
+    /// The local-AZ endpoint a slot would get now, if one is usable (not held back by backoff).
+    pub fn local_candidate(&self, now: Instant) -> Option<usize> {
+        (0..self.endpoints.len())
+            .filter(|&i| self.is_local(i) && self.endpoints[i].retry_at.is_none_or(|t| t <= now))
+            .min_by_key(|&i| (self.endpoints[i].assigned, i))
+    }
+
     /// Counts a slot as assigned to `i` without choosing (the slot connected there on its own).
     pub fn claim(&mut self, i: usize) {
         self.endpoints[i].assigned += 1;
@@ -172,6 +179,8 @@ mod tests {
             0,
             "local held back: fall back to the other AZ"
         );
+        assert_eq!(b.local_candidate(now), None);
+        assert_eq!(b.local_candidate(now + ms(1000)), Some(1));
         b.release(0);
         // once its backoff has passed, the local endpoint is preferred again
         assert_eq!(b.assign(now + ms(1000)).endpoint, 1);

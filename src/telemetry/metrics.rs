@@ -85,14 +85,17 @@ pub enum RestartCause {
     StreamClosed,
     /// Killed on purpose (the chaos hook).
     Killed,
+    /// Ended on purpose by the supervisor to move the slot back to the local AZ.
+    Recycled,
 }
 
 impl RestartCause {
-    pub const ALL: [RestartCause; 4] = [
+    pub const ALL: [RestartCause; 5] = [
         RestartCause::ConnectFailed,
         RestartCause::StreamFailed,
         RestartCause::StreamClosed,
         RestartCause::Killed,
+        RestartCause::Recycled,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +104,7 @@ impl RestartCause {
             RestartCause::StreamFailed => "stream_failed",
             RestartCause::StreamClosed => "stream_closed",
             RestartCause::Killed => "killed",
+            RestartCause::Recycled => "recycled",
         }
     }
 

@@ -65,6 +65,7 @@ dopplers:
   connections: 3
   backoff_initial_ms: 20
   backoff_max_ms: 200
+  rebalance_interval_ms: 100
 metrics:
   listen: "127.0.0.1:0"
 signing: {{ key_id: {KEY_ID}, key_file: {} }}
