@@ -137,6 +137,14 @@ pub struct Metrics {
     pub sequence_rotations: AtomicU64,
 }
 
+/// One metric family for the exposition: name, type, help, and (labels, value) samples.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(String, String)>,
+);
+
 /// A point-in-time copy of the counters, for tests and the shutdown report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
@@ -233,122 +241,130 @@ impl Metrics {
 
     /// Prometheus text exposition (format 0.0.4). `buffered` is the ledger's (envelopes, bytes).
     pub fn render(&self, buffered: (u64, u64)) -> String {
+        const V2: &str = "metric_version=\"2.0\"";
         let s = self.snapshot();
-        let mut out = String::with_capacity(4096);
-        let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
-            }
-        };
-        let v2 = |v: u64| vec![("metric_version=\"2.0\"".to_string(), v.to_string())];
-        family("ingress", "counter", "Envelopes received.", &v2(s.ingress));
-        family(
-            "origin_mappings",
-            "counter",
-            "Envelopes whose source_id was taken from the origin tag.",
-            &v2(s.origin_mappings),
-        );
-        family(
-            "egress",
-            "counter",
-            "Envelopes written to a Doppler stream.",
-            &v2(s.egress),
-        );
-        let by_direction = |d: &str| {
+        let one = |labels: &str, v: String| vec![(labels.to_string(), v)];
+        let by_direction = |d: &str| -> u64 {
             s.dropped
                 .iter()
                 .filter(|(r, _)| r.direction() == d)
                 .map(|(_, n)| n)
-                .sum::<u64>()
+                .sum()
         };
-        family(
-            "dropped",
-            "counter",
-            "Envelopes dropped, by direction (ingress: before sequencing; egress: after).",
-            &["ingress", "egress"].map(|d| {
-                (
-                    format!("direction=\"{d}\",metric_version=\"2.0\""),
-                    by_direction(d).to_string(),
-                )
-            }),
-        );
-        let reasons: Vec<_> = s
-            .dropped
-            .iter()
-            .map(|(r, n)| {
-                (
-                    format!(
-                        "direction=\"{}\",reason=\"{}\",metric_version=\"2.0\"",
-                        r.direction(),
-                        r.name()
-                    ),
-                    n.to_string(),
-                )
-            })
-            .collect();
-        family(
-            "dropped_by_reason",
-            "counter",
-            "Envelopes dropped, by the named policy that dropped them.",
-            &reasons,
-        );
-        let gauge = |v: i64| vec![("metric_version=\"2.0\"".to_string(), v.to_string())];
-        family(
-            "doppler_connections",
-            "gauge",
-            "Open Doppler connections.",
-            &gauge(s.doppler_connections),
-        );
-        family(
-            "doppler_v2_streams",
-            "gauge",
-            "Open BatchSender streams to Dopplers.",
-            &gauge(s.doppler_v2_streams),
-        );
-        let restarts: Vec<_> = s
-            .restarts
-            .iter()
-            .map(|(c, n)| (format!("cause=\"{}\"", c.name()), n.to_string()))
-            .collect();
-        family(
-            "doppler_connection_restarts",
-            "counter",
-            "Doppler connection actors restarted, by cause.",
-            &restarts,
-        );
-        family(
-            "buffered_envelopes",
-            "gauge",
-            "Envelopes admitted and not yet written to a Doppler or dropped.",
-            &[(String::new(), buffered.0.to_string())],
-        );
-        family(
-            "buffered_bytes",
-            "gauge",
-            "Budget bytes held by buffered envelopes (see pipeline.max_buffered_bytes).",
-            &[(String::new(), buffered.1.to_string())],
-        );
-        family(
-            "ingress_stream_errors",
-            "counter",
-            "Emitter streams ended by a malformed or oversize message.",
-            &[(
-                String::new(),
-                self.ingress_stream_errors
-                    .load(Ordering::Relaxed)
-                    .to_string(),
-            )],
-        );
-        family(
-            "sequence_stream_rotations",
-            "counter",
-            "Times the per-source sequence table filled and a new metron_stream began.",
-            &[(
-                String::new(),
-                self.sequence_rotations.load(Ordering::Relaxed).to_string(),
-            )],
-        );
+        let families: [Family; 12] = [
+            (
+                "ingress",
+                "counter",
+                "Envelopes received.",
+                one(V2, s.ingress.to_string()),
+            ),
+            (
+                "origin_mappings",
+                "counter",
+                "Envelopes whose source_id was taken from the origin tag.",
+                one(V2, s.origin_mappings.to_string()),
+            ),
+            (
+                "egress",
+                "counter",
+                "Envelopes written to a Doppler stream.",
+                one(V2, s.egress.to_string()),
+            ),
+            (
+                "dropped",
+                "counter",
+                "Envelopes dropped, by direction (ingress: before sequencing; egress: after).",
+                ["ingress", "egress"]
+                    .iter()
+                    .map(|d| {
+                        (
+                            format!("direction=\"{d}\",{V2}"),
+                            by_direction(d).to_string(),
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                "dropped_by_reason",
+                "counter",
+                "Envelopes dropped, by the named policy that dropped them.",
+                s.dropped
+                    .iter()
+                    .map(|(r, n)| {
+                        let labels = format!(
+                            "direction=\"{}\",reason=\"{}\",{V2}",
+                            r.direction(),
+                            r.name()
+                        );
+                        (labels, n.to_string())
+                    })
+                    .collect(),
+            ),
+            (
+                "doppler_connections",
+                "gauge",
+                "Open Doppler connections.",
+                one(V2, s.doppler_connections.to_string()),
+            ),
+            (
+                "doppler_v2_streams",
+                "gauge",
+                "Open BatchSender streams to Dopplers.",
+                one(V2, s.doppler_v2_streams.to_string()),
+            ),
+            (
+                "doppler_connection_restarts",
+                "counter",
+                "Doppler connection actors restarted, by cause.",
+                s.restarts
+                    .iter()
+                    .map(|(c, n)| (format!("cause=\"{}\"", c.name()), n.to_string()))
+                    .collect(),
+            ),
+            (
+                "buffered_envelopes",
+                "gauge",
+                "Envelopes admitted and not yet written to a Doppler or dropped.",
+                one("", buffered.0.to_string()),
+            ),
+            (
+                "buffered_bytes",
+                "gauge",
+                "Budget bytes held by buffered envelopes (see pipeline.max_buffered_bytes).",
+                one("", buffered.1.to_string()),
+            ),
+            (
+                "ingress_stream_errors",
+                "counter",
+                "Emitter streams ended by a malformed or oversize message.",
+                one(
+                    "",
+                    self.ingress_stream_errors
+                        .load(Ordering::Relaxed)
+                        .to_string(),
+                ),
+            ),
+            (
+                "sequence_stream_rotations",
+                "counter",
+                "Times the per-source sequence table filled and a new metron_stream began.",
+                one(
+                    "",
+                    self.sequence_rotations.load(Ordering::Relaxed).to_string(),
+                ),
+            ),
+        ];
+        let mut out = String::with_capacity(4096);
+        for (name, kind, help, samples) in &families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {value}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {value}");
+                }
+            }
+        }
         out
     }
 }
