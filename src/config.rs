@@ -14,6 +14,10 @@ use serde::Deserialize;
 /// The largest message a Doppler (and this agent's ingress) accepts.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 
+/// The largest byte budget accepted: far beyond any sensible setting, and well inside what the
+/// ledger's semaphore can count.
+const MAX_BUFFERED_BYTES: usize = 16 << 30;
+
 /// A config problem, always tied to the YAML key it is about.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {problem}")]
@@ -655,6 +659,15 @@ impl RawConfig {
                 "pipeline.max_buffered_bytes",
                 format!(
                     "{} is below {MAX_GRPC_MESSAGE_BYTES}: one maximal ingress message must fit",
+                    p.max_buffered_bytes
+                ),
+            ));
+        }
+        if p.max_buffered_bytes.get() > MAX_BUFFERED_BYTES {
+            return Err(ConfigError::new(
+                "pipeline.max_buffered_bytes",
+                format!(
+                    "{} is above {MAX_BUFFERED_BYTES} (16 GiB)",
                     p.max_buffered_bytes
                 ),
             ));

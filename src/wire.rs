@@ -57,10 +57,15 @@ pub struct Running {
 /// connections (an admission waits at most `ingress.grpc.max_wait_ms`, capped at 10 s).
 const SERVER_SETTLE: Duration = Duration::from_millis(200);
 
-/// Upper bound on what the agent adds to an envelope after it was priced: `metron_stream` (32
-/// hex), `metron_seq` (≤ 20 digits), `metron_sig` (key id + 65), map-entry framing, and every
-/// default tag.
-fn per_envelope_overhead(config: &Config, key_id: &str) -> usize {
+/// What a decoded envelope costs in memory beyond its encoded bytes: the struct, two map headers
+/// and tree nodes, allocation slack. Deliberately generous: it is what makes the byte budget
+/// bound memory (and the envelope count) even for tiny envelopes.
+const IN_MEMORY_OVERHEAD: usize = 256;
+
+/// The part of every envelope's budget cost that does not depend on the envelope: an upper bound
+/// on what the agent adds to it — `metron_stream` (32 hex), `metron_seq` (≤ 20 digits),
+/// `metron_sig` (key id + 65), every default tag, map-entry framing — plus [`IN_MEMORY_OVERHEAD`].
+fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
     let framing = 8;
     let agent = (13 + 32 + framing) + (10 + 20 + framing) + (10 + key_id.len() + 65 + framing);
     let defaults: usize = config
@@ -68,7 +73,7 @@ fn per_envelope_overhead(config: &Config, key_id: &str) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len() + framing)
         .sum();
-    agent + defaults
+    u32::try_from(agent + defaults + IN_MEMORY_OVERHEAD).unwrap_or(u32::MAX)
 }
 
 /// Starts every actor and server. Must run inside the agent's actix `System`.
@@ -108,7 +113,6 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         limits: BatchLimits {
             max_envelopes: c.dopplers.batch_max_envelopes.get(),
             max_bytes: c.dopplers.batch_max_bytes.get(),
-            per_envelope_overhead: per_envelope_overhead(c, &p.signing_key_id),
         },
         ledger: ledger.clone(),
     });
@@ -152,6 +156,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         ingress.recipient(),
         ledger.clone(),
         c.ingress.max_wait,
+        fixed_envelope_cost(c, &p.signing_key_id),
         closed_rx.clone(),
     );
 

@@ -166,3 +166,60 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
     assert_gapless(&doppler.received());
     assert_balanced(&agent);
 }
+
+#[tokio::test]
+async fn tiny_envelopes_cannot_outgrow_the_budget() {
+    let w = World::new();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let agent = w.start(
+        &[(addr, "z1")],
+        "pipeline: { max_buffered_bytes: 10485760 }\n",
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    for _ in 0..20 {
+        let batch = vec![Envelope::default(); 10_000];
+        client.send(EnvelopeBatch { batch }).await.expect("Send");
+    }
+    let (buffered, bytes) = agent.buffered();
+    // Every envelope costs at least the agent's fixed overhead (> 256 bytes), so 10 MiB holds
+    // fewer than 40,960 of them however small they are.
+    assert!(buffered > 0 && buffered < 40_960, "buffered {buffered}");
+    assert!(bytes <= 10 * 1024 * 1024);
+    let m = agent.metrics();
+    assert_eq!(m.ingress, 200_000);
+    assert_eq!(m.ingress, m.dropped_total() + buffered);
+}
+
+#[tokio::test]
+async fn an_envelope_that_would_outgrow_a_doppler_message_is_dropped_at_the_edge() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    // 6 MiB of origin fits one ingress message, but becomes the source_id too: 12 MiB on the way out.
+    let mut big = log_envelope("", "payload");
+    big.tags
+        .insert("origin".into(), "o".repeat(6 * 1024 * 1024));
+    let small = log_envelope("app", "fine");
+    client
+        .send(EnvelopeBatch {
+            batch: vec![big, small],
+        })
+        .await
+        .expect("Send");
+    assert!(doppler.wait_for_count(1, WAIT));
+    let m = agent.metrics();
+    assert_eq!(m.dropped_by(DropReason::Oversize), 1);
+    assert!(wait_drained(&agent, WAIT));
+    let m = agent.metrics();
+    assert_eq!((m.ingress, m.egress), (2, 1));
+    assert_eq!(doppler.received()[0].source_id, "app");
+    assert_eq!(
+        m.restarts_total(),
+        0,
+        "no connection was broken by an oversize message"
+    );
+}

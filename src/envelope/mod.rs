@@ -27,17 +27,6 @@ impl Batch {
         }
     }
 
-    /// Builds a batch, pricing each envelope with [`admission_cost`].
-    pub fn priced(envelopes: Vec<Envelope>) -> Self {
-        let costs: Vec<u32> = envelopes.iter().map(admission_cost).collect();
-        let bytes = costs.iter().map(|&c| c as usize).sum();
-        Self {
-            envelopes,
-            costs,
-            bytes,
-        }
-    }
-
     pub fn push(&mut self, envelope: Envelope, cost: u32) {
         self.bytes += cost as usize;
         self.envelopes.push(envelope);
@@ -99,14 +88,84 @@ impl Batch {
     }
 }
 
-/// What an envelope costs the pipeline's byte budget: its encoded size on arrival, plus its
-/// deprecated tags once more, because tagging copies them into `tags`. Together with the agent's
-/// fixed per-envelope overhead this bounds the envelope's size when it leaves.
-pub fn admission_cost(envelope: &Envelope) -> u32 {
+/// A 128-bit key from two independent 64-bit SipHashes of what `feed` writes: collisions between
+/// distinct inputs are practically impossible, and the key is 16 bytes however long the input.
+/// Used where per-source or per-counter state must stay small (sequencer, counter totals).
+pub fn key128(feed: impl Fn(&mut std::hash::DefaultHasher)) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        feed(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
+}
+
+/// What an envelope costs the pipeline's byte budget: an upper bound on its size when it leaves
+/// (so batches sized by cost never exceed a Doppler's limit) and on what holding it costs.
+///
+/// Its encoded size on arrival, plus what processing can add: its deprecated tags once more
+/// (tagging copies them into `tags`), its origin once more when it will become the source_id,
+/// and `fixed` — the agent's own tags, the default tags and the in-memory overhead of a decoded
+/// envelope, the same for every envelope (see `wire::fixed_envelope_cost`). Even an empty
+/// envelope therefore costs a few hundred bytes, which bounds the envelope count as well.
+pub fn admission_cost(envelope: &Envelope, fixed: u32) -> u32 {
     let deprecated: usize = envelope
         .deprecated_tags
         .iter()
         .map(|(k, v)| k.len() + v.encoded_len() + 8)
         .sum();
-    u32::try_from(envelope.encoded_len() + deprecated).unwrap_or(u32::MAX)
+    let origin = if envelope.source_id.is_empty() {
+        let tag = envelope.tags.get("origin").map_or(0, String::len);
+        let dep = envelope
+            .deprecated_tags
+            .get("origin")
+            .map_or(0, |v| v.encoded_len());
+        tag.max(dep)
+    } else {
+        0
+    };
+    let variable = envelope.encoded_len() + deprecated + origin;
+    u32::try_from(variable)
+        .unwrap_or(u32::MAX)
+        .saturating_add(fixed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{value::Data, Value};
+
+    #[test]
+    fn cost_covers_what_processing_adds() {
+        let empty = Envelope::default();
+        assert_eq!(
+            admission_cost(&empty, 300),
+            300,
+            "an empty envelope still costs the fixed part"
+        );
+
+        let mut mapped = Envelope::default();
+        mapped.tags.insert("origin".into(), "x".repeat(1000));
+        let plain = mapped.encoded_len() as u32;
+        assert!(
+            admission_cost(&mapped, 0) >= plain + 1000,
+            "the origin becomes the source_id"
+        );
+        mapped.source_id = "set".into();
+        assert_eq!(admission_cost(&mapped, 0), mapped.encoded_len() as u32);
+
+        let mut dep = Envelope::default();
+        dep.deprecated_tags.insert(
+            "k".into(),
+            Value {
+                data: Some(Data::Text("v".repeat(500))),
+            },
+        );
+        assert!(
+            admission_cost(&dep, 0) >= 2 * 500,
+            "deprecated tags are copied into tags"
+        );
+    }
 }

@@ -12,12 +12,13 @@ pub const SEQ_TAG: &str = "metron_seq";
 
 /// Numbers each source's envelopes 1, 2, 3 … within a stream, in the order it sees them.
 ///
-/// Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
+/// Sources are keyed by a 128-bit hash of their id, so each costs a fixed few dozen bytes however
+/// long the id. Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
 /// a new stream id is taken, so every source restarts at 1 *under a new `metron_stream`*. A
 /// consumer therefore never sees a repeated or skipped number within one stream.
 pub struct Sequencer {
     stream_id: String,
-    next: HashMap<String, u64>,
+    next: HashMap<u128, u64>,
     max_sources: usize,
     slots: usize,
     new_stream_id: Box<dyn FnMut() -> String + Send>,
@@ -61,7 +62,7 @@ impl Sequencer {
 
     /// Stamps the two sequence tags and returns the envelope's connection slot.
     pub fn stamp(&mut self, env: &mut Envelope) -> usize {
-        let seq = match self.next.get_mut(env.source_id.as_str()) {
+        let seq = match self.next.get_mut(&source_key(&env.source_id)) {
             Some(n) => {
                 *n += 1;
                 *n
@@ -72,7 +73,7 @@ impl Sequencer {
                     self.stream_id = (self.new_stream_id)();
                     self.rotations += 1;
                 }
-                self.next.insert(env.source_id.clone(), 1);
+                self.next.insert(source_key(&env.source_id), 1);
                 1
             }
         };
@@ -80,6 +81,11 @@ impl Sequencer {
         env.tags.insert(SEQ_TAG.into(), seq.to_string());
         slot_of(&env.source_id, self.slots)
     }
+}
+
+fn source_key(source_id: &str) -> u128 {
+    use std::hash::Hash;
+    super::key128(|h| source_id.hash(h))
 }
 
 /// A source's connection slot: FNV-1a of the source id, so it is stable across restarts.

@@ -2,7 +2,7 @@
 //! See `../shared/reference/upstream-agent.md` ("Ingress processing, in order").
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 
 use crate::proto::{envelope::Message, value::Data, Envelope, Value};
 
@@ -59,7 +59,11 @@ fn map_origin(env: &mut Envelope) -> bool {
         return true;
     }
     if let Some(origin) = env.deprecated_tags.get("origin") {
-        env.source_id = value_to_tag(origin);
+        // Upstream takes `GetText()`: a non-text origin maps to "".
+        env.source_id = match &origin.data {
+            Some(Data::Text(s)) => s.clone(),
+            _ => String::new(),
+        };
         return true;
     }
     false
@@ -135,18 +139,13 @@ impl CounterTotals {
     }
 }
 
-/// Two independent 64-bit SipHashes: a 128-bit key makes a collision between distinct counters
-/// practically impossible without keeping the strings themselves.
+/// The counter's identity as a 128-bit key, without keeping the strings themselves.
 fn counter_key(name: &str, source_id: &str, tags: &BTreeMap<String, String>) -> u128 {
-    let half = |salt: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        salt.hash(&mut h);
-        name.hash(&mut h);
-        source_id.hash(&mut h);
-        tags.hash(&mut h);
-        h.finish()
-    };
-    (u128::from(half(1)) << 64) | u128::from(half(2))
+    super::key128(|h| {
+        name.hash(h);
+        source_id.hash(h);
+        tags.hash(h);
+    })
 }
 
 #[cfg(test)]

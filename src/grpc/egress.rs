@@ -20,26 +20,20 @@ use crate::envelope::Batch;
 use crate::proto::{ingress_client::IngressClient, EnvelopeBatch};
 use crate::telemetry::Ledger;
 
-/// Limits on one outgoing `EnvelopeBatch`.
+/// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
+/// envelopes' admission costs, an upper bound on their size on the wire.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub max_envelopes: usize,
     pub max_bytes: usize,
-    /// Upper bound on what the agent adds to an envelope after admission (its own tags and the
-    /// default tags), so `cost + overhead` bounds an envelope's size on the wire.
-    pub per_envelope_overhead: usize,
 }
 
 impl BatchLimits {
-    fn wire_estimate(&self, batch: &Batch) -> usize {
-        batch.bytes() + batch.len() * self.per_envelope_overhead
-    }
-
     /// How many leading envelopes of `batch` fit in one message (at least one).
     fn fitting_prefix(&self, batch: &Batch) -> usize {
         let mut bytes = 0;
         for (i, cost) in batch.costs().iter().enumerate() {
-            bytes += *cost as usize + self.per_envelope_overhead;
+            bytes += *cost as usize;
             if i > 0 && (i + 1 > self.max_envelopes || bytes > self.max_bytes) {
                 return i;
             }
@@ -142,7 +136,7 @@ impl EgressQueue {
         } else {
             while let Some(next) = q.batches.front() {
                 if out.len() + next.len() > limits.max_envelopes
-                    || limits.wire_estimate(&out) + limits.wire_estimate(next) > limits.max_bytes
+                    || out.bytes() + next.bytes() > limits.max_bytes
                 {
                     break;
                 }
@@ -256,7 +250,6 @@ mod tests {
         let limits = BatchLimits {
             max_envelopes: 10,
             max_bytes: 1000,
-            per_envelope_overhead: 0,
         };
         let q = EgressQueue::default();
         q.push(batch(3, 10));
@@ -287,7 +280,6 @@ mod tests {
         let limits = BatchLimits {
             max_envelopes: 100,
             max_bytes: 1 << 20,
-            per_envelope_overhead: 0,
         };
         let mut s = EgressStream::new(q.clone(), ledger.clone(), limits);
         q.push(batch(4, 10));

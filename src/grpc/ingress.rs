@@ -21,8 +21,9 @@ use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{DropReason, Ledger};
 
-/// An envelope above this can never be sent to a Doppler once the agent's tags are added.
-const MAX_ENVELOPE_COST: usize = MAX_GRPC_MESSAGE_BYTES - 256 * 1024;
+/// An envelope costing more can never be sent to a Doppler (its cost bounds its final size; the
+/// margin covers the batch's own framing).
+const MAX_ENVELOPE_COST: usize = MAX_GRPC_MESSAGE_BYTES - 64 * 1024;
 /// `Sender` streams carry one envelope per message: gather up to this many already-arrived ones
 /// into a batch (never waiting for more).
 const SENDER_BATCH: usize = 100;
@@ -35,6 +36,8 @@ pub struct Edge {
     ingress: Recipient<IngressBatch>,
     ledger: Arc<Ledger>,
     max_wait: Duration,
+    /// What every envelope costs on top of its own size (see [`admission_cost`]).
+    fixed_cost: u32,
     /// `true` once shutdown began: new envelopes are refused.
     closed: watch::Receiver<bool>,
 }
@@ -44,12 +47,14 @@ impl Edge {
         ingress: Recipient<IngressBatch>,
         ledger: Arc<Ledger>,
         max_wait: Duration,
+        fixed_cost: u32,
         closed: watch::Receiver<bool>,
     ) -> Self {
         Self {
             ingress,
             ledger,
             max_wait,
+            fixed_cost,
             closed,
         }
     }
@@ -73,7 +78,7 @@ impl Edge {
         let mut batch = Batch::with_capacity(total);
         let mut oversize = 0;
         for env in envelopes {
-            let cost = admission_cost(&env);
+            let cost = admission_cost(&env, self.fixed_cost);
             if cost as usize > MAX_ENVELOPE_COST {
                 oversize += 1;
             } else {
