@@ -98,6 +98,8 @@ pub struct DopplersConfig {
     pub backoff_max: Duration,
     /// How often the supervisor moves one connection from another AZ back to a usable local one.
     pub rebalance_interval: Duration,
+    /// A stream that takes nothing from a non-empty queue for this long is replaced.
+    pub progress_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub batch_max_envelopes: NonZeroUsize,
@@ -215,6 +217,8 @@ struct RawDopplers {
     backoff_max_ms: NonZeroU64,
     #[serde(default = "default_rebalance_interval_ms")]
     rebalance_interval_ms: NonZeroU64,
+    #[serde(default = "default_progress_timeout_ms")]
+    progress_timeout_ms: NonZeroU64,
     #[serde(default = "default_keepalive_interval_ms")]
     keepalive_interval_ms: NonZeroU64,
     #[serde(default = "default_keepalive_timeout_ms")]
@@ -249,6 +253,9 @@ fn default_backoff_initial_ms() -> NonZeroU64 {
 }
 fn default_backoff_max_ms() -> NonZeroU64 {
     NonZeroU64::new(1_000).unwrap()
+}
+fn default_progress_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(2_000).unwrap()
 }
 fn default_rebalance_interval_ms() -> NonZeroU64 {
     NonZeroU64::new(5_000).unwrap()
@@ -600,6 +607,7 @@ impl RawConfig {
             backoff_initial: Duration::from_millis(d.backoff_initial_ms.get()),
             backoff_max: Duration::from_millis(d.backoff_max_ms.get()),
             rebalance_interval: Duration::from_millis(d.rebalance_interval_ms.get()),
+            progress_timeout: Duration::from_millis(d.progress_timeout_ms.get()),
             keepalive_interval: Duration::from_millis(d.keepalive_interval_ms.get()),
             keepalive_timeout: Duration::from_millis(d.keepalive_timeout_ms.get()),
             batch_max_envelopes: d.batch_max_envelopes,

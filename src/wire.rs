@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::signing::Signer;
 use crate::envelope::tagging::Tagger;
-use crate::grpc::egress::{BatchLimits, DialSettings};
+use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue};
 use crate::grpc::ingress::{Edge, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::{Balancer, Endpoint};
@@ -99,9 +99,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         c.dopplers.backoff_initial,
         c.dopplers.backoff_max,
     );
+    let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
+    // An equal share each: a slot whose Doppler is stuck holds at most its share of the budget,
+    // and the other slots keep the rest.
+    let slot_share = c.pipeline.max_buffered_bytes.get() / slots;
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
         balancer,
-        connections: slots,
+        queues: queues.clone(),
         mailbox_capacity: cap,
         rebalance_interval: c.dopplers.rebalance_interval,
         dial: DialSettings {
@@ -114,6 +118,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             max_envelopes: c.dopplers.batch_max_envelopes.get(),
             max_bytes: c.dopplers.batch_max_bytes.get(),
         },
+        progress_timeout: c.dopplers.progress_timeout,
         ledger: ledger.clone(),
     });
 
@@ -122,10 +127,11 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let signer = {
         let slots = connections.iter().map(|a| a.clone().recipient()).collect();
         let ledger = ledger.clone();
+        let queues = queues.clone();
         let signer = Signer::new(&p.signing_key_id, &p.signing_key);
         SignerActor::start_in_arbiter(&signer_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SignerActor::new(signer, slots, ledger)
+            SignerActor::new(signer, slots, queues, ledger)
         })
     };
     let sequencer = {
@@ -139,7 +145,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let ledger = ledger.clone();
         SequencerActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SequencerActor::new(sequencer, slots, signer.recipient(), ledger)
+            SequencerActor::new(sequencer, queues, slot_share, signer.recipient(), ledger)
         })
     };
     let ingress = {

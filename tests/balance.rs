@@ -81,10 +81,14 @@ async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exac
     let w = World::new();
     let doppler = FakeDoppler::start(&w.pki);
     doppler.set_stalled(true);
-    let agent = w.start(
-        &[(doppler.addr(), "z1")],
-        "pipeline: { max_buffered_bytes: 10485760 }\n",
-    );
+    // The watchdog would replace the stalled connection; this test is about the edge alone.
+    let yaml = w
+        .yaml(
+            &[(doppler.addr(), "z1")],
+            "pipeline: { max_buffered_bytes: 10485760 }\n",
+        )
+        .replace("progress_timeout_ms: 500", "progress_timeout_ms: 600000");
+    let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     assert_eventually!(agent.metrics().doppler_v2_streams == 3);
     // 4 KiB envelopes: the 10 MiB budget holds about 2,500 of them.
@@ -105,7 +109,10 @@ async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exac
     );
     let m = agent.metrics();
     assert_eq!(m.ingress, 8_000);
-    assert!(m.dropped_by(DropReason::PipelineFull) > 0, "{m:?}");
+    assert!(
+        m.dropped_by(DropReason::PipelineFull) + m.dropped_by(DropReason::SlotQueueFull) > 0,
+        "{m:?}"
+    );
     assert!(agent.buffered().1 <= 10 * 1024 * 1024);
 
     doppler.set_stalled(false);
@@ -118,7 +125,11 @@ async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exac
         "everything counted as egress arrived"
     );
     assert_eq!(m.ingress, m.egress + m.dropped_total());
-    assert_eq!(m.dropped_total(), m.dropped_by(DropReason::PipelineFull));
+    assert_eq!(
+        m.dropped_total(),
+        m.dropped_by(DropReason::PipelineFull) + m.dropped_by(DropReason::SlotQueueFull),
+        "only drops decided before sequencing: {m:?}"
+    );
     assert_gapless(&doppler.received());
 }
 
@@ -154,7 +165,11 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
     assert_eq!(m.egress, 0);
     assert!(buffered > 1_000, "kept up to the budget: {buffered}");
     assert!(bytes <= 10 * 1024 * 1024);
-    assert_eq!(m.ingress, m.dropped_by(DropReason::PipelineFull) + buffered);
+    assert_eq!(m.ingress, m.dropped_total() + buffered);
+    assert_eq!(
+        m.dropped_total(),
+        m.dropped_by(DropReason::PipelineFull) + m.dropped_by(DropReason::SlotQueueFull)
+    );
 
     let doppler = FakeDoppler::start_on(&w.pki, addr);
     assert!(
@@ -221,5 +236,106 @@ async fn an_envelope_that_would_outgrow_a_doppler_message_is_dropped_at_the_edge
         m.restarts_total(),
         0,
         "no connection was broken by an oversize message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_doppler_holds_only_its_share_while_the_healthy_one_keeps_flowing() {
+    let w = World::new();
+    let stuck = FakeDoppler::start(&w.pki);
+    let healthy = FakeDoppler::start(&w.pki);
+    stuck.set_stalled(true);
+    // Four slots spread two and two; the watchdog is out of the way so the share alone is tested.
+    let yaml = w
+        .yaml(
+            &[(stuck.addr(), "z1"), (healthy.addr(), "z1")],
+            "pipeline: { max_buffered_bytes: 10485760 }\n",
+        )
+        .replace("connections: 3", "connections: 4")
+        .replace("progress_timeout_ms: 500", "progress_timeout_ms: 600000");
+    let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
+    assert!(
+        stuck.wait_for_streams_async(2, WAIT).await
+            && healthy.wait_for_streams_async(2, WAIT).await
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    // 24 MiB over 40 sources: far more than the stuck slots' share (2 × 2.5 MiB).
+    for b in batches(40, 6_000, 100, 4096) {
+        client.send(b).await.expect("Send");
+    }
+    assert!(healthy.wait_for_count_async(1_000, WAIT).await);
+    let m = agent.metrics();
+    assert_eq!(
+        m.dropped_by(DropReason::PipelineFull),
+        0,
+        "the healthy slots never ran out of budget: {m:?}"
+    );
+    assert!(m.dropped_by(DropReason::SlotQueueFull) > 0, "{m:?}");
+    assert!(
+        agent.buffered().1 <= 10 * 1024 * 1024 / 2 + 1024 * 1024,
+        "{:?}",
+        agent.buffered()
+    );
+
+    stuck.set_stalled(false);
+    assert!(wait_until_async(WAIT, || agent.buffered().0 == 0).await);
+    let m = agent.metrics();
+    assert!(
+        wait_until_async(WAIT, || (stuck.count() + healthy.count()) as u64
+            == m.egress)
+        .await
+    );
+    assert_eq!(m.ingress, 6_000);
+    assert_eq!(m.ingress, m.egress + m.dropped_total());
+}
+
+#[tokio::test]
+async fn a_doppler_that_stops_reading_is_replaced_by_the_watchdog() {
+    let w = World::new();
+    let stuck = FakeDoppler::start(&w.pki);
+    let healthy = FakeDoppler::start(&w.pki);
+    stuck.set_stalled(true);
+    // The stuck Doppler is local, so every connection starts there; the other AZ is healthy.
+    let yaml = w
+        .yaml(&[(stuck.addr(), "z1"), (healthy.addr(), "z2")], "")
+        .replace(
+            "rebalance_interval_ms: 100",
+            "rebalance_interval_ms: 600000",
+        );
+    let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
+    let slots = agent.connection_slots();
+    assert!(stuck.wait_for_streams(slots, WAIT));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    // Enough to fill the stuck Doppler's HTTP/2 windows and leave the queues non-empty.
+    for b in batches(30, 3_000, 100, 4096) {
+        client.send(b).await.expect("Send");
+    }
+    assert!(
+        healthy.wait_for_streams(slots, WAIT),
+        "every stuck connection was replaced ({} moved)",
+        healthy.streams_opened()
+    );
+    let stalled = |m: &metron::telemetry::MetricsSnapshot| {
+        m.restarts
+            .iter()
+            .find(|(c, _)| *c == metron::telemetry::RestartCause::Stalled)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert!(stalled(&agent.metrics()) >= 1);
+    // What the stuck Doppler had not taken is delivered by the healthy one.
+    assert!(wait_drained(&agent, WAIT));
+    let m = agent.metrics();
+    assert_eq!(m.ingress, 3_000);
+    assert_eq!(m.ingress, m.egress + m.dropped_total());
+    assert!(healthy.count() > 0);
+    // A fresh wave goes entirely to the healthy Doppler.
+    let before = healthy.count();
+    for b in batches(30, 1_000, 100, 100) {
+        client.send(b).await.expect("Send");
+    }
+    assert!(
+        healthy.wait_for_count(before + 1_000, WAIT),
+        "{} of 1000",
+        healthy.count() - before
     );
 }

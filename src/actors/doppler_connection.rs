@@ -37,6 +37,8 @@ enum State {
 pub struct ConnectionSetup {
     pub dial: DialSettings,
     pub limits: BatchLimits,
+    /// See [`crate::config::DopplersConfig::progress_timeout`].
+    pub progress_timeout: Duration,
     pub ledger: Arc<Ledger>,
     pub down: Recipient<ConnectionDown>,
     pub up: Recipient<ConnectionUp>,
@@ -100,6 +102,8 @@ impl DopplerConnection {
                 task,
             } => {
                 task.abort();
+                // Retire the old stream at once: it must take nothing more from the queue.
+                self.queue.end_stream();
                 let m = self.setup.ledger.metrics();
                 m.doppler_connections.fetch_sub(1, Ordering::Relaxed);
                 m.doppler_v2_streams.fetch_sub(1, Ordering::Relaxed);
@@ -137,6 +141,7 @@ impl DopplerConnection {
              act: &mut Self,
              ctx| act.on_stream_end(res, ctx),
         ));
+        self.queue.restart_progress_clock();
         let m = self.setup.ledger.metrics();
         m.doppler_connections.fetch_add(1, Ordering::Relaxed);
         m.doppler_v2_streams.fetch_add(1, Ordering::Relaxed);
@@ -177,6 +182,21 @@ impl DopplerConnection {
 
 impl Actor for DopplerConnection {
     type Context = Context<Self>;
+
+    /// Runs again after every restart (the old interval went with the old context).
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.setup.progress_timeout;
+        ctx.run_interval(timeout / 4, move |act, ctx| {
+            let connected = matches!(act.state, State::Connected { .. });
+            if connected && act.queue.stalled_for() >= timeout {
+                act.fail(
+                    RestartCause::Stalled,
+                    "no progress: the Doppler stopped reading",
+                    ctx,
+                );
+            }
+        });
+    }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.torn_down = Some(self.teardown());

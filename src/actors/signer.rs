@@ -7,20 +7,29 @@ use actix::prelude::*;
 
 use super::messages::{EgressBatch, SequencedBatch};
 use crate::envelope::signing::Signer;
+use crate::grpc::egress::EgressQueue;
 use crate::telemetry::{DropReason, Ledger};
 
 pub struct SignerActor {
     signer: Signer,
     /// One recipient per connection slot.
     slots: Vec<Recipient<EgressBatch>>,
+    /// The slots' queues, to give back what could not be handed over.
+    queues: Vec<Arc<EgressQueue>>,
     ledger: Arc<Ledger>,
 }
 
 impl SignerActor {
-    pub fn new(signer: Signer, slots: Vec<Recipient<EgressBatch>>, ledger: Arc<Ledger>) -> Self {
+    pub fn new(
+        signer: Signer,
+        slots: Vec<Recipient<EgressBatch>>,
+        queues: Vec<Arc<EgressQueue>>,
+        ledger: Arc<Ledger>,
+    ) -> Self {
         Self {
             signer,
             slots,
+            queues,
             ledger,
         }
     }
@@ -40,6 +49,7 @@ impl Handler<SequencedBatch> for SignerActor {
             }
             let (n, bytes) = (batch.len(), batch.bytes());
             if self.slots[slot].try_send(EgressBatch(batch)).is_err() {
+                self.queues[slot].unroute(bytes);
                 self.ledger
                     .dropped(DropReason::ConnectionQueueFull, n, bytes);
             }

@@ -37,11 +37,13 @@ pub struct DopplerSupervisor {
 /// What the supervisor needs to build its connections.
 pub struct SupervisorSetup {
     pub balancer: Balancer,
-    pub connections: usize,
     pub mailbox_capacity: usize,
     pub rebalance_interval: Duration,
     pub dial: DialSettings,
     pub limits: BatchLimits,
+    /// One queue per slot, created by the caller (the sequencer and signer share them).
+    pub queues: Vec<Arc<EgressQueue>>,
+    pub progress_timeout: Duration,
     pub ledger: Arc<Ledger>,
 }
 
@@ -49,32 +51,34 @@ impl DopplerSupervisor {
     /// Starts the supervisor and its connection actors on the current arbiter; returns the
     /// supervisor and the connection actors, indexed by slot.
     pub fn launch(s: SupervisorSetup) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
-        let mut slots = Vec::with_capacity(s.connections);
+        let connections = s.queues.len();
+        let mut slots = Vec::with_capacity(connections);
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
             let probe_dial = s.dial.clone();
             let setup = Arc::new(ConnectionSetup {
                 dial: s.dial,
                 limits: s.limits,
+                progress_timeout: s.progress_timeout,
                 ledger: s.ledger,
                 down: me.clone().recipient(),
                 up: me.recipient(),
             });
-            for slot in 0..s.connections {
+            for (slot, queue) in s.queues.into_iter().enumerate() {
                 let setup = setup.clone();
                 let cap = s.mailbox_capacity;
                 slots.push(actix::Supervisor::start(
                     move |c: &mut Context<DopplerConnection>| {
                         c.set_mailbox_capacity(cap);
-                        DopplerConnection::new(slot, Arc::new(EgressQueue::default()), setup)
+                        DopplerConnection::new(slot, queue, setup)
                     },
                 ));
             }
             DopplerSupervisor {
                 balancer: s.balancer,
                 slots: slots.clone(),
-                assigned: vec![None; s.connections],
-                up: vec![false; s.connections],
+                assigned: vec![None; connections],
+                up: vec![false; connections],
                 rebalance_interval: s.rebalance_interval,
                 dial: probe_dial,
                 probing: false,

@@ -7,9 +7,10 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio_stream::Stream;
@@ -46,6 +47,10 @@ impl BatchLimits {
 struct Inner {
     batches: VecDeque<Batch>,
     envelopes: usize,
+    /// Budget bytes of the queued envelopes.
+    bytes: usize,
+    /// Since when the queue has held data without a stream taking any (progress watchdog).
+    waiting_since: Option<Instant>,
     /// The stream's waker while it waits for data.
     waker: Option<Waker>,
     /// Shutdown: the stream ends once the queue is empty.
@@ -56,13 +61,41 @@ struct Inner {
 }
 
 /// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
-/// current BatchSender stream (which pulls). Bounded by the pipeline ledger's byte budget.
+/// current BatchSender stream (which pulls).
+///
+/// Bounded by the slot's share of the budget: the sequencer *routes* bytes to the slot before it
+/// stamps them ([`EgressQueue::try_route`]) and they stay counted until a stream takes them or
+/// they are dropped on the way ([`EgressQueue::unroute`]). A slot whose Doppler is stuck thus
+/// holds at most its share, and the other slots keep the rest.
 #[derive(Default)]
 pub struct EgressQueue {
     inner: Mutex<Inner>,
+    /// Budget bytes routed to this slot and not yet taken by a stream or dropped.
+    routed: AtomicUsize,
 }
 
 impl EgressQueue {
+    /// Counts `bytes` as routed to this slot unless that would pass `share` (an idle slot takes any
+    /// batch, so one larger than the share still gets through). False: the caller drops them.
+    pub fn try_route(&self, bytes: usize, share: usize) -> bool {
+        self.routed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == 0 || cur + bytes <= share).then_some(cur + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Routed bytes that will never reach the queue (dropped on the way).
+    pub fn unroute(&self, bytes: usize) {
+        let prev = self.routed.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(prev >= bytes, "unrouted more than was routed");
+    }
+
+    /// Budget bytes routed to this slot and not yet taken.
+    pub fn routed(&self) -> usize {
+        self.routed.load(Ordering::Acquire)
+    }
+
     pub fn push(&self, batch: Batch) {
         if batch.is_empty() {
             return;
@@ -70,6 +103,10 @@ impl EgressQueue {
         let waker = {
             let mut q = self.inner.lock();
             q.envelopes += batch.len();
+            q.bytes += batch.bytes();
+            if q.batches.is_empty() {
+                q.waiting_since = Some(Instant::now());
+            }
             q.batches.push_back(batch);
             q.waker.take()
         };
@@ -80,6 +117,22 @@ impl EgressQueue {
 
     pub fn envelopes(&self) -> usize {
         self.inner.lock().envelopes
+    }
+
+    /// How long the queue has held data that no stream took; zero when empty or progressing.
+    pub fn stalled_for(&self) -> Duration {
+        self.inner
+            .lock()
+            .waiting_since
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// A new stream starts: what waited for it has not waited on *it*.
+    pub fn restart_progress_clock(&self) {
+        let mut q = self.inner.lock();
+        if q.waiting_since.is_some() {
+            q.waiting_since = Some(Instant::now());
+        }
     }
 
     /// Ends the current stream at once, leaving the queue for the slot's next one.
@@ -145,6 +198,9 @@ impl EgressQueue {
             }
         }
         q.envelopes -= out.len();
+        q.bytes -= out.bytes();
+        self.unroute(out.bytes());
+        q.waiting_since = (!q.batches.is_empty()).then(Instant::now);
         Poll::Ready(Some(out))
     }
 }
@@ -237,6 +293,23 @@ mod tests {
         b
     }
 
+    /// Pushes as the pipeline does: routed by the sequencer first.
+    fn push(q: &EgressQueue, b: Batch) {
+        assert!(q.try_route(b.bytes(), usize::MAX));
+        q.push(b);
+    }
+
+    #[test]
+    fn routing_respects_the_share_but_an_idle_slot_takes_anything() {
+        let q = EgressQueue::default();
+        assert!(q.try_route(5_000, 1_000), "idle slot: any batch");
+        assert!(!q.try_route(1, 1_000));
+        q.unroute(4_500);
+        assert!(q.try_route(400, 1_000));
+        assert!(!q.try_route(101, 1_000));
+        assert_eq!(q.routed(), 900);
+    }
+
     fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<Batch> {
         let mut cx = Context::from_waker(Waker::noop());
         match q.poll_take(&mut cx, limits, q.epoch()) {
@@ -252,21 +325,21 @@ mod tests {
             max_bytes: 1000,
         };
         let q = EgressQueue::default();
-        q.push(batch(3, 10));
-        q.push(batch(3, 10));
-        q.push(batch(25, 10));
+        push(&q, batch(3, 10));
+        push(&q, batch(3, 10));
+        push(&q, batch(25, 10));
         assert_eq!(take(&q, &limits).unwrap().len(), 6);
         assert_eq!(take(&q, &limits).unwrap().len(), 10);
         assert_eq!(take(&q, &limits).unwrap().len(), 10);
         assert_eq!(take(&q, &limits).unwrap().len(), 5);
         assert!(take(&q, &limits).is_none());
         // bytes bound: 300-byte envelopes, 1000 bytes → 3 per message
-        q.push(batch(7, 300));
+        push(&q, batch(7, 300));
         assert_eq!(take(&q, &limits).unwrap().len(), 3);
         assert_eq!(q.envelopes(), 4);
         // a single envelope above the bound still goes, alone
         let q = EgressQueue::default();
-        q.push(batch(2, 5000));
+        push(&q, batch(2, 5000));
         assert_eq!(take(&q, &limits).unwrap().len(), 1);
     }
 
@@ -282,7 +355,7 @@ mod tests {
             max_bytes: 1 << 20,
         };
         let mut s = EgressStream::new(q.clone(), ledger.clone(), limits);
-        q.push(batch(4, 10));
+        push(&q, batch(4, 10));
         q.close();
         assert_eq!(s.next().await.unwrap().batch.len(), 4);
         assert!(s.next().await.is_none());

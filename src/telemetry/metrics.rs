@@ -27,12 +27,15 @@ pub enum DropReason {
     SignerQueueFull,
     /// A Doppler connection actor's mailbox was full.
     ConnectionQueueFull,
+    /// The source's connection slot already held its share of the budget (its Doppler is slow or
+    /// gone), so one stuck slot cannot starve the others. Decided before sequencing.
+    SlotQueueFull,
     /// Still buffered when the shutdown grace period ran out.
     ShutdownGraceExpired,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::PipelineFull,
         DropReason::Oversize,
         DropReason::IngressQueueFull,
@@ -40,6 +43,7 @@ impl DropReason {
         DropReason::ShuttingDown,
         DropReason::SignerQueueFull,
         DropReason::ConnectionQueueFull,
+        DropReason::SlotQueueFull,
         DropReason::ShutdownGraceExpired,
     ];
 
@@ -52,6 +56,7 @@ impl DropReason {
             DropReason::ShuttingDown => "shutting_down",
             DropReason::SignerQueueFull => "signer_queue_full",
             DropReason::ConnectionQueueFull => "connection_queue_full",
+            DropReason::SlotQueueFull => "slot_queue_full",
             DropReason::ShutdownGraceExpired => "shutdown_grace_expired",
         }
     }
@@ -62,6 +67,7 @@ impl DropReason {
             | DropReason::Oversize
             | DropReason::IngressQueueFull
             | DropReason::SequencerQueueFull
+            | DropReason::SlotQueueFull
             | DropReason::ShuttingDown => "ingress",
             DropReason::SignerQueueFull
             | DropReason::ConnectionQueueFull
@@ -87,15 +93,18 @@ pub enum RestartCause {
     Killed,
     /// Ended on purpose by the supervisor to move the slot back to the local AZ.
     Recycled,
+    /// The stream took nothing from a non-empty queue for `dopplers.progress_timeout_ms`.
+    Stalled,
 }
 
 impl RestartCause {
-    pub const ALL: [RestartCause; 5] = [
+    pub const ALL: [RestartCause; 6] = [
         RestartCause::ConnectFailed,
         RestartCause::StreamFailed,
         RestartCause::StreamClosed,
         RestartCause::Killed,
         RestartCause::Recycled,
+        RestartCause::Stalled,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,6 +114,7 @@ impl RestartCause {
             RestartCause::StreamClosed => "stream_closed",
             RestartCause::Killed => "killed",
             RestartCause::Recycled => "recycled",
+            RestartCause::Stalled => "stalled",
         }
     }
 

@@ -66,6 +66,7 @@ dopplers:
   backoff_initial_ms: 20
   backoff_max_ms: 200
   rebalance_interval_ms: 100
+  progress_timeout_ms: 500
 metrics:
   listen: "127.0.0.1:0"
 signing: {{ key_id: {KEY_ID}, key_file: {} }}
