@@ -308,10 +308,15 @@ impl Agent {
         self.stop()
     }
 
-    fn stop(&mut self) -> ShutdownReport {
+    /// Starts the graceful shutdown without waiting for it; [`Agent::shutdown`] then waits.
+    pub fn begin_shutdown(&mut self) {
         if let Some(c) = self.control.take() {
             let _ = c.send(Control::Shutdown);
         }
+    }
+
+    fn stop(&mut self) -> ShutdownReport {
+        self.begin_shutdown();
         let report = self.thread.take().and_then(|t| t.join().ok());
         report.unwrap_or_else(|| ShutdownReport {
             flushed: false,

@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use metron::config::Config;
 use metron::Agent;
 
+/// Signals this soon after the first count as the same request.
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
 const USAGE: &str = "usage: metron [--config PATH]   (default ./config.yaml)";
 
 fn parse_args() -> Result<PathBuf, String> {
@@ -89,7 +92,16 @@ fn main() -> ExitCode {
             agent.shutdown();
             std::process::exit(0);
         });
-        signals.next().await;
+        let first = std::time::Instant::now();
+        loop {
+            signals.next().await;
+            // `timeout`, systemd and shells may deliver one request twice (to the process and to
+            // its group): a repeat within REPEAT_WINDOW is the same request, not a second one.
+            if first.elapsed() >= REPEAT_WINDOW {
+                break;
+            }
+            tracing::debug!("ignoring a repeated signal");
+        }
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     })

@@ -41,9 +41,9 @@ impl TlsMaterial {
         Ok(m)
     }
 
-    fn check(&self, key: &str) -> Result<(), ConfigError> {
+    fn check(&self, key_name: &str) -> Result<(), ConfigError> {
         let bad = |sub: &str, what: &str| ConfigError {
-            key: format!("{key}.{sub}"),
+            key: format!("{key_name}.{sub}"),
             problem: format!("no {what} found in the PEM file"),
         };
         let certs = |pem: &[u8]| {
@@ -57,9 +57,26 @@ impl TlsMaterial {
         if certs(&self.cert_pem) == 0 {
             return Err(bad("cert", "certificate"));
         }
-        if PrivateKeyDer::from_pem_slice(&self.key_pem).is_err() {
+        let Ok(key) = PrivateKeyDer::from_pem_slice(&self.key_pem) else {
             return Err(bad("key", "private key"));
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(&self.ca_pem).filter_map(Result::ok),
+        );
+        if added == 0 {
+            return Err(bad("ca", "usable CA certificate"));
         }
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .filter_map(Result::ok)
+            .collect();
+        // Catches a key that belongs to another certificate, or a key type rustls cannot use,
+        // here instead of at the first handshake.
+        rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+            .map_err(|e| ConfigError {
+                key: format!("{key_name}.key"),
+                problem: format!("unusable with {key_name}.cert: {e}"),
+            })?;
         Ok(())
     }
 

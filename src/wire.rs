@@ -45,6 +45,7 @@ pub struct Prepared {
 /// The running graph, as the agent thread needs it for shutdown.
 pub struct Running {
     pub connections: Vec<Addr<DopplerConnection>>,
+    queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -100,6 +101,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         c.dopplers.backoff_max,
     );
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
+    let queue_handles = queues.clone();
     // An equal share each: a slot whose Doppler is stuck holds at most its share of the budget,
     // and the other slots keep the rest.
     let slot_share = c.pipeline.max_buffered_bytes.get() / slots;
@@ -215,6 +217,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 
     Ok(Running {
         connections,
+        queues: queue_handles,
         closed,
         server,
         background,
@@ -255,9 +258,10 @@ fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
 }
 
 impl Running {
-    /// Graceful shutdown, phase one: stop accepting, let the pipeline drain into the Dopplers and
-    /// finish each stream, all before `deadline`. What is still buffered afterwards is counted by
-    /// the caller once nothing can move any more. Returns whether everything was flushed.
+    /// Graceful shutdown, phase one: stop accepting, let the actors hand everything to the slot
+    /// queues, then have every connection flush its queue and end its stream, all before
+    /// `deadline`. What is still buffered afterwards is counted by the caller once nothing can
+    /// move any more. Returns whether every stream was flushed and acknowledged by a Doppler.
     pub async fn drain(self, deadline: tokio::time::Instant) -> (bool, Arbiter) {
         let _ = self.closed.send(true);
         // Emitter handlers see `closed` and return; give the ones mid-call a moment to finish,
@@ -270,14 +274,26 @@ impl Running {
         {
             server.abort();
         }
-        let drained = self.ledger.wait_drained(deadline).await;
+        // Barrier: once everything buffered sits in a slot queue, no batch is still on its way
+        // through a mailbox, and closing the queues cannot strand one. The edge re-checks
+        // `closed` after admitting, so nothing new arrives.
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        while tokio::time::Instant::now() < deadline {
+            let queued: usize = self.queues.iter().map(|q| q.envelopes()).sum();
+            if self.ledger.buffered().0 == queued as u64 {
+                break;
+            }
+            tick.tick().await;
+        }
         let requests: Vec<_> = self.connections.iter().map(|c| c.send(Drain)).collect();
+        let mut acknowledged = true;
         for r in requests {
-            let _ = tokio::time::timeout_at(deadline, r).await;
+            let ok = matches!(tokio::time::timeout_at(deadline, r).await, Ok(Ok(true)));
+            acknowledged &= ok;
         }
         for t in self.background {
             t.abort();
         }
-        (drained, self.signer_arbiter)
+        (acknowledged, self.signer_arbiter)
     }
 }

@@ -81,12 +81,7 @@ impl DopplerConnection {
             detail,
             "doppler connection failed"
         );
-        if self.draining {
-            // Shutting down: no restart, just let the drain know.
-            self.teardown();
-            self.finish_drain(false);
-            return;
-        }
+        // Also while draining: the restarted actor reconnects and its new stream flushes the queue.
         self.failure = Some(cause);
         ctx.stop();
     }
@@ -231,7 +226,7 @@ impl Handler<Connect> for DopplerConnection {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
-        if self.draining || !matches!(self.state, State::Idle) {
+        if !matches!(self.state, State::Idle) {
             return;
         }
         let endpoint = msg.endpoint;
@@ -265,12 +260,10 @@ impl Handler<Drain> for DopplerConnection {
     type Result = ResponseFuture<bool>;
 
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        // The stream, this one or one after a reconnect, ends once the queue is empty; the answer
+        // comes when the Doppler has acknowledged that end.
         self.draining = true;
         self.queue.close();
-        if !matches!(self.state, State::Connected { .. }) {
-            self.teardown();
-            return Box::pin(async { false });
-        }
         let (tx, rx) = oneshot::channel();
         self.drain_waiters.push(tx);
         Box::pin(async move { rx.await.unwrap_or(false) })

@@ -64,8 +64,8 @@ pub struct ConnectionDown {
     pub lived: Duration,
 }
 
-/// Shutdown: finish the stream once the slot's queue is empty. Resolves when the Doppler has
-/// acknowledged the end of the stream (true) or there was no stream to finish (false).
+/// Shutdown: finish the stream once the slot's queue is empty (reconnecting if need be). Resolves
+/// true when a Doppler has acknowledged the end of the stream; the caller bounds the wait.
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct Drain;

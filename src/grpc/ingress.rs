@@ -11,7 +11,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
@@ -88,7 +88,8 @@ impl Edge {
         let (n, bytes) = (batch.len(), batch.bytes());
         // Waiting only helps while a stream is draining the pipeline; with every Doppler down the
         // budget frees up only on reconnect, and the emitter must not pay for that.
-        let wait = if metrics.doppler_v2_streams.load(Ordering::Relaxed) > 0 {
+        let streams_open = metrics.doppler_v2_streams.load(Ordering::Relaxed) > 0;
+        let wait = if streams_open {
             self.max_wait
         } else {
             Duration::ZERO
@@ -97,8 +98,18 @@ impl Edge {
         // From here on no `.await`: decision and counts land together.
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
+        if admitted && *self.closed.borrow() {
+            // Shutdown began while this call waited: the drain may already be past its barrier.
+            self.ledger.dropped(DropReason::ShuttingDown, n, bytes);
+            return;
+        }
         if !admitted {
-            self.ledger.refused(DropReason::PipelineFull, n);
+            let reason = if streams_open {
+                DropReason::PipelineFull
+            } else {
+                DropReason::NoDoppler
+            };
+            self.ledger.refused(reason, n);
             return;
         }
         if let Err(e) = self.ingress.try_send(IngressBatch(batch)) {
@@ -129,6 +140,13 @@ impl IngressService {
     }
 
     fn stream_error(&self, status: &Status) {
+        // An emitter that went away is not a bad message.
+        if !matches!(
+            status.code(),
+            Code::Internal | Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+        ) {
+            return;
+        }
         self.edge
             .ledger
             .metrics()

@@ -8,13 +8,18 @@ use std::time::Duration;
 
 use super::ratelimit::RateLimit;
 
-/// Why envelopes were dropped. Each reason belongs to one `direction`: `ingress` when the envelope
-/// was dropped before it was sequenced (it leaves no gap in `metron_seq`), `egress` after (it does).
+/// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
+/// `egress` when no Doppler could take the envelope, `ingress` when the agent shed it. Whether a
+/// drop leaves a gap in `metron_seq` depends on the reason: only `signer_queue_full`,
+/// `connection_queue_full` and `shutdown_grace_expired` happen after sequencing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// The pipeline's byte budget stayed full for `ingress.grpc.max_wait_ms` (drop newest, at the
     /// edge, before any work is spent on it).
     PipelineFull,
+    /// Refused at the edge while no Doppler stream was open and the budget was full: upstream's
+    /// "no Doppler accepted it" (direction `egress`), decided before sequencing.
+    NoDoppler,
     /// A single envelope too large to ever fit in a Doppler message.
     Oversize,
     /// The ingress actor's mailbox was full.
@@ -35,8 +40,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::PipelineFull,
+        DropReason::NoDoppler,
         DropReason::Oversize,
         DropReason::IngressQueueFull,
         DropReason::SequencerQueueFull,
@@ -50,6 +56,7 @@ impl DropReason {
     pub fn name(self) -> &'static str {
         match self {
             DropReason::PipelineFull => "pipeline_full",
+            DropReason::NoDoppler => "no_doppler",
             DropReason::Oversize => "oversize",
             DropReason::IngressQueueFull => "ingress_queue_full",
             DropReason::SequencerQueueFull => "sequencer_queue_full",
@@ -69,7 +76,8 @@ impl DropReason {
             | DropReason::SequencerQueueFull
             | DropReason::SlotQueueFull
             | DropReason::ShuttingDown => "ingress",
-            DropReason::SignerQueueFull
+            DropReason::NoDoppler
+            | DropReason::SignerQueueFull
             | DropReason::ConnectionQueueFull
             | DropReason::ShutdownGraceExpired => "egress",
         }
@@ -283,7 +291,7 @@ impl Metrics {
             (
                 "dropped",
                 "counter",
-                "Envelopes dropped, by direction (ingress: before sequencing; egress: after).",
+                "Envelopes dropped, by direction (egress: no Doppler could take them; ingress: shed by the agent).",
                 ["ingress", "egress"]
                     .iter()
                     .map(|d| {
