@@ -104,7 +104,7 @@ async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exac
     }
     // The bound is ingress.grpc.max_wait_ms (100 ms); 10x absorbs a loaded CI machine.
     assert!(
-        slowest < Duration::from_secs(3),
+        slowest < Duration::from_secs(1),
         "an emitter call took {slowest:?}"
     );
     let m = agent.metrics();
