@@ -21,21 +21,24 @@
 //! * [`grpc::ingress`] — the edge. Counts `ingress`, prices each envelope and takes its cost from
 //!   the pipeline's byte budget ([`telemetry::Ledger`]); if the budget stays full for
 //!   `ingress.grpc.max_wait_ms` (or at once while no Doppler stream is open) the batch is dropped
-//!   there, *before* any work is spent on it (`dropped{direction="ingress"}`, reason
-//!   `pipeline_full`). Emitters are never blocked longer than that bound.
+//!   there, *before* any further work is spent on it (reason `pipeline_full`, or `no_doppler`).
+//!   Emitters are never blocked longer than that bound.
 //! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
-//! * [`actors::sequencer`] — per-source numbering and slot choice ([`envelope::sequence`]).
+//! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (a stuck Doppler
+//!   holds at most `max_buffered_bytes / connections`), per-source numbering
+//!   ([`envelope::sequence`]).
 //! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), on its own
 //!   arbiter thread.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
-//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued.
+//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued; a
+//!   progress watchdog replaces a stream that stopped taking from a non-empty queue.
 //! * [`actors::supervisor`] — assigns endpoints with [`routing::balancer`], restarts with capped
 //!   jittered backoff ([`routing::backoff`]), rate-limits its warnings.
 //!
 //! Every mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with `try_send`; a
 //! full one drops the batch with its own reason. All queues together are bounded by
 //! `pipeline.max_buffered_bytes`. The ledger makes `ingress == egress + Σ dropped + buffered`
-//! exact at every instant, and `buffered` is zero after shutdown.
+//! exact whenever the pipeline is idle, and `buffered` is zero after shutdown.
 //!
 //! ## Threads
 //!
