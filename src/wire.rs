@@ -82,6 +82,20 @@ fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
 /// # Errors
 /// When a listener cannot be handed to tokio or TLS set-up fails.
 pub fn start(p: Prepared) -> std::io::Result<Running> {
+    // Everything that can fail comes first, before any actor or task exists.
+    let listener = tokio::net::TcpListener::from_std(p.ingress_listener)?;
+    let metrics_listener = p
+        .metrics_listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()?;
+    let dev_doppler_listener = p
+        .dev_doppler_listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()?;
+    let mut server_builder = Server::builder()
+        .tls_config(p.ingress_tls.server_config())
+        .map_err(std::io::Error::other)?;
+
     let c = &p.config;
     let cap = c.pipeline.mailbox_capacity.get();
     let ledger = p.ledger.clone();
@@ -168,12 +182,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         closed_rx.clone(),
     );
 
-    let listener = tokio::net::TcpListener::from_std(p.ingress_listener)?;
     let mut stop = closed_rx;
-    let router = Server::builder()
-        .tls_config(p.ingress_tls.server_config())
-        .map_err(std::io::Error::other)?
-        .add_service(IngressService::new(edge.clone()));
+    let router = server_builder.add_service(IngressService::new(edge.clone()));
     let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|c| *c).await;
@@ -187,15 +197,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     });
 
     let mut background = Vec::new();
-    if let Some(l) = p.metrics_listener {
-        let l = tokio::net::TcpListener::from_std(l)?;
+    if let Some(l) = metrics_listener {
         background.push(tokio::spawn(crate::telemetry::server::serve(
             l,
             ledger.clone(),
         )));
     }
-    if let (Some(l), Some(tls)) = (p.dev_doppler_listener, p.dev_doppler_tls) {
-        let l = tokio::net::TcpListener::from_std(l)?;
+    if let (Some(l), Some(tls)) = (dev_doppler_listener, p.dev_doppler_tls) {
         background.push(tokio::spawn(crate::grpc::dev_doppler::serve(
             l,
             tls.server_config(),
