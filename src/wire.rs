@@ -74,7 +74,8 @@ fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
         .iter()
         .map(|(k, v)| k.len() + v.len() + framing)
         .sum();
-    u32::try_from(agent + defaults + IN_MEMORY_OVERHEAD).unwrap_or(u32::MAX)
+    let entries = (config.default_tags.len() + 3) * crate::envelope::MAP_ENTRY_OVERHEAD;
+    u32::try_from(agent + defaults + entries + IN_MEMORY_OVERHEAD).unwrap_or(u32::MAX)
 }
 
 /// Starts every actor and server. Must run inside the agent's actix `System`.
@@ -116,9 +117,6 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     );
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
-    // An equal share each: a slot whose Doppler is stuck holds at most its share of the budget,
-    // and the other slots keep the rest.
-    let slot_share = c.pipeline.max_buffered_bytes.get() / slots;
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
         balancer,
         queues: queues.clone(),
@@ -161,7 +159,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let ledger = ledger.clone();
         SequencerActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SequencerActor::new(sequencer, queues, slot_share, signer.recipient(), ledger)
+            SequencerActor::new(
+                sequencer,
+                queues,
+                c.pipeline.max_buffered_bytes.get(),
+                signer.recipient(),
+                ledger,
+            )
         })
     };
     let ingress = {
@@ -287,8 +291,11 @@ impl Running {
         // `closed` after admitting, so nothing new arrives.
         let mut tick = tokio::time::interval(Duration::from_millis(5));
         while tokio::time::Instant::now() < deadline {
+            // Ledger first: takes and pushes between the two reads can then only make the
+            // comparison fail, never pass early.
+            let buffered = self.ledger.buffered().0;
             let queued: usize = self.queues.iter().map(|q| q.envelopes()).sum();
-            if self.ledger.buffered().0 == queued as u64 {
+            if buffered == queued as u64 {
                 break;
             }
             tick.tick().await;

@@ -197,8 +197,8 @@ async fn tiny_envelopes_cannot_outgrow_the_budget() {
         "pipeline: { max_buffered_bytes: 10485760 }\n",
     );
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
-    for _ in 0..20 {
-        let batch = vec![Envelope::default(); 10_000];
+    for _ in 0..200 {
+        let batch = vec![Envelope::default(); 1_000];
         client.send(EnvelopeBatch { batch }).await.expect("Send");
     }
     let (buffered, bytes) = agent.buffered();
@@ -243,7 +243,7 @@ async fn an_envelope_that_would_outgrow_a_doppler_message_is_dropped_at_the_edge
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_doppler_holds_only_its_share_while_the_healthy_one_keeps_flowing() {
+async fn a_stuck_doppler_cannot_take_the_healthy_slots_share() {
     let w = World::new();
     let stuck = FakeDoppler::start(&w.pki);
     let healthy = FakeDoppler::start(&w.pki);
@@ -262,7 +262,8 @@ async fn a_stuck_doppler_holds_only_its_share_while_the_healthy_one_keeps_flowin
             && healthy.wait_for_streams_async(2, WAIT).await
     );
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
-    // 24 MiB over 40 sources: far more than the stuck slots' share (2 × 2.5 MiB).
+    // 24 MiB over 40 sources: far more than the stuck slots may hold (the budget less the
+    // healthy slots' guaranteed 2 × 1.25 MiB).
     for b in batches(40, 6_000, 100, 4096) {
         client.send(b).await.expect("Send");
     }
@@ -274,11 +275,6 @@ async fn a_stuck_doppler_holds_only_its_share_while_the_healthy_one_keeps_flowin
         "the healthy slots never ran out of budget: {m:?}"
     );
     assert!(m.dropped_by(DropReason::SlotQueueFull) > 0, "{m:?}");
-    assert!(
-        agent.buffered().1 <= 10 * 1024 * 1024 / 2 + 1024 * 1024,
-        "{:?}",
-        agent.buffered()
-    );
 
     stuck.set_stalled(false);
     assert!(wait_until_async(WAIT, || agent.buffered().0 == 0).await);

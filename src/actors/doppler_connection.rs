@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-use super::messages::{Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch, Recycle};
+use super::messages::{
+    Abandon, Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch, Recycle, Stalled,
+};
 use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue, EgressStream};
 use crate::proto::BatchSenderResponse;
 use crate::telemetry::{Ledger, RestartCause};
@@ -42,6 +44,7 @@ pub struct ConnectionSetup {
     pub ledger: Arc<Ledger>,
     pub down: Recipient<ConnectionDown>,
     pub up: Recipient<ConnectionUp>,
+    pub stalled: Recipient<Stalled>,
 }
 
 pub struct DopplerConnection {
@@ -57,6 +60,12 @@ pub struct DopplerConnection {
     drain_waiters: Vec<oneshot::Sender<bool>>,
     /// The current stream was ended on purpose by [`Recycle`].
     recycling: bool,
+    /// The current stall was already reported to the supervisor.
+    stall_reported: bool,
+    /// The current stream's end was acknowledged by the Doppler (nothing it took was lost).
+    acknowledged: bool,
+    /// A stream was cut off during the drain: what it had taken may be lost.
+    drain_lossy: bool,
 }
 
 impl DopplerConnection {
@@ -71,6 +80,9 @@ impl DopplerConnection {
             draining: false,
             drain_waiters: Vec::new(),
             recycling: false,
+            stall_reported: false,
+            acknowledged: false,
+            drain_lossy: false,
         }
     }
 
@@ -99,6 +111,9 @@ impl DopplerConnection {
                 task.abort();
                 // Retire the old stream at once: it must take nothing more from the queue.
                 self.queue.end_stream();
+                if self.draining && !self.acknowledged {
+                    self.drain_lossy = true;
+                }
                 let m = self.setup.ledger.metrics();
                 m.doppler_connections.fetch_sub(1, Ordering::Relaxed);
                 m.doppler_v2_streams.fetch_sub(1, Ordering::Relaxed);
@@ -108,6 +123,7 @@ impl DopplerConnection {
     }
 
     fn finish_drain(&mut self, flushed: bool) {
+        let flushed = flushed && !self.drain_lossy;
         for w in self.drain_waiters.drain(..) {
             let _ = w.send(flushed);
         }
@@ -137,6 +153,8 @@ impl DopplerConnection {
              ctx| act.on_stream_end(res, ctx),
         ));
         self.queue.restart_progress_clock();
+        self.acknowledged = false;
+        self.stall_reported = false;
         let m = self.setup.ledger.metrics();
         m.doppler_connections.fetch_add(1, Ordering::Relaxed);
         m.doppler_v2_streams.fetch_add(1, Ordering::Relaxed);
@@ -160,8 +178,10 @@ impl DopplerConnection {
         >,
         ctx: &mut Context<Self>,
     ) {
+        self.acknowledged = matches!(res, Ok(Ok(_)));
         match res {
-            Ok(Ok(_)) if self.draining => {
+            // Drained: the stream ended because the queue was empty and the Doppler said so.
+            Ok(Ok(_)) if self.draining && self.queue.envelopes() == 0 => {
                 self.teardown();
                 self.finish_drain(true);
             }
@@ -181,14 +201,18 @@ impl Actor for DopplerConnection {
     /// Runs again after every restart (the old interval went with the old context).
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = self.setup.progress_timeout;
-        ctx.run_interval(timeout / 4, move |act, ctx| {
-            let connected = matches!(act.state, State::Connected { .. });
-            if connected && act.queue.stalled_for() >= timeout {
-                act.fail(
-                    RestartCause::Stalled,
-                    "no progress: the Doppler stopped reading",
-                    ctx,
-                );
+        ctx.run_interval(timeout / 4, move |act, _| {
+            // A recycled stream waits for its acknowledgement with an ended epoch, and a drain is
+            // bounded by the grace period: neither is a stall.
+            let watched =
+                matches!(act.state, State::Connected { .. }) && !act.draining && !act.recycling;
+            let stalled = watched && act.queue.stalled_for() >= timeout;
+            if stalled && !act.stall_reported {
+                act.stall_reported = true;
+                // Control message: the supervisor decides whether moving is worth a lost window.
+                act.setup.stalled.do_send(Stalled { slot: act.slot });
+            } else if !stalled {
+                act.stall_reported = false;
             }
         });
     }
@@ -201,6 +225,7 @@ impl Actor for DopplerConnection {
 impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
         self.recycling = false;
+        self.stall_reported = false;
         let cause = self.failure.take().unwrap_or(RestartCause::Killed);
         let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
         self.setup.ledger.metrics().restarted(cause);
@@ -256,6 +281,20 @@ impl Handler<Recycle> for DopplerConnection {
     }
 }
 
+impl Handler<Abandon> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        if matches!(self.state, State::Connected { .. }) && !self.draining {
+            self.fail(
+                RestartCause::Stalled,
+                "no progress: the Doppler stopped reading",
+                ctx,
+            );
+        }
+    }
+}
+
 impl Handler<Drain> for DopplerConnection {
     type Result = ResponseFuture<bool>;
 
@@ -264,6 +303,12 @@ impl Handler<Drain> for DopplerConnection {
         // comes when the Doppler has acknowledged that end.
         self.draining = true;
         self.queue.close();
+        let connected = matches!(self.state, State::Connected { .. });
+        if !connected && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
+            // Nothing to flush and no stream to end.
+            let flushed = !self.drain_lossy;
+            return Box::pin(async move { flushed });
+        }
         let (tx, rx) = oneshot::channel();
         self.drain_waiters.push(tx);
         Box::pin(async move { rx.await.unwrap_or(false) })

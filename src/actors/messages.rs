@@ -70,6 +70,20 @@ pub struct ConnectionDown {
 #[rtype(result = "bool")]
 pub struct Drain;
 
+/// Connection → supervisor: the stream has taken nothing from a non-empty queue for
+/// `dopplers.progress_timeout_ms` (the Doppler stopped reading). The supervisor decides whether
+/// moving is worth it (only if another endpoint is usable) and answers with [`Abandon`].
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Stalled {
+    pub slot: usize,
+}
+
+/// Supervisor → connection: give up the stalled stream and reconnect elsewhere.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abandon;
+
 /// Supervisor → connection: end the stream cleanly and reconnect (to move the slot back to the
 /// local AZ). Nothing queued is lost.
 #[derive(Message)]

@@ -16,8 +16,10 @@ pub struct SequencerActor {
     sequencer: Sequencer,
     /// One queue per connection slot, for the share check before stamping.
     queues: Vec<Arc<EgressQueue>>,
-    /// The most budget bytes one slot may hold (see [`EgressQueue::try_route`]).
+    /// Every slot's guaranteed share of the budget (see [`may_route`]).
     slot_share: usize,
+    /// The whole budget.
+    budget: usize,
     next: Recipient<SequencedBatch>,
     ledger: Arc<Ledger>,
 }
@@ -26,14 +28,15 @@ impl SequencerActor {
     pub fn new(
         sequencer: Sequencer,
         queues: Vec<Arc<EgressQueue>>,
-        slot_share: usize,
+        budget: usize,
         next: Recipient<SequencedBatch>,
         ledger: Arc<Ledger>,
     ) -> Self {
         Self {
             sequencer,
+            slot_share: budget / (2 * queues.len()),
+            budget,
             queues,
-            slot_share,
             next,
             ledger,
         }
@@ -61,11 +64,13 @@ impl Handler<TaggedBatch> for SequencerActor {
             if part.is_empty() {
                 continue;
             }
-            if !self.queues[slot].try_route(part.bytes(), self.slot_share) {
+            let routed: Vec<usize> = self.queues.iter().map(|q| q.routed()).collect();
+            if !may_route(&routed, slot, part.bytes(), self.slot_share, self.budget) {
                 self.ledger
                     .dropped(DropReason::SlotQueueFull, part.len(), part.bytes());
                 continue;
             }
+            self.queues[slot].route(part.bytes());
             for env in part.envelopes_mut() {
                 let stamped = self.sequencer.stamp(env);
                 debug_assert_eq!(stamped, slot);
@@ -88,6 +93,77 @@ impl Handler<TaggedBatch> for SequencerActor {
                 self.queues[slot].unroute(part.bytes());
                 self.ledger
                     .dropped(DropReason::SignerQueueFull, part.len(), part.bytes());
+            }
+        }
+    }
+}
+
+/// Whether `bytes` more may go to `slot`, given what every slot holds (`routed`).
+///
+/// Each slot is guaranteed `share` (half an equal split: budget / (2 · slots)), the other half of
+/// the budget is a pool. A slot may always fill up to its share (an idle
+/// slot takes any batch, so one larger than the share still passes). Beyond its share a slot may
+/// borrow, but only from what no other slot could still claim: afterwards the free budget must
+/// still cover every other slot's unused share. A burst on one slot can thus use the idle
+/// pool, while a stuck Doppler can never take what the healthy slots are owed.
+pub fn may_route(routed: &[usize], slot: usize, bytes: usize, share: usize, budget: usize) -> bool {
+    let mine = routed[slot];
+    if mine == 0 || mine + bytes <= share {
+        return true;
+    }
+    let total: usize = routed.iter().sum();
+    let owed: usize = routed
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != slot)
+        .map(|(_, r)| share.saturating_sub(*r))
+        .sum();
+    total + bytes + owed <= budget
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_route;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_slot_borrows_only_what_nobody_else_is_owed() {
+        // budget 300, three slots, each guaranteed 50
+        assert!(
+            may_route(&[0, 0, 0], 0, 500, 50, 300),
+            "an idle slot takes any batch"
+        );
+        assert!(may_route(&[30, 0, 0], 0, 20, 50, 300), "up to the share");
+        assert!(
+            may_route(&[50, 0, 0], 0, 150, 50, 300),
+            "borrows the unowed budget"
+        );
+        assert!(
+            !may_route(&[50, 0, 0], 0, 151, 50, 300),
+            "but not what the others are owed"
+        );
+        assert!(!may_route(&[200, 0, 0], 0, 1, 50, 300));
+        assert!(
+            may_route(&[200, 0, 0], 1, 50, 50, 300),
+            "slot 1 still gets its share"
+        );
+    }
+
+    proptest! {
+        /// Starting from any state where every slot's guarantee is available, routing whatever
+        /// `may_route` allows keeps it available: no slot can eat another's share. (Batches here
+        /// fit a share; one larger than a share is let through an idle slot on purpose.)
+        #[test]
+        fn every_share_stays_available(requests in prop::collection::vec((0usize..4, 1usize..=50), 1..200)) {
+            let (share, budget) = (50, 400);
+            let mut routed = [0usize; 4];
+            for (slot, bytes) in requests {
+                if may_route(&routed, slot, bytes, share, budget) {
+                    routed[slot] += bytes;
+                    let total: usize = routed.iter().sum();
+                    let owed: usize = routed.iter().map(|r| share.saturating_sub(*r)).sum();
+                    prop_assert!(total + owed <= budget, "{routed:?}");
+                }
             }
         }
     }

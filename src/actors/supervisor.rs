@@ -10,7 +10,7 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
-use super::messages::{Connect, ConnectionDown, ConnectionUp, Recycle};
+use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Recycle, Stalled};
 use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue};
 use crate::routing::balancer::Balancer;
 use crate::telemetry::ratelimit::RateLimit;
@@ -32,6 +32,7 @@ pub struct DopplerSupervisor {
     probing: bool,
     failures: RateLimit,
     connects: RateLimit,
+    stalls: RateLimit,
 }
 
 /// What the supervisor needs to build its connections.
@@ -62,7 +63,8 @@ impl DopplerSupervisor {
                 progress_timeout: s.progress_timeout,
                 ledger: s.ledger,
                 down: me.clone().recipient(),
-                up: me.recipient(),
+                up: me.clone().recipient(),
+                stalled: me.recipient(),
             });
             for (slot, queue) in s.queues.into_iter().enumerate() {
                 let setup = setup.clone();
@@ -84,6 +86,7 @@ impl DopplerSupervisor {
                 probing: false,
                 failures: RateLimit::new(Duration::from_secs(30)),
                 connects: RateLimit::new(Duration::from_secs(30)),
+                stalls: RateLimit::new(Duration::from_secs(30)),
             }
         });
         (sup, slots)
@@ -185,11 +188,14 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
             if msg.lived >= HEALTHY_AFTER {
                 self.balancer.on_healthy(ep);
             }
-            // A killed or recycled actor says nothing about its Doppler.
+            // A killed or recycled actor says nothing about its Doppler; a stalled one was
+            // already charged when the supervisor abandoned it.
             let failed = !matches!(msg.cause, RestartCause::Killed | RestartCause::Recycled);
-            if failed {
+            if failed && msg.cause != RestartCause::Stalled {
                 self.balancer
                     .on_failure(ep, Instant::now(), crate::entropy::random_u64());
+            }
+            if failed {
                 if let Some(times) = self.failures.check() {
                     let e = self.balancer.endpoint(ep);
                     tracing::warn!(
@@ -205,5 +211,36 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
             }
         }
         self.connect(msg.slot);
+    }
+}
+
+impl Handler<Stalled> for DopplerSupervisor {
+    type Result = ();
+
+    /// Moving a stalled slot costs what its stream had taken (one HTTP/2 window); worth it only if
+    /// another endpoint is usable. Otherwise keep the connection: the Doppler may resume.
+    fn handle(&mut self, msg: Stalled, _: &mut Context<Self>) {
+        let Some(ep) = self.assigned[msg.slot] else {
+            return;
+        };
+        let now = Instant::now();
+        let moving = self.balancer.has_alternative(ep, now);
+        if moving {
+            self.balancer
+                .on_failure(ep, now, crate::entropy::random_u64());
+            // Control message: it must get through even when the slot's mailbox is full.
+            self.slots[msg.slot].do_send(Abandon);
+        }
+        if let Some(times) = self.stalls.check() {
+            let e = self.balancer.endpoint(ep);
+            tracing::warn!(
+                slot = msg.slot,
+                doppler = %e.addr,
+                az = %e.az,
+                moving,
+                stalls = times,
+                "doppler stopped reading"
+            );
+        }
     }
 }

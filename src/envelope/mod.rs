@@ -102,31 +102,41 @@ pub fn key128(feed: impl Fn(&mut std::hash::DefaultHasher)) -> u128 {
     (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
+/// What one map entry (a tag, a deprecated tag, a gauge metric) costs in memory beyond its key and
+/// value bytes: the tree node's share, two `String` headers, allocation rounding.
+pub const MAP_ENTRY_OVERHEAD: usize = 96;
+
 /// What an envelope costs the pipeline's byte budget: an upper bound on its size when it leaves
 /// (so batches sized by cost never exceed a Doppler's limit) and on what holding it costs.
 ///
-/// Its encoded size on arrival, plus what processing can add: its deprecated tags once more
-/// (tagging copies them into `tags`), its origin once more when it will become the source_id,
-/// and `fixed` — the agent's own tags, the default tags and the in-memory overhead of a decoded
-/// envelope, the same for every envelope (see `wire::fixed_envelope_cost`). Even an empty
-/// envelope therefore costs a few hundred bytes, which bounds the envelope count as well.
+/// Its encoded size on arrival, plus what processing can add: each deprecated tag once more as
+/// rendered text (tagging copies them into `tags`), its origin once more when it will become the
+/// source_id, [`MAP_ENTRY_OVERHEAD`] per map entry (deprecated ones twice), and `fixed` — the
+/// agent's own tags, the default tags and the in-memory overhead of a decoded envelope, the same
+/// for every envelope (see `wire::fixed_envelope_cost`). Even an empty envelope therefore costs a
+/// few hundred bytes, which bounds the envelope count as well.
 pub fn admission_cost(envelope: &Envelope, fixed: u32) -> u32 {
     let deprecated: usize = envelope
         .deprecated_tags
         .iter()
-        .map(|(k, v)| k.len() + v.encoded_len() + 8)
+        .map(|(k, v)| k.len() + tagging::rendered_len(v) + 8)
         .sum();
     let origin = if envelope.source_id.is_empty() {
         let tag = envelope.tags.get("origin").map_or(0, String::len);
         let dep = envelope
             .deprecated_tags
             .get("origin")
-            .map_or(0, |v| v.encoded_len());
+            .map_or(0, tagging::rendered_len);
         tag.max(dep)
     } else {
         0
     };
-    let variable = envelope.encoded_len() + deprecated + origin;
+    let gauge_entries = match &envelope.message {
+        Some(crate::proto::envelope::Message::Gauge(g)) => g.metrics.len(),
+        _ => 0,
+    };
+    let entries = envelope.tags.len() + 2 * envelope.deprecated_tags.len() + gauge_entries;
+    let variable = envelope.encoded_len() + deprecated + origin + entries * MAP_ENTRY_OVERHEAD;
     u32::try_from(variable)
         .unwrap_or(u32::MAX)
         .saturating_add(fixed)
@@ -154,7 +164,10 @@ mod tests {
             "the origin becomes the source_id"
         );
         mapped.source_id = "set".into();
-        assert_eq!(admission_cost(&mapped, 0), mapped.encoded_len() as u32);
+        assert_eq!(
+            admission_cost(&mapped, 0) as usize,
+            mapped.encoded_len() + MAP_ENTRY_OVERHEAD
+        );
 
         let mut dep = Envelope::default();
         dep.deprecated_tags.insert(

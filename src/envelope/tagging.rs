@@ -88,6 +88,22 @@ pub fn value_to_tag(v: &Value) -> String {
     }
 }
 
+/// The length of [`value_to_tag`]'s result, without allocating for the common cases.
+pub fn rendered_len(v: &Value) -> usize {
+    match &v.data {
+        Some(Data::Text(s)) => s.len(),
+        Some(Data::Integer(i)) => {
+            let digits = i
+                .unsigned_abs()
+                .checked_ilog10()
+                .map_or(1, |d| d as usize + 1);
+            digits + usize::from(*i < 0)
+        }
+        Some(Data::Decimal(d)) => format_decimal(*d).len(),
+        None => 0,
+    }
+}
+
 /// Rust's `Display` for f64 is already shortest-round-trip and never uses an exponent, like Go's
 /// 'f' format with precision -1; only the non-finite spellings differ.
 pub fn format_decimal(d: f64) -> String {
@@ -230,6 +246,22 @@ mod tests {
             (Data::Text("x y".into()), "x y"),
         ] {
             assert_eq!(value_to_tag(&Value { data: Some(v) }), want);
+        }
+    }
+
+    #[test]
+    fn rendered_len_matches_rendering() {
+        for data in [
+            Data::Integer(0),
+            Data::Integer(-7),
+            Data::Integer(i64::MIN),
+            Data::Integer(i64::MAX),
+            Data::Decimal(1e308),
+            Data::Decimal(-0.5),
+            Data::Text("héllo".into()),
+        ] {
+            let v = Value { data: Some(data) };
+            assert_eq!(rendered_len(&v), value_to_tag(&v).len(), "{v:?}");
         }
     }
 

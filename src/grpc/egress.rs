@@ -63,10 +63,10 @@ struct Inner {
 /// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
 /// current BatchSender stream (which pulls).
 ///
-/// Bounded by the slot's share of the budget: the sequencer *routes* bytes to the slot before it
-/// stamps them ([`EgressQueue::try_route`]) and they stay counted until a stream takes them or
-/// they are dropped on the way ([`EgressQueue::unroute`]). A slot whose Doppler is stuck thus
-/// holds at most its share, and the other slots keep the rest.
+/// The sequencer *routes* bytes to the slot before it stamps them ([`EgressQueue::route`]) and they
+/// stay counted until a stream takes them or they are dropped on the way
+/// ([`EgressQueue::unroute`]); the sequencer uses these counts to keep every slot's share of the
+/// budget available to it (see `actors::sequencer::may_route`).
 #[derive(Default)]
 pub struct EgressQueue {
     inner: Mutex<Inner>,
@@ -75,14 +75,9 @@ pub struct EgressQueue {
 }
 
 impl EgressQueue {
-    /// Counts `bytes` as routed to this slot unless that would pass `share` (an idle slot takes any
-    /// batch, so one larger than the share still gets through). False: the caller drops them.
-    pub fn try_route(&self, bytes: usize, share: usize) -> bool {
-        self.routed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur == 0 || cur + bytes <= share).then_some(cur + bytes)
-            })
-            .is_ok()
+    /// Counts `bytes` as routed to this slot.
+    pub fn route(&self, bytes: usize) {
+        self.routed.fetch_add(bytes, Ordering::AcqRel);
     }
 
     /// Routed bytes that will never reach the queue (dropped on the way).
@@ -295,19 +290,8 @@ mod tests {
 
     /// Pushes as the pipeline does: routed by the sequencer first.
     fn push(q: &EgressQueue, b: Batch) {
-        assert!(q.try_route(b.bytes(), usize::MAX));
+        q.route(b.bytes());
         q.push(b);
-    }
-
-    #[test]
-    fn routing_respects_the_share_but_an_idle_slot_takes_anything() {
-        let q = EgressQueue::default();
-        assert!(q.try_route(5_000, 1_000), "idle slot: any batch");
-        assert!(!q.try_route(1, 1_000));
-        q.unroute(4_500);
-        assert!(q.try_route(400, 1_000));
-        assert!(!q.try_route(101, 1_000));
-        assert_eq!(q.routed(), 900);
     }
 
     fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<Batch> {

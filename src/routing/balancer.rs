@@ -107,6 +107,12 @@ impl Balancer {
             .min_by_key(|&i| (self.endpoints[i].assigned, i))
     }
 
+    /// Whether an endpoint other than `current` is usable now (not held back by backoff).
+    pub fn has_alternative(&self, current: usize, now: Instant) -> bool {
+        (0..self.endpoints.len())
+            .any(|i| i != current && self.endpoints[i].retry_at.is_none_or(|t| t <= now))
+    }
+
     /// Counts a slot as assigned to `i` without choosing (the slot connected there on its own).
     pub fn claim(&mut self, i: usize) {
         self.endpoints[i].assigned += 1;
@@ -180,6 +186,11 @@ mod tests {
             "local held back: fall back to the other AZ"
         );
         assert_eq!(b.local_candidate(now), None);
+        assert!(b.has_alternative(1, now));
+        assert!(
+            !b.has_alternative(0, now),
+            "the only other endpoint is in backoff"
+        );
         assert_eq!(b.local_candidate(now + ms(1000)), Some(1));
         b.release(0);
         // once its backoff has passed, the local endpoint is preferred again
