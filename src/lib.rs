@@ -24,16 +24,17 @@
 //!   there, *before* any further work is spent on it (reason `pipeline_full`, or `no_doppler`).
 //!   Emitters are never blocked longer than that bound.
 //! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
-//! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (a stuck Doppler
-//!   holds at most `max_buffered_bytes / connections`), per-source numbering
-//!   ([`envelope::sequence`]).
+//! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
+//!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
+//!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
 //! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), on its own
 //!   arbiter thread.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued; a
-//!   progress watchdog replaces a stream that stopped taking from a non-empty queue.
+//!   progress watchdog reports a stream that stopped taking from a non-empty queue.
 //! * [`actors::supervisor`] — assigns endpoints with [`routing::balancer`], restarts with capped
-//!   jittered backoff ([`routing::backoff`]), rate-limits its warnings.
+//!   jittered backoff ([`routing::backoff`]), moves stalled slots when another endpoint is
+//!   usable, brings connections back to the local AZ, rate-limits its warnings.
 //!
 //! Every mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with `try_send`; a
 //! full one drops the batch with its own reason. All queues together are bounded by
