@@ -299,24 +299,35 @@ fn two_free_ports() -> (SocketAddr, SocketAddr) {
 /// A running metron for `doppler`, logging at info, with `extra` YAML; returns it with its
 /// ingress and metrics addresses once it has logged that it runs.
 fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, SocketAddr, SocketAddr) {
-    let (ingress, metrics) = two_free_ports();
-    let yaml = w.yaml(&[(doppler.addr(), "z1")], extra);
-    // The ingress listen address comes first in the YAML, the metrics one second.
-    let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{ingress}\""));
-    let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{metrics}\""));
-    let yaml = replace_first(
-        &yaml,
-        "logging: { level: warn }",
-        "logging: { level: info }",
-    );
-    let config = write_config(w, &yaml);
-    let mut metron = Metron::spawn(&config);
-    assert!(
-        metron.wait_for_line("metron is running", STEP),
-        "metron did not start: {:?}; output: {:#?}",
-        metron.child.try_wait(),
-        metron.seen
-    );
+    // A port freed by `two_free_ports` can be taken by another test's connection before metron
+    // binds it; metron then exits naming the key ("cannot listen"), and a fresh pair is tried.
+    // Bounded: five attempts.
+    let mut attempt = 0;
+    let (metron, ingress, metrics) = loop {
+        attempt += 1;
+        let (ingress, metrics) = two_free_ports();
+        let yaml = w.yaml(&[(doppler.addr(), "z1")], extra);
+        // The ingress listen address comes first in the YAML, the metrics one second.
+        let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{ingress}\""));
+        let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{metrics}\""));
+        let yaml = replace_first(
+            &yaml,
+            "logging: { level: warn }",
+            "logging: { level: info }",
+        );
+        let config = write_config(w, &yaml);
+        let mut metron = Metron::spawn(&config);
+        if metron.wait_for_line("metron is running", STEP) {
+            break (metron, ingress, metrics);
+        }
+        let port_taken = metron.seen.iter().any(|(_, l)| l.contains("cannot listen"));
+        assert!(
+            port_taken && attempt < 5,
+            "metron did not start: {:?}; output: {:#?}",
+            metron.child.try_wait(),
+            metron.seen
+        );
+    };
     // Serving, on the ports chosen above.
     let text = scrape(metrics);
     assert_eq!(
