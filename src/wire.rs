@@ -218,8 +218,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let edge = edge.clone();
         let metrics = ledger.clone();
         background.push(tokio::spawn(async move {
+            // The first tick is immediate: a newcomer sees the agent's own envelopes at once.
             let mut tick = tokio::time::interval(every);
-            tick.tick().await;
             loop {
                 tick.tick().await;
                 edge.accept(self_envelopes(metrics.metrics())).await;
