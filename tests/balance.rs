@@ -22,6 +22,36 @@ fn batches(sources: usize, count: usize, per_batch: usize, payload: usize) -> Ve
         .collect()
 }
 
+/// `streams` concurrent BatchSender streams, each sending `per_stream` envelopes over its own
+/// `sources` source ids; returns when every stream has been answered.
+async fn send_concurrently(
+    agent: &metron::Agent,
+    w: &World,
+    streams: usize,
+    sources: usize,
+    per_stream: usize,
+    per_batch: usize,
+    payload: usize,
+) {
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+        let mut load = batches(sources, per_stream, per_batch, payload);
+        for e in load.iter_mut().flat_map(|b| b.batch.iter_mut()) {
+            e.source_id = format!("{}-stream{s}", e.source_id);
+        }
+        tasks.push(tokio::spawn(async move {
+            client
+                .batch_sender(tokio_stream::iter(load))
+                .await
+                .expect("BatchSender");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 /// Every source's numbers are exactly 1..=n: drops at the edge happen before sequencing and so
 /// leave no gaps.
 fn assert_gapless(received: &[Envelope]) {
@@ -38,28 +68,7 @@ async fn healthy_doppler_gets_every_envelope_from_concurrent_streams() {
     let agent = w.start(&[(doppler.addr(), "z1")], "");
     let streams = 4;
     let per_stream = 50 * 100;
-    let mut tasks = Vec::new();
-    for s in 0..streams {
-        let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
-        let load: Vec<EnvelopeBatch> = batches(25, per_stream, 100, 200)
-            .into_iter()
-            .map(|mut b| {
-                for e in &mut b.batch {
-                    e.source_id = format!("{}-stream{s}", e.source_id);
-                }
-                b
-            })
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            client
-                .batch_sender(tokio_stream::iter(load))
-                .await
-                .expect("BatchSender");
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    send_concurrently(&agent, &w, streams, 25, per_stream, 100, 200).await;
     let sent = streams * per_stream;
     assert!(
         doppler.wait_for_count_async(sent, WAIT).await,
@@ -347,28 +356,7 @@ async fn tiny_mailboxes_drop_by_reason_and_gaps_match_the_drops_after_sequencing
         &[(doppler.addr(), "z1")],
         "pipeline: { mailbox_capacity: 1 }\n",
     );
-    let mut tasks = Vec::new();
-    for s in 0..4 {
-        let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
-        let load: Vec<EnvelopeBatch> = batches(20, 20_000, 50, 100)
-            .into_iter()
-            .map(|mut b| {
-                for e in &mut b.batch {
-                    e.source_id = format!("{}-{s}", e.source_id);
-                }
-                b
-            })
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            client
-                .batch_sender(tokio_stream::iter(load))
-                .await
-                .expect("BatchSender");
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    send_concurrently(&agent, &w, 4, 20, 20_000, 50, 100).await;
     let report = tokio::task::spawn_blocking(move || agent.shutdown())
         .await
         .unwrap();
