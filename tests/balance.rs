@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{assert_balanced, sequences, wait_drained, World};
+use common::agent::{assert_balanced, sequences, unserved_addr, wait_drained, World};
 use common::*;
 use metron::proto::{Envelope, EnvelopeBatch};
 use metron::telemetry::DropReason;
@@ -146,10 +146,7 @@ async fn stalled_doppler_drops_at_the_edge_within_the_wait_bound_and_counts_exac
 async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
     let w = World::new();
     // An address with nothing listening: every connection attempt fails.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unserved_addr();
     let agent = w.start(
         &[(addr, "z1")],
         "pipeline: { max_buffered_bytes: 10485760 }\n",
@@ -197,10 +194,7 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
 #[tokio::test]
 async fn tiny_envelopes_cannot_outgrow_the_budget() {
     let w = World::new();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unserved_addr();
     let agent = w.start(
         &[(addr, "z1")],
         "pipeline: { max_buffered_bytes: 10485760 }\n",

@@ -180,11 +180,10 @@ fn replace_first(s: &str, from: &str, to: &str) -> String {
     s.replacen(from, to, 1)
 }
 
-/// Runs metron on `yaml` and checks it refuses it: exit code 64 and exactly one line on stderr,
-/// which starts with `key: ` after the prefix and contains `detail`.
-fn assert_config_error(w: &World, yaml: &str, key: &str, detail: &str) -> String {
-    let config = write_config(w, yaml);
-    let mut metron = Metron::spawn(&config);
+/// Runs `metron --config <config>` and checks it refuses to start: exit code 64, exactly one line
+/// on stderr, nothing on stdout. Returns that line.
+fn exits_64_with_one_line(config: &Path) -> String {
+    let mut metron = Metron::spawn(config);
     let status = metron.wait_exit(STEP);
     let lines = metron.all_lines(Pipe::Stderr);
     assert_eq!(status.code(), Some(64), "{status}; stderr: {lines:#?}");
@@ -194,11 +193,17 @@ fn assert_config_error(w: &World, yaml: &str, key: &str, detail: &str) -> String
         Vec::<String>::new(),
         "nothing on stdout"
     );
-    let line = &lines[0];
+    lines.into_iter().next().expect("one line")
+}
+
+/// Runs metron on `yaml` and checks it refuses it: exit code 64 and exactly one line on stderr,
+/// which starts with `key: ` after the prefix and contains `detail`.
+fn assert_config_error(w: &World, yaml: &str, key: &str, detail: &str) -> String {
+    let line = exits_64_with_one_line(&write_config(w, yaml));
     assert!(line.starts_with("metron: "), "{line}");
     assert!(line.contains(&format!(" {key}: ")), "names {key}: {line}");
     assert!(line.contains(detail), "mentions {detail:?}: {line}");
-    line.clone()
+    line
 }
 
 /// An address nobody serves: configs that fail validation never dial it.
@@ -266,22 +271,9 @@ fn ca_file_without_a_certificate_exits_64_naming_its_key() {
 fn missing_config_file_exits_64() {
     let w = World::new();
     let absent = w.pki.dir.join("absent.yaml");
-    let mut metron = Metron::spawn(&absent);
-    let status = metron.wait_exit(STEP);
-    let lines = metron.all_lines(Pipe::Stderr);
-    assert_eq!(status.code(), Some(64), "{status}; stderr: {lines:#?}");
-    assert_eq!(lines.len(), 1, "exactly one line on stderr: {lines:#?}");
-    assert_eq!(
-        metron.all_lines(Pipe::Stdout),
-        Vec::<String>::new(),
-        "nothing on stdout"
-    );
-    assert!(lines[0].contains("<file>: cannot read"), "{}", lines[0]);
-    assert!(
-        lines[0].contains(&absent.display().to_string()),
-        "{}",
-        lines[0]
-    );
+    let line = exits_64_with_one_line(&absent);
+    assert!(line.contains("<file>: cannot read"), "{line}");
+    assert!(line.contains(&absent.display().to_string()), "{line}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::agent::World;
+use common::agent::{unserved_addr, World};
 use common::*;
 use metron::proto::EnvelopeBatch;
 use metron::telemetry::DropReason;
@@ -24,10 +24,7 @@ fn load(n: usize) -> Vec<EnvelopeBatch> {
 async fn shutdown_flushes_what_is_buffered() {
     let w = World::new();
     // No Doppler yet: everything sent stays buffered.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = unserved_addr();
     let mut agent = w.start(&[(addr, "z1")], "shutdown: { grace_period_ms: 10000 }\n");
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     for b in load(3_000) {

@@ -88,6 +88,14 @@ logging: {{ level: warn }}
     }
 }
 
+/// A loopback address with nothing listening (bound, then released): every dial to it fails until
+/// a test starts a Doppler there.
+pub fn unserved_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
 /// The balance every test ends with: each envelope that entered was delivered or dropped.
 pub fn assert_balanced(agent: &Agent) {
     let m = agent.metrics();
