@@ -149,7 +149,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         })
     };
     let sequencer = {
-        let sequencer = Sequencer::new(slots, c.pipeline.max_sources.get(), || {
+        let sequencer = Sequencer::new(c.pipeline.max_sources.get(), || {
             crate::entropy::random_hex(16)
         });
         tracing::info!(

@@ -72,8 +72,7 @@ impl Handler<TaggedBatch> for SequencerActor {
             }
             self.queues[slot].route(part.bytes());
             for env in part.envelopes_mut() {
-                let stamped = self.sequencer.stamp(env);
-                debug_assert_eq!(stamped, slot);
+                self.sequencer.stamp(env);
             }
             parts.push((slot, part));
         }

@@ -1,5 +1,5 @@
-//! Per-source-id sequencing: stamps `metron_stream` and `metron_seq`, and picks each source's
-//! Doppler connection slot (source affinity).
+//! Per-source-id sequencing: stamps `metron_stream` and `metron_seq`; and [`slot_of`], each
+//! source's Doppler connection slot (source affinity).
 
 use std::collections::HashMap;
 
@@ -20,28 +20,24 @@ pub struct Sequencer {
     stream_id: String,
     next: HashMap<u128, u64>,
     max_sources: usize,
-    slots: usize,
     new_stream_id: Box<dyn FnMut() -> String + Send>,
     rotations: u64,
 }
 
 impl Sequencer {
-    /// `slots` is the number of Doppler connections; `new_stream_id` makes stream ids (random in
-    /// production, deterministic in tests).
+    /// `new_stream_id` makes stream ids (random in production, deterministic in tests).
     ///
     /// # Panics
-    /// If `slots` or `max_sources` is zero (the config makes both `NonZero`).
+    /// If `max_sources` is zero (the config makes it `NonZero`).
     pub fn new(
-        slots: usize,
         max_sources: usize,
         mut new_stream_id: impl FnMut() -> String + Send + 'static,
     ) -> Self {
-        assert!(slots > 0 && max_sources > 0);
+        assert!(max_sources > 0);
         Self {
             stream_id: new_stream_id(),
             next: HashMap::new(),
             max_sources,
-            slots,
             new_stream_id: Box::new(new_stream_id),
             rotations: 0,
         }
@@ -60,9 +56,10 @@ impl Sequencer {
         self.next.len()
     }
 
-    /// Stamps the two sequence tags and returns the envelope's connection slot.
-    pub fn stamp(&mut self, env: &mut Envelope) -> usize {
-        let seq = match self.next.get_mut(&source_key(&env.source_id)) {
+    /// Stamps the two sequence tags.
+    pub fn stamp(&mut self, env: &mut Envelope) {
+        let key = source_key(&env.source_id);
+        let seq = match self.next.get_mut(&key) {
             Some(n) => {
                 *n += 1;
                 *n
@@ -73,13 +70,12 @@ impl Sequencer {
                     self.stream_id = (self.new_stream_id)();
                     self.rotations += 1;
                 }
-                self.next.insert(source_key(&env.source_id), 1);
+                self.next.insert(key, 1);
                 1
             }
         };
         env.tags.insert(STREAM_TAG.into(), self.stream_id.clone());
         env.tags.insert(SEQ_TAG.into(), seq.to_string());
-        slot_of(&env.source_id, self.slots)
     }
 }
 
@@ -121,7 +117,7 @@ mod tests {
 
     #[test]
     fn numbers_each_source_from_one() {
-        let mut s = Sequencer::new(3, 100, counting_ids());
+        let mut s = Sequencer::new(100, counting_ids());
         let seqs: Vec<(String, String)> = ["a", "b", "a", "a", "b"]
             .iter()
             .map(|src| {
@@ -138,7 +134,7 @@ mod tests {
 
     #[test]
     fn a_full_table_starts_a_new_stream() {
-        let mut s = Sequencer::new(1, 2, counting_ids());
+        let mut s = Sequencer::new(2, counting_ids());
         let mut e = env("a");
         s.stamp(&mut e);
         let mut e = env("b");
@@ -163,12 +159,13 @@ mod tests {
         #[test]
         fn gapless_bounded_and_affine(sources in prop::collection::vec(0u8..20, 1..500),
                                       max in 1usize..8, slots in 1usize..6) {
-            let mut s = Sequencer::new(slots, max, counting_ids());
+            let mut s = Sequencer::new(max, counting_ids());
             let mut last: HashMap<(String, String), u64> = HashMap::new();
             let mut slot_of_source: HashMap<u8, usize> = HashMap::new();
             for src in sources {
                 let mut e = env(&src.to_string());
-                let slot = s.stamp(&mut e);
+                s.stamp(&mut e);
+                let slot = slot_of(&e.source_id, slots);
                 prop_assert!(slot < slots);
                 prop_assert_eq!(*slot_of_source.entry(src).or_insert(slot), slot);
                 prop_assert!(s.sources() <= max);
