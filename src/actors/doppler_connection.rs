@@ -28,11 +28,21 @@ enum State {
     Connecting {
         endpoint: usize,
     },
-    Connected {
-        endpoint: usize,
-        since: Instant,
-        task: AbortHandle,
-    },
+    Connected(Live),
+}
+
+/// An open connection and what is known about its stream; all of it goes with the connection, so
+/// nothing here needs resetting on restart.
+struct Live {
+    endpoint: usize,
+    since: Instant,
+    task: AbortHandle,
+    /// The stream was ended on purpose by [`Recycle`].
+    recycling: bool,
+    /// The current stall was already reported to the supervisor.
+    stall_reported: bool,
+    /// The stream's end was acknowledged by the Doppler (nothing it took was lost).
+    acknowledged: bool,
 }
 
 /// Everything a connection actor needs that does not change over its life.
@@ -58,12 +68,6 @@ pub struct DopplerConnection {
     torn_down: Option<(Option<usize>, Duration)>,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<bool>>,
-    /// The current stream was ended on purpose by [`Recycle`].
-    recycling: bool,
-    /// The current stall was already reported to the supervisor.
-    stall_reported: bool,
-    /// The current stream's end was acknowledged by the Doppler (nothing it took was lost).
-    acknowledged: bool,
     /// A stream was cut off during the drain: what it had taken may be lost.
     drain_lossy: bool,
 }
@@ -79,10 +83,14 @@ impl DopplerConnection {
             torn_down: None,
             draining: false,
             drain_waiters: Vec::new(),
-            recycling: false,
-            stall_reported: false,
-            acknowledged: false,
             drain_lossy: false,
+        }
+    }
+
+    fn live(&mut self) -> Option<&mut Live> {
+        match &mut self.state {
+            State::Connected(live) => Some(live),
+            _ => None,
         }
     }
 
@@ -103,21 +111,17 @@ impl DopplerConnection {
         match std::mem::replace(&mut self.state, State::Idle) {
             State::Idle => (None, Duration::ZERO),
             State::Connecting { endpoint } => (Some(endpoint), Duration::ZERO),
-            State::Connected {
-                endpoint,
-                since,
-                task,
-            } => {
-                task.abort();
+            State::Connected(live) => {
+                live.task.abort();
                 // Retire the old stream at once: it must take nothing more from the queue.
                 self.queue.end_stream();
-                if self.draining && !self.acknowledged {
+                if self.draining && !live.acknowledged {
                     self.drain_lossy = true;
                 }
                 let m = self.setup.ledger.metrics();
                 m.doppler_connections.fetch_sub(1, Ordering::Relaxed);
                 m.doppler_v2_streams.fetch_sub(1, Ordering::Relaxed);
-                (Some(endpoint), since.elapsed())
+                (Some(live.endpoint), live.since.elapsed())
             }
         }
     }
@@ -153,16 +157,17 @@ impl DopplerConnection {
              ctx| act.on_stream_end(res, ctx),
         ));
         self.queue.restart_progress_clock();
-        self.acknowledged = false;
-        self.stall_reported = false;
         let m = self.setup.ledger.metrics();
         m.doppler_connections.fetch_add(1, Ordering::Relaxed);
         m.doppler_v2_streams.fetch_add(1, Ordering::Relaxed);
-        self.state = State::Connected {
+        self.state = State::Connected(Live {
             endpoint,
             since: Instant::now(),
             task,
-        };
+            recycling: false,
+            stall_reported: false,
+            acknowledged: false,
+        });
         // Control message: it must reach the supervisor whatever its mailbox holds.
         self.setup.up.do_send(ConnectionUp {
             slot: self.slot,
@@ -178,14 +183,19 @@ impl DopplerConnection {
         >,
         ctx: &mut Context<Self>,
     ) {
-        self.acknowledged = matches!(res, Ok(Ok(_)));
+        let acknowledged = matches!(res, Ok(Ok(_)));
+        let mut recycling = false;
+        if let Some(live) = self.live() {
+            live.acknowledged = acknowledged;
+            recycling = live.recycling;
+        }
         match res {
             // Drained: the stream ended because the queue was empty and the Doppler said so.
             Ok(Ok(_)) if self.draining && self.queue.envelopes() == 0 => {
                 self.teardown();
                 self.finish_drain(true);
             }
-            Ok(Ok(_)) if self.recycling => {
+            Ok(Ok(_)) if recycling => {
                 self.fail(RestartCause::Recycled, "recycled by the supervisor", ctx)
             }
             Ok(Ok(_)) => self.fail(RestartCause::StreamClosed, "doppler ended the stream", ctx),
@@ -204,15 +214,17 @@ impl Actor for DopplerConnection {
         ctx.run_interval(timeout / 4, move |act, _| {
             // A recycled stream waits for its acknowledgement with an ended epoch, and a drain is
             // bounded by the grace period: neither is a stall.
-            let watched =
-                matches!(act.state, State::Connected { .. }) && !act.draining && !act.recycling;
-            let stalled = watched && act.queue.stalled_for() >= timeout;
-            if stalled && !act.stall_reported {
-                act.stall_reported = true;
+            let (slot, draining) = (act.slot, act.draining);
+            let stalled_for = act.queue.stalled_for();
+            let Some(live) = act.live() else {
+                return;
+            };
+            let stalled = !draining && !live.recycling && stalled_for >= timeout;
+            let report = stalled && !live.stall_reported;
+            live.stall_reported = stalled;
+            if report {
                 // Control message: the supervisor decides whether moving is worth a lost window.
-                act.setup.stalled.do_send(Stalled { slot: act.slot });
-            } else if !stalled {
-                act.stall_reported = false;
+                act.setup.stalled.do_send(Stalled { slot });
             }
         });
     }
@@ -224,8 +236,6 @@ impl Actor for DopplerConnection {
 
 impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.recycling = false;
-        self.stall_reported = false;
         let cause = self.failure.take().unwrap_or(RestartCause::Killed);
         let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
         self.setup.ledger.metrics().restarted(cause);
@@ -274,8 +284,11 @@ impl Handler<Recycle> for DopplerConnection {
     type Result = ();
 
     fn handle(&mut self, _: Recycle, _: &mut Context<Self>) {
-        if matches!(self.state, State::Connected { .. }) && !self.draining {
-            self.recycling = true;
+        if self.draining {
+            return;
+        }
+        if let Some(live) = self.live() {
+            live.recycling = true;
             self.queue.end_stream();
         }
     }
@@ -285,7 +298,7 @@ impl Handler<Abandon> for DopplerConnection {
     type Result = ();
 
     fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
-        if matches!(self.state, State::Connected { .. }) && !self.draining {
+        if self.live().is_some() && !self.draining {
             self.fail(
                 RestartCause::Stalled,
                 "no progress: the Doppler stopped reading",
@@ -303,8 +316,7 @@ impl Handler<Drain> for DopplerConnection {
         // comes when the Doppler has acknowledged that end.
         self.draining = true;
         self.queue.close();
-        let connected = matches!(self.state, State::Connected { .. });
-        if !connected && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
+        if self.live().is_none() && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
             // Nothing to flush and no stream to end.
             let flushed = !self.drain_lossy;
             return Box::pin(async move { flushed });
