@@ -27,8 +27,9 @@ pub struct DopplerSupervisor {
     /// Slots whose stream is open.
     up: Vec<bool>,
     rebalance_interval: Duration,
-    /// For probing a local endpoint before moving a connection back to it.
-    dial: DialSettings,
+    /// What the connections share; its dial settings also probe a local endpoint before a
+    /// connection is moved back to it.
+    setup: Arc<ConnectionSetup>,
     probing: bool,
     failures: RateLimit,
     connects: RateLimit,
@@ -56,7 +57,6 @@ impl DopplerSupervisor {
         let mut slots = Vec::with_capacity(connections);
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
-            let probe_dial = s.dial.clone();
             let setup = Arc::new(ConnectionSetup {
                 dial: s.dial,
                 limits: s.limits,
@@ -67,12 +67,12 @@ impl DopplerSupervisor {
                 stalled: me.recipient(),
             });
             for (slot, queue) in s.queues.into_iter().enumerate() {
-                let setup = setup.clone();
+                let shared = setup.clone();
                 let cap = s.mailbox_capacity;
                 slots.push(actix::Supervisor::start(
                     move |c: &mut Context<DopplerConnection>| {
                         c.set_mailbox_capacity(cap);
-                        DopplerConnection::new(slot, queue, setup)
+                        DopplerConnection::new(slot, queue, shared)
                     },
                 ));
             }
@@ -82,7 +82,7 @@ impl DopplerSupervisor {
                 assigned: vec![None; connections],
                 up: vec![false; connections],
                 rebalance_interval: s.rebalance_interval,
-                dial: probe_dial,
+                setup,
                 probing: false,
                 failures: RateLimit::new(Duration::from_secs(30)),
                 connects: RateLimit::new(Duration::from_secs(30)),
@@ -99,9 +99,7 @@ impl DopplerSupervisor {
         if self.probing {
             return;
         }
-        let Some(away) = (0..self.slots.len())
-            .find(|&s| self.up[s] && self.assigned[s].is_some_and(|e| !self.balancer.is_local(e)))
-        else {
+        let Some(away) = (0..self.slots.len()).find(|&s| self.is_away(s)) else {
             return;
         };
         let Some(local) = self.balancer.local_candidate(Instant::now()) else {
@@ -109,7 +107,7 @@ impl DopplerSupervisor {
         };
         self.probing = true;
         let addr = self.balancer.endpoint(local).addr.clone();
-        let settings = self.dial.clone();
+        let settings = self.setup.dial.clone();
         let probe = async move { dial(&addr, &settings).await.is_ok() };
         ctx.spawn(wrap_future(probe).map(move |reachable, act: &mut Self, _| {
             act.probing = false;
@@ -119,12 +117,17 @@ impl DopplerSupervisor {
                 return;
             }
             // Still away? (It may have failed over or been moved meanwhile.)
-            if act.up[away] && act.assigned[away].is_some_and(|e| !act.balancer.is_local(e)) {
+            if act.is_away(away) {
                 tracing::debug!(slot = away, "moving a connection back to the local AZ");
                 // Control message: it must get through even when the slot's mailbox is full.
                 act.slots[away].do_send(Recycle);
             }
         }));
+    }
+
+    /// Whether `slot` has an open stream to an endpoint outside the local AZ.
+    fn is_away(&self, slot: usize) -> bool {
+        self.up[slot] && self.assigned[slot].is_some_and(|e| !self.balancer.is_local(e))
     }
 
     fn connect(&mut self, slot: usize) {
