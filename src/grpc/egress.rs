@@ -47,8 +47,6 @@ impl BatchLimits {
 struct Inner {
     batches: VecDeque<Batch>,
     envelopes: usize,
-    /// Budget bytes of the queued envelopes.
-    bytes: usize,
     /// Since when the queue has held data without a stream taking any (progress watchdog).
     waiting_since: Option<Instant>,
     /// The stream's waker while it waits for data.
@@ -98,7 +96,6 @@ impl EgressQueue {
         let waker = {
             let mut q = self.inner.lock();
             q.envelopes += batch.len();
-            q.bytes += batch.bytes();
             if q.batches.is_empty() {
                 q.waiting_since = Some(Instant::now());
             }
@@ -193,7 +190,6 @@ impl EgressQueue {
             }
         }
         q.envelopes -= out.len();
-        q.bytes -= out.bytes();
         self.unroute(out.bytes());
         q.waiting_since = (!q.batches.is_empty()).then(Instant::now);
         Poll::Ready(Some(out))
