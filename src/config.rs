@@ -87,7 +87,8 @@ pub struct TlsFiles {
 
 #[derive(Debug, Clone)]
 pub struct DopplersConfig {
-    pub endpoints: Vec<EndpointConfig>,
+    /// Where the Dopplers are: a fixed list, or DNS names re-resolved while running.
+    pub source: DopplerSource,
     pub tls: Option<TlsFiles>,
     /// The name the Doppler's certificate must be valid for.
     pub server_name: String,
@@ -96,14 +97,38 @@ pub struct DopplersConfig {
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// How often the supervisor moves one connection from another AZ back to a usable local one.
+    /// How often the supervisor reviews where its connections are: it moves at most one per
+    /// interval (back to the local AZ, off a retired Doppler, onto an unused one, or a periodic
+    /// recycle).
     pub rebalance_interval: Duration,
-    /// A stream that takes nothing from a non-empty queue for this long is replaced.
+    /// A slot whose data makes no progress for this long (nothing taken from a non-empty queue,
+    /// or a stream left unacknowledged) has its connection replaced.
     pub progress_timeout: Duration,
+    /// A stream is ended and acknowledged by its Doppler at most this long after it first
+    /// carried data; until then its envelopes are in flight.
+    pub ack_interval: Duration,
+    /// ... or once it has carried this many budget bytes.
+    pub ack_bytes: NonZeroUsize,
+    /// Every connection is recycled (gracefully) after about this long, jittered; `None` = never.
+    pub recycle_interval: Option<Duration>,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub batch_max_envelopes: NonZeroUsize,
     pub batch_max_bytes: NonZeroUsize,
+}
+
+/// Where the Dopplers are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DopplerSource {
+    /// `dopplers.endpoints`: a fixed list, each with its AZ.
+    Static(Vec<EndpointConfig>),
+    /// `dopplers.router_addr` (every Doppler) and optionally `dopplers.router_addr_with_az` (the
+    /// local AZ's), both `host:port`, re-resolved every `resolve_interval` and after a failure.
+    Dns {
+        router_addr: String,
+        router_addr_with_az: Option<String>,
+        resolve_interval: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -204,7 +229,14 @@ fn default_ingress_max_wait_ms() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDopplers {
+    #[serde(default)]
     endpoints: Vec<EndpointConfig>,
+    #[serde(default)]
+    router_addr: Option<String>,
+    #[serde(default)]
+    router_addr_with_az: Option<String>,
+    #[serde(default = "default_resolve_interval_ms")]
+    resolve_interval_ms: NonZeroU64,
     #[serde(default)]
     tls: Option<RawDopplerTls>,
     #[serde(default = "default_connections")]
@@ -219,6 +251,12 @@ struct RawDopplers {
     rebalance_interval_ms: NonZeroU64,
     #[serde(default = "default_progress_timeout_ms")]
     progress_timeout_ms: NonZeroU64,
+    #[serde(default = "default_ack_interval_ms")]
+    ack_interval_ms: NonZeroU64,
+    #[serde(default = "default_ack_bytes")]
+    ack_bytes: NonZeroUsize,
+    #[serde(default = "default_recycle_interval_ms")]
+    recycle_interval_ms: u64,
     #[serde(default = "default_keepalive_interval_ms")]
     keepalive_interval_ms: NonZeroU64,
     #[serde(default = "default_keepalive_timeout_ms")]
@@ -251,14 +289,29 @@ fn default_connect_timeout_ms() -> NonZeroU64 {
 fn default_backoff_initial_ms() -> NonZeroU64 {
     NonZeroU64::new(50).unwrap()
 }
+/// Capped low so delivery resumes within ~200 ms of a Doppler coming back; a refused dial costs
+/// next to nothing, and the warnings about it are rate-limited.
 fn default_backoff_max_ms() -> NonZeroU64 {
-    NonZeroU64::new(1_000).unwrap()
+    NonZeroU64::new(150).unwrap()
+}
+fn default_resolve_interval_ms() -> NonZeroU64 {
+    NonZeroU64::new(5_000).unwrap()
+}
+fn default_ack_interval_ms() -> NonZeroU64 {
+    NonZeroU64::new(100).unwrap()
+}
+fn default_ack_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(1024 * 1024).unwrap()
+}
+/// Upstream recycles after ~100k writes; see README "Supervision" for why metron uses time.
+fn default_recycle_interval_ms() -> u64 {
+    600_000
 }
 fn default_progress_timeout_ms() -> NonZeroU64 {
     NonZeroU64::new(2_000).unwrap()
 }
 fn default_rebalance_interval_ms() -> NonZeroU64 {
-    NonZeroU64::new(5_000).unwrap()
+    NonZeroU64::new(200).unwrap()
 }
 fn default_keepalive_interval_ms() -> NonZeroU64 {
     NonZeroU64::new(15_000).unwrap()
@@ -535,25 +588,56 @@ impl RawConfig {
         };
 
         let d = self.dopplers;
-        if d.endpoints.is_empty() {
-            return Err(ConfigError::new(
-                "dopplers.endpoints",
-                "at least one endpoint is required",
-            ));
-        }
-        for (i, ep) in d.endpoints.iter().enumerate() {
-            let key = format!("dopplers.endpoints[{i}].addr");
-            let ok = ep
-                .addr
+        let host_port = |key: String, addr: &str| {
+            let ok = addr
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                return Err(ConfigError::new(
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
                     key,
-                    format!("{:?} is not a host:port address", ep.addr),
-                ));
+                    format!("{addr:?} is not a host:port address"),
+                ))
             }
-        }
+        };
+        let source = match (d.endpoints.is_empty(), d.router_addr) {
+            (true, None) => {
+                return Err(ConfigError::new(
+                    "dopplers",
+                    "set either endpoints (a list) or router_addr (a DNS name)",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(ConfigError::new(
+                    "dopplers.router_addr",
+                    "set either endpoints or router_addr, not both",
+                ))
+            }
+            (false, None) => {
+                if d.router_addr_with_az.is_some() {
+                    return Err(ConfigError::new(
+                        "dopplers.router_addr_with_az",
+                        "needs dopplers.router_addr (it names the local AZ's share of those Dopplers)",
+                    ));
+                }
+                for (i, ep) in d.endpoints.iter().enumerate() {
+                    host_port(format!("dopplers.endpoints[{i}].addr"), &ep.addr)?;
+                }
+                DopplerSource::Static(d.endpoints)
+            }
+            (true, Some(router_addr)) => {
+                host_port("dopplers.router_addr".into(), &router_addr)?;
+                if let Some(a) = &d.router_addr_with_az {
+                    host_port("dopplers.router_addr_with_az".into(), a)?;
+                }
+                DopplerSource::Dns {
+                    router_addr,
+                    router_addr_with_az: d.router_addr_with_az,
+                    resolve_interval: Duration::from_millis(d.resolve_interval_ms.get()),
+                }
+            }
+        };
         let (doppler_tls, server_name) = match d.tls {
             Some(t) => {
                 let files = TlsFiles {
@@ -599,7 +683,7 @@ impl RawConfig {
             ));
         }
         let dopplers = DopplersConfig {
-            endpoints: d.endpoints,
+            source,
             tls: doppler_tls,
             server_name,
             connections: d.connections,
@@ -608,6 +692,10 @@ impl RawConfig {
             backoff_max: Duration::from_millis(d.backoff_max_ms.get()),
             rebalance_interval: Duration::from_millis(d.rebalance_interval_ms.get()),
             progress_timeout: Duration::from_millis(d.progress_timeout_ms.get()),
+            ack_interval: Duration::from_millis(d.ack_interval_ms.get()),
+            ack_bytes: d.ack_bytes,
+            recycle_interval: (d.recycle_interval_ms > 0)
+                .then(|| Duration::from_millis(d.recycle_interval_ms)),
             keepalive_interval: Duration::from_millis(d.keepalive_interval_ms.get()),
             keepalive_timeout: Duration::from_millis(d.keepalive_timeout_ms.get()),
             batch_max_envelopes: d.batch_max_envelopes,
@@ -772,6 +860,37 @@ development: { enabled: true }
         );
         let e = Config::from_yaml(&text).unwrap_err();
         assert_eq!(e.key, "ingress.grpc.tls.ca");
+    }
+
+    #[test]
+    fn doppler_discovery_by_dns_is_validated() {
+        let dns = MINIMAL.replace(
+            "endpoints: [ { addr: \"127.0.0.1:8082\", az: z1 } ]",
+            "router_addr: \"doppler.service.cf.internal:8082\", router_addr_with_az: \"z1.doppler.service.cf.internal:8082\"",
+        );
+        let c = Config::from_yaml(&dns).unwrap();
+        assert_eq!(
+            c.dopplers.source,
+            DopplerSource::Dns {
+                router_addr: "doppler.service.cf.internal:8082".into(),
+                router_addr_with_az: Some("z1.doppler.service.cf.internal:8082".into()),
+                resolve_interval: Duration::from_secs(5),
+            }
+        );
+        let key = |t: &str| Config::from_yaml(t).unwrap_err().key;
+        assert_eq!(
+            key(&dns.replace(":8082\", router", "\", router")),
+            "dopplers.router_addr"
+        );
+        let both = MINIMAL.replace("az: z1 } ] }", "az: z1 } ], router_addr: \"d:1\" }");
+        assert_eq!(key(&both), "dopplers.router_addr");
+        let neither = MINIMAL.replace(
+            "endpoints: [ { addr: \"127.0.0.1:8082\", az: z1 } ]",
+            "connections: 2",
+        );
+        assert_eq!(key(&neither), "dopplers");
+        let az_only = MINIMAL.replace("az: z1 } ] }", "az: z1 } ], router_addr_with_az: \"d:1\" }");
+        assert_eq!(key(&az_only), "dopplers.router_addr_with_az");
     }
 
     #[test]

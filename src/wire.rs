@@ -16,11 +16,11 @@ use crate::actors::messages::Drain;
 use crate::actors::sequencer::SequencerActor;
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
-use crate::config::Config;
+use crate::config::{Config, DopplerSource};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::signing::Signer;
 use crate::envelope::tagging::Tagger;
-use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue};
+use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue, StreamSettings};
 use crate::grpc::ingress::{Edge, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::{Balancer, Endpoint};
@@ -102,16 +102,21 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let ledger = p.ledger.clone();
     let slots = c.dopplers.connections.get();
 
-    let balancer = Balancer::new(
-        &c.identity.az,
-        c.dopplers
-            .endpoints
+    let endpoints = match &c.dopplers.source {
+        DopplerSource::Static(list) => list
             .iter()
             .map(|e| Endpoint {
                 addr: e.addr.clone(),
                 az: e.az.clone(),
             })
             .collect(),
+        DopplerSource::Dns { .. } => {
+            return Err(std::io::Error::other("DNS discovery is not wired yet"));
+        }
+    };
+    let balancer = Balancer::new(
+        &c.identity.az,
+        endpoints,
         c.dopplers.backoff_initial,
         c.dopplers.backoff_max,
     );
@@ -128,9 +133,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             keepalive_interval: c.dopplers.keepalive_interval,
             keepalive_timeout: c.dopplers.keepalive_timeout,
         },
-        limits: BatchLimits {
-            max_envelopes: c.dopplers.batch_max_envelopes.get(),
-            max_bytes: c.dopplers.batch_max_bytes.get(),
+        streams: StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: c.dopplers.batch_max_envelopes.get(),
+                max_bytes: c.dopplers.batch_max_bytes.get(),
+            },
+            ack_interval: c.dopplers.ack_interval,
+            ack_bytes: c.dopplers.ack_bytes.get(),
         },
         progress_timeout: c.dopplers.progress_timeout,
         ledger: ledger.clone(),
@@ -286,7 +295,8 @@ impl Running {
         {
             server.abort();
         }
-        // Barrier: once everything buffered sits in a slot queue, no batch is still on its way
+        // Barrier: once everything buffered sits in a slot queue (or in flight on a stream), no
+        // batch is still on its way
         // through a mailbox, and closing the queues cannot strand one. The edge re-checks
         // `closed` after admitting, so nothing new arrives.
         let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -294,7 +304,11 @@ impl Running {
             // Ledger first: takes and pushes between the two reads can then only make the
             // comparison fail, never pass early.
             let buffered = self.ledger.buffered().0;
-            let queued: usize = self.queues.iter().map(|q| q.envelopes()).sum();
+            let queued: usize = self
+                .queues
+                .iter()
+                .map(|q| q.envelopes() + q.in_flight())
+                .sum();
             if buffered == queued as u64 {
                 break;
             }

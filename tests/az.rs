@@ -40,11 +40,11 @@ async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
     let agent = w.start(&[(remote.addr(), "z2"), (local.addr(), "z1")], "");
     let slots = agent.connection_slots();
     assert!(
-        local.wait_for_streams(slots, WAIT),
+        local.wait_for_connections(slots, WAIT),
         "every connection goes to the local AZ"
     );
     assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
-    assert_eq!(remote.streams_opened(), 0);
+    assert_eq!(remote.connections_opened(), 0);
 
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     let first = wave("first", 600);
@@ -55,12 +55,14 @@ async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
         local.count()
     );
     assert_eq!(remote.count(), 0, "nothing went to the other AZ");
+    // Acknowledged before the kill: otherwise the kill counts it as lost (connection_lost).
+    assert_eventually!(agent.metrics().egress == first.len() as u64);
 
     local.kill();
     assert!(
-        remote.wait_for_streams(slots, WAIT),
+        remote.wait_for_connections(slots, WAIT),
         "with the local Doppler dead every connection moves to the other AZ ({} opened)",
-        remote.streams_opened()
+        remote.connections_opened()
     );
     assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
 
@@ -79,12 +81,12 @@ async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
     assert_eq!(local.count(), first.len());
 
     // The local Doppler returns: the supervisor moves every connection back, one at a time.
-    let opened = local.streams_opened();
+    let opened = local.connections_opened();
     local.restart();
     assert!(
-        local.wait_for_streams(opened + slots, WAIT),
+        local.wait_for_connections(opened + slots, WAIT),
         "every connection returns to the local AZ ({} reopened)",
-        local.streams_opened() - opened
+        local.connections_opened() - opened
     );
     assert_eventually!(agent.metrics().doppler_v2_streams == slots as i64);
     let third = wave("third", 600);
@@ -105,6 +107,12 @@ async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
         "nothing more went to the other AZ"
     );
 
+    let total = (first.len() + second.len() + third.len()) as u64;
+    assert_eventually!(
+        agent.metrics().egress == total,
+        "every envelope acknowledged: {:?}",
+        agent.metrics()
+    );
     let m = agent.metrics();
     let recycled = m
         .restarts

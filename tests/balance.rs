@@ -75,6 +75,7 @@ async fn healthy_doppler_gets_every_envelope_from_concurrent_streams() {
         "{} of {sent}",
         doppler.count()
     );
+    assert!(wait_drained(&agent, WAIT), "acknowledged");
     let m = agent.metrics();
     assert_eq!(
         (m.ingress, m.egress, m.dropped_total()),
@@ -261,8 +262,8 @@ async fn a_stuck_doppler_cannot_take_the_healthy_slots_share() {
         .replace("progress_timeout_ms: 500", "progress_timeout_ms: 600000");
     let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
     assert!(
-        stuck.wait_for_streams_async(2, WAIT).await
-            && healthy.wait_for_streams_async(2, WAIT).await
+        stuck.wait_for_connections_async(2, WAIT).await
+            && healthy.wait_for_connections_async(2, WAIT).await
     );
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     // 24 MiB over 40 sources: far more than the stuck slots may hold (the budget less the
@@ -306,16 +307,16 @@ async fn a_doppler_that_stops_reading_is_replaced_by_the_watchdog() {
         );
     let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
     let slots = agent.connection_slots();
-    assert!(stuck.wait_for_streams(slots, WAIT));
+    assert!(stuck.wait_for_connections(slots, WAIT));
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     // Enough to fill the stuck Doppler's HTTP/2 windows and leave the queues non-empty.
     for b in batches(30, 3_000, 100, 4096) {
         client.send(b).await.expect("Send");
     }
     assert!(
-        healthy.wait_for_streams(slots, WAIT),
+        healthy.wait_for_connections(slots, WAIT),
         "every stuck connection was replaced ({} moved)",
-        healthy.streams_opened()
+        healthy.connections_opened()
     );
     let stalled = |m: &metron::telemetry::MetricsSnapshot| {
         m.restarts

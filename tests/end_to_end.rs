@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{assert_balanced, sequences, World, KEY, KEY_ID};
+use common::agent::{assert_balanced, sequences, wait_drained, World, KEY, KEY_ID};
 use common::*;
 use metron::proto::envelope::Message;
 use metron::proto::{value::Data, Envelope, EnvelopeBatch, Value};
@@ -147,6 +147,8 @@ fn finish(agent: metron::Agent, doppler: &FakeDoppler, sent: &[Envelope]) {
         sent.len()
     );
     check_delivered(sent, &doppler.received());
+    // egress counts what a Doppler acknowledged: the next stream end, within ack_interval_ms.
+    assert!(wait_drained(&agent, WAIT), "acknowledged");
     let m = agent.metrics();
     assert_eq!(m.ingress, sent.len() as u64);
     assert_eq!(m.origin_mappings, 1);

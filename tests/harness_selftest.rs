@@ -46,10 +46,12 @@ async fn send_batches(
         let mut c = connect_ingress(addr, "doppler", &pki.ca_pem, client)
             .await
             .map_err(|e| format!("connect: {e:?}"))?;
-        c.batch_sender(tokio_stream::iter(batches))
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("rpc: {e:?}"))
+        // The fake answers the end of a stream as an upstream Doppler does: `Unknown: EOF`.
+        match c.batch_sender(tokio_stream::iter(batches)).await {
+            Ok(_) => Err("an upstream Doppler never answers OK".to_string()),
+            Err(s) if s.code() == tonic::Code::Unknown && s.message() == "EOF" => Ok(()),
+            Err(s) => Err(format!("rpc: {s:?}")),
+        }
     };
     tokio::time::timeout(STEP, work)
         .await
@@ -165,7 +167,8 @@ async fn kill_refuses_and_restart_accumulates() {
         Counts {
             envelopes: 10,
             batches: 2,
-            streams_opened: 2
+            streams_opened: 2,
+            connections: 2
         }
     );
     let sources: Vec<String> = doppler
@@ -261,11 +264,12 @@ async fn stall_backs_up_flow_control_until_released() {
         BATCHES * PER_BATCH
     );
     producer.await.expect("producer");
-    tokio::time::timeout(STEP, call)
+    let end = tokio::time::timeout(STEP, call)
         .await
         .expect("stream completes")
         .expect("join")
-        .expect("BatchSender ok");
+        .expect_err("answered the upstream way");
+    assert_eq!((end.code(), end.message()), (tonic::Code::Unknown, "EOF"));
     assert_eq!(doppler.batches(), BATCHES);
     assert_eq!(doppler.count(), BATCHES * PER_BATCH);
     eprintln!("batches queued while stalled: {queued_while_stalled}");

@@ -353,7 +353,7 @@ async fn sigterm_drains_and_exits_0() {
     let doppler = FakeDoppler::start(&w.pki);
     let (mut metron, ingress, metrics) = start_metron(&w, &doppler, "");
     assert!(
-        doppler.wait_for_streams(3, STEP),
+        doppler.wait_for_connections(3, STEP),
         "streams: {:?}",
         doppler.counts()
     );
@@ -396,7 +396,7 @@ async fn second_signal_exits_1_without_waiting_for_the_grace_period() {
     let extra = format!("shutdown: {{ grace_period_ms: {LONG_GRACE_MS} }}");
     let (mut metron, ingress, metrics) = start_metron(&w, &doppler, &extra);
     assert!(
-        doppler.wait_for_streams(3, STEP),
+        doppler.wait_for_connections(3, STEP),
         "streams: {:?}",
         doppler.counts()
     );

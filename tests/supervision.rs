@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{assert_balanced, sequences, wait_drained, World};
+use common::agent::{assert_balanced, assert_losses_accounted, wait_drained, World};
 use common::*;
 use metron::proto::EnvelopeBatch;
 use metron::telemetry::RestartCause;
@@ -44,16 +44,6 @@ fn spawn_load(
             tokio::task::yield_now().await;
         }
     })
-}
-
-/// Per (stream, source): strictly increasing sequence numbers in arrival order.
-fn assert_in_order(received: &[metron::proto::Envelope]) {
-    for ((_, source), seqs) in sequences(received) {
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "{source} arrived out of order: {seqs:?}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,10 +91,12 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
     let before_kill = doppler.count();
     doppler.kill();
     assert!(wait_until_async(WAIT, || agent.metrics().doppler_v2_streams == 0).await);
-    let opened = doppler.streams_opened();
+    let opened = doppler.connections_opened();
     doppler.restart();
     assert!(
-        doppler.wait_for_streams_async(opened + slots, WAIT).await,
+        doppler
+            .wait_for_connections_async(opened + slots, WAIT)
+            .await,
         "the supervisor reconnects every slot"
     );
     assert!(
@@ -129,14 +121,13 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
         "every accepted envelope was counted"
     );
     assert_eq!(m.ingress, m.egress + m.dropped_total());
-    // Only what was already handed to a dying socket may be missing, and every missing envelope
-    // shows up as a gap in its source's sequence (nothing vanished unseen, nothing duplicated).
+    // Only what was in flight on a dying connection may be missing; it was counted as
+    // `connection_lost`, and what did not arrive of it shows up as gaps.
     let received = doppler.received();
-    let lost = m.egress - received.len() as u64;
-    let gaps: u64 = sequences(&received)
-        .values()
-        .map(|seqs| seqs.last().unwrap() - seqs.len() as u64)
-        .sum();
-    assert_eq!(gaps, lost, "lost {lost} of {} sent to Dopplers", m.egress);
-    assert_in_order(&received);
+    assert_losses_accounted(&received, &m);
+    eprintln!(
+        "counted as possibly lost: {}, of which arrived anyway: {}",
+        m.dropped_by(metron::telemetry::DropReason::ConnectionLost),
+        received.len() as u64 - m.egress
+    );
 }

@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 use actix::fut::wrap_future;
 use actix::prelude::*;
 use tokio::sync::oneshot;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinError};
 use tracing::Instrument;
 
 use super::messages::{
     Abandon, Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch, Recycle, Stalled,
 };
-use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue, EgressStream};
-use crate::proto::BatchSenderResponse;
+use crate::grpc::egress::{
+    count_lost_in_flight, dial, run_streams, DialSettings, EgressQueue, StreamEnd, StreamSettings,
+};
 use crate::telemetry::{Ledger, RestartCause};
 
 enum State {
@@ -48,7 +49,7 @@ struct Live {
 /// Everything a connection actor needs that does not change over its life.
 pub struct ConnectionSetup {
     pub dial: DialSettings,
-    pub limits: BatchLimits,
+    pub streams: StreamSettings,
     /// See [`crate::config::DopplersConfig::progress_timeout`].
     pub progress_timeout: Duration,
     pub ledger: Arc<Ledger>,
@@ -115,7 +116,9 @@ impl DopplerConnection {
                 live.task.abort();
                 // Retire the old stream at once: it must take nothing more from the queue.
                 self.queue.end_stream();
-                if self.draining && !live.acknowledged {
+                // What the Doppler never acknowledged may be lost: counted, never silent.
+                let lost = count_lost_in_flight(&self.queue, &self.setup.ledger);
+                if self.draining && (lost > 0 || !live.acknowledged) {
                     self.drain_lossy = true;
                 }
                 let m = self.setup.ledger.metrics();
@@ -135,26 +138,21 @@ impl DopplerConnection {
 
     fn start_stream(
         &mut self,
-        mut client: crate::proto::ingress_client::IngressClient<tonic::transport::Channel>,
+        client: crate::proto::ingress_client::IngressClient<tonic::transport::Channel>,
         endpoint: usize,
         ctx: &mut Context<Self>,
     ) {
-        let stream = EgressStream::new(
+        let span = tracing::info_span!("doppler_stream", slot = self.slot, endpoint);
+        let streams = run_streams(
+            client,
             self.queue.clone(),
             self.setup.ledger.clone(),
-            self.setup.limits,
+            self.setup.streams,
         );
-        let span = tracing::info_span!("doppler_stream", slot = self.slot, endpoint);
-        let handle =
-            tokio::spawn(async move { client.batch_sender(stream).await }.instrument(span));
+        let handle = tokio::spawn(streams.instrument(span));
         let task = handle.abort_handle();
         ctx.spawn(wrap_future(handle).map(
-            |res: Result<
-                Result<tonic::Response<BatchSenderResponse>, tonic::Status>,
-                tokio::task::JoinError,
-            >,
-             act: &mut Self,
-             ctx| act.on_stream_end(res, ctx),
+            |res: Result<StreamEnd, JoinError>, act: &mut Self, ctx| act.on_stream_end(res, ctx),
         ));
         self.queue.restart_progress_clock();
         let m = self.setup.ledger.metrics();
@@ -175,32 +173,24 @@ impl DopplerConnection {
         });
     }
 
-    fn on_stream_end(
-        &mut self,
-        res: Result<
-            Result<tonic::Response<BatchSenderResponse>, tonic::Status>,
-            tokio::task::JoinError,
-        >,
-        ctx: &mut Context<Self>,
-    ) {
-        let acknowledged = matches!(res, Ok(Ok(_)));
-        let mut recycling = false;
+    fn on_stream_end(&mut self, res: Result<StreamEnd, JoinError>, ctx: &mut Context<Self>) {
+        let end = res.unwrap_or_else(|e| StreamEnd::Failed(e.to_string()));
         if let Some(live) = self.live() {
-            live.acknowledged = acknowledged;
-            recycling = live.recycling;
+            live.acknowledged = !matches!(end, StreamEnd::Failed(_));
         }
-        match res {
-            // Drained: the stream ended because the queue was empty and the Doppler said so.
-            Ok(Ok(_)) if self.draining && self.queue.envelopes() == 0 => {
+        match end {
+            StreamEnd::Drained if self.draining => {
                 self.teardown();
                 self.finish_drain(true);
             }
-            Ok(Ok(_)) if recycling => {
+            // Drained is only reachable while draining; anything else ends the connection.
+            StreamEnd::Drained | StreamEnd::ClosedByDoppler => {
+                self.fail(RestartCause::StreamClosed, "doppler ended the stream", ctx)
+            }
+            StreamEnd::Recycled => {
                 self.fail(RestartCause::Recycled, "recycled by the supervisor", ctx)
             }
-            Ok(Ok(_)) => self.fail(RestartCause::StreamClosed, "doppler ended the stream", ctx),
-            Ok(Err(status)) => self.fail(RestartCause::StreamFailed, &status.to_string(), ctx),
-            Err(e) => self.fail(RestartCause::StreamFailed, &e.to_string(), ctx),
+            StreamEnd::Failed(detail) => self.fail(RestartCause::StreamFailed, &detail, ctx),
         }
     }
 }
@@ -215,7 +205,7 @@ impl Actor for DopplerConnection {
             // A recycled stream waits for its acknowledgement with an ended epoch, and a drain is
             // bounded by the grace period: neither is a stall.
             let (slot, draining) = (act.slot, act.draining);
-            let stalled_for = act.queue.stalled_for();
+            let stalled_for = act.queue.stalled_for(act.setup.streams.ack_interval);
             let Some(live) = act.live() else {
                 return;
             };
@@ -317,6 +307,7 @@ impl Handler<Drain> for DopplerConnection {
         self.draining = true;
         self.queue.close();
         if self.live().is_none() && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
+            // (Nothing is in flight without a live stream: teardown counts it.)
             // Nothing to flush and no stream to end.
             let flushed = !self.drain_lossy;
             return Box::pin(async move { flushed });

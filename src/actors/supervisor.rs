@@ -11,7 +11,7 @@ use actix::prelude::*;
 
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
 use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Recycle, Stalled};
-use crate::grpc::egress::{dial, BatchLimits, DialSettings, EgressQueue};
+use crate::grpc::egress::{dial, DialSettings, EgressQueue, StreamSettings};
 use crate::routing::balancer::Balancer;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{Ledger, RestartCause};
@@ -42,7 +42,7 @@ pub struct SupervisorSetup {
     pub mailbox_capacity: usize,
     pub rebalance_interval: Duration,
     pub dial: DialSettings,
-    pub limits: BatchLimits,
+    pub streams: StreamSettings,
     /// One queue per slot, created by the caller (the sequencer and signer share them).
     pub queues: Vec<Arc<EgressQueue>>,
     pub progress_timeout: Duration,
@@ -59,7 +59,7 @@ impl DopplerSupervisor {
             let me = ctx.address();
             let setup = Arc::new(ConnectionSetup {
                 dial: s.dial,
-                limits: s.limits,
+                streams: s.streams,
                 progress_timeout: s.progress_timeout,
                 ledger: s.ledger,
                 down: me.clone().recipient(),

@@ -2,24 +2,34 @@
 //! from it, and dialing with mTLS and keepalive.
 //!
 //! The queue belongs to the slot, not to a connection: when a connection dies, what it had not yet
-//! taken stays queued for the next one. An envelope counts as `egress` when the stream hands it to
-//! tonic; only those (bounded by HTTP/2 flow control) can be lost with a dying socket.
+//! taken stays queued for the next one, wherever the slot reconnects.
+//!
+//! **Acknowledged delivery.** A BatchSender stream is never answered per message, so an envelope
+//! handed to a stream is only *in flight* until the Doppler answers the end of that stream. The
+//! connection therefore ends its stream every `dopplers.ack_interval_ms` or `dopplers.ack_bytes`
+//! (whichever comes first), waits for the answer and opens the next stream on the same HTTP/2
+//! connection. The answer confirms everything the stream carried: only then does it count as
+//! `egress`. If the connection dies first, what is in flight is counted as dropped
+//! (`connection_lost`): some of it may have arrived, none of it is lost silently, and the amount
+//! is bounded by the acknowledgement window.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::envelope::Batch;
 use crate::proto::{ingress_client::IngressClient, EnvelopeBatch};
-use crate::telemetry::Ledger;
+use crate::telemetry::{DropReason, Ledger};
 
 /// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
 /// envelopes' admission costs, an upper bound on their size on the wire.
@@ -56,19 +66,24 @@ struct Inner {
     /// Streams of an older epoch end at their next poll (recycling a connection): nothing is
     /// taken from the queue for them any more.
     epoch: u64,
+    /// Taken by a stream whose Doppler has not acknowledged it yet: (envelopes, budget bytes).
+    in_flight: (usize, usize),
+    /// Since when something has been in flight.
+    in_flight_since: Option<Instant>,
 }
 
 /// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
 /// current BatchSender stream (which pulls).
 ///
 /// The sequencer *routes* bytes to the slot before it stamps them ([`EgressQueue::route`]) and they
-/// stay counted until a stream takes them or they are dropped on the way
+/// stay counted until a Doppler acknowledges them, the connection loses them, or they are dropped
+/// on the way
 /// ([`EgressQueue::unroute`]); the sequencer uses these counts to keep every slot's share of the
 /// budget available to it (see `actors::sequencer::may_route`).
 #[derive(Default)]
 pub struct EgressQueue {
     inner: Mutex<Inner>,
-    /// Budget bytes routed to this slot and not yet taken by a stream or dropped.
+    /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
     routed: AtomicUsize,
 }
 
@@ -111,12 +126,31 @@ impl EgressQueue {
         self.inner.lock().envelopes
     }
 
-    /// How long the queue has held data that no stream took; zero when empty or progressing.
-    pub fn stalled_for(&self) -> Duration {
-        self.inner
-            .lock()
-            .waiting_since
-            .map_or(Duration::ZERO, |t| t.elapsed())
+    /// Envelopes taken by a stream and not yet acknowledged by its Doppler.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().in_flight.0
+    }
+
+    /// Hands over what is in flight (envelopes, budget bytes): acknowledged, or lost with the
+    /// connection. Either way it leaves the slot exactly once, and only now stops counting
+    /// against the slot's share (a Doppler that stopped reading holds what it was sent).
+    pub fn take_in_flight(&self) -> (usize, usize) {
+        let mut q = self.inner.lock();
+        q.in_flight_since = None;
+        let (n, bytes) = std::mem::take(&mut q.in_flight);
+        self.unroute(bytes);
+        (n, bytes)
+    }
+
+    /// How long the slot has gone without progress, zero when empty or progressing: queued data
+    /// no stream took, or data in flight longer than `ack_interval` without an acknowledgement.
+    pub fn stalled_for(&self, ack_interval: Duration) -> Duration {
+        let q = self.inner.lock();
+        let waiting = q.waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
+        let unacknowledged = q
+            .in_flight_since
+            .map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(ack_interval));
+        waiting.max(unacknowledged)
     }
 
     /// A new stream starts: what waited for it has not waited on *it*.
@@ -141,6 +175,12 @@ impl EgressQueue {
 
     fn epoch(&self) -> u64 {
         self.inner.lock().epoch
+    }
+
+    /// Shutdown has closed the queue and nothing is left in it.
+    fn is_drained(&self) -> bool {
+        let q = self.inner.lock();
+        q.closing && q.batches.is_empty()
     }
 
     /// Ends the current stream once the queue is empty (shutdown).
@@ -190,30 +230,54 @@ impl EgressQueue {
             }
         }
         q.envelopes -= out.len();
-        self.unroute(out.bytes());
-        q.waiting_since = (!q.batches.is_empty()).then(Instant::now);
+        let now = Instant::now();
+        q.waiting_since = (!q.batches.is_empty()).then_some(now);
+        q.in_flight.0 += out.len();
+        q.in_flight.1 += out.bytes();
+        q.in_flight_since.get_or_insert(now);
         Poll::Ready(Some(out))
     }
 }
 
-/// The request stream of one `Ingress.BatchSender` call: pulls from the slot's queue and counts
-/// what it hands to tonic as delivered.
+/// How a connection uses its streams: message limits and the acknowledgement window.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    pub limits: BatchLimits,
+    /// A stream ends (and is acknowledged) at most this long after it first carried data...
+    pub ack_interval: Duration,
+    /// ...or once it has carried this many budget bytes.
+    pub ack_bytes: usize,
+}
+
+/// The request stream of one `Ingress.BatchSender` call: pulls from the slot's queue until the
+/// acknowledgement window is full, the connection is recycled, or the queue is drained.
 pub struct EgressStream {
     queue: Arc<EgressQueue>,
-    ledger: Arc<Ledger>,
-    limits: BatchLimits,
+    settings: StreamSettings,
     epoch: u64,
+    carried: usize,
+    /// Armed when the stream first carries data: when the acknowledgement window closes.
+    ack_due: Option<Pin<Box<Sleep>>>,
+    /// Set when the stream ended because its acknowledgement window was full.
+    rotated: Arc<AtomicBool>,
 }
 
 impl EgressStream {
-    pub fn new(queue: Arc<EgressQueue>, ledger: Arc<Ledger>, limits: BatchLimits) -> Self {
+    fn new(queue: Arc<EgressQueue>, settings: StreamSettings, rotated: Arc<AtomicBool>) -> Self {
         let epoch = queue.epoch();
         Self {
             queue,
-            ledger,
-            limits,
+            settings,
             epoch,
+            carried: 0,
+            ack_due: None,
+            rotated,
         }
+    }
+
+    fn rotate(&mut self) -> Poll<Option<EnvelopeBatch>> {
+        self.rotated.store(true, Ordering::Release);
+        Poll::Ready(None)
     }
 }
 
@@ -222,15 +286,93 @@ impl Stream for EgressStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EnvelopeBatch>> {
         let this = self.get_mut();
-        this.queue.poll_take(cx, &this.limits, this.epoch).map(|b| {
-            b.map(|batch| {
-                let (n, bytes) = (batch.len(), batch.bytes());
+        if this.rotated.load(Ordering::Acquire) || this.carried >= this.settings.ack_bytes {
+            return this.rotate();
+        }
+        match this.queue.poll_take(cx, &this.settings.limits, this.epoch) {
+            Poll::Ready(Some(batch)) => {
+                this.carried += batch.bytes();
+                if this.ack_due.is_none() {
+                    let due = tokio::time::Instant::now() + this.settings.ack_interval;
+                    this.ack_due = Some(Box::pin(tokio::time::sleep_until(due)));
+                }
                 let (envelopes, _) = batch.into_parts();
-                this.ledger.delivered(n, bytes);
-                EnvelopeBatch { batch: envelopes }
-            })
-        })
+                Poll::Ready(Some(EnvelopeBatch { batch: envelopes }))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.ack_due.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => this.rotate(),
+                _ => Poll::Pending,
+            },
+        }
     }
+}
+
+/// Why a connection's streams stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Shutdown: the queue was closed and everything taken was acknowledged.
+    Drained,
+    /// The connection was recycled ([`EgressQueue::end_stream`]); everything taken was
+    /// acknowledged.
+    Recycled,
+    /// The Doppler ended a stream on its own; what it carried was acknowledged.
+    ClosedByDoppler,
+    /// The stream failed; what is in flight was not acknowledged (the caller counts it).
+    Failed(String),
+}
+
+/// Whether `status` is how an upstream Doppler answers a stream the sender ended: its handler
+/// returns the `io.EOF` from `Recv`, which gRPC-Go sends as `Unknown: EOF`. It comes only after
+/// the handler has read every message, so it acknowledges them like `OK` does.
+fn is_upstream_eof(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unknown && status.message() == "EOF"
+}
+
+/// Runs one connection's BatchSender streams, one after another on the same HTTP/2 connection,
+/// counting each stream's envelopes as delivered when its Doppler acknowledges its end. Returns
+/// when the connection should stop; on failure, what is in flight stays in the queue's count for
+/// the caller (see [`EgressQueue::take_in_flight`]).
+pub async fn run_streams(
+    mut client: IngressClient<Channel>,
+    queue: Arc<EgressQueue>,
+    ledger: Arc<Ledger>,
+    settings: StreamSettings,
+) -> StreamEnd {
+    loop {
+        let rotated = Arc::new(AtomicBool::new(false));
+        let stream = EgressStream::new(queue.clone(), settings, rotated.clone());
+        let epoch = stream.epoch;
+        let res = client.batch_sender(stream).await;
+        let recycled = queue.epoch() != epoch;
+        let rotated = rotated.load(Ordering::Acquire);
+        let ended_by_us = rotated || recycled || queue.is_drained();
+        match res {
+            Ok(_) => {}
+            Err(status) if ended_by_us && is_upstream_eof(&status) => {}
+            Err(status) => return StreamEnd::Failed(status.to_string()),
+        }
+        let (n, bytes) = queue.take_in_flight();
+        ledger.delivered(n, bytes);
+        if recycled {
+            return StreamEnd::Recycled;
+        }
+        if queue.is_drained() {
+            return StreamEnd::Drained;
+        }
+        if !rotated {
+            return StreamEnd::ClosedByDoppler;
+        }
+    }
+}
+
+/// Counts what a dead connection left in flight as lost; returns how many envelopes that was.
+pub fn count_lost_in_flight(queue: &EgressQueue, ledger: &Ledger) -> usize {
+    let (n, bytes) = queue.take_in_flight();
+    if n > 0 {
+        ledger.dropped(DropReason::ConnectionLost, n, bytes);
+    }
+    n
 }
 
 /// How to dial a Doppler.
@@ -324,22 +466,81 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stream_counts_delivery_and_ends_when_closed() {
+    async fn taken_envelopes_stay_in_flight_until_acknowledged_or_lost() {
         use tokio_stream::StreamExt;
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(Ledger::new(metrics.clone(), 1 << 20));
-        assert!(ledger.try_admit(4, 40));
+        assert!(ledger.try_admit(6, 60));
         let q = Arc::new(EgressQueue::default());
-        let limits = BatchLimits {
-            max_envelopes: 100,
-            max_bytes: 1 << 20,
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: 4,
+                max_bytes: 1 << 20,
+            },
+            ack_interval: Duration::from_secs(3600),
+            ack_bytes: 1 << 20,
         };
-        let mut s = EgressStream::new(q.clone(), ledger.clone(), limits);
-        push(&q, batch(4, 10));
-        q.close();
+        let rotated = Arc::new(AtomicBool::new(false));
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        push(&q, batch(6, 10));
         assert_eq!(s.next().await.unwrap().batch.len(), 4);
-        assert!(s.next().await.is_none());
-        assert_eq!(metrics.snapshot().egress, 4);
+        assert_eq!((q.in_flight(), q.envelopes()), (4, 2));
+        assert_eq!(metrics.snapshot().egress, 0, "not acknowledged yet");
+        q.close();
+        assert_eq!(s.next().await.unwrap().batch.len(), 2);
+        assert!(
+            s.next().await.is_none(),
+            "closed and empty: the stream ends"
+        );
+        assert!(!rotated.load(Ordering::Acquire));
+        assert_eq!(count_lost_in_flight(&q, &ledger), 6);
+        let snap = metrics.snapshot();
+        assert_eq!(snap.dropped_by(DropReason::ConnectionLost), 6);
         assert_eq!(ledger.buffered(), (0, 0));
+        assert_eq!(q.take_in_flight(), (0, 0), "counted once");
+    }
+
+    #[tokio::test]
+    async fn a_full_acknowledgement_window_ends_the_stream() {
+        use tokio_stream::StreamExt;
+        let q = Arc::new(EgressQueue::default());
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: 2,
+                max_bytes: 1 << 20,
+            },
+            ack_interval: Duration::from_secs(3600),
+            ack_bytes: 30,
+        };
+        let rotated = Arc::new(AtomicBool::new(false));
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        push(&q, batch(5, 10));
+        assert_eq!(s.next().await.unwrap().batch.len(), 2);
+        assert_eq!(s.next().await.unwrap().batch.len(), 2);
+        assert!(s.next().await.is_none(), "40 bytes carried, window 30");
+        assert!(rotated.load(Ordering::Acquire));
+        assert_eq!((q.in_flight(), q.envelopes()), (4, 1));
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_with_data_in_flight_ends_after_the_interval() {
+        use tokio_stream::StreamExt;
+        let q = Arc::new(EgressQueue::default());
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: 10,
+                max_bytes: 1 << 20,
+            },
+            ack_interval: Duration::from_millis(20),
+            ack_bytes: 1 << 20,
+        };
+        let rotated = Arc::new(AtomicBool::new(false));
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        push(&q, batch(3, 10));
+        assert_eq!(s.next().await.unwrap().batch.len(), 3);
+        // Nothing more is queued: only the acknowledgement timer can end the stream.
+        let end = tokio::time::timeout(Duration::from_secs(10), s.next()).await;
+        assert!(end.expect("the stream ends by itself").is_none());
+        assert!(rotated.load(Ordering::Acquire));
     }
 }

@@ -11,7 +11,7 @@ use super::ratelimit::RateLimit;
 /// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
 /// `egress` when no Doppler could take the envelope, `ingress` when the agent shed it. Whether a
 /// drop leaves a gap in `metron_seq` depends on the reason: only `signer_queue_full`,
-/// `connection_queue_full` and `shutdown_grace_expired` happen after sequencing.
+/// `connection_queue_full`, `shutdown_grace_expired` and `connection_lost` happen after sequencing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// The pipeline's byte budget stayed full for `ingress.grpc.max_wait_ms` (drop newest, at the
@@ -37,10 +37,13 @@ pub enum DropReason {
     SlotQueueFull,
     /// Still buffered when the shutdown grace period ran out.
     ShutdownGraceExpired,
+    /// Written to a Doppler stream whose connection died before the Doppler acknowledged the
+    /// stream's end. Some may have arrived; at most one acknowledgement window per failure.
+    ConnectionLost,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -51,6 +54,7 @@ impl DropReason {
         DropReason::ConnectionQueueFull,
         DropReason::SlotQueueFull,
         DropReason::ShutdownGraceExpired,
+        DropReason::ConnectionLost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl DropReason {
             DropReason::ConnectionQueueFull => "connection_queue_full",
             DropReason::SlotQueueFull => "slot_queue_full",
             DropReason::ShutdownGraceExpired => "shutdown_grace_expired",
+            DropReason::ConnectionLost => "connection_lost",
         }
     }
 
@@ -79,7 +84,8 @@ impl DropReason {
             DropReason::NoDoppler
             | DropReason::SignerQueueFull
             | DropReason::ConnectionQueueFull
-            | DropReason::ShutdownGraceExpired => "egress",
+            | DropReason::ShutdownGraceExpired
+            | DropReason::ConnectionLost => "egress",
         }
     }
 

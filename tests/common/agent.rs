@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metron::config::Config;
 use metron::proto::Envelope;
+use metron::telemetry::{DropReason, MetricsSnapshot};
 use metron::Agent;
 
 use super::{CertFiles, Pki};
@@ -117,6 +118,53 @@ pub fn seq_of(e: &Envelope) -> (String, u64) {
     let stream = e.tags.get("metron_stream").expect("metron_stream").clone();
     let seq = e.tags["metron_seq"].parse().expect("metron_seq is decimal");
     (stream, seq)
+}
+
+/// What the Dopplers received (merged in arrival order) squares with the agent's counts:
+/// - every source's envelopes arrived in order, none twice;
+/// - everything counted as `egress` (acknowledged) arrived;
+/// - every missing sequence number is an envelope counted as dropped after sequencing that did
+///   not arrive: gaps == (drops after sequencing) − (of those, the ones that arrived anyway).
+///
+/// Call it after a shutdown (or a drain), when nothing is in flight any more.
+pub fn assert_losses_accounted(received: &[Envelope], m: &MetricsSnapshot) {
+    for ((_, source), seqs) in sequences(received) {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{source} arrived out of order or twice: {seqs:?}"
+        );
+    }
+    let arrived = received.len() as u64;
+    assert!(
+        arrived >= m.egress,
+        "{arrived} arrived, fewer than the {} acknowledged",
+        m.egress
+    );
+    let after_sequencing: u64 = [
+        DropReason::SignerQueueFull,
+        DropReason::ConnectionQueueFull,
+        DropReason::ShutdownGraceExpired,
+        DropReason::ConnectionLost,
+    ]
+    .into_iter()
+    .map(|r| m.dropped_by(r))
+    .sum();
+    let arrived_anyway = arrived - m.egress;
+    let gaps: u64 = sequences(received)
+        .values()
+        .map(|seqs| seqs.last().unwrap() - seqs.len() as u64)
+        .sum();
+    assert!(
+        arrived_anyway <= after_sequencing,
+        "{arrived_anyway} arrived beyond what was acknowledged, but only {after_sequencing} were counted as possibly lost"
+    );
+    // A source whose very last envelopes were lost shows no gap for them: `<=`, and the tests
+    // keep every source sending after their last fault so that the tail is covered.
+    assert!(
+        gaps <= after_sequencing - arrived_anyway,
+        "{gaps} gaps but only {} counted losses: {m:?}",
+        after_sequencing - arrived_anyway
+    );
 }
 
 /// Per (stream, source), the sequence numbers in the order a Doppler received them.

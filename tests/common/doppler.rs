@@ -31,6 +31,10 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Gives every Doppler started from one `Pki` its own certificate files.
 static DOPPLER_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// One arrival clock for every fake Doppler in the process, so envelopes received by several
+/// Dopplers can be put back in the order they arrived (see [`received_in_arrival_order`]).
+static ARRIVALS: AtomicU64 = AtomicU64::new(0);
+
 /// Everything a `FakeDoppler` has recorded. Outlives its runtimes, so counts accumulate across
 /// `kill`/`restart`.
 struct Store {
@@ -49,22 +53,37 @@ struct Store {
 pub struct Counts {
     pub envelopes: usize,
     pub batches: usize,
+    /// `BatchSender` calls. The agent ends and reopens streams on one connection to have its
+    /// envelopes acknowledged, so this counts more than connections.
     pub streams_opened: usize,
+    /// Distinct client connections (peer addresses) that opened a `BatchSender` stream.
+    pub connections: usize,
 }
 
 #[derive(Default)]
 struct Recorded {
     envelopes: Vec<Envelope>,
+    /// The arrival clock's reading for each envelope of `envelopes`.
+    arrivals: Vec<u64>,
     batches: usize,
     streams_opened: usize,
+    peers: std::collections::HashSet<SocketAddr>,
 }
 
 impl Recorded {
+    fn record(&mut self, batch: Vec<Envelope>) {
+        let n = batch.len() as u64;
+        let first = ARRIVALS.fetch_add(n, Ordering::SeqCst);
+        self.arrivals.extend(first..first + n);
+        self.envelopes.extend(batch);
+    }
+
     fn counts(&self) -> Counts {
         Counts {
             envelopes: self.envelopes.len(),
             batches: self.batches,
             streams_opened: self.streams_opened,
+            connections: self.peers.len(),
         }
     }
 }
@@ -126,7 +145,11 @@ impl Ingress for Recorder {
         &self,
         request: Request<Streaming<EnvelopeBatch>>,
     ) -> Result<Response<BatchSenderResponse>, Status> {
-        self.store.update(|s| s.streams_opened += 1);
+        let peer = request.remote_addr();
+        self.store.update(|s| {
+            s.streams_opened += 1;
+            s.peers.extend(peer);
+        });
         let mut stream = request.into_inner();
         let mut stalled = self.store.stalled.subscribe();
         loop {
@@ -134,9 +157,11 @@ impl Ingress for Recorder {
             match stream.message().await? {
                 Some(batch) => self.store.update(|s| {
                     s.batches += 1;
-                    s.envelopes.extend(batch.batch);
+                    s.record(batch.batch);
                 }),
-                None => return Ok(Response::new(BatchSenderResponse {})),
+                // As an upstream Doppler answers a stream the sender ended: its handler returns
+                // the `io.EOF` from `Recv`, which gRPC-Go sends as `Unknown: EOF`.
+                None => return Err(Status::unknown("EOF")),
             }
         }
     }
@@ -150,7 +175,7 @@ impl Ingress for Recorder {
         let batch = request.into_inner();
         self.store.update(|s| {
             s.batches += 1;
-            s.envelopes.extend(batch.batch);
+            s.record(batch.batch);
         });
         Ok(Response::new(SendResponse {}))
     }
@@ -261,6 +286,15 @@ impl FakeDoppler {
         self.store.state.lock().envelopes.clone()
     }
 
+    fn received_with_arrivals(&self) -> Vec<(u64, Envelope)> {
+        let s = self.store.state.lock();
+        s.arrivals
+            .iter()
+            .copied()
+            .zip(s.envelopes.iter().cloned())
+            .collect()
+    }
+
     /// Envelopes received so far, over every RPC.
     pub fn count(&self) -> usize {
         self.store.state.lock().envelopes.len()
@@ -330,6 +364,16 @@ impl FakeDoppler {
         self.store.wait(timeout, |s| s.streams_opened >= n)
     }
 
+    /// Waits until `n` distinct agent connections have opened a `BatchSender` stream.
+    pub fn wait_for_connections(&self, n: usize, timeout: Duration) -> bool {
+        self.store.wait(timeout, |s| s.peers.len() >= n)
+    }
+
+    /// Distinct agent connections that opened a `BatchSender` stream (survives restarts).
+    pub fn connections_opened(&self) -> usize {
+        self.store.state.lock().peers.len()
+    }
+
     /// `wait_for_count` for async code: awaits instead of blocking the thread, so it is the one
     /// to use on a single-threaded runtime that also runs the sender (an actix `System`,
     /// `#[tokio::test]`'s default flavour). Needs a runtime with time enabled.
@@ -340,6 +384,11 @@ impl FakeDoppler {
     /// `wait_for_streams` for async code (see `wait_for_count_async`).
     pub async fn wait_for_streams_async(&self, n: usize, timeout: Duration) -> bool {
         self.wait_async(timeout, |c| c.streams_opened >= n).await
+    }
+
+    /// `wait_for_connections` for async code.
+    pub async fn wait_for_connections_async(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_async(timeout, |c| c.connections >= n).await
     }
 
     /// Awaits any condition on the counters, woken on every change; returns whether it held
@@ -374,4 +423,14 @@ fn bind_with_retry(addr: SocketAddr) -> TcpListener {
             Err(e) => panic!("fake doppler: bind {addr}: {e}"),
         }
     }
+}
+
+/// Everything several Dopplers received, merged in the order it arrived.
+pub fn received_in_arrival_order(dopplers: &[&FakeDoppler]) -> Vec<Envelope> {
+    let mut all: Vec<(u64, Envelope)> = dopplers
+        .iter()
+        .flat_map(|d| d.received_with_arrivals())
+        .collect();
+    all.sort_by_key(|(at, _)| *at);
+    all.into_iter().map(|(_, e)| e).collect()
 }
