@@ -627,9 +627,13 @@ impl RawConfig {
                 DopplerSource::Static(d.endpoints)
             }
             (true, Some(router_addr)) => {
-                host_port("dopplers.router_addr".into(), &router_addr)?;
+                use crate::routing::discovery::{encode_az_addr, split_host_port};
+                split_host_port(&router_addr)
+                    .map_err(|e| ConfigError::new("dopplers.router_addr", e.to_string()))?;
                 if let Some(a) = &d.router_addr_with_az {
-                    host_port("dopplers.router_addr_with_az".into(), a)?;
+                    encode_az_addr(a).map_err(|e| {
+                        ConfigError::new("dopplers.router_addr_with_az", e.to_string())
+                    })?;
                 }
                 DopplerSource::Dns {
                     router_addr,

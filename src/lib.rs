@@ -119,6 +119,14 @@ enum Control {
     Shutdown,
 }
 
+/// What an embedder (or a test) may swap in when starting an agent.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Resolves `dopplers.router_addr` / `router_addr_with_az`; the system resolver (A and AAAA)
+    /// when `None`. Tests pass a [`routing::discovery::StaticResolver`] they change at run time.
+    pub resolver: Option<Arc<dyn routing::discovery::Resolver>>,
+}
+
 /// A running agent. Dropping it shuts it down gracefully (bounded by the grace period).
 pub struct Agent {
     ingress_addr: SocketAddr,
@@ -148,6 +156,14 @@ impl Agent {
     /// # Errors
     /// A [`StartError`]; nothing is left running when it fails.
     pub fn start(config: Config) -> Result<Agent, StartError> {
+        Self::start_with(config, StartOptions::default())
+    }
+
+    /// [`Agent::start`] with parts swapped in (see [`StartOptions`]).
+    ///
+    /// # Errors
+    /// A [`StartError`]; nothing is left running when it fails.
+    pub fn start_with(config: Config, options: StartOptions) -> Result<Agent, StartError> {
         tls::install_crypto_provider();
         let dev_credentials = if config.development.enabled
             && (config.ingress.tls.is_none() || config.dopplers.tls.is_none())
@@ -229,6 +245,9 @@ impl Agent {
             metrics_listener,
             dev_doppler_listener,
             ledger: ledger.clone(),
+            resolver: options
+                .resolver
+                .unwrap_or_else(|| Arc::new(routing::discovery::SystemResolver)),
         };
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

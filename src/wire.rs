@@ -15,7 +15,7 @@ use crate::actors::ingress::IngressActor;
 use crate::actors::messages::Drain;
 use crate::actors::sequencer::SequencerActor;
 use crate::actors::signer::SignerActor;
-use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
+use crate::actors::supervisor::{DopplerSupervisor, Dopplers, SupervisorSetup};
 use crate::config::{Config, DopplerSource};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::signing::Signer;
@@ -23,7 +23,8 @@ use crate::envelope::tagging::Tagger;
 use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue, StreamSettings};
 use crate::grpc::ingress::{Edge, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
-use crate::routing::balancer::{Balancer, Endpoint};
+use crate::routing::balancer::Endpoint;
+use crate::routing::discovery::{Discovery, Resolver};
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::TlsMaterial;
 
@@ -40,6 +41,8 @@ pub struct Prepared {
     pub metrics_listener: Option<std::net::TcpListener>,
     pub dev_doppler_listener: Option<std::net::TcpListener>,
     pub ledger: Arc<Ledger>,
+    /// Resolves the Doppler names when `dopplers.router_addr` is set.
+    pub resolver: Arc<dyn Resolver>,
 }
 
 /// The running graph, as the agent thread needs it for shutdown.
@@ -102,28 +105,38 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let ledger = p.ledger.clone();
     let slots = c.dopplers.connections.get();
 
-    let endpoints = match &c.dopplers.source {
-        DopplerSource::Static(list) => list
-            .iter()
-            .map(|e| Endpoint {
-                addr: e.addr.clone(),
-                az: e.az.clone(),
-            })
-            .collect(),
-        DopplerSource::Dns { .. } => {
-            return Err(std::io::Error::other("DNS discovery is not wired yet"));
-        }
+    let dopplers = match &c.dopplers.source {
+        DopplerSource::Static(list) => Dopplers::Static(
+            list.iter()
+                .map(|e| Endpoint {
+                    addr: e.addr.clone(),
+                    az: e.az.clone(),
+                })
+                .collect(),
+        ),
+        DopplerSource::Dns {
+            router_addr,
+            router_addr_with_az,
+            resolve_interval,
+        } => Dopplers::Discovered {
+            discovery: Discovery::new(
+                router_addr,
+                router_addr_with_az.as_deref(),
+                &c.identity.az,
+                p.resolver.clone(),
+            )
+            .map_err(std::io::Error::other)?,
+            interval: *resolve_interval,
+        },
     };
-    let balancer = Balancer::new(
-        &c.identity.az,
-        endpoints,
-        c.dopplers.backoff_initial,
-        c.dopplers.backoff_max,
-    );
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
-        balancer,
+        local_az: c.identity.az.clone(),
+        dopplers,
+        backoff_initial: c.dopplers.backoff_initial,
+        backoff_max: c.dopplers.backoff_max,
+        recycle_interval: c.dopplers.recycle_interval,
         queues: queues.clone(),
         mailbox_capacity: cap,
         rebalance_interval: c.dopplers.rebalance_interval,

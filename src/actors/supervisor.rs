@@ -1,8 +1,19 @@
 //! The supervisor actor: starts one supervised connection actor per slot, tells each which Doppler
 //! to dial (via the [`Balancer`]: local AZ first, spread, backoff), and re-assigns a slot whenever
-//! its actor reports that it restarted. Warnings are rate-limited: an hour without any Doppler
+//! its actor reports that it restarted. With DNS discovery it re-resolves the Doppler names every
+//! `resolve_interval` and after a connection failure, and feeds the result to the balancer.
+//!
+//! Every `rebalance_interval` it makes at most one move, in this order of importance:
+//! 1. a slot on a Doppler that left DNS is recycled (it reconnects elsewhere);
+//! 2. a slot in another AZ goes back home once a local Doppler answers a probe dial;
+//! 3. a slot on a doubled-up Doppler moves to an unused one (a scaled-up fleet gets used);
+//! 4. a slot whose periodic recycle is due is recycled.
+//!
+//! Moves are graceful ([`Recycle`]: the stream ends, the Doppler acknowledges, the slot
+//! reconnects), so they cost no envelopes. Warnings are rate-limited: an hour without any Doppler
 //! writes a bounded number of lines.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,35 +23,79 @@ use actix::prelude::*;
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
 use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Recycle, Stalled};
 use crate::grpc::egress::{dial, DialSettings, EgressQueue, StreamSettings};
-use crate::routing::balancer::Balancer;
+use crate::routing::balancer::{Balancer, Endpoint};
+use crate::routing::discovery::{Discovery, DiscoveryError};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{Ledger, RestartCause};
 
 /// A connection that stayed up this long counts as healthy: its endpoint's backoff resets.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
+/// A failure triggers a re-resolution at most this often (the periodic one runs regardless).
+const RESOLVE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
+
+/// How many progress timeouts a Doppler that stopped reading is kept out of the return-home
+/// probe: it accepts connections, so a probe alone would send the slot straight back to it.
+const STALL_HOLD_TIMEOUTS: u32 = 10;
+
+/// What the supervisor knows about one slot's open stream.
+struct Up {
+    endpoint: usize,
+    az: String,
+    /// When the periodic recycle is due; `None` = never.
+    recycle_at: Option<Instant>,
+}
+
 pub struct DopplerSupervisor {
     balancer: Balancer,
     slots: Vec<Addr<DopplerConnection>>,
+    queues: Vec<Arc<EgressQueue>>,
     /// The endpoint each slot holds in the balancer's count.
     assigned: Vec<Option<usize>>,
     /// Slots whose stream is open.
-    up: Vec<bool>,
+    up: Vec<Option<Up>>,
+    /// Slots waiting for the first resolution (nothing to dial yet).
+    pending: Vec<bool>,
     rebalance_interval: Duration,
+    recycle_interval: Option<Duration>,
+    progress_timeout: Duration,
     /// What the connections share; its dial settings also probe a local endpoint before a
     /// connection is moved back to it.
     setup: Arc<ConnectionSetup>,
     probing: bool,
+    discovery: Option<Arc<Discovery>>,
+    /// The last resolved set (sorted), to tell whether a resolution changed anything.
+    known: Vec<Endpoint>,
+    local_az: String,
+    resolve_interval: Duration,
+    resolving: bool,
+    last_resolve: Option<Instant>,
     failures: RateLimit,
     connects: RateLimit,
     stalls: RateLimit,
+    resolve_failures: RateLimit,
+}
+
+/// Where the Dopplers come from.
+pub enum Dopplers {
+    /// A fixed list (`dopplers.endpoints`).
+    Static(Vec<Endpoint>),
+    /// DNS names, re-resolved every `interval` and after failures.
+    Discovered {
+        discovery: Discovery,
+        interval: Duration,
+    },
 }
 
 /// What the supervisor needs to build its connections.
 pub struct SupervisorSetup {
-    pub balancer: Balancer,
+    pub local_az: String,
+    pub dopplers: Dopplers,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
     pub mailbox_capacity: usize,
     pub rebalance_interval: Duration,
+    pub recycle_interval: Option<Duration>,
     pub dial: DialSettings,
     pub streams: StreamSettings,
     /// One queue per slot, created by the caller (the sequencer and signer share them).
@@ -55,6 +110,21 @@ impl DopplerSupervisor {
     pub fn launch(s: SupervisorSetup) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
         let connections = s.queues.len();
         let mut slots = Vec::with_capacity(connections);
+        let (balancer, discovery, resolve_interval) = match s.dopplers {
+            Dopplers::Static(list) => (
+                Balancer::new(&s.local_az, list, s.backoff_initial, s.backoff_max),
+                None,
+                Duration::ZERO,
+            ),
+            Dopplers::Discovered {
+                discovery,
+                interval,
+            } => (
+                Balancer::empty(&s.local_az, s.backoff_initial, s.backoff_max),
+                Some(Arc::new(discovery)),
+                interval,
+            ),
+        };
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
             let setup = Arc::new(ConnectionSetup {
@@ -66,8 +136,9 @@ impl DopplerSupervisor {
                 up: me.clone().recipient(),
                 stalled: me.recipient(),
             });
-            for (slot, queue) in s.queues.into_iter().enumerate() {
+            for (slot, queue) in s.queues.iter().enumerate() {
                 let shared = setup.clone();
+                let queue = queue.clone();
                 let cap = s.mailbox_capacity;
                 slots.push(actix::Supervisor::start(
                     move |c: &mut Context<DopplerConnection>| {
@@ -77,33 +148,85 @@ impl DopplerSupervisor {
                 ));
             }
             DopplerSupervisor {
-                balancer: s.balancer,
+                balancer,
                 slots: slots.clone(),
+                queues: s.queues,
                 assigned: vec![None; connections],
-                up: vec![false; connections],
+                up: (0..connections).map(|_| None).collect(),
+                pending: vec![false; connections],
                 rebalance_interval: s.rebalance_interval,
+                recycle_interval: s.recycle_interval,
+                progress_timeout: s.progress_timeout,
                 setup,
                 probing: false,
+                discovery,
+                known: Vec::new(),
+                local_az: s.local_az,
+                resolve_interval,
+                resolving: false,
+                last_resolve: None,
                 failures: RateLimit::new(Duration::from_secs(30)),
                 connects: RateLimit::new(Duration::from_secs(30)),
                 stalls: RateLimit::new(Duration::from_secs(30)),
+                resolve_failures: RateLimit::new(Duration::from_secs(60)),
             }
         });
         (sup, slots)
     }
 
-    /// Moves one slot that is up in another AZ back home once a local endpoint answers a probe
-    /// (a full mTLS dial, so a still-dead AZ costs the running connections nothing). One slot per
-    /// interval, so a recovering AZ gets its connections back gradually.
+    /// At most one move per interval (see the module documentation for the order).
     fn rebalance(&mut self, ctx: &mut Context<Self>) {
-        if self.probing {
+        let now = Instant::now();
+        let on = |act: &Self, endpoint: usize| {
+            (0..act.slots.len())
+                .find(|&s| act.up[s].as_ref().is_some_and(|u| u.endpoint == endpoint))
+        };
+        // 1. Off a Doppler that left DNS.
+        for e in self.balancer.retired_with_slots() {
+            if let Some(slot) = on(self, e) {
+                tracing::debug!(slot, "moving a connection off a Doppler that left DNS");
+                self.slots[slot].do_send(Recycle);
+                return;
+            }
+        }
+        // 2. Home to the local AZ.
+        if self.try_return_home(ctx, now) {
             return;
         }
+        // 3. Onto an unused Doppler.
+        if let Some(slot) = self.balancer.spread_move(now).and_then(|e| on(self, e)) {
+            tracing::debug!(slot, "moving a connection to spread the load");
+            self.slots[slot].do_send(Recycle);
+            return;
+        }
+        // 4. Periodic recycle.
+        let due = (0..self.slots.len()).find(|&s| {
+            self.up[s]
+                .as_ref()
+                .and_then(|u| u.recycle_at)
+                .is_some_and(|t| t <= now)
+        });
+        if let Some(slot) = due {
+            if let Some(u) = self.up[slot].as_mut() {
+                u.recycle_at = None;
+            }
+            tracing::debug!(slot, "periodic recycle");
+            self.slots[slot].do_send(Recycle);
+        }
+    }
+
+    /// Moves one slot that is up in another AZ back home once a local endpoint answers a probe
+    /// (a full mTLS dial, so a still-dead AZ costs the running connections nothing). Returns
+    /// whether a probe is under way (the tick's move).
+    fn try_return_home(&mut self, ctx: &mut Context<Self>, now: Instant) -> bool {
+        if self.probing {
+            return true;
+        }
         let Some(away) = (0..self.slots.len()).find(|&s| self.is_away(s)) else {
-            return;
+            return false;
         };
-        let Some(local) = self.balancer.local_candidate(Instant::now()) else {
-            return;
+        let Some(local) = self.balancer.local_candidate(now) else {
+            return false;
         };
         self.probing = true;
         let addr = self.balancer.endpoint(local).addr.clone();
@@ -123,18 +246,27 @@ impl DopplerSupervisor {
                 act.slots[away].do_send(Recycle);
             }
         }));
+        true
     }
 
     /// Whether `slot` has an open stream to an endpoint outside the local AZ.
     fn is_away(&self, slot: usize) -> bool {
-        self.up[slot] && self.assigned[slot].is_some_and(|e| !self.balancer.is_local(e))
+        self.up[slot]
+            .as_ref()
+            .is_some_and(|u| !self.balancer.is_local(u.endpoint))
     }
 
-    fn connect(&mut self, slot: usize) {
+    /// Gives `slot` an endpoint and tells its actor to dial; returns the endpoint, or `None` when
+    /// no endpoint is known yet (the slot waits for the next resolution).
+    fn connect(&mut self, slot: usize) -> Option<usize> {
         if let Some(old) = self.assigned[slot].take() {
             self.balancer.release(old);
         }
-        let a = self.balancer.assign(Instant::now());
+        let Some(a) = self.balancer.assign(Instant::now()) else {
+            self.pending[slot] = true;
+            return None;
+        };
+        self.pending[slot] = false;
         self.assigned[slot] = Some(a.endpoint);
         // Control message: it must get through even when the slot's mailbox is full of data.
         self.slots[slot].do_send(Connect {
@@ -142,6 +274,70 @@ impl DopplerSupervisor {
             addr: self.balancer.endpoint(a.endpoint).addr.clone(),
             delay: a.delay,
         });
+        Some(a.endpoint)
+    }
+
+    /// Resolves the Doppler names now, unless a resolution is already under way.
+    fn resolve(&mut self, ctx: &mut Context<Self>) {
+        let Some(discovery) = self.discovery.clone() else {
+            return;
+        };
+        if self.resolving {
+            return;
+        }
+        self.resolving = true;
+        self.last_resolve = Some(Instant::now());
+        let lookup = async move { discovery.resolve().await };
+        ctx.spawn(wrap_future(lookup).map(|res, act: &mut Self, _| act.on_resolved(res)));
+    }
+
+    fn on_resolved(&mut self, res: Result<Vec<Endpoint>, DiscoveryError>) {
+        self.resolving = false;
+        let endpoints = match res {
+            Ok(e) => e,
+            Err(e) => {
+                // Keep the Dopplers we know: DNS trouble must not take working connections down.
+                if let Some(times) = self.resolve_failures.check() {
+                    tracing::warn!(error = %e, failures = times, "cannot resolve the Dopplers; keeping the last known set");
+                }
+                return;
+            }
+        };
+        if endpoints != self.known {
+            let local = endpoints.iter().filter(|e| e.az == self.local_az).count();
+            tracing::info!(
+                dopplers = endpoints.len(),
+                local,
+                before = self.known.len(),
+                "doppler set changed"
+            );
+            self.known = endpoints.clone();
+            self.balancer.update_endpoints(endpoints);
+        }
+        for slot in 0..self.slots.len() {
+            if self.pending[slot] {
+                self.connect(slot);
+            }
+        }
+    }
+
+    /// A failure may mean the Doppler set changed: re-resolve, at most once a second.
+    fn resolve_after_failure(&mut self, ctx: &mut Context<Self>) {
+        let recent = self
+            .last_resolve
+            .is_some_and(|t| t.elapsed() < RESOLVE_AFTER_FAILURE_EVERY);
+        if !recent {
+            self.resolve(ctx);
+        }
+    }
+
+    fn recycle_deadline(&self) -> Option<Instant> {
+        // Uniform in [¾, 1¼] of the interval, so the connections of a fleet do not recycle in step.
+        self.recycle_interval.map(|i| {
+            let quarter = (i / 4).as_nanos().max(1) as u64;
+            let jitter = Duration::from_nanos(crate::entropy::random_u64() % (2 * quarter));
+            Instant::now() + i - Duration::from_nanos(quarter) + jitter
+        })
     }
 }
 
@@ -149,8 +345,14 @@ impl Actor for DopplerSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for slot in 0..self.slots.len() {
-            self.connect(slot);
+        if self.discovery.is_some() {
+            self.pending.iter_mut().for_each(|p| *p = true);
+            self.resolve(ctx);
+            ctx.run_interval(self.resolve_interval, |act, ctx| act.resolve(ctx));
+        } else {
+            for slot in 0..self.slots.len() {
+                self.connect(slot);
+            }
         }
         ctx.run_interval(self.rebalance_interval, |act, ctx| act.rebalance(ctx));
     }
@@ -160,13 +362,23 @@ impl Handler<ConnectionUp> for DopplerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionUp, _: &mut Context<Self>) {
-        self.up[msg.slot] = true;
         // A stale Connect may have won a race with a newer one: trust what actually connected.
         if self.assigned[msg.slot] != Some(msg.endpoint) {
             if let Some(old) = self.assigned[msg.slot].replace(msg.endpoint) {
                 self.balancer.release(old);
             }
             self.balancer.claim(msg.endpoint);
+        }
+        let az = self.balancer.endpoint(msg.endpoint).az.clone();
+        let metrics = self.setup.ledger.metrics();
+        metrics.connection_in_az(&az, 1);
+        let recycle_at = self.recycle_deadline();
+        if let Some(old) = self.up[msg.slot].replace(Up {
+            endpoint: msg.endpoint,
+            az,
+            recycle_at,
+        }) {
+            metrics.connection_in_az(&old.az, -1);
         }
         if let Some(times) = self.connects.check() {
             let ep = self.balancer.endpoint(msg.endpoint);
@@ -185,15 +397,20 @@ impl Handler<ConnectionUp> for DopplerSupervisor {
 impl Handler<ConnectionDown> for DopplerSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionDown, _: &mut Context<Self>) {
-        self.up[msg.slot] = false;
-        if let Some(ep) = self.assigned[msg.slot] {
+    fn handle(&mut self, msg: ConnectionDown, ctx: &mut Context<Self>) {
+        let ledger = self.setup.ledger.clone();
+        let metrics = ledger.metrics();
+        if let Some(old) = self.up[msg.slot].take() {
+            metrics.connection_in_az(&old.az, -1);
+        }
+        // A killed or recycled actor says nothing about its Doppler; a stalled one was already
+        // charged when the supervisor abandoned it.
+        let failed = !matches!(msg.cause, RestartCause::Killed | RestartCause::Recycled);
+        let previous = self.assigned[msg.slot];
+        if let Some(ep) = previous {
             if msg.lived >= HEALTHY_AFTER {
                 self.balancer.on_healthy(ep);
             }
-            // A killed or recycled actor says nothing about its Doppler; a stalled one was
-            // already charged when the supervisor abandoned it.
-            let failed = !matches!(msg.cause, RestartCause::Killed | RestartCause::Recycled);
             if failed && msg.cause != RestartCause::Stalled {
                 self.balancer
                     .on_failure(ep, Instant::now(), crate::entropy::random_u64());
@@ -213,15 +430,28 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
                 }
             }
         }
-        self.connect(msg.slot);
+        let next = self.connect(msg.slot);
+        if failed && previous.is_some() && next.is_some() && next != previous {
+            // The slot's queue goes with it: what was waiting for the failed Doppler is re-routed
+            // to the next one instead of being dropped.
+            metrics.failovers.fetch_add(1, Ordering::Relaxed);
+            let queued = self.queues[msg.slot].batches() as u64;
+            metrics
+                .rerouted_batches
+                .fetch_add(queued, Ordering::Relaxed);
+        }
+        if failed {
+            self.resolve_after_failure(ctx);
+        }
     }
 }
 
 impl Handler<Stalled> for DopplerSupervisor {
     type Result = ();
 
-    /// Moving a stalled slot costs what its stream had taken (one HTTP/2 window); worth it only if
-    /// another endpoint is usable. Otherwise keep the connection: the Doppler may resume.
+    /// Moving a stalled slot costs what its stream had in flight (counted as `connection_lost`);
+    /// worth it only if another endpoint is usable. Otherwise keep the connection: the Doppler
+    /// may resume.
     fn handle(&mut self, msg: Stalled, _: &mut Context<Self>) {
         let Some(ep) = self.assigned[msg.slot] else {
             return;
@@ -229,8 +459,9 @@ impl Handler<Stalled> for DopplerSupervisor {
         let now = Instant::now();
         let moving = self.balancer.has_alternative(ep, now);
         if moving {
+            let hold = self.progress_timeout * STALL_HOLD_TIMEOUTS;
             self.balancer
-                .on_failure(ep, now, crate::entropy::random_u64());
+                .on_stall(ep, now, crate::entropy::random_u64(), hold);
             // Control message: it must get through even when the slot's mailbox is full.
             self.slots[msg.slot].do_send(Abandon);
         }

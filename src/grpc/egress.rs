@@ -126,6 +126,11 @@ impl EgressQueue {
         self.inner.lock().envelopes
     }
 
+    /// Batches waiting in the queue.
+    pub fn batches(&self) -> usize {
+        self.inner.lock().batches.len()
+    }
+
     /// Envelopes taken by a stream and not yet acknowledged by its Doppler.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight.0

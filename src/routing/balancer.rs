@@ -1,6 +1,8 @@
 //! Which Doppler endpoint each connection slot uses: local AZ first, spread over distinct
 //! endpoints, failed endpoints held back by backoff, other AZs only while no local one is usable.
 
+use std::cmp::Reverse;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::backoff;
@@ -9,6 +11,8 @@ use super::backoff;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: String,
+    /// The endpoint's AZ; only equality with the agent's own AZ matters. Discovery by DNS uses the
+    /// empty string for "not the local AZ".
     pub az: String,
 }
 
@@ -21,10 +25,26 @@ struct State {
     retry_at: Option<Instant>,
     /// Slots currently assigned to this endpoint.
     assigned: usize,
+    /// Discovery no longer lists this endpoint: it gets no new slot, but keeps its index (the
+    /// supervisor stores indices per slot) until the slots still on it let go; after that the
+    /// index may be reused for a newly discovered endpoint.
+    retired: bool,
 }
 
-/// The decision for one slot: connect to `endpoint` (an index into the configured list) after
-/// waiting `delay`.
+impl State {
+    fn fresh(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            failures: 0,
+            retry_at: None,
+            assigned: 0,
+            retired: false,
+        }
+    }
+}
+
+/// The decision for one slot: connect to `endpoint` (an index into the balancer's endpoints,
+/// stable while any slot holds it) after waiting `delay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Assignment {
     pub endpoint: usize,
@@ -34,6 +54,8 @@ pub struct Assignment {
 #[derive(Debug, Clone)]
 pub struct Balancer {
     local_az: String,
+    /// Indexed by endpoint index. Never shrinks, so an index held by a slot always means the same
+    /// endpoint; retired entries are reused instead, so DNS churn cannot grow it without bound.
     endpoints: Vec<State>,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -50,16 +72,17 @@ impl Balancer {
     ) -> Self {
         assert!(!endpoints.is_empty());
         Self {
+            endpoints: endpoints.into_iter().map(State::fresh).collect(),
+            ..Self::empty(local_az, backoff_initial, backoff_max)
+        }
+    }
+
+    /// A balancer with no endpoint yet, for discovery before its first answer: [`Balancer::assign`]
+    /// returns `None` until [`Balancer::update_endpoints`] brings some.
+    pub fn empty(local_az: &str, backoff_initial: Duration, backoff_max: Duration) -> Self {
+        Self {
             local_az: local_az.to_owned(),
-            endpoints: endpoints
-                .into_iter()
-                .map(|endpoint| State {
-                    endpoint,
-                    failures: 0,
-                    retry_at: None,
-                    assigned: 0,
-                })
-                .collect(),
+            endpoints: Vec::new(),
             backoff_initial,
             backoff_max,
         }
@@ -77,40 +100,119 @@ impl Balancer {
         self.endpoints[i].assigned
     }
 
+    /// Whether discovery dropped endpoint `i`: it gets no new slot, and slots still on it should
+    /// move (see [`Balancer::retired_with_slots`]).
+    pub fn is_retired(&self, i: usize) -> bool {
+        self.endpoints[i].retired
+    }
+
+    /// How many endpoints may be assigned (not retired), whether or not held back by backoff.
+    pub fn live_endpoints(&self) -> usize {
+        self.live().count()
+    }
+
+    /// Retired endpoints that slots still use, lowest index first: the caller should move those
+    /// slots, since the Doppler behind them is leaving (or has left) the pool.
+    pub fn retired_with_slots(&self) -> Vec<usize> {
+        (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].retired && self.endpoints[i].assigned > 0)
+            .collect()
+    }
+
+    /// Discovery found `endpoints` (first listing of an address wins). Endpoints still listed keep
+    /// their index and state (failures, backoff, slots) and take the new `az`; endpoints no longer
+    /// listed are retired, keeping their index and slots until released; new addresses take the
+    /// index of a retired endpoint no slot holds, else a new one.
+    ///
+    /// An empty list is ignored: an empty DNS answer is far likelier a DNS fault than every
+    /// Doppler gone, and retiring everything would leave nothing to send to.
+    pub fn update_endpoints(&mut self, endpoints: Vec<Endpoint>) {
+        if endpoints.is_empty() {
+            return;
+        }
+        let mut seen = HashSet::new();
+        let wanted: Vec<Endpoint> = endpoints
+            .into_iter()
+            .filter(|e| seen.insert(e.addr.clone()))
+            .collect();
+        let by_addr: HashMap<&str, &Endpoint> =
+            wanted.iter().map(|e| (e.addr.as_str(), e)).collect();
+        let mut known = HashSet::new();
+        for s in &mut self.endpoints {
+            match by_addr.get(s.endpoint.addr.as_str()) {
+                Some(e) => {
+                    // A retired endpoint that comes back keeps its index and state.
+                    s.retired = false;
+                    s.endpoint.az.clone_from(&e.az);
+                    known.insert(s.endpoint.addr.clone());
+                }
+                None => s.retired = true,
+            }
+        }
+        let mut free = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].retired && self.endpoints[i].assigned == 0)
+            .collect::<Vec<_>>()
+            .into_iter();
+        for e in wanted {
+            if known.contains(&e.addr) {
+                continue;
+            }
+            match free.next() {
+                Some(i) => self.endpoints[i] = State::fresh(e),
+                None => self.endpoints.push(State::fresh(e)),
+            }
+        }
+    }
+
     /// Picks an endpoint for a slot and counts the slot as assigned to it (give it back with
-    /// [`Balancer::release`]). Among endpoints not held back by backoff: local AZ first, then the
-    /// least-assigned (spreading slots over distinct Dopplers), then configuration order. If every
-    /// endpoint is held back, the one free soonest (local first on a tie), with the wait as delay.
-    pub fn assign(&mut self, now: Instant) -> Assignment {
-        let ready = |s: &State| s.retry_at.is_none_or(|t| t <= now);
-        let best = (0..self.endpoints.len())
-            .filter(|&i| ready(&self.endpoints[i]))
-            .min_by_key(|&i| (!self.is_local(i), self.endpoints[i].assigned, i));
-        let (endpoint, delay) = match best {
+    /// [`Balancer::release`]). Among endpoints not retired and not held back by backoff: local AZ
+    /// first, then the least-assigned (spreading slots over distinct Dopplers), then index order.
+    /// If every such endpoint is held back, the one free soonest (local first on a tie), with the
+    /// wait as delay. `None` when there is no endpoint at all yet (discovery has not answered):
+    /// the caller tries again after the next resolution.
+    pub fn assign(&mut self, now: Instant) -> Option<Assignment> {
+        let (endpoint, delay) = match self.target(now) {
             Some(i) => (i, Duration::ZERO),
             None => {
-                let i = (0..self.endpoints.len())
-                    .min_by_key(|&i| (self.endpoints[i].retry_at, !self.is_local(i), i))
-                    .expect("at least one endpoint");
+                let i = self
+                    .live()
+                    .min_by_key(|&i| (self.endpoints[i].retry_at, !self.is_local(i), i))?;
                 let at = self.endpoints[i].retry_at.unwrap_or(now);
                 (i, at.saturating_duration_since(now))
             }
         };
         self.endpoints[endpoint].assigned += 1;
-        Assignment { endpoint, delay }
+        Some(Assignment { endpoint, delay })
     }
 
-    /// The local-AZ endpoint a slot would get now, if one is usable (not held back by backoff).
+    /// The local-AZ endpoint a slot would get now, if one is usable (not retired, not held back).
     pub fn local_candidate(&self, now: Instant) -> Option<usize> {
-        (0..self.endpoints.len())
-            .filter(|&i| self.is_local(i) && self.endpoints[i].retry_at.is_none_or(|t| t <= now))
+        self.live()
+            .filter(|&i| self.is_local(i) && self.ready(i, now))
             .min_by_key(|&i| (self.endpoints[i].assigned, i))
     }
 
-    /// Whether an endpoint other than `current` is usable now (not held back by backoff).
+    /// Whether an endpoint other than `current` is usable now (not retired, not held back).
     pub fn has_alternative(&self, current: usize, now: Instant) -> bool {
-        (0..self.endpoints.len())
-            .any(|i| i != current && self.endpoints[i].retry_at.is_none_or(|t| t <= now))
+        self.live().any(|i| i != current && self.ready(i, now))
+    }
+
+    /// Whether moving one slot would even out the spread, and if so the endpoint to take it from
+    /// (release it there, then [`Balancer::assign`]). The slot would go to the endpoint `assign`
+    /// picks now; a move is worth it only from an endpoint with at least two slots more, in the
+    /// same preference class (or any non-local one when the target is local), so `assign` never
+    /// undoes it and repeated moves stop after at most one per slot. The most-assigned such
+    /// endpoint is returned, lowest index on a tie. Slots away from the local AZ while a local
+    /// endpoint is usable are the return-home probe's business, and retired endpoints are
+    /// [`Balancer::retired_with_slots`]'.
+    pub fn spread_move(&self, now: Instant) -> Option<usize> {
+        let target = self.target(now)?;
+        let target_local = self.is_local(target);
+        let floor = self.endpoints[target].assigned + 2;
+        self.live()
+            .filter(|&e| target_local || !self.is_local(e))
+            .filter(|&e| self.endpoints[e].assigned >= floor)
+            .min_by_key(|&e| (Reverse(self.endpoints[e].assigned), e))
     }
 
     /// Counts a slot as assigned to `i` without choosing (the slot connected there on its own).
@@ -133,6 +235,18 @@ impl Balancer {
         s.retry_at = Some(now + backoff::delay(s.failures, initial, max, random));
     }
 
+    /// The stream to `i` stalled (the Doppler accepted the connection but stopped reading): a
+    /// failure, held back for at least `hold`. A stalled Doppler still accepts connections, so
+    /// after a short backoff it would win the return-home probe and take a slot again at once.
+    pub fn on_stall(&mut self, i: usize, now: Instant, random: u64, hold: Duration) {
+        self.on_failure(i, now, random);
+        // A hold beyond what the clock can represent: the backoff alone applies.
+        if let Some(until) = now.checked_add(hold) {
+            let s = &mut self.endpoints[i];
+            s.retry_at = s.retry_at.max(Some(until));
+        }
+    }
+
     /// A connection to `i` proved healthy: forget its failures.
     pub fn on_healthy(&mut self, i: usize) {
         let s = &mut self.endpoints[i];
@@ -142,6 +256,24 @@ impl Balancer {
 
     pub fn failures(&self, i: usize) -> u32 {
         self.endpoints[i].failures
+    }
+
+    /// Indices of the endpoints that may get slots.
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.endpoints.len()).filter(|&i| !self.endpoints[i].retired)
+    }
+
+    /// Not held back by backoff at `now`.
+    fn ready(&self, i: usize, now: Instant) -> bool {
+        self.endpoints[i].retry_at.is_none_or(|t| t <= now)
+    }
+
+    /// The endpoint a slot would get now without waiting: the one rule [`Balancer::assign`] and
+    /// [`Balancer::spread_move`] share, so a move is never undone.
+    fn target(&self, now: Instant) -> Option<usize> {
+        self.live()
+            .filter(|&i| self.ready(i, now))
+            .min_by_key(|&i| (!self.is_local(i), self.endpoints[i].assigned, i))
     }
 }
 
@@ -173,15 +305,15 @@ mod tests {
         let a = b.assign(now);
         assert_eq!(
             a,
-            Assignment {
+            Some(Assignment {
                 endpoint: 1,
                 delay: Duration::ZERO
-            }
+            })
         );
         b.release(1);
         b.on_failure(1, now, 0);
         assert_eq!(
-            b.assign(now).endpoint,
+            b.assign(now).unwrap().endpoint,
             0,
             "local held back: fall back to the other AZ"
         );
@@ -194,7 +326,7 @@ mod tests {
         assert_eq!(b.local_candidate(now + ms(1000)), Some(1));
         b.release(0);
         // once its backoff has passed, the local endpoint is preferred again
-        assert_eq!(b.assign(now + ms(1000)).endpoint, 1);
+        assert_eq!(b.assign(now + ms(1000)).unwrap().endpoint, 1);
     }
 
     #[test]
@@ -206,11 +338,151 @@ mod tests {
         b.on_failure(1, now, 0); // 50 ms
         assert_eq!(
             b.assign(now),
-            Assignment {
+            Some(Assignment {
                 endpoint: 1,
                 delay: ms(50)
-            }
+            })
         );
+    }
+
+    #[test]
+    fn empty_balancer_assigns_nothing_until_discovery_answers() {
+        let now = Instant::now();
+        let mut b = Balancer::empty("z1", ms(100), ms(1000));
+        assert_eq!(b.assign(now), None);
+        assert_eq!(b.local_candidate(now), None);
+        assert_eq!(b.spread_move(now), None);
+        assert_eq!(b.live_endpoints(), 0);
+        b.update_endpoints(vec![]);
+        assert_eq!(b.assign(now), None, "an empty answer changes nothing");
+        b.update_endpoints(vec![ep("a", "z2"), ep("b", "z1")]);
+        assert_eq!(b.assign(now).unwrap().endpoint, 1);
+    }
+
+    #[test]
+    fn update_keeps_state_retires_and_reuses_indices() {
+        let now = Instant::now();
+        let mut b = Balancer::new(
+            "z1",
+            vec![ep("a", "z1"), ep("b", "z1"), ep("c", "z2")],
+            ms(100),
+            ms(1000),
+        );
+        b.claim(0);
+        b.on_failure(0, now, 0);
+        b.claim(1);
+        // a stays (and is now in another AZ), b and c go, d and e arrive
+        b.update_endpoints(vec![ep("d", "z1"), ep("a", ""), ep("e", "")]);
+        assert_eq!(b.endpoint(0), &ep("a", ""));
+        assert_eq!((b.assigned(0), b.failures(0)), (1, 1), "state kept");
+        assert!(b.is_retired(1));
+        assert_eq!(b.assigned(1), 1, "a retired endpoint keeps its slots");
+        // c held no slot: d takes its index; b still has one, so e is appended
+        assert_eq!(b.endpoint(2), &ep("d", "z1"));
+        assert_eq!(b.endpoint(3), &ep("e", ""));
+        assert_eq!(b.live_endpoints(), 3);
+        assert_eq!(b.retired_with_slots(), vec![1]);
+        assert!(b.has_alternative(2, now), "e is live and ready");
+        assert_eq!(b.local_candidate(now), Some(2));
+        assert_eq!(b.assign(now).unwrap().endpoint, 2);
+
+        b.release(1);
+        assert!(b.retired_with_slots().is_empty());
+        b.update_endpoints(vec![ep("f", "z1"), ep("a", "z1")]);
+        // b's index is free now; d and e retire, d (still holding a slot) keeps index 2
+        assert_eq!(b.endpoint(1), &ep("f", "z1"));
+        assert_eq!(b.endpoint(2), &ep("d", "z1"));
+        assert!(b.is_retired(2) && b.is_retired(3));
+        assert_eq!(b.endpoints.len(), 4);
+
+        // an address that comes back while its entry is still there keeps index and state
+        b.update_endpoints(vec![ep("d", "z1")]);
+        assert_eq!(b.endpoint(2), &ep("d", "z1"));
+        assert!(!b.is_retired(2));
+        assert_eq!(b.assigned(2), 1);
+    }
+
+    #[test]
+    fn retired_endpoints_are_never_offered() {
+        let now = Instant::now();
+        let mut b = Balancer::new("z1", vec![ep("a", "z1"), ep("b", "z2")], ms(100), ms(1000));
+        b.claim(0);
+        b.update_endpoints(vec![ep("b", "z2")]);
+        assert_eq!(b.local_candidate(now), None);
+        assert!(b.has_alternative(0, now));
+        assert!(!b.has_alternative(1, now), "only the retired one is left");
+        b.on_failure(1, now, 0);
+        assert_eq!(
+            b.assign(now),
+            Some(Assignment {
+                endpoint: 1,
+                delay: ms(50)
+            }),
+            "the live endpoint in backoff, not the retired ready one"
+        );
+    }
+
+    #[test]
+    fn a_stall_holds_the_endpoint_back_for_at_least_the_hold() {
+        let now = Instant::now();
+        let mut b = Balancer::new("z1", vec![ep("a", "z1"), ep("b", "z2")], ms(100), ms(1000));
+        b.on_stall(0, now, 0, ms(30_000));
+        assert_eq!(b.failures(0), 1);
+        assert_eq!(b.local_candidate(now + ms(29_999)), None);
+        assert_eq!(b.local_candidate(now + ms(30_000)), Some(0));
+        // a hold shorter than the backoff changes nothing
+        b.on_stall(0, now, 0, ms(1));
+        assert_eq!(b.local_candidate(now + ms(99)), None);
+        assert_eq!(b.local_candidate(now + ms(100)), Some(0));
+    }
+
+    #[test]
+    fn spread_move_takes_from_the_fullest_and_never_against_assign() {
+        let now = Instant::now();
+        let mut b = Balancer::new(
+            "z1",
+            vec![ep("a", "z1"), ep("b", "z1"), ep("c", "z2"), ep("d", "z2")],
+            ms(100),
+            ms(1000),
+        );
+        for _ in 0..2 {
+            b.claim(1);
+        }
+        b.claim(0);
+        assert_eq!(
+            b.spread_move(now),
+            None,
+            "2 against 1: moving would only swap them"
+        );
+        b.claim(1);
+        assert_eq!(b.spread_move(now), Some(1));
+        // remote slots with a usable local endpoint: moved only when 2 above the local target
+        let mut r = Balancer::new("z1", vec![ep("a", "z1"), ep("c", "z2")], ms(100), ms(1000));
+        r.claim(0);
+        r.claim(1);
+        r.claim(1);
+        assert_eq!(r.spread_move(now), None);
+        r.claim(1);
+        assert_eq!(r.spread_move(now), Some(1));
+        // with the local endpoint held back, local slots are not pulled to a remote target
+        r.on_failure(0, now, 0);
+        r.claim(0);
+        r.claim(0);
+        r.release(1);
+        r.release(1);
+        r.release(1);
+        assert_eq!(r.spread_move(now), None);
+        // ties go to the lowest index
+        let mut t = Balancer::new(
+            "z1",
+            vec![ep("a", "z2"), ep("b", "z2"), ep("c", "z2")],
+            ms(100),
+            ms(1000),
+        );
+        for i in [1, 1, 2, 2] {
+            t.claim(i);
+        }
+        assert_eq!(t.spread_move(now), Some(1));
     }
 
     proptest! {
@@ -231,7 +503,7 @@ mod tests {
             let local_usable: Vec<usize> = (0..eps.len()).filter(|&i| usable(i) && azs[i] == 0).collect();
             let any_usable: Vec<usize> = (0..eps.len()).filter(|&i| usable(i)).collect();
             for _ in 0..slots {
-                let a = b.assign(now);
+                let a = b.assign(now).unwrap();
                 if !local_usable.is_empty() {
                     prop_assert!(local_usable.contains(&a.endpoint));
                     prop_assert_eq!(a.delay, Duration::ZERO);
@@ -246,5 +518,155 @@ mod tests {
                 prop_assert!(hi - lo <= 1, "uneven spread {:?}", counts);
             }
         }
+
+        /// Under any churn of discovered endpoints and slots: `assign` never offers a retired
+        /// endpoint, an index held by a slot or by a surviving endpoint always means the same
+        /// address, and the table grows only while every entry is live or still holds slots.
+        #[test]
+        fn churn_keeps_indices_stable_and_bounded(
+            initial in prop::collection::btree_set(0u8..12, 1..6),
+            ops in prop::collection::vec(
+                prop_oneof![
+                    prop::collection::vec((0u8..12, any::<bool>()), 0..7).prop_map(Op::Update),
+                    Just(Op::Assign),
+                    any::<prop::sample::Index>().prop_map(Op::Release),
+                    any::<prop::sample::Index>().prop_map(Op::Fail),
+                ],
+                1..60,
+            ),
+        ) {
+            let now = Instant::now();
+            let name = |a: u8| format!("10.0.0.{a}:8082");
+            let mut b = Balancer::new(
+                "z1",
+                initial.iter().map(|&a| ep(&name(a), "z1")).collect(),
+                ms(100),
+                ms(1000),
+            );
+            // Every slot as (endpoint index, address it was given).
+            let mut slots: Vec<(usize, String)> = Vec::new();
+            let mut high_water = b.endpoints.len();
+            let mut live: Vec<String> = initial.iter().map(|&a| name(a)).collect();
+            for op in ops {
+                let before: Vec<(usize, String)> = (0..b.endpoints.len())
+                    .filter(|&i| !b.is_retired(i))
+                    .map(|i| (i, b.endpoint(i).addr.clone()))
+                    .collect();
+                match op {
+                    Op::Update(list) => {
+                        let eps: Vec<Endpoint> = list
+                            .iter()
+                            .map(|&(a, local)| ep(&name(a), if local { "z1" } else { "" }))
+                            .collect();
+                        b.update_endpoints(eps.clone());
+                        if !eps.is_empty() {
+                            live = eps.into_iter().map(|e| e.addr).collect();
+                        }
+                        for (i, addr) in before {
+                            if live.contains(&addr) {
+                                prop_assert_eq!(&b.endpoint(i).addr, &addr, "survivor moved");
+                                prop_assert!(!b.is_retired(i));
+                            }
+                        }
+                        let holding = b.retired_with_slots().len();
+                        high_water = high_water.max(b.live_endpoints() + holding);
+                    }
+                    Op::Assign => {
+                        let a = b.assign(now + ms(200)).expect("there is always a live endpoint");
+                        prop_assert!(!b.is_retired(a.endpoint), "assigned a retired endpoint");
+                        slots.push((a.endpoint, b.endpoint(a.endpoint).addr.clone()));
+                    }
+                    Op::Release(pick) => {
+                        if !slots.is_empty() {
+                            let (i, _) = slots.swap_remove(pick.index(slots.len()));
+                            b.release(i);
+                        }
+                    }
+                    Op::Fail(pick) => {
+                        if !slots.is_empty() {
+                            let (i, _) = slots[pick.index(slots.len())];
+                            b.on_failure(i, now, 0);
+                        }
+                    }
+                }
+                for (i, addr) in &slots {
+                    prop_assert_eq!(&b.endpoint(*i).addr, addr, "a held index changed meaning");
+                }
+                let mut live_now: Vec<String> = (0..b.endpoints.len())
+                    .filter(|&i| !b.is_retired(i))
+                    .map(|i| b.endpoint(i).addr.clone())
+                    .collect();
+                live_now.sort();
+                let mut want = live.clone();
+                want.sort();
+                want.dedup();
+                prop_assert_eq!(live_now, want);
+                prop_assert!(b.endpoints.len() <= high_water,
+                    "{} entries, high water {}", b.endpoints.len(), high_water);
+                for i in 0..b.endpoints.len() {
+                    let held = slots.iter().filter(|(s, _)| *s == i).count();
+                    prop_assert_eq!(b.assigned(i), held);
+                }
+            }
+        }
+
+        /// Following `spread_move` (release there, assign) stops within one move per slot,
+        /// `assign` never hands the slot straight back, and the usable endpoints of the class
+        /// slots go to end up within one slot of each other.
+        #[test]
+        fn spread_moves_terminate_and_even_out(
+            azs in prop::collection::vec(any::<bool>(), 1..7),
+            failed in prop::collection::vec(any::<bool>(), 7),
+            claims in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+            keep in prop::collection::vec(any::<bool>(), 7),
+        ) {
+            let now = Instant::now();
+            let eps: Vec<Endpoint> = azs.iter().enumerate()
+                .map(|(i, &local)| ep(&format!("e{i}"), if local { "z1" } else { "z2" }))
+                .collect();
+            let mut b = Balancer::new("z1", eps.clone(), ms(100), ms(1000));
+            for c in &claims {
+                b.claim(c.index(eps.len()));
+            }
+            for (i, f) in failed.iter().take(eps.len()).enumerate() {
+                if *f { b.on_failure(i, now, 0) }
+            }
+            // some endpoints may have left the pool, slots and all
+            let kept: Vec<Endpoint> = eps.iter().zip(&keep).filter(|(_, k)| **k)
+                .map(|(e, _)| e.clone()).collect();
+            b.update_endpoints(kept);
+            let mut moves = 0;
+            while let Some(from) = b.spread_move(now) {
+                moves += 1;
+                prop_assert!(moves <= claims.len(), "no end after {} moves", moves);
+                prop_assert!(!b.is_retired(from));
+                b.release(from);
+                let a = b.assign(now).expect("spread_move implies a target");
+                prop_assert_eq!(a.delay, Duration::ZERO);
+                prop_assert_ne!(a.endpoint, from, "assign undid the move");
+            }
+            let usable: Vec<usize> = (0..eps.len())
+                .filter(|&i| !b.is_retired(i) && !failed[i])
+                .collect();
+            let any_local = usable.iter().any(|&i| b.is_local(i));
+            let class: Vec<usize> = usable.iter().copied()
+                .filter(|&i| b.is_local(i) == any_local).collect();
+            if let (Some(lo), Some(hi)) = (
+                class.iter().map(|&i| b.assigned(i)).min(),
+                class.iter().map(|&i| b.assigned(i)).max(),
+            ) {
+                prop_assert!(hi - lo <= 1, "uneven: {:?}",
+                    class.iter().map(|&i| b.assigned(i)).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Discovery answered with these (address, local) pairs.
+        Update(Vec<(u8, bool)>),
+        Assign,
+        Release(prop::sample::Index),
+        Fail(prop::sample::Index),
     }
 }

@@ -47,7 +47,7 @@ impl Ledger {
         match self.budget.try_acquire_many(permits) {
             Ok(p) => {
                 p.forget();
-                self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+                self.admitted(n);
                 true
             }
             Err(_) => false,
@@ -69,11 +69,19 @@ impl Ledger {
         match tokio::time::timeout(wait, self.budget.acquire_many(permits)).await {
             Ok(Ok(p)) => {
                 p.forget();
-                self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+                self.admitted(n);
                 true
             }
             _ => false,
         }
+    }
+
+    fn admitted(&self, n: usize) {
+        self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+        let held = (self.max_bytes - self.budget.available_permits()) as u64;
+        self.metrics
+            .peak_buffered_bytes
+            .fetch_max(held, Ordering::Relaxed);
     }
 
     fn release(&self, n: usize, bytes: usize) {

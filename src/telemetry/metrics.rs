@@ -2,8 +2,11 @@
 //! existing Loggregator dashboards keep working. Counters are atomics: cheap to bump from any
 //! thread, read by the Prometheus endpoint and by tests.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use super::ratelimit::RateLimit;
@@ -146,7 +149,8 @@ pub struct Metrics {
     pub ingress: AtomicU64,
     /// `origin_mappings{metric_version="2.0"}`: source_id taken from the origin tag.
     pub origin_mappings: AtomicU64,
-    /// `egress{metric_version="2.0"}`: envelopes written to a Doppler stream.
+    /// `egress{metric_version="2.0"}`: envelopes written to a Doppler stream whose Doppler
+    /// acknowledged them.
     pub egress: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
     drop_warnings: [RateLimit; DropReason::ALL.len()],
@@ -159,6 +163,16 @@ pub struct Metrics {
     pub ingress_stream_errors: AtomicU64,
     /// `sequence_stream_rotations`: times the per-source table filled and a new stream began.
     pub sequence_rotations: AtomicU64,
+    /// `doppler_failovers`: a connection that failed reconnected to a different Doppler.
+    pub failovers: AtomicU64,
+    /// `doppler_rerouted_batches`: batches queued for a failed connection that went on to the
+    /// Doppler it failed over to (rather than being dropped).
+    pub rerouted_batches: AtomicU64,
+    /// `buffered_bytes_peak`: the most budget bytes ever held at once.
+    pub peak_buffered_bytes: AtomicU64,
+    /// `doppler_connections_by_az{az}`: open connections per Doppler AZ (`""`: not known, from
+    /// `router_addr` only).
+    connections_by_az: Mutex<BTreeMap<String, i64>>,
 }
 
 /// One metric family for the exposition: name, type, help, and (labels, value) samples.
@@ -180,6 +194,11 @@ pub struct MetricsSnapshot {
     pub restarts: Vec<(RestartCause, u64)>,
     pub doppler_connections: i64,
     pub doppler_v2_streams: i64,
+    pub failovers: u64,
+    pub rerouted_batches: u64,
+    pub peak_buffered_bytes: u64,
+    /// Open connections per Doppler AZ; AZs with none are left out.
+    pub connections_by_az: BTreeMap<String, i64>,
 }
 
 impl MetricsSnapshot {
@@ -196,6 +215,18 @@ impl MetricsSnapshot {
 
     pub fn restarts_total(&self) -> u64 {
         self.restarts.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn restarts_by(&self, cause: RestartCause) -> u64 {
+        self.restarts
+            .iter()
+            .find(|(c, _)| *c == cause)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Open connections to Dopplers in `az`.
+    pub fn connections_in(&self, az: &str) -> i64 {
+        self.connections_by_az.get(az).copied().unwrap_or(0)
     }
 }
 
@@ -218,6 +249,20 @@ impl Metrics {
             restarts: Default::default(),
             ingress_stream_errors: AtomicU64::new(0),
             sequence_rotations: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            rerouted_batches: AtomicU64::new(0),
+            peak_buffered_bytes: AtomicU64::new(0),
+            connections_by_az: Mutex::default(),
+        }
+    }
+
+    /// A connection to a Doppler in `az` opened (`+1`) or closed (`-1`).
+    pub fn connection_in_az(&self, az: &str, delta: i64) {
+        let mut map = self.connections_by_az.lock();
+        let n = map.entry(az.to_owned()).or_default();
+        *n += delta;
+        if *n == 0 {
+            map.remove(az);
         }
     }
 
@@ -260,6 +305,10 @@ impl Metrics {
                 .collect(),
             doppler_connections: self.doppler_connections.load(Ordering::Relaxed),
             doppler_v2_streams: self.doppler_v2_streams.load(Ordering::Relaxed),
+            failovers: get(&self.failovers),
+            rerouted_batches: get(&self.rerouted_batches),
+            peak_buffered_bytes: get(&self.peak_buffered_bytes),
+            connections_by_az: self.connections_by_az.lock().clone(),
         }
     }
 
@@ -275,7 +324,7 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let families: [Family; 12] = [
+        let families: [Family; 16] = [
             (
                 "ingress",
                 "counter",
@@ -291,7 +340,7 @@ impl Metrics {
             (
                 "egress",
                 "counter",
-                "Envelopes written to a Doppler stream.",
+                "Envelopes written to a Doppler stream and acknowledged by the Doppler.",
                 one(V2, s.egress.to_string()),
             ),
             (
@@ -337,6 +386,27 @@ impl Metrics {
                 one(V2, s.doppler_v2_streams.to_string()),
             ),
             (
+                "doppler_connections_by_az",
+                "gauge",
+                "Open Doppler connections per Doppler AZ (az=\"\": known only from router_addr).",
+                s.connections_by_az
+                    .iter()
+                    .map(|(az, n)| (format!("az=\"{}\"", escape_label(az)), n.to_string()))
+                    .collect(),
+            ),
+            (
+                "doppler_failovers",
+                "counter",
+                "Failed Doppler connections that reconnected to a different Doppler.",
+                one("", s.failovers.to_string()),
+            ),
+            (
+                "doppler_rerouted_batches",
+                "counter",
+                "Batches queued for a failed connection, carried on to the Doppler it failed over to.",
+                one("", s.rerouted_batches.to_string()),
+            ),
+            (
                 "doppler_connection_restarts",
                 "counter",
                 "Doppler connection actors restarted, by cause.",
@@ -356,6 +426,12 @@ impl Metrics {
                 "gauge",
                 "Budget bytes held by buffered envelopes (see pipeline.max_buffered_bytes).",
                 one("", buffered.1.to_string()),
+            ),
+            (
+                "buffered_bytes_peak",
+                "gauge",
+                "The most budget bytes ever held at once (never above pipeline.max_buffered_bytes).",
+                one("", s.peak_buffered_bytes.to_string()),
             ),
             (
                 "ingress_stream_errors",
@@ -393,6 +469,13 @@ impl Metrics {
     }
 }
 
+/// Prometheus label value escaping: backslash, double quote, newline.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,5 +493,14 @@ mod tests {
         assert!(text.contains("dropped{direction=\"egress\",metric_version=\"2.0\"} 3\n"));
         assert!(text.contains("reason=\"pipeline_full\""));
         assert_eq!(m.snapshot().dropped_total(), 6);
+        m.connection_in_az("z\"1", 2);
+        m.connection_in_az("z2", 1);
+        m.connection_in_az("z2", -1);
+        let text = m.render((0, 0));
+        assert!(
+            text.contains("doppler_connections_by_az{az=\"z\\\"1\"} 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("az=\"z2\""), "closed AZs disappear");
     }
 }
