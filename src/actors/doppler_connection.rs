@@ -138,13 +138,13 @@ impl DopplerConnection {
 
     fn start_stream(
         &mut self,
-        client: crate::proto::ingress_client::IngressClient<tonic::transport::Channel>,
+        channel: tonic::transport::Channel,
         endpoint: usize,
         ctx: &mut Context<Self>,
     ) {
         let span = tracing::info_span!("doppler_stream", slot = self.slot, endpoint);
         let streams = run_streams(
-            client,
+            channel,
             self.queue.clone(),
             self.setup.ledger.clone(),
             self.setup.streams,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::Batch;
 use crate::telemetry::RestartCause;
 
@@ -30,10 +31,10 @@ pub struct SequencedBatch {
     pub parts: Vec<(usize, Batch)>,
 }
 
-/// Signed envelopes for one connection slot.
+/// Signed envelopes for one connection slot, encoded once (see [`EncodedBatch`]).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct EgressBatch(pub Batch);
+pub struct EgressBatch(pub EncodedBatch);
 
 /// Supervisor → connection: dial `addr` (configured endpoint `endpoint`) after `delay`.
 #[derive(Message, Debug, Clone)]

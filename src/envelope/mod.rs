@@ -1,6 +1,7 @@
 //! Pure logic on envelopes: the batch that travels the pipeline, tagging and counter totals,
 //! per-source sequencing, and the signing form. No actors, no I/O: unit- and property-tested.
 
+pub mod encoded;
 pub mod sequence;
 pub mod signing;
 pub mod tagging;

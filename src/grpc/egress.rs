@@ -22,13 +22,16 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use prost::bytes::BufMut;
+use prost::Message;
 use tokio::time::Sleep;
 use tokio_stream::Stream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
-use crate::envelope::Batch;
-use crate::proto::{ingress_client::IngressClient, EnvelopeBatch};
+use crate::envelope::encoded::EncodedBatch;
+use crate::proto::BatchSenderResponse;
 use crate::telemetry::{DropReason, Ledger};
 
 /// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
@@ -41,7 +44,7 @@ pub struct BatchLimits {
 
 impl BatchLimits {
     /// How many leading envelopes of `batch` fit in one message (at least one).
-    fn fitting_prefix(&self, batch: &Batch) -> usize {
+    fn fitting_prefix(&self, batch: &EncodedBatch) -> usize {
         let mut bytes = 0;
         for (i, cost) in batch.costs().iter().enumerate() {
             bytes += *cost as usize;
@@ -55,7 +58,7 @@ impl BatchLimits {
 
 #[derive(Default)]
 struct Inner {
-    batches: VecDeque<Batch>,
+    batches: VecDeque<EncodedBatch>,
     envelopes: usize,
     /// Since when the queue has held data without a stream taking any (progress watchdog).
     waiting_since: Option<Instant>,
@@ -104,7 +107,7 @@ impl EgressQueue {
         self.routed.load(Ordering::Acquire)
     }
 
-    pub fn push(&self, batch: Batch) {
+    pub fn push(&self, batch: EncodedBatch) {
         if batch.is_empty() {
             return;
         }
@@ -207,7 +210,7 @@ impl EgressQueue {
         cx: &mut Context<'_>,
         limits: &BatchLimits,
         epoch: u64,
-    ) -> Poll<Option<Batch>> {
+    ) -> Poll<Option<EncodedBatch>> {
         let mut q = self.inner.lock();
         if q.epoch != epoch {
             return Poll::Ready(None);
@@ -280,16 +283,16 @@ impl EgressStream {
         }
     }
 
-    fn rotate(&mut self) -> Poll<Option<EnvelopeBatch>> {
+    fn rotate(&mut self) -> Poll<Option<EncodedBatch>> {
         self.rotated.store(true, Ordering::Release);
         Poll::Ready(None)
     }
 }
 
 impl Stream for EgressStream {
-    type Item = EnvelopeBatch;
+    type Item = EncodedBatch;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EnvelopeBatch>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EncodedBatch>> {
         let this = self.get_mut();
         if this.rotated.load(Ordering::Acquire) || this.carried >= this.settings.ack_bytes {
             return this.rotate();
@@ -301,8 +304,7 @@ impl Stream for EgressStream {
                     let due = tokio::time::Instant::now() + this.settings.ack_interval;
                     this.ack_due = Some(Box::pin(tokio::time::sleep_until(due)));
                 }
-                let (envelopes, _) = batch.into_parts();
-                Poll::Ready(Some(EnvelopeBatch { batch: envelopes }))
+                Poll::Ready(Some(batch))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.ack_due.as_mut().map(|d| d.as_mut().poll(cx)) {
@@ -334,21 +336,80 @@ fn is_upstream_eof(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unknown && status.message() == "EOF"
 }
 
+/// `Ingress.BatchSender` with envelopes that are already encoded: the request body is written
+/// as is (see [`EncodedBatch::as_message_body`]), the response decoded with prost.
+#[derive(Debug, Clone, Copy, Default)]
+struct PreEncodedCodec;
+
+impl Codec for PreEncodedCodec {
+    type Encode = EncodedBatch;
+    type Decode = BatchSenderResponse;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl Encoder for PreEncodedCodec {
+    type Item = EncodedBatch;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: EncodedBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(item.as_message_body());
+        Ok(())
+    }
+}
+
+impl Decoder for PreEncodedCodec {
+    type Item = BatchSenderResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        BatchSenderResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable response: {e}")))
+    }
+}
+
+const BATCH_SENDER: &str = "/loggregator.v2.Ingress/BatchSender";
+
+/// Opens one BatchSender stream carrying `stream`.
+async fn batch_sender(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    stream: EgressStream,
+) -> Result<(), tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(BATCH_SENDER);
+    grpc.client_streaming(tonic::Request::new(stream), path, PreEncodedCodec)
+        .await
+        .map(|_| ())
+}
+
 /// Runs one connection's BatchSender streams, one after another on the same HTTP/2 connection,
 /// counting each stream's envelopes as delivered when its Doppler acknowledges its end. Returns
 /// when the connection should stop; on failure, what is in flight stays in the queue's count for
 /// the caller (see [`EgressQueue::take_in_flight`]).
 pub async fn run_streams(
-    mut client: IngressClient<Channel>,
+    channel: Channel,
     queue: Arc<EgressQueue>,
     ledger: Arc<Ledger>,
     settings: StreamSettings,
 ) -> StreamEnd {
+    let mut grpc =
+        tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     loop {
         let rotated = Arc::new(AtomicBool::new(false));
         let stream = EgressStream::new(queue.clone(), settings, rotated.clone());
         let epoch = stream.epoch;
-        let res = client.batch_sender(stream).await;
+        let res = batch_sender(&mut grpc, stream).await;
         let recycled = queue.epoch() != epoch;
         let rotated = rotated.load(Ordering::Acquire);
         let ended_by_us = rotated || recycled || queue.is_drained();
@@ -401,7 +462,7 @@ pub enum DialError {
 ///
 /// # Errors
 /// When the address is invalid or the TCP/TLS/HTTP2 handshake fails.
-pub async fn dial(addr: &str, s: &DialSettings) -> Result<IngressClient<Channel>, DialError> {
+pub async fn dial(addr: &str, s: &DialSettings) -> Result<Channel, DialError> {
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|_| DialError::Address(addr.to_owned()))?
         .tls_config(s.tls.clone())
@@ -411,10 +472,7 @@ pub async fn dial(addr: &str, s: &DialSettings) -> Result<IngressClient<Channel>
         .keep_alive_timeout(s.keepalive_timeout)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(DialError::Connect)?;
-    Ok(IngressClient::new(channel)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
+    endpoint.connect().await.map_err(DialError::Connect)
 }
 
 #[cfg(test)]
@@ -423,21 +481,21 @@ mod tests {
     use crate::proto::Envelope;
     use crate::telemetry::Metrics;
 
-    fn batch(n: usize, cost: u32) -> Batch {
-        let mut b = Batch::default();
+    fn batch(n: usize, cost: u32) -> EncodedBatch {
+        let mut b = EncodedBatch::default();
         for _ in 0..n {
-            b.push(Envelope::default(), cost);
+            b.push(&Envelope::default(), cost);
         }
         b
     }
 
     /// Pushes as the pipeline does: routed by the sequencer first.
-    fn push(q: &EgressQueue, b: Batch) {
+    fn push(q: &EgressQueue, b: EncodedBatch) {
         q.route(b.bytes());
         q.push(b);
     }
 
-    fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<Batch> {
+    fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<EncodedBatch> {
         let mut cx = Context::from_waker(Waker::noop());
         match q.poll_take(&mut cx, limits, q.epoch()) {
             Poll::Ready(b) => b,
@@ -488,11 +546,11 @@ mod tests {
         let rotated = Arc::new(AtomicBool::new(false));
         let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
         push(&q, batch(6, 10));
-        assert_eq!(s.next().await.unwrap().batch.len(), 4);
+        assert_eq!(s.next().await.unwrap().len(), 4);
         assert_eq!((q.in_flight(), q.envelopes()), (4, 2));
         assert_eq!(metrics.snapshot().egress, 0, "not acknowledged yet");
         q.close();
-        assert_eq!(s.next().await.unwrap().batch.len(), 2);
+        assert_eq!(s.next().await.unwrap().len(), 2);
         assert!(
             s.next().await.is_none(),
             "closed and empty: the stream ends"
@@ -520,8 +578,8 @@ mod tests {
         let rotated = Arc::new(AtomicBool::new(false));
         let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
         push(&q, batch(5, 10));
-        assert_eq!(s.next().await.unwrap().batch.len(), 2);
-        assert_eq!(s.next().await.unwrap().batch.len(), 2);
+        assert_eq!(s.next().await.unwrap().len(), 2);
+        assert_eq!(s.next().await.unwrap().len(), 2);
         assert!(s.next().await.is_none(), "40 bytes carried, window 30");
         assert!(rotated.load(Ordering::Acquire));
         assert_eq!((q.in_flight(), q.envelopes()), (4, 1));
@@ -542,7 +600,7 @@ mod tests {
         let rotated = Arc::new(AtomicBool::new(false));
         let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
         push(&q, batch(3, 10));
-        assert_eq!(s.next().await.unwrap().batch.len(), 3);
+        assert_eq!(s.next().await.unwrap().len(), 3);
         // Nothing more is queued: only the acknowledgement timer can end the stream.
         let end = tokio::time::timeout(Duration::from_secs(10), s.next()).await;
         assert!(end.expect("the stream ends by itself").is_none());

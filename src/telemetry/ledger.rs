@@ -91,7 +91,15 @@ impl Ledger {
         self.released.notify_waiters();
     }
 
-    /// Admitted envelopes written to a Doppler stream.
+    /// Buffered envelopes now hold `bytes` less than they were priced at (they were encoded).
+    pub fn shrink(&self, bytes: usize) {
+        if bytes > 0 {
+            self.budget.add_permits(bytes);
+            self.released.notify_waiters();
+        }
+    }
+
+    /// Admitted envelopes acknowledged by a Doppler.
     pub fn delivered(&self, n: usize, bytes: usize) {
         self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
         self.release(n, bytes);

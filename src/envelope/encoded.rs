@@ -1,0 +1,178 @@
+//! Signed envelopes, encoded once and kept encoded while they wait for a Doppler.
+//!
+//! A decoded envelope costs about five times its encoded size in memory (the struct, a B-tree
+//! node per map, one allocation per tag string), so the slot queues, which hold everything the
+//! agent buffers while Dopplers are away, keep envelopes *framed*: each one is an
+//! `EnvelopeBatch.batch` entry (field 1, length-delimited). An outgoing message's body is then
+//! just the concatenation of framed envelopes, so batches merge and split at envelope boundaries
+//! without re-encoding, and the budget held per queued envelope drops to its framed size.
+
+use prost::Message;
+
+use crate::proto::Envelope;
+
+/// Budget bytes per queued envelope beyond its framed bytes: its entries in `ends` and `costs`,
+/// rounded up.
+pub const QUEUED_OVERHEAD: u32 = 16;
+
+/// `EnvelopeBatch.batch` is field 1, length-delimited: tag byte `(1 << 3) | 2`.
+const BATCH_FIELD_KEY: u8 = 0x0a;
+
+/// Framed envelopes with the budget cost of each.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EncodedBatch {
+    buf: Vec<u8>,
+    /// End offset in `buf` of each framed envelope.
+    ends: Vec<u32>,
+    costs: Vec<u32>,
+    bytes: usize,
+}
+
+/// What a queued envelope costs the budget: its framed size plus [`QUEUED_OVERHEAD`].
+pub fn queued_cost(envelope: &Envelope) -> u32 {
+    let len = envelope.encoded_len();
+    let framed = 1 + prost::length_delimiter_len(len) + len;
+    u32::try_from(framed)
+        .unwrap_or(u32::MAX)
+        .saturating_add(QUEUED_OVERHEAD)
+}
+
+impl EncodedBatch {
+    pub fn with_capacity(envelopes: usize, bytes: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(envelopes),
+            costs: Vec::with_capacity(envelopes),
+            bytes: 0,
+        }
+    }
+
+    /// Appends `envelope`, framed, costing `cost` budget bytes.
+    pub fn push(&mut self, envelope: &Envelope, cost: u32) {
+        self.buf.push(BATCH_FIELD_KEY);
+        envelope
+            .encode_length_delimited(&mut self.buf)
+            .expect("a Vec grows as needed");
+        self.ends
+            .push(u32::try_from(self.buf.len()).expect("a batch stays far below 4 GiB"));
+        self.costs.push(cost);
+        self.bytes += cost as usize;
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The batch's total budget cost.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn costs(&self) -> &[u32] {
+        &self.costs
+    }
+
+    /// The body of an `EnvelopeBatch` message holding these envelopes.
+    pub fn as_message_body(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Moves every envelope of `other` to the end of `self`.
+    pub fn append(&mut self, other: &mut EncodedBatch) {
+        let base = u32::try_from(self.buf.len()).expect("a batch stays far below 4 GiB");
+        self.buf.append(&mut other.buf);
+        self.ends.extend(other.ends.drain(..).map(|e| e + base));
+        self.costs.append(&mut other.costs);
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Splits off the envelopes from index `at` on.
+    pub fn split_off(&mut self, at: usize) -> EncodedBatch {
+        if at >= self.len() {
+            return EncodedBatch::default();
+        }
+        let cut = if at == 0 { 0 } else { self.ends[at - 1] };
+        let buf = self.buf.split_off(cut as usize);
+        let ends = self
+            .ends
+            .split_off(at)
+            .into_iter()
+            .map(|e| e - cut)
+            .collect();
+        let costs = self.costs.split_off(at);
+        let bytes = costs.iter().map(|c| *c as usize).sum();
+        self.bytes -= bytes;
+        EncodedBatch {
+            buf,
+            ends,
+            costs,
+            bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::EnvelopeBatch;
+
+    fn env(i: usize) -> Envelope {
+        let mut e = Envelope {
+            source_id: format!("src-{i}"),
+            timestamp: i as i64,
+            ..Default::default()
+        };
+        e.tags.insert("k".into(), "v".repeat(i));
+        e
+    }
+
+    #[test]
+    fn the_body_decodes_as_the_envelope_batch_through_merges_and_splits() {
+        let envs: Vec<Envelope> = (0..7).map(env).collect();
+        let mut a = EncodedBatch::default();
+        for e in &envs[..3] {
+            a.push(e, queued_cost(e));
+        }
+        let mut b = EncodedBatch::default();
+        for e in &envs[3..] {
+            b.push(e, queued_cost(e));
+        }
+        a.append(&mut b);
+        assert!(b.is_empty() && b.bytes() == 0);
+        let decoded = EnvelopeBatch::decode(a.as_message_body()).unwrap();
+        assert_eq!(decoded.batch, envs);
+        let total = a.bytes();
+        let rest = a.split_off(2);
+        assert_eq!(a.bytes() + rest.bytes(), total);
+        assert_eq!(
+            EnvelopeBatch::decode(a.as_message_body()).unwrap().batch,
+            envs[..2]
+        );
+        assert_eq!(
+            EnvelopeBatch::decode(rest.as_message_body()).unwrap().batch,
+            envs[2..]
+        );
+        let mut whole = rest.clone();
+        let none = whole.split_off(whole.len());
+        assert!(none.is_empty());
+        let all = whole.split_off(0);
+        assert!(whole.is_empty() && whole.bytes() == 0);
+        assert_eq!(all, rest);
+    }
+
+    #[test]
+    fn the_cost_covers_the_framed_bytes() {
+        let e = env(300);
+        let mut b = EncodedBatch::default();
+        b.push(&e, queued_cost(&e));
+        assert!(b.bytes() >= b.as_message_body().len());
+        assert_eq!(
+            b.bytes(),
+            b.as_message_body().len() + QUEUED_OVERHEAD as usize
+        );
+    }
+}
