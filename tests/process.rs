@@ -462,3 +462,56 @@ async fn second_signal_exits_1_without_waiting_for_the_grace_period() {
     );
     assert_eq!(doppler.count(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_doppler_for_a_while_writes_a_bounded_number_of_lines() {
+    let w = World::new();
+    let mut doppler = FakeDoppler::start(&w.pki);
+    let (mut metron, _ingress, metrics) = start_metron(&w, &doppler, "");
+    assert!(doppler.wait_for_connections(3, STEP));
+    doppler.kill();
+    // Reconnects every ≤ 200 ms per slot (the test template's backoff cap): wait for 60 failed
+    // dials, far more than the warnings allowed below.
+    let failed_dials = || {
+        metric_value(
+            &scrape(metrics),
+            "doppler_connection_restarts",
+            &[("cause", "connect_failed")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        wait_until(STEP, || failed_dials() >= 60.0),
+        "only {} failed dials",
+        failed_dials()
+    );
+    metron.signal("TERM");
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stdout);
+    assert!(status.success(), "{status}; logs: {lines:#?}");
+    let warnings: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("doppler connection lost")),
+        "the outage is reported: {lines:#?}"
+    );
+    // One line per kind per 30 s (the stream loss, then the failed reconnects, with counts), not
+    // one per retry.
+    assert!(
+        warnings.len() <= 4,
+        "{} warnings for {} failed dials: {warnings:#?}",
+        warnings.len(),
+        failed_dials_at_exit(&lines)
+    );
+}
+
+/// For the failure message only: the last count the supervisor logged.
+fn failed_dials_at_exit(lines: &[String]) -> String {
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("failures="))
+        .cloned()
+        .unwrap_or_default()
+}
