@@ -27,14 +27,19 @@
 //! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
 //!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
 //!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
-//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), on its own
+//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), then one
+//!   encoding per envelope ([`envelope::encoded`]): queued envelopes are held encoded. On its own
 //!   arbiter thread.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
-//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued; a
-//!   progress watchdog reports a stream that stopped taking from a non-empty queue.
-//! * [`actors::supervisor`] — assigns endpoints with [`routing::balancer`], restarts with capped
-//!   jittered backoff ([`routing::backoff`]), moves stalled slots when another endpoint is
-//!   usable, brings connections back to the local AZ, rate-limits its warnings.
+//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
+//!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
+//!   `egress`, and a dying connection's unacknowledged ones as `connection_lost`. A progress
+//!   watchdog reports a slot whose queue or acknowledgement makes no progress.
+//! * [`actors::supervisor`] — resolves the Dopplers ([`routing::discovery`]) or takes the fixed
+//!   list, assigns endpoints with [`routing::balancer`], restarts with capped jittered backoff
+//!   ([`routing::backoff`]), moves stalled slots when another endpoint is usable, and makes at most
+//!   one graceful move per interval (off a retired Doppler, home to the local AZ, onto an unused
+//!   Doppler, periodic recycle); rate-limits its warnings.
 //!
 //! Every mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with `try_send`; a
 //! full one drops the batch with its own reason. All queues together are bounded by
