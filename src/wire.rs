@@ -119,13 +119,15 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             router_addr_with_az,
             resolve_interval,
         } => Dopplers::Discovered {
-            discovery: Discovery::new(
-                router_addr,
-                router_addr_with_az.as_deref(),
-                &c.identity.az,
-                p.resolver.clone(),
-            )
-            .map_err(std::io::Error::other)?,
+            discovery: Arc::new(
+                Discovery::new(
+                    router_addr,
+                    router_addr_with_az.as_deref(),
+                    &c.identity.az,
+                    p.resolver.clone(),
+                )
+                .map_err(std::io::Error::other)?,
+            ),
             interval: *resolve_interval,
         },
     };

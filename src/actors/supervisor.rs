@@ -82,7 +82,7 @@ pub enum Dopplers {
     Static(Vec<Endpoint>),
     /// DNS names, re-resolved every `interval` and after failures.
     Discovered {
-        discovery: Discovery,
+        discovery: Arc<Discovery>,
         interval: Duration,
     },
 }
@@ -121,7 +121,7 @@ impl DopplerSupervisor {
                 interval,
             } => (
                 Balancer::empty(&s.local_az, s.backoff_initial, s.backoff_max),
-                Some(Arc::new(discovery)),
+                Some(discovery),
                 interval,
             ),
         };
@@ -230,13 +230,19 @@ impl DopplerSupervisor {
         };
         self.probing = true;
         let addr = self.balancer.endpoint(local).addr.clone();
+        let probed = addr.clone();
         let settings = self.setup.dial.clone();
         let probe = async move { dial(&addr, &settings).await.is_ok() };
         ctx.spawn(wrap_future(probe).map(move |reachable, act: &mut Self, _| {
             act.probing = false;
+            // DNS may have retired the endpoint meanwhile and its index gone to another address.
+            let same =
+                !act.balancer.is_retired(local) && act.balancer.endpoint(local).addr == probed;
             if !reachable {
-                act.balancer
-                    .on_failure(local, Instant::now(), crate::entropy::random_u64());
+                if same {
+                    act.balancer
+                        .on_failure(local, Instant::now(), crate::entropy::random_u64());
+                }
                 return;
             }
             // Still away? (It may have failed over or been moved meanwhile.)

@@ -11,10 +11,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::balancer::Endpoint;
+use crate::telemetry::ratelimit::RateLimit;
 
 /// What went wrong finding the Dopplers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -330,6 +332,12 @@ pub struct Discovery {
     /// The `az` given to endpoints found under `with_az`, so the balancer prefers them.
     local_az: String,
     resolver: Arc<dyn Resolver>,
+    /// The last non-empty answer for each name (router_addr, with-AZ name): a name that fails or
+    /// comes back empty keeps it, so a DNS blip on one name never reclassifies or retires
+    /// Dopplers (a Doppler that is really gone fails its connection and is left by backoff).
+    last: Mutex<[Option<BTreeSet<SocketAddr>>; 2]>,
+    /// Warnings about one name failing while the other answers.
+    partial_failures: RateLimit,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -372,6 +380,8 @@ impl Discovery {
             with_az,
             local_az: local_az.to_owned(),
             resolver,
+            last: Mutex::default(),
+            partial_failures: RateLimit::new(Duration::from_secs(60)),
         })
     }
 
@@ -379,9 +389,10 @@ impl Discovery {
     /// with `az` = the local AZ, the others with the empty `az`, which means "not the local AZ"
     /// (DNS does not say which other AZ a Doppler is in, and the balancer needs only local or not).
     ///
-    /// If one name fails or has no address the other is used alone; the result is sorted (local
-    /// first, then by address) and deduplicated, so comparing two results tells whether anything
-    /// changed.
+    /// A name that fails or has no address keeps its last answer (a rate-limited warning says
+    /// so); one that never answered is left out, and the other name is used alone. The result is
+    /// sorted (local first, then by address) and deduplicated, so comparing two results tells
+    /// whether anything changed.
     ///
     /// # Errors
     /// [`DiscoveryError::NoDopplers`] when no name gave an address. The caller keeps its previous
@@ -397,29 +408,42 @@ impl Discovery {
         let (all, local) = tokio::join!(all, local);
 
         let mut problems = Vec::new();
-        let mut usable = |name: &(String, u16), answer: io::Result<Vec<SocketAddr>>| {
-            let name = join_host_port(&name.0, name.1);
-            match answer {
-                Ok(addrs) if !addrs.is_empty() => addrs.into_iter().collect(),
-                Ok(_) => {
-                    problems.push(format!("{name}: no addresses"));
-                    BTreeSet::new()
-                }
-                Err(e) => {
-                    problems.push(format!("{name}: {e}"));
-                    BTreeSet::new()
-                }
-            }
-        };
-        let all: BTreeSet<SocketAddr> = usable(&self.router_addr, all);
+        let mut last = self.last.lock();
+        let mut usable =
+            |which: usize, name: &(String, u16), answer: io::Result<Vec<SocketAddr>>| {
+                let name = join_host_port(&name.0, name.1);
+                let problem = match answer {
+                    Ok(addrs) if !addrs.is_empty() => {
+                        let set: BTreeSet<SocketAddr> = addrs.into_iter().collect();
+                        last[which] = Some(set.clone());
+                        return set;
+                    }
+                    Ok(_) => format!("{name}: no addresses"),
+                    Err(e) => format!("{name}: {e}"),
+                };
+                let kept = last[which].clone();
+                problems.push(if kept.is_some() {
+                    format!("{problem} (keeping its last answer)")
+                } else {
+                    problem
+                });
+                kept.unwrap_or_default()
+            };
+        let all: BTreeSet<SocketAddr> = usable(0, &self.router_addr, all);
         let local: BTreeSet<SocketAddr> = match (&self.with_az, local) {
-            (Some(name), Some(answer)) => usable(name, answer),
+            (Some(name), Some(answer)) => usable(1, name, answer),
             _ => BTreeSet::new(),
         };
+        drop(last);
         if all.is_empty() && local.is_empty() {
             return Err(DiscoveryError::NoDopplers {
                 detail: problems.join("; "),
             });
+        }
+        if !problems.is_empty() {
+            if let Some(times) = self.partial_failures.check() {
+                tracing::warn!(problems = %problems.join("; "), times, "doppler DNS lookup failed");
+            }
         }
         // BTreeSet order is numeric address order; local ones first.
         let endpoint = |addr: &SocketAddr, az: &str| Endpoint {
