@@ -4,47 +4,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::agent::{assert_balanced, assert_losses_accounted, wait_drained, World};
+use common::load::Load;
 use common::*;
-use metron::proto::EnvelopeBatch;
 use metron::telemetry::RestartCause;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Sends batches of 50 envelopes over 12 sources until `stop` (or a hard cap), counting what the
-/// agent accepted.
-fn spawn_load(
-    mut client: metron::proto::ingress_client::IngressClient<tonic::transport::Channel>,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut i = 0u64;
-        // Bounded: at most 4,000 batches (200k envelopes) whatever happens.
-        for _ in 0..4_000 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let batch: Vec<_> = (0..50)
-                .map(|_| {
-                    i += 1;
-                    log_envelope(&format!("src-{}", i % 12), &format!("{i}"))
-                })
-                .collect();
-            client
-                .send(EnvelopeBatch { batch })
-                .await
-                .expect("Send succeeds whatever the Dopplers do");
-            sent.fetch_add(50, Ordering::Relaxed);
-            // Yield so the test's checks interleave with the load on this runtime.
-            tokio::task::yield_now().await;
-        }
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_holds() {
@@ -52,10 +19,7 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
     let mut doppler = FakeDoppler::start(&w.pki);
     let agent = w.start(&[(doppler.addr(), "z1")], "");
     let slots = agent.connection_slots();
-    let client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let load = spawn_load(client, stop.clone(), sent.clone());
+    let load = Load::start(&agent, &w, 1, None).await;
 
     // 1. Kill every connection actor, twice, while envelopes flow.
     let killed = || {
@@ -104,8 +68,7 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
         "delivery resumes after the Doppler returns"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    let sent = load.stop().await;
     assert!(wait_drained(&agent, WAIT));
     assert_balanced(&agent);
     let restarts = agent.metrics().restarts_total();
@@ -115,11 +78,7 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
     let report = agent.shutdown();
     assert!(report.flushed);
     let m = report.metrics;
-    assert_eq!(
-        m.ingress,
-        sent.load(Ordering::Relaxed),
-        "every accepted envelope was counted"
-    );
+    assert_eq!(m.ingress, sent, "every accepted envelope was counted");
     assert_eq!(m.ingress, m.egress + m.dropped_total());
     // Only what was in flight on a dying connection may be missing; it was counted as
     // `connection_lost`, and what did not arrive of it shows up as gaps.
