@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::agent::{assert_balanced, World};
 use common::*;
-use metron::proto::{Envelope, EnvelopeBatch};
+use metron::proto::Envelope;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -15,20 +15,6 @@ fn wave(tag: &str, n: usize) -> Vec<Envelope> {
     (0..n)
         .map(|i| log_envelope(&format!("app-{}", i % 17), &format!("{tag} {i}")))
         .collect()
-}
-
-async fn send_all(
-    client: &mut metron::proto::ingress_client::IngressClient<tonic::transport::Channel>,
-    envs: &[Envelope],
-) {
-    for chunk in envs.chunks(50) {
-        client
-            .send(EnvelopeBatch {
-                batch: chunk.to_vec(),
-            })
-            .await
-            .expect("send");
-    }
 }
 
 #[tokio::test]

@@ -59,6 +59,19 @@ fn start(w: &World, dns: &Arc<StaticResolver>, with_az: Option<&str>, resolve_ms
     .expect("agent starts")
 }
 
+/// Dopplers `a` and `b` under both names (local), `remote` under `ALL` only.
+fn two_local_one_remote(w: &World) -> (FakeDoppler, FakeDoppler, FakeDoppler, Arc<StaticResolver>) {
+    let (a, b, remote) = (
+        FakeDoppler::start(&w.pki),
+        FakeDoppler::start(&w.pki),
+        FakeDoppler::start(&w.pki),
+    );
+    let dns = StaticResolver::new();
+    dns.set(ALL, addrs(&[&remote, &a, &b]));
+    dns.set(LOCAL, addrs(&[&a, &b]));
+    (a, b, remote, dns)
+}
+
 fn addrs(dopplers: &[&FakeDoppler]) -> Vec<SocketAddr> {
     dopplers.iter().map(|d| d.addr()).collect()
 }
@@ -68,17 +81,6 @@ fn wave(tag: &str, n: usize) -> Vec<Envelope> {
     (0..n)
         .map(|i| log_envelope(&format!("app-{}", i % 29), &format!("{tag} {i}")))
         .collect()
-}
-
-async fn send_all(client: &mut IngressClient<Channel>, envs: &[Envelope]) {
-    for chunk in envs.chunks(50) {
-        client
-            .send(EnvelopeBatch {
-                batch: chunk.to_vec(),
-            })
-            .await
-            .expect("send");
-    }
 }
 
 /// How many times each payload starting with `tag ` arrived at `dopplers`.
@@ -175,14 +177,7 @@ fn spawn_emitter(
 #[tokio::test]
 async fn connections_go_to_the_dopplers_the_az_name_lists() {
     let w = World::new();
-    let (a, b, remote) = (
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-    );
-    let dns = StaticResolver::new();
-    dns.set(ALL, addrs(&[&remote, &a, &b]));
-    dns.set(LOCAL, addrs(&[&a, &b]));
+    let (a, b, remote, dns) = two_local_one_remote(&w);
     let agent = start(&w, &dns, Some(&format!("{LOCAL}:8082")), 100);
     let slots = agent.connection_slots();
     assert_eq!(slots, 3);
@@ -372,14 +367,7 @@ async fn a_doppler_removed_from_dns_loses_its_connection_and_no_envelope() {
 #[tokio::test]
 async fn a_dns_outage_keeps_the_connections_and_the_data_flowing() {
     let w = World::new();
-    let (a, b, remote) = (
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-    );
-    let dns = StaticResolver::new();
-    dns.set(ALL, addrs(&[&a, &b, &remote]));
-    dns.set(LOCAL, addrs(&[&a, &b]));
+    let (a, b, remote, dns) = two_local_one_remote(&w);
     let agent = start(&w, &dns, Some(&format!("{LOCAL}:8082")), 100);
     assert!(wait_until_async(WAIT, || agent.metrics().connections_in("z1") == 3).await);
     assert!(wait_until_async(WAIT, || opened(&[&a, &b]) == 3).await);
@@ -557,14 +545,7 @@ async fn the_az_name_is_looked_up_in_its_encoded_form() {
 #[tokio::test]
 async fn an_outage_of_the_az_name_alone_moves_nothing() {
     let w = World::new();
-    let (a, b, remote) = (
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-        FakeDoppler::start(&w.pki),
-    );
-    let dns = StaticResolver::new();
-    dns.set(ALL, addrs(&[&a, &b, &remote]));
-    dns.set(LOCAL, addrs(&[&a, &b]));
+    let (a, b, remote, dns) = two_local_one_remote(&w);
     let agent = start(&w, &dns, Some(&format!("{LOCAL}:8082")), 100);
     assert!(wait_until_async(WAIT, || opened(&[&a, &b]) == 3).await);
 

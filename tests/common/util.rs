@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metron::proto::envelope::Message;
 use metron::proto::ingress_client::IngressClient;
-use metron::proto::{log, Counter, Envelope, Event, Gauge, GaugeValue, Log, Timer};
+use metron::proto::{log, Counter, Envelope, EnvelopeBatch, Event, Gauge, GaugeValue, Log, Timer};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::pki::{CertFiles, Pki};
@@ -469,4 +469,19 @@ pub fn all_types(source_id: &str) -> Vec<Envelope> {
         timer_envelope(source_id, "http", now - 1_000_000, now),
         event_envelope(source_id, "deployed", "a test event"),
     ]
+}
+
+/// Sends `envs` to an agent in unary `Send` calls of 50, in order.
+///
+/// # Panics
+/// If a call fails.
+pub async fn send_all(client: &mut IngressClient<Channel>, envs: &[Envelope]) {
+    for chunk in envs.chunks(50) {
+        client
+            .send(EnvelopeBatch {
+                batch: chunk.to_vec(),
+            })
+            .await
+            .expect("send");
+    }
 }
