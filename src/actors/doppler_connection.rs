@@ -40,8 +40,8 @@ struct Live {
     task: AbortHandle,
     /// The stream was ended on purpose by [`Recycle`].
     recycling: bool,
-    /// The current stall was already reported to the supervisor.
-    stall_reported: bool,
+    /// When the current stall was last reported to the supervisor.
+    stall_reported: Option<Instant>,
     /// The stream's end was acknowledged by the Doppler (nothing it took was lost).
     acknowledged: bool,
 }
@@ -163,7 +163,7 @@ impl DopplerConnection {
             since: Instant::now(),
             task,
             recycling: false,
-            stall_reported: false,
+            stall_reported: None,
             acknowledged: false,
         });
         // Control message: it must reach the supervisor whatever its mailbox holds.
@@ -201,20 +201,33 @@ impl Actor for DopplerConnection {
     /// Runs again after every restart (the old interval went with the old context).
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = self.setup.progress_timeout;
-        ctx.run_interval(timeout / 4, move |act, _| {
-            // A recycled stream waits for its acknowledgement with an ended epoch, and a drain is
-            // bounded by the grace period: neither is a stall.
+        ctx.run_interval(timeout / 4, move |act, ctx| {
+            // A drain is bounded by the grace period: not a stall. A recycled stream whose end is
+            // not acknowledged within the timeout is one, and fails without asking.
             let (slot, draining) = (act.slot, act.draining);
             let stalled_for = act.queue.stalled_for(act.setup.streams.ack_interval);
             let Some(live) = act.live() else {
                 return;
             };
-            let stalled = !draining && !live.recycling && stalled_for >= timeout;
-            let report = stalled && !live.stall_reported;
-            live.stall_reported = stalled;
-            if report {
+            let stalled = !draining && stalled_for >= timeout;
+            if stalled && live.recycling {
+                // Moving anyway, and the Doppler does not even answer the end of the stream.
+                act.fail(
+                    RestartCause::Stalled,
+                    "recycled stream never acknowledged",
+                    ctx,
+                );
+                return;
+            }
+            // Reported again every timeout while it lasts: another Doppler may have become usable.
+            let due = live.stall_reported.is_none_or(|t| t.elapsed() >= timeout);
+            if !stalled {
+                live.stall_reported = None;
+            } else if due {
+                live.stall_reported = Some(Instant::now());
+                let endpoint = live.endpoint;
                 // Control message: the supervisor decides whether moving is worth a lost window.
-                act.setup.stalled.do_send(Stalled { slot });
+                act.setup.stalled.do_send(Stalled { slot, endpoint });
             }
         });
     }
@@ -287,8 +300,9 @@ impl Handler<Recycle> for DopplerConnection {
 impl Handler<Abandon> for DopplerConnection {
     type Result = ();
 
-    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
-        if self.live().is_some() && !self.draining {
+    fn handle(&mut self, msg: Abandon, ctx: &mut Context<Self>) {
+        let same = self.live().is_some_and(|l| l.endpoint == msg.endpoint);
+        if same && !self.draining {
             self.fail(
                 RestartCause::Stalled,
                 "no progress: the Doppler stopped reading",

@@ -78,12 +78,18 @@ pub struct Drain;
 #[rtype(result = "()")]
 pub struct Stalled {
     pub slot: usize,
+    /// The endpoint of the stalled connection (the slot may have moved on by the time the
+    /// supervisor reads this).
+    pub endpoint: usize,
 }
 
-/// Supervisor → connection: give up the stalled stream and reconnect elsewhere.
+/// Supervisor → connection: give up the stalled stream to `endpoint` and reconnect elsewhere
+/// (ignored if the connection is no longer to `endpoint`).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Abandon;
+pub struct Abandon {
+    pub endpoint: usize,
+}
 
 /// Supervisor → connection: end the stream cleanly and reconnect (to move the slot back to the
 /// local AZ). Nothing queued is lost.

@@ -48,12 +48,14 @@ impl Handler<SequencedBatch> for SignerActor {
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
         for (slot, batch) in msg.parts {
             let priced = batch.bytes();
-            let mut encoded = EncodedBatch::with_capacity(batch.len(), priced);
+            let mut encoded = EncodedBatch::with_capacity(batch.len(), 0);
             for (mut env, cost) in batch.into_iter_with_costs() {
                 self.signer.sign(&mut env);
                 // Never above the admission price, so the refund below is never negative.
                 encoded.push(&env, queued_cost(&env).min(cost));
             }
+            // The refund assumes the queue holds the framed bytes, not a grown buffer's slack.
+            encoded.shrink_to_fit();
             // The envelopes now hold less than they were priced at: give the difference back to
             // the budget and to the slot's share.
             let refund = priced - encoded.bytes();

@@ -414,7 +414,9 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
         let failed = !matches!(msg.cause, RestartCause::Killed | RestartCause::Recycled);
         let previous = self.assigned[msg.slot];
         if let Some(ep) = previous {
-            if msg.lived >= HEALTHY_AFTER {
+            // A stalled connection lived long by definition: that must not clear the hold the
+            // stall just put on its Doppler.
+            if msg.lived >= HEALTHY_AFTER && msg.cause != RestartCause::Stalled {
                 self.balancer.on_healthy(ep);
             }
             if failed && msg.cause != RestartCause::Stalled {
@@ -459,7 +461,8 @@ impl Handler<Stalled> for DopplerSupervisor {
     /// worth it only if another endpoint is usable. Otherwise keep the connection: the Doppler
     /// may resume.
     fn handle(&mut self, msg: Stalled, _: &mut Context<Self>) {
-        let Some(ep) = self.assigned[msg.slot] else {
+        // Stale if the slot has moved on since the report.
+        let Some(ep) = self.assigned[msg.slot].filter(|&e| e == msg.endpoint) else {
             return;
         };
         let now = Instant::now();
@@ -469,7 +472,7 @@ impl Handler<Stalled> for DopplerSupervisor {
             self.balancer
                 .on_stall(ep, now, crate::entropy::random_u64(), hold);
             // Control message: it must get through even when the slot's mailbox is full.
-            self.slots[msg.slot].do_send(Abandon);
+            self.slots[msg.slot].do_send(Abandon { endpoint: ep });
         }
         if let Some(times) = self.stalls.check() {
             let e = self.balancer.endpoint(ep);

@@ -59,6 +59,18 @@ impl EncodedBatch {
         self.bytes += cost as usize;
     }
 
+    /// Gives back spare buffer capacity, so the batch holds what its costs say.
+    pub fn shrink_to_fit(&mut self) {
+        self.buf.shrink_to_fit();
+        self.ends.shrink_to_fit();
+        self.costs.shrink_to_fit();
+    }
+
+    /// Heap bytes the batch holds (for tests of the budget's accuracy).
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.capacity() + 4 * (self.ends.capacity() + self.costs.capacity())
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }
@@ -173,6 +185,19 @@ mod tests {
         assert_eq!(
             b.bytes(),
             b.as_message_body().len() + QUEUED_OVERHEAD as usize
+        );
+        // What the budget is charged covers what the batch holds, once shrunk.
+        let mut many = EncodedBatch::default();
+        for i in 0..100 {
+            let e = env(i);
+            many.push(&e, queued_cost(&e));
+        }
+        many.shrink_to_fit();
+        assert!(
+            many.heap_bytes() <= many.bytes(),
+            "{} > {}",
+            many.heap_bytes(),
+            many.bytes()
         );
     }
 }

@@ -297,6 +297,12 @@ impl Stream for EgressStream {
         if this.rotated.load(Ordering::Acquire) || this.carried >= this.settings.ack_bytes {
             return this.rotate();
         }
+        // The window closes on time even while a backlog keeps the queue non-empty.
+        if let Some(due) = this.ack_due.as_mut() {
+            if due.as_mut().poll(cx).is_ready() {
+                return this.rotate();
+            }
+        }
         match this.queue.poll_take(cx, &this.settings.limits, this.epoch) {
             Poll::Ready(Some(batch)) => {
                 this.carried += batch.bytes();
@@ -323,7 +329,7 @@ pub enum StreamEnd {
     /// The connection was recycled ([`EgressQueue::end_stream`]); everything taken was
     /// acknowledged.
     Recycled,
-    /// The Doppler ended a stream on its own; what it carried was acknowledged.
+    /// The Doppler answered before the stream ended; what is in flight was not acknowledged.
     ClosedByDoppler,
     /// The stream failed; what is in flight was not acknowledged (the caller counts it).
     Failed(String),
@@ -414,8 +420,11 @@ pub async fn run_streams(
         let rotated = rotated.load(Ordering::Acquire);
         let ended_by_us = rotated || recycled || queue.is_drained();
         match res {
-            Ok(_) => {}
+            Ok(_) if ended_by_us => {}
             Err(status) if ended_by_us && is_upstream_eof(&status) => {}
+            // An answer before the end: gRPC discarded whatever the Doppler had not read, so what
+            // is in flight is not acknowledged (the caller counts it as lost).
+            Ok(_) => return StreamEnd::ClosedByDoppler,
             Err(status) => return StreamEnd::Failed(status.to_string()),
         }
         let (n, bytes) = queue.take_in_flight();
@@ -425,9 +434,6 @@ pub async fn run_streams(
         }
         if queue.is_drained() {
             return StreamEnd::Drained;
-        }
-        if !rotated {
-            return StreamEnd::ClosedByDoppler;
         }
     }
 }
