@@ -112,16 +112,19 @@ async fn delivery_goes_on(fleet: &Fleet, more: usize, what: &str) {
     );
 }
 
+/// Waits until every slot streams to a Doppler in `az`.
+async fn all_connections_in(agent: &Agent, az: &str, what: &str) {
+    assert!(
+        wait_until_async(WAIT, || agent.metrics().connections_in(az) == SLOTS as i64).await,
+        "{what}: {:?}",
+        agent.metrics().connections_by_az
+    );
+}
+
 /// The end of every scenario: the agent is back in the local AZ and new traffic goes only there;
 /// then a graceful shutdown, and every invariant of the module documentation.
 async fn finish(agent: Agent, fleet: &Fleet, load: Load, budget: u64) -> MetricsSnapshot {
-    assert!(
-        wait_until_async(WAIT, || agent.metrics().connections_in("z1")
-            == SLOTS as i64)
-        .await,
-        "every connection back in the local AZ: {:?}",
-        agent.metrics().connections_by_az
-    );
+    all_connections_in(&agent, "z1", "every connection back in the local AZ").await;
     let remote_before = fleet.remote_count();
     let local_before = fleet.local_count();
     assert!(
@@ -296,13 +299,7 @@ async fn the_local_az_goes_away_and_comes_back() {
     for d in &mut fleet.local {
         d.kill();
     }
-    assert!(
-        wait_until_async(WAIT, || agent.metrics().connections_in("z2")
-            == SLOTS as i64)
-        .await,
-        "every connection fell back to the other AZ: {:?}",
-        agent.metrics().connections_by_az
-    );
+    all_connections_in(&agent, "z2", "every connection fell back to the other AZ").await;
     let remote = fleet.remote_count();
     assert!(
         wait_until_async(WAIT, || fleet.remote_count() >= remote + 2_000).await,

@@ -321,8 +321,8 @@ impl Handler<Drain> for DopplerConnection {
         self.draining = true;
         self.queue.close();
         if self.live().is_none() && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
-            // (Nothing is in flight without a live stream: teardown counts it.)
-            // Nothing to flush and no stream to end.
+            // Nothing to flush and no stream to end (nothing is in flight without a live stream:
+            // teardown counted it).
             let flushed = !self.drain_lossy;
             return Box::pin(async move { flushed });
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::messages::{EgressBatch, SequencedBatch};
-use crate::envelope::encoded::{queued_cost, EncodedBatch};
+use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::signing::Signer;
 use crate::grpc::egress::EgressQueue;
 use crate::telemetry::{DropReason, Ledger};
@@ -51,8 +51,7 @@ impl Handler<SequencedBatch> for SignerActor {
             let mut encoded = EncodedBatch::with_capacity(batch.len(), 0);
             for (mut env, cost) in batch.into_iter_with_costs() {
                 self.signer.sign(&mut env);
-                // Never above the admission price, so the refund below is never negative.
-                encoded.push(&env, queued_cost(&env).min(cost));
+                encoded.push_priced(&env, cost);
             }
             // The refund assumes the queue holds the framed bytes, not a grown buffer's slack.
             encoded.shrink_to_fit();

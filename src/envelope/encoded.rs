@@ -28,15 +28,6 @@ pub struct EncodedBatch {
     bytes: usize,
 }
 
-/// What a queued envelope costs the budget: its framed size plus [`QUEUED_OVERHEAD`].
-pub fn queued_cost(envelope: &Envelope) -> u32 {
-    let len = envelope.encoded_len();
-    let framed = 1 + prost::length_delimiter_len(len) + len;
-    u32::try_from(framed)
-        .unwrap_or(u32::MAX)
-        .saturating_add(QUEUED_OVERHEAD)
-}
-
 impl EncodedBatch {
     pub fn with_capacity(envelopes: usize, bytes: usize) -> Self {
         Self {
@@ -49,14 +40,30 @@ impl EncodedBatch {
 
     /// Appends `envelope`, framed, costing `cost` budget bytes.
     pub fn push(&mut self, envelope: &Envelope, cost: u32) {
+        self.frame(envelope);
+        self.costs.push(cost);
+        self.bytes += cost as usize;
+    }
+
+    /// Appends `envelope`, framed, costing what it holds (its framed bytes plus [`QUEUED_OVERHEAD`]) but never more than
+    /// `max_cost` (its admission price, so a refund of the difference is never negative). The
+    /// envelope is measured once, by the encoding itself.
+    pub fn push_priced(&mut self, envelope: &Envelope, max_cost: u32) {
+        let start = self.buf.len();
+        self.frame(envelope);
+        let framed = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
+        let cost = framed.saturating_add(QUEUED_OVERHEAD).min(max_cost);
+        self.costs.push(cost);
+        self.bytes += cost as usize;
+    }
+
+    fn frame(&mut self, envelope: &Envelope) {
         self.buf.push(BATCH_FIELD_KEY);
         envelope
             .encode_length_delimited(&mut self.buf)
             .expect("a Vec grows as needed");
         self.ends
             .push(u32::try_from(self.buf.len()).expect("a batch stays far below 4 GiB"));
-        self.costs.push(cost);
-        self.bytes += cost as usize;
     }
 
     /// Gives back spare buffer capacity, so the batch holds what its costs say.
@@ -132,6 +139,15 @@ mod tests {
     use super::*;
     use crate::proto::EnvelopeBatch;
 
+    /// What `push_priced` should charge, computed independently of the buffer.
+    fn queued_cost(envelope: &Envelope) -> u32 {
+        let len = envelope.encoded_len();
+        let framed = 1 + prost::length_delimiter_len(len) + len;
+        u32::try_from(framed)
+            .unwrap_or(u32::MAX)
+            .saturating_add(QUEUED_OVERHEAD)
+    }
+
     fn env(i: usize) -> Envelope {
         let mut e = Envelope {
             source_id: format!("src-{i}"),
@@ -190,8 +206,12 @@ mod tests {
         let mut many = EncodedBatch::default();
         for i in 0..100 {
             let e = env(i);
-            many.push(&e, queued_cost(&e));
+            many.push_priced(&e, u32::MAX);
+            assert_eq!(*many.costs().last().unwrap(), queued_cost(&e));
         }
+        let mut capped = EncodedBatch::default();
+        capped.push_priced(&env(50), 20);
+        assert_eq!(capped.bytes(), 20, "never above the admission price");
         many.shrink_to_fit();
         assert!(
             many.heap_bytes() <= many.bytes(),
