@@ -54,6 +54,7 @@
 //! arbiter (thread) of its own.
 
 pub mod actors;
+pub mod bench;
 pub mod config;
 pub mod dev;
 pub mod entropy;

@@ -6,12 +6,43 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use metron::config::Config;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use metron::Agent;
 
 /// Signals this soon after the first count as the same request.
 const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
-const USAGE: &str = "usage: metron [--config PATH]   (default ./config.yaml)";
+const USAGE: &str = "usage: metron [--config PATH]   (default ./config.yaml)
+       metron bench | sink | load [FLAGS]   (the benchmark and its parts; --help on each)";
+
+/// `metron bench|sink|load ...`: the benchmark's subcommands (see `metron::bench`).
+fn subcommand(name: &str, args: &[String]) -> Option<ExitCode> {
+    use metron::bench::run;
+    type Main = fn(&[String]) -> Result<(), metron::bench::BenchError>;
+    let (usage, main): (&str, Main) = match name {
+        "bench" => (run::BENCH_USAGE, run::bench_main),
+        "sink" => (run::SINK_USAGE, run::sink_main),
+        "load" => (run::LOAD_USAGE, run::load_main),
+        _ => return None,
+    };
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{usage}");
+        return Some(ExitCode::SUCCESS);
+    }
+    Some(match main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ metron::bench::BenchError::Usage(_)) => {
+            eprintln!("metron {name}: {e}\n{usage}");
+            ExitCode::from(64)
+        }
+        Err(e) => {
+            eprintln!("metron {name}: {e}");
+            ExitCode::from(1)
+        }
+    })
+}
 
 fn parse_args() -> Result<PathBuf, String> {
     let mut args = std::env::args().skip(1);
@@ -38,7 +69,28 @@ fn parse_args() -> Result<PathBuf, String> {
     Ok(config)
 }
 
+/// mimalloc (v3) option numbers, from its `mimalloc.h` (`mi_option_e`) for the version in
+/// Cargo.lock; libmimalloc-sys names only some of them.
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Tunes the allocator before anything allocates: without eager commit, memory the agent frees
+/// is given back to the OS instead of staying resident (measured: 11 MB instead of 32 MB RSS at
+/// 10k envelopes/s). mimalloc reserves its first arena at the first allocation, which Rust's
+/// runtime makes before `main`, so this runs as an ELF constructor (`.init_array`), before any.
+extern "C" fn tune_allocator() {
+    // SAFETY: sets a process-wide allocator option before any thread or allocation exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = args.first().and_then(|n| subcommand(n, &args[1..])) {
+        return code;
+    }
     let path = match parse_args() {
         Ok(p) => p,
         Err(e) => {

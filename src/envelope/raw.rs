@@ -1,0 +1,218 @@
+//! Reading protobuf wire bytes without decoding them: enough to count the envelopes of an
+//! `EnvelopeBatch` (so the edge can shed a batch before spending work on it) and to read a few
+//! fields of an encoded envelope (the benchmark's sink).
+
+/// Why a byte string is not a well-formed protobuf message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("truncated varint")]
+    Varint,
+    #[error("field length runs past the end of the message")]
+    Length,
+    #[error("unsupported wire type {0}")]
+    WireType(u8),
+    #[error("field number 0")]
+    FieldZero,
+}
+
+/// Reads a base-128 varint at `*pos`, advancing it.
+#[inline]
+pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos).ok_or(WireError::Varint)?;
+        *pos += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(value);
+        }
+    }
+    Err(WireError::Varint)
+}
+
+/// One field of a message: its number and where its payload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field<'a> {
+    Varint(u32, u64),
+    Fixed64(u32, u64),
+    Fixed32(u32, u32),
+    Bytes(u32, &'a [u8]),
+}
+
+/// Iterates over the top-level fields of one encoded message. Stops (yielding the error) at the
+/// first malformed field.
+pub struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+/// The fields of `message`, in wire order.
+pub fn fields(message: &[u8]) -> Fields<'_> {
+    Fields {
+        buf: message,
+        pos: 0,
+        failed: false,
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn next_field(&mut self) -> Result<Field<'a>, WireError> {
+        let key = read_varint(self.buf, &mut self.pos)?;
+        let number = u32::try_from(key >> 3).map_err(|_| WireError::FieldZero)?;
+        if number == 0 {
+            return Err(WireError::FieldZero);
+        }
+        match (key & 7) as u8 {
+            0 => Ok(Field::Varint(number, read_varint(self.buf, &mut self.pos)?)),
+            1 => {
+                let b = self.take(8)?;
+                Ok(Field::Fixed64(
+                    number,
+                    u64::from_le_bytes(b.try_into().expect("8 bytes")),
+                ))
+            }
+            2 => {
+                let len = read_varint(self.buf, &mut self.pos)?;
+                let len = usize::try_from(len).map_err(|_| WireError::Length)?;
+                Ok(Field::Bytes(number, self.take(len)?))
+            }
+            5 => {
+                let b = self.take(4)?;
+                Ok(Field::Fixed32(
+                    number,
+                    u32::from_le_bytes(b.try_into().expect("4 bytes")),
+                ))
+            }
+            t => Err(WireError::WireType(t)),
+        }
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], WireError> {
+        let end = self.pos.checked_add(len).ok_or(WireError::Length)?;
+        let b = self.buf.get(self.pos..end).ok_or(WireError::Length)?;
+        self.pos = end;
+        Ok(b)
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<Field<'a>, WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.buf.len() {
+            return None;
+        }
+        let f = self.next_field();
+        self.failed = f.is_err();
+        Some(f)
+    }
+}
+
+/// `EnvelopeBatch.batch` is field 1.
+pub const BATCH_FIELD: u32 = 1;
+
+/// Counts the envelopes in an encoded `EnvelopeBatch` without decoding them (a batch whose
+/// framing is malformed is an error, as prost would make it).
+///
+/// # Errors
+/// The first [`WireError`] in the batch's framing.
+pub fn count_batch(body: &[u8]) -> Result<usize, WireError> {
+    let mut n = 0;
+    for f in fields(body) {
+        if let Field::Bytes(BATCH_FIELD, _) = f? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The envelopes (each still encoded) of an encoded `EnvelopeBatch`.
+pub fn batch_entries(body: &[u8]) -> impl Iterator<Item = Result<&[u8], WireError>> {
+    fields(body).filter_map(|f| match f {
+        Ok(Field::Bytes(BATCH_FIELD, env)) => Some(Ok(env)),
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+/// `timestamp` (field 1) and `source_id` (field 2) of an encoded envelope; absent fields read as
+/// proto3 defaults.
+///
+/// # Errors
+/// When the envelope is malformed.
+pub fn timestamp_and_source(envelope: &[u8]) -> Result<(i64, &[u8]), WireError> {
+    let (mut ts, mut source) = (0i64, &[][..]);
+    for f in fields(envelope) {
+        match f? {
+            Field::Varint(1, v) => ts = v as i64,
+            Field::Bytes(2, s) => source = s,
+            _ => {}
+        }
+    }
+    Ok((ts, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{envelope::Message, Envelope, EnvelopeBatch, Log};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    fn env(ts: i64, source: &str, tags: usize) -> Envelope {
+        let mut e = Envelope {
+            timestamp: ts,
+            source_id: source.into(),
+            message: Some(Message::Log(Log {
+                payload: vec![7; 40],
+                r#type: 1,
+            })),
+            ..Default::default()
+        };
+        for i in 0..tags {
+            e.tags.insert(format!("k{i}"), format!("v{i}"));
+        }
+        e
+    }
+
+    proptest! {
+        #[test]
+        fn reads_what_prost_wrote(
+            items in prop::collection::vec((any::<i64>(), "[a-z0-9-]{0,40}", 0usize..4), 0..20)
+        ) {
+            let batch = EnvelopeBatch {
+                batch: items.iter().map(|(ts, s, t)| env(*ts, s, *t)).collect(),
+            };
+            let body = batch.encode_to_vec();
+            prop_assert_eq!(count_batch(&body), Ok(items.len()));
+            let read: Vec<(i64, Vec<u8>)> = batch_entries(&body)
+                .map(|e| {
+                    let (ts, s) = timestamp_and_source(e.unwrap()).unwrap();
+                    (ts, s.to_vec())
+                })
+                .collect();
+            let want: Vec<(i64, Vec<u8>)> =
+                items.iter().map(|(ts, s, _)| (*ts, s.as_bytes().to_vec())).collect();
+            prop_assert_eq!(read, want);
+        }
+
+        /// Whatever the bytes, counting never panics and agrees with prost on well-formedness of
+        /// the batch framing whenever prost accepts the batch.
+        #[test]
+        fn never_panics_on_garbage(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let counted = count_batch(&bytes);
+            if let Ok(b) = EnvelopeBatch::decode(&bytes[..]) {
+                prop_assert_eq!(counted, Ok(b.batch.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_framing_is_an_error() {
+        assert_eq!(count_batch(&[0x0a, 5, 1, 2]), Err(WireError::Length));
+        assert_eq!(count_batch(&[0x0a, 0x80]), Err(WireError::Varint));
+        assert_eq!(count_batch(&[0x0b]), Err(WireError::WireType(3)));
+        assert_eq!(count_batch(&[]), Ok(0));
+    }
+}
