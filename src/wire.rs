@@ -211,7 +211,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     );
 
     let mut stop = closed_rx;
-    let router = server_builder.add_service(IngressService::new(edge.clone()));
+    let router = server_builder.add_service(IngressService::router(edge.clone()));
     let server = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|c| *c).await;

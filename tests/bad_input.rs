@@ -12,6 +12,7 @@ use common::*;
 use metron::config::MAX_GRPC_MESSAGE_BYTES;
 use metron::proto::ingress_client::IngressClient;
 use metron::proto::{BatchSenderResponse, EnvelopeBatch};
+use metron::telemetry::DropReason;
 use metron::Agent;
 use prost::bytes::BufMut;
 use prost::Message as _;
@@ -320,4 +321,106 @@ async fn oversize_unary_send_is_refused_and_the_agent_keeps_working() {
     assert_delivered_exactly(&agent, &doppler, FOLLOW_UP);
     assert!(doppler.received().iter().all(|e| e.source_id == "after"));
     assert!(agent.shutdown().flushed);
+}
+
+/// A batch with valid framing whose one envelope is not a valid envelope: `len` bytes of 0xff.
+fn undecodable_envelope_frame(len: usize) -> Vec<u8> {
+    let mut frame = vec![0x0a];
+    prost::encoding::encode_varint(len as u64, &mut frame);
+    frame.extend(std::iter::repeat_n(0xff, len));
+    assert!(EnvelopeBatch::decode(frame.as_slice()).is_err());
+    frame
+}
+
+fn dropped_by_reason(agent: &Agent, reason: &str) -> f64 {
+    metric_value(
+        &scrape(agent.metrics_addr().unwrap()),
+        "dropped_by_reason",
+        &[("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Shedding costs no decoding: with room in the budget an undecodable envelope ends its stream
+/// (it was decoded), but once the budget is full the same frame is counted from its framing and
+/// dropped without being looked into, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_batch_is_counted_from_its_framing_and_never_decoded() {
+    let w = World::new();
+    let agent = w.start(
+        &[(common::agent::unserved_addr(), "z1")],
+        "pipeline: { max_buffered_bytes: 10485760 }\n",
+    );
+    let frame = undecodable_envelope_frame(2_000);
+
+    let status = raw_batch_sender(&w, agent.ingress_addr(), vec![frame.clone()])
+        .await
+        .expect_err("with room, the batch is decoded and fails");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(
+        agent.metrics().ingress,
+        0,
+        "a batch that does not decode is not counted"
+    );
+    assert_eq!(ingress_stream_errors(&agent), Some(1.0));
+
+    // Fill the budget (no Doppler takes anything) from many sources, so every slot takes its
+    // part: 64 KiB envelopes, then small ones until one is refused at the edge, so what is left
+    // is less than any batch's reservation.
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let filler = "x".repeat(64 * 1024);
+    for i in 0..170 {
+        let big = log_envelope(&format!("filler-{i}"), &filler);
+        client
+            .send(EnvelopeBatch { batch: vec![big] })
+            .await
+            .expect("Send never fails for a full pipeline");
+    }
+    let refused = |a: &Agent| a.metrics().dropped_by(DropReason::NoDoppler);
+    let refused_big = refused(&agent);
+    for i in 0..100_000 {
+        if refused(&agent) > refused_big {
+            break;
+        }
+        let small = log_envelope(&format!("filler-{i}"), "small");
+        client
+            .send(EnvelopeBatch { batch: vec![small] })
+            .await
+            .expect("Send never fails for a full pipeline");
+    }
+    let before = agent.metrics();
+    assert!(
+        refused(&agent) > refused_big,
+        "the budget filled up: {before:?}"
+    );
+    let shed_before = dropped_by_reason(&agent, "no_doppler");
+
+    raw_batch_sender(
+        &w,
+        agent.ingress_addr(),
+        vec![frame.clone(), frame.clone(), frame],
+    )
+    .await
+    .expect("shed batches are not decoded, so nothing fails");
+    let after = agent.metrics();
+    assert_eq!(
+        after.ingress,
+        before.ingress + 3,
+        "counted from the framing"
+    );
+    assert_eq!(dropped_by_reason(&agent, "no_doppler"), shed_before + 3.0);
+    assert_eq!(
+        ingress_stream_errors(&agent),
+        Some(1.0),
+        "no new stream error"
+    );
+    assert_eq!(
+        after.ingress,
+        after.egress + after.dropped_total() + agent.buffered().0,
+        "{after:?}"
+    );
+    drop(client);
+    let report = agent.shutdown();
+    let m = report.metrics;
+    assert_eq!(m.ingress, m.egress + m.dropped_total(), "{m:?}");
 }

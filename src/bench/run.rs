@@ -206,6 +206,18 @@ impl Outcome {
     }
 }
 
+/// Where the load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Straight into the sink.
+    Direct,
+    /// Through a fresh agent with its defaults (an emitter waits at most `max_wait_ms`, 100).
+    Agent,
+    /// Through a fresh agent that never makes an emitter wait (`max_wait_ms: 0`), like upstream:
+    /// what it cannot take at once it sheds.
+    AgentNoWait,
+}
+
 /// A running agent process.
 struct AgentProcess {
     child: Child,
@@ -229,17 +241,19 @@ fn yaml_tls(files: &crate::config::TlsFiles) -> String {
 }
 
 impl AgentProcess {
-    fn start(bench: &Bench) -> Result<AgentProcess, BenchError> {
+    fn start(bench: &Bench, via: Via) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
         let metrics = free_port()?;
         let connections = bench
             .connections
             .map_or(String::new(), |c| format!("\n  connections: {c}"));
+        let max_wait = if via == Via::AgentNoWait { 0 } else { 100 };
         let yaml = format!(
             "identity: {{ deployment: bench, job: bench, index: \"0\", ip: 127.0.0.1, az: z1 }}
 ingress:
   grpc:
     listen: \"{ingress}\"
+    max_wait_ms: {max_wait}
     tls: {} }}
 dopplers:
   endpoints: [ {{ addr: \"{}\", az: z1 }} ]
@@ -385,14 +399,13 @@ impl Bench {
     fn run(
         &self,
         label: &str,
-        via_agent: bool,
+        via: Via,
         rate: Option<u64>,
         secs: u64,
     ) -> Result<Outcome, BenchError> {
-        let agent = if via_agent {
-            Some(AgentProcess::start(self)?)
-        } else {
-            None
+        let agent = match via {
+            Via::Direct => None,
+            _ => Some(AgentProcess::start(self, via)?),
         };
         let (target, server_name) = match &agent {
             Some(a) => (a.ingress, "metron"),
@@ -580,13 +593,20 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let mut capacity = None;
     if only != "fixed" {
         eprintln!("direct (load generator → sink), as fast as it goes:");
-        let direct = bench.run("direct: load → sink, max", false, None, secs)?;
+        let direct = bench.run("direct: load → sink, max", Via::Direct, None, secs)?;
         eprintln!("through the agent, as fast as it goes:");
-        let max = bench.run("agent, max offered", true, None, secs)?;
+        let max = bench.run("agent, max offered", Via::Agent, None, secs)?;
+        eprintln!("through an agent that never makes emitters wait (max_wait_ms: 0):");
+        let shed = bench.run(
+            "agent (max_wait_ms 0), max offered",
+            Via::AgentNoWait,
+            None,
+            secs,
+        )?;
         eprintln!("capacity search ({probe_secs} s probes):");
         let cap = capacity_search(&bench, &max, probe_secs, secs)?;
-        capacity = Some((direct.clone(), max.clone(), cap.clone()));
-        results.extend([direct, max]);
+        capacity = Some((direct.clone(), max.clone(), shed.clone(), cap.clone()));
+        results.extend([direct, max, shed]);
         results.extend(cap);
     }
     let mut fixed = Vec::new();
@@ -595,7 +615,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         for rate in [10_000, 50_000] {
             fixed.push(bench.run(
                 &format!("agent, {}k/s", rate / 1000),
-                true,
+                Via::Agent,
                 Some(rate),
                 secs,
             )?);
@@ -670,7 +690,7 @@ fn capacity_search(
     for _ in 0..5 {
         let o = bench.run(
             &format!("probe {}k/s", rate / 1000),
-            true,
+            Via::Agent,
             Some(rate),
             probe_secs,
         )?;
@@ -695,7 +715,7 @@ fn capacity_search(
     for _ in 0..2 {
         let o = bench.run(
             &format!("agent, capacity {}k/s", rate / 1000),
-            true,
+            Via::Agent,
             Some(rate),
             secs,
         )?;
@@ -710,13 +730,13 @@ fn capacity_search(
 }
 
 fn summary(
-    capacity: Option<&(Outcome, Outcome, Vec<Outcome>)>,
+    capacity: Option<&(Outcome, Outcome, Outcome, Vec<Outcome>)>,
     at_50k: Option<&Outcome>,
 ) -> String {
     let mut s = String::from(
         "| figure | upstream Go agent | metron must | metron (this run) |\n|---|---|---|---|\n",
     );
-    if let Some((direct, max, cap)) = capacity {
+    if let Some((direct, max, shed, cap)) = capacity {
         let found = cap.iter().rev().find(|o| o.loss_free());
         let cap_rate = found.map_or(0.0, |o| o.delivered_rate);
         s += &format!(
@@ -731,6 +751,13 @@ fn summary(
             fmt_rate(max.delivered_rate),
             if cap_rate > 0.0 { max.delivered_rate / cap_rate * 100.0 } else { 0.0 },
             max.lost() as f64 * 100.0 / max.sent.max(1) as f64
+        );
+        s += &format!(
+            "| goodput, agent never makes emitters wait ({} offered) | ~76k/s (88% dropped) | ≥ 80% of capacity | {} ({:.0}% of capacity), {:.1}% dropped |\n",
+            fmt_rate(shed.offered_rate),
+            fmt_rate(shed.delivered_rate),
+            if cap_rate > 0.0 { shed.delivered_rate / cap_rate * 100.0 } else { 0.0 },
+            shed.lost() as f64 * 100.0 / shed.sent.max(1) as f64
         );
         s += &format!(
             "| direct load → sink (no agent) | ~2.0M/s | - | {}; agent max / direct = {:.2} |\n",

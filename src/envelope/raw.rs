@@ -13,6 +13,8 @@ pub enum WireError {
     WireType(u8),
     #[error("field number 0")]
     FieldZero,
+    #[error("field {0} has the wrong wire type")]
+    Mismatch(u32),
 }
 
 /// Reads a base-128 varint at `*pos`, advancing it.
@@ -112,16 +114,21 @@ impl<'a> Iterator for Fields<'a> {
 /// `EnvelopeBatch.batch` is field 1.
 pub const BATCH_FIELD: u32 = 1;
 
-/// Counts the envelopes in an encoded `EnvelopeBatch` without decoding them (a batch whose
-/// framing is malformed is an error, as prost would make it).
+/// Counts the envelopes in an encoded `EnvelopeBatch` without decoding them. A batch whose
+/// framing is malformed is an error, as prost would make it; the envelopes themselves are not
+/// looked into.
 ///
 /// # Errors
 /// The first [`WireError`] in the batch's framing.
 pub fn count_batch(body: &[u8]) -> Result<usize, WireError> {
     let mut n = 0;
     for f in fields(body) {
-        if let Field::Bytes(BATCH_FIELD, _) = f? {
-            n += 1;
+        match f? {
+            Field::Bytes(BATCH_FIELD, _) => n += 1,
+            Field::Varint(BATCH_FIELD, _)
+            | Field::Fixed32(BATCH_FIELD, _)
+            | Field::Fixed64(BATCH_FIELD, _) => return Err(WireError::Mismatch(BATCH_FIELD)),
+            _ => {}
         }
     }
     Ok(n)
@@ -213,6 +220,8 @@ mod tests {
         assert_eq!(count_batch(&[0x0a, 5, 1, 2]), Err(WireError::Length));
         assert_eq!(count_batch(&[0x0a, 0x80]), Err(WireError::Varint));
         assert_eq!(count_batch(&[0x0b]), Err(WireError::WireType(3)));
+        assert_eq!(count_batch(&[0x08, 1]), Err(WireError::Mismatch(1)));
+        assert_eq!(count_batch(&[0x10, 1]), Ok(0), "unknown fields are skipped");
         assert_eq!(count_batch(&[]), Ok(0));
     }
 }

@@ -1,5 +1,10 @@
 //! The emitter-facing edge: `loggregator.v2.Ingress` (`Sender`, `BatchSender`, `Send`) and the
 //! admission decision every envelope passes before any work is spent on it.
+//!
+//! `BatchSender` and `Send` messages are taken undecoded ([`RawBatchCodec`]): the edge counts a
+//! batch's envelopes from its framing alone, reserves budget for it, and decodes it only once
+//! admitted. Under overload a batch is shed for the price of scanning its framing, never of
+//! decoding it (decision 13 in `docs/decisions.md`).
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -9,12 +14,17 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
+use prost::Message as _;
 use tokio::sync::watch;
 use tokio_stream::Stream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{http, BoxFuture, Bytes, Service};
+use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
+use crate::envelope::raw::count_batch;
 use crate::envelope::{admission_cost, Batch};
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
@@ -27,6 +37,10 @@ const MAX_ENVELOPE_COST: usize = MAX_GRPC_MESSAGE_BYTES - 64 * 1024;
 /// `Sender` streams carry one envelope per message: gather up to this many already-arrived ones
 /// into a batch (never waiting for more).
 const SENDER_BATCH: usize = 100;
+/// An undecoded batch is reserved at this many times its encoded size (plus the fixed part per
+/// envelope) and settled to its exact price once decoded: a decoded envelope with a few tags
+/// costs less than twice its encoded size, so settling almost always gives budget back.
+const RESERVE_FACTOR: usize = 2;
 
 /// Admission: counts `ingress`, prices each envelope, takes room in the budget (waiting at most
 /// `max_wait`, and not at all while no Doppler stream is open) and hands the batch to the ingress
@@ -75,16 +89,7 @@ impl Edge {
             self.ledger.refused(DropReason::ShuttingDown, total);
             return;
         }
-        let mut batch = Batch::with_capacity(total);
-        let mut oversize = 0;
-        for env in envelopes {
-            let cost = admission_cost(&env, self.fixed_cost);
-            if cost as usize > MAX_ENVELOPE_COST {
-                oversize += 1;
-            } else {
-                batch.push(env, cost);
-            }
-        }
+        let (batch, oversize) = self.price(envelopes);
         let (n, bytes) = (batch.len(), batch.bytes());
         // Waiting only helps while a stream is draining the pipeline; with every Doppler down the
         // budget frees up only on reconnect, and the emitter must not pay for that.
@@ -98,11 +103,6 @@ impl Edge {
         // From here on no `.await`: decision and counts land together.
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
-        if admitted && *self.closed.borrow() {
-            // Shutdown began while this call waited: the drain may already be past its barrier.
-            self.ledger.dropped(DropReason::ShuttingDown, n, bytes);
-            return;
-        }
         if !admitted {
             let reason = if streams_open {
                 DropReason::PipelineFull
@@ -110,6 +110,96 @@ impl Edge {
                 DropReason::NoDoppler
             };
             self.ledger.refused(reason, n);
+            return;
+        }
+        self.hand_over(batch);
+    }
+}
+
+impl Edge {
+    /// Takes responsibility for the envelopes of an undecoded `EnvelopeBatch` whose framing holds
+    /// `raw.count` of them: reserves budget for them first (waiting as [`Edge::accept`] does) and
+    /// decodes them only once reserved. A batch refused here is counted by its framing and never
+    /// decoded.
+    ///
+    /// # Errors
+    /// When an admitted batch does not decode: nothing of it is counted (as when prost rejects a
+    /// message), and the caller ends the emitter's stream.
+    pub async fn accept_encoded(&self, raw: RawBatch) -> Result<(), Status> {
+        let total = raw.count;
+        if total == 0 {
+            return Ok(());
+        }
+        let metrics = self.ledger.metrics();
+        if *self.closed.borrow() {
+            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+            self.ledger.refused(DropReason::ShuttingDown, total);
+            return Ok(());
+        }
+        let reserved = raw
+            .body
+            .len()
+            .saturating_mul(RESERVE_FACTOR)
+            .saturating_add(total.saturating_mul(self.fixed_cost as usize));
+        let streams_open = metrics.doppler_v2_streams.load(Ordering::Relaxed) > 0;
+        let wait = if streams_open {
+            self.max_wait
+        } else {
+            Duration::ZERO
+        };
+        let full = if streams_open {
+            DropReason::PipelineFull
+        } else {
+            DropReason::NoDoppler
+        };
+        let reserved_ok = self.ledger.reserve(reserved, wait).await;
+        // From here on no `.await`: decision and counts land together.
+        if !reserved_ok {
+            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+            self.ledger.refused(full, total);
+            return Ok(());
+        }
+        let envelopes = match EnvelopeBatch::decode(raw.body) {
+            Ok(b) => b.batch,
+            Err(e) => {
+                self.ledger.shrink(reserved);
+                // prost's message already says "failed to decode Protobuf message".
+                return Err(Status::internal(e.to_string()));
+            }
+        };
+        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        let (batch, oversize) = self.price(envelopes);
+        self.ledger.refused(DropReason::Oversize, oversize);
+        let (n, bytes) = (batch.len(), batch.bytes());
+        if !self.ledger.settle(reserved, n, bytes) {
+            self.ledger.refused(full, n);
+            return Ok(());
+        }
+        self.hand_over(batch);
+        Ok(())
+    }
+
+    /// Prices each envelope; those too large for any Doppler are left out and counted.
+    fn price(&self, envelopes: Vec<Envelope>) -> (Batch, usize) {
+        let mut batch = Batch::with_capacity(envelopes.len());
+        let mut oversize = 0;
+        for env in envelopes {
+            let cost = admission_cost(&env, self.fixed_cost);
+            if cost as usize > MAX_ENVELOPE_COST {
+                oversize += 1;
+            } else {
+                batch.push(env, cost);
+            }
+        }
+        (batch, oversize)
+    }
+
+    /// Passes an admitted batch to the ingress actor (or drops it, counted, if that cannot be).
+    fn hand_over(&self, batch: Batch) {
+        let (n, bytes) = (batch.len(), batch.bytes());
+        if *self.closed.borrow() {
+            // Shutdown began while this call waited: the drain may already be past its barrier.
+            self.ledger.dropped(DropReason::ShuttingDown, n, bytes);
             return;
         }
         if let Err(e) = self.ingress.try_send(IngressBatch(batch)) {
@@ -122,6 +212,65 @@ impl Edge {
     }
 }
 
+/// An `EnvelopeBatch` as it arrived: its bytes, and how many envelopes its framing holds.
+#[derive(Debug, Clone)]
+pub struct RawBatch {
+    pub body: Bytes,
+    pub count: usize,
+}
+
+/// Decodes `EnvelopeBatch` messages only as far as [`RawBatch`]; encodes the (empty) response
+/// `R` with prost.
+#[derive(Debug)]
+pub struct RawBatchCodec<R>(std::marker::PhantomData<fn() -> R>);
+
+impl<R> Default for RawBatchCodec<R> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<R: prost::Message + Send + 'static> Codec for RawBatchCodec<R> {
+    type Encode = R;
+    type Decode = RawBatch;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        Self::default()
+    }
+
+    fn decoder(&mut self) -> Self {
+        Self::default()
+    }
+}
+
+impl<R: prost::Message> Encoder for RawBatchCodec<R> {
+    type Item = R;
+    type Error = Status;
+
+    fn encode(&mut self, item: R, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))
+    }
+}
+
+impl<R> Decoder for RawBatchCodec<R> {
+    type Item = RawBatch;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RawBatch>, Status> {
+        use prost::bytes::Buf;
+        let body = src.copy_to_bytes(src.remaining());
+        let count = count_batch(&body).map_err(|e| {
+            Status::internal(format!(
+                "failed to decode Protobuf message: EnvelopeBatch.batch: {e}"
+            ))
+        })?;
+        Ok(Some(RawBatch { body, count }))
+    }
+}
+
 /// The gRPC service. Malformed or oversize messages end that emitter's stream (as upstream);
 /// envelopes it sent before are kept.
 pub struct IngressService {
@@ -130,13 +279,39 @@ pub struct IngressService {
 }
 
 impl IngressService {
-    pub fn new(edge: Edge) -> IngressServer<Self> {
-        IngressServer::new(Self {
+    /// The service as tonic serves it: `BatchSender` and `Send` on the undecoded path,
+    /// `Sender` through the generated server.
+    pub fn router(edge: Edge) -> IngressRouter {
+        let service = Arc::new(Self {
             edge,
             stream_errors: Arc::new(RateLimit::new(Duration::from_secs(10))),
-        })
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        });
+        IngressRouter {
+            generated: IngressServer::from_arc(service.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+            service,
+        }
+    }
+
+    /// Reads undecoded batches until the stream ends, the emitter errs or shutdown begins.
+    async fn pump_encoded(&self, mut stream: Streaming<RawBatch>) -> Result<(), Status> {
+        let mut closed = self.edge.closed.clone();
+        loop {
+            let next = tokio::select! {
+                m = stream.message() => m,
+                _ = closed.wait_for(|c| *c) => return Ok(()),
+            };
+            let accepted = match next {
+                Ok(Some(raw)) => self.edge.accept_encoded(raw).await,
+                Ok(None) => return Ok(()),
+                Err(status) => Err(status),
+            };
+            if let Err(status) = accepted {
+                self.stream_error(&status);
+                return Err(status);
+            }
+        }
     }
 
     fn stream_error(&self, status: &Status) {
@@ -205,6 +380,95 @@ impl IngressService {
     }
 }
 
+/// Routes `BatchSender` and `Send` to the undecoded path and everything else to the generated
+/// server, under the one service name `loggregator.v2.Ingress`.
+#[derive(Clone)]
+pub struct IngressRouter {
+    generated: IngressServer<IngressService>,
+    service: Arc<IngressService>,
+}
+
+impl NamedService for IngressRouter {
+    const NAME: &'static str = "loggregator.v2.Ingress";
+}
+
+struct EncodedBatchSender(Arc<IngressService>);
+
+impl tonic::server::ClientStreamingService<RawBatch> for EncodedBatchSender {
+    type Response = BatchSenderResponse;
+    type Future = BoxFuture<Response<BatchSenderResponse>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<RawBatch>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move {
+            service.pump_encoded(request.into_inner()).await?;
+            Ok(Response::new(BatchSenderResponse {}))
+        })
+    }
+}
+
+struct EncodedSend(Arc<IngressService>);
+
+impl tonic::server::UnaryService<RawBatch> for EncodedSend {
+    type Response = SendResponse;
+    type Future = BoxFuture<Response<SendResponse>, Status>;
+
+    fn call(&mut self, request: Request<RawBatch>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move {
+            let accepted = service.edge.accept_encoded(request.into_inner()).await;
+            if let Err(status) = &accepted {
+                service.stream_error(status);
+            }
+            accepted.map(|()| Response::new(SendResponse {}))
+        })
+    }
+}
+
+impl<B> Service<http::Request<B>> for IngressRouter
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(), std::convert::Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let limits = (Some(MAX_GRPC_MESSAGE_BYTES), Some(MAX_GRPC_MESSAGE_BYTES));
+        match req.uri().path() {
+            "/loggregator.v2.Ingress/BatchSender" => {
+                let method = EncodedBatchSender(self.service.clone());
+                Box::pin(async move {
+                    let mut grpc =
+                        tonic::server::Grpc::new(RawBatchCodec::<BatchSenderResponse>::default())
+                            .apply_max_message_size_config(limits.0, limits.1);
+                    Ok(grpc.client_streaming(method, req).await)
+                })
+            }
+            "/loggregator.v2.Ingress/Send" => {
+                let method = EncodedSend(self.service.clone());
+                Box::pin(async move {
+                    let mut grpc =
+                        tonic::server::Grpc::new(RawBatchCodec::<SendResponse>::default())
+                            .apply_max_message_size_config(limits.0, limits.1);
+                    Ok(grpc.unary(method, req).await)
+                })
+            }
+            _ => self.generated.call(req),
+        }
+    }
+}
+
+/// The generated server's view; `BatchSender` and `Send` reach [`IngressRouter`]'s undecoded
+/// path instead and are served here only if called directly.
 #[tonic::async_trait]
 impl Ingress for IngressService {
     async fn sender(

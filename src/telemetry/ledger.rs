@@ -76,6 +76,27 @@ impl Ledger {
         }
     }
 
+    /// Takes `bytes` from the budget for a batch not decoded yet, waiting at most `wait` for room;
+    /// its envelopes are admitted when the reservation is [settled](Ledger::settle). False if the
+    /// reservation could never fit or the wait ran out.
+    pub async fn reserve(&self, bytes: usize, wait: Duration) -> bool {
+        self.admit(0, bytes, wait).await
+    }
+
+    /// Turns a reservation of `reserved` bytes into `n` admitted envelopes costing `bytes`: gives
+    /// back what was reserved too much, or takes what is missing if the budget has room *now*.
+    /// When it has not, the whole reservation is given back and nothing is admitted (false).
+    pub fn settle(&self, reserved: usize, n: usize, bytes: usize) -> bool {
+        if bytes <= reserved {
+            self.shrink(reserved - bytes);
+        } else if !self.try_admit(0, bytes - reserved) {
+            self.shrink(reserved);
+            return false;
+        }
+        self.admitted(n);
+        true
+    }
+
     fn admitted(&self, n: usize) {
         self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
         let held = (self.max_bytes - self.budget.available_permits()) as u64;
