@@ -163,13 +163,12 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     // Signing is the CPU-heavy stage: it gets its own thread so it never stalls routing.
     let signer_arbiter = Arbiter::new();
     let signer = {
-        let slots = connections.iter().map(|a| a.clone().recipient()).collect();
         let ledger = ledger.clone();
         let queues = queues.clone();
         let signer = Signer::new(&p.signing_key_id, &p.signing_key);
         SignerActor::start_in_arbiter(&signer_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SignerActor::new(signer, slots, queues, ledger)
+            SignerActor::new(signer, queues, ledger)
         })
     };
     let sequencer = {

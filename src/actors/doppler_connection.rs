@@ -15,9 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinError};
 use tracing::Instrument;
 
-use super::messages::{
-    Abandon, Connect, ConnectionDown, ConnectionUp, Drain, EgressBatch, Recycle, Stalled,
-};
+use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Drain, Recycle, Stalled};
 use crate::grpc::egress::{
     count_lost_in_flight, dial, run_streams, DialSettings, EgressQueue, StreamEnd, StreamSettings,
 };
@@ -249,14 +247,6 @@ impl Supervised for DopplerConnection {
             cause,
             lived,
         });
-    }
-}
-
-impl Handler<EgressBatch> for DopplerConnection {
-    type Result = ();
-
-    fn handle(&mut self, EgressBatch(batch): EgressBatch, _: &mut Context<Self>) {
-        self.queue.push(batch);
     }
 }
 

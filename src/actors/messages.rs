@@ -1,7 +1,8 @@
 //! Every message the actors exchange, in one readable place.
 //!
 //! Data flows one way: edge → [`IngressBatch`] → ingress actor → [`TaggedBatch`] → sequencer →
-//! [`SequencedBatch`] → signer → [`EgressBatch`] → one Doppler connection actor. Each data message
+//! [`SequencedBatch`] → signer → the slot's `EgressQueue` (see `grpc::egress`), which one Doppler
+//! connection actor's BatchSender stream drains. Each data message
 //! carries a whole batch, never a single envelope. Health and control travel separately:
 //! connections report [`ConnectionUp`] / [`ConnectionDown`] to the supervisor, which answers with
 //! [`Connect`]; shutdown sends [`Drain`].
@@ -10,7 +11,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::Batch;
 use crate::telemetry::RestartCause;
 
@@ -30,11 +30,6 @@ pub struct TaggedBatch(pub Batch);
 pub struct SequencedBatch {
     pub parts: Vec<(usize, Batch)>,
 }
-
-/// Signed envelopes for one connection slot, encoded once (see [`EncodedBatch`]).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EgressBatch(pub EncodedBatch);
 
 /// Supervisor → connection: dial `addr` (configured endpoint `endpoint`) after `delay`.
 #[derive(Message, Debug, Clone)]
