@@ -12,17 +12,18 @@
 //!                           ▼                                                        │
 //!                        dropped{ingress}                                  SequencedBatch
 //!                                                                                    ▼
-//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀──EgressBatch── SignerActor (own thread)
+//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor (own thread)
 //!                 (one actor, one stream each; EgressQueue per slot)          metron_sig
 //!                         ▲ Connect                │ ConnectionUp/Down
 //!                         └──── DopplerSupervisor ◀┘   (Balancer: local AZ first, backoff)
 //! ```
 //!
-//! * [`grpc::ingress`] — the edge. Counts `ingress`, prices each envelope and takes its cost from
-//!   the pipeline's byte budget ([`telemetry::Ledger`]); if the budget stays full for
-//!   `ingress.grpc.max_wait_ms` (or at once while no Doppler stream is open) the batch is dropped
-//!   there, *before* any further work is spent on it (reason `pipeline_full`, or `no_doppler`).
-//!   Emitters are never blocked longer than that bound.
+//! * [`grpc::ingress`] — the edge. Takes `BatchSender`/`Send` messages undecoded, counts their
+//!   envelopes from the framing and reserves budget ([`telemetry::Ledger`]); if the budget stays
+//!   full for `ingress.grpc.max_wait_ms` (or at once while no Doppler stream is open) the batch is
+//!   dropped there, *before* it is even decoded (reason `pipeline_full`, or `no_doppler`).
+//!   Otherwise it decodes, counts `ingress` and prices each envelope exactly. Emitters are never
+//!   blocked longer than that bound.
 //! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
 //! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
 //!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
