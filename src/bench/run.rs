@@ -746,19 +746,20 @@ fn summary(
                 o.target.unwrap_or(0) as f64
             ))
         );
-        s += &format!(
-            "| goodput at max offered ({} offered) | ~76k/s | ≥ 80% of capacity | {} ({:.0}% of capacity), {:.1}% dropped |\n",
-            fmt_rate(max.offered_rate),
-            fmt_rate(max.delivered_rate),
-            if cap_rate > 0.0 { max.delivered_rate / cap_rate * 100.0 } else { 0.0 },
-            max.lost() as f64 * 100.0 / max.sent.max(1) as f64
-        );
-        s += &format!(
-            "| goodput, agent never makes emitters wait ({} offered) | ~76k/s (88% dropped) | ≥ 80% of capacity | {} ({:.0}% of capacity), {:.1}% dropped |\n",
-            fmt_rate(shed.offered_rate),
-            fmt_rate(shed.delivered_rate),
-            if cap_rate > 0.0 { shed.delivered_rate / cap_rate * 100.0 } else { 0.0 },
-            shed.lost() as f64 * 100.0 / shed.sent.max(1) as f64
+        let goodput = |what: &str, upstream: &str, o: &Outcome| {
+            format!(
+                "| {what} ({} offered) | {upstream} | ≥ 80% of capacity | {} ({:.0}% of capacity), {:.1}% dropped |\n",
+                fmt_rate(o.offered_rate),
+                fmt_rate(o.delivered_rate),
+                if cap_rate > 0.0 { o.delivered_rate / cap_rate * 100.0 } else { 0.0 },
+                o.lost() as f64 * 100.0 / o.sent.max(1) as f64
+            )
+        };
+        s += &goodput("goodput at max offered", "~76k/s", max);
+        s += &goodput(
+            "goodput, agent never makes emitters wait",
+            "~76k/s (88% dropped)",
+            shed,
         );
         s += &format!(
             "| direct load → sink (no agent) | ~2.0M/s | - | {}; agent max / direct = {:.2} |\n",
