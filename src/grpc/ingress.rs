@@ -136,7 +136,7 @@ impl Edge {
             self.ledger.refused(DropReason::ShuttingDown, total);
             return Ok(());
         }
-        let reserved = raw
+        let estimate = raw
             .body
             .len()
             .saturating_mul(RESERVE_FACTOR)
@@ -152,13 +152,13 @@ impl Edge {
         } else {
             DropReason::NoDoppler
         };
-        let reserved_ok = self.ledger.reserve(reserved, wait).await;
+        let reserved = self.ledger.reserve(estimate, wait).await;
         // From here on no `.await`: decision and counts land together.
-        if !reserved_ok {
+        let Some(reserved) = reserved else {
             metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
             self.ledger.refused(full, total);
             return Ok(());
-        }
+        };
         let envelopes = match EnvelopeBatch::decode(raw.body) {
             Ok(b) => b.batch,
             Err(e) => {

@@ -76,11 +76,13 @@ impl Ledger {
         }
     }
 
-    /// Takes `bytes` from the budget for a batch not decoded yet, waiting at most `wait` for room;
-    /// its envelopes are admitted when the reservation is [settled](Ledger::settle). False if the
-    /// reservation could never fit or the wait ran out.
-    pub async fn reserve(&self, bytes: usize, wait: Duration) -> bool {
-        self.admit(0, bytes, wait).await
+    /// Takes `bytes` from the budget for a batch not decoded yet (at most the whole budget: the
+    /// estimate must not refuse a batch whose exact price would fit), waiting at most `wait` for
+    /// room; its envelopes are admitted when the reservation is [settled](Ledger::settle).
+    /// Returns what was reserved, or `None` if the wait ran out.
+    pub async fn reserve(&self, bytes: usize, wait: Duration) -> Option<usize> {
+        let bytes = bytes.min(self.max_bytes);
+        self.admit(0, bytes, wait).await.then_some(bytes)
     }
 
     /// Turns a reservation of `reserved` bytes into `n` admitted envelopes costing `bytes`: gives
@@ -160,6 +162,27 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reservation_settles_to_the_exact_price() {
+        let l = Ledger::new(Arc::new(Metrics::new()), 100);
+        assert_eq!(
+            l.reserve(500, Duration::ZERO).await,
+            Some(100),
+            "an estimate above the budget reserves the whole budget, no more"
+        );
+        assert!(l.settle(100, 2, 70), "a surplus is given back");
+        assert_eq!(l.buffered(), (2, 70));
+        assert_eq!(l.reserve(20, Duration::ZERO).await, Some(20));
+        assert!(
+            !l.settle(20, 1, 40),
+            "the shortfall does not fit: nothing admitted"
+        );
+        assert_eq!(l.buffered(), (2, 70), "and the reservation is given back");
+        assert_eq!(l.reserve(20, Duration::ZERO).await, Some(20));
+        assert!(l.settle(20, 1, 30), "the shortfall fits");
+        assert_eq!(l.buffered(), (3, 100));
+    }
 
     #[tokio::test]
     async fn admitted_envelopes_leave_exactly_once() {
