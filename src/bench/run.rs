@@ -25,7 +25,8 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--co
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)
-    --only           capacity: direct, max offered and the capacity search; fixed: 10k and 50k/s
+    --only           capacity: direct, the two max-offered runs and the capacity search;
+                     fixed: the 10k/s and 50k/s runs
     --connections    the agent's dopplers.connections (default: the agent's default)";
 
 pub const SINK_USAGE: &str = "\

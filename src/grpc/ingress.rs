@@ -83,40 +83,52 @@ impl Edge {
         if total == 0 {
             return;
         }
-        let metrics = self.ledger.metrics();
-        if *self.closed.borrow() {
-            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
-            self.ledger.refused(DropReason::ShuttingDown, total);
+        if self.refused_while_closed(total) {
             return;
         }
+        let metrics = self.ledger.metrics();
         let (batch, oversize) = self.price(envelopes);
         let (n, bytes) = (batch.len(), batch.bytes());
-        // Waiting only helps while a stream is draining the pipeline; with every Doppler down the
-        // budget frees up only on reconnect, and the emitter must not pay for that.
-        let streams_open = metrics.doppler_v2_streams.load(Ordering::Relaxed) > 0;
-        let wait = if streams_open {
-            self.max_wait
-        } else {
-            Duration::ZERO
-        };
+        let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
         // From here on no `.await`: decision and counts land together.
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
         if !admitted {
-            let reason = if streams_open {
-                DropReason::PipelineFull
-            } else {
-                DropReason::NoDoppler
-            };
-            self.ledger.refused(reason, n);
+            self.ledger.refused(full, n);
             return;
         }
         self.hand_over(batch);
     }
-}
 
-impl Edge {
+    /// After shutdown began, counts `total` new envelopes as refused (`shutting_down`).
+    fn refused_while_closed(&self, total: usize) -> bool {
+        if !*self.closed.borrow() {
+            return false;
+        }
+        let metrics = self.ledger.metrics();
+        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        self.ledger.refused(DropReason::ShuttingDown, total);
+        true
+    }
+
+    /// How long an admission may wait for room, and the reason to count if it gets none.
+    /// Waiting only helps while a stream is draining the pipeline; with every Doppler down the
+    /// budget frees up only on reconnect, and the emitter must not pay for that.
+    fn wait_policy(&self) -> (Duration, DropReason) {
+        let streams_open = self
+            .ledger
+            .metrics()
+            .doppler_v2_streams
+            .load(Ordering::Relaxed)
+            > 0;
+        if streams_open {
+            (self.max_wait, DropReason::PipelineFull)
+        } else {
+            (Duration::ZERO, DropReason::NoDoppler)
+        }
+    }
+
     /// Takes responsibility for the envelopes of an undecoded `EnvelopeBatch` whose framing holds
     /// `raw.count` of them: reserves budget for them first (waiting as [`Edge::accept`] does) and
     /// decodes them only once reserved. A batch refused here is counted by its framing and never
@@ -130,28 +142,16 @@ impl Edge {
         if total == 0 {
             return Ok(());
         }
-        let metrics = self.ledger.metrics();
-        if *self.closed.borrow() {
-            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
-            self.ledger.refused(DropReason::ShuttingDown, total);
+        if self.refused_while_closed(total) {
             return Ok(());
         }
+        let metrics = self.ledger.metrics();
         let estimate = raw
             .body
             .len()
             .saturating_mul(RESERVE_FACTOR)
             .saturating_add(total.saturating_mul(self.fixed_cost as usize));
-        let streams_open = metrics.doppler_v2_streams.load(Ordering::Relaxed) > 0;
-        let wait = if streams_open {
-            self.max_wait
-        } else {
-            Duration::ZERO
-        };
-        let full = if streams_open {
-            DropReason::PipelineFull
-        } else {
-            DropReason::NoDoppler
-        };
+        let (wait, full) = self.wait_policy();
         let reserved = self.ledger.reserve(estimate, wait).await;
         // From here on no `.await`: decision and counts land together.
         let Some(reserved) = reserved else {
