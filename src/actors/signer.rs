@@ -23,6 +23,9 @@ pub struct SignerActor {
     /// One queue per connection slot.
     queues: Vec<Arc<EgressQueue>>,
     ledger: Arc<Ledger>,
+    /// Framed bytes per envelope in the last batch: sizes the next batch's buffer, which
+    /// otherwise grows by doubling, copying everything each time (8% of the signer's CPU).
+    framed_per_envelope: usize,
 }
 
 impl SignerActor {
@@ -31,6 +34,7 @@ impl SignerActor {
             signer,
             queues,
             ledger,
+            framed_per_envelope: 512,
         }
     }
 }
@@ -45,13 +49,19 @@ impl Handler<SequencedBatch> for SignerActor {
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
         for (slot, batch) in msg.parts {
             let priced = batch.bytes();
-            let mut encoded = EncodedBatch::with_capacity(batch.len(), 0);
+            // An eighth more than the estimate: batches vary, and a shrink within the block is
+            // free while a grow copies.
+            let estimate = batch.len() * self.framed_per_envelope;
+            let mut encoded = EncodedBatch::with_capacity(batch.len(), estimate + estimate / 8);
             for (mut env, cost) in batch.into_iter_with_costs() {
                 self.signer.sign(&mut env);
                 encoded.push_priced(&env, cost);
             }
             // The refund assumes the queue holds the framed bytes, not a grown buffer's slack.
             encoded.shrink_to_fit();
+            if !encoded.is_empty() {
+                self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
+            }
             // The envelopes now hold less than they were priced at: give the difference back to
             // the budget and to the slot's share.
             let refund = priced - encoded.bytes();

@@ -21,13 +21,17 @@ use crate::tls::TlsMaterial;
 const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
-metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--connections N]
+metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--rates N,N...]
+             [--connections N] [--ack-bytes N] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)
     --only           capacity: direct, the two max-offered runs and the capacity search;
-                     fixed: the 10k/s and 50k/s runs
-    --connections    the agent's dopplers.connections (default: the agent's default)";
+                     fixed: the fixed-rate runs
+    --rates          the fixed rates, envelopes/s (default 10000,50000)
+    --connections    the agent's dopplers.connections (default: the agent's default)
+    --ack-bytes      the agent's dopplers.ack_bytes (default: the agent's default)
+    --trace          print one line a second during each run: delivered, dropped, buffered, RSS";
 
 pub const SINK_USAGE: &str = "\
 metron sink --listen ADDR --ca PEM --cert PEM --key PEM
@@ -53,6 +57,11 @@ impl Args {
                 .strip_prefix("--")
                 .filter(|k| known.contains(k))
                 .ok_or_else(|| BenchError::Usage(format!("unknown argument {a:?}")))?;
+            // Switches take no value.
+            if key == "trace" {
+                map.insert(key.to_string(), String::new());
+                continue;
+            }
             let value = it
                 .next()
                 .ok_or_else(|| BenchError::Usage(format!("{a} needs a value")))?;
@@ -245,9 +254,13 @@ impl AgentProcess {
     fn start(bench: &Bench, via: Via) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
         let metrics = free_port()?;
-        let connections = bench
-            .connections
-            .map_or(String::new(), |c| format!("\n  connections: {c}"));
+        let mut dopplers = String::new();
+        if let Some(c) = bench.tuning.connections {
+            dopplers.push_str(&format!("\n  connections: {c}"));
+        }
+        if let Some(b) = bench.tuning.ack_bytes {
+            dopplers.push_str(&format!("\n  ack_bytes: {b}"));
+        }
         let max_wait = if via == Via::AgentNoWait { 0 } else { 100 };
         let yaml = format!(
             "identity: {{ deployment: bench, job: bench, index: \"0\", ip: 127.0.0.1, az: z1 }}
@@ -258,7 +271,7 @@ ingress:
     tls: {} }}
 dopplers:
   endpoints: [ {{ addr: \"{}\", az: z1 }} ]
-  tls: {}, server_name: doppler }}{connections}
+  tls: {}, server_name: doppler }}{dopplers}
 metrics:
   listen: \"{metrics}\"
 signing: {{ key_id: bench, key_file: \"{}\" }}
@@ -381,6 +394,13 @@ fn rss_kb(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Agent settings the benchmark may override (`None`: the agent's default).
+#[derive(Debug, Clone, Copy, Default)]
+struct AgentTuning {
+    connections: Option<usize>,
+    ack_bytes: Option<usize>,
+}
+
 /// Shared set-up for every run.
 struct Bench {
     dir: PathBuf,
@@ -389,7 +409,8 @@ struct Bench {
     sink_addr: SocketAddr,
     stats: Arc<SinkStats>,
     agent_bin: PathBuf,
-    connections: Option<usize>,
+    tuning: AgentTuning,
+    trace: bool,
     emitter_tls: TlsMaterial,
     rt: tokio::runtime::Runtime,
 }
@@ -425,11 +446,20 @@ impl Bench {
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = pid.map(|pid| {
             let (peak, on) = (peak_kb.clone(), sampling.clone());
+            let trace = self
+                .trace
+                .then(|| (agent.as_ref().map(|a| a.metrics), self.stats.clone()));
             std::thread::spawn(move || {
+                let mut tracer = trace.map(|(metrics, stats)| Tracer::new(metrics, stats));
+                let mut tick = 0u64;
                 while on.load(Ordering::Relaxed) {
                     if let Some(kb) = rss_kb(pid) {
                         peak.fetch_max(kb, Ordering::Relaxed);
+                        if let Some(t) = tracer.as_mut().filter(|_| tick % 20 == 19) {
+                            t.line(kb);
+                        }
                     }
+                    tick += 1;
                     std::thread::sleep(Duration::from_millis(50));
                 }
             })
@@ -487,6 +517,51 @@ impl Bench {
         };
         eprintln!("  {}", row(&o).trim_end());
         Ok(o)
+    }
+}
+
+/// `--trace`: one line a second of what the sink received and the agent's own counters.
+struct Tracer {
+    metrics: Option<SocketAddr>,
+    stats: Arc<SinkStats>,
+    started: Instant,
+    last: (u64, u64),
+}
+
+impl Tracer {
+    fn new(metrics: Option<SocketAddr>, stats: Arc<SinkStats>) -> Self {
+        Self {
+            metrics,
+            stats,
+            started: Instant::now(),
+            last: (0, 0),
+        }
+    }
+
+    fn line(&mut self, rss_kb: u64) {
+        let text = self
+            .metrics
+            .and_then(|m| scrape(m).ok())
+            .unwrap_or_default();
+        let value = |prefix: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| v as u64)
+                .sum()
+        };
+        let received = self.stats.received();
+        let dropped = value("dropped{");
+        eprintln!(
+            "    {:>5.1} s  delivered {:>8}/s  dropped {:>8}/s  buffered {:>7} envelopes {:>6} KiB  rss {:>6} KiB",
+            self.started.elapsed().as_secs_f64(),
+            received - self.last.0,
+            dropped.saturating_sub(self.last.1),
+            value("buffered_envelopes"),
+            value("buffered_bytes ") / 1024,
+            rss_kb
+        );
+        self.last = (received, dropped);
     }
 }
 
@@ -566,7 +641,18 @@ fn machine() -> String {
 /// # Errors
 /// On bad arguments or when a part of the benchmark cannot run.
 pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
-    let a = Args::parse(args, &["seconds", "probe-seconds", "only", "connections"])?;
+    let a = Args::parse(
+        args,
+        &[
+            "seconds",
+            "probe-seconds",
+            "only",
+            "rates",
+            "connections",
+            "ack-bytes",
+            "trace",
+        ],
+    )?;
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
@@ -575,13 +661,29 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "--only must be all, capacity or fixed, not {only:?}"
         )));
     }
-    let connections = match a.0.get("connections") {
-        Some(_) => Some(a.get("connections", 0)?),
-        None => None,
+    let optional = |key: &str| match a.0.get(key) {
+        Some(_) => a.get(key, 0).map(Some),
+        None => Ok(None),
     };
+    let tuning = AgentTuning {
+        connections: optional("connections")?,
+        ack_bytes: optional("ack-bytes")?,
+    };
+    let rates = a
+        .get("rates", "10000,50000".to_string())?
+        .split(',')
+        .map(|r| {
+            r.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|r| *r > 0)
+                .ok_or_else(|| BenchError::Usage(format!("--rates: cannot parse {r:?}")))
+        })
+        .collect::<Result<Vec<u64>, _>>()?;
     crate::tls::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("metron-bench-{}", std::process::id()));
-    let bench = setup(&dir, connections)?;
+    let mut bench = setup(&dir, tuning)?;
+    bench.trace = a.0.contains_key("trace");
     let started = Instant::now();
     println!("metron bench: {}", machine());
     println!(
@@ -613,7 +715,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let mut fixed = Vec::new();
     if only != "capacity" {
         eprintln!("fixed rates:");
-        for rate in [10_000, 50_000] {
+        for &rate in &rates {
             fixed.push(bench.run(
                 &format!("agent, {}k/s", rate / 1000),
                 Via::Agent,
@@ -629,7 +731,13 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         print!("{}", row(o));
     }
     println!();
-    print!("{}", summary(capacity.as_ref(), fixed.last()));
+    print!(
+        "{}",
+        summary(
+            capacity.as_ref(),
+            fixed.iter().find(|o| o.target == Some(50_000))
+        )
+    );
     println!(
         "\n(benchmark took {:.0} s)",
         started.elapsed().as_secs_f64()
@@ -637,7 +745,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn setup(dir: &Path, connections: Option<usize>) -> Result<Bench, BenchError> {
+fn setup(dir: &Path, tuning: AgentTuning) -> Result<Bench, BenchError> {
     let creds = crate::dev::generate(dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let key_file = dir.join("signing.key");
     let mut key = [0u8; 32];
@@ -671,7 +779,8 @@ fn setup(dir: &Path, connections: Option<usize>) -> Result<Bench, BenchError> {
         sink_addr,
         stats,
         agent_bin,
-        connections,
+        tuning,
+        trace: false,
         emitter_tls,
         rt,
     })

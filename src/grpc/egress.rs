@@ -56,6 +56,38 @@ impl BatchLimits {
     }
 }
 
+/// One outgoing `EnvelopeBatch` message: queued batches taken together. They are written one
+/// after another into the message body rather than merged first, which would copy every byte
+/// once more whenever a backlog lets several go at once.
+#[derive(Debug, Default)]
+pub struct OutgoingBatch {
+    parts: Vec<EncodedBatch>,
+    len: usize,
+    bytes: usize,
+}
+
+impl OutgoingBatch {
+    fn add(&mut self, part: EncodedBatch) {
+        self.len += part.len();
+        self.bytes += part.bytes();
+        self.parts.push(part);
+    }
+
+    /// Envelopes in the message.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The message's budget cost.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     batches: VecDeque<EncodedBatch>,
@@ -210,31 +242,33 @@ impl EgressQueue {
         cx: &mut Context<'_>,
         limits: &BatchLimits,
         epoch: u64,
-    ) -> Poll<Option<EncodedBatch>> {
+    ) -> Poll<Option<OutgoingBatch>> {
         let mut q = self.inner.lock();
         if q.epoch != epoch {
             return Poll::Ready(None);
         }
-        let Some(mut out) = q.batches.pop_front() else {
+        let Some(mut first) = q.batches.pop_front() else {
             if q.closing {
                 return Poll::Ready(None);
             }
             q.waker = Some(cx.waker().clone());
             return Poll::Pending;
         };
-        let fit = limits.fitting_prefix(&out);
-        if fit < out.len() {
-            let rest = out.split_off(fit);
+        let fit = limits.fitting_prefix(&first);
+        let mut out = OutgoingBatch::default();
+        if fit < first.len() {
+            let rest = first.split_off(fit);
             q.batches.push_front(rest);
+            out.add(first);
         } else {
+            out.add(first);
             while let Some(next) = q.batches.front() {
                 if out.len() + next.len() > limits.max_envelopes
                     || out.bytes() + next.bytes() > limits.max_bytes
                 {
                     break;
                 }
-                let mut next = q.batches.pop_front().expect("front exists");
-                out.append(&mut next);
+                out.add(q.batches.pop_front().expect("front exists"));
             }
         }
         q.envelopes -= out.len();
@@ -283,16 +317,16 @@ impl EgressStream {
         }
     }
 
-    fn rotate(&mut self) -> Poll<Option<EncodedBatch>> {
+    fn rotate(&mut self) -> Poll<Option<OutgoingBatch>> {
         self.rotated.store(true, Ordering::Release);
         Poll::Ready(None)
     }
 }
 
 impl Stream for EgressStream {
-    type Item = EncodedBatch;
+    type Item = OutgoingBatch;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EncodedBatch>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<OutgoingBatch>> {
         let this = self.get_mut();
         if this.rotated.load(Ordering::Acquire) || this.carried >= this.settings.ack_bytes {
             return this.rotate();
@@ -342,13 +376,14 @@ fn is_upstream_eof(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unknown && status.message() == "EOF"
 }
 
-/// `Ingress.BatchSender` with envelopes that are already encoded: the request body is written
-/// as is (see [`EncodedBatch::as_message_body`]), the response decoded with prost.
+/// `Ingress.BatchSender` with envelopes that are already encoded: the request body is the parts'
+/// bodies written as they are (see [`EncodedBatch::as_message_body`]), the response decoded with
+/// prost.
 #[derive(Debug, Clone, Copy, Default)]
 struct PreEncodedCodec;
 
 impl Codec for PreEncodedCodec {
-    type Encode = EncodedBatch;
+    type Encode = OutgoingBatch;
     type Decode = BatchSenderResponse;
     type Encoder = Self;
     type Decoder = Self;
@@ -363,11 +398,13 @@ impl Codec for PreEncodedCodec {
 }
 
 impl Encoder for PreEncodedCodec {
-    type Item = EncodedBatch;
+    type Item = OutgoingBatch;
     type Error = tonic::Status;
 
-    fn encode(&mut self, item: EncodedBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put_slice(item.as_message_body());
+    fn encode(&mut self, item: OutgoingBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        for part in &item.parts {
+            dst.put_slice(part.as_message_body());
+        }
         Ok(())
     }
 }
@@ -501,7 +538,7 @@ mod tests {
         q.push(b);
     }
 
-    fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<EncodedBatch> {
+    fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<OutgoingBatch> {
         let mut cx = Context::from_waker(Waker::noop());
         match q.poll_take(&mut cx, limits, q.epoch()) {
             Poll::Ready(b) => b,
