@@ -72,6 +72,13 @@ pub mod proto {
     tonic::include_proto!("loggregator.v2");
 }
 
+pub mod proto_v1 {
+    //! Generated Loggregator v1 ("dropsonde") types (`proto/dropsonde/`), messages only. Fields
+    //! upstream declares `required` are `Option`s here; [`crate::v1::decode`] enforces them.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("events");
+}
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
