@@ -64,6 +64,7 @@ pub mod grpc;
 pub mod routing;
 pub mod telemetry;
 pub mod tls;
+pub mod v1;
 pub mod wire;
 
 pub mod proto {
