@@ -4,6 +4,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/loggregator-api/v2/envelope.proto",
         "proto/loggregator-api/v2/ingress.proto",
+        // v1 (dropsonde), messages only. envelope.proto imports the rest, but each is listed so
+        // that rerun-if-changed covers it.
+        "proto/dropsonde/events/envelope.proto",
+        "proto/dropsonde/events/error.proto",
+        "proto/dropsonde/events/http.proto",
+        "proto/dropsonde/events/log.proto",
+        "proto/dropsonde/events/metric.proto",
+        "proto/dropsonde/events/uuid.proto",
     ];
     // No generator prints these itself: without them proto edits are silently ignored.
     for f in files {

@@ -64,12 +64,20 @@ pub mod grpc;
 pub mod routing;
 pub mod telemetry;
 pub mod tls;
+pub mod v1;
 pub mod wire;
 
 pub mod proto {
     //! Generated Loggregator v2 types (`proto/`), with `BTreeMap` for every map field.
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("loggregator.v2");
+}
+
+pub mod proto_v1 {
+    //! Generated Loggregator v1 ("dropsonde") types (`proto/dropsonde/`), messages only. Fields
+    //! upstream declares `required` are `Option`s here; [`crate::v1::decode`] enforces them.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("events");
 }
 
 use std::net::SocketAddr;
