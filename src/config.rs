@@ -75,6 +75,18 @@ pub struct IngressConfig {
     pub tls: Option<TlsFiles>,
     /// The longest an emitter's call waits for room in the pipeline before its envelopes are dropped.
     pub max_wait: Duration,
+    /// v1 (dropsonde) datagrams; `None` when `ingress.udp.enabled` is false.
+    pub udp: Option<UdpIngressConfig>,
+}
+
+/// `ingress.udp`: legacy emitters' v1 envelopes, one per datagram.
+#[derive(Debug, Clone)]
+pub struct UdpIngressConfig {
+    /// A loopback address: dropsonde has no authentication, so upstream listens on 127.0.0.1 only.
+    pub listen: SocketAddr,
+    /// Bytes of datagrams received and not yet converted; beyond it new datagrams are dropped
+    /// (`udp_buffer_full`) rather than left to overflow the kernel's socket buffer uncounted.
+    pub buffer_bytes: NonZeroUsize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -206,6 +218,39 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawIngress {
     grpc: RawGrpcIngress,
+    #[serde(default)]
+    udp: RawUdpIngress,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUdpIngress {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default = "default_udp_listen")]
+    listen: String,
+    #[serde(default = "default_udp_buffer_bytes")]
+    buffer_bytes: NonZeroUsize,
+}
+
+impl Default for RawUdpIngress {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_udp_listen(),
+            buffer_bytes: default_udp_buffer_bytes(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_udp_listen() -> String {
+    "127.0.0.1:3457".into()
+}
+fn default_udp_buffer_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(4 * 1024 * 1024).unwrap()
 }
 
 #[derive(Debug, Deserialize)]
@@ -558,6 +603,34 @@ impl RawConfig {
             default_tags.insert(k, v);
         }
 
+        let u = self.ingress.udp;
+        let udp = if u.enabled {
+            let listen = parse_socket_addr("ingress.udp.listen", &u.listen)?;
+            if !listen.ip().is_loopback() {
+                return Err(ConfigError::new(
+                    "ingress.udp.listen",
+                    format!(
+                        "{listen} is not a loopback address: v1 datagrams carry no authentication, \
+                         so the agent takes them from this machine only (as upstream does)"
+                    ),
+                ));
+            }
+            if u.buffer_bytes.get() < 65_535 {
+                return Err(ConfigError::new(
+                    "ingress.udp.buffer_bytes",
+                    format!(
+                        "{} is below 65535: the largest datagram must fit",
+                        u.buffer_bytes
+                    ),
+                ));
+            }
+            Some(UdpIngressConfig {
+                listen,
+                buffer_bytes: u.buffer_bytes,
+            })
+        } else {
+            None
+        };
         let g = self.ingress.grpc;
         let ingress_tls = match g.tls {
             Some(t) => {
@@ -585,6 +658,7 @@ impl RawConfig {
             listen: parse_socket_addr("ingress.grpc.listen", &g.listen)?,
             tls: ingress_tls,
             max_wait: Duration::from_millis(g.max_wait_ms),
+            udp,
         };
 
         let d = self.dopplers;
@@ -821,6 +895,37 @@ development: { enabled: true }
         assert_eq!(c.default_tags["job"], "diego-cell");
         assert_eq!(c.dopplers.server_name, "doppler");
         assert!(c.signing.is_none());
+    }
+
+    #[test]
+    fn udp_ingress_is_on_by_default_on_upstreams_port() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        let udp = c.ingress.udp.expect("on by default");
+        assert_eq!(udp.listen, "127.0.0.1:3457".parse().unwrap());
+        let off = MINIMAL.replace(
+            "ingress: { grpc: { listen: \"127.0.0.1:3458\" } }",
+            "ingress: { grpc: { listen: \"127.0.0.1:3458\" }, udp: { enabled: false } }",
+        );
+        assert!(Config::from_yaml(&off).unwrap().ingress.udp.is_none());
+    }
+
+    #[test]
+    fn udp_ingress_refuses_a_non_loopback_address_and_a_tiny_buffer() {
+        let with = |udp: &str| {
+            MINIMAL.replace(
+                "ingress: { grpc: { listen: \"127.0.0.1:3458\" } }",
+                &format!("ingress: {{ grpc: {{ listen: \"127.0.0.1:3458\" }}, udp: {udp} }}"),
+            )
+        };
+        let e = Config::from_yaml(&with("{ listen: \"0.0.0.0:3457\" }")).unwrap_err();
+        assert_eq!(e.key, "ingress.udp.listen");
+        assert!(e.problem.contains("not a loopback address"), "{e}");
+        let e = Config::from_yaml(&with("{ buffer_bytes: 1000 }")).unwrap_err();
+        assert_eq!(e.key, "ingress.udp.buffer_bytes");
+        let e = Config::from_yaml(&with("{ listen: nowhere }")).unwrap_err();
+        assert_eq!(e.key, "ingress.udp.listen");
+        let e = Config::from_yaml(&with("{ enable: true }")).unwrap_err();
+        assert_eq!(e.key, "ingress.udp.enable");
     }
 
     #[test]

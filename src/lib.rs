@@ -64,6 +64,7 @@ pub mod grpc;
 pub mod routing;
 pub mod telemetry;
 pub mod tls;
+pub mod udp;
 pub mod v1;
 pub mod wire;
 
@@ -145,6 +146,7 @@ pub struct StartOptions {
 /// A running agent. Dropping it shuts it down gracefully (bounded by the grace period).
 pub struct Agent {
     ingress_addr: SocketAddr,
+    udp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     dev_doppler_addr: Option<SocketAddr>,
     dev_credentials: Option<DevCredentials>,
@@ -162,6 +164,13 @@ fn bind(key: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, St
     })?;
     l.set_nonblocking(true).map_err(StartError::Runtime)?;
     Ok(l)
+}
+
+fn bind_udp(key: &'static str, addr: SocketAddr) -> Result<std::net::UdpSocket, StartError> {
+    let s =
+        std::net::UdpSocket::bind(addr).map_err(|source| StartError::Bind { key, addr, source })?;
+    s.set_nonblocking(true).map_err(StartError::Runtime)?;
+    Ok(s)
 }
 
 impl Agent {
@@ -229,6 +238,13 @@ impl Agent {
 
         let ingress_listener = bind("ingress.grpc.listen", config.ingress.listen)?;
         let ingress_addr = ingress_listener.local_addr().map_err(StartError::Runtime)?;
+        let udp_socket = config
+            .ingress
+            .udp
+            .as_ref()
+            .map(|u| bind_udp("ingress.udp.listen", u.listen))
+            .transpose()?;
+        let udp_addr = udp_socket.as_ref().and_then(|s| s.local_addr().ok());
         let metrics_listener = config
             .metrics
             .listen
@@ -257,6 +273,7 @@ impl Agent {
             signing_key_id,
             signing_key,
             ingress_listener,
+            udp_socket,
             metrics_listener,
             dev_doppler_listener,
             ledger: ledger.clone(),
@@ -287,12 +304,14 @@ impl Agent {
         };
         tracing::info!(
             ingress = %ingress_addr,
+            udp = ?udp_addr,
             metrics = ?metrics_addr,
             dev_doppler = ?dev_doppler_addr,
             "metron is running"
         );
         Ok(Agent {
             ingress_addr,
+            udp_addr,
             metrics_addr,
             dev_doppler_addr,
             dev_credentials,
@@ -309,6 +328,11 @@ impl Agent {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where v1 datagrams are read (`None` when `ingress.udp.enabled` is false).
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp_addr
     }
 
     pub fn dev_doppler_addr(&self) -> Option<SocketAddr> {
@@ -425,6 +449,7 @@ fn run_system(
     tracing::info!(
         flushed = flushed && left == 0,
         ingress = metrics.ingress,
+        ingress_v1 = metrics.ingress_v1,
         egress = metrics.egress,
         dropped = metrics.dropped_total(),
         "metron stopped"

@@ -27,6 +27,7 @@ use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::TlsMaterial;
+use crate::udp::UdpIngress;
 
 /// Everything resolved before the runtime starts: TLS material, keys, bound sockets.
 pub struct Prepared {
@@ -38,6 +39,8 @@ pub struct Prepared {
     pub signing_key_id: String,
     pub signing_key: Vec<u8>,
     pub ingress_listener: std::net::TcpListener,
+    /// v1 datagrams (`ingress.udp`), when enabled.
+    pub udp_socket: Option<std::net::UdpSocket>,
     pub metrics_listener: Option<std::net::TcpListener>,
     pub dev_doppler_listener: Option<std::net::TcpListener>,
     pub ledger: Arc<Ledger>,
@@ -51,6 +54,7 @@ pub struct Running {
     queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
+    udp: Option<UdpIngress>,
     background: Vec<JoinHandle<()>>,
     signer_arbiter: Arbiter,
     ledger: Arc<Ledger>,
@@ -88,6 +92,10 @@ fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
 pub fn start(p: Prepared) -> std::io::Result<Running> {
     // Everything that can fail comes first, before any actor or task exists.
     let listener = tokio::net::TcpListener::from_std(p.ingress_listener)?;
+    let udp_socket = p
+        .udp_socket
+        .map(tokio::net::UdpSocket::from_std)
+        .transpose()?;
     let metrics_listener = p
         .metrics_listener
         .map(tokio::net::TcpListener::from_std)
@@ -209,6 +217,16 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         closed_rx.clone(),
     );
 
+    let udp = udp_socket.map(|socket| {
+        UdpIngress::start(
+            socket,
+            c.ingress.udp.as_ref().map_or(0, |u| u.buffer_bytes.get()),
+            edge.clone(),
+            ledger.clone(),
+            closed_rx.clone(),
+        )
+    });
+
     let mut stop = closed_rx;
     let router = server_builder.add_service(IngressService::router(edge.clone()));
     let server = tokio::spawn(async move {
@@ -255,6 +273,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         queues: queue_handles,
         closed,
         server,
+        udp,
         background,
         signer_arbiter,
         ledger,
@@ -269,7 +288,7 @@ fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     [
-        ("ingress", s.ingress),
+        ("ingress", s.ingress_total()),
         ("egress", s.egress),
         ("dropped", s.dropped_total()),
         ("origin_mappings", s.origin_mappings),
@@ -308,6 +327,10 @@ impl Running {
             .is_err()
         {
             server.abort();
+        }
+        // Whatever the UDP edge read is admitted or counted before the barrier below.
+        if let Some(udp) = self.udp {
+            udp.finish(deadline).await;
         }
         // Barrier: once everything buffered sits in a slot queue (or in flight on a stream), no
         // batch is still on its way

@@ -299,9 +299,13 @@ fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, Socke
         attempt += 1;
         let (ingress, metrics) = two_free_ports();
         let yaml = w.yaml(&[(doppler.addr(), "z1")], extra);
-        // The ingress listen address comes first in the YAML, the metrics one second.
+        // The gRPC ingress listen address comes first in the YAML (UDP stays ephemeral).
         let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{ingress}\""));
-        let yaml = replace_first(&yaml, "\"127.0.0.1:0\"", &format!("\"{metrics}\""));
+        let yaml = replace_first(
+            &yaml,
+            "metrics:\n  listen: \"127.0.0.1:0\"",
+            &format!("metrics:\n  listen: \"{metrics}\""),
+        );
         let yaml = replace_first(
             &yaml,
             "logging: { level: warn }",
@@ -380,7 +384,7 @@ async fn sigterm_drains_and_exits_0() {
     let status = metron.wait_exit(STEP);
     let lines = metron.all_lines(Pipe::Stdout);
     assert_eq!(status.code(), Some(0), "{status}; logs: {lines:#?}");
-    let want = format!("metron stopped flushed=true ingress={N} egress={N} dropped=0");
+    let want = format!("metron stopped flushed=true ingress={N} ingress_v1=0 egress={N} dropped=0");
     assert!(
         lines.iter().any(|l| l.ends_with(&want)),
         "the agent reports a complete drain ({want}): {lines:#?}"

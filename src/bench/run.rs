@@ -269,6 +269,7 @@ ingress:
     listen: \"{ingress}\"
     max_wait_ms: {max_wait}
     tls: {} }}
+  udp: {{ enabled: false }}
 dopplers:
   endpoints: [ {{ addr: \"{}\", az: z1 }} ]
   tls: {}, server_name: doppler }}{dopplers}

@@ -1,5 +1,7 @@
 //! A development Doppler: accepts `Ingress.BatchSender` over mTLS and logs a summary of what it
-//! receives every few seconds, so a newcomer running the shipped config sees envelopes flow.
+//! receives every few seconds, so a newcomer running the shipped config sees envelopes flow. The
+//! latest envelope is shown as received (v2) and as the v1 firehose would show it
+//! ([`crate::v1::to_v1`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,12 +47,13 @@ impl DevDoppler {
             return;
         }
         let latest = s.latest.as_ref().map(describe).unwrap_or_default();
+        let v1 = s.latest.as_ref().map(describe_v1).unwrap_or_default();
         tracing::info!(
             target: "dev_doppler",
             received = s.since_report,
             total = s.total,
             by_source = ?s.by_source,
-            "development Doppler received envelopes; latest: {latest}"
+            "development Doppler received envelopes; latest: {latest}; on the v1 firehose: {v1}"
         );
         s.since_report = 0;
     }
@@ -66,6 +69,40 @@ fn describe(e: &Envelope) -> String {
         None => "empty".into(),
     };
     format!("source_id={} {what} tags={:?}", e.source_id, e.tags)
+}
+
+/// The envelope as a Doppler's v1 firehose would show it: one line per v1 envelope.
+fn describe_v1(e: &Envelope) -> String {
+    let v1 = crate::v1::to_v1(e);
+    if v1.is_empty() {
+        return "nothing (v2 events have no v1 form)".into();
+    }
+    let one = |e: &crate::proto_v1::Envelope| {
+        let kind = crate::proto_v1::envelope::EventType::try_from(e.event_type.unwrap_or(0))
+            .map_or("?", |t| t.as_str_name());
+        let what = if let Some(l) = &e.log_message {
+            let text = l.message.as_deref().unwrap_or_default();
+            format!(
+                "app_id={} {:?}",
+                l.app_id.as_deref().unwrap_or_default(),
+                String::from_utf8_lossy(text)
+            )
+        } else if let Some(c) = &e.counter_event {
+            format!("{}={}", c.name(), c.total())
+        } else if let Some(v) = &e.value_metric {
+            format!("{}={}{}", v.name(), v.value(), v.unit())
+        } else if let Some(c) = &e.container_metric {
+            format!("app={} cpu={}%", c.application_id(), c.cpu_percentage())
+        } else if let Some(h) = &e.http_start_stop {
+            format!("{} {}", h.status_code(), h.uri())
+        } else if let Some(x) = &e.error {
+            format!("{}: {}", x.source(), x.message())
+        } else {
+            String::new()
+        };
+        format!("{kind} origin={} {what}", e.origin())
+    };
+    v1.iter().map(one).collect::<Vec<_>>().join("; ")
 }
 
 #[tonic::async_trait]
@@ -129,4 +166,27 @@ pub async fn serve(
         Err(e) => tracing::error!(error = %e, "development Doppler TLS set-up failed"),
     }
     report.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Counter, Event};
+
+    #[test]
+    fn the_latest_envelope_is_also_shown_in_its_v1_form() {
+        let mut e = Envelope {
+            source_id: "app".into(),
+            message: Some(Message::Counter(Counter {
+                name: "requests".into(),
+                delta: 1,
+                total: 5,
+            })),
+            ..Default::default()
+        };
+        e.tags.insert("origin".into(), "rep".into());
+        assert_eq!(describe_v1(&e), "CounterEvent origin=rep requests=5");
+        e.message = Some(Message::Event(Event::default()));
+        assert!(describe_v1(&e).contains("no v1 form"));
+    }
 }

@@ -79,20 +79,40 @@ impl Edge {
     /// Cancel-safe: the counts are made together with the decision, after the only `.await`, so a
     /// call cut short (an emitter's RPC dropped mid-way, or shutdown) has counted nothing.
     pub async fn accept(&self, envelopes: Vec<Envelope>) {
+        self.admit_decoded(envelopes, true).await;
+    }
+
+    /// [`Edge::accept`] for envelopes converted from v1 datagrams, which were counted in
+    /// `ingress{metric_version="1.0"}` when they arrived. Not cancel-safe: the caller lets it
+    /// finish (it waits at most `max_wait`).
+    pub async fn accept_converted(&self, envelopes: Vec<Envelope>) {
+        self.admit_decoded(envelopes, false).await;
+    }
+
+    async fn admit_decoded(&self, envelopes: Vec<Envelope>, count_ingress: bool) {
         let total = envelopes.len();
         if total == 0 {
             return;
         }
-        if self.refused_while_closed(total) {
+        let count = |n: usize| {
+            if count_ingress {
+                self.ledger
+                    .metrics()
+                    .ingress
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+        };
+        if *self.closed.borrow() {
+            count(total);
+            self.ledger.refused(DropReason::ShuttingDown, total);
             return;
         }
-        let metrics = self.ledger.metrics();
         let (batch, oversize) = self.price(envelopes);
         let (n, bytes) = (batch.len(), batch.bytes());
         let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
         // From here on no `.await`: decision and counts land together.
-        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        count(total);
         self.ledger.refused(DropReason::Oversize, oversize);
         if !admitted {
             self.ledger.refused(full, n);

@@ -43,10 +43,20 @@ pub enum DropReason {
     /// Written to a Doppler stream whose connection died before the Doppler acknowledged the
     /// stream's end. Some may have arrived; at most one acknowledgement window per failure.
     ConnectionLost,
+    /// A v1 datagram arrived while the UDP buffer (`ingress.udp.buffer_bytes`) was full.
+    UdpBufferFull,
+    /// A v1 datagram that is not a protobuf `events.Envelope`.
+    V1Undecodable,
+    /// A v1 envelope without a field upstream declares required.
+    V1MissingField,
+    /// A v1 envelope whose `eventType`'s message is absent.
+    V1MissingEvent,
+    /// A v1 envelope with an event type upstream no longer accepts.
+    V1UnknownEventType,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -58,6 +68,11 @@ impl DropReason {
         DropReason::SlotQueueFull,
         DropReason::ShutdownGraceExpired,
         DropReason::ConnectionLost,
+        DropReason::UdpBufferFull,
+        DropReason::V1Undecodable,
+        DropReason::V1MissingField,
+        DropReason::V1MissingEvent,
+        DropReason::V1UnknownEventType,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +88,11 @@ impl DropReason {
             DropReason::SlotQueueFull => "slot_queue_full",
             DropReason::ShutdownGraceExpired => "shutdown_grace_expired",
             DropReason::ConnectionLost => "connection_lost",
+            DropReason::UdpBufferFull => "udp_buffer_full",
+            DropReason::V1Undecodable => "v1_undecodable",
+            DropReason::V1MissingField => "v1_missing_field",
+            DropReason::V1MissingEvent => "v1_missing_event",
+            DropReason::V1UnknownEventType => "v1_unknown_event_type",
         }
     }
 
@@ -83,12 +103,30 @@ impl DropReason {
             | DropReason::IngressQueueFull
             | DropReason::SequencerQueueFull
             | DropReason::SlotQueueFull
-            | DropReason::ShuttingDown => "ingress",
+            | DropReason::ShuttingDown
+            | DropReason::UdpBufferFull
+            | DropReason::V1Undecodable
+            | DropReason::V1MissingField
+            | DropReason::V1MissingEvent
+            | DropReason::V1UnknownEventType => "ingress",
             DropReason::NoDoppler
             | DropReason::SignerQueueFull
             | DropReason::ConnectionQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
+        }
+    }
+
+    /// Upstream's `metric_version` label: `1.0` for what the v1 (UDP) path drops before an
+    /// envelope becomes v2, `2.0` for everything else.
+    pub fn metric_version(self) -> &'static str {
+        match self {
+            DropReason::UdpBufferFull
+            | DropReason::V1Undecodable
+            | DropReason::V1MissingField
+            | DropReason::V1MissingEvent
+            | DropReason::V1UnknownEventType => "1.0",
+            _ => "2.0",
         }
     }
 
@@ -147,6 +185,9 @@ pub struct Metrics {
     /// `ingress{metric_version="2.0"}`: envelopes received (v2 gRPC, plus the agent's own when
     /// `metrics.envelope_interval_ms` is set).
     pub ingress: AtomicU64,
+    /// `ingress{metric_version="1.0"}`: v1 datagrams received on UDP (each one envelope, valid or
+    /// not: the invalid ones are counted as dropped).
+    pub ingress_v1: AtomicU64,
     /// `origin_mappings{metric_version="2.0"}`: source_id taken from the origin tag.
     pub origin_mappings: AtomicU64,
     /// `egress{metric_version="2.0"}`: envelopes written to a Doppler stream whose Doppler
@@ -187,6 +228,7 @@ type Family = (
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
     pub ingress: u64,
+    pub ingress_v1: u64,
     pub origin_mappings: u64,
     pub egress: u64,
     /// Per reason, every reason listed (zeros included).
@@ -202,6 +244,11 @@ pub struct MetricsSnapshot {
 }
 
 impl MetricsSnapshot {
+    /// Everything that entered: v2 envelopes and v1 datagrams.
+    pub fn ingress_total(&self) -> u64 {
+        self.ingress + self.ingress_v1
+    }
+
     pub fn dropped_total(&self) -> u64 {
         self.dropped.iter().map(|(_, n)| n).sum()
     }
@@ -240,6 +287,7 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             ingress: AtomicU64::new(0),
+            ingress_v1: AtomicU64::new(0),
             origin_mappings: AtomicU64::new(0),
             egress: AtomicU64::new(0),
             dropped: Default::default(),
@@ -269,19 +317,42 @@ impl Metrics {
     /// Counts `n` dropped envelopes and warns at most once per 10 s per reason. The only place
     /// drops are counted, so the log and the counter cannot disagree.
     pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped_because(reason, n, None);
+    }
+
+    /// [`Metrics::dropped`], with what went wrong with the latest of them (e.g. which field a v1
+    /// envelope lacked, and who sent it) for the warning.
+    pub fn dropped_because(
+        &self,
+        reason: DropReason,
+        n: u64,
+        detail: Option<&dyn std::fmt::Display>,
+    ) {
         if n == 0 {
             return;
         }
         let i = reason.index();
         self.dropped[i].fetch_add(n, Ordering::Relaxed);
         if let Some(times) = self.drop_warnings[i].check() {
-            tracing::warn!(
-                reason = reason.name(),
-                direction = reason.direction(),
-                batches = times,
-                total_dropped = self.dropped[i].load(Ordering::Relaxed),
-                "dropping envelopes"
-            );
+            let total = self.dropped[i].load(Ordering::Relaxed);
+            let (reason, direction) = (reason.name(), reason.direction());
+            match detail {
+                Some(d) => tracing::warn!(
+                    reason,
+                    direction,
+                    batches = times,
+                    total_dropped = total,
+                    latest = %d,
+                    "dropping envelopes"
+                ),
+                None => tracing::warn!(
+                    reason,
+                    direction,
+                    batches = times,
+                    total_dropped = total,
+                    "dropping envelopes"
+                ),
+            }
         }
     }
 
@@ -293,6 +364,7 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         MetricsSnapshot {
             ingress: get(&self.ingress),
+            ingress_v1: get(&self.ingress_v1),
             origin_mappings: get(&self.origin_mappings),
             egress: get(&self.egress),
             dropped: DropReason::ALL
@@ -317,10 +389,10 @@ impl Metrics {
         const V2: &str = "metric_version=\"2.0\"";
         let s = self.snapshot();
         let one = |labels: &str, v: String| vec![(labels.to_string(), v)];
-        let by_direction = |d: &str| -> u64 {
+        let by_direction = |d: &str, version: &str| -> u64 {
             s.dropped
                 .iter()
-                .filter(|(r, _)| r.direction() == d)
+                .filter(|(r, _)| r.direction() == d && r.metric_version() == version)
                 .map(|(_, n)| n)
                 .sum()
         };
@@ -328,8 +400,14 @@ impl Metrics {
             (
                 "ingress",
                 "counter",
-                "Envelopes received.",
-                one(V2, s.ingress.to_string()),
+                "Envelopes received (metric_version 1.0: v1 datagrams on UDP).",
+                vec![
+                    (V2.to_string(), s.ingress.to_string()),
+                    (
+                        "metric_version=\"1.0\"".to_string(),
+                        s.ingress_v1.to_string(),
+                    ),
+                ],
             ),
             (
                 "origin_mappings",
@@ -347,12 +425,12 @@ impl Metrics {
                 "dropped",
                 "counter",
                 "Envelopes dropped, by direction (egress: no Doppler could take them; ingress: shed by the agent).",
-                ["ingress", "egress"]
+                [("ingress", "2.0"), ("egress", "2.0"), ("ingress", "1.0")]
                     .iter()
-                    .map(|d| {
+                    .map(|(d, v)| {
                         (
-                            format!("direction=\"{d}\",{V2}"),
-                            by_direction(d).to_string(),
+                            format!("direction=\"{d}\",metric_version=\"{v}\""),
+                            by_direction(d, v).to_string(),
                         )
                     })
                     .collect(),
@@ -365,9 +443,10 @@ impl Metrics {
                     .iter()
                     .map(|(r, n)| {
                         let labels = format!(
-                            "direction=\"{}\",reason=\"{}\",{V2}",
+                            "direction=\"{}\",reason=\"{}\",metric_version=\"{}\"",
                             r.direction(),
-                            r.name()
+                            r.name(),
+                            r.metric_version()
                         );
                         (labels, n.to_string())
                     })
@@ -493,6 +572,21 @@ mod tests {
         assert!(text.contains("dropped{direction=\"egress\",metric_version=\"2.0\"} 3\n"));
         assert!(text.contains("reason=\"pipeline_full\""));
         assert_eq!(m.snapshot().dropped_total(), 6);
+        // v1 datagrams: their own ingress and ingress-drop samples, as upstream labels them.
+        m.ingress_v1.fetch_add(4, Ordering::Relaxed);
+        m.dropped(DropReason::V1Undecodable, 1);
+        m.dropped(DropReason::UdpBufferFull, 1);
+        let text = m.render((0, 0));
+        assert!(
+            text.contains("ingress{metric_version=\"1.0\"} 4\n"),
+            "{text}"
+        );
+        assert!(text.contains("dropped{direction=\"ingress\",metric_version=\"1.0\"} 2\n"));
+        assert!(text.contains("dropped{direction=\"ingress\",metric_version=\"2.0\"} 3\n"));
+        assert!(text.contains(
+            "dropped_by_reason{direction=\"ingress\",reason=\"v1_undecodable\",metric_version=\"1.0\"} 1\n"
+        ));
+        assert_eq!(m.snapshot().ingress_total(), 14);
         m.connection_in_az("z\"1", 2);
         m.connection_in_az("z2", 1);
         m.connection_in_az("z2", -1);

@@ -60,6 +60,7 @@ ingress:
   grpc:
     listen: "127.0.0.1:0"
     tls: {tls}
+  udp: {{ listen: "127.0.0.1:0" }}
 dopplers:
   endpoints:
 {endpoints}  tls: {tls}
@@ -102,7 +103,7 @@ pub fn assert_balanced(agent: &Agent) {
     let m = agent.metrics();
     let (buffered, _) = agent.buffered();
     assert_eq!(
-        m.ingress,
+        m.ingress_total(),
         m.egress + m.dropped_total() + buffered,
         "ingress == egress + dropped + buffered: {m:?}, buffered {buffered}"
     );
