@@ -374,3 +374,38 @@ fn shutdown_accounts_for_every_datagram_read() {
     assert_eq!((m.ingress_v1, m.egress, m.dropped_total()), (300, 300, 0));
     assert_eq!(doppler.count(), 300);
 }
+
+/// A flood of junk on the UDP port while an emitter sends over gRPC: the gRPC envelopes all
+/// arrive, and every datagram the agent read is accounted for (what the kernel dropped before
+/// the agent could read it never entered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_flood_does_not_stop_grpc_traffic() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let to = agent.udp_addr().unwrap();
+    let flood = std::thread::spawn(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..30_000u64 {
+            let _ = socket.send_to(&junk(i, 1 + (i as usize * 131) % 1400), to);
+        }
+    });
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let envs: Vec<_> = (0..2_000)
+        .map(|i| log_envelope("grpc-app", &format!("line {i}")))
+        .collect();
+    send_all(&mut client, &envs).await;
+    flood.join().unwrap();
+    assert!(doppler.wait_for_count_async(envs.len(), WAIT).await);
+    assert!(wait_until_async(WAIT, || agent.buffered().0 == 0).await);
+    let m = agent.metrics();
+    assert_eq!(m.ingress, envs.len() as u64);
+    assert_eq!(m.egress, envs.len() as u64, "every gRPC envelope delivered");
+    assert!(m.ingress_v1 > 0, "the flood was read: {m:?}");
+    assert_eq!(
+        m.dropped_total(),
+        m.ingress_v1,
+        "every datagram read was junk, counted as dropped: {m:?}"
+    );
+    assert_balanced(&agent);
+}
