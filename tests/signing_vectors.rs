@@ -5,6 +5,9 @@
 //! Regenerate (only when the form deliberately changes, with a new DOMAIN):
 //! `METRON_WRITE_VECTORS=1 cargo test --test signing_vectors`.
 
+#[path = "common/json.rs"]
+mod json;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -130,83 +133,6 @@ fn inputs() -> Vec<(&'static str, Envelope)> {
     ]
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_map<V>(m: &BTreeMap<String, V>, f: impl Fn(&V) -> String) -> String {
-    let items: Vec<String> = m
-        .iter()
-        .map(|(k, v)| format!("{}: {}", json_str(k), f(v)))
-        .collect();
-    format!("{{{}}}", items.join(", "))
-}
-
-/// The envelope as one line of JSON, for implementations without protobuf at hand. Byte fields
-/// are hex; doubles are written in shortest round-trip form.
-fn to_json(e: &Envelope) -> String {
-    let message = match &e.message {
-        None => "null".to_string(),
-        Some(Message::Log(l)) => format!(
-            "{{\"log\": {{\"payload_hex\": \"{}\", \"type\": {}}}}}",
-            encode_hex(&l.payload),
-            l.r#type
-        ),
-        Some(Message::Counter(c)) => format!(
-            "{{\"counter\": {{\"name\": {}, \"delta\": {}, \"total\": {}}}}}",
-            json_str(&c.name),
-            c.delta,
-            c.total
-        ),
-        Some(Message::Gauge(g)) => format!(
-            "{{\"gauge\": {{\"metrics\": {}}}}}",
-            json_map(&g.metrics, |v| format!(
-                "{{\"unit\": {}, \"value\": {:?}}}",
-                json_str(&v.unit),
-                v.value
-            ))
-        ),
-        Some(Message::Timer(t)) => format!(
-            "{{\"timer\": {{\"name\": {}, \"start\": {}, \"stop\": {}}}}}",
-            json_str(&t.name),
-            t.start,
-            t.stop
-        ),
-        Some(Message::Event(ev)) => format!(
-            "{{\"event\": {{\"title\": {}, \"body\": {}}}}}",
-            json_str(&ev.title),
-            json_str(&ev.body)
-        ),
-    };
-    let deprecated = json_map(&e.deprecated_tags, |v| match &v.data {
-        None => "{}".to_string(),
-        Some(Data::Text(s)) => format!("{{\"text\": {}}}", json_str(s)),
-        Some(Data::Integer(i)) => format!("{{\"integer\": {i}}}"),
-        Some(Data::Decimal(d)) => format!("{{\"decimal\": {d:?}}}"),
-    });
-    format!(
-        "{{\"timestamp\": {}, \"source_id\": {}, \"instance_id\": {}, \"tags\": {}, \"deprecated_tags\": {}, \"message\": {}}}",
-        e.timestamp,
-        json_str(&e.source_id),
-        json_str(&e.instance_id),
-        json_map(&e.tags, |v| json_str(v)),
-        deprecated,
-        message
-    )
-}
-
 fn render() -> String {
     let mut out = String::from(
         "# metron signing test vectors (form metron-sig-v1). One block per vector, fields `name: value`.\n\
@@ -222,7 +148,7 @@ fn render() -> String {
             "\nname: {name}\nkey_id: {KEY_ID}\nkey_hex: {}\nenvelope_pb_hex: {}\nenvelope_json: {}\ncanonical_hex: {}\nmetron_sig: {}\n",
             encode_hex(KEY),
             encode_hex(&env.encode_to_vec()),
-            to_json(&env),
+            json::v2_json(&env),
             encode_hex(&canonical(&env)),
             signed.tags[SIG_TAG]
         );
@@ -258,7 +184,7 @@ fn library_reproduces_every_vector() {
         let key = decode_hex(&v["key_hex"]).unwrap();
         let env = Envelope::decode(decode_hex(&v["envelope_pb_hex"]).unwrap().as_slice()).unwrap();
         assert_eq!(env, built, "{name}: the file holds the documented input");
-        assert_eq!(v["envelope_json"], to_json(&env), "{name}");
+        assert_eq!(v["envelope_json"], json::v2_json(&env), "{name}");
         assert_eq!(
             encode_hex(&canonical(&env)),
             v["canonical_hex"],
