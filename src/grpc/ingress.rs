@@ -94,17 +94,7 @@ impl Edge {
         if total == 0 {
             return;
         }
-        let count = |n: usize| {
-            if count_ingress {
-                self.ledger
-                    .metrics()
-                    .ingress
-                    .fetch_add(n as u64, Ordering::Relaxed);
-            }
-        };
-        if *self.closed.borrow() {
-            count(total);
-            self.ledger.refused(DropReason::ShuttingDown, total);
+        if self.refused_while_closed(total, count_ingress) {
             return;
         }
         let (batch, oversize) = self.price(envelopes);
@@ -112,7 +102,10 @@ impl Edge {
         let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
         // From here on no `.await`: decision and counts land together.
-        count(total);
+        if count_ingress {
+            let metrics = self.ledger.metrics();
+            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        }
         self.ledger.refused(DropReason::Oversize, oversize);
         if !admitted {
             self.ledger.refused(full, n);
@@ -121,13 +114,16 @@ impl Edge {
         self.hand_over(batch);
     }
 
-    /// After shutdown began, counts `total` new envelopes as refused (`shutting_down`).
-    fn refused_while_closed(&self, total: usize) -> bool {
+    /// After shutdown began, counts `total` new envelopes as refused (`shutting_down`), and in
+    /// `ingress` unless they were counted on arrival (v1).
+    fn refused_while_closed(&self, total: usize, count_ingress: bool) -> bool {
         if !*self.closed.borrow() {
             return false;
         }
-        let metrics = self.ledger.metrics();
-        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        if count_ingress {
+            let metrics = self.ledger.metrics();
+            metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        }
         self.ledger.refused(DropReason::ShuttingDown, total);
         true
     }
@@ -162,7 +158,7 @@ impl Edge {
         if total == 0 {
             return Ok(());
         }
-        if self.refused_while_closed(total) {
+        if self.refused_while_closed(total, true) {
             return Ok(());
         }
         let metrics = self.ledger.metrics();
