@@ -116,10 +116,6 @@ impl DatagramQueue {
         let q = self.inner.lock();
         (q.datagrams.len(), q.bytes)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.inner.lock().datagrams.is_empty()
-    }
 }
 
 /// The drop reason for a rejected datagram.

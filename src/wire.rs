@@ -217,10 +217,11 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         closed_rx.clone(),
     );
 
-    let udp = udp_socket.map(|socket| {
+    // The socket is bound exactly when `ingress.udp` is enabled.
+    let udp = udp_socket.zip(c.ingress.udp.as_ref()).map(|(socket, u)| {
         UdpIngress::start(
             socket,
-            c.ingress.udp.as_ref().map_or(0, |u| u.buffer_bytes.get()),
+            u.buffer_bytes.get(),
             edge.clone(),
             ledger.clone(),
             closed_rx.clone(),
