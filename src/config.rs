@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::telemetry::logging::LogFormat;
+
 /// The largest message a Doppler (and this agent's ingress) accepts.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 
@@ -48,11 +50,27 @@ pub struct Config {
     pub signing: Option<SigningConfig>,
     pub pipeline: PipelineConfig,
     pub shutdown_grace: Duration,
-    pub log_level: String,
+    pub log: LogConfig,
+    pub health: HealthConfig,
     pub development: DevelopmentConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `log`: what the agent writes about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `warn,metron=debug`); live on SIGHUP.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// `health`: liveness and readiness for a supervisor (monit, systemd, a load balancer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Where `GET /livez` and `GET /readyz` are served; `None` turns the endpoint off.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     #[serde(default)]
@@ -80,7 +98,7 @@ pub struct IngressConfig {
 }
 
 /// `ingress.udp`: legacy emitters' v1 envelopes, one per datagram.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpIngressConfig {
     /// A loopback address: dropsonde has no authentication, so upstream listens on 127.0.0.1 only.
     pub listen: SocketAddr,
@@ -156,15 +174,24 @@ pub struct EndpointConfig {
 pub struct MetricsConfig {
     /// Where `/metrics` is served; `None` turns the endpoint off.
     pub listen: Option<SocketAddr>,
+    /// Serve `/metrics` over mTLS (client certificate required, verified against `ca`), as
+    /// upstream's default deployment does; plain HTTP when `None`.
+    pub tls: Option<TlsFiles>,
     /// How often the agent's own counters are also sent through the pipeline as envelopes
     /// (source_id `metron`); `None` = never.
     pub envelope_interval: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningConfig {
+    /// Signs every envelope.
     pub key_id: String,
     pub key: Vec<u8>,
+    /// `signing.previous_keys`: keys retired by a rotation, (key id, key). The agent no longer
+    /// signs with them, but envelopes it signed before the rotation may still be buffered or in
+    /// flight, so receivers must keep accepting them; listed here so a receiver's key ring can be
+    /// derived from the agent's config ([`crate::envelope::signing::KeyRing`]).
+    pub previous_keys: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +206,7 @@ pub struct PipelineConfig {
     pub max_counter_keys: NonZeroUsize,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DevelopmentConfig {
     /// Generate a throwaway CA and certificates for any `tls:` block that is absent.
     pub enabled: bool,
@@ -209,7 +236,12 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
-    logging: RawLogging,
+    log: Option<RawLog>,
+    /// The old name of `log`, still accepted.
+    #[serde(default)]
+    logging: Option<RawLog>,
+    #[serde(default)]
+    health: RawHealth,
     #[serde(default)]
     development: RawDevelopment,
 }
@@ -378,6 +410,8 @@ struct RawMetrics {
     listen: Option<String>,
     #[serde(default)]
     envelope_interval_ms: Option<NonZeroU64>,
+    #[serde(default)]
+    tls: Option<TlsFiles>,
 }
 
 impl Default for RawMetrics {
@@ -385,8 +419,28 @@ impl Default for RawMetrics {
         Self {
             listen: default_metrics_listen(),
             envelope_interval_ms: None,
+            tls: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "default_health_listen")]
+    listen: Option<String>,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            listen: default_health_listen(),
+        }
+    }
+}
+
+fn default_health_listen() -> Option<String> {
+    Some("127.0.0.1:14825".into())
 }
 
 fn default_metrics_listen() -> Option<String> {
@@ -396,6 +450,15 @@ fn default_metrics_listen() -> Option<String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSigning {
+    key_id: String,
+    key_file: PathBuf,
+    #[serde(default)]
+    previous_keys: Vec<RawSigningKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigningKey {
     key_id: String,
     key_file: PathBuf,
 }
@@ -458,21 +521,27 @@ fn default_grace_period_ms() -> NonZeroU32 {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLogging {
+struct RawLog {
     #[serde(default = "default_log_level")]
     level: String,
+    #[serde(default = "default_log_format")]
+    format: String,
 }
 
-impl Default for RawLogging {
+impl Default for RawLog {
     fn default() -> Self {
         Self {
             level: default_log_level(),
+            format: default_log_format(),
         }
     }
 }
 
 fn default_log_level() -> String {
     "info".into()
+}
+fn default_log_format() -> String {
+    "text".into()
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -515,6 +584,78 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The keys that differ between `self` (running) and `new` but only take effect at start-up:
+    /// a SIGHUP reload keeps their running values and names them in its log line. Everything
+    /// else is applied live ([`crate::Agent::reload`]).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        let (d, e) = (&a.dopplers, &b.dopplers);
+        let (p, q) = (&a.pipeline, &b.pipeline);
+        [
+            ("identity.az", a.identity.az != b.identity.az),
+            ("ingress.grpc.listen", a.ingress.listen != b.ingress.listen),
+            ("ingress.udp", a.ingress.udp != b.ingress.udp),
+            ("dopplers.connections", d.connections != e.connections),
+            (
+                "dopplers.backoff_initial_ms",
+                d.backoff_initial != e.backoff_initial,
+            ),
+            ("dopplers.backoff_max_ms", d.backoff_max != e.backoff_max),
+            (
+                "dopplers.rebalance_interval_ms",
+                d.rebalance_interval != e.rebalance_interval,
+            ),
+            (
+                "dopplers.progress_timeout_ms",
+                d.progress_timeout != e.progress_timeout,
+            ),
+            ("dopplers.ack_interval_ms", d.ack_interval != e.ack_interval),
+            ("dopplers.ack_bytes", d.ack_bytes != e.ack_bytes),
+            (
+                "dopplers.recycle_interval_ms",
+                d.recycle_interval != e.recycle_interval,
+            ),
+            (
+                "dopplers.batch_max_envelopes",
+                d.batch_max_envelopes != e.batch_max_envelopes,
+            ),
+            (
+                "dopplers.batch_max_bytes",
+                d.batch_max_bytes != e.batch_max_bytes,
+            ),
+            ("metrics.listen", a.metrics.listen != b.metrics.listen),
+            (
+                "metrics.tls",
+                a.metrics.tls.is_some() != b.metrics.tls.is_some(),
+            ),
+            (
+                "metrics.envelope_interval_ms",
+                a.metrics.envelope_interval != b.metrics.envelope_interval,
+            ),
+            ("health.listen", a.health.listen != b.health.listen),
+            (
+                "pipeline.mailbox_capacity",
+                p.mailbox_capacity != q.mailbox_capacity,
+            ),
+            ("pipeline.max_sources", p.max_sources != q.max_sources),
+            (
+                "pipeline.max_counter_keys",
+                p.max_counter_keys != q.max_counter_keys,
+            ),
+            (
+                "shutdown.grace_period_ms",
+                a.shutdown_grace != b.shutdown_grace,
+            ),
+            ("log.format", a.log.format != b.log.format),
+            ("development", a.development != b.development),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
 /// serde_yaml's messages read `ingress.grpc: unknown field `lisen`, ...`; turn them into the same
 /// `key: problem` shape as every other error, naming the full key where the message names a field.
 fn yaml_error(e: serde_yaml::Error) -> ConfigError {
@@ -547,6 +688,33 @@ fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path)
         .map(drop)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Reads a signing key (`<at>.key_file`; one trailing newline is not part of it) and checks its
+/// id (`<at>.key_id`).
+fn read_signing_key(at: &str, key_id: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    if key_id.is_empty() || key_id.contains(':') {
+        return Err(ConfigError::new(
+            format!("{at}.key_id"),
+            "must be non-empty and contain no ':'",
+        ));
+    }
+    let mut key = std::fs::read(path).map_err(|e| {
+        ConfigError::new(
+            format!("{at}.key_file"),
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    if key.last() == Some(&b'\n') {
+        key.pop();
+    }
+    if key.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.key_file"),
+            "the key is empty",
+        ));
+    }
+    Ok(key)
 }
 
 fn check_tls_files(key: &str, tls: &TlsFiles) -> Result<(), ConfigError> {
@@ -786,6 +954,15 @@ impl RawConfig {
                 "the development Doppler uses development credentials: remove dopplers.tls",
             ));
         }
+        if let Some(t) = &self.metrics.tls {
+            check_tls_files("metrics.tls", t)?;
+            if self.metrics.listen.is_none() {
+                return Err(ConfigError::new(
+                    "metrics.tls",
+                    "set, but metrics.listen is null (the endpoint is off)",
+                ));
+            }
+        }
         let metrics = MetricsConfig {
             listen: self
                 .metrics
@@ -793,6 +970,7 @@ impl RawConfig {
                 .as_deref()
                 .map(|a| parse_socket_addr("metrics.listen", a))
                 .transpose()?,
+            tls: self.metrics.tls,
             envelope_interval: self
                 .metrics
                 .envelope_interval_ms
@@ -802,27 +980,28 @@ impl RawConfig {
         let signing = match self.signing {
             None => None,
             Some(s) => {
-                if s.key_id.is_empty() || s.key_id.contains(':') {
-                    return Err(ConfigError::new(
-                        "signing.key_id",
-                        "must be non-empty and contain no ':'",
-                    ));
-                }
-                let mut key = std::fs::read(&s.key_file).map_err(|e| {
-                    ConfigError::new(
-                        "signing.key_file",
-                        format!("cannot read {}: {e}", s.key_file.display()),
-                    )
-                })?;
-                if key.last() == Some(&b'\n') {
-                    key.pop();
-                }
-                if key.is_empty() {
-                    return Err(ConfigError::new("signing.key_file", "the key is empty"));
+                let key = read_signing_key("signing", &s.key_id, &s.key_file)?;
+                let mut previous_keys: Vec<(String, Vec<u8>)> = Vec::new();
+                for (i, p) in s.previous_keys.iter().enumerate() {
+                    let at = format!("signing.previous_keys[{i}]");
+                    let old = read_signing_key(&at, &p.key_id, &p.key_file)?;
+                    let taken =
+                        p.key_id == s.key_id || previous_keys.iter().any(|(id, _)| *id == p.key_id);
+                    if taken {
+                        return Err(ConfigError::new(
+                            format!("{at}.key_id"),
+                            format!(
+                                "{:?} is used twice: receivers pick the key by its id",
+                                p.key_id
+                            ),
+                        ));
+                    }
+                    previous_keys.push((p.key_id.clone(), old));
                 }
                 Some(SigningConfig {
                     key_id: s.key_id,
                     key,
+                    previous_keys,
                 })
             }
         };
@@ -853,13 +1032,41 @@ impl RawConfig {
             max_counter_keys: p.max_counter_keys,
         };
 
-        let level = self.logging.level;
-        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        let (log_key, raw_log) = match (self.log, self.logging) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "logging",
+                    "is the old name of log: set only log",
+                ))
+            }
+            (Some(l), None) => ("log", l),
+            (None, Some(l)) => ("logging", l),
+            (None, None) => ("log", RawLog::default()),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw_log.level).is_err() {
             return Err(ConfigError::new(
-                "logging.level",
-                format!("{level:?} is not a log level or filter"),
+                format!("{log_key}.level"),
+                format!("{:?} is not a log level or filter", raw_log.level),
             ));
         }
+        let format = LogFormat::parse(&raw_log.format).ok_or_else(|| {
+            ConfigError::new(
+                format!("{log_key}.format"),
+                format!("{:?} is neither text nor json", raw_log.format),
+            )
+        })?;
+        let log = LogConfig {
+            level: raw_log.level,
+            format,
+        };
+        let health = HealthConfig {
+            listen: self
+                .health
+                .listen
+                .as_deref()
+                .map(|a| parse_socket_addr("health.listen", a))
+                .transpose()?,
+        };
 
         Ok(Config {
             identity: self.identity,
@@ -870,7 +1077,8 @@ impl RawConfig {
             signing,
             pipeline,
             shutdown_grace: Duration::from_millis(u64::from(self.shutdown.grace_period_ms.get())),
-            log_level: level,
+            log,
+            health,
             development,
         })
     }

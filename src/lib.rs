@@ -91,9 +91,10 @@ use crate::actors::doppler_connection::DopplerConnection;
 use crate::config::{Config, ConfigError};
 use crate::dev::DevCredentials;
 use crate::telemetry::{DropReason, Ledger, Metrics, MetricsSnapshot};
-use crate::tls::TlsMaterial;
+use crate::tls::{TlsMaterial, TlsSet};
 
 pub use envelope::signing::{verify, VerifyError};
+pub use wire::ReloadOutcome;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,20 @@ pub struct ShutdownReport {
 
 enum Control {
     Shutdown,
+    Reload(Box<(Config, TlsSet)>, ReloadReply),
+    DumpState(tokio::sync::oneshot::Sender<()>),
+}
+
+type ReloadReply = tokio::sync::oneshot::Sender<Result<ReloadOutcome, ConfigError>>;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config (or a file it names) is not usable; the agent runs on as before.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
 }
 
 /// What an embedder (or a test) may swap in when starting an agent.
@@ -148,11 +163,12 @@ pub struct Agent {
     ingress_addr: SocketAddr,
     udp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
     dev_doppler_addr: Option<SocketAddr>,
     dev_credentials: Option<DevCredentials>,
     ledger: Arc<Ledger>,
     connections: Vec<Addr<DopplerConnection>>,
-    control: Option<tokio::sync::oneshot::Sender<Control>>,
+    control: Option<tokio::sync::mpsc::UnboundedSender<Control>>,
     thread: Option<JoinHandle<ShutdownReport>>,
 }
 
@@ -203,20 +219,7 @@ impl Agent {
         } else {
             None
         };
-        let ingress_files = config
-            .ingress
-            .tls
-            .clone()
-            .or_else(|| dev_credentials.as_ref().map(|d| d.agent.clone()))
-            .expect("validated: tls present or development credentials generated");
-        let doppler_files = config
-            .dopplers
-            .tls
-            .clone()
-            .or_else(|| dev_credentials.as_ref().map(|d| d.agent.clone()))
-            .expect("validated: tls present or development credentials generated");
-        let ingress_tls = TlsMaterial::load(&ingress_files, "ingress.grpc.tls")?;
-        let doppler_tls = TlsMaterial::load(&doppler_files, "dopplers.tls")?;
+        let tls = TlsSet::load(&config, dev_credentials.as_ref())?;
         let dev_doppler_tls = match (&config.development.doppler_listen, &dev_credentials) {
             (Some(_), Some(d)) => Some(TlsMaterial::load(&d.doppler, "development")?),
             _ => None,
@@ -251,6 +254,12 @@ impl Agent {
             .map(|a| bind("metrics.listen", a))
             .transpose()?;
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let health_listener = config
+            .health
+            .listen
+            .map(|a| bind("health.listen", a))
+            .transpose()?;
+        let health_addr = health_listener.as_ref().and_then(|l| l.local_addr().ok());
         let dev_doppler_listener = match (&config.development.doppler_listen, &dev_doppler_tls) {
             (Some(a), Some(_)) => Some(bind("development.doppler_listen", *a)?),
             _ => None,
@@ -267,14 +276,14 @@ impl Agent {
         let grace = config.shutdown_grace;
         let prepared = wire::Prepared {
             config,
-            ingress_tls,
-            doppler_tls,
+            tls,
             dev_doppler_tls,
             signing_key_id,
             signing_key,
             ingress_listener,
             udp_socket,
             metrics_listener,
+            health_listener,
             dev_doppler_listener,
             ledger: ledger.clone(),
             resolver: options
@@ -283,7 +292,7 @@ impl Agent {
         };
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let thread_ledger = ledger.clone();
         let thread = std::thread::Builder::new()
             .name("metron-system".into())
@@ -306,6 +315,7 @@ impl Agent {
             ingress = %ingress_addr,
             udp = ?udp_addr,
             metrics = ?metrics_addr,
+            health = ?health_addr,
             dev_doppler = ?dev_doppler_addr,
             "metron is running"
         );
@@ -313,6 +323,7 @@ impl Agent {
             ingress_addr,
             udp_addr,
             metrics_addr,
+            health_addr,
             dev_doppler_addr,
             dev_credentials,
             ledger,
@@ -328,6 +339,45 @@ impl Agent {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where `/livez` and `/readyz` are served (`None` when `health.listen` is null).
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
+    }
+
+    /// Applies a new config to the running agent (what SIGHUP does): reads the certificate files
+    /// it names (falling back to the development credentials where a `tls:` block is left out,
+    /// as at start-up) and applies what can change live. Keys that need a restart keep their
+    /// running values and are listed in the outcome. The process's log level is the caller's to
+    /// apply (logging belongs to the process, not the agent).
+    ///
+    /// # Errors
+    /// [`ReloadError::Config`] naming the key when the new config cannot be applied; the agent
+    /// then runs on exactly as before.
+    pub async fn reload(&self, config: Config) -> Result<ReloadOutcome, ReloadError> {
+        let tls = TlsSet::load(&config, self.dev_credentials.as_ref())?;
+        let control = self.control.as_ref().ok_or(ReloadError::ShuttingDown)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        control
+            .send(Control::Reload(Box::new((config, tls)), tx))
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ReloadError::ShuttingDown),
+        }
+    }
+
+    /// Writes the state dump (what SIGUSR1 does): one structured log record per actor, target
+    /// `metron::state`. Returns once every record is written.
+    pub async fn dump_state(&self) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if control.send(Control::DumpState(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Where v1 datagrams are read (`None` when `ingress.udp.enabled` is false).
@@ -402,7 +452,7 @@ fn run_system(
     grace: std::time::Duration,
     ledger: Arc<Ledger>,
     ready: std::sync::mpsc::Sender<std::io::Result<Vec<Addr<DopplerConnection>>>>,
-    control: tokio::sync::oneshot::Receiver<Control>,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
 ) -> ShutdownReport {
     let runner = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -413,7 +463,7 @@ fn run_system(
             .expect("tokio runtime")
     });
     let (flushed, signer_arbiter) = runner.block_on(async move {
-        let running = match wire::start(prepared) {
+        let mut running = match wire::start(prepared) {
             Ok(r) => r,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -421,7 +471,20 @@ fn run_system(
             }
         };
         let _ = ready.send(Ok(running.connections.clone()));
-        let _ = control.await;
+        // Until told to stop (or the agent is gone): reloads and state dumps, one at a time.
+        while let Some(c) = control.recv().await {
+            match c {
+                Control::Shutdown => break,
+                Control::Reload(new, reply) => {
+                    let (config, tls) = *new;
+                    let _ = reply.send(running.reload(config, tls));
+                }
+                Control::DumpState(done) => {
+                    running.dump_state().await;
+                    let _ = done.send(());
+                }
+            }
+        }
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
             "shutting down: draining to Dopplers"

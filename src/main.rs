@@ -1,11 +1,15 @@
 //! `metron [--config PATH]`: load and validate the config (exit 64 on any problem), start the
 //! agent, run until SIGTERM/SIGINT, drain within the grace period, exit 0. A second signal exits
-//! at once with code 1.
+//! at once with code 1. SIGHUP reloads the config file and the files it names; SIGUSR1 writes a
+//! state dump. `metron --help` prints the manual (`src/help.txt`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::path::Path;
+
 use metron::config::Config;
+use metron::telemetry::logging::LogHandle;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -105,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    metron::telemetry::init_logging(&config.log_level);
+    let log = metron::telemetry::logging::init(&config.log.level, config.log.format);
 
     let agent = match Agent::start(config) {
         Ok(a) => a,
@@ -137,7 +141,17 @@ fn main() -> ExitCode {
         // Listeners are made once, before the first wait, so a second signal that arrives while
         // the first is being handled is not lost.
         let mut signals = Signals::new();
-        signals.next().await;
+        loop {
+            match signals.next().await {
+                Signal::Stop => break,
+                // One at a time: a reload or dump runs to its end before the next signal is read.
+                Signal::Reload => reload(&agent, &path, &log).await,
+                Signal::Dump => {
+                    tracing::info!("SIGUSR1: writing the state dump (target metron::state)");
+                    agent.dump_state().await;
+                }
+            }
+        }
         tracing::info!("signal received: shutting down gracefully (send another to exit at once)");
         std::thread::spawn(move || {
             // Exit 0 either way: what could not be flushed is counted and logged by the agent.
@@ -146,7 +160,10 @@ fn main() -> ExitCode {
         });
         let first = std::time::Instant::now();
         loop {
-            signals.next().await;
+            if signals.next().await != Signal::Stop {
+                tracing::info!("shutting down: SIGHUP and SIGUSR1 are ignored now");
+                continue;
+            }
             // `timeout`, systemd and shells may deliver one request twice (to the process and to
             // its group): a repeat within REPEAT_WINDOW is the same request, not a second one.
             if first.elapsed() >= REPEAT_WINDOW {
@@ -159,10 +176,71 @@ fn main() -> ExitCode {
     })
 }
 
-/// SIGTERM and SIGINT, installed once.
+/// SIGHUP: re-reads `path` and applies it. A config that does not load, or that the agent cannot
+/// apply, is rejected with one line naming the key; the agent runs on as before.
+async fn reload(agent: &metron::Agent, path: &Path, log: &LogHandle) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+    let rejected = |e: &dyn std::fmt::Display| {
+        tracing::error!(
+            error = %e,
+            "configuration reload rejected; still running on the previous configuration"
+        );
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return rejected(&e),
+    };
+    let level = config.log.level.clone();
+    match agent.reload(config).await {
+        Ok(outcome) => {
+            if outcome.applied.contains(&"log.level") {
+                if let Err(e) = log.set_level(&level) {
+                    tracing::error!(error = %e, "log.level: cannot apply; keeping the old level");
+                }
+            }
+            tracing::info!(
+                applied = ?outcome.applied,
+                needs_restart = ?outcome.needs_restart,
+                "configuration reloaded"
+            );
+            if !outcome.needs_restart.is_empty() {
+                tracing::warn!(
+                    keys = ?outcome.needs_restart,
+                    "these keys changed but take effect only after a restart; their running \
+                     values are kept"
+                );
+            }
+        }
+        Err(e) => rejected(&e),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP.
+    Reload,
+    /// SIGUSR1.
+    Dump,
+}
+
+/// The signals the daemon answers, installed once.
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+    usr1: Option<tokio::signal::unix::Signal>,
+}
+
+/// The next delivery of `s`, or never if it could not be installed.
+async fn delivery(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 impl Signals {
@@ -171,19 +249,19 @@ impl Signals {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+            usr1: signal(SignalKind::user_defined1()).ok(),
         }
     }
 
-    async fn next(&mut self) {
-        match (&mut self.term, &mut self.int) {
-            (Some(term), Some(int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            // Without signal handlers the process can only be killed; park instead of spinning.
-            _ => std::future::pending::<()>().await,
+    async fn next(&mut self) -> Signal {
+        // Without handlers for TERM and INT the process can only be killed; the waits below then
+        // park instead of spinning.
+        tokio::select! {
+            () = delivery(&mut self.term) => Signal::Stop,
+            () = delivery(&mut self.int) => Signal::Stop,
+            () = delivery(&mut self.hup) => Signal::Reload,
+            () = delivery(&mut self.usr1) => Signal::Dump,
         }
     }
 }

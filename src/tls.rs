@@ -1,13 +1,25 @@
-//! TLS material for both mTLS edges, loaded and checked once at start-up.
+//! TLS material for the mTLS edges, loaded and checked at start-up and on every reload, and the
+//! server side's [`ReloadableAcceptor`]: new connections get the newest certificates, open ones
+//! keep theirs.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::config::{ConfigError, TlsFiles};
+use crate::config::{Config, ConfigError, TlsFiles};
+use crate::dev::DevCredentials;
+use crate::telemetry::ratelimit::RateLimit;
 
 /// PEM bytes of a CA bundle, a certificate chain and its private key, already checked to parse.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
@@ -80,11 +92,45 @@ impl TlsMaterial {
         Ok(())
     }
 
-    /// Server side: present our certificate, require and verify client certificates.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
+    /// For the benchmark's sink, which serves through tonic's own TLS.
+    pub fn tonic_server_config(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// Server side: present our certificate, require a client certificate issued by our CA, and
+    /// offer `alpn` (`h2` for gRPC).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `<key>.ca`/`<key>.key` when rustls refuses the material.
+    pub fn server_config(&self, key: &str, alpn: &[&[u8]]) -> Result<ServerConfig, ConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(&self.ca_pem).filter_map(Result::ok),
+        );
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| ConfigError {
+                key: format!("{key}.ca"),
+                problem: format!("cannot verify clients with it: {e}"),
+            })?;
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .filter_map(Result::ok)
+            .collect();
+        let private = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
+            key: format!("{key}.key"),
+            problem: format!("no private key: {e}"),
+        })?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, private)
+            .map_err(|e| ConfigError {
+                key: format!("{key}.key"),
+                problem: format!("unusable with {key}.cert: {e}"),
+            })?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
     }
 
     /// Client side: verify the server as `server_name`, present our certificate.
@@ -93,6 +139,134 @@ impl TlsMaterial {
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(server_name)
+    }
+}
+
+/// Every edge's TLS material, as one config (plus the development credentials, if generated at
+/// start-up) names it: loaded at start-up and again, as a whole, by every reload.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsSet {
+    pub ingress: TlsMaterial,
+    pub doppler: TlsMaterial,
+    /// `metrics.tls`, when set.
+    pub metrics: Option<TlsMaterial>,
+}
+
+impl TlsSet {
+    /// Reads and checks every file `config` names; a `tls:` block left out in development mode
+    /// uses `dev`'s agent certificate.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file's key, also when a block is missing and no development
+    /// credentials exist (a reload cannot create them: they are made at start-up only).
+    pub fn load(config: &Config, dev: Option<&DevCredentials>) -> Result<Self, ConfigError> {
+        let files = |tls: &Option<TlsFiles>, key: &str| {
+            tls.clone()
+                .or_else(|| dev.map(|d| d.agent.clone()))
+                .ok_or_else(|| ConfigError {
+                    key: key.to_string(),
+                    problem: "missing, and no development credentials were generated at \
+                              start-up (a restart with development.enabled makes them)"
+                        .to_string(),
+                })
+        };
+        let ingress = files(&config.ingress.tls, "ingress.grpc.tls")?;
+        let doppler = files(&config.dopplers.tls, "dopplers.tls")?;
+        Ok(Self {
+            ingress: TlsMaterial::load(&ingress, "ingress.grpc.tls")?,
+            doppler: TlsMaterial::load(&doppler, "dopplers.tls")?,
+            metrics: config
+                .metrics
+                .tls
+                .as_ref()
+                .map(|t| TlsMaterial::load(t, "metrics.tls"))
+                .transpose()?,
+        })
+    }
+}
+
+/// A server's TLS configuration, shared by its accept loop.
+pub type ServerConfig = Arc<rustls::ServerConfig>;
+
+/// The server side of an mTLS listener whose certificates a reload may replace: each new
+/// connection is accepted with the configuration current at that moment; connections already
+/// open keep the one they started with.
+pub struct ReloadableAcceptor {
+    config: RwLock<ServerConfig>,
+}
+
+impl ReloadableAcceptor {
+    pub fn new(config: ServerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config: RwLock::new(config),
+        })
+    }
+
+    /// From the next connection on.
+    pub fn set(&self, config: ServerConfig) {
+        *self.config.write() = config;
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.read().clone())
+    }
+
+    /// Accepts TCP connections on `listener` and hands out the ones whose TLS handshake (with
+    /// the current configuration) completes within `handshake_timeout`. Handshakes run
+    /// concurrently, so a slow or silent client delays nobody else. Stops when the receiver is
+    /// dropped. `name` says which listener in the rate-limited warnings.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+        handshake_timeout: Duration,
+        name: &'static str,
+    ) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+        // A few ready connections may wait for the server to take them; the accept loop waits
+        // when that many do.
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let failures = Arc::new(RateLimit::new(Duration::from_secs(30)));
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = tx.closed() => return,
+                };
+                let Ok((tcp, peer)) = accepted else {
+                    // Out of file descriptors and the like: let it pass rather than spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = self.acceptor();
+                let tx = tx.clone();
+                let failures = failures.clone();
+                tokio::spawn(async move {
+                    let outcome =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                    match outcome {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                        failed => {
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "handshake timed out".to_string(),
+                            };
+                            if let Some(times) = failures.check() {
+                                tracing::warn!(
+                                    listener = name,
+                                    %peer,
+                                    %error,
+                                    failures = times,
+                                    "TLS handshake failed"
+                                );
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        rx
     }
 }
 

@@ -151,6 +151,7 @@ pub fn convert(
 pub struct UdpIngress {
     reader: JoinHandle<()>,
     converter: JoinHandle<()>,
+    queue: Arc<DatagramQueue>,
 }
 
 impl UdpIngress {
@@ -164,13 +165,23 @@ impl UdpIngress {
     ) -> Self {
         let queue = Arc::new(DatagramQueue::new(buffer_bytes));
         let reader = tokio::spawn(read(socket, queue.clone(), ledger.clone(), closed));
+        let waiting = queue.clone();
         let converter = tokio::spawn(async move {
-            while let Some(datagrams) = queue.pop_batch(BATCH_DATAGRAMS).await {
+            while let Some(datagrams) = waiting.pop_batch(BATCH_DATAGRAMS).await {
                 let envelopes = convert(datagrams, ledger.metrics());
                 edge.accept_converted(envelopes).await;
             }
         });
-        Self { reader, converter }
+        Self {
+            reader,
+            converter,
+            queue,
+        }
+    }
+
+    /// (datagrams, bytes) read and not converted yet.
+    pub fn queued(&self) -> (usize, usize) {
+        self.queue.len()
     }
 
     /// Waits until both tasks are done (after `closed`): everything that was read has been

@@ -7,33 +7,36 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::ingress::IngressActor;
-use crate::actors::messages::Drain;
+use crate::actors::messages::{
+    Drain, DumpState, SetBudget, SetDefaultTags, SetDial, SetDopplers, SetSigner,
+};
 use crate::actors::sequencer::SequencerActor;
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, Dopplers, SupervisorSetup};
-use crate::config::{Config, DopplerSource};
+use crate::config::{Config, ConfigError, DopplerSource, SigningConfig};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::signing::Signer;
 use crate::envelope::tagging::Tagger;
 use crate::grpc::egress::{BatchLimits, DialSettings, EgressQueue, StreamSettings};
-use crate::grpc::ingress::{Edge, IngressService};
+use crate::grpc::ingress::{Edge, EdgeTunables, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
+use crate::telemetry::health::Health;
+use crate::telemetry::server::Site;
 use crate::telemetry::{Ledger, Metrics};
-use crate::tls::TlsMaterial;
+use crate::tls::{ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
 
 /// Everything resolved before the runtime starts: TLS material, keys, bound sockets.
 pub struct Prepared {
     pub config: Config,
-    pub ingress_tls: TlsMaterial,
-    pub doppler_tls: TlsMaterial,
+    pub tls: TlsSet,
     /// TLS for the development Doppler, when one runs.
     pub dev_doppler_tls: Option<TlsMaterial>,
     pub signing_key_id: String,
@@ -42,6 +45,7 @@ pub struct Prepared {
     /// v1 datagrams (`ingress.udp`), when enabled.
     pub udp_socket: Option<std::net::UdpSocket>,
     pub metrics_listener: Option<std::net::TcpListener>,
+    pub health_listener: Option<std::net::TcpListener>,
     pub dev_doppler_listener: Option<std::net::TcpListener>,
     pub ledger: Arc<Ledger>,
     /// Resolves the Doppler names when `dopplers.router_addr` is set.
@@ -58,8 +62,44 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     signer_arbiter: Arbiter,
     ledger: Arc<Ledger>,
-    _supervisor: Addr<DopplerSupervisor>,
+    health: Arc<Health>,
+    supervisor: Addr<DopplerSupervisor>,
+    ingress: Addr<IngressActor>,
+    sequencer: Addr<SequencerActor>,
+    signer: Addr<SignerActor>,
+    /// What a reload may change live, and the state it compares a new config against.
+    live: LiveState,
 }
+
+/// The live-reloadable part of the running agent (see [`Running::reload`]).
+struct LiveState {
+    /// The config at start-up: keys that need a restart are compared against it.
+    started: Config,
+    /// The config last applied.
+    current: Config,
+    tls: TlsSet,
+    /// The key id signing now (`ephemeral` without `signing:`).
+    signing_key_id: String,
+    ingress_acceptor: Arc<ReloadableAcceptor>,
+    metrics_acceptor: Option<Arc<ReloadableAcceptor>>,
+    tunables: Arc<EdgeTunables>,
+    resolver: Arc<dyn Resolver>,
+}
+
+/// What a SIGHUP reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Keys whose new values are in force (for new connections, where that applies).
+    pub applied: Vec<&'static str>,
+    /// Keys that changed but keep their running value until a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// The ALPN protocol of gRPC.
+const H2: &[&[u8]] = &[b"h2"];
+
+/// How long an emitter (or a scraper) may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long shutdown lets emitter calls already in progress finish before closing their
 /// connections (an admission waits at most `ingress.grpc.max_wait_ms`, capped at 10 s).
@@ -104,41 +144,37 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         .dev_doppler_listener
         .map(tokio::net::TcpListener::from_std)
         .transpose()?;
-    let mut server_builder = Server::builder()
-        .tls_config(p.ingress_tls.server_config())
+    let health_listener = p
+        .health_listener
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()?;
+    let ingress_acceptor = ReloadableAcceptor::new(
+        p.tls
+            .ingress
+            .server_config("ingress.grpc.tls", H2)
+            .map_err(std::io::Error::other)?,
+    );
+    let metrics_acceptor = match &p.tls.metrics {
+        Some(m) => Some(ReloadableAcceptor::new(
+            m.server_config("metrics.tls", &[b"http/1.1"])
+                .map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
+    let dev_doppler_tls = p
+        .dev_doppler_tls
+        .as_ref()
+        .map(|t| t.server_config("development", H2))
+        .transpose()
         .map_err(std::io::Error::other)?;
+    let mut server_builder = Server::builder();
 
     let c = &p.config;
     let cap = c.pipeline.mailbox_capacity.get();
     let ledger = p.ledger.clone();
     let slots = c.dopplers.connections.get();
 
-    let dopplers = match &c.dopplers.source {
-        DopplerSource::Static(list) => Dopplers::Static(
-            list.iter()
-                .map(|e| Endpoint {
-                    addr: e.addr.clone(),
-                    az: e.az.clone(),
-                })
-                .collect(),
-        ),
-        DopplerSource::Dns {
-            router_addr,
-            router_addr_with_az,
-            resolve_interval,
-        } => Dopplers::Discovered {
-            discovery: Arc::new(
-                Discovery::new(
-                    router_addr,
-                    router_addr_with_az.as_deref(),
-                    &c.identity.az,
-                    p.resolver.clone(),
-                )
-                .map_err(std::io::Error::other)?,
-            ),
-            interval: *resolve_interval,
-        },
-    };
+    let dopplers = dopplers(c, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
@@ -150,12 +186,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         queues: queues.clone(),
         mailbox_capacity: cap,
         rebalance_interval: c.dopplers.rebalance_interval,
-        dial: DialSettings {
-            tls: p.doppler_tls.client_config(&c.dopplers.server_name),
-            connect_timeout: c.dopplers.connect_timeout,
-            keepalive_interval: c.dopplers.keepalive_interval,
-            keepalive_timeout: c.dopplers.keepalive_timeout,
-        },
+        dial: dial_settings(c, &p.tls.doppler),
         streams: StreamSettings {
             limits: BatchLimits {
                 max_envelopes: c.dopplers.batch_max_envelopes.get(),
@@ -188,6 +219,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             "sequence stream started"
         );
         let ledger = ledger.clone();
+        let signer = signer.clone();
         SequencerActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SequencerActor::new(
@@ -202,6 +234,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let ingress = {
         let tagger = Tagger::new(&c.default_tags, c.pipeline.max_counter_keys.get());
         let ledger = ledger.clone();
+        let sequencer = sequencer.clone();
         IngressActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
             IngressActor::new(tagger, sequencer.recipient(), ledger)
@@ -209,11 +242,14 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     };
 
     let (closed, closed_rx) = watch::channel(false);
-    let edge = Edge::new(
-        ingress.recipient(),
-        ledger.clone(),
+    let tunables = Arc::new(EdgeTunables::new(
         c.ingress.max_wait,
         fixed_envelope_cost(c, &p.signing_key_id),
+    ));
+    let edge = Edge::new(
+        ingress.clone().recipient(),
+        ledger.clone(),
+        tunables.clone(),
         closed_rx.clone(),
     );
 
@@ -230,29 +266,47 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 
     let mut stop = closed_rx;
     let router = server_builder.add_service(IngressService::router(edge.clone()));
-    let server = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|c| *c).await;
-        };
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "ingress server failed");
-        }
-    });
+    let health = Health::new(ledger.clone(), Arbiter::current());
+    let incoming =
+        ingress_acceptor
+            .clone()
+            .incoming(listener, HANDSHAKE_TIMEOUT, "ingress.grpc.listen");
+    let server = {
+        let health = health.clone();
+        health.set_ingress_open(true);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|c| *c).await;
+            };
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "ingress server failed");
+            }
+            health.set_ingress_open(false);
+        })
+    };
 
     let mut background = Vec::new();
     if let Some(l) = metrics_listener {
         background.push(tokio::spawn(crate::telemetry::server::serve(
             l,
-            ledger.clone(),
+            Site::Metrics(ledger.clone()),
+            metrics_acceptor.clone(),
         )));
     }
-    if let (Some(l), Some(tls)) = (dev_doppler_listener, p.dev_doppler_tls) {
+    if let Some(l) = health_listener {
+        background.push(tokio::spawn(crate::telemetry::server::serve(
+            l,
+            Site::Health(health.clone()),
+            None,
+        )));
+    }
+    if let (Some(l), Some(tls)) = (dev_doppler_listener, dev_doppler_tls) {
         background.push(tokio::spawn(crate::grpc::dev_doppler::serve(
             l,
-            tls.server_config(),
+            tls,
             Duration::from_secs(5),
         )));
     }
@@ -269,6 +323,16 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         }));
     }
 
+    let live = LiveState {
+        started: p.config.clone(),
+        current: p.config.clone(),
+        tls: p.tls,
+        signing_key_id: p.signing_key_id,
+        ingress_acceptor,
+        metrics_acceptor,
+        tunables,
+        resolver: p.resolver.clone(),
+    };
     Ok(Running {
         connections,
         queues: queue_handles,
@@ -278,8 +342,55 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         background,
         signer_arbiter,
         ledger,
-        _supervisor: supervisor,
+        health,
+        supervisor,
+        ingress,
+        sequencer,
+        signer,
+        live,
     })
+}
+
+/// Where the Dopplers are, as the supervisor takes it.
+fn dopplers(c: &Config, resolver: &Arc<dyn Resolver>) -> Result<Dopplers, ConfigError> {
+    Ok(match &c.dopplers.source {
+        DopplerSource::Static(list) => Dopplers::Static(
+            list.iter()
+                .map(|e| Endpoint {
+                    addr: e.addr.clone(),
+                    az: e.az.clone(),
+                })
+                .collect(),
+        ),
+        DopplerSource::Dns {
+            router_addr,
+            router_addr_with_az,
+            resolve_interval,
+        } => Dopplers::Discovered {
+            discovery: Arc::new(
+                Discovery::new(
+                    router_addr,
+                    router_addr_with_az.as_deref(),
+                    &c.identity.az,
+                    resolver.clone(),
+                )
+                .map_err(|e| ConfigError {
+                    key: "dopplers.router_addr".into(),
+                    problem: e.to_string(),
+                })?,
+            ),
+            interval: *resolve_interval,
+        },
+    })
+}
+
+fn dial_settings(c: &Config, tls: &TlsMaterial) -> DialSettings {
+    DialSettings {
+        tls: tls.client_config(&c.dopplers.server_name),
+        connect_timeout: c.dopplers.connect_timeout,
+        keepalive_interval: c.dopplers.keepalive_interval,
+        keepalive_timeout: c.dopplers.keepalive_timeout,
+    }
 }
 
 /// The agent's own counters as envelopes (source_id `metron`), sent through its own pipeline.
@@ -313,12 +424,202 @@ fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
 }
 
 impl Running {
+    /// Applies `new` (already validated, its files read into `tls`) to the running agent, all or
+    /// nothing: everything that can fail is checked before anything changes. Keys that only take
+    /// effect at start-up keep their running values and are listed in the outcome.
+    ///
+    /// Open connections are kept: new certificates apply to connections made from now on
+    /// (emitters' next connect, each Doppler slot's next dial). Buffered envelopes stay where they
+    /// are; those already signed keep the old key's signature.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key when `new` cannot be applied; nothing changed then.
+    pub fn reload(&mut self, new: Config, tls: TlsSet) -> Result<ReloadOutcome, ConfigError> {
+        let live = &mut self.live;
+        let old = &live.current;
+        let mut needs_restart = live.started.restart_only_changes(&new);
+
+        // Checks first.
+        let ingress_config = (tls.ingress != live.tls.ingress)
+            .then(|| tls.ingress.server_config("ingress.grpc.tls", H2))
+            .transpose()?;
+        let metrics_config = match (&live.metrics_acceptor, &tls.metrics) {
+            (Some(_), Some(m)) if live.tls.metrics.as_ref() != Some(m) => {
+                Some(m.server_config("metrics.tls", &[b"http/1.1"])?)
+            }
+            _ => None,
+        };
+        let signer = match (&old.signing, &new.signing) {
+            (_, None) if old.signing.is_some() => {
+                needs_restart.push("signing");
+                None
+            }
+            (Some(o), Some(n)) if o.key_id == n.key_id && o.key != n.key => {
+                return Err(ConfigError {
+                    key: "signing.key_file".into(),
+                    problem: format!(
+                        "the key changed but signing.key_id ({:?}) did not: give the new key a new                          id, and list the old one in signing.previous_keys, so receivers can tell                          envelopes signed before and after apart",
+                        n.key_id
+                    ),
+                });
+            }
+            (o, Some(n))
+                if o.as_ref().map(|o| (&o.key_id, &o.key)) != Some((&n.key_id, &n.key)) =>
+            {
+                Some(n.clone())
+            }
+            _ => None,
+        };
+        let dopplers = (new.dopplers.source != old.dopplers.source)
+            .then(|| dopplers(&new, &live.resolver))
+            .transpose()?;
+
+        // Then apply.
+        let mut applied = Vec::new();
+        if let Some(config) = ingress_config {
+            live.ingress_acceptor.set(config);
+            applied.push("ingress.grpc.tls");
+        }
+        if let (Some(config), Some(acceptor)) = (metrics_config, &live.metrics_acceptor) {
+            acceptor.set(config);
+            applied.push("metrics.tls");
+        }
+        let d = (&old.dopplers, &new.dopplers);
+        let dial_changed = tls.doppler != live.tls.doppler
+            || d.0.server_name != d.1.server_name
+            || d.0.connect_timeout != d.1.connect_timeout
+            || d.0.keepalive_interval != d.1.keepalive_interval
+            || d.0.keepalive_timeout != d.1.keepalive_timeout;
+        if dial_changed {
+            // Control message: must arrive whatever the supervisor's mailbox holds.
+            self.supervisor
+                .do_send(SetDial(dial_settings(&new, &tls.doppler)));
+            applied.push("dopplers.tls");
+        }
+        if let Some(d) = dopplers {
+            self.supervisor.do_send(SetDopplers(d));
+            applied.push("dopplers.endpoints");
+        }
+        if new.default_tags != old.default_tags {
+            self.ingress
+                .do_send(SetDefaultTags(new.default_tags.clone()));
+            applied.push("tags");
+        }
+        if let Some(SigningConfig { key_id, key, .. }) = &signer {
+            if !new.signing.as_ref().is_some_and(|s| {
+                s.previous_keys
+                    .iter()
+                    .any(|(id, _)| *id == live.signing_key_id)
+            }) {
+                tracing::warn!(
+                    old_key_id = %live.signing_key_id,
+                    new_key_id = %key_id,
+                    "signing key rotated, but the old key id is not in signing.previous_keys:                      envelopes signed with it may still be buffered or in flight, and receivers                      configured from this file will not verify them"
+                );
+            }
+            self.signer.do_send(SetSigner(Signer::new(key_id, key)));
+            live.signing_key_id.clone_from(key_id);
+            applied.push("signing");
+        } else if new.signing.as_ref().map(|s| &s.previous_keys)
+            != old.signing.as_ref().map(|s| &s.previous_keys)
+            && !needs_restart.contains(&"signing")
+        {
+            applied.push("signing.previous_keys");
+        }
+        let budget = new.pipeline.max_buffered_bytes.get();
+        if budget != old.pipeline.max_buffered_bytes.get() {
+            self.ledger.set_max_bytes(budget);
+            self.sequencer.do_send(SetBudget(budget));
+            applied.push("pipeline.max_buffered_bytes");
+        }
+        if new.ingress.max_wait != old.ingress.max_wait {
+            applied.push("ingress.grpc.max_wait_ms");
+        }
+        live.tunables.set(
+            new.ingress.max_wait,
+            fixed_envelope_cost(&new, &live.signing_key_id),
+        );
+        if new.log.level != old.log.level {
+            // Applied by the process, which owns logging (main.rs).
+            applied.push("log.level");
+        }
+        live.tls = tls;
+        live.current = new;
+        Ok(ReloadOutcome {
+            applied,
+            needs_restart,
+        })
+    }
+
+    /// SIGUSR1: one structured log record (target `metron::state`) per actor, then the edge and
+    /// buffer levels. Each actor answers through its mailbox, behind the batches already there;
+    /// one that does not answer within a second is named instead.
+    pub async fn dump_state(&self) {
+        let wait = Duration::from_secs(1);
+        let mut silent: Vec<String> = Vec::new();
+        let mut ask = |name: String, answered: bool| {
+            if !answered {
+                silent.push(name);
+            }
+        };
+        let ok = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
+        ask(
+            "ingress".into(),
+            ok(tokio::time::timeout(wait, self.ingress.send(DumpState)).await),
+        );
+        ask(
+            "sequencer".into(),
+            ok(tokio::time::timeout(wait, self.sequencer.send(DumpState)).await),
+        );
+        ask(
+            "signer".into(),
+            ok(tokio::time::timeout(wait, self.signer.send(DumpState)).await),
+        );
+        ask(
+            "supervisor".into(),
+            ok(tokio::time::timeout(wait, self.supervisor.send(DumpState)).await),
+        );
+        for (slot, c) in self.connections.iter().enumerate() {
+            ask(
+                format!("doppler_connection[{slot}]"),
+                ok(tokio::time::timeout(wait, c.send(DumpState)).await),
+            );
+        }
+        let (envelopes, bytes) = self.ledger.buffered();
+        let (udp_datagrams, udp_bytes) = self.udp.as_ref().map_or((0, 0), |u| u.queued());
+        let m = self.ledger.metrics().snapshot();
+        tracing::info!(
+            target: "metron::state",
+            actor = "edge",
+            ingress_open = !*self.closed.borrow(),
+            max_wait_ms = self.live.tunables.max_wait().as_millis() as u64,
+            buffered_envelopes = envelopes,
+            buffered_bytes = bytes,
+            budget_bytes = self.ledger.max_bytes(),
+            peak_buffered_bytes = m.peak_buffered_bytes,
+            udp_queued_datagrams = udp_datagrams,
+            udp_queued_bytes = udp_bytes,
+            ingress = m.ingress_total(),
+            egress = m.egress,
+            dropped = m.dropped_total(),
+            "state"
+        );
+        if !silent.is_empty() {
+            tracing::warn!(
+                target: "metron::state",
+                actors = ?silent,
+                "state dump: these actors did not answer within 1 s (busy or stuck)"
+            );
+        }
+    }
+
     /// Graceful shutdown, phase one: stop accepting, let the actors hand everything to the slot
     /// queues, then have every connection flush its queue and end its stream, all before
     /// `deadline`. What is still buffered afterwards is counted by the caller once nothing can
     /// move any more. Returns whether every stream was flushed and acknowledged by a Doppler.
     pub async fn drain(self, deadline: tokio::time::Instant) -> (bool, Arbiter) {
         let _ = self.closed.send(true);
+        self.health.set_ingress_open(false);
         // Emitter handlers see `closed` and return; give the ones mid-call a moment to finish,
         // then cut idle emitter connections (the edge is cancel-safe, so nothing is miscounted).
         let mut server = self.server;

@@ -306,11 +306,7 @@ fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, Socke
             "metrics:\n  listen: \"127.0.0.1:0\"",
             &format!("metrics:\n  listen: \"{metrics}\""),
         );
-        let yaml = replace_first(
-            &yaml,
-            "logging: { level: warn }",
-            "logging: { level: info }",
-        );
+        let yaml = replace_first(&yaml, "log: { level: warn }", "log: { level: info }");
         let config = write_config(w, &yaml);
         let mut metron = Metron::spawn(&config);
         if metron.wait_for_line("metron is running", STEP) {

@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinError};
 use tracing::Instrument;
 
-use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Drain, Recycle, Stalled};
+use super::messages::{
+    Abandon, Connect, ConnectionDown, ConnectionUp, Drain, DumpState, Recycle, Stalled,
+};
 use crate::grpc::egress::{
     count_lost_in_flight, dial, run_streams, DialSettings, EgressQueue, StreamEnd, StreamSettings,
 };
@@ -44,9 +46,11 @@ struct Live {
     acknowledged: bool,
 }
 
-/// Everything a connection actor needs that does not change over its life.
+/// Everything a connection actor needs, shared by every slot.
 pub struct ConnectionSetup {
-    pub dial: DialSettings,
+    /// How to dial; a reload replaces it ([`super::messages::SetDial`]), and the next dial of
+    /// each slot uses the new one.
+    pub dial: parking_lot::RwLock<DialSettings>,
     pub streams: StreamSettings,
     /// See [`crate::config::DopplersConfig::progress_timeout`].
     pub progress_timeout: Duration,
@@ -69,6 +73,10 @@ pub struct DopplerConnection {
     drain_waiters: Vec<oneshot::Sender<bool>>,
     /// A stream was cut off during the drain: what it had taken may be lost.
     drain_lossy: bool,
+    /// (address, AZ) of the Doppler last given by [`Connect`], for the state dump.
+    doppler: Option<(String, String)>,
+    /// Restarts of this slot's actor since start-up (the struct survives them).
+    restarts: u64,
 }
 
 impl DopplerConnection {
@@ -83,6 +91,8 @@ impl DopplerConnection {
             draining: false,
             drain_waiters: Vec::new(),
             drain_lossy: false,
+            doppler: None,
+            restarts: 0,
         }
     }
 
@@ -239,6 +249,7 @@ impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
         let cause = self.failure.take().unwrap_or(RestartCause::Killed);
         let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
+        self.restarts += 1;
         self.setup.ledger.metrics().restarted(cause);
         // Control message: it must reach the supervisor whatever its mailbox holds.
         self.setup.down.do_send(ConnectionDown {
@@ -259,7 +270,8 @@ impl Handler<Connect> for DopplerConnection {
         }
         let endpoint = msg.endpoint;
         self.state = State::Connecting { endpoint };
-        let dial_settings = self.setup.dial.clone();
+        self.doppler = Some((msg.addr.clone(), msg.az.clone()));
+        let dial_settings = self.setup.dial.read().clone();
         let fut = async move {
             tokio::time::sleep(msg.delay).await;
             dial(&msg.addr, &dial_settings).await
@@ -269,6 +281,42 @@ impl Handler<Connect> for DopplerConnection {
                 Ok(client) => act.start_stream(client, endpoint, ctx),
                 Err(e) => act.fail(RestartCause::ConnectFailed, &e.to_string(), ctx),
             }),
+        );
+    }
+}
+
+impl Handler<DumpState> for DopplerConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let (state, up_for_ms, recycling) = match &self.state {
+            State::Idle => ("idle", 0, false),
+            State::Connecting { .. } => ("connecting", 0, false),
+            State::Connected(live) => (
+                "connected",
+                live.since.elapsed().as_millis() as u64,
+                live.recycling,
+            ),
+        };
+        let (doppler, az) = match (&self.state, &self.doppler) {
+            (State::Idle, _) | (_, None) => ("", ""),
+            (_, Some((addr, az))) => (addr.as_str(), az.as_str()),
+        };
+        tracing::info!(
+            target: "metron::state",
+            actor = "doppler_connection",
+            slot = self.slot,
+            doppler,
+            az,
+            state,
+            up_for_ms,
+            recycling,
+            draining = self.draining,
+            restarts = self.restarts,
+            queued_batches = self.queue.batches(),
+            queued_envelopes = self.queue.envelopes(),
+            in_flight_envelopes = self.queue.in_flight(),
+            "state"
         );
     }
 }

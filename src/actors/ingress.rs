@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::{IngressBatch, TaggedBatch};
+use super::messages::{DumpState, IngressBatch, SetDefaultTags, TaggedBatch};
 use crate::envelope::tagging::Tagger;
 use crate::telemetry::{DropReason, Ledger};
 
@@ -28,6 +28,28 @@ impl IngressActor {
 
 impl Actor for IngressActor {
     type Context = Context<Self>;
+}
+
+impl Handler<SetDefaultTags> for IngressActor {
+    type Result = ();
+
+    fn handle(&mut self, SetDefaultTags(tags): SetDefaultTags, _: &mut Context<Self>) {
+        self.tagger.set_default_tags(&tags);
+    }
+}
+
+impl Handler<DumpState> for IngressActor {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        tracing::info!(
+            target: "metron::state",
+            actor = "ingress",
+            default_tags = self.tagger.default_tags(),
+            counter_keys = self.tagger.counter_keys(),
+            "state"
+        );
+    }
 }
 
 impl Handler<IngressBatch> for IngressActor {

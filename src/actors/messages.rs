@@ -5,13 +5,18 @@
 //! connection actor's BatchSender stream drains. Each data message
 //! carries a whole batch, never a single envelope. Health and control travel separately:
 //! connections report [`ConnectionUp`] / [`ConnectionDown`] to the supervisor, which answers with
-//! [`Connect`]; shutdown sends [`Drain`].
+//! [`Connect`]; shutdown sends [`Drain`]. A reload sends each actor what changed
+//! ([`SetDefaultTags`], [`SetBudget`], [`SetSigner`], [`SetDopplers`], [`SetDial`]); SIGUSR1 sends
+//! every actor [`DumpState`].
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::envelope::signing::Signer;
 use crate::envelope::Batch;
+use crate::grpc::egress::DialSettings;
 use crate::telemetry::RestartCause;
 
 /// Admitted envelopes from one emitter message (or a run of them), in arrival order.
@@ -37,6 +42,8 @@ pub struct SequencedBatch {
 pub struct Connect {
     pub endpoint: usize,
     pub addr: String,
+    /// The Doppler's AZ, for the state dump.
+    pub az: String,
     pub delay: Duration,
 }
 
@@ -91,6 +98,39 @@ pub struct Abandon {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Recycle;
+
+/// Reload → ingress actor: the default tags from now on (counter totals are kept).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDefaultTags(pub BTreeMap<String, String>);
+
+/// Reload → sequencer: `pipeline.max_buffered_bytes` changed (each slot's share follows).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetBudget(pub usize);
+
+/// Reload → signer: sign with this key from the next batch on. Envelopes signed before stay
+/// signed with the old key, so receivers keep the old key for a while (`signing.previous_keys`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetSigner(pub Signer);
+
+/// Reload → supervisor: the Doppler list or discovery names changed. Slots on a Doppler that is
+/// gone move off it gracefully, one per rebalance interval.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDopplers(pub crate::actors::supervisor::Dopplers);
+
+/// Reload → supervisor: dial Dopplers like this from now on (new TLS material, timeouts). Open
+/// connections keep theirs until they next reconnect.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDial(pub DialSettings);
+
+/// SIGUSR1: the actor writes one structured log record of its state (target `metron::state`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DumpState;
 
 /// Test-only: make the connection actor fail as if it had crashed (chaos hook).
 #[cfg(feature = "chaos-hooks")]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::{SequencedBatch, TaggedBatch};
+use super::messages::{DumpState, SequencedBatch, SetBudget, TaggedBatch};
 use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::Batch;
 use crate::grpc::egress::EgressQueue;
@@ -45,6 +45,34 @@ impl SequencerActor {
 
 impl Actor for SequencerActor {
     type Context = Context<Self>;
+}
+
+impl Handler<SetBudget> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, SetBudget(budget): SetBudget, _: &mut Context<Self>) {
+        self.budget = budget;
+        self.slot_share = budget / (2 * self.queues.len());
+    }
+}
+
+impl Handler<DumpState> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let routed: Vec<usize> = self.queues.iter().map(|q| q.routed()).collect();
+        tracing::info!(
+            target: "metron::state",
+            actor = "sequencer",
+            metron_stream = self.sequencer.stream_id(),
+            sources = self.sequencer.sources(),
+            rotations = self.sequencer.rotations(),
+            budget_bytes = self.budget,
+            slot_share_bytes = self.slot_share,
+            routed_bytes_by_slot = ?routed,
+            "state"
+        );
+    }
 }
 
 impl Handler<TaggedBatch> for SequencerActor {

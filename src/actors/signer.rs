@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::SequencedBatch;
+use super::messages::{DumpState, SequencedBatch, SetSigner};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::signing::Signer;
 use crate::grpc::egress::EgressQueue;
@@ -41,6 +41,28 @@ impl SignerActor {
 
 impl Actor for SignerActor {
     type Context = Context<Self>;
+}
+
+impl Handler<SetSigner> for SignerActor {
+    type Result = ();
+
+    fn handle(&mut self, SetSigner(signer): SetSigner, _: &mut Context<Self>) {
+        self.signer = signer;
+    }
+}
+
+impl Handler<DumpState> for SignerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        tracing::info!(
+            target: "metron::state",
+            actor = "signer",
+            key_id = self.signer.key_id(),
+            framed_bytes_per_envelope = self.framed_per_envelope,
+            "state"
+        );
+    }
 }
 
 impl Handler<SequencedBatch> for SignerActor {

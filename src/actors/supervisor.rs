@@ -21,7 +21,10 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
-use super::messages::{Abandon, Connect, ConnectionDown, ConnectionUp, Recycle, Stalled};
+use super::messages::{
+    Abandon, Connect, ConnectionDown, ConnectionUp, DumpState, Recycle, SetDial, SetDopplers,
+    Stalled,
+};
 use crate::grpc::egress::{dial, DialSettings, EgressQueue, StreamSettings};
 use crate::routing::balancer::{Balancer, Endpoint};
 use crate::routing::discovery::{Discovery, DiscoveryError};
@@ -68,6 +71,8 @@ pub struct DopplerSupervisor {
     known: Vec<Endpoint>,
     local_az: String,
     resolve_interval: Duration,
+    /// The periodic resolution, while discovery is on (a reload may turn it on or off).
+    resolve_timer: Option<SpawnHandle>,
     resolving: bool,
     last_resolve: Option<Instant>,
     failures: RateLimit,
@@ -110,6 +115,11 @@ impl DopplerSupervisor {
     pub fn launch(s: SupervisorSetup) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
         let connections = s.queues.len();
         let mut slots = Vec::with_capacity(connections);
+        // A fixed list is known from the start; a resolved set once DNS answers.
+        let known = match &s.dopplers {
+            Dopplers::Static(list) => list.clone(),
+            Dopplers::Discovered { .. } => Vec::new(),
+        };
         let (balancer, discovery, resolve_interval) = match s.dopplers {
             Dopplers::Static(list) => (
                 Balancer::new(&s.local_az, list, s.backoff_initial, s.backoff_max),
@@ -128,7 +138,7 @@ impl DopplerSupervisor {
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
             let setup = Arc::new(ConnectionSetup {
-                dial: s.dial,
+                dial: parking_lot::RwLock::new(s.dial),
                 streams: s.streams,
                 progress_timeout: s.progress_timeout,
                 ledger: s.ledger,
@@ -160,9 +170,10 @@ impl DopplerSupervisor {
                 setup,
                 probing: false,
                 discovery,
-                known: Vec::new(),
+                known,
                 local_az: s.local_az,
                 resolve_interval,
+                resolve_timer: None,
                 resolving: false,
                 last_resolve: None,
                 failures: RateLimit::new(Duration::from_secs(30)),
@@ -231,7 +242,7 @@ impl DopplerSupervisor {
         self.probing = true;
         let addr = self.balancer.endpoint(local).addr.clone();
         let probed = addr.clone();
-        let settings = self.setup.dial.clone();
+        let settings = self.setup.dial.read().clone();
         let probe = async move { dial(&addr, &settings).await.is_ok() };
         ctx.spawn(wrap_future(probe).map(move |reachable, act: &mut Self, _| {
             act.probing = false;
@@ -275,9 +286,11 @@ impl DopplerSupervisor {
         self.pending[slot] = false;
         self.assigned[slot] = Some(a.endpoint);
         // Control message: it must get through even when the slot's mailbox is full of data.
+        let ep = self.balancer.endpoint(a.endpoint);
         self.slots[slot].do_send(Connect {
             endpoint: a.endpoint,
-            addr: self.balancer.endpoint(a.endpoint).addr.clone(),
+            addr: ep.addr.clone(),
+            az: ep.az.clone(),
             delay: a.delay,
         });
         Some(a.endpoint)
@@ -309,6 +322,12 @@ impl DopplerSupervisor {
                 return;
             }
         };
+        self.use_endpoints(endpoints);
+    }
+
+    /// Takes `endpoints` as the Doppler set (resolved, or a reloaded fixed list): slots on one
+    /// that left move off it at the next rebalance; slots waiting for an endpoint dial.
+    fn use_endpoints(&mut self, endpoints: Vec<Endpoint>) {
         if endpoints != self.known {
             let local = endpoints.iter().filter(|e| e.az == self.local_az).count();
             tracing::info!(
@@ -325,6 +344,17 @@ impl DopplerSupervisor {
                 self.connect(slot);
             }
         }
+    }
+
+    /// Resolves now and every `resolve_interval` while discovery is on.
+    fn start_resolving(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.resolve_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        self.resolving = false;
+        self.resolve(ctx);
+        self.resolve_timer =
+            Some(ctx.run_interval(self.resolve_interval, |act, ctx| act.resolve(ctx)));
     }
 
     /// A failure may mean the Doppler set changed: re-resolve, at most once a second.
@@ -353,8 +383,7 @@ impl Actor for DopplerSupervisor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.discovery.is_some() {
             self.pending.iter_mut().for_each(|p| *p = true);
-            self.resolve(ctx);
-            ctx.run_interval(self.resolve_interval, |act, ctx| act.resolve(ctx));
+            self.start_resolving(ctx);
         } else {
             for slot in 0..self.slots.len() {
                 self.connect(slot);
@@ -451,6 +480,61 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
         if failed {
             self.resolve_after_failure(ctx);
         }
+    }
+}
+
+impl Handler<SetDopplers> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, SetDopplers(dopplers): SetDopplers, ctx: &mut Context<Self>) {
+        match dopplers {
+            Dopplers::Static(list) => {
+                if let Some(timer) = self.resolve_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                self.discovery = None;
+                self.use_endpoints(list);
+            }
+            Dopplers::Discovered {
+                discovery,
+                interval,
+            } => {
+                self.discovery = Some(discovery);
+                self.resolve_interval = interval;
+                // A resolution under way answers for the old names; the new one supersedes it
+                // (and a late answer only repeats what the next resolution corrects).
+                self.start_resolving(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<SetDial> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, SetDial(dial): SetDial, _: &mut Context<Self>) {
+        *self.setup.dial.write() = dial;
+    }
+}
+
+impl Handler<DumpState> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let up = self.up.iter().filter(|u| u.is_some()).count();
+        let away = (0..self.slots.len()).filter(|&s| self.is_away(s)).count();
+        tracing::info!(
+            target: "metron::state",
+            actor = "supervisor",
+            local_az = %self.local_az,
+            discovery = self.discovery.is_some(),
+            dopplers = self.balancer.live_endpoints(),
+            slots = self.slots.len(),
+            slots_up = up,
+            slots_away_from_local_az = away,
+            slots_waiting_for_dopplers = self.pending.iter().filter(|p| **p).count(),
+            "state"
+        );
     }
 }
 

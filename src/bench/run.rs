@@ -136,7 +136,7 @@ pub fn sink_main(args: &[String]) -> Result<(), BenchError> {
             }
         });
         eprintln!("sink listening on {listen}");
-        sink::serve(listener, tls.server_config(), stats)
+        sink::serve(listener, tls.tonic_server_config(), stats)
             .await
             .map_err(|e| BenchError::Setup(e.to_string()))
     })
@@ -276,7 +276,8 @@ dopplers:
 metrics:
   listen: \"{metrics}\"
 signing: {{ key_id: bench, key_file: \"{}\" }}
-logging: {{ level: warn }}
+log: {{ level: warn }}
+health: {{ listen: null }}
 development: {{ enabled: false }}
 ",
             yaml_tls(&bench.creds.agent),
@@ -767,7 +768,7 @@ fn setup(dir: &Path, tuning: AgentTuning) -> Result<Bench, BenchError> {
             .map_err(|e| BenchError::Setup(e.to_string()))?;
         tokio::spawn(sink::serve(
             listener,
-            doppler_tls.server_config(),
+            doppler_tls.tonic_server_config(),
             stats.clone(),
         ));
         Ok::<_, BenchError>(addr)

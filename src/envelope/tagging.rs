@@ -43,6 +43,19 @@ impl Tagger {
         Processed { origin_mapped }
     }
 
+    /// Replaces the default tags (a reload); the counter totals are kept.
+    pub fn set_default_tags(&mut self, default_tags: &BTreeMap<String, String>) {
+        self.default_tags = default_tags
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    }
+
+    /// Number of default tags.
+    pub fn default_tags(&self) -> usize {
+        self.default_tags.len()
+    }
+
     /// Number of counter keys currently tracked (for tests and the bound's metric).
     pub fn counter_keys(&self) -> usize {
         self.totals.table.len()

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
@@ -141,7 +141,7 @@ impl Ingress for DevDoppler {
 /// Serves until the task is aborted, logging a summary every `report_every`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    tls: ServerTlsConfig,
+    tls: crate::tls::ServerConfig,
     report_every: Duration,
 ) {
     let doppler = DevDoppler::default();
@@ -153,17 +153,17 @@ pub async fn serve(
             reporter.report();
         }
     });
-    let server = Server::builder().tls_config(tls).map(|mut b| {
-        b.add_service(IngressServer::new(doppler).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-    });
-    match server {
-        Ok(fut) => {
-            if let Err(e) = fut.await {
-                tracing::error!(error = %e, "development Doppler stopped");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "development Doppler TLS set-up failed"),
+    let incoming = crate::tls::ReloadableAcceptor::new(tls).incoming(
+        listener,
+        Duration::from_secs(10),
+        "development.doppler_listen",
+    );
+    let served = Server::builder()
+        .add_service(IngressServer::new(doppler).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES))
+        .serve_with_incoming(ReceiverStream::new(incoming))
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "development Doppler stopped");
     }
     report.abort();
 }

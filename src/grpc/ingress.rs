@@ -8,7 +8,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -42,6 +42,40 @@ const SENDER_BATCH: usize = 100;
 /// costs less than twice its encoded size, so settling almost always gives budget back.
 const RESERVE_FACTOR: usize = 2;
 
+/// What a reload may change about admission, shared by every clone of the [`Edge`].
+#[derive(Debug)]
+pub struct EdgeTunables {
+    /// `ingress.grpc.max_wait_ms`.
+    max_wait_ms: AtomicU64,
+    /// What every envelope costs on top of its own size (see [`admission_cost`]); depends on the
+    /// default tags and the signing key id.
+    fixed_cost: AtomicU32,
+}
+
+impl EdgeTunables {
+    pub fn new(max_wait: Duration, fixed_cost: u32) -> Self {
+        Self {
+            max_wait_ms: AtomicU64::new(max_wait.as_millis() as u64),
+            fixed_cost: AtomicU32::new(fixed_cost),
+        }
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn fixed_cost(&self) -> u32 {
+        self.fixed_cost.load(Ordering::Relaxed)
+    }
+
+    /// Applies a reload's values to admissions that start from now on.
+    pub fn set(&self, max_wait: Duration, fixed_cost: u32) {
+        self.max_wait_ms
+            .store(max_wait.as_millis() as u64, Ordering::Relaxed);
+        self.fixed_cost.store(fixed_cost, Ordering::Relaxed);
+    }
+}
+
 /// Admission: counts `ingress`, prices each envelope, takes room in the budget (waiting at most
 /// `max_wait`, and not at all while no Doppler stream is open) and hands the batch to the ingress
 /// actor. Whatever is refused is counted by reason; nothing here blocks longer than `max_wait`.
@@ -49,9 +83,7 @@ const RESERVE_FACTOR: usize = 2;
 pub struct Edge {
     ingress: Recipient<IngressBatch>,
     ledger: Arc<Ledger>,
-    max_wait: Duration,
-    /// What every envelope costs on top of its own size (see [`admission_cost`]).
-    fixed_cost: u32,
+    tunables: Arc<EdgeTunables>,
     /// `true` once shutdown began: new envelopes are refused.
     closed: watch::Receiver<bool>,
 }
@@ -60,15 +92,13 @@ impl Edge {
     pub fn new(
         ingress: Recipient<IngressBatch>,
         ledger: Arc<Ledger>,
-        max_wait: Duration,
-        fixed_cost: u32,
+        tunables: Arc<EdgeTunables>,
         closed: watch::Receiver<bool>,
     ) -> Self {
         Self {
             ingress,
             ledger,
-            max_wait,
-            fixed_cost,
+            tunables,
             closed,
         }
     }
@@ -139,7 +169,7 @@ impl Edge {
             .load(Ordering::Relaxed)
             > 0;
         if streams_open {
-            (self.max_wait, DropReason::PipelineFull)
+            (self.tunables.max_wait(), DropReason::PipelineFull)
         } else {
             (Duration::ZERO, DropReason::NoDoppler)
         }
@@ -166,7 +196,7 @@ impl Edge {
             .body
             .len()
             .saturating_mul(RESERVE_FACTOR)
-            .saturating_add(total.saturating_mul(self.fixed_cost as usize));
+            .saturating_add(total.saturating_mul(self.tunables.fixed_cost() as usize));
         let (wait, full) = self.wait_policy();
         let reserved = self.ledger.reserve(estimate, wait).await;
         // From here on no `.await`: decision and counts land together.
@@ -199,8 +229,9 @@ impl Edge {
     fn price(&self, envelopes: Vec<Envelope>) -> (Batch, usize) {
         let mut batch = Batch::with_capacity(envelopes.len());
         let mut oversize = 0;
+        let fixed_cost = self.tunables.fixed_cost();
         for env in envelopes {
-            let cost = admission_cost(&env, self.fixed_cost);
+            let cost = admission_cost(&env, fixed_cost);
             if cost as usize > MAX_ENVELOPE_COST {
                 oversize += 1;
             } else {

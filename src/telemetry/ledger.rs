@@ -5,7 +5,7 @@
 //! exactly once: *delivered* when a Doppler stream takes it, or *dropped* with a reason. Envelopes
 //! refused at the edge are dropped without ever being admitted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,11 @@ pub struct Ledger {
     metrics: Arc<Metrics>,
     /// One permit per budget byte.
     budget: Semaphore,
-    max_bytes: usize,
+    /// `pipeline.max_buffered_bytes`; changed by a reload ([`Ledger::set_max_bytes`]).
+    max_bytes: AtomicUsize,
+    /// Bytes a shrunk budget could not take back at once because they were in use: paid off
+    /// from what is released before any permit is given back.
+    debt: AtomicUsize,
     in_flight: AtomicU64,
     /// Woken whenever envelopes leave, for the shutdown drain.
     released: Notify,
@@ -29,7 +33,8 @@ impl Ledger {
         Self {
             metrics,
             budget: Semaphore::new(max_bytes),
-            max_bytes,
+            max_bytes: AtomicUsize::new(max_bytes),
+            debt: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
             released: Notify::new(),
         }
@@ -60,7 +65,7 @@ impl Ledger {
         if self.try_admit(n, bytes) {
             return true;
         }
-        if wait.is_zero() || bytes > self.max_bytes {
+        if wait.is_zero() || bytes > self.max_bytes() {
             return false;
         }
         let Ok(permits) = u32::try_from(bytes) else {
@@ -81,7 +86,7 @@ impl Ledger {
     /// room; its envelopes are admitted when the reservation is [settled](Ledger::settle).
     /// Returns what was reserved, or `None` if the wait ran out.
     pub async fn reserve(&self, bytes: usize, wait: Duration) -> Option<usize> {
-        let bytes = bytes.min(self.max_bytes);
+        let bytes = bytes.min(self.max_bytes());
         self.admit(0, bytes, wait).await.then_some(bytes)
     }
 
@@ -101,25 +106,58 @@ impl Ledger {
 
     fn admitted(&self, n: usize) {
         self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
-        let held = (self.max_bytes - self.budget.available_permits()) as u64;
+        let held = self.buffered().1;
         self.metrics
             .peak_buffered_bytes
             .fetch_max(held, Ordering::Relaxed);
     }
 
+    /// The budget now in force.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Changes the budget (a reload). Growing frees room at once; shrinking takes back what is
+    /// free now and the rest as envelopes leave, so nothing buffered is dropped for it.
+    pub fn set_max_bytes(&self, new: usize) {
+        let old = self.max_bytes.swap(new, Ordering::Relaxed);
+        if new >= old {
+            self.give_back(new - old);
+        } else {
+            let cut = old - new;
+            let taken = self.budget.forget_permits(cut);
+            self.debt.fetch_add(cut - taken, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns `bytes` to the budget, paying off any debt first.
+    fn give_back(&self, mut bytes: usize) {
+        if self.debt.load(Ordering::Relaxed) > 0 {
+            let mut paid = 0;
+            let _ = self
+                .debt
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                    paid = debt.min(bytes);
+                    Some(debt - paid)
+                });
+            bytes -= paid;
+        }
+        if bytes > 0 {
+            self.budget.add_permits(bytes);
+            self.released.notify_waiters();
+        }
+    }
+
     fn release(&self, n: usize, bytes: usize) {
         let prev = self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
         debug_assert!(prev >= n as u64, "released more envelopes than admitted");
-        self.budget.add_permits(bytes);
+        self.give_back(bytes);
         self.released.notify_waiters();
     }
 
     /// Buffered envelopes now hold `bytes` less than they were priced at (they were encoded).
     pub fn shrink(&self, bytes: usize) {
-        if bytes > 0 {
-            self.budget.add_permits(bytes);
-            self.released.notify_waiters();
-        }
+        self.give_back(bytes);
     }
 
     /// Admitted envelopes acknowledged by a Doppler.
@@ -141,7 +179,9 @@ impl Ledger {
 
     /// (envelopes, budget bytes) admitted and not yet delivered or dropped.
     pub fn buffered(&self) -> (u64, u64) {
-        let bytes = self.max_bytes - self.budget.available_permits();
+        // Debt is held beyond the (shrunk) budget.
+        let held = self.max_bytes() + self.debt.load(Ordering::Relaxed);
+        let bytes = held.saturating_sub(self.budget.available_permits());
         (self.in_flight.load(Ordering::Relaxed), bytes as u64)
     }
 
@@ -208,5 +248,28 @@ mod tests {
         let waiter = tokio::spawn(async move { l2.admit(1, 10, Duration::from_secs(10)).await });
         l.delivered(1, 100);
         assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_reload_resizes_the_budget_without_dropping_what_it_holds() {
+        let l = Ledger::new(Arc::new(Metrics::new()), 100);
+        assert!(l.try_admit(1, 80));
+        l.set_max_bytes(50);
+        assert_eq!(
+            l.buffered(),
+            (1, 80),
+            "held beyond the new budget, not dropped"
+        );
+        assert!(!l.try_admit(1, 1), "no room until the debt is paid");
+        l.delivered(1, 80);
+        assert_eq!(l.buffered(), (0, 0));
+        assert!(l.try_admit(1, 50), "the whole new budget");
+        assert!(!l.try_admit(1, 1));
+        l.set_max_bytes(70);
+        assert!(l.try_admit(1, 20), "growing frees room at once");
+        assert_eq!(l.buffered(), (2, 70));
+        l.delivered(2, 70);
+        assert_eq!(l.max_bytes(), 70);
+        assert!(l.try_admit(1, 70));
     }
 }

@@ -2,7 +2,9 @@
 //! keeps `ingress == egress + dropped` exact, rate-limited warnings, logging set-up and the
 //! Prometheus endpoint.
 
+pub mod health;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;

@@ -71,8 +71,10 @@ dopplers:
   progress_timeout_ms: 500
 metrics:
   listen: "127.0.0.1:0"
+health:
+  listen: "127.0.0.1:0"
 signing: {{ key_id: {KEY_ID}, key_file: {} }}
-logging: {{ level: warn }}
+log: {{ level: warn }}
 {extra}
 "#,
             self.key_file.display()

@@ -1,0 +1,161 @@
+//! `GET /livez` and `GET /readyz` (on `health.listen`): what a process supervisor or a load
+//! balancer asks, answered from the agent's own counters.
+//!
+//! * live: the actor system's arbiter (where ingress tagging, sequencing, the supervisor and the
+//!   connection actors run) runs a task within [`LIVENESS_TIMEOUT`]. A wedged arbiter is the one
+//!   failure a restart cures that the agent cannot see from inside.
+//! * ready: the gRPC ingress is listening and at least one Doppler stream is open, so what an
+//!   emitter sends now can go somewhere.
+//!
+//! Both answer 200 or 503 with a JSON body; its field names are a stable interface.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{DropReason, Ledger};
+
+/// How long the system arbiter may take to run a no-op before the agent counts as not live.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the health endpoint reads.
+pub struct Health {
+    ledger: Arc<Ledger>,
+    /// The gRPC ingress server is running (false before it starts and once shutdown begins).
+    ingress_open: AtomicBool,
+    /// The arbiter the liveness probe runs a task on.
+    system: actix::ArbiterHandle,
+    started: Instant,
+}
+
+/// One answer: HTTP status (200 or 503) and its JSON body.
+pub struct Answer {
+    pub ok: bool,
+    pub body: String,
+}
+
+impl Health {
+    pub fn new(ledger: Arc<Ledger>, system: actix::ArbiterHandle) -> Arc<Self> {
+        Arc::new(Self {
+            ledger,
+            ingress_open: AtomicBool::new(false),
+            system,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn set_ingress_open(&self, open: bool) {
+        self.ingress_open.store(open, Ordering::Relaxed);
+    }
+
+    /// `/readyz`.
+    pub fn readiness(&self) -> Answer {
+        let m = self.ledger.metrics().snapshot();
+        let ingress = self.ingress_open.load(Ordering::Relaxed);
+        let streams = m.doppler_v2_streams.max(0);
+        let mut not_ready = Vec::new();
+        if !ingress {
+            not_ready.push("ingress is not listening");
+        }
+        if streams == 0 {
+            not_ready.push("no Doppler stream is open");
+        }
+        let (envelopes, bytes) = self.ledger.buffered();
+        let mut b = String::with_capacity(512);
+        let _ = write!(
+            b,
+            "{{\"status\":\"{}\",\"ingress\":\"{}\",\"doppler_streams\":{streams},\
+             \"connections_by_az\":{{",
+            if not_ready.is_empty() {
+                "ready"
+            } else {
+                "not_ready"
+            },
+            if ingress { "listening" } else { "closed" },
+        );
+        for (i, (az, n)) in m.connections_by_az.iter().enumerate() {
+            if i > 0 {
+                b.push(',');
+            }
+            push_json_str(&mut b, az);
+            let _ = write!(b, ":{n}");
+        }
+        let _ = write!(
+            b,
+            "}},\"buffered\":{{\"envelopes\":{envelopes},\"bytes\":{bytes},\"budget_bytes\":{}}},\
+             \"dropped\":{{\"total\":{}",
+            self.ledger.max_bytes(),
+            m.dropped_total()
+        );
+        for reason in DropReason::ALL {
+            let _ = write!(b, ",\"{}\":{}", reason.name(), m.dropped_by(reason));
+        }
+        b.push_str("},\"reasons\":[");
+        for (i, r) in not_ready.iter().enumerate() {
+            if i > 0 {
+                b.push(',');
+            }
+            push_json_str(&mut b, r);
+        }
+        b.push_str("]}\n");
+        Answer {
+            ok: not_ready.is_empty(),
+            body: b,
+        }
+    }
+
+    /// `/livez`.
+    pub async fn liveness(&self) -> Answer {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.system.spawn(async move {
+            let _ = tx.send(());
+        });
+        let answered = queued
+            && tokio::time::timeout(LIVENESS_TIMEOUT, rx)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        let uptime = self.started.elapsed().as_secs();
+        let body = if answered {
+            format!("{{\"status\":\"alive\",\"uptime_s\":{uptime}}}\n")
+        } else {
+            format!(
+                "{{\"status\":\"not_alive\",\"uptime_s\":{uptime},\"reason\":\"the actor system \
+                 did not run a task within {} ms\"}}\n",
+                LIVENESS_TIMEOUT.as_millis()
+            )
+        };
+        Answer { ok: answered, body }
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_escaped() {
+        let mut s = String::new();
+        push_json_str(&mut s, "z\"1\\\n\u{1}é");
+        assert_eq!(s, r#""z\"1\\\n\u0001é""#);
+    }
+}
