@@ -93,7 +93,7 @@ use crate::dev::DevCredentials;
 use crate::telemetry::{DropReason, Ledger, Metrics, MetricsSnapshot};
 use crate::tls::{TlsMaterial, TlsSet};
 
-pub use envelope::signing::{verify, VerifyError};
+pub use envelope::signing::{verify, KeyRing, VerifyError};
 pub use wire::ReloadOutcome;
 
 /// Why the agent could not start.

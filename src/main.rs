@@ -19,7 +19,11 @@ use metron::Agent;
 const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
 const USAGE: &str = "usage: metron [--config PATH]   (default ./config.yaml)
-       metron bench | sink | load [FLAGS]   (the benchmark and its parts; --help on each)";
+       metron bench | sink | load [FLAGS]   (the benchmark and its parts; --help on each)
+       metron --help                        (the manual: signals, endpoints, exit status)";
+
+/// `metron --help`: the manual.
+const HELP: &str = include_str!("help.txt");
 
 /// `metron bench|sink|load ...`: the benchmark's subcommands (see `metron::bench`).
 fn subcommand(name: &str, args: &[String]) -> Option<ExitCode> {
@@ -60,7 +64,7 @@ fn parse_args() -> Result<PathBuf, String> {
                     .ok_or("--config needs a path")?;
             }
             "--help" | "-h" => {
-                println!("{USAGE}");
+                print!("{HELP}");
                 std::process::exit(0);
             }
             "--version" | "-V" => {
@@ -111,6 +115,24 @@ fn main() -> ExitCode {
     };
     let log = metron::telemetry::logging::init(&config.log.level, config.log.format);
 
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("metron: cannot start the signal handler: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Handlers are installed before the agent starts: a HUP or USR1 during start-up (a reload
+    // sent by a supervisor too early) must not kill the process, which is their default action.
+    // Each is made once, so a signal that arrives while another is being handled is not lost.
+    let mut signals = {
+        let _runtime = rt.enter();
+        Signals::new()
+    };
+
     let agent = match Agent::start(config) {
         Ok(a) => a,
         Err(e) => {
@@ -127,20 +149,7 @@ fn main() -> ExitCode {
         );
     }
 
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("metron: cannot start the signal handler: {e}");
-            return ExitCode::from(1);
-        }
-    };
     rt.block_on(async {
-        // Listeners are made once, before the first wait, so a second signal that arrives while
-        // the first is being handled is not lost.
-        let mut signals = Signals::new();
         loop {
             match signals.next().await {
                 Signal::Stop => break,

@@ -54,7 +54,7 @@ pub enum VerifyError {
     Missing,
     #[error("metron_sig is not <key_id>:<64 hex digits>")]
     Malformed,
-    #[error("signed with key id {0:?}, not the one given")]
+    #[error("signed with key id {0:?}, which is not among the keys given")]
     UnknownKeyId(String),
     #[error("signature does not match the envelope")]
     Mismatch,
@@ -65,16 +65,58 @@ pub enum VerifyError {
 /// # Errors
 /// A [`VerifyError`] saying what is wrong.
 pub fn verify(env: &Envelope, key_id: &str, key: &[u8]) -> Result<(), VerifyError> {
+    KeyRing::default().with(key_id, key).verify(env).map(drop)
+}
+
+/// `metron_sig`'s (key id, MAC).
+fn signature(env: &Envelope) -> Result<(&str, Vec<u8>), VerifyError> {
     let sig = env.tags.get(SIG_TAG).ok_or(VerifyError::Missing)?;
     let (id, hex) = sig.rsplit_once(':').ok_or(VerifyError::Malformed)?;
     let mac = decode_hex(hex)
         .filter(|m| m.len() == 32)
         .ok_or(VerifyError::Malformed)?;
-    if id != key_id {
-        return Err(VerifyError::UnknownKeyId(id.to_owned()));
+    Ok((id, mac))
+}
+
+/// The keys a receiver accepts, by key id: the agent's current key and the ones a rotation
+/// retired (`signing.previous_keys`), since envelopes signed before a rotation may arrive after
+/// it (they were buffered, or in flight).
+#[derive(Default)]
+pub struct KeyRing {
+    keys: Vec<(String, hmac::Key)>,
+}
+
+impl KeyRing {
+    /// Adds `key`, known as `key_id`.
+    pub fn with(mut self, key_id: &str, key: &[u8]) -> Self {
+        self.keys
+            .push((key_id.to_owned(), hmac::Key::new(hmac::HMAC_SHA256, key)));
+        self
     }
-    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-    hmac::verify(&key, &canonical(env), &mac).map_err(|_| VerifyError::Mismatch)
+
+    /// Every key an agent's `signing:` section names: the current one and the previous ones.
+    pub fn from_config(signing: &crate::config::SigningConfig) -> Self {
+        let ring = Self::default().with(&signing.key_id, &signing.key);
+        signing
+            .previous_keys
+            .iter()
+            .fold(ring, |ring, (id, key)| ring.with(id, key))
+    }
+
+    /// Checks `env`'s `metron_sig` with the key its id names, in constant time; returns that id.
+    ///
+    /// # Errors
+    /// A [`VerifyError`] saying what is wrong.
+    pub fn verify<'e>(&self, env: &'e Envelope) -> Result<&'e str, VerifyError> {
+        let (id, mac) = signature(env)?;
+        let (_, key) = self
+            .keys
+            .iter()
+            .find(|(k, _)| k == id)
+            .ok_or_else(|| VerifyError::UnknownKeyId(id.to_owned()))?;
+        hmac::verify(key, &canonical(env), &mac).map_err(|_| VerifyError::Mismatch)?;
+        Ok(id)
+    }
 }
 
 /// The canonical byte string of an envelope (everything but the `metron_sig` tag).
