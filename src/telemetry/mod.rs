@@ -10,15 +10,5 @@ pub mod ratelimit;
 pub mod server;
 
 pub use ledger::Ledger;
+pub use logging::init_logging;
 pub use metrics::{DropReason, Metrics, MetricsSnapshot, RestartCause};
-
-/// Installs the global tracing subscriber (idempotent: a second call is ignored, which per-test
-/// agents rely on).
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
