@@ -136,7 +136,10 @@ pub fn init(filter: &str, format: LogFormat) -> LogHandle {
                 Ok(f) => (f, None),
                 Err(e) => (EnvFilter::new("info"), Some(e)),
             };
-            let (subscriber, handle) = build(env_filter, format, std::io::stdout);
+            // Colours only for a person at a terminal: journald, bpm and pipes get plain lines.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            let (subscriber, handle) = build(env_filter, format, ansi, std::io::stdout);
             if tracing::subscriber::set_global_default(subscriber).is_err() {
                 return LogHandle { reload: None };
             }
@@ -159,6 +162,7 @@ pub fn init_logging(filter: &str) {
 fn build<W>(
     filter: EnvFilter,
     format: LogFormat,
+    ansi: bool,
     writer: W,
 ) -> (impl Subscriber + Send + Sync + 'static, LogHandle)
 where
@@ -171,6 +175,7 @@ where
     let output = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)
+            .with_ansi(ansi)
             .with_writer(writer)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -403,8 +408,8 @@ fn write_json_value(w: &mut impl fmt::Write, value: Value<'_>) -> fmt::Result {
 }
 
 /// Writes `text` as a quoted JSON string, formatting straight into the escaper so that Debug and
-/// Display values need no intermediate String.
-fn write_json_string(w: &mut impl fmt::Write, text: fmt::Arguments<'_>) -> fmt::Result {
+/// Display values need no intermediate String. Also used by the health endpoint's bodies.
+pub fn write_json_string(w: &mut impl fmt::Write, text: fmt::Arguments<'_>) -> fmt::Result {
     w.write_char('"')?;
     Escaper(&mut *w).write_fmt(text)?;
     w.write_char('"')
@@ -522,7 +527,7 @@ mod tests {
     /// logged.
     fn capture(format: LogFormat, filter: &str, f: impl FnOnce(&LogHandle)) -> String {
         let buffer = Buffer::default();
-        let (subscriber, handle) = build(EnvFilter::new(filter), format, buffer.clone());
+        let (subscriber, handle) = build(EnvFilter::new(filter), format, false, buffer.clone());
         tracing::subscriber::with_default(subscriber, || f(&handle));
         buffer.text()
     }

@@ -384,8 +384,9 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition (format 0.0.4). `buffered` is the ledger's (envelopes, bytes).
-    pub fn render(&self, buffered: (u64, u64)) -> String {
+    /// Prometheus text exposition (format 0.0.4). `buffered` is the ledger's (envelopes, bytes),
+    /// `limit` its budget in force.
+    pub fn render(&self, buffered: (u64, u64), limit: usize) -> String {
         const V2: &str = "metric_version=\"2.0\"";
         let s = self.snapshot();
         let one = |labels: &str, v: String| vec![(labels.to_string(), v)];
@@ -396,7 +397,7 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let families: [Family; 16] = [
+        let families: [Family; 17] = [
             (
                 "ingress",
                 "counter",
@@ -513,6 +514,12 @@ impl Metrics {
                 one("", s.peak_buffered_bytes.to_string()),
             ),
             (
+                "buffered_bytes_limit",
+                "gauge",
+                "The byte budget in force (pipeline.max_buffered_bytes; a reload may change it).",
+                one("", limit.to_string()),
+            ),
+            (
                 "ingress_stream_errors",
                 "counter",
                 "Emitter streams ended by a malformed or oversize message.",
@@ -566,7 +573,7 @@ mod tests {
         m.dropped(DropReason::PipelineFull, 2);
         m.dropped(DropReason::Oversize, 1);
         m.dropped(DropReason::ConnectionQueueFull, 3);
-        let text = m.render((0, 0));
+        let text = m.render((0, 0), 1 << 20);
         assert!(text.contains("ingress{metric_version=\"2.0\"} 10\n"));
         assert!(text.contains("dropped{direction=\"ingress\",metric_version=\"2.0\"} 3\n"));
         assert!(text.contains("dropped{direction=\"egress\",metric_version=\"2.0\"} 3\n"));
@@ -576,7 +583,7 @@ mod tests {
         m.ingress_v1.fetch_add(4, Ordering::Relaxed);
         m.dropped(DropReason::V1Undecodable, 1);
         m.dropped(DropReason::UdpBufferFull, 1);
-        let text = m.render((0, 0));
+        let text = m.render((0, 0), 1 << 20);
         assert!(
             text.contains("ingress{metric_version=\"1.0\"} 4\n"),
             "{text}"
@@ -590,7 +597,7 @@ mod tests {
         m.connection_in_az("z\"1", 2);
         m.connection_in_az("z2", 1);
         m.connection_in_az("z2", -1);
-        let text = m.render((0, 0));
+        let text = m.render((0, 0), 1 << 20);
         assert!(
             text.contains("doppler_connections_by_az{az=\"z\\\"1\"} 2\n"),
             "{text}"

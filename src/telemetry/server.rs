@@ -71,7 +71,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         (Site::Metrics(ledger), Some("/metrics")) => (
             "200 OK",
             "text/plain; version=0.0.4",
-            ledger.metrics().render(ledger.buffered()),
+            ledger
+                .metrics()
+                .render(ledger.buffered(), ledger.max_bytes()),
         ),
         (Site::Health(h), Some(p @ ("/livez" | "/readyz"))) => {
             let a = if p == "/livez" {

@@ -485,3 +485,96 @@ pub async fn send_all(client: &mut IngressClient<Channel>, envs: &[Envelope]) {
             .expect("send");
     }
 }
+
+/// `GET <path>` over HTTP/1.1 on `stream` (plain or TLS); returns (status, body) of any status.
+///
+/// # Errors
+/// On I/O errors, a malformed response or none within 10 s.
+pub async fn http_get_on<S>(
+    mut stream: S,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            raw.extend_from_slice(&chunk[..n]);
+            if let Some(answer) = parse_http_response(&raw, n == 0)? {
+                return Ok(answer);
+            }
+            if n == 0 {
+                return Err("connection closed mid-response".to_string());
+            }
+        }
+    };
+    tokio::time::timeout(SCRAPE_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("no complete response within {SCRAPE_TIMEOUT:?}"))?
+}
+
+/// `GET <path>` over plain HTTP.
+///
+/// # Errors
+/// Like [`http_get_on`], plus connection errors.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    http_get_on(stream, addr, path).await
+}
+
+/// `GET <path>` over TLS, verifying the server as `metron` against `ca_pem` and presenting
+/// `client` if given.
+///
+/// # Errors
+/// Like [`http_get`], plus handshake errors (a refused client certificate may surface only at
+/// the first read, as a TLS alert).
+pub async fn https_get(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<&CertFiles>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        CertificateDer::pem_slice_iter(ca_pem.as_bytes()).filter_map(Result::ok),
+    );
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        Some(c) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                    .filter_map(Result::ok)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let name = ServerName::try_from("metron").expect("a valid name");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    http_get_on(tls, addr, path).await
+}
