@@ -1218,6 +1218,86 @@ development: { enabled: true }
     }
 
     #[test]
+    fn log_takes_a_format_and_still_accepts_its_old_name() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.format, LogFormat::Text);
+        let json = format!("{MINIMAL}log: {{ level: debug, format: json }}\n");
+        let c = Config::from_yaml(&json).unwrap();
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("debug", LogFormat::Json)
+        );
+        let old = format!("{MINIMAL}logging: {{ level: warn }}\n");
+        assert_eq!(Config::from_yaml(&old).unwrap().log.level, "warn");
+        let key = |t: &str| Config::from_yaml(t).unwrap_err().key;
+        assert_eq!(
+            key(&format!("{MINIMAL}log: {{ format: xml }}\n")),
+            "log.format"
+        );
+        assert_eq!(
+            key(&format!("{MINIMAL}logging: {{ level: \"[\" }}\n")),
+            "logging.level"
+        );
+        let both = format!("{MINIMAL}log: {{ level: info }}\nlogging: {{ level: info }}\n");
+        assert_eq!(key(&both), "logging");
+    }
+
+    #[test]
+    fn health_listens_on_loopback_by_default_and_can_be_turned_off() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.health.listen, Some("127.0.0.1:14825".parse().unwrap()));
+        let off = format!("{MINIMAL}health: {{ listen: null }}\n");
+        assert_eq!(Config::from_yaml(&off).unwrap().health.listen, None);
+        let bad = format!("{MINIMAL}health: {{ listen: here }}\n");
+        assert_eq!(Config::from_yaml(&bad).unwrap_err().key, "health.listen");
+    }
+
+    #[test]
+    fn metrics_tls_needs_readable_files_and_an_endpoint() {
+        let missing =
+            format!("{MINIMAL}metrics: {{ tls: {{ ca: /nonexistent, cert: /x, key: /y }} }}\n");
+        assert_eq!(
+            Config::from_yaml(&missing).unwrap_err().key,
+            "metrics.tls.ca"
+        );
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let off = format!(
+            "{MINIMAL}metrics: {{ listen: null, tls: {{ ca: {manifest}/Cargo.toml, cert: {manifest}/Cargo.toml, key: {manifest}/Cargo.toml }} }}\n"
+        );
+        assert_eq!(Config::from_yaml(&off).unwrap_err().key, "metrics.tls");
+    }
+
+    #[test]
+    fn previous_signing_keys_are_read_and_their_ids_must_be_distinct() {
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let signing = |previous: &str| {
+            format!(
+                "{MINIMAL}signing: {{ key_id: k2, key_file: {manifest}/Cargo.toml, previous_keys: [{previous}] }}\n"
+            )
+        };
+        let c = Config::from_yaml(&signing(&format!(
+            "{{ key_id: k1, key_file: {manifest}/build.rs }}"
+        )))
+        .unwrap();
+        let s = c.signing.unwrap();
+        assert_eq!(s.previous_keys.len(), 1);
+        assert_eq!(s.previous_keys[0].0, "k1");
+        assert!(!s.previous_keys[0].1.is_empty());
+        let key = |t: &str| Config::from_yaml(t).unwrap_err().key;
+        assert_eq!(
+            key(&signing(&format!(
+                "{{ key_id: k2, key_file: {manifest}/build.rs }}"
+            ))),
+            "signing.previous_keys[0].key_id"
+        );
+        assert_eq!(
+            key(&signing("{ key_id: k1, key_file: /nonexistent }")),
+            "signing.previous_keys[0].key_file"
+        );
+    }
+
+    #[test]
     fn shipped_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
         let c = Config::load(&path).unwrap();

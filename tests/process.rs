@@ -291,11 +291,22 @@ fn two_free_ports() -> (SocketAddr, SocketAddr) {
 /// A running metron for `doppler`, logging at info, with `extra` YAML; returns it with its
 /// ingress and metrics addresses once it has logged that it runs.
 fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, SocketAddr, SocketAddr) {
+    let (metron, ingress, metrics, _) = start_metron_logging(w, doppler, extra, "{ level: info }");
+    (metron, ingress, metrics)
+}
+
+/// [`start_metron`] with `log: <log>`; also returns the config file, for reload tests.
+fn start_metron_logging(
+    w: &World,
+    doppler: &FakeDoppler,
+    extra: &str,
+    log: &str,
+) -> (Metron, SocketAddr, SocketAddr, PathBuf) {
     // A port freed by `two_free_ports` can be taken by another test's connection before metron
     // binds it; metron then exits naming the key ("cannot listen"), and a fresh pair is tried.
     // Bounded: five attempts.
     let mut attempt = 0;
-    let (metron, ingress, metrics) = loop {
+    let (metron, ingress, metrics, config) = loop {
         attempt += 1;
         let (ingress, metrics) = two_free_ports();
         let yaml = w.yaml(&[(doppler.addr(), "z1")], extra);
@@ -306,11 +317,11 @@ fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, Socke
             "metrics:\n  listen: \"127.0.0.1:0\"",
             &format!("metrics:\n  listen: \"{metrics}\""),
         );
-        let yaml = replace_first(&yaml, "log: { level: warn }", "log: { level: info }");
+        let yaml = replace_first(&yaml, "log: { level: warn }", &format!("log: {log}"));
         let config = write_config(w, &yaml);
         let mut metron = Metron::spawn(&config);
         if metron.wait_for_line("metron is running", STEP) {
-            break (metron, ingress, metrics);
+            break (metron, ingress, metrics, config);
         }
         let port_taken = metron.seen.iter().any(|(_, l)| l.contains("cannot listen"));
         assert!(
@@ -326,7 +337,7 @@ fn start_metron(w: &World, doppler: &FakeDoppler, extra: &str) -> (Metron, Socke
         metric_value(&text, "ingress", &[("metric_version", "2.0")]),
         Some(0.0)
     );
-    (metron, ingress, metrics)
+    (metron, ingress, metrics, config)
 }
 
 fn scraped(metrics: SocketAddr, name: &str) -> Option<f64> {
@@ -514,4 +525,171 @@ fn failed_dials_at_exit(lines: &[String]) -> String {
         .find(|l| l.contains("failures="))
         .cloned()
         .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: SIGHUP reload and the SIGUSR1 state dump.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_config_and_rejects_a_bad_one_naming_the_key() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let (mut metron, ingress, _metrics, config) =
+        start_metron_logging(&w, &doppler, "", "{ level: info }");
+    let yaml = std::fs::read_to_string(&config).unwrap();
+
+    // A good change: new default tags, applied live.
+    let retagged = replace_first(
+        &yaml,
+        "tags: { team: loggregator }",
+        "tags: { team: reloaded }",
+    );
+    std::fs::write(&config, &retagged).unwrap();
+    metron.signal("HUP");
+    assert!(
+        metron.wait_for_line("configuration reloaded", STEP),
+        "{:#?}",
+        metron.seen
+    );
+    let line = metron
+        .seen
+        .iter()
+        .rev()
+        .find(|(_, l)| l.contains("configuration reloaded"));
+    assert!(
+        line.is_some_and(|(_, l)| l.contains("applied=[\"tags\"]")),
+        "{line:?}"
+    );
+    send(&w, ingress, "after-reload", 3).await;
+    assert!(doppler.wait_for_count(3, STEP));
+    assert!(doppler
+        .received()
+        .iter()
+        .all(|e| e.tags["team"] == "reloaded"));
+
+    // A bad one: an unknown key. Rejected in one line naming it; the agent runs on unchanged.
+    let broken = replace_first(&retagged, "  connections: 3\n", "  connectoins: 3\n");
+    std::fs::write(&config, &broken).unwrap();
+    metron.signal("HUP");
+    assert!(
+        metron.wait_for_line("configuration reload rejected", STEP),
+        "{:#?}",
+        metron.seen
+    );
+    let (_, line) = metron
+        .seen
+        .iter()
+        .rev()
+        .find(|(_, l)| l.contains("configuration reload rejected"))
+        .unwrap();
+    assert!(
+        line.contains("dopplers.connectoins"),
+        "names the key: {line}"
+    );
+    assert_eq!(metron.child.try_wait().unwrap(), None, "still running");
+    send(&w, ingress, "after-rejection", 3).await;
+    assert!(doppler.wait_for_count(6, STEP));
+    assert!(doppler
+        .received()
+        .iter()
+        .all(|e| e.tags["team"] == "reloaded"));
+
+    metron.signal("TERM");
+    assert_eq!(metron.wait_exit(STEP).code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_dumps_one_json_record_per_actor() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let (mut metron, ingress, metrics, _config) =
+        start_metron_logging(&w, &doppler, "", "{ level: info, format: json }");
+    assert!(doppler.wait_for_connections(3, STEP));
+    send(&w, ingress, "dumped", 4).await;
+    assert!(doppler.wait_for_count(4, STEP));
+    // Acknowledged by the Doppler, so the dump sees empty buffers.
+    assert!(
+        wait_until(STEP, || scraped(metrics, "buffered_envelopes") == Some(0.0)),
+        "still buffered"
+    );
+
+    metron.signal("USR1");
+    // The edge record is written last.
+    assert!(
+        metron.wait_for_line("\"actor\":\"edge\"", STEP),
+        "{:#?}",
+        metron.seen
+    );
+    metron.signal("TERM");
+    assert_eq!(metron.wait_exit(STEP).code(), Some(0));
+    let lines = metron.all_lines(Pipe::Stdout);
+
+    // Every line the agent wrote is one JSON object with the stable fields.
+    let records: Vec<jsonl::Json> = lines
+        .iter()
+        .map(|l| jsonl::parse(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for r in &records {
+        for field in ["ts", "level", "msg"] {
+            assert!(
+                r.get(field).and_then(jsonl::Json::as_str).is_some(),
+                "{field} in {r:?}"
+            );
+        }
+    }
+    let state: Vec<&jsonl::Json> = records
+        .iter()
+        .filter(|r| r.get("msg").and_then(jsonl::Json::as_str) == Some("state"))
+        .collect();
+    let actor = |r: &jsonl::Json| {
+        r.get("actor")
+            .and_then(jsonl::Json::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut actors: Vec<String> = state.iter().map(|r| actor(r)).collect();
+    actors.sort();
+    assert_eq!(
+        actors,
+        [
+            "doppler_connection",
+            "doppler_connection",
+            "doppler_connection",
+            "edge",
+            "ingress",
+            "sequencer",
+            "signer",
+            "supervisor"
+        ],
+        "{state:#?}"
+    );
+    let num = |r: &jsonl::Json, k: &str| r.get(k).and_then(jsonl::Json::as_f64);
+    let text =
+        |r: &jsonl::Json, k: &str| r.get(k).and_then(jsonl::Json::as_str).map(str::to_string);
+    let mut slots = Vec::new();
+    for c in state.iter().filter(|r| actor(r) == "doppler_connection") {
+        slots.push(num(c, "slot").expect("slot") as usize);
+        assert_eq!(
+            text(c, "doppler"),
+            Some(doppler.addr().to_string()),
+            "{c:?}"
+        );
+        assert_eq!(text(c, "az").as_deref(), Some("z1"));
+        assert_eq!(text(c, "state").as_deref(), Some("connected"));
+        assert_eq!(num(c, "restarts"), Some(0.0));
+        assert_eq!(num(c, "queued_batches"), Some(0.0));
+    }
+    slots.sort();
+    assert_eq!(slots, [0, 1, 2]);
+    let sequencer = state.iter().find(|r| actor(r) == "sequencer").unwrap();
+    assert_eq!(num(sequencer, "sources"), Some(1.0), "{sequencer:?}");
+    let signer = state.iter().find(|r| actor(r) == "signer").unwrap();
+    assert_eq!(
+        text(signer, "key_id").as_deref(),
+        Some(common::agent::KEY_ID)
+    );
+    let edge = state.iter().find(|r| actor(r) == "edge").unwrap();
+    assert_eq!(num(edge, "buffered_envelopes"), Some(0.0), "{edge:?}");
+    assert_eq!(num(edge, "ingress"), Some(4.0), "{edge:?}");
+    assert_eq!(num(edge, "egress"), Some(4.0), "{edge:?}");
 }
