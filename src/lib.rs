@@ -164,6 +164,8 @@ pub struct Agent {
     udp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     health_addr: Option<SocketAddr>,
+    /// `/metrics` is served over mTLS (fixed at start-up).
+    metrics_tls: bool,
     dev_doppler_addr: Option<SocketAddr>,
     dev_credentials: Option<DevCredentials>,
     ledger: Arc<Ledger>,
@@ -219,7 +221,8 @@ impl Agent {
         } else {
             None
         };
-        let tls = TlsSet::load(&config, dev_credentials.as_ref())?;
+        let tls = TlsSet::load(&config, dev_credentials.as_ref(), true)?;
+        let metrics_tls = tls.metrics.is_some();
         let dev_doppler_tls = match (&config.development.doppler_listen, &dev_credentials) {
             (Some(_), Some(d)) => Some(TlsMaterial::load(&d.doppler, "development")?),
             _ => None,
@@ -324,6 +327,7 @@ impl Agent {
             udp_addr,
             metrics_addr,
             health_addr,
+            metrics_tls,
             dev_doppler_addr,
             dev_credentials,
             ledger,
@@ -356,7 +360,7 @@ impl Agent {
     /// [`ReloadError::Config`] naming the key when the new config cannot be applied; the agent
     /// then runs on exactly as before.
     pub async fn reload(&self, config: Config) -> Result<ReloadOutcome, ReloadError> {
-        let tls = TlsSet::load(&config, self.dev_credentials.as_ref())?;
+        let tls = TlsSet::load(&config, self.dev_credentials.as_ref(), self.metrics_tls)?;
         let control = self.control.as_ref().ok_or(ReloadError::ShuttingDown)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         control

@@ -151,14 +151,22 @@ fn main() -> ExitCode {
 
     rt.block_on(async {
         loop {
-            match signals.next().await {
-                Signal::Stop => break,
-                // One at a time: a reload or dump runs to its end before the next signal is read.
-                Signal::Reload => reload(&agent, &path, &log).await,
+            // One at a time: a reload or dump runs to its end (or its time limit) before the next
+            // HUP or USR1 is read; TERM and INT are read meanwhile and win.
+            let stopped = match signals.next().await {
+                Signal::Stop => true,
+                Signal::Reload => {
+                    let work = reload(&agent, &path, &log);
+                    unless_stopped(&mut signals, work, "the reload").await
+                }
                 Signal::Dump => {
                     tracing::info!("SIGUSR1: writing the state dump (target metron::state)");
-                    agent.dump_state().await;
+                    let work = agent.dump_state();
+                    unless_stopped(&mut signals, work, "the state dump").await
                 }
+            };
+            if stopped {
+                break;
             }
         }
         tracing::info!("signal received: shutting down gracefully (send another to exit at once)");
@@ -183,6 +191,41 @@ fn main() -> ExitCode {
         tracing::warn!("second signal: exiting at once");
         std::process::exit(1);
     })
+}
+
+/// The longest a reload or a state dump may take before the process stops waiting for it. Both
+/// take milliseconds; only an agent whose actor system is stuck makes them wait (and `/livez`
+/// then says so).
+const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `work` until it is done, [`CONTROL_TIMEOUT`] passes, or TERM or INT arrives; returns
+/// whether one did (the work is then abandoned: shutting down comes first).
+async fn unless_stopped(
+    signals: &mut Signals,
+    work: impl std::future::Future<Output = ()>,
+    what: &str,
+) -> bool {
+    let work = tokio::time::timeout(CONTROL_TIMEOUT, work);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => {
+                if done.is_err() {
+                    tracing::error!(
+                        "{what} did not finish within {} s: the agent may be stuck (see /livez)",
+                        CONTROL_TIMEOUT.as_secs()
+                    );
+                }
+                return false;
+            }
+            signal = signals.next() => {
+                if signal == Signal::Stop {
+                    return true;
+                }
+                tracing::info!("busy with {what}: ignoring this signal");
+            }
+        }
+    }
 }
 
 /// SIGHUP: re-reads `path` and applies it. A config that does not load, or that the agent cannot

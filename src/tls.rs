@@ -154,12 +154,18 @@ pub struct TlsSet {
 
 impl TlsSet {
     /// Reads and checks every file `config` names; a `tls:` block left out in development mode
-    /// uses `dev`'s agent certificate.
+    /// uses `dev`'s agent certificate. `metrics.tls` is read only `with_metrics` (a reload of an
+    /// agent whose metrics endpoint started without TLS cannot turn it on, so its files are not
+    /// its business).
     ///
     /// # Errors
     /// A [`ConfigError`] naming the file's key, also when a block is missing and no development
     /// credentials exist (a reload cannot create them: they are made at start-up only).
-    pub fn load(config: &Config, dev: Option<&DevCredentials>) -> Result<Self, ConfigError> {
+    pub fn load(
+        config: &Config,
+        dev: Option<&DevCredentials>,
+        with_metrics: bool,
+    ) -> Result<Self, ConfigError> {
         let files = |tls: &Option<TlsFiles>, key: &str| {
             tls.clone()
                 .or_else(|| dev.map(|d| d.agent.clone()))
@@ -175,15 +181,16 @@ impl TlsSet {
         Ok(Self {
             ingress: TlsMaterial::load(&ingress, "ingress.grpc.tls")?,
             doppler: TlsMaterial::load(&doppler, "dopplers.tls")?,
-            metrics: config
-                .metrics
-                .tls
-                .as_ref()
-                .map(|t| TlsMaterial::load(t, "metrics.tls"))
-                .transpose()?,
+            metrics: match (&config.metrics.tls, with_metrics) {
+                (Some(t), true) => Some(TlsMaterial::load(t, "metrics.tls")?),
+                _ => None,
+            },
         })
     }
 }
+
+/// TLS handshakes under way (or finished and waiting for the server) per listener.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// A server's TLS configuration, shared by its accept loop.
 pub type ServerConfig = Arc<rustls::ServerConfig>;
@@ -213,8 +220,10 @@ impl ReloadableAcceptor {
 
     /// Accepts TCP connections on `listener` and hands out the ones whose TLS handshake (with
     /// the current configuration) completes within `handshake_timeout`. Handshakes run
-    /// concurrently, so a slow or silent client delays nobody else. Stops when the receiver is
-    /// dropped. `name` says which listener in the rate-limited warnings.
+    /// concurrently, so a slow or silent client delays nobody else; at most
+    /// [`MAX_PENDING_HANDSHAKES`] at a time (then accepting waits: a flood of idle connections
+    /// holds a bounded number of sockets and tasks). Stops when the receiver is dropped. `name`
+    /// says which listener in the rate-limited warnings.
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
@@ -226,21 +235,38 @@ impl ReloadableAcceptor {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let failures = Arc::new(RateLimit::new(Duration::from_secs(30)));
+            let accept_errors = RateLimit::new(Duration::from_secs(30));
+            let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
             loop {
                 let accepted = tokio::select! {
-                    a = listener.accept() => a,
+                    permit = pending.clone().acquire_owned() => match permit {
+                        Ok(permit) => tokio::select! {
+                            a = listener.accept() => a.map(|a| (a, permit)),
+                            () = tx.closed() => return,
+                        },
+                        Err(_) => return,
+                    },
                     () = tx.closed() => return,
                 };
-                let Ok((tcp, peer)) = accepted else {
-                    // Out of file descriptors and the like: let it pass rather than spin.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+                let ((tcp, peer), permit) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: say so, and let it pass rather
+                        // than spin.
+                        accept_errors.warn_every(|times| {
+                            tracing::warn!(listener = name, error = %e, failures = times, "cannot accept a connection");
+                        });
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = self.acceptor();
                 let tx = tx.clone();
                 let failures = failures.clone();
                 tokio::spawn(async move {
+                    // Held until the connection is handed over (or has failed).
+                    let _permit = permit;
                     let outcome =
                         tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
                     match outcome {

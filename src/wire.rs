@@ -80,6 +80,8 @@ struct LiveState {
     tls: TlsSet,
     /// The key id signing now (`ephemeral` without `signing:`).
     signing_key_id: String,
+    /// The key signing now: a new key must come with a new id, whatever the configs said.
+    signing_key: Vec<u8>,
     ingress_acceptor: Arc<ReloadableAcceptor>,
     metrics_acceptor: Option<Arc<ReloadableAcceptor>>,
     tunables: Arc<EdgeTunables>,
@@ -174,7 +176,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let ledger = p.ledger.clone();
     let slots = c.dopplers.connections.get();
 
-    let dopplers = dopplers(c, &p.resolver).map_err(std::io::Error::other)?;
+    let dopplers = dopplers(c, &c.identity.az, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
@@ -328,6 +330,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         current: p.config.clone(),
         tls: p.tls,
         signing_key_id: p.signing_key_id,
+        signing_key: p.signing_key,
         ingress_acceptor,
         metrics_acceptor,
         tunables,
@@ -352,7 +355,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 }
 
 /// Where the Dopplers are, as the supervisor takes it.
-fn dopplers(c: &Config, resolver: &Arc<dyn Resolver>) -> Result<Dopplers, ConfigError> {
+/// Where the Dopplers are, as the supervisor takes it; `local_az` is the one the supervisor runs
+/// with (`identity.az` needs a restart).
+fn dopplers(
+    c: &Config,
+    local_az: &str,
+    resolver: &Arc<dyn Resolver>,
+) -> Result<Dopplers, ConfigError> {
     Ok(match &c.dopplers.source {
         DopplerSource::Static(list) => Dopplers::Static(
             list.iter()
@@ -371,7 +380,7 @@ fn dopplers(c: &Config, resolver: &Arc<dyn Resolver>) -> Result<Dopplers, Config
                 Discovery::new(
                     router_addr,
                     router_addr_with_az.as_deref(),
-                    &c.identity.az,
+                    local_az,
                     resolver.clone(),
                 )
                 .map_err(|e| ConfigError {
@@ -449,29 +458,31 @@ impl Running {
             }
             _ => None,
         };
-        let signer = match (&old.signing, &new.signing) {
-            (_, None) if old.signing.is_some() => {
-                needs_restart.push("signing");
+        // Compared with the key signing now, not with the last config: a section removed (which
+        // needs a restart) must not let the same id come back with another key.
+        let signer = match &new.signing {
+            None => {
+                if live.started.signing.is_some() {
+                    needs_restart.push("signing");
+                }
                 None
             }
-            (Some(o), Some(n)) if o.key_id == n.key_id && o.key != n.key => {
+            Some(n) if n.key_id == live.signing_key_id && n.key != live.signing_key => {
                 return Err(ConfigError {
                     key: "signing.key_file".into(),
                     problem: format!(
-                        "the key changed but signing.key_id ({:?}) did not: give the new key a new                          id, and list the old one in signing.previous_keys, so receivers can tell                          envelopes signed before and after apart",
+                        "the key changed but signing.key_id ({:?}) did not: give the new key a new \
+                         id, and list the old one in signing.previous_keys, so receivers can tell \
+                         envelopes signed before and after apart",
                         n.key_id
                     ),
                 });
             }
-            (o, Some(n))
-                if o.as_ref().map(|o| (&o.key_id, &o.key)) != Some((&n.key_id, &n.key)) =>
-            {
-                Some(n.clone())
-            }
-            _ => None,
+            Some(n) if n.key_id != live.signing_key_id => Some(n.clone()),
+            Some(_) => None,
         };
         let dopplers = (new.dopplers.source != old.dopplers.source)
-            .then(|| dopplers(&new, &live.resolver))
+            .then(|| dopplers(&new, &live.started.identity.az, &live.resolver))
             .transpose()?;
 
         // Then apply.
@@ -484,21 +495,40 @@ impl Running {
             acceptor.set(config);
             applied.push("metrics.tls");
         }
-        let d = (&old.dopplers, &new.dopplers);
-        let dial_changed = tls.doppler != live.tls.doppler
-            || d.0.server_name != d.1.server_name
-            || d.0.connect_timeout != d.1.connect_timeout
-            || d.0.keepalive_interval != d.1.keepalive_interval
-            || d.0.keepalive_timeout != d.1.keepalive_timeout;
-        if dial_changed {
+        let (d, e) = (&old.dopplers, &new.dopplers);
+        let dial_changes: Vec<&'static str> = [
+            (
+                "dopplers.tls",
+                tls.doppler != live.tls.doppler || d.server_name != e.server_name,
+            ),
+            (
+                "dopplers.connect_timeout_ms",
+                d.connect_timeout != e.connect_timeout,
+            ),
+            (
+                "dopplers.keepalive_interval_ms",
+                d.keepalive_interval != e.keepalive_interval,
+            ),
+            (
+                "dopplers.keepalive_timeout_ms",
+                d.keepalive_timeout != e.keepalive_timeout,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect();
+        if !dial_changes.is_empty() {
             // Control message: must arrive whatever the supervisor's mailbox holds.
             self.supervisor
                 .do_send(SetDial(dial_settings(&new, &tls.doppler)));
-            applied.push("dopplers.tls");
+            applied.extend(dial_changes);
         }
-        if let Some(d) = dopplers {
-            self.supervisor.do_send(SetDopplers(d));
-            applied.push("dopplers.endpoints");
+        if let Some(dopplers) = dopplers {
+            self.supervisor.do_send(SetDopplers(dopplers));
+            applied.push(match e.source {
+                DopplerSource::Static(_) => "dopplers.endpoints",
+                DopplerSource::Dns { .. } => "dopplers.router_addr",
+            });
         }
         if new.default_tags != old.default_tags {
             self.ingress
@@ -514,11 +544,14 @@ impl Running {
                 tracing::warn!(
                     old_key_id = %live.signing_key_id,
                     new_key_id = %key_id,
-                    "signing key rotated, but the old key id is not in signing.previous_keys:                      envelopes signed with it may still be buffered or in flight, and receivers                      configured from this file will not verify them"
+                    "signing key rotated, but the old key id is not in signing.previous_keys: \
+                     envelopes signed with it may still be buffered or in flight, and receivers \
+                     configured from this file will not verify them"
                 );
             }
             self.signer.do_send(SetSigner(Signer::new(key_id, key)));
             live.signing_key_id.clone_from(key_id);
+            live.signing_key.clone_from(key);
             applied.push("signing");
         } else if new.signing.as_ref().map(|s| &s.previous_keys)
             != old.signing.as_ref().map(|s| &s.previous_keys)
@@ -555,35 +588,35 @@ impl Running {
     /// buffer levels. Each actor answers through its mailbox, behind the batches already there;
     /// one that does not answer within a second is named instead.
     pub async fn dump_state(&self) {
-        let wait = Duration::from_secs(1);
+        // Every request is queued at once and shares one deadline: the dump takes at most a
+        // second whatever the number of slots.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut asked: Vec<(String, Request<_, DumpState>)> = Vec::new();
         let mut silent: Vec<String> = Vec::new();
-        let mut ask = |name: String, answered: bool| {
-            if !answered {
+        let ingress = self.ingress.send(DumpState);
+        let sequencer = self.sequencer.send(DumpState);
+        let signer = self.signer.send(DumpState);
+        let supervisor = self.supervisor.send(DumpState);
+        for (slot, c) in self.connections.iter().enumerate() {
+            asked.push((format!("doppler_connection[{slot}]"), c.send(DumpState)));
+        }
+        let answered = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
+        if !answered(tokio::time::timeout_at(deadline, ingress).await) {
+            silent.push("ingress".into());
+        }
+        if !answered(tokio::time::timeout_at(deadline, sequencer).await) {
+            silent.push("sequencer".into());
+        }
+        if !answered(tokio::time::timeout_at(deadline, signer).await) {
+            silent.push("signer".into());
+        }
+        if !answered(tokio::time::timeout_at(deadline, supervisor).await) {
+            silent.push("supervisor".into());
+        }
+        for (name, request) in asked {
+            if !answered(tokio::time::timeout_at(deadline, request).await) {
                 silent.push(name);
             }
-        };
-        let ok = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
-        ask(
-            "ingress".into(),
-            ok(tokio::time::timeout(wait, self.ingress.send(DumpState)).await),
-        );
-        ask(
-            "sequencer".into(),
-            ok(tokio::time::timeout(wait, self.sequencer.send(DumpState)).await),
-        );
-        ask(
-            "signer".into(),
-            ok(tokio::time::timeout(wait, self.signer.send(DumpState)).await),
-        );
-        ask(
-            "supervisor".into(),
-            ok(tokio::time::timeout(wait, self.supervisor.send(DumpState)).await),
-        );
-        for (slot, c) in self.connections.iter().enumerate() {
-            ask(
-                format!("doppler_connection[{slot}]"),
-                ok(tokio::time::timeout(wait, c.send(DumpState)).await),
-            );
         }
         let (envelopes, bytes) = self.ledger.buffered();
         let (udp_datagrams, udp_bytes) = self.udp.as_ref().map_or((0, 0), |u| u.queued());

@@ -572,3 +572,45 @@ async fn an_outage_of_the_az_name_alone_moves_nothing() {
     assert_eq!(m.restarts_total(), 0, "{m:?}");
     assert_eq!(opened(&[&a, &b]), 3);
 }
+
+#[tokio::test]
+async fn a_reload_switches_between_dns_and_a_fixed_list_without_losing_an_envelope() {
+    let w = World::new();
+    let (a, b) = (FakeDoppler::start(&w.pki), FakeDoppler::start(&w.pki));
+    let dns = StaticResolver::new();
+    dns.set(ALL, addrs(&[&a]));
+    // Resolving every 20 ms: a resolution left running after the switch would show at once.
+    let agent = start(&w, &dns, None, 20);
+    assert!(a.wait_for_connections_async(3, WAIT).await);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let n = 300;
+    send_all(&mut client, &wave("dns", n)).await;
+
+    // To a fixed list: every slot moves to it, gracefully, and DNS is no longer asked.
+    let fixed = Config::from_yaml(&w.yaml(&[(b.addr(), "z1")], "")).unwrap();
+    let outcome = agent.reload(fixed).await.expect("reload applies");
+    assert_eq!(outcome.applied, vec!["dopplers.endpoints"]);
+    assert!(outcome.needs_restart.is_empty(), "{outcome:?}");
+    assert!(wait_until_async(WAIT, || b.connections_opened() == 3).await);
+    let lookups = dns.lookups();
+    send_all(&mut client, &wave("fixed", n)).await;
+    assert!(wait_until_async(WAIT, || total(&[&a, &b]) >= 2 * n).await);
+    assert!(drained(&agent).await);
+    assert_eq!(dns.lookups(), lookups, "DNS is not asked any more");
+
+    // And back to DNS, which lists `a` again.
+    let by_dns = Config::from_yaml(&dns_yaml(&w, None, 20)).unwrap();
+    let outcome = agent.reload(by_dns).await.expect("reload applies");
+    assert_eq!(outcome.applied, vec!["dopplers.router_addr"]);
+    assert!(wait_until_async(WAIT, || a.connections_opened() == 6).await);
+    send_all(&mut client, &wave("dns-again", n)).await;
+    assert!(wait_until_async(WAIT, || total(&[&a, &b]) >= 3 * n).await);
+    assert!(drained(&agent).await);
+
+    for tag in ["dns", "fixed", "dns-again"] {
+        assert_arrived_once(&[&a, &b], tag, n);
+    }
+    assert_exact(&agent, 3 * n);
+    let m = shut_down(agent).await;
+    assert_eq!(m.dropped_total(), 0, "{m:?}");
+}

@@ -73,6 +73,9 @@ pub struct DopplerSupervisor {
     resolve_interval: Duration,
     /// The periodic resolution, while discovery is on (a reload may turn it on or off).
     resolve_timer: Option<SpawnHandle>,
+    /// The lookup under way, cancelled when a reload changes the names: its answer would be
+    /// for the old ones.
+    lookup: Option<SpawnHandle>,
     resolving: bool,
     last_resolve: Option<Instant>,
     failures: RateLimit,
@@ -174,6 +177,7 @@ impl DopplerSupervisor {
                 local_az: s.local_az,
                 resolve_interval,
                 resolve_timer: None,
+                lookup: None,
                 resolving: false,
                 last_resolve: None,
                 failures: RateLimit::new(Duration::from_secs(30)),
@@ -307,11 +311,13 @@ impl DopplerSupervisor {
         self.resolving = true;
         self.last_resolve = Some(Instant::now());
         let lookup = async move { discovery.resolve().await };
-        ctx.spawn(wrap_future(lookup).map(|res, act: &mut Self, _| act.on_resolved(res)));
+        self.lookup =
+            Some(ctx.spawn(wrap_future(lookup).map(|res, act: &mut Self, _| act.on_resolved(res))));
     }
 
     fn on_resolved(&mut self, res: Result<Vec<Endpoint>, DiscoveryError>) {
         self.resolving = false;
+        self.lookup = None;
         let endpoints = match res {
             Ok(e) => e,
             Err(e) => {
@@ -346,12 +352,20 @@ impl DopplerSupervisor {
         }
     }
 
-    /// Resolves now and every `resolve_interval` while discovery is on.
-    fn start_resolving(&mut self, ctx: &mut Context<Self>) {
+    /// Stops the periodic resolution and cancels a lookup under way.
+    fn stop_resolving(&mut self, ctx: &mut Context<Self>) {
         if let Some(timer) = self.resolve_timer.take() {
             ctx.cancel_future(timer);
         }
+        if let Some(lookup) = self.lookup.take() {
+            ctx.cancel_future(lookup);
+        }
         self.resolving = false;
+    }
+
+    /// Resolves now and every `resolve_interval` while discovery is on.
+    fn start_resolving(&mut self, ctx: &mut Context<Self>) {
+        self.stop_resolving(ctx);
         self.resolve(ctx);
         self.resolve_timer =
             Some(ctx.run_interval(self.resolve_interval, |act, ctx| act.resolve(ctx)));
@@ -489,9 +503,7 @@ impl Handler<SetDopplers> for DopplerSupervisor {
     fn handle(&mut self, SetDopplers(dopplers): SetDopplers, ctx: &mut Context<Self>) {
         match dopplers {
             Dopplers::Static(list) => {
-                if let Some(timer) = self.resolve_timer.take() {
-                    ctx.cancel_future(timer);
-                }
+                self.stop_resolving(ctx);
                 self.discovery = None;
                 self.use_endpoints(list);
             }
@@ -501,8 +513,6 @@ impl Handler<SetDopplers> for DopplerSupervisor {
             } => {
                 self.discovery = Some(discovery);
                 self.resolve_interval = interval;
-                // A resolution under way answers for the old names; the new one supersedes it
-                // (and a late answer only repeats what the next resolution corrects).
                 self.start_resolving(ctx);
             }
         }

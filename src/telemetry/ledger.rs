@@ -119,12 +119,17 @@ impl Ledger {
 
     /// Changes the budget (a reload). Growing frees room at once; shrinking takes back what is
     /// free now and the rest as envelopes leave, so nothing buffered is dropped for it.
+    ///
+    /// The steps are ordered so that a concurrent [`Ledger::buffered`] can only read too little,
+    /// never too much (which would stick in `buffered_bytes_peak`). Called by one reload at a time.
     pub fn set_max_bytes(&self, new: usize) {
-        let old = self.max_bytes.swap(new, Ordering::Relaxed);
+        let old = self.max_bytes();
         if new >= old {
             self.give_back(new - old);
+            self.max_bytes.store(new, Ordering::Relaxed);
         } else {
             let cut = old - new;
+            self.max_bytes.store(new, Ordering::Relaxed);
             let taken = self.budget.forget_permits(cut);
             self.debt.fetch_add(cut - taken, Ordering::Relaxed);
         }

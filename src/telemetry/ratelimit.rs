@@ -24,6 +24,13 @@ impl RateLimit {
         }
     }
 
+    /// Records one occurrence and calls `log` with the count when a line is due.
+    pub fn warn_every(&self, log: impl FnOnce(u64)) {
+        if let Some(times) = self.check() {
+            log(times);
+        }
+    }
+
     /// Records one occurrence; returns `Some(occurrences since the last line, this one included)`
     /// when a line should be written now.
     pub fn check(&self) -> Option<u64> {

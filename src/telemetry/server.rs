@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::health::Health;
+use super::ratelimit::RateLimit;
 use super::Ledger;
 use crate::tls::ReloadableAcceptor;
 
@@ -35,11 +36,22 @@ pub async fn serve(listener: TcpListener, site: Site, tls: Option<Arc<Reloadable
                 spawn_answer(stream, site.clone());
             }
         }
-        None => loop {
-            if let Ok((stream, _)) = listener.accept().await {
-                spawn_answer(stream, site.clone());
+        None => {
+            let errors = RateLimit::new(Duration::from_secs(30));
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => spawn_answer(stream, site.clone()),
+                    Err(e) => {
+                        // Out of file descriptors and the like: say so, and let it pass rather
+                        // than spin.
+                        errors.warn_every(|times| {
+                            tracing::warn!(error = %e, failures = times, "cannot accept an HTTP connection");
+                        });
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
             }
-        },
+        }
     }
 }
 
