@@ -592,7 +592,7 @@ impl Config {
         let (a, b) = (self, new);
         let (d, e) = (&a.dopplers, &b.dopplers);
         let (p, q) = (&a.pipeline, &b.pipeline);
-        [
+        changed_keys([
             ("identity.az", a.identity.az != b.identity.az),
             ("ingress.grpc.listen", a.ingress.listen != b.ingress.listen),
             ("ingress.udp", a.ingress.udp != b.ingress.udp),
@@ -649,11 +649,16 @@ impl Config {
             ),
             ("log.format", a.log.format != b.log.format),
             ("development", a.development != b.development),
-        ]
+        ])
+    }
+}
+
+/// The keys of `(key, changed)` pairs whose value changed, in order.
+pub fn changed_keys(pairs: impl IntoIterator<Item = (&'static str, bool)>) -> Vec<&'static str> {
+    pairs
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
         .collect()
-    }
 }
 
 /// serde_yaml's messages read `ingress.grpc: unknown field `lisen`, ...`; turn them into the same

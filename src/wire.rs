@@ -496,7 +496,7 @@ impl Running {
             applied.push("metrics.tls");
         }
         let (d, e) = (&old.dopplers, &new.dopplers);
-        let dial_changes: Vec<&'static str> = [
+        let dial_changes = crate::config::changed_keys([
             (
                 "dopplers.tls",
                 tls.doppler != live.tls.doppler || d.server_name != e.server_name,
@@ -513,10 +513,7 @@ impl Running {
                 "dopplers.keepalive_timeout_ms",
                 d.keepalive_timeout != e.keepalive_timeout,
             ),
-        ]
-        .into_iter()
-        .filter_map(|(key, changed)| changed.then_some(key))
-        .collect();
+        ]);
         if !dial_changes.is_empty() {
             // Control message: must arrive whatever the supervisor's mailbox holds.
             self.supervisor

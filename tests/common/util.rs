@@ -184,31 +184,11 @@ pub fn scrape(addr: SocketAddr) -> String {
 /// # Panics
 /// Like `scrape`.
 pub async fn scrape_async(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let work = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("scrape {addr}: connect: {e}"));
-        stream
-            .write_all(metrics_request(addr).as_bytes())
-            .await
-            .unwrap_or_else(|e| panic!("scrape {addr}: write: {e}"));
-        let mut raw = Vec::new();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .unwrap_or_else(|e| panic!("scrape {addr}: read: {e}"));
-            raw.extend_from_slice(&chunk[..n]);
-            if let Some(body) = finish_response(addr, &raw, n == 0) {
-                return body;
-            }
-        }
-    };
-    tokio::time::timeout(SCRAPE_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| panic!("scrape {addr}: no complete response within {SCRAPE_TIMEOUT:?}"))
+    match http_get(addr, "/metrics").await {
+        Ok((200, body)) => body,
+        Ok((status, body)) => panic!("scrape {addr}: status {status}: {body}"),
+        Err(e) => panic!("scrape {addr}: {e}"),
+    }
 }
 
 fn metrics_request(addr: SocketAddr) -> String {
