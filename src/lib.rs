@@ -47,6 +47,15 @@
 //! `pipeline.max_buffered_bytes`. The ledger makes `ingress == egress + Σ dropped + buffered`
 //! exact whenever the pipeline is idle, and `buffered` is zero after shutdown.
 //!
+//! ## Control (day-2 operations)
+//!
+//! Control travels apart from the data: [`Agent::reload`] (SIGHUP) reads the new config's files
+//! on the caller's thread, then the agent thread checks everything and sends each actor what
+//! changed (`SetDefaultTags`, `SetBudget`, `SetSigner`, `SetDopplers`, `SetDial`) and swaps the
+//! certificates of the [`tls::ReloadableAcceptor`]s, so new connections get them and open ones
+//! keep theirs. [`Agent::dump_state`] (SIGUSR1) asks every actor for a `DumpState` record.
+//! [`telemetry::health`] answers `/livez` and `/readyz` from the same counters as `/metrics`.
+//!
 //! ## Threads
 //!
 //! The agent runs on one dedicated thread hosting the actix `System` on a 2-worker tokio runtime:
