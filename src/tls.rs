@@ -72,16 +72,10 @@ impl TlsMaterial {
         let Ok(key) = PrivateKeyDer::from_pem_slice(&self.key_pem) else {
             return Err(bad("key", "private key"));
         };
-        let mut roots = rustls::RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(
-            CertificateDer::pem_slice_iter(&self.ca_pem).filter_map(Result::ok),
-        );
-        if added == 0 {
+        if self.roots().roots.is_empty() {
             return Err(bad("ca", "usable CA certificate"));
         }
-        let chain: Vec<_> = CertificateDer::pem_slice_iter(&self.cert_pem)
-            .filter_map(Result::ok)
-            .collect();
+        let chain = self.chain();
         // Catches a key that belongs to another certificate, or a key type rustls cannot use,
         // here instead of at the first handshake.
         rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
@@ -90,6 +84,22 @@ impl TlsMaterial {
                 problem: format!("unusable with {key_name}.cert: {e}"),
             })?;
         Ok(())
+    }
+
+    /// The usable certificates of the CA bundle.
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(&self.ca_pem).filter_map(Result::ok),
+        );
+        roots
+    }
+
+    /// The certificate chain, leaf first.
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(&self.cert_pem)
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// For the benchmark's sink, which serves through tonic's own TLS.
@@ -105,19 +115,13 @@ impl TlsMaterial {
     /// # Errors
     /// A [`ConfigError`] naming `<key>.ca`/`<key>.key` when rustls refuses the material.
     pub fn server_config(&self, key: &str, alpn: &[&[u8]]) -> Result<ServerConfig, ConfigError> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(
-            CertificateDer::pem_slice_iter(&self.ca_pem).filter_map(Result::ok),
-        );
-        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(self.roots()))
             .build()
             .map_err(|e| ConfigError {
                 key: format!("{key}.ca"),
                 problem: format!("cannot verify clients with it: {e}"),
             })?;
-        let chain: Vec<_> = CertificateDer::pem_slice_iter(&self.cert_pem)
-            .filter_map(Result::ok)
-            .collect();
+        let chain = self.chain();
         let private = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
             key: format!("{key}.key"),
             problem: format!("no private key: {e}"),
