@@ -107,24 +107,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// connections (an admission waits at most `ingress.grpc.max_wait_ms`, capped at 10 s).
 const SERVER_SETTLE: Duration = Duration::from_millis(200);
 
-/// What a decoded envelope costs in memory beyond its encoded bytes: the struct, two map headers
-/// and tree nodes, allocation slack. Deliberately generous: it is what makes the byte budget
-/// bound memory (and the envelope count) even for tiny envelopes.
-const IN_MEMORY_OVERHEAD: usize = 256;
-
 /// The part of every envelope's budget cost that does not depend on the envelope: an upper bound
-/// on what the agent adds to it — `metron_stream` (32 hex), `metron_seq` (≤ 20 digits),
-/// `metron_sig` (key id + 65), every default tag, map-entry framing — plus [`IN_MEMORY_OVERHEAD`].
+/// on what the agent appends to it — `metron_stream` (32 hex), `metron_seq` (≤ 20 digits),
+/// `metron_sig` (key id + 65), every default tag, each with its map-entry framing — plus
+/// [`crate::envelope::ITEM_OVERHEAD`].
 fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
-    let framing = 8;
-    let agent = (13 + 32 + framing) + (10 + 20 + framing) + (10 + key_id.len() + 65 + framing);
+    use crate::envelope::{ENTRY_FRAMING, ITEM_OVERHEAD};
+    let agent = (13 + 32 + ENTRY_FRAMING)
+        + (10 + 20 + ENTRY_FRAMING)
+        + (10 + key_id.len() + 65 + ENTRY_FRAMING);
     let defaults: usize = config
         .default_tags
         .iter()
-        .map(|(k, v)| k.len() + v.len() + framing)
+        .map(|(k, v)| k.len() + v.len() + ENTRY_FRAMING)
         .sum();
-    let entries = (config.default_tags.len() + 3) * crate::envelope::MAP_ENTRY_OVERHEAD;
-    u32::try_from(agent + defaults + entries + IN_MEMORY_OVERHEAD).unwrap_or(u32::MAX)
+    u32::try_from(agent + defaults + ITEM_OVERHEAD).unwrap_or(u32::MAX)
 }
 
 /// Starts every actor and server. Must run inside the agent's actix `System`.

@@ -56,10 +56,7 @@ impl Handler<IngressBatch> for IngressActor {
     type Result = ();
 
     fn handle(&mut self, IngressBatch(mut batch): IngressBatch, _: &mut Context<Self>) {
-        let mut mapped = 0;
-        for env in batch.envelopes_mut() {
-            mapped += u64::from(self.tagger.process(env).origin_mapped);
-        }
+        let mapped = self.tagger.process(&mut batch);
         self.ledger
             .metrics()
             .origin_mappings

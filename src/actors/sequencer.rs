@@ -82,9 +82,9 @@ impl Handler<TaggedBatch> for SequencerActor {
         let slots = self.queues.len();
         // Split by slot first, so a slot over its share is refused before its envelopes are
         // numbered: the drop leaves no gap in metron_seq and costs no signing.
-        let mut per_slot: Vec<Batch> = (0..slots).map(|_| Batch::default()).collect();
-        for (env, cost) in batch.into_iter_with_costs() {
-            per_slot[slot_of(&env.source_id, slots)].push(env, cost);
+        let mut per_slot: Vec<Batch> = (0..slots).map(|_| batch.part()).collect();
+        for item in batch.items() {
+            per_slot[slot_of(batch.bytes_of(item.source), slots)].push(*item);
         }
         let rotations = self.sequencer.rotations();
         let mut parts = Vec::new();
@@ -99,9 +99,7 @@ impl Handler<TaggedBatch> for SequencerActor {
                 continue;
             }
             self.queues[slot].route(part.bytes());
-            for env in part.envelopes_mut() {
-                self.sequencer.stamp(env);
-            }
+            self.sequencer.stamp(&mut part);
             parts.push((slot, part));
         }
         let rotated = self.sequencer.rotations() - rotations;

@@ -16,7 +16,7 @@ use super::messages::{DumpState, SequencedBatch, SetSigner};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::signing::Signer;
 use crate::grpc::egress::EgressQueue;
-use crate::telemetry::Ledger;
+use crate::telemetry::{DropReason, Ledger};
 
 pub struct SignerActor {
     signer: Signer,
@@ -75,9 +75,22 @@ impl Handler<SequencedBatch> for SignerActor {
             // free while a grow copies.
             let estimate = batch.len() * self.framed_per_envelope;
             let mut encoded = EncodedBatch::with_capacity(batch.len(), estimate + estimate / 8);
-            for (mut env, cost) in batch.into_iter_with_costs() {
-                self.signer.sign(&mut env);
-                encoded.push_priced(&env, cost);
+            let mut unreadable = (0, 0);
+            for item in batch.items() {
+                let stream = &batch.streams()[item.stream as usize];
+                let env = batch.bytes_of(item.env);
+                if !self
+                    .signer
+                    .finish(env, item, batch.defaults(), stream, &mut encoded)
+                {
+                    unreadable = (unreadable.0 + 1, unreadable.1 + item.cost as usize);
+                }
+            }
+            if unreadable.0 > 0 {
+                // The edge read every envelope it admitted, so this is a bug: count, never lose.
+                debug_assert!(false, "an admitted envelope does not read");
+                self.ledger
+                    .dropped(DropReason::SignerQueueFull, unreadable.0, unreadable.1);
             }
             // The refund assumes the queue holds the framed bytes, not a grown buffer's slack.
             encoded.shrink_to_fit();
@@ -86,7 +99,7 @@ impl Handler<SequencedBatch> for SignerActor {
             }
             // The envelopes now hold less than they were priced at: give the difference back to
             // the budget and to the slot's share.
-            let refund = priced - encoded.bytes();
+            let refund = priced - unreadable.1 - encoded.bytes();
             self.ledger.shrink(refund);
             self.queues[slot].unroute(refund);
             self.queues[slot].push(encoded);

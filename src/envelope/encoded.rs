@@ -7,9 +7,8 @@
 //! just the concatenation of framed envelopes, so batches merge and split at envelope boundaries
 //! without re-encoding, and the budget held per queued envelope drops to its framed size.
 
-use prost::Message;
-
-use crate::proto::Envelope;
+#[cfg(test)]
+use {crate::proto::Envelope, prost::Message as _};
 
 /// Budget bytes per queued envelope beyond its framed bytes: its entries in `ends` and `costs`,
 /// rounded up.
@@ -39,31 +38,35 @@ impl EncodedBatch {
     }
 
     /// Appends `envelope`, framed, costing `cost` budget bytes.
+    #[cfg(test)]
     pub fn push(&mut self, envelope: &Envelope, cost: u32) {
-        self.frame(envelope);
-        self.costs.push(cost);
-        self.bytes += cost as usize;
-    }
-
-    /// Appends `envelope`, framed, costing what it holds (its framed bytes plus [`QUEUED_OVERHEAD`]) but never more than
-    /// `max_cost` (its admission price, so a refund of the difference is never negative). The
-    /// envelope is measured once, by the encoding itself.
-    pub fn push_priced(&mut self, envelope: &Envelope, max_cost: u32) {
-        let start = self.buf.len();
-        self.frame(envelope);
-        let framed = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
-        let cost = framed.saturating_add(QUEUED_OVERHEAD).min(max_cost);
-        self.costs.push(cost);
-        self.bytes += cost as usize;
-    }
-
-    fn frame(&mut self, envelope: &Envelope) {
         self.buf.push(BATCH_FIELD_KEY);
         envelope
             .encode_length_delimited(&mut self.buf)
             .expect("a Vec grows as needed");
+        self.end_envelope(cost);
+    }
+
+    /// Appends the envelope whose bytes are `parts` written in turn, framed, costing what it
+    /// holds (its framed bytes plus [`QUEUED_OVERHEAD`]) but never more than `max_cost` (its
+    /// admission price, so a refund of the difference is never negative).
+    pub fn push_parts(&mut self, parts: &[&[u8]], max_cost: u32) {
+        let start = self.buf.len();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.buf.push(BATCH_FIELD_KEY);
+        prost::encoding::encode_varint(len as u64, &mut self.buf);
+        for p in parts {
+            self.buf.extend_from_slice(p);
+        }
+        let framed = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
+        self.end_envelope(framed.saturating_add(QUEUED_OVERHEAD).min(max_cost));
+    }
+
+    fn end_envelope(&mut self, cost: u32) {
         self.ends
             .push(u32::try_from(self.buf.len()).expect("a batch stays far below 4 GiB"));
+        self.costs.push(cost);
+        self.bytes += cost as usize;
     }
 
     /// Gives back spare buffer capacity, so the batch holds what its costs say.
@@ -138,8 +141,9 @@ impl EncodedBatch {
 mod tests {
     use super::*;
     use crate::proto::EnvelopeBatch;
+    use prost::Message;
 
-    /// What `push_priced` should charge, computed independently of the buffer.
+    /// What `push_parts` should charge, computed independently of the buffer.
     fn queued_cost(envelope: &Envelope) -> u32 {
         let len = envelope.encoded_len();
         let framed = 1 + prost::length_delimiter_len(len) + len;
@@ -206,11 +210,11 @@ mod tests {
         let mut many = EncodedBatch::default();
         for i in 0..100 {
             let e = env(i);
-            many.push_priced(&e, u32::MAX);
+            many.push_parts(&[&e.encode_to_vec()], u32::MAX);
             assert_eq!(*many.costs().last().unwrap(), queued_cost(&e));
         }
         let mut capped = EncodedBatch::default();
-        capped.push_priced(&env(50), 20);
+        capped.push_parts(&[&env(50).encode_to_vec()], 20);
         assert_eq!(capped.bytes(), 20, "never above the admission price");
         many.shrink_to_fit();
         assert!(

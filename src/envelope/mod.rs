@@ -6,41 +6,86 @@ pub mod raw;
 pub mod sequence;
 pub mod signing;
 pub mod tagging;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod view;
 
-use crate::proto::Envelope;
-use prost::Message;
+use std::sync::Arc;
 
-/// Envelopes moving through the pipeline together, with what each one cost the pipeline's byte
-/// budget at admission (so the exact amount is given back however batches are split or merged).
-#[derive(Debug, Default, Clone, PartialEq)]
+use prost::bytes::Bytes;
+
+use view::{MessageRef, Parsed, Span};
+
+/// One envelope of a [`Batch`]: where its bytes are, what it cost, and what the pipeline decided
+/// about it so far. The envelope itself is never decoded: the signer writes it out as it came,
+/// with the agent's additions appended (see [`signing::Signer::finish`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    /// The envelope's bytes in the batch's body.
+    pub env: Span,
+    /// What it holds of the pipeline's byte budget; see [`admission_cost`].
+    pub cost: u32,
+    /// Its source id after the origin rule, in the batch's body.
+    pub source: Span,
+    /// The origin rule gave it its source id (which the signer writes into `source_id`).
+    pub origin_mapped: bool,
+    /// It is a counter (the tagger keeps its running total).
+    pub counter: bool,
+    /// The counter total to write, when the tagger changed it.
+    pub total: Option<u64>,
+    /// Its `metron_seq`, set by the sequencer.
+    pub seq: u64,
+    /// Its `metron_stream`: an index into the batch's streams.
+    pub stream: u32,
+}
+
+/// Envelopes moving through the pipeline together, still encoded: a shared body (an
+/// `EnvelopeBatch` as it arrived, or as the edge re-encoded it) and one [`Item`] per envelope,
+/// with what each one cost the pipeline's byte budget at admission (so the exact amount is given
+/// back however batches are split).
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
-    envelopes: Vec<Envelope>,
-    /// `costs[i]` is the budget cost of `envelopes[i]`; see [`admission_cost`].
-    costs: Vec<u32>,
+    body: Bytes,
+    items: Vec<Item>,
     bytes: usize,
+    /// The default tags the ingress actor applied (the signer writes the missing ones).
+    defaults: Arc<[(String, String)]>,
+    /// The `metron_stream` values [`Item::stream`] indexes.
+    streams: Vec<Arc<str>>,
 }
 
 impl Batch {
-    pub fn with_capacity(n: usize) -> Self {
+    /// An empty batch over `body`, for `n` items.
+    pub fn new(body: Bytes, n: usize) -> Self {
         Self {
-            envelopes: Vec::with_capacity(n),
-            costs: Vec::with_capacity(n),
-            bytes: 0,
+            body,
+            items: Vec::with_capacity(n),
+            ..Default::default()
         }
     }
 
-    pub fn push(&mut self, envelope: Envelope, cost: u32) {
-        self.bytes += cost as usize;
-        self.envelopes.push(envelope);
-        self.costs.push(cost);
+    /// An empty batch sharing this one's body and tags, for items moved out of it.
+    pub fn part(&self) -> Self {
+        Self {
+            body: self.body.clone(),
+            items: Vec::new(),
+            bytes: 0,
+            defaults: self.defaults.clone(),
+            streams: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, item: Item) {
+        self.bytes += item.cost as usize;
+        self.items.push(item);
     }
 
     pub fn len(&self) -> usize {
-        self.envelopes.len()
+        self.items.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
+        self.items.is_empty()
     }
 
     /// Sum of the admission costs: what this batch holds of the pipeline's byte budget.
@@ -48,45 +93,39 @@ impl Batch {
         self.bytes
     }
 
-    pub fn envelopes(&self) -> &[Envelope] {
-        &self.envelopes
+    pub fn items(&self) -> &[Item] {
+        &self.items
     }
 
-    pub fn envelopes_mut(&mut self) -> &mut [Envelope] {
-        &mut self.envelopes
+    pub fn items_mut(&mut self) -> &mut [Item] {
+        &mut self.items
     }
 
-    pub fn costs(&self) -> &[u32] {
-        &self.costs
+    /// The bytes `span` covers in the body.
+    pub fn bytes_of(&self, span: Span) -> &[u8] {
+        span.slice(&self.body)
     }
 
-    /// Moves every envelope of `other` to the end of `self`.
-    pub fn append(&mut self, other: &mut Batch) {
-        self.bytes += other.bytes;
-        other.bytes = 0;
-        self.envelopes.append(&mut other.envelopes);
-        self.costs.append(&mut other.costs);
+    pub fn defaults(&self) -> &[(String, String)] {
+        &self.defaults
     }
 
-    /// Splits off the envelopes from `at` on (like `Vec::split_off`).
-    pub fn split_off(&mut self, at: usize) -> Batch {
-        let envelopes = self.envelopes.split_off(at);
-        let costs = self.costs.split_off(at);
-        let bytes: usize = costs.iter().map(|&c| c as usize).sum();
-        self.bytes -= bytes;
-        Batch {
-            envelopes,
-            costs,
-            bytes,
-        }
+    pub fn set_defaults(&mut self, defaults: Arc<[(String, String)]>) {
+        self.defaults = defaults;
     }
 
-    pub fn into_parts(self) -> (Vec<Envelope>, Vec<u32>) {
-        (self.envelopes, self.costs)
+    pub fn streams(&self) -> &[Arc<str>] {
+        &self.streams
     }
 
-    pub fn into_iter_with_costs(self) -> impl Iterator<Item = (Envelope, u32)> {
-        self.envelopes.into_iter().zip(self.costs)
+    /// Adds a `metron_stream` value; returns its index for [`Item::stream`].
+    pub fn add_stream(&mut self, stream: Arc<str>) -> u32 {
+        self.streams.push(stream);
+        u32::try_from(self.streams.len() - 1).expect("at most one stream per envelope")
+    }
+
+    pub fn into_items(self) -> Vec<Item> {
+        self.items
     }
 }
 
@@ -104,57 +143,284 @@ pub fn key128(feed: impl Fn(&mut std::hash::DefaultHasher)) -> u128 {
     (u128::from(half(1)) << 64) | u128::from(half(2))
 }
 
-/// What one map entry (a tag, a deprecated tag, a gauge metric) costs in memory beyond its key and
-/// value bytes: the tree node's share, two `String` headers, allocation rounding.
-pub const MAP_ENTRY_OVERHEAD: usize = 96;
+/// Bytes one appended map entry takes beyond its key and value: the entry's field key and
+/// length, and the key's and value's field keys and lengths (lengths up to 10 MiB).
+pub const ENTRY_FRAMING: usize = 16;
+
+/// What an item costs while it waits for the signer beyond its bytes: the [`Item`] itself and
+/// its share of the batch's vectors, rounded up.
+pub const ITEM_OVERHEAD: usize = 64;
 
 /// What an envelope costs the pipeline's byte budget: an upper bound on its size when it leaves
 /// (so batches sized by cost never exceed a Doppler's limit) and on what holding it costs.
 ///
-/// Its encoded size on arrival, plus what processing can add: each deprecated tag once more as
-/// rendered text (tagging copies them into `tags`), its origin once more when it will become the
-/// source_id, [`MAP_ENTRY_OVERHEAD`] per map entry (deprecated ones twice), and `fixed` — the
-/// agent's own tags, the default tags and the in-memory overhead of a decoded envelope, the same
-/// for every envelope (see `wire::fixed_envelope_cost`). Even an empty envelope therefore costs a
-/// few hundred bytes, which bounds the envelope count as well.
-pub fn admission_cost(envelope: &Envelope, fixed: u32) -> u32 {
-    let deprecated: usize = envelope
-        .deprecated_tags
+/// Its framed size on arrival (plus room for the framing to grow), plus what processing can
+/// append: each deprecated tag once more as a rendered tag, its origin once more when it becomes
+/// the source_id, a counter's total, and `fixed` — the agent's own tags, the default tags and
+/// [`ITEM_OVERHEAD`], the same for every envelope (see `wire::fixed_envelope_cost`). Even an
+/// empty envelope therefore costs a couple of hundred bytes, which bounds the envelope count as
+/// well.
+pub fn admission_cost(parsed: &Parsed, envelope: &[u8], fixed: u32) -> u32 {
+    let deprecated: usize = parsed
+        .deprecated
         .iter()
-        .map(|(k, v)| k.len() + tagging::rendered_len(v) + 8)
+        .map(|(k, v)| k.len() + tagging::rendered_len(v) + ENTRY_FRAMING)
         .sum();
-    let origin = if envelope.source_id.is_empty() {
-        let tag = envelope.tags.get("origin").map_or(0, String::len);
-        let dep = envelope
-            .deprecated_tags
-            .get("origin")
-            .map_or(0, tagging::rendered_len);
-        tag.max(dep)
-    } else {
-        0
-    };
-    let gauge_entries = match &envelope.message {
-        Some(crate::proto::envelope::Message::Gauge(g)) => g.metrics.len(),
+    let (source, mapped) = parsed.effective_source(envelope);
+    let origin = if mapped { source.len() + 6 } else { 0 };
+    // A counter whose total the tagger sets: the total's varint, and the message's length growing.
+    let counter = match parsed.message {
+        MessageRef::Counter { .. } => 16,
         _ => 0,
     };
-    let entries = envelope.tags.len() + 2 * envelope.deprecated_tags.len() + gauge_entries;
-    let variable = envelope.encoded_len() + deprecated + origin + entries * MAP_ENTRY_OVERHEAD;
+    // The field key, and a length that may grow to 5 bytes as tags are appended.
+    let framed = 1 + 5 + envelope.len();
+    let variable = framed + deprecated + origin + counter;
     u32::try_from(variable)
         .unwrap_or(u32::MAX)
         .saturating_add(fixed)
 }
 
+/// Why [`read_batch`] refused a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// prost's own message says "failed to decode Protobuf message".
+    #[error("{0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("failed to decode Protobuf message: EnvelopeBatch.batch: {0}")]
+    Framing(#[from] raw::WireError),
+    /// prost decoded an envelope that, once re-encoded, still did not read (a bug).
+    #[error("failed to decode Protobuf message: an envelope re-encoded by prost does not read")]
+    Unreadable,
+}
+
+/// Reads an encoded `EnvelopeBatch` body into a [`Batch`]: each envelope priced
+/// ([`admission_cost`] with `fixed`), its origin rule applied, and left out (counted in the
+/// second value) when its price exceeds `max_cost`. Envelopes this reader leaves to prost
+/// ([`view::Unusual`]) are decoded and re-encoded by prost, into a new body.
+///
+/// # Errors
+/// prost's error when an envelope (or the batch's framing) does not decode.
+pub fn read_batch(body: Bytes, fixed: u32, max_cost: usize) -> Result<(Batch, usize), ReadError> {
+    let mut parsed = Parsed::default();
+    if let Some(read) = read_items(&body, &mut parsed, fixed, max_cost) {
+        return Ok(read);
+    }
+    let mut canonical = Vec::with_capacity(body.len() + body.len() / 8);
+    for entry in raw::batch_entries(&body) {
+        let entry = entry?;
+        if parsed.parse(entry).is_ok() {
+            canonical.push(0x0a);
+            prost::encoding::encode_varint(entry.len() as u64, &mut canonical);
+            canonical.extend_from_slice(entry);
+        } else {
+            let env = <crate::proto::Envelope as prost::Message>::decode(entry)?;
+            canonical.push(0x0a);
+            prost::Message::encode_length_delimited(&env, &mut canonical)
+                .expect("a Vec grows as needed");
+        }
+    }
+    read_items(&Bytes::from(canonical), &mut parsed, fixed, max_cost).ok_or(ReadError::Unreadable)
+}
+
+/// [`read_batch`] when every envelope reads; `None` otherwise.
+fn read_items(
+    body: &Bytes,
+    parsed: &mut Parsed,
+    fixed: u32,
+    max_cost: usize,
+) -> Option<(Batch, usize)> {
+    let mut batch = Batch::new(body.clone(), 0);
+    let mut oversize = 0;
+    for entry in raw::batch_entries(body) {
+        let entry = entry.ok()?;
+        parsed.parse(entry).ok()?;
+        let cost = admission_cost(parsed, entry, fixed);
+        if cost as usize > max_cost {
+            oversize += 1;
+            continue;
+        }
+        let env = Span::of(body, entry);
+        let (source, origin_mapped) = parsed.effective_source(entry);
+        batch.push(Item {
+            env,
+            cost,
+            source: Span {
+                start: env.start + source.start,
+                end: env.start + source.end,
+            },
+            origin_mapped,
+            counter: matches!(parsed.message, MessageRef::Counter { .. }),
+            total: None,
+            seq: 0,
+            stream: 0,
+        });
+    }
+    Some((batch, oversize))
+}
+
+/// Encodes decoded envelopes (`Sender`, v1, the agent's own) as a batch body for [`read_batch`].
+pub fn encode_batch(envelopes: Vec<crate::proto::Envelope>) -> Bytes {
+    let batch = crate::proto::EnvelopeBatch { batch: envelopes };
+    Bytes::from(prost::Message::encode_to_vec(&batch))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{Model, Stages};
     use super::*;
-    use crate::proto::{value::Data, Value};
+    use crate::proto::{envelope::Message, value::Data, Counter, Envelope, Value};
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    fn defaults() -> std::collections::BTreeMap<String, String> {
+        [
+            ("deployment", "cf"),
+            ("job", "diego"),
+            ("origin", "default"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Envelopes that exercise every rule: origins in tags and deprecated tags, tag clashes with
+    /// the defaults and the agent's own tags, counters sharing names and sources.
+    fn any_envelope() -> impl Strategy<Value = Envelope> {
+        let key = prop_oneof![
+            Just("origin".to_string()),
+            Just("job".to_string()),
+            Just("metron_seq".to_string()),
+            Just("metron_sig".to_string()),
+            "[a-c]{1,2}",
+        ];
+        let value = prop_oneof![
+            Just(None),
+            "[a-z]{0,3}".prop_map(|s| Some(Data::Text(s))),
+            any::<i64>().prop_map(|i| Some(Data::Integer(i))),
+            any::<f64>().prop_map(|d| Some(Data::Decimal(d))),
+        ];
+        let message = prop_oneof![
+            crate::envelope::signing::tests::any_message(),
+            ("[ab]", 0u64..3, 0u64..3).prop_map(|(name, delta, total)| Some(Message::Counter(
+                Counter { name, delta, total }
+            ))),
+        ];
+        (
+            any::<i64>(),
+            prop_oneof![Just(String::new()), "[xy]"],
+            ".{0,3}",
+            prop::collection::btree_map(key.clone(), "[a-z]{0,3}", 0..4),
+            prop::collection::btree_map(key, value, 0..3),
+            message,
+        )
+            .prop_map(
+                |(timestamp, source_id, instance_id, tags, dep, message)| Envelope {
+                    timestamp,
+                    source_id,
+                    instance_id,
+                    tags,
+                    deprecated_tags: dep
+                        .into_iter()
+                        .map(|(k, data)| (k, Value { data }))
+                        .collect(),
+                    message,
+                },
+            )
+    }
+
+    /// The model's output as a Doppler would decode it (prost drops -0.0 and the like).
+    fn as_sent(e: &Envelope) -> Vec<u8> {
+        Envelope::decode(e.encode_to_vec().as_slice())
+            .unwrap()
+            .encode_to_vec()
+    }
+
+    proptest! {
+        /// The pipeline over encoded envelopes gives exactly what the rules give over decoded
+        /// ones: source id, tags, counter totals, sequence numbers and the signature.
+        #[test]
+        fn the_byte_pipeline_matches_the_rules(batches in prop::collection::vec(
+            prop::collection::vec(any_envelope(), 0..6), 1..5)) {
+            let mut stages = Stages::new(&defaults());
+            let mut model = Model::new(&defaults());
+            for batch in batches {
+                let got = stages.run(batch.clone());
+                prop_assert_eq!(got.len(), batch.len());
+                for (mut want, got) in batch.into_iter().zip(got) {
+                    model.process(&mut want);
+                    prop_assert_eq!(as_sent(&got), as_sent(&want), "{:?}", got);
+                    prop_assert!(crate::verify(&got, "k", b"key").is_ok());
+                }
+            }
+        }
+
+        /// Encodings other than prost's read the same as prost decodes them: fields out of order,
+        /// repeated fields and map keys (the last wins), unknown fields, merged messages.
+        #[test]
+        fn unusual_encodings_read_as_prost_decodes_them(
+            e in any_envelope(),
+            extra in prop::collection::vec(prop_oneof![
+                Just(vec![0x08, 0x05]),                         // timestamp again
+                Just(vec![0x12, 0x01, b'z']),                   // source_id again
+                Just(vec![0x4a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b']), // tag a=b
+                Just(vec![0x4a, 0x03, 0x0a, 0x01, b'a']),       // tag a="" (no value field)
+                Just(vec![0x58, 0x01]),                          // unknown field 11
+                Just(vec![0x2a, 0x02, 0x10, 0x07]),              // a counter's delta, merged
+                Just(vec![0x22, 0x02, 0x10, 0x01]),              // a log's type, merged
+                Just(vec![0x1a, 0x07, 0x0a, 0x01, b'd', 0x12, 0x02, 0x10, 0x03]), // deprecated d=3
+            ], 0..4),
+            front in any::<bool>(),
+        ) {
+            let plain = e.encode_to_vec();
+            let extra: Vec<u8> = extra.concat();
+            let bytes = if front { [extra, plain].concat() } else { [plain, extra].concat() };
+            let decoded = Envelope::decode(bytes.as_slice()).unwrap();
+            let mut body = vec![0x0a];
+            prost::encoding::encode_varint(bytes.len() as u64, &mut body);
+            body.extend_from_slice(&bytes);
+            let got = Stages::new(&defaults()).run_body(Bytes::from(body)).unwrap().0;
+            let mut want = decoded;
+            Model::new(&defaults()).process(&mut want);
+            prop_assert_eq!(as_sent(&got[0]), as_sent(&want));
+        }
+
+        /// Whatever the bytes, reading a batch never panics, and refuses it exactly when prost
+        /// does.
+        #[test]
+        fn reading_agrees_with_prost(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let prost = crate::proto::EnvelopeBatch::decode(bytes.as_slice());
+            let read = read_batch(Bytes::from(bytes), 0, usize::MAX);
+            prop_assert_eq!(prost.is_ok(), read.is_ok(), "{:?}", read.err());
+            if let Ok(b) = prost {
+                prop_assert_eq!(b.batch.len(), read.unwrap().0.len());
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_like_prost_refuses_it() {
+        // source_id = 0xff
+        let body = Bytes::from_static(&[0x0a, 0x03, 0x12, 0x01, 0xff]);
+        assert!(crate::proto::EnvelopeBatch::decode(&body[..]).is_err());
+        assert!(matches!(
+            read_batch(body, 0, usize::MAX),
+            Err(ReadError::Decode(_))
+        ));
+    }
 
     #[test]
     fn cost_covers_what_processing_adds() {
+        let price = |e: &Envelope| {
+            let bytes = e.encode_to_vec();
+            let mut p = Parsed::default();
+            p.parse(&bytes).unwrap();
+            admission_cost(&p, &bytes, 300)
+        };
         let empty = Envelope::default();
         assert_eq!(
-            admission_cost(&empty, 300),
-            300,
+            price(&empty),
+            300 + 6,
             "an empty envelope still costs the fixed part"
         );
 
@@ -162,14 +428,11 @@ mod tests {
         mapped.tags.insert("origin".into(), "x".repeat(1000));
         let plain = mapped.encoded_len() as u32;
         assert!(
-            admission_cost(&mapped, 0) >= plain + 1000,
+            price(&mapped) >= 300 + plain + 1000,
             "the origin becomes the source_id"
         );
         mapped.source_id = "set".into();
-        assert_eq!(
-            admission_cost(&mapped, 0) as usize,
-            mapped.encoded_len() + MAP_ENTRY_OVERHEAD
-        );
+        assert_eq!(price(&mapped), 300 + 6 + mapped.encoded_len() as u32);
 
         let mut dep = Envelope::default();
         dep.deprecated_tags.insert(
@@ -179,7 +442,7 @@ mod tests {
             },
         );
         assert!(
-            admission_cost(&dep, 0) >= 2 * 500,
+            price(&dep) >= 300 + 2 * 500,
             "deprecated tags are copied into tags"
         );
     }

@@ -13,6 +13,8 @@ pub enum WireError {
     WireType(u8),
     #[error("field number 0")]
     FieldZero,
+    #[error("field key beyond 32 bits")]
+    Key,
     #[error("field {0} has the wrong wire type")]
     Mismatch(u32),
 }
@@ -32,6 +34,16 @@ pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     Err(WireError::Varint)
 }
 
+/// Reads a field key at `*pos`: (field number, wire type). Keys beyond 32 bits and field number 0
+/// are errors, as in prost.
+fn read_key(buf: &[u8], pos: &mut usize) -> Result<(u32, u8), WireError> {
+    let key = u32::try_from(read_varint(buf, pos)?).map_err(|_| WireError::Key)?;
+    if key >> 3 == 0 {
+        return Err(WireError::FieldZero);
+    }
+    Ok((key >> 3, (key & 7) as u8))
+}
+
 /// One field of a message: its number and where its payload is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field<'a> {
@@ -39,6 +51,8 @@ pub enum Field<'a> {
     Fixed64(u32, u64),
     Fixed32(u32, u32),
     Bytes(u32, &'a [u8]),
+    /// A (proto2) group: its contents are checked and skipped, as decoders skip unknown ones.
+    Group(u32),
 }
 
 /// Iterates over the top-level fields of one encoded message. Stops (yielding the error) at the
@@ -59,13 +73,14 @@ pub fn fields(message: &[u8]) -> Fields<'_> {
 }
 
 impl<'a> Fields<'a> {
+    /// Where the next field starts (the end of the last one read).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     fn next_field(&mut self) -> Result<Field<'a>, WireError> {
-        let key = read_varint(self.buf, &mut self.pos)?;
-        let number = u32::try_from(key >> 3).map_err(|_| WireError::FieldZero)?;
-        if number == 0 {
-            return Err(WireError::FieldZero);
-        }
-        match (key & 7) as u8 {
+        let (number, wire_type) = read_key(self.buf, &mut self.pos)?;
+        match wire_type {
             0 => Ok(Field::Varint(number, read_varint(self.buf, &mut self.pos)?)),
             1 => {
                 let b = self.take(8)?;
@@ -86,8 +101,36 @@ impl<'a> Fields<'a> {
                     u32::from_le_bytes(b.try_into().expect("4 bytes")),
                 ))
             }
+            3 => {
+                self.skip_group(number)?;
+                Ok(Field::Group(number))
+            }
             t => Err(WireError::WireType(t)),
         }
+    }
+
+    /// Skips to the end of the group `number` just opened (nested groups up to prost's depth).
+    fn skip_group(&mut self, number: u32) -> Result<(), WireError> {
+        let mut open = vec![number];
+        while let Some(&current) = open.last() {
+            if open.len() > 100 {
+                return Err(WireError::WireType(3));
+            }
+            let (n, wire_type) = read_key(self.buf, &mut self.pos)?;
+            match wire_type {
+                0 => drop(read_varint(self.buf, &mut self.pos)?),
+                1 => self.take(8).map(|_| ())?,
+                2 => {
+                    let len = read_varint(self.buf, &mut self.pos)?;
+                    self.take(usize::try_from(len).map_err(|_| WireError::Length)?)?;
+                }
+                3 => open.push(n),
+                4 if n == current => drop(open.pop()),
+                5 => self.take(4).map(|_| ())?,
+                t => return Err(WireError::WireType(t)),
+            }
+        }
+        Ok(())
     }
 
     fn take(&mut self, len: usize) -> Result<&'a [u8], WireError> {
@@ -127,17 +170,25 @@ pub fn count_batch(body: &[u8]) -> Result<usize, WireError> {
             Field::Bytes(BATCH_FIELD, _) => n += 1,
             Field::Varint(BATCH_FIELD, _)
             | Field::Fixed32(BATCH_FIELD, _)
-            | Field::Fixed64(BATCH_FIELD, _) => return Err(WireError::Mismatch(BATCH_FIELD)),
+            | Field::Fixed64(BATCH_FIELD, _)
+            | Field::Group(BATCH_FIELD) => return Err(WireError::Mismatch(BATCH_FIELD)),
             _ => {}
         }
     }
     Ok(n)
 }
 
-/// The envelopes (each still encoded) of an encoded `EnvelopeBatch`.
+/// The envelopes (each still encoded) of an encoded `EnvelopeBatch`; a malformed framing is an
+/// error, as in [`count_batch`].
 pub fn batch_entries(body: &[u8]) -> impl Iterator<Item = Result<&[u8], WireError>> {
     fields(body).filter_map(|f| match f {
         Ok(Field::Bytes(BATCH_FIELD, env)) => Some(Ok(env)),
+        Ok(
+            Field::Varint(BATCH_FIELD, _)
+            | Field::Fixed32(BATCH_FIELD, _)
+            | Field::Fixed64(BATCH_FIELD, _)
+            | Field::Group(BATCH_FIELD),
+        ) => Some(Err(WireError::Mismatch(BATCH_FIELD))),
         Ok(_) => None,
         Err(e) => Some(Err(e)),
     })
@@ -219,7 +270,22 @@ mod tests {
     fn malformed_framing_is_an_error() {
         assert_eq!(count_batch(&[0x0a, 5, 1, 2]), Err(WireError::Length));
         assert_eq!(count_batch(&[0x0a, 0x80]), Err(WireError::Varint));
-        assert_eq!(count_batch(&[0x0b]), Err(WireError::WireType(3)));
+        assert_eq!(
+            count_batch(&[0x0b]),
+            Err(WireError::Varint),
+            "an unended group"
+        );
+        assert_eq!(count_batch(&[0x0b, 0x0c]), Err(WireError::Mismatch(1)));
+        assert_eq!(
+            count_batch(&[0x7b, 0x08, 0x01, 0x7c]),
+            Ok(0),
+            "unknown groups are skipped"
+        );
+        assert_eq!(
+            count_batch(&[0x7b, 0x6c]),
+            Err(WireError::WireType(4)),
+            "a mismatched end"
+        );
         assert_eq!(count_batch(&[0x08, 1]), Err(WireError::Mismatch(1)));
         assert_eq!(count_batch(&[0x10, 1]), Ok(0), "unknown fields are skipped");
         assert_eq!(count_batch(&[]), Ok(0));

@@ -2,8 +2,10 @@
 //! source's Doppler connection slot (source affinity).
 
 use std::collections::HashMap;
+use std::hash::Hasher;
+use std::sync::Arc;
 
-use crate::proto::Envelope;
+use super::Batch;
 
 /// Tag naming the sequence stream: unique per agent process (and per table reset, see below).
 pub const STREAM_TAG: &str = "metron_stream";
@@ -17,7 +19,7 @@ pub const SEQ_TAG: &str = "metron_seq";
 /// a new stream id is taken, so every source restarts at 1 *under a new `metron_stream`*. A
 /// consumer therefore never sees a repeated or skipped number within one stream.
 pub struct Sequencer {
-    stream_id: String,
+    stream_id: Arc<str>,
     next: HashMap<u128, u64>,
     max_sources: usize,
     new_stream_id: Box<dyn FnMut() -> String + Send>,
@@ -35,7 +37,7 @@ impl Sequencer {
     ) -> Self {
         assert!(max_sources > 0);
         Self {
-            stream_id: new_stream_id(),
+            stream_id: new_stream_id().into(),
             next: HashMap::new(),
             max_sources,
             new_stream_id: Box::new(new_stream_id),
@@ -56,10 +58,11 @@ impl Sequencer {
         self.next.len()
     }
 
-    /// Stamps the two sequence tags.
-    pub fn stamp(&mut self, env: &mut Envelope) {
-        let key = source_key(&env.source_id);
-        let seq = match self.next.get_mut(&key) {
+    /// The next sequence number of `source_id` (in the stream [`Sequencer::stream_id`] names
+    /// afterwards).
+    pub fn next(&mut self, source_id: &[u8]) -> u64 {
+        let key = source_key(source_id);
+        match self.next.get_mut(&key) {
             Some(n) => {
                 *n += 1;
                 *n
@@ -67,27 +70,40 @@ impl Sequencer {
             None => {
                 if self.next.len() >= self.max_sources {
                     self.next.clear();
-                    self.stream_id = (self.new_stream_id)();
+                    self.stream_id = (self.new_stream_id)().into();
                     self.rotations += 1;
                 }
                 self.next.insert(key, 1);
                 1
             }
-        };
-        env.tags.insert(STREAM_TAG.into(), self.stream_id.clone());
-        env.tags.insert(SEQ_TAG.into(), seq.to_string());
+        }
+    }
+
+    /// Numbers every envelope of `part`, in order: sets each item's `seq` and `stream`.
+    pub fn stamp(&mut self, part: &mut Batch) {
+        let mut stream = part.add_stream(self.stream_id.clone());
+        for i in 0..part.len() {
+            let source = part.bytes_of(part.items()[i].source);
+            let rotations = self.rotations;
+            let seq = self.next(source);
+            if self.rotations != rotations {
+                stream = part.add_stream(self.stream_id.clone());
+            }
+            let item = &mut part.items_mut()[i];
+            item.seq = seq;
+            item.stream = stream;
+        }
     }
 }
 
-fn source_key(source_id: &str) -> u128 {
-    use std::hash::Hash;
-    super::key128(|h| source_id.hash(h))
+fn source_key(source_id: &[u8]) -> u128 {
+    super::key128(|h| h.write(source_id))
 }
 
 /// A source's connection slot: FNV-1a of the source id, so it is stable across restarts.
-pub fn slot_of(source_id: &str, slots: usize) -> usize {
+pub fn slot_of(source_id: &[u8], slots: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in source_id.bytes() {
+    for &b in source_id {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -108,49 +124,58 @@ mod tests {
         }
     }
 
-    fn env(source: &str) -> Envelope {
-        Envelope {
-            source_id: source.into(),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn numbers_each_source_from_one() {
         let mut s = Sequencer::new(100, counting_ids());
-        let seqs: Vec<(String, String)> = ["a", "b", "a", "a", "b"]
+        let seqs: Vec<u64> = ["a", "b", "a", "a", "b"]
             .iter()
-            .map(|src| {
-                let mut e = env(src);
-                s.stamp(&mut e);
-                (e.source_id.clone(), e.tags[SEQ_TAG].clone())
-            })
+            .map(|src| s.next(src.as_bytes()))
             .collect();
-        let want = [("a", "1"), ("b", "1"), ("a", "2"), ("a", "3"), ("b", "2")];
-        for ((gs, gq), (ws, wq)) in seqs.iter().zip(want) {
-            assert_eq!((gs.as_str(), gq.as_str()), (ws, wq));
-        }
+        assert_eq!(seqs, [1, 1, 2, 3, 2]);
     }
 
     #[test]
     fn a_full_table_starts_a_new_stream() {
         let mut s = Sequencer::new(2, counting_ids());
-        let mut e = env("a");
-        s.stamp(&mut e);
-        let mut e = env("b");
-        s.stamp(&mut e);
-        assert_eq!(e.tags[STREAM_TAG], "stream-1");
-        let mut e = env("c");
-        s.stamp(&mut e);
-        assert_eq!(e.tags[STREAM_TAG], "stream-2");
-        assert_eq!(e.tags[SEQ_TAG], "1");
-        let mut e = env("a");
-        s.stamp(&mut e);
-        assert_eq!(
-            (e.tags[STREAM_TAG].as_str(), e.tags[SEQ_TAG].as_str()),
-            ("stream-2", "1")
-        );
+        s.next(b"a");
+        s.next(b"b");
+        assert_eq!(s.stream_id(), "stream-1");
+        assert_eq!(s.next(b"c"), 1);
+        assert_eq!(s.stream_id(), "stream-2");
+        assert_eq!(s.next(b"a"), 1);
+        assert_eq!(s.stream_id(), "stream-2");
         assert_eq!(s.rotations(), 1);
+    }
+
+    #[test]
+    fn a_stream_that_rotates_within_a_batch_is_recorded_per_envelope() {
+        use crate::proto::Envelope;
+        let envs = ["a", "b", "c", "c"]
+            .iter()
+            .map(|s| Envelope {
+                source_id: (*s).into(),
+                ..Default::default()
+            })
+            .collect();
+        let (mut batch, _) =
+            crate::envelope::read_batch(crate::envelope::encode_batch(envs), 0, usize::MAX)
+                .unwrap();
+        let mut s = Sequencer::new(2, counting_ids());
+        s.stamp(&mut batch);
+        let got: Vec<(&str, u64)> = batch
+            .items()
+            .iter()
+            .map(|i| (&*batch.streams()[i.stream as usize], i.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("stream-1", 1),
+                ("stream-1", 1),
+                ("stream-2", 1),
+                ("stream-2", 2)
+            ]
+        );
     }
 
     proptest! {
@@ -163,14 +188,13 @@ mod tests {
             let mut last: HashMap<(String, String), u64> = HashMap::new();
             let mut slot_of_source: HashMap<u8, usize> = HashMap::new();
             for src in sources {
-                let mut e = env(&src.to_string());
-                s.stamp(&mut e);
-                let slot = slot_of(&e.source_id, slots);
+                let id = src.to_string();
+                let seq = s.next(id.as_bytes());
+                let slot = slot_of(id.as_bytes(), slots);
                 prop_assert!(slot < slots);
                 prop_assert_eq!(*slot_of_source.entry(src).or_insert(slot), slot);
                 prop_assert!(s.sources() <= max);
-                let key = (e.tags[STREAM_TAG].clone(), e.source_id.clone());
-                let seq: u64 = e.tags[SEQ_TAG].parse().unwrap();
+                let key = (s.stream_id().to_string(), id);
                 let prev = last.insert(key, seq).unwrap_or(0);
                 prop_assert_eq!(seq, prev + 1);
             }

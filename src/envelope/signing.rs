@@ -4,21 +4,32 @@
 //! protobuf's encoding, so another language can rebuild it from a decoded envelope. Every field
 //! is covered except the `metron_sig` tag itself.
 
+use prost::Message as _;
 use ring::hmac;
 
-use crate::proto::{envelope::Message, value::Data, Envelope};
+use super::encoded::EncodedBatch;
+use super::sequence::{SEQ_TAG, STREAM_TAG};
+use super::tagging::{Tag, TagFrom, TagResolver};
+use super::view::{MessageRef, Parsed, Span, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
+use super::Item;
+use crate::proto::Envelope;
 
 /// Tag carrying the signature.
 pub const SIG_TAG: &str = "metron_sig";
 /// The first item of every canonical form; bumped if the form ever changes.
 pub const DOMAIN: &[u8] = b"metron-sig-v1";
 
-/// Signs envelopes with one HMAC-SHA256 key. Reuses one buffer, so signing allocates only the
-/// tag value.
+/// Signs envelopes with one HMAC-SHA256 key, and writes them out with everything the pipeline
+/// added. Reuses its buffers, so signing allocates nothing once they have grown.
 pub struct Signer {
     key_id: String,
     key: hmac::Key,
+    /// The canonical form being signed.
     buf: Vec<u8>,
+    /// The fields appended to the envelope being written.
+    extra: Vec<u8>,
+    parsed: Parsed,
+    resolver: TagResolver,
 }
 
 impl Signer {
@@ -27,6 +38,9 @@ impl Signer {
             key_id: key_id.to_owned(),
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             buf: Vec::with_capacity(1024),
+            extra: Vec::with_capacity(512),
+            parsed: Parsed::default(),
+            resolver: TagResolver::default(),
         }
     }
 
@@ -34,10 +48,25 @@ impl Signer {
         &self.key_id
     }
 
-    /// Adds (or replaces) the `metron_sig` tag.
+    /// Adds (or replaces) the `metron_sig` tag of a decoded envelope (tools and tests; the
+    /// pipeline signs encoded envelopes with [`Signer::finish`]).
     pub fn sign(&mut self, env: &mut Envelope) {
-        self.buf.clear();
-        canonical_into(env, &mut self.buf);
+        let bytes = env.encode_to_vec();
+        self.parsed
+            .parse(&bytes)
+            .expect("prost's own encoding reads");
+        let (parsed, buf) = (&self.parsed, &mut self.buf);
+        self.resolver.with_own(parsed, &bytes, |tags| {
+            buf.clear();
+            canonical_into(
+                buf,
+                parsed,
+                &bytes,
+                parsed.source_id.slice(&bytes),
+                tags,
+                None,
+            );
+        });
         let tag = hmac::sign(&self.key, &self.buf);
         let mut value = String::with_capacity(self.key_id.len() + 1 + 64);
         value.push_str(&self.key_id);
@@ -45,6 +74,132 @@ impl Signer {
         push_hex(&mut value, tag.as_ref());
         env.tags.insert(SIG_TAG.to_owned(), value);
     }
+
+    /// Writes the envelope `env` (admitted as `item`) to `out` as it leaves the agent: as it
+    /// came, followed by the fields the ingress rules, the sequencer and the signature add —
+    /// its source id from the origin, the missing `defaults`, its deprecated tags as tags, its
+    /// counter total, `metron_stream` = `stream`, `metron_seq` and `metron_sig`. A decoder reads
+    /// the last of a repeated field or map key, so appended fields win. A counter whose total
+    /// changed has its `counter` field rewritten instead, since decoders *merge* a repeated
+    /// message field, and not all the same way.
+    ///
+    /// Returns false (writing nothing) if `env` does not read, which the edge rules out.
+    pub fn finish(
+        &mut self,
+        env: &[u8],
+        item: &Item,
+        defaults: &[(String, String)],
+        stream: &str,
+        out: &mut EncodedBatch,
+    ) -> bool {
+        if self.parsed.parse(env).is_err() {
+            return false;
+        }
+        let parsed = &self.parsed;
+        let (source, mapped) = parsed.effective_source(env);
+        let mut seq = itoa_buf();
+        let seq = itoa(item.seq, &mut seq);
+        let agent: [Tag<'_>; 2] = [
+            (STREAM_TAG.as_bytes(), stream.as_bytes(), TagFrom::Agent),
+            (SEQ_TAG.as_bytes(), seq, TagFrom::Agent),
+        ];
+        let (buf, extra, key, key_id) = (&mut self.buf, &mut self.extra, &self.key, &self.key_id);
+        extra.clear();
+        self.resolver
+            .with_resolved(parsed, env, defaults, &agent, |tags| {
+                buf.clear();
+                canonical_into(buf, parsed, env, source.slice(env), tags, item.total);
+                let mac = hmac::sign(key, buf);
+                if mapped && !source.is_empty() {
+                    put_field(extra, SOURCE_ID_KEY, source.slice(env));
+                }
+                for (k, v, from) in tags {
+                    if *from != TagFrom::Wire && *k != SIG_TAG.as_bytes() {
+                        put_entry(extra, k, v);
+                    }
+                }
+                // The canonical form is signed: its buffer now holds the tag's value.
+                let mut sig = [0u8; 64];
+                hex_into(&mut sig, mac.as_ref());
+                buf.clear();
+                buf.extend_from_slice(key_id.as_bytes());
+                buf.push(b':');
+                buf.extend_from_slice(&sig);
+                put_entry(extra, SIG_TAG.as_bytes(), buf);
+            });
+        let cost = item.cost;
+        match (item.total, parsed.message) {
+            (Some(total), MessageRef::Counter { name, delta, .. }) => {
+                let field = parsed.message_field;
+                let mut counter = Vec::with_capacity(name.len() + 24);
+                if !name.is_empty() {
+                    put_field(&mut counter, 0x0a, name.slice(env));
+                }
+                if delta != 0 {
+                    counter.push(0x10);
+                    put_varint(&mut counter, delta);
+                }
+                counter.push(0x18);
+                put_varint(&mut counter, total);
+                let mut header = Vec::with_capacity(6);
+                header.push(COUNTER_KEY);
+                put_varint(&mut header, counter.len() as u64);
+                out.push_parts(
+                    &[
+                        &env[..field.start as usize],
+                        &env[field.end as usize..],
+                        &header,
+                        &counter,
+                        &self.extra,
+                    ],
+                    cost,
+                );
+            }
+            _ => out.push_parts(&[env, &self.extra], cost),
+        }
+        true
+    }
+}
+
+fn itoa_buf() -> [u8; 20] {
+    [0; 20]
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+pub fn varint_len(v: usize) -> usize {
+    prost::encoding::encoded_len_varint(v as u64)
+}
+
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    prost::encoding::encode_varint(v, out);
+}
+
+/// A length-delimited field: `key`, length, `b`.
+fn put_field(out: &mut Vec<u8>, key: u8, b: &[u8]) {
+    out.push(key);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// A `tags` map entry.
+fn put_entry(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
+    let inner = 2 + varint_len(k.len()) + k.len() + varint_len(v.len()) + v.len();
+    out.push(TAGS_KEY);
+    put_varint(out, inner as u64);
+    put_field(out, 0x0a, k);
+    put_field(out, 0x12, v);
 }
 
 /// Why an envelope's signature did not verify.
@@ -119,10 +274,22 @@ impl KeyRing {
     }
 }
 
-/// The canonical byte string of an envelope (everything but the `metron_sig` tag).
+/// The canonical byte string of a decoded envelope (everything but the `metron_sig` tag).
 pub fn canonical(env: &Envelope) -> Vec<u8> {
+    let bytes = env.encode_to_vec();
+    let mut parsed = Parsed::default();
+    parsed.parse(&bytes).expect("prost's own encoding reads");
     let mut out = Vec::with_capacity(256);
-    canonical_into(env, &mut out);
+    TagResolver::default().with_own(&parsed, &bytes, |tags| {
+        canonical_into(
+            &mut out,
+            &parsed,
+            &bytes,
+            parsed.source_id.slice(&bytes),
+            tags,
+            None,
+        );
+    });
     out
 }
 
@@ -139,77 +306,105 @@ fn put_f64(out: &mut Vec<u8>, d: f64) {
     out.extend_from_slice(&d.to_bits().to_be_bytes());
 }
 
-fn canonical_into(env: &Envelope, out: &mut Vec<u8>) {
+/// The canonical form of the envelope `parsed` read from `env`, with `source_id` and `tags`
+/// (sorted, one per key) as it will leave, and a counter's `total` when it was changed.
+fn canonical_into(
+    out: &mut Vec<u8>,
+    parsed: &Parsed,
+    env: &[u8],
+    source_id: &[u8],
+    tags: &[Tag<'_>],
+    total: Option<u64>,
+) {
     put_bytes(out, DOMAIN);
-    out.extend_from_slice(&env.timestamp.to_be_bytes());
-    put_bytes(out, env.source_id.as_bytes());
-    put_bytes(out, env.instance_id.as_bytes());
+    out.extend_from_slice(&parsed.timestamp.to_be_bytes());
+    put_bytes(out, source_id);
+    put_bytes(out, parsed.instance_id.slice(env));
 
-    // BTreeMap iterates in ascending byte order of the keys: the order the form requires.
-    let signed_tags = env.tags.len() - usize::from(env.tags.contains_key(SIG_TAG));
+    let is_sig = |k: &[u8]| k == SIG_TAG.as_bytes();
+    let signed_tags = tags.len() - tags.iter().filter(|t| is_sig(t.0)).count();
     out.extend_from_slice(&(signed_tags as u32).to_be_bytes());
-    for (k, v) in env.tags.iter().filter(|(k, _)| k.as_str() != SIG_TAG) {
-        put_bytes(out, k.as_bytes());
-        put_bytes(out, v.as_bytes());
+    for (k, v, _) in tags.iter().filter(|t| !is_sig(t.0)) {
+        put_bytes(out, k);
+        put_bytes(out, v);
     }
 
-    out.extend_from_slice(&(env.deprecated_tags.len() as u32).to_be_bytes());
-    for (k, v) in &env.deprecated_tags {
-        put_bytes(out, k.as_bytes());
-        match &v.data {
-            None => out.push(0),
-            Some(Data::Text(s)) => {
+    let mut deprecated: Vec<(Span, ValueRef)> = Vec::new();
+    if !parsed.deprecated.is_empty() {
+        deprecated.extend_from_slice(&parsed.deprecated);
+        super::tagging::sort_last_wins(&mut deprecated, |(k, _)| k.slice(env));
+    }
+    out.extend_from_slice(&(deprecated.len() as u32).to_be_bytes());
+    for (k, v) in &deprecated {
+        put_bytes(out, k.slice(env));
+        match v {
+            ValueRef::None => out.push(0),
+            ValueRef::Text(s) => {
                 out.push(1);
-                put_bytes(out, s.as_bytes());
+                put_bytes(out, s.slice(env));
             }
-            Some(Data::Integer(i)) => {
+            ValueRef::Integer(i) => {
                 out.push(2);
                 out.extend_from_slice(&i.to_be_bytes());
             }
-            Some(Data::Decimal(d)) => {
+            ValueRef::Decimal(d) => {
                 out.push(3);
                 put_f64(out, *d);
             }
         }
     }
 
-    match &env.message {
-        None => out.push(0),
-        Some(Message::Log(l)) => {
+    match parsed.message {
+        MessageRef::None => out.push(0),
+        MessageRef::Log { payload, r#type } => {
             out.push(1);
-            put_bytes(out, &l.payload);
-            out.extend_from_slice(&(l.r#type as u32).to_be_bytes());
+            put_bytes(out, payload.slice(env));
+            out.extend_from_slice(&(r#type as u32).to_be_bytes());
         }
-        Some(Message::Counter(c)) => {
+        MessageRef::Counter {
+            name,
+            delta,
+            total: sent,
+        } => {
             out.push(2);
-            put_bytes(out, c.name.as_bytes());
-            out.extend_from_slice(&c.delta.to_be_bytes());
-            out.extend_from_slice(&c.total.to_be_bytes());
+            put_bytes(out, name.slice(env));
+            out.extend_from_slice(&delta.to_be_bytes());
+            out.extend_from_slice(&total.unwrap_or(sent).to_be_bytes());
         }
-        Some(Message::Gauge(g)) => {
+        MessageRef::Gauge => {
+            let mut metrics = parsed.gauge.clone();
+            super::tagging::sort_last_wins(&mut metrics, |(k, _, _)| k.slice(env));
             out.push(3);
-            out.extend_from_slice(&(g.metrics.len() as u32).to_be_bytes());
-            for (k, v) in &g.metrics {
-                put_bytes(out, k.as_bytes());
-                put_bytes(out, v.unit.as_bytes());
-                put_f64(out, v.value);
+            out.extend_from_slice(&(metrics.len() as u32).to_be_bytes());
+            for (k, unit, value) in &metrics {
+                put_bytes(out, k.slice(env));
+                put_bytes(out, unit.slice(env));
+                put_f64(out, *value);
             }
         }
-        Some(Message::Timer(t)) => {
+        MessageRef::Timer { name, start, stop } => {
             out.push(4);
-            put_bytes(out, t.name.as_bytes());
-            out.extend_from_slice(&t.start.to_be_bytes());
-            out.extend_from_slice(&t.stop.to_be_bytes());
+            put_bytes(out, name.slice(env));
+            out.extend_from_slice(&start.to_be_bytes());
+            out.extend_from_slice(&stop.to_be_bytes());
         }
-        Some(Message::Event(e)) => {
+        MessageRef::Event { title, body } => {
             out.push(5);
-            put_bytes(out, e.title.as_bytes());
-            put_bytes(out, e.body.as_bytes());
+            put_bytes(out, title.slice(env));
+            put_bytes(out, body.slice(env));
         }
     }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
 
 /// Lowercase hex of `bytes`, appended to `s`.
 pub fn push_hex(s: &mut String, bytes: &[u8]) {
@@ -238,9 +433,9 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::proto::{Counter, Log};
+    use crate::proto::{envelope::Message, value::Data, Counter, Log};
     use proptest::prelude::*;
 
     fn env() -> Envelope {
@@ -316,9 +511,10 @@ mod tests {
         assert_eq!(decode_hex("0g"), None);
     }
 
-    fn any_envelope() -> impl Strategy<Value = Envelope> {
-        use crate::proto::{Event, Gauge, GaugeValue, Timer, Value};
-        let message = prop_oneof![
+    /// Any `message`, or none.
+    pub fn any_message() -> impl Strategy<Value = Option<Message>> {
+        use crate::proto::{Event, Gauge, GaugeValue, Timer};
+        prop_oneof![
             Just(None),
             (any::<Vec<u8>>(), any::<i32>())
                 .prop_map(|(payload, r#type)| Some(Message::Log(Log { payload, r#type }))),
@@ -337,7 +533,12 @@ mod tests {
                 .prop_map(|(name, start, stop)| Some(Message::Timer(Timer { name, start, stop }))),
             (".{0,4}", ".{0,4}")
                 .prop_map(|(title, body)| Some(Message::Event(Event { title, body }))),
-        ];
+        ]
+    }
+
+    fn any_envelope() -> impl Strategy<Value = Envelope> {
+        use crate::proto::Value;
+        let message = any_message();
         let value = prop_oneof![
             Just(None),
             ".{0,3}".prop_map(|s| Some(Data::Text(s))),

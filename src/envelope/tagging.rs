@@ -1,54 +1,196 @@
 //! The upstream agent's ingress rules, exactly: origin → source_id, tag merging, counter totals.
 //! See `../shared/reference/upstream-agent.md` ("Ingress processing, in order").
+//!
+//! The rules are applied to envelopes as they arrived, encoded ([`super::view`]): the edge
+//! applies the origin rule when it reads a batch ([`super::Item::source`]), the [`Tagger`] keeps
+//! counter totals and fixes the default tags of each batch, and the signer appends what the rules
+//! add ([`resolve`] says what that is).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::Hash;
+use std::hash::Hasher;
+use std::io::Write as _;
+use std::sync::Arc;
 
-use crate::proto::{envelope::Message, value::Data, Envelope, Value};
+use super::view::{MessageRef, Parsed, ValueRef};
+use super::Batch;
+use crate::proto::{value::Data, Value};
 
-/// What processing one envelope did, for the `origin_mappings` counter.
+/// Where one of an envelope's final tags comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Processed {
-    pub origin_mapped: bool,
+pub enum TagFrom {
+    /// A default tag the envelope did not have.
+    Default,
+    /// The envelope's own `tags`.
+    Wire,
+    /// A deprecated tag, rendered as text (it wins over the envelope's own tag).
+    Deprecated,
+    /// The agent's sequencing tags (they win over everything).
+    Agent,
 }
 
-/// Applies the ingress rules in upstream's order. Owns the counter-total table, so exactly one
-/// `Tagger` must see every envelope (it lives inside the ingress actor).
+/// One final tag: key, value, origin.
+pub type Tag<'a> = (&'a [u8], &'a [u8], TagFrom);
+
+/// Works out an envelope's final tags, reusing its buffers from envelope to envelope.
+#[derive(Debug, Default)]
+pub struct TagResolver {
+    rendered: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    list: Vec<Tag<'static>>,
+}
+
+impl TagResolver {
+    /// Calls `f` with the tags `parsed` (read from `env`) ends up with, in upstream's order of
+    /// precedence: its deprecated tags rendered as text win over its own tags, which win over
+    /// `defaults`; `agent` tags win over all. Sorted by key, one per key (the last of a repeated
+    /// key wins, as a decoder reads it).
+    pub fn with_resolved<'s, R>(
+        &mut self,
+        parsed: &Parsed,
+        env: &'s [u8],
+        defaults: &'s [(String, String)],
+        agent: &[Tag<'s>],
+        f: impl FnOnce(&[Tag<'_>]) -> R,
+    ) -> R {
+        self.resolve(parsed, env, defaults, agent, true, f)
+    }
+
+    /// Calls `f` with the envelope's own tags as a decoder reads them (sorted, one per key), no
+    /// rule applied: what a receiver checks a signature against.
+    pub fn with_own<R>(
+        &mut self,
+        parsed: &Parsed,
+        env: &[u8],
+        f: impl FnOnce(&[Tag<'_>]) -> R,
+    ) -> R {
+        self.resolve(parsed, env, &[], &[], false, f)
+    }
+
+    fn resolve<'s, R>(
+        &mut self,
+        parsed: &Parsed,
+        env: &'s [u8],
+        defaults: &'s [(String, String)],
+        agent: &[Tag<'s>],
+        copy_deprecated: bool,
+        f: impl FnOnce(&[Tag<'_>]) -> R,
+    ) -> R {
+        self.rendered.clear();
+        self.spans.clear();
+        let deprecated = if copy_deprecated {
+            &parsed.deprecated[..]
+        } else {
+            &[]
+        };
+        for (_, v) in deprecated {
+            let start = self.rendered.len();
+            render_into(env, v, &mut self.rendered);
+            self.spans.push((start, self.rendered.len()));
+        }
+        let rendered = &self.rendered;
+        let mut list: Vec<Tag<'_>> = recycle(std::mem::take(&mut self.list));
+        list.extend(
+            defaults
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes(), TagFrom::Default)),
+        );
+        list.extend(
+            parsed
+                .tags
+                .iter()
+                .map(|(k, v)| (k.slice(env), v.slice(env), TagFrom::Wire)),
+        );
+        list.extend(
+            deprecated
+                .iter()
+                .zip(&self.spans)
+                .map(|((k, _), (a, b))| (k.slice(env), &rendered[*a..*b], TagFrom::Deprecated)),
+        );
+        list.extend_from_slice(agent);
+        sort_last_wins(&mut list, |t| t.0);
+        let r = f(&list);
+        self.list = recycle(list);
+        r
+    }
+}
+
+/// An empty vector with `v`'s allocation, for elements that borrow something else: the buffers
+/// of the last envelope are reused for the next one.
+pub fn recycle<'b>(mut v: Vec<Tag<'_>>) -> Vec<Tag<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
+/// Sorts `v` by `key` and keeps one element per key: the last one in `v`'s order.
+pub fn sort_last_wins<'k, T>(v: &mut Vec<T>, key: impl Fn(&T) -> &'k [u8]) {
+    if v.len() < 2 {
+        return;
+    }
+    v.reverse();
+    // Stable: of equal keys, the one last in the original order comes first and is kept.
+    v.sort_by(|a, b| key(a).cmp(key(b)));
+    v.dedup_by(|later, earlier| key(later) == key(earlier));
+}
+
+/// Applies the ingress rules that need state or the configuration: counter totals, and which
+/// default tags apply. Owns the counter-total table, so exactly one `Tagger` must see every
+/// envelope (it lives inside the ingress actor).
 #[derive(Debug)]
 pub struct Tagger {
-    default_tags: Vec<(String, String)>,
+    default_tags: Arc<[(String, String)]>,
     totals: CounterTotals,
+    parsed: Parsed,
+    resolver: TagResolver,
 }
 
 impl Tagger {
     pub fn new(default_tags: &BTreeMap<String, String>, max_counter_keys: usize) -> Self {
         Self {
-            default_tags: default_tags
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            default_tags: to_list(default_tags),
             totals: CounterTotals::new(max_counter_keys),
+            parsed: Parsed::default(),
+            resolver: TagResolver::default(),
         }
     }
 
-    pub fn process(&mut self, env: &mut Envelope) -> Processed {
-        let origin_mapped = map_origin(env);
-        copy_deprecated_tags(env);
-        for (k, v) in &self.default_tags {
-            if !env.tags.contains_key(k) {
-                env.tags.insert(k.clone(), v.clone());
+    /// Gives `batch` the default tags and its counters their running totals; returns how many
+    /// of its envelopes took their source id from their origin.
+    pub fn process(&mut self, batch: &mut Batch) -> u64 {
+        batch.set_defaults(self.default_tags.clone());
+        let mut mapped = 0;
+        for i in 0..batch.len() {
+            let item = batch.items()[i];
+            mapped += u64::from(item.origin_mapped);
+            if !item.counter {
+                continue;
+            }
+            let env = batch.bytes_of(item.env);
+            // The edge read every envelope it admitted; a failure here would be a bug, and the
+            // counter then keeps the total it came with.
+            if self.parsed.parse(env).is_err() {
+                debug_assert!(false, "an admitted envelope does not read");
+                continue;
+            }
+            let MessageRef::Counter { name, delta, total } = self.parsed.message else {
+                continue;
+            };
+            let source = batch.bytes_of(item.source);
+            let key =
+                self.resolver
+                    .with_resolved(&self.parsed, env, &self.default_tags, &[], |tags| {
+                        counter_key(name.slice(env), source, tags)
+                    });
+            let running = self.totals.apply(key, delta, total);
+            if running != total {
+                batch.items_mut()[i].total = Some(running);
             }
         }
-        self.totals.apply(env);
-        Processed { origin_mapped }
+        mapped
     }
 
     /// Replaces the default tags (a reload); the counter totals are kept.
     pub fn set_default_tags(&mut self, default_tags: &BTreeMap<String, String>) {
-        self.default_tags = default_tags
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        self.default_tags = to_list(default_tags);
     }
 
     /// Number of default tags.
@@ -62,32 +204,8 @@ impl Tagger {
     }
 }
 
-/// Rule 1: an empty source_id is taken from `tags["origin"]`, else `deprecated_tags["origin"]`.
-fn map_origin(env: &mut Envelope) -> bool {
-    if !env.source_id.is_empty() {
-        return false;
-    }
-    if let Some(origin) = env.tags.get("origin") {
-        env.source_id = origin.clone();
-        return true;
-    }
-    if let Some(origin) = env.deprecated_tags.get("origin") {
-        // Upstream takes `GetText()`: a non-text origin maps to "".
-        env.source_id = match &origin.data {
-            Some(Data::Text(s)) => s.clone(),
-            _ => String::new(),
-        };
-        return true;
-    }
-    false
-}
-
-/// Rule 2: every deprecated tag is copied into `tags`, the deprecated value winning a clash.
-/// Upstream leaves `deprecated_tags` on the envelope too, and so do we.
-fn copy_deprecated_tags(env: &mut Envelope) {
-    for (k, v) in &env.deprecated_tags {
-        env.tags.insert(k.clone(), value_to_tag(v));
-    }
+fn to_list(tags: &BTreeMap<String, String>) -> Arc<[(String, String)]> {
+    tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// A deprecated tag's value as upstream renders it: text as is, integers in base 10, decimals in
@@ -101,19 +219,29 @@ pub fn value_to_tag(v: &Value) -> String {
     }
 }
 
-/// The length of [`value_to_tag`]'s result, without allocating for the common cases.
-pub fn rendered_len(v: &Value) -> usize {
-    match &v.data {
-        Some(Data::Text(s)) => s.len(),
-        Some(Data::Integer(i)) => {
+/// [`value_to_tag`] of a value read in place, appended to `out`.
+pub fn render_into(env: &[u8], v: &ValueRef, out: &mut Vec<u8>) {
+    match v {
+        ValueRef::Text(s) => out.extend_from_slice(s.slice(env)),
+        ValueRef::Integer(i) => write!(out, "{i}").expect("a Vec grows as needed"),
+        ValueRef::Decimal(d) => out.extend_from_slice(format_decimal(*d).as_bytes()),
+        ValueRef::None => {}
+    }
+}
+
+/// The length of [`render_into`]'s output, without allocating for the common cases.
+pub fn rendered_len(v: &ValueRef) -> usize {
+    match v {
+        ValueRef::Text(s) => s.len(),
+        ValueRef::Integer(i) => {
             let digits = i
                 .unsigned_abs()
                 .checked_ilog10()
                 .map_or(1, |d| d as usize + 1);
             digits + usize::from(*i < 0)
         }
-        Some(Data::Decimal(d)) => format_decimal(*d).len(),
-        None => 0,
+        ValueRef::Decimal(d) => format_decimal(*d).len(),
+        ValueRef::None => 0,
     }
 }
 
@@ -147,47 +275,64 @@ impl CounterTotals {
         }
     }
 
-    fn apply(&mut self, env: &mut Envelope) {
-        let Some(Message::Counter(counter)) = &env.message else {
-            return;
-        };
-        let key = counter_key(&counter.name, &env.source_id, &env.tags);
+    /// The total to write for a counter with this key, delta and total as sent.
+    fn apply(&mut self, key: u128, delta: u64, total: u64) -> u64 {
         if !self.table.contains_key(&key) && self.table.len() >= self.max_keys {
             self.table.clear();
         }
         let running = self.table.entry(key).or_insert(0);
-        let Some(Message::Counter(counter)) = &mut env.message else {
-            unreachable!("checked above");
-        };
-        if counter.total == 0 && counter.delta != 0 {
-            *running = running.wrapping_add(counter.delta);
+        if total == 0 && delta != 0 {
+            *running = running.wrapping_add(delta);
         } else {
-            *running = counter.total;
+            *running = total;
         }
-        counter.total = *running;
+        *running
     }
 }
 
 /// The counter's identity as a 128-bit key, without keeping the strings themselves.
-fn counter_key(name: &str, source_id: &str, tags: &BTreeMap<String, String>) -> u128 {
+fn counter_key(name: &[u8], source_id: &[u8], tags: &[Tag<'_>]) -> u128 {
+    let put = |h: &mut std::hash::DefaultHasher, b: &[u8]| {
+        h.write_usize(b.len());
+        h.write(b);
+    };
     super::key128(|h| {
-        name.hash(h);
-        source_id.hash(h);
-        tags.hash(h);
+        put(h, name);
+        put(h, source_id);
+        h.write_usize(tags.len());
+        for (k, v, _) in tags {
+            put(h, k);
+            put(h, v);
+        }
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::Stages;
     use super::*;
-    use crate::proto::{Counter, Log};
+    use crate::envelope::sequence::{SEQ_TAG, STREAM_TAG};
+    use crate::envelope::signing::SIG_TAG;
+    use crate::proto::{envelope::Message, Counter, Envelope, Log};
     use proptest::prelude::*;
 
-    fn tagger() -> Tagger {
+    fn tagger() -> Stages {
         let mut d = BTreeMap::new();
         d.insert("deployment".to_string(), "cf".to_string());
         d.insert("job".to_string(), "diego".to_string());
-        Tagger::new(&d, 10_000)
+        Stages::new(&d)
+    }
+
+    /// Runs `e` through the pipeline and replaces it with what leaves, without the agent's own
+    /// tags; true if its origin became its source id.
+    fn process(t: &mut Stages, e: &mut Envelope) -> bool {
+        let body = crate::envelope::encode_batch(vec![e.clone()]);
+        let (mut out, mapped) = t.run_body(body).unwrap();
+        *e = out.remove(0);
+        for tag in [STREAM_TAG, SEQ_TAG, SIG_TAG] {
+            e.tags.remove(tag);
+        }
+        mapped > 0
     }
 
     fn counter(name: &str, delta: u64, total: u64) -> Envelope {
@@ -220,7 +365,7 @@ mod tests {
                 data: Some(Data::Text("old".into())),
             },
         );
-        assert!(t.process(&mut e).origin_mapped);
+        assert!(process(&mut t, &mut e));
         assert_eq!(e.source_id, "rep");
         // the deprecated value then wins the tag clash
         assert_eq!(e.tags["origin"], "old");
@@ -232,7 +377,7 @@ mod tests {
                 data: Some(Data::Text("old".into())),
             },
         );
-        assert!(t.process(&mut e).origin_mapped);
+        assert!(process(&mut t, &mut e));
         assert_eq!(e.source_id, "old");
 
         let mut e = Envelope {
@@ -240,11 +385,11 @@ mod tests {
             ..Default::default()
         };
         e.tags.insert("origin".into(), "rep".into());
-        assert!(!t.process(&mut e).origin_mapped);
+        assert!(!process(&mut t, &mut e));
         assert_eq!(e.source_id, "app");
 
         let mut e = Envelope::default();
-        assert!(!t.process(&mut e).origin_mapped);
+        assert!(!process(&mut t, &mut e));
         assert_eq!(e.source_id, "");
     }
 
@@ -264,17 +409,25 @@ mod tests {
 
     #[test]
     fn rendered_len_matches_rendering() {
-        for data in [
-            Data::Integer(0),
-            Data::Integer(-7),
-            Data::Integer(i64::MIN),
-            Data::Integer(i64::MAX),
-            Data::Decimal(1e308),
-            Data::Decimal(-0.5),
-            Data::Text("héllo".into()),
+        use crate::envelope::view::Span;
+        let env = "héllo".as_bytes();
+        let text = Span {
+            start: 0,
+            end: env.len() as u32,
+        };
+        for v in [
+            ValueRef::Integer(0),
+            ValueRef::Integer(-7),
+            ValueRef::Integer(i64::MIN),
+            ValueRef::Integer(i64::MAX),
+            ValueRef::Decimal(1e308),
+            ValueRef::Decimal(-0.5),
+            ValueRef::Text(text),
+            ValueRef::None,
         ] {
-            let v = Value { data: Some(data) };
-            assert_eq!(rendered_len(&v), value_to_tag(&v).len(), "{v:?}");
+            let mut out = Vec::new();
+            render_into(env, &v, &mut out);
+            assert_eq!(rendered_len(&v), out.len(), "{v:?}");
         }
     }
 
@@ -286,7 +439,7 @@ mod tests {
             ..Default::default()
         };
         e.tags.insert("job".into(), "mine".into());
-        t.process(&mut e);
+        process(&mut t, &mut e);
         assert_eq!(e.tags["job"], "mine");
         assert_eq!(e.tags["deployment"], "cf");
     }
@@ -297,27 +450,30 @@ mod tests {
         let mut seen = vec![];
         for (delta, total) in [(5, 0), (3, 0), (0, 100), (2, 0), (0, 0), (7, 0)] {
             let mut e = counter("c", delta, total);
-            t.process(&mut e);
+            process(&mut t, &mut e);
             seen.push(total_of(&e));
         }
         assert_eq!(seen, vec![5, 8, 100, 102, 0, 7]);
         // another name or other tags: another running total
         let mut e = counter("d", 1, 0);
-        t.process(&mut e);
+        process(&mut t, &mut e);
         assert_eq!(total_of(&e), 1);
         let mut e = counter("c", 1, 0);
         e.tags.insert("x".into(), "y".into());
-        t.process(&mut e);
+        process(&mut t, &mut e);
         assert_eq!(total_of(&e), 1);
     }
 
     #[test]
     fn counter_table_is_bounded() {
-        let mut t = Tagger::new(&BTreeMap::new(), 3);
+        let mut t = Stages {
+            tagger: Tagger::new(&BTreeMap::new(), 3),
+            ..Stages::new(&BTreeMap::new())
+        };
         for i in 0..10 {
             let mut e = counter(&format!("c{i}"), 1, 0);
-            t.process(&mut e);
-            assert!(t.counter_keys() <= 3);
+            process(&mut t, &mut e);
+            assert!(t.tagger.counter_keys() <= 3);
         }
     }
 
@@ -325,11 +481,11 @@ mod tests {
         /// Against a naive model: per key, the running total follows the rule exactly.
         #[test]
         fn totals_match_model(ops in prop::collection::vec((0u8..3, 0u64..5, 0u64..5), 1..200)) {
-            let mut t = Tagger::new(&BTreeMap::new(), 10_000);
+            let mut t = Stages::new(&BTreeMap::new());
             let mut model: HashMap<u8, u64> = HashMap::new();
             for (name, delta, total) in ops {
                 let mut e = counter(&name.to_string(), delta, total);
-                t.process(&mut e);
+                process(&mut t, &mut e);
                 let r = model.entry(name).or_insert(0);
                 if total == 0 && delta != 0 { *r += delta } else { *r = total }
                 prop_assert_eq!(total_of(&e), *r);
@@ -345,7 +501,7 @@ mod tests {
             for (k, v) in &dep {
                 e.deprecated_tags.insert(k.clone(), Value { data: Some(Data::Integer(*v)) });
             }
-            t.process(&mut e);
+            process(&mut t, &mut e);
             for (k, v) in &e.tags {
                 let want = dep.get(k).map(|i| i.to_string())
                     .or_else(|| own.get(k).cloned())

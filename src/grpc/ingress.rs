@@ -14,7 +14,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use prost::Message as _;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -25,7 +24,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::envelope::raw::count_batch;
-use crate::envelope::{admission_cost, Batch};
+use crate::envelope::{encode_batch, read_batch, Batch, ReadError};
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
 use crate::telemetry::ratelimit::RateLimit;
@@ -47,7 +46,7 @@ const RESERVE_FACTOR: usize = 2;
 pub struct EdgeTunables {
     /// `ingress.grpc.max_wait_ms`.
     max_wait_ms: AtomicU64,
-    /// What every envelope costs on top of its own size (see [`admission_cost`]); depends on the
+    /// What every envelope costs on top of its own size (see [`crate::envelope::admission_cost`]); depends on the
     /// default tags and the signing key id.
     fixed_cost: AtomicU32,
 }
@@ -127,7 +126,12 @@ impl Edge {
         if self.refused_while_closed(total, count_ingress) {
             return;
         }
-        let (batch, oversize) = self.price(envelopes);
+        let Ok((batch, oversize)) = self.price(encode_batch(envelopes)) else {
+            // prost's own encoding always reads; were it not to, nothing is counted, as with any
+            // message that does not decode.
+            debug_assert!(false, "an encoded batch does not read");
+            return;
+        };
         let (n, bytes) = (batch.len(), batch.bytes());
         let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
@@ -205,8 +209,8 @@ impl Edge {
             self.ledger.refused(full, total);
             return Ok(());
         };
-        let envelopes = match EnvelopeBatch::decode(raw.body) {
-            Ok(b) => b.batch,
+        let (batch, oversize) = match self.price(raw.body) {
+            Ok(read) => read,
             Err(e) => {
                 self.ledger.shrink(reserved);
                 // prost's message already says "failed to decode Protobuf message".
@@ -214,7 +218,6 @@ impl Edge {
             }
         };
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
-        let (batch, oversize) = self.price(envelopes);
         self.ledger.refused(DropReason::Oversize, oversize);
         let (n, bytes) = (batch.len(), batch.bytes());
         if !self.ledger.settle(reserved, n, bytes) {
@@ -225,20 +228,10 @@ impl Edge {
         Ok(())
     }
 
-    /// Prices each envelope; those too large for any Doppler are left out and counted.
-    fn price(&self, envelopes: Vec<Envelope>) -> (Batch, usize) {
-        let mut batch = Batch::with_capacity(envelopes.len());
-        let mut oversize = 0;
-        let fixed_cost = self.tunables.fixed_cost();
-        for env in envelopes {
-            let cost = admission_cost(&env, fixed_cost);
-            if cost as usize > MAX_ENVELOPE_COST {
-                oversize += 1;
-            } else {
-                batch.push(env, cost);
-            }
-        }
-        (batch, oversize)
+    /// Reads and prices each envelope without decoding it; those too large for any Doppler are
+    /// left out and counted in the second value.
+    fn price(&self, body: Bytes) -> Result<(Batch, usize), ReadError> {
+        read_batch(body, self.tunables.fixed_cost(), MAX_ENVELOPE_COST)
     }
 
     /// Passes an admitted batch to the ingress actor (or drops it, counted, if that cannot be).

@@ -1,0 +1,309 @@
+//! An encoded envelope read in place: every field the agent's rules look at, as offsets into the
+//! envelope's bytes, so the pipeline never decodes an envelope into owned strings and maps.
+//!
+//! [`Parsed::parse`] accepts the encodings real emitters produce: every known field in its
+//! proto3 wire type, in any order, repeated scalars and map keys resolved as a decoder resolves
+//! them (the last one wins). Anything else (an unknown field, a wire type that does not match, a
+//! string that is not UTF-8, a message field given twice, which decoders *merge*) is
+//! [`Unusual`]: the edge then lets prost decode the envelope and re-encodes it, and prost's
+//! verdict (an error, or a canonical encoding this parser reads) decides. The rules applied to the
+//! bytes therefore see exactly the envelope a decoder would.
+
+use super::raw::{fields, Field};
+
+/// A byte range `start..end` within the envelope being read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    /// Where `part`, a slice of `whole`, lies in it.
+    pub fn of(whole: &[u8], part: &[u8]) -> Span {
+        let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+        Span {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+
+    pub fn len(self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.end == self.start
+    }
+
+    /// The bytes this span covers in `envelope`.
+    pub fn slice(self, envelope: &[u8]) -> &[u8] {
+        &envelope[self.start as usize..self.end as usize]
+    }
+}
+
+/// A `Value` (a deprecated tag's value) as read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef {
+    None,
+    Text(Span),
+    Integer(i64),
+    Decimal(f64),
+}
+
+/// The envelope's `message`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum MessageRef {
+    #[default]
+    None,
+    Log {
+        payload: Span,
+        r#type: i32,
+    },
+    Counter {
+        name: Span,
+        delta: u64,
+        total: u64,
+    },
+    /// Its metrics are [`Parsed::gauge`].
+    Gauge,
+    Timer {
+        name: Span,
+        start: i64,
+        stop: i64,
+    },
+    Event {
+        title: Span,
+        body: Span,
+    },
+}
+
+/// The envelope is well-formed protobuf only if prost says so, or uses an encoding this reader
+/// leaves to prost (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unusual;
+
+/// One read envelope. Reused from envelope to envelope, so reading allocates nothing once its
+/// vectors have grown.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub timestamp: i64,
+    pub source_id: Span,
+    pub instance_id: Span,
+    /// `tags` entries in wire order (a key may repeat: the last one wins).
+    pub tags: Vec<(Span, Span)>,
+    /// `deprecated_tags` entries in wire order (the last one of a key wins).
+    pub deprecated: Vec<(Span, ValueRef)>,
+    pub message: MessageRef,
+    /// Where the whole `message` field (key, length and body) is, to replace it.
+    pub message_field: Span,
+    /// A gauge's `metrics` entries in wire order: (name, unit, value).
+    pub gauge: Vec<(Span, Span, f64)>,
+}
+
+// Field numbers of `loggregator.v2.Envelope`.
+const TIMESTAMP: u32 = 1;
+const SOURCE_ID: u32 = 2;
+const DEPRECATED_TAGS: u32 = 3;
+const LOG: u32 = 4;
+const COUNTER: u32 = 5;
+const GAUGE: u32 = 6;
+const TIMER: u32 = 7;
+const TAGS: u32 = 9;
+const INSTANCE_ID: u32 = 8;
+const EVENT: u32 = 10;
+
+/// `Counter` is field 5, length-delimited.
+pub const COUNTER_KEY: u8 = (COUNTER as u8) << 3 | 2;
+/// `source_id` is field 2, length-delimited.
+pub const SOURCE_ID_KEY: u8 = (SOURCE_ID as u8) << 3 | 2;
+/// `tags` is field 9, length-delimited.
+pub const TAGS_KEY: u8 = (TAGS as u8) << 3 | 2;
+
+fn text(whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
+    std::str::from_utf8(b).map_err(|_| Unusual)?;
+    Ok(Span::of(whole, b))
+}
+
+impl Parsed {
+    /// Reads `envelope` (one envelope's bytes, without framing).
+    ///
+    /// # Errors
+    /// [`Unusual`] when the envelope must go through prost (see the module documentation).
+    pub fn parse(&mut self, envelope: &[u8]) -> Result<(), Unusual> {
+        self.timestamp = 0;
+        self.source_id = Span::default();
+        self.instance_id = Span::default();
+        self.tags.clear();
+        self.deprecated.clear();
+        self.gauge.clear();
+        self.message = MessageRef::None;
+        self.message_field = Span::default();
+        let mut pos = 0;
+        let mut fields = fields(envelope);
+        while let Some(f) = fields.next() {
+            let field = f.map_err(|_| Unusual)?;
+            let field_start = pos;
+            pos = fields.position();
+            match field {
+                Field::Varint(TIMESTAMP, v) => self.timestamp = v as i64,
+                Field::Bytes(SOURCE_ID, b) => self.source_id = text(envelope, b)?,
+                Field::Bytes(INSTANCE_ID, b) => self.instance_id = text(envelope, b)?,
+                Field::Bytes(TAGS, b) => {
+                    let (mut k, mut v) = (Span::of(envelope, &b[..0]), Span::of(envelope, &b[..0]));
+                    for f in fields_of(b) {
+                        match f? {
+                            Field::Bytes(1, s) => k = text(envelope, s)?,
+                            Field::Bytes(2, s) => v = text(envelope, s)?,
+                            _ => return Err(Unusual),
+                        }
+                    }
+                    self.tags.push((k, v));
+                }
+                Field::Bytes(DEPRECATED_TAGS, b) => {
+                    let (mut k, mut v) = (Span::of(envelope, &b[..0]), None);
+                    for f in fields_of(b) {
+                        match f? {
+                            Field::Bytes(1, s) => k = text(envelope, s)?,
+                            Field::Bytes(2, s) if v.is_none() => v = Some(value(envelope, s)?),
+                            _ => return Err(Unusual),
+                        }
+                    }
+                    self.deprecated.push((k, v.unwrap_or(ValueRef::None)));
+                }
+                Field::Bytes(n @ (LOG | COUNTER | GAUGE | TIMER | EVENT), b) => {
+                    if self.message_field.end != 0 {
+                        // Decoders merge a repeated message field; prost does that for us.
+                        return Err(Unusual);
+                    }
+                    self.message = self.message_of(n, envelope, b)?;
+                    self.message_field = Span {
+                        start: field_start as u32,
+                        end: pos as u32,
+                    };
+                }
+                _ => return Err(Unusual),
+            }
+        }
+        Ok(())
+    }
+
+    fn message_of(&mut self, n: u32, whole: &[u8], b: &[u8]) -> Result<MessageRef, Unusual> {
+        let empty = Span::of(whole, &b[..0]);
+        Ok(match n {
+            LOG => {
+                let (mut payload, mut r#type) = (empty, 0);
+                for f in fields_of(b) {
+                    match f? {
+                        Field::Bytes(1, s) => payload = Span::of(whole, s),
+                        Field::Varint(2, v) => r#type = v as i32,
+                        _ => return Err(Unusual),
+                    }
+                }
+                MessageRef::Log { payload, r#type }
+            }
+            COUNTER => {
+                let (mut name, mut delta, mut total) = (empty, 0, 0);
+                for f in fields_of(b) {
+                    match f? {
+                        Field::Bytes(1, s) => name = text(whole, s)?,
+                        Field::Varint(2, v) => delta = v,
+                        Field::Varint(3, v) => total = v,
+                        _ => return Err(Unusual),
+                    }
+                }
+                MessageRef::Counter { name, delta, total }
+            }
+            GAUGE => {
+                for f in fields_of(b) {
+                    let Field::Bytes(1, entry) = f? else {
+                        return Err(Unusual);
+                    };
+                    let (mut name, mut metric) = (Span::of(whole, &entry[..0]), None);
+                    for f in fields_of(entry) {
+                        match f? {
+                            Field::Bytes(1, s) => name = text(whole, s)?,
+                            Field::Bytes(2, s) if metric.is_none() => {
+                                let (mut unit, mut value) = (Span::of(whole, &s[..0]), 0.0);
+                                for f in fields_of(s) {
+                                    match f? {
+                                        Field::Bytes(1, u) => unit = text(whole, u)?,
+                                        Field::Fixed64(2, v) => value = f64::from_bits(v),
+                                        _ => return Err(Unusual),
+                                    }
+                                }
+                                metric = Some((unit, value));
+                            }
+                            _ => return Err(Unusual),
+                        }
+                    }
+                    let (unit, value) = metric.unwrap_or((empty, 0.0));
+                    self.gauge.push((name, unit, value));
+                }
+                MessageRef::Gauge
+            }
+            TIMER => {
+                let (mut name, mut start, mut stop) = (empty, 0, 0);
+                for f in fields_of(b) {
+                    match f? {
+                        Field::Bytes(1, s) => name = text(whole, s)?,
+                        Field::Varint(2, v) => start = v as i64,
+                        Field::Varint(3, v) => stop = v as i64,
+                        _ => return Err(Unusual),
+                    }
+                }
+                MessageRef::Timer { name, start, stop }
+            }
+            _ => {
+                let (mut title, mut body) = (empty, empty);
+                for f in fields_of(b) {
+                    match f? {
+                        Field::Bytes(1, s) => title = text(whole, s)?,
+                        Field::Bytes(2, s) => body = text(whole, s)?,
+                        _ => return Err(Unusual),
+                    }
+                }
+                MessageRef::Event { title, body }
+            }
+        })
+    }
+
+    /// The source id after upstream's origin rule: `source_id`, or when it is empty
+    /// `tags["origin"]`, else the text of `deprecated_tags["origin"]` ("" when not text). The
+    /// flag says whether the rule applied.
+    pub fn effective_source(&self, envelope: &[u8]) -> (Span, bool) {
+        if !self.source_id.is_empty() {
+            return (self.source_id, false);
+        }
+        let origin = |k: &Span| k.slice(envelope) == b"origin";
+        if let Some((_, v)) = self.tags.iter().rev().find(|(k, _)| origin(k)) {
+            return (*v, true);
+        }
+        if let Some((_, v)) = self.deprecated.iter().rev().find(|(k, _)| origin(k)) {
+            let text = match v {
+                ValueRef::Text(s) => *s,
+                _ => Span::default(),
+            };
+            return (text, true);
+        }
+        (self.source_id, false)
+    }
+}
+
+/// The fields of a nested message, failing as [`Unusual`].
+fn fields_of(b: &[u8]) -> impl Iterator<Item = Result<Field<'_>, Unusual>> {
+    fields(b).map(|f| f.map_err(|_| Unusual))
+}
+
+fn value(whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
+    let mut v = ValueRef::None;
+    for f in fields_of(b) {
+        v = match f? {
+            Field::Bytes(1, s) => ValueRef::Text(text(whole, s)?),
+            Field::Varint(2, i) => ValueRef::Integer(i as i64),
+            Field::Fixed64(3, d) => ValueRef::Decimal(f64::from_bits(d)),
+            _ => return Err(Unusual),
+        };
+    }
+    Ok(v)
+}
