@@ -60,7 +60,7 @@ pub struct Running {
     server: JoinHandle<()>,
     udp: Option<UdpIngress>,
     background: Vec<JoinHandle<()>>,
-    signer_arbiter: Arbiter,
+    pipeline_arbiter: Arbiter,
     ledger: Arc<Ledger>,
     health: Arc<Health>,
     supervisor: Addr<DopplerSupervisor>,
@@ -198,13 +198,15 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         ledger: ledger.clone(),
     });
 
-    // Signing is the CPU-heavy stage: it gets its own thread so it never stalls routing.
-    let signer_arbiter = Arbiter::new();
+    // The data path (ingress actor, sequencer, signer) shares one thread, so a batch crosses
+    // threads only into it and out of it; supervision stays on the system arbiter, where signing
+    // never delays a reconnect or a move (decision 5).
+    let pipeline_arbiter = Arbiter::new();
     let signer = {
         let ledger = ledger.clone();
         let queues = queues.clone();
         let signer = Signer::new(&p.signing_key_id, &p.signing_key);
-        SignerActor::start_in_arbiter(&signer_arbiter.handle(), move |ctx| {
+        SignerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SignerActor::new(signer, queues, ledger)
         })
@@ -219,22 +221,17 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         );
         let ledger = ledger.clone();
         let signer = signer.clone();
-        SequencerActor::create(move |ctx| {
+        let budget = c.pipeline.max_buffered_bytes.get();
+        SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SequencerActor::new(
-                sequencer,
-                queues,
-                c.pipeline.max_buffered_bytes.get(),
-                signer.recipient(),
-                ledger,
-            )
+            SequencerActor::new(sequencer, queues, budget, signer.recipient(), ledger)
         })
     };
     let ingress = {
         let tagger = Tagger::new(&c.default_tags, c.pipeline.max_counter_keys.get());
         let ledger = ledger.clone();
         let sequencer = sequencer.clone();
-        IngressActor::create(move |ctx| {
+        IngressActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             IngressActor::new(tagger, sequencer.recipient(), ledger)
         })
@@ -340,7 +337,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         server,
         udp,
         background,
-        signer_arbiter,
+        pipeline_arbiter,
         ledger,
         health,
         supervisor,
@@ -689,6 +686,6 @@ impl Running {
         for t in self.background {
             t.abort();
         }
-        (acknowledged, self.signer_arbiter)
+        (acknowledged, self.pipeline_arbiter)
     }
 }

@@ -22,10 +22,25 @@ pub enum WireError {
 /// Reads a base-128 varint at `*pos`, advancing it.
 #[inline]
 pub fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
+    // Field keys and short lengths fit one byte.
+    match buf.get(*pos) {
+        Some(&b) if b < 0x80 => {
+            *pos += 1;
+            Ok(u64::from(b))
+        }
+        _ => read_long_varint(buf, pos),
+    }
+}
+
+fn read_long_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let b = *buf.get(*pos).ok_or(WireError::Varint)?;
         *pos += 1;
+        // The tenth byte holds bit 63 only; more would overflow, which prost refuses.
+        if shift == 63 && b > 1 {
+            return Err(WireError::Varint);
+        }
         value |= u64::from(b & 0x7f) << shift;
         if b < 0x80 {
             return Ok(value);

@@ -92,7 +92,7 @@ impl Signer {
         stream: &str,
         out: &mut EncodedBatch,
     ) -> bool {
-        if self.parsed.parse(env).is_err() {
+        if self.parsed.parse_admitted(env).is_err() {
             return false;
         }
         let parsed = &self.parsed;

@@ -167,7 +167,7 @@ impl Tagger {
             let env = batch.bytes_of(item.env);
             // The edge read every envelope it admitted; a failure here would be a bug, and the
             // counter then keeps the total it came with.
-            if self.parsed.parse(env).is_err() {
+            if self.parsed.parse_admitted(env).is_err() {
                 debug_assert!(false, "an admitted envelope does not read");
                 continue;
             }

@@ -120,8 +120,11 @@ pub const SOURCE_ID_KEY: u8 = (SOURCE_ID as u8) << 3 | 2;
 /// `tags` is field 9, length-delimited.
 pub const TAGS_KEY: u8 = (TAGS as u8) << 3 | 2;
 
-fn text(whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
-    std::str::from_utf8(b).map_err(|_| Unusual)?;
+/// A string field; checked to be UTF-8 (as prost checks) unless the envelope was read before.
+fn text(check: bool, whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
+    if check {
+        std::str::from_utf8(b).map_err(|_| Unusual)?;
+    }
     Ok(Span::of(whole, b))
 }
 
@@ -131,6 +134,19 @@ impl Parsed {
     /// # Errors
     /// [`Unusual`] when the envelope must go through prost (see the module documentation).
     pub fn parse(&mut self, envelope: &[u8]) -> Result<(), Unusual> {
+        self.read(envelope, true)
+    }
+
+    /// [`Parsed::parse`] for an envelope the edge already read: strings are not checked for
+    /// UTF-8 again.
+    ///
+    /// # Errors
+    /// As [`Parsed::parse`] (which would be a bug here).
+    pub fn parse_admitted(&mut self, envelope: &[u8]) -> Result<(), Unusual> {
+        self.read(envelope, false)
+    }
+
+    fn read(&mut self, envelope: &[u8], check: bool) -> Result<(), Unusual> {
         self.timestamp = 0;
         self.source_id = Span::default();
         self.instance_id = Span::default();
@@ -147,14 +163,14 @@ impl Parsed {
             pos = fields.position();
             match field {
                 Field::Varint(TIMESTAMP, v) => self.timestamp = v as i64,
-                Field::Bytes(SOURCE_ID, b) => self.source_id = text(envelope, b)?,
-                Field::Bytes(INSTANCE_ID, b) => self.instance_id = text(envelope, b)?,
+                Field::Bytes(SOURCE_ID, b) => self.source_id = text(check, envelope, b)?,
+                Field::Bytes(INSTANCE_ID, b) => self.instance_id = text(check, envelope, b)?,
                 Field::Bytes(TAGS, b) => {
                     let (mut k, mut v) = (Span::of(envelope, &b[..0]), Span::of(envelope, &b[..0]));
                     for f in fields_of(b) {
                         match f? {
-                            Field::Bytes(1, s) => k = text(envelope, s)?,
-                            Field::Bytes(2, s) => v = text(envelope, s)?,
+                            Field::Bytes(1, s) => k = text(check, envelope, s)?,
+                            Field::Bytes(2, s) => v = text(check, envelope, s)?,
                             _ => return Err(Unusual),
                         }
                     }
@@ -164,8 +180,10 @@ impl Parsed {
                     let (mut k, mut v) = (Span::of(envelope, &b[..0]), None);
                     for f in fields_of(b) {
                         match f? {
-                            Field::Bytes(1, s) => k = text(envelope, s)?,
-                            Field::Bytes(2, s) if v.is_none() => v = Some(value(envelope, s)?),
+                            Field::Bytes(1, s) => k = text(check, envelope, s)?,
+                            Field::Bytes(2, s) if v.is_none() => {
+                                v = Some(value(check, envelope, s)?)
+                            }
                             _ => return Err(Unusual),
                         }
                     }
@@ -176,7 +194,7 @@ impl Parsed {
                         // Decoders merge a repeated message field; prost does that for us.
                         return Err(Unusual);
                     }
-                    self.message = self.message_of(n, envelope, b)?;
+                    self.message = self.message_of(check, n, envelope, b)?;
                     self.message_field = Span {
                         start: field_start as u32,
                         end: pos as u32,
@@ -188,7 +206,13 @@ impl Parsed {
         Ok(())
     }
 
-    fn message_of(&mut self, n: u32, whole: &[u8], b: &[u8]) -> Result<MessageRef, Unusual> {
+    fn message_of(
+        &mut self,
+        check: bool,
+        n: u32,
+        whole: &[u8],
+        b: &[u8],
+    ) -> Result<MessageRef, Unusual> {
         let empty = Span::of(whole, &b[..0]);
         Ok(match n {
             LOG => {
@@ -206,7 +230,7 @@ impl Parsed {
                 let (mut name, mut delta, mut total) = (empty, 0, 0);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => name = text(whole, s)?,
+                        Field::Bytes(1, s) => name = text(check, whole, s)?,
                         Field::Varint(2, v) => delta = v,
                         Field::Varint(3, v) => total = v,
                         _ => return Err(Unusual),
@@ -222,12 +246,12 @@ impl Parsed {
                     let (mut name, mut metric) = (Span::of(whole, &entry[..0]), None);
                     for f in fields_of(entry) {
                         match f? {
-                            Field::Bytes(1, s) => name = text(whole, s)?,
+                            Field::Bytes(1, s) => name = text(check, whole, s)?,
                             Field::Bytes(2, s) if metric.is_none() => {
                                 let (mut unit, mut value) = (Span::of(whole, &s[..0]), 0.0);
                                 for f in fields_of(s) {
                                     match f? {
-                                        Field::Bytes(1, u) => unit = text(whole, u)?,
+                                        Field::Bytes(1, u) => unit = text(check, whole, u)?,
                                         Field::Fixed64(2, v) => value = f64::from_bits(v),
                                         _ => return Err(Unusual),
                                     }
@@ -246,7 +270,7 @@ impl Parsed {
                 let (mut name, mut start, mut stop) = (empty, 0, 0);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => name = text(whole, s)?,
+                        Field::Bytes(1, s) => name = text(check, whole, s)?,
                         Field::Varint(2, v) => start = v as i64,
                         Field::Varint(3, v) => stop = v as i64,
                         _ => return Err(Unusual),
@@ -258,8 +282,8 @@ impl Parsed {
                 let (mut title, mut body) = (empty, empty);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => title = text(whole, s)?,
-                        Field::Bytes(2, s) => body = text(whole, s)?,
+                        Field::Bytes(1, s) => title = text(check, whole, s)?,
+                        Field::Bytes(2, s) => body = text(check, whole, s)?,
                         _ => return Err(Unusual),
                     }
                 }
@@ -295,11 +319,11 @@ fn fields_of(b: &[u8]) -> impl Iterator<Item = Result<Field<'_>, Unusual>> {
     fields(b).map(|f| f.map_err(|_| Unusual))
 }
 
-fn value(whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
+fn value(check: bool, whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
     let mut v = ValueRef::None;
     for f in fields_of(b) {
         v = match f? {
-            Field::Bytes(1, s) => ValueRef::Text(text(whole, s)?),
+            Field::Bytes(1, s) => ValueRef::Text(text(check, whole, s)?),
             Field::Varint(2, i) => ValueRef::Integer(i as i64),
             Field::Fixed64(3, d) => ValueRef::Decimal(f64::from_bits(d)),
             _ => return Err(Unusual),
