@@ -12,7 +12,7 @@
 //!                           ▼                                                        │
 //!                        dropped{ingress}                                  SequencedBatch
 //!                                                                                    ▼
-//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor (own thread)
+//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor
 //!                 (one actor, one stream each; EgressQueue per slot)          metron_sig
 //!                         ▲ Connect                │ ConnectionUp/Down
 //!                         └──── DopplerSupervisor ◀┘   (Balancer: local AZ first, backoff)
@@ -21,16 +21,17 @@
 //! * [`grpc::ingress`] — the edge. Takes `BatchSender`/`Send` messages undecoded, counts their
 //!   envelopes from the framing and reserves budget ([`telemetry::Ledger`]); if the budget stays
 //!   full for `ingress.grpc.max_wait_ms` (or at once while no Doppler stream is open) the batch is
-//!   dropped there, *before* it is even decoded (reason `pipeline_full`, or `no_doppler`).
-//!   Otherwise it decodes, counts `ingress` and prices each envelope exactly. Emitters are never
-//!   blocked longer than that bound.
+//!   dropped there, *before* it is even read (reason `pipeline_full`, or `no_doppler`).
+//!   Otherwise it reads each envelope in place ([`envelope::view`]; envelopes are never decoded),
+//!   counts `ingress` and prices each envelope exactly. Emitters are never blocked longer than
+//!   that bound.
 //! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
 //! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
 //!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
 //!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
-//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), then one
-//!   encoding per envelope ([`envelope::encoded`]): queued envelopes are held encoded. On its own
-//!   arbiter thread.
+//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), then
+//!   writes each envelope out as it came with what the pipeline adds appended
+//!   ([`envelope::encoded`]): queued envelopes are held encoded.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
@@ -58,10 +59,11 @@
 //!
 //! ## Threads
 //!
-//! The agent runs on one dedicated thread hosting the actix `System` on a 2-worker tokio runtime:
-//! ingress, sequencer, supervisor and connection actors live on the system arbiter; tonic's
-//! connections, TLS and the BatchSender streams run on the tokio workers; the signer has an
-//! arbiter (thread) of its own.
+//! The agent runs on one dedicated thread hosting the actix `System` on a 1-worker tokio runtime:
+//! the supervisor and connection actors live on the system arbiter; tonic's connections, TLS, the
+//! edge and the BatchSender streams run on the tokio worker (`metron-io`); the ingress actor,
+//! sequencer and signer share one pipeline arbiter (thread), so a batch crosses threads only into
+//! the pipeline and out of it (decision 5).
 
 pub mod actors;
 pub mod bench;

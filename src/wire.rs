@@ -262,7 +262,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 
     let mut stop = closed_rx;
     let router = server_builder.add_service(IngressService::router(edge.clone()));
-    let health = Health::new(ledger.clone(), Arbiter::current());
+    let health = Health::new(
+        ledger.clone(),
+        vec![
+            ("system", Arbiter::current()),
+            ("pipeline", pipeline_arbiter.handle()),
+        ],
+    );
     let incoming =
         ingress_acceptor
             .clone()

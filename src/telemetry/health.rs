@@ -1,9 +1,9 @@
 //! `GET /livez` and `GET /readyz` (on `health.listen`): what a process supervisor or a load
 //! balancer asks, answered from the agent's own counters.
 //!
-//! * live: the actor system's arbiter (where ingress tagging, sequencing, the supervisor and the
-//!   connection actors run) runs a task within [`LIVENESS_TIMEOUT`]. A wedged arbiter is the one
-//!   failure a restart cures that the agent cannot see from inside.
+//! * live: each arbiter — the system arbiter (the supervisor and the connection actors) and the
+//!   pipeline arbiter (tagging, sequencing, signing) — runs a task within [`LIVENESS_TIMEOUT`]. A
+//!   wedged arbiter is the one failure a restart cures that the agent cannot see from inside.
 //! * ready: the gRPC ingress is listening and at least one Doppler stream is open, so what an
 //!   emitter sends now can go somewhere.
 //!
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::{DropReason, Ledger};
 
-/// How long the system arbiter may take to run a no-op before the agent counts as not live.
+/// How long an arbiter may take to run a no-op before the agent counts as not live.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the health endpoint reads.
@@ -24,8 +24,8 @@ pub struct Health {
     ledger: Arc<Ledger>,
     /// The gRPC ingress server is running (false before it starts and once shutdown begins).
     ingress_open: AtomicBool,
-    /// The arbiter the liveness probe runs a task on.
-    system: actix::ArbiterHandle,
+    /// The arbiters the liveness probe runs a task on, by name.
+    arbiters: Vec<(&'static str, actix::ArbiterHandle)>,
     started: Instant,
 }
 
@@ -36,11 +36,14 @@ pub struct Answer {
 }
 
 impl Health {
-    pub fn new(ledger: Arc<Ledger>, system: actix::ArbiterHandle) -> Arc<Self> {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        arbiters: Vec<(&'static str, actix::ArbiterHandle)>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ledger,
             ingress_open: AtomicBool::new(false),
-            system,
+            arbiters,
             started: Instant::now(),
         })
     }
@@ -107,25 +110,43 @@ impl Health {
 
     /// `/livez`.
     pub async fn liveness(&self) -> Answer {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = self.system.spawn(async move {
-            let _ = tx.send(());
-        });
-        let answered = queued
-            && tokio::time::timeout(LIVENESS_TIMEOUT, rx)
-                .await
-                .is_ok_and(|r| r.is_ok());
+        let deadline = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+        let probes: Vec<_> = self
+            .arbiters
+            .iter()
+            .map(|(name, arbiter)| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let queued = arbiter.spawn(async move {
+                    let _ = tx.send(());
+                });
+                (*name, queued, rx)
+            })
+            .collect();
+        let mut stuck = Vec::new();
+        for (name, queued, rx) in probes {
+            let answered = queued
+                && tokio::time::timeout_at(deadline, rx)
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if !answered {
+                stuck.push(name);
+            }
+        }
         let uptime = self.started.elapsed().as_secs();
-        let body = if answered {
+        let body = if stuck.is_empty() {
             format!("{{\"status\":\"alive\",\"uptime_s\":{uptime}}}\n")
         } else {
             format!(
-                "{{\"status\":\"not_alive\",\"uptime_s\":{uptime},\"reason\":\"the actor system \
-                 did not run a task within {} ms\"}}\n",
+                "{{\"status\":\"not_alive\",\"uptime_s\":{uptime},\"reason\":\"the {} \
+                 arbiter did not run a task within {} ms\"}}\n",
+                stuck.join(" and "),
                 LIVENESS_TIMEOUT.as_millis()
             )
         };
-        Answer { ok: answered, body }
+        Answer {
+            ok: stuck.is_empty(),
+            body,
+        }
     }
 }
 
