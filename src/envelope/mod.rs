@@ -314,19 +314,7 @@ mod tests {
             prop::collection::btree_map(key, value, 0..3),
             message,
         )
-            .prop_map(
-                |(timestamp, source_id, instance_id, tags, dep, message)| Envelope {
-                    timestamp,
-                    source_id,
-                    instance_id,
-                    tags,
-                    deprecated_tags: dep
-                        .into_iter()
-                        .map(|(k, data)| (k, Value { data }))
-                        .collect(),
-                    message,
-                },
-            )
+            .prop_map(crate::envelope::signing::tests::assemble)
     }
 
     /// The model's output as a Doppler would decode it (prost drops -0.0 and the like).

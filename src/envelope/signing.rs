@@ -537,7 +537,6 @@ pub(crate) mod tests {
     }
 
     fn any_envelope() -> impl Strategy<Value = Envelope> {
-        use crate::proto::Value;
         let message = any_message();
         let value = prop_oneof![
             Just(None),
@@ -553,19 +552,32 @@ pub(crate) mod tests {
             prop::collection::btree_map(".{0,4}", value, 0..3),
             message,
         )
-            .prop_map(
-                |(timestamp, source_id, instance_id, tags, dep, message)| Envelope {
-                    timestamp,
-                    source_id,
-                    instance_id,
-                    tags,
-                    deprecated_tags: dep
-                        .into_iter()
-                        .map(|(k, data)| (k, Value { data }))
-                        .collect(),
-                    message,
-                },
-            )
+            .prop_map(assemble)
+    }
+
+    /// The parts of an envelope that the strategies draw.
+    pub type Parts = (
+        i64,
+        String,
+        String,
+        std::collections::BTreeMap<String, String>,
+        std::collections::BTreeMap<String, Option<Data>>,
+        Option<Message>,
+    );
+
+    /// An envelope from its drawn parts.
+    pub fn assemble((timestamp, source_id, instance_id, tags, dep, message): Parts) -> Envelope {
+        Envelope {
+            timestamp,
+            source_id,
+            instance_id,
+            tags,
+            deprecated_tags: dep
+                .into_iter()
+                .map(|(k, data)| (k, crate::proto::Value { data }))
+                .collect(),
+            message,
+        }
     }
 
     proptest! {
