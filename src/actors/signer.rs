@@ -65,44 +65,72 @@ impl Handler<DumpState> for SignerActor {
     }
 }
 
+/// An encoded batch is handed to its queue once its body reaches this size, so one emitter
+/// message of tiny envelopes with long default tags can never grow a body past the 4 GiB its
+/// offsets can address (a 10 MiB message of empty envelopes could otherwise write gigabytes).
+const MAX_ENCODED_BODY: usize = 64 << 20;
+
 impl Handler<SequencedBatch> for SignerActor {
     type Result = ();
 
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
         for (slot, batch) in msg.parts {
-            let priced = batch.bytes();
-            // An eighth more than the estimate: batches vary, and a shrink within the block is
-            // free while a grow copies.
-            let estimate = batch.len() * self.framed_per_envelope;
-            let mut encoded = EncodedBatch::with_capacity(batch.len(), estimate + estimate / 8);
-            let mut unreadable = (0, 0);
-            for item in batch.items() {
-                let stream = &batch.streams()[item.stream as usize];
-                let env = batch.bytes_of(item.env);
-                if !self
-                    .signer
-                    .finish(env, item, batch.defaults(), stream, &mut encoded)
-                {
-                    unreadable = (unreadable.0 + 1, unreadable.1 + item.cost as usize);
+            let mut items = batch.items().iter().peekable();
+            while items.peek().is_some() {
+                let left = batch
+                    .len()
+                    .min(MAX_ENCODED_BODY / self.framed_per_envelope.max(1));
+                // An eighth more than the estimate: batches vary, and a shrink within the block
+                // is free while a grow copies.
+                let estimate = left * self.framed_per_envelope;
+                let mut encoded = EncodedBatch::with_capacity(left, estimate + estimate / 8);
+                let (mut priced, mut unreadable) = (0, (0, 0));
+                for item in items.by_ref() {
+                    priced += item.cost as usize;
+                    let stream = &batch.streams()[item.stream as usize];
+                    let env = batch.bytes_of(item.env);
+                    if !self
+                        .signer
+                        .finish(env, item, batch.defaults(), stream, &mut encoded)
+                    {
+                        unreadable = (unreadable.0 + 1, unreadable.1 + item.cost as usize);
+                    }
+                    if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
+                        break;
+                    }
                 }
+                if unreadable.0 > 0 {
+                    // The edge read every envelope it admitted, so this is a bug: count, never
+                    // lose.
+                    debug_assert!(false, "an admitted envelope does not read");
+                    self.ledger
+                        .dropped(DropReason::SignerQueueFull, unreadable.0, unreadable.1);
+                }
+                self.enqueue(slot, encoded, priced - unreadable.1);
             }
-            if unreadable.0 > 0 {
-                // The edge read every envelope it admitted, so this is a bug: count, never lose.
-                debug_assert!(false, "an admitted envelope does not read");
-                self.ledger
-                    .dropped(DropReason::SignerQueueFull, unreadable.0, unreadable.1);
-            }
-            // The refund assumes the queue holds the framed bytes, not a grown buffer's slack.
-            encoded.shrink_to_fit();
-            if !encoded.is_empty() {
-                self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
-            }
-            // The envelopes now hold less than they were priced at: give the difference back to
-            // the budget and to the slot's share.
-            let refund = priced - unreadable.1 - encoded.bytes();
-            self.ledger.shrink(refund);
-            self.queues[slot].unroute(refund);
-            self.queues[slot].push(encoded);
         }
+    }
+}
+
+impl SignerActor {
+    /// Hands `encoded` (priced `priced` at the edge) to `slot`'s queue, settling the difference
+    /// between the price and what it now holds with the budget and the slot's share.
+    fn enqueue(&mut self, slot: usize, mut encoded: EncodedBatch, priced: usize) {
+        // The charge assumes the queue holds the framed bytes, not a grown buffer's slack.
+        encoded.shrink_to_fit();
+        if !encoded.is_empty() {
+            self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
+        }
+        let holds = encoded.bytes();
+        if holds <= priced {
+            // The usual case: encoded envelopes hold less than their price.
+            self.ledger.shrink(priced - holds);
+            self.queues[slot].unroute(priced - holds);
+        } else {
+            // A reload lengthened the default tags or the key id after these were priced.
+            self.ledger.grow(holds - priced);
+            self.queues[slot].route(holds - priced);
+        }
+        self.queues[slot].push(encoded);
     }
 }

@@ -48,9 +48,8 @@ impl EncodedBatch {
     }
 
     /// Appends the envelope whose bytes are `parts` written in turn, framed, costing what it
-    /// holds (its framed bytes plus [`QUEUED_OVERHEAD`]) but never more than `max_cost` (its
-    /// admission price, so a refund of the difference is never negative).
-    pub fn push_parts(&mut self, parts: &[&[u8]], max_cost: u32) {
+    /// holds: its framed bytes plus [`QUEUED_OVERHEAD`].
+    pub fn push_parts(&mut self, parts: &[&[u8]]) {
         let start = self.buf.len();
         let len: usize = parts.iter().map(|p| p.len()).sum();
         self.buf.push(BATCH_FIELD_KEY);
@@ -59,7 +58,7 @@ impl EncodedBatch {
             self.buf.extend_from_slice(p);
         }
         let framed = u32::try_from(self.buf.len() - start).unwrap_or(u32::MAX);
-        self.end_envelope(framed.saturating_add(QUEUED_OVERHEAD).min(max_cost));
+        self.end_envelope(framed.saturating_add(QUEUED_OVERHEAD));
     }
 
     fn end_envelope(&mut self, cost: u32) {
@@ -210,12 +209,9 @@ mod tests {
         let mut many = EncodedBatch::default();
         for i in 0..100 {
             let e = env(i);
-            many.push_parts(&[&e.encode_to_vec()], u32::MAX);
+            many.push_parts(&[&e.encode_to_vec()]);
             assert_eq!(*many.costs().last().unwrap(), queued_cost(&e));
         }
-        let mut capped = EncodedBatch::default();
-        capped.push_parts(&[&env(50).encode_to_vec()], 20);
-        assert_eq!(capped.bytes(), 20, "never above the admission price");
         many.shrink_to_fit();
         assert!(
             many.heap_bytes() <= many.bytes(),

@@ -214,10 +214,13 @@ pub fn read_batch(body: Bytes, fixed: u32, max_cost: usize) -> Result<(Batch, us
             prost::encoding::encode_varint(entry.len() as u64, &mut canonical);
             canonical.extend_from_slice(entry);
         } else {
-            let env = <crate::proto::Envelope as prost::Message>::decode(entry)?;
-            canonical.push(0x0a);
-            prost::Message::encode_length_delimited(&env, &mut canonical)
-                .expect("a Vec grows as needed");
+            // Decoded as the one entry of a batch, so prost's recursion budget is the one it has
+            // inside an EnvelopeBatch.
+            let mut framed = vec![0x0a];
+            prost::encoding::encode_varint(entry.len() as u64, &mut framed);
+            framed.extend_from_slice(entry);
+            let one = <crate::proto::EnvelopeBatch as prost::Message>::decode(framed.as_slice())?;
+            canonical.extend_from_slice(&prost::Message::encode_to_vec(&one));
         }
     }
     read_items(&Bytes::from(canonical), &mut parsed, fixed, max_cost).ok_or(ReadError::Unreadable)
@@ -382,6 +385,34 @@ mod tests {
             prop_assert_eq!(prost.is_ok(), read.is_ok(), "{:?}", read.err());
             if let Ok(b) = prost {
                 prop_assert_eq!(b.batch.len(), read.unwrap().0.len());
+            }
+        }
+    }
+
+    /// `n` nested groups of field 15 around `inner`.
+    fn nested_groups(n: usize, inner: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x7b; n];
+        v.extend_from_slice(inner);
+        v.extend(std::iter::repeat_n(0x7c, n));
+        v
+    }
+
+    /// prost bounds group nesting by its recursion budget, in the batch and in each envelope.
+    #[test]
+    fn group_depth_boundaries_agree_with_prost() {
+        for n in 95..=102 {
+            for inner in [&[][..], &[0x08, 0x01][..]] {
+                let body = nested_groups(n, inner);
+                let prost = crate::proto::EnvelopeBatch::decode(body.as_slice()).is_ok();
+                let read = read_batch(Bytes::from(body), 0, usize::MAX).is_ok();
+                assert_eq!(prost, read, "batch level n={n} inner={inner:?}");
+                let env = nested_groups(n, inner);
+                let mut body = vec![0x0a];
+                prost::encoding::encode_varint(env.len() as u64, &mut body);
+                body.extend_from_slice(&env);
+                let prost = crate::proto::EnvelopeBatch::decode(body.as_slice()).is_ok();
+                let read = read_batch(Bytes::from(body), 0, usize::MAX).is_ok();
+                assert_eq!(prost, read, "envelope level n={n} inner={inner:?}");
             }
         }
     }

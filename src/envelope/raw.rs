@@ -128,10 +128,12 @@ impl<'a> Fields<'a> {
     fn skip_group(&mut self, number: u32) -> Result<(), WireError> {
         let mut open = vec![number];
         while let Some(&current) = open.last() {
-            if open.len() > 100 {
+            let (n, wire_type) = read_key(self.buf, &mut self.pos)?;
+            // prost: every field skipped inside the k-th nested group costs one more level of its
+            // 100-level budget (an end-group tag costs none).
+            if wire_type != 4 && open.len() >= 100 {
                 return Err(WireError::WireType(3));
             }
-            let (n, wire_type) = read_key(self.buf, &mut self.pos)?;
             match wire_type {
                 0 => drop(read_varint(self.buf, &mut self.pos)?),
                 1 => self.take(8).map(|_| ())?,

@@ -127,7 +127,6 @@ impl Signer {
                 buf.extend_from_slice(&sig);
                 put_entry(extra, SIG_TAG.as_bytes(), buf);
             });
-        let cost = item.cost;
         match (item.total, parsed.message) {
             (Some(total), MessageRef::Counter { name, delta, .. }) => {
                 let field = parsed.message_field;
@@ -144,18 +143,15 @@ impl Signer {
                 let mut header = Vec::with_capacity(6);
                 header.push(COUNTER_KEY);
                 put_varint(&mut header, counter.len() as u64);
-                out.push_parts(
-                    &[
-                        &env[..field.start as usize],
-                        &env[field.end as usize..],
-                        &header,
-                        &counter,
-                        &self.extra,
-                    ],
-                    cost,
-                );
+                out.push_parts(&[
+                    &env[..field.start as usize],
+                    &env[field.end as usize..],
+                    &header,
+                    &counter,
+                    &self.extra,
+                ]);
             }
-            _ => out.push_parts(&[env, &self.extra], cost),
+            _ => out.push_parts(&[env, &self.extra]),
         }
         true
     }

@@ -160,6 +160,16 @@ impl Ledger {
         self.released.notify_waiters();
     }
 
+    /// Buffered envelopes now hold `bytes` more than they were priced at (a reload gave them
+    /// longer tags or a longer key id after they were priced). The bytes are charged whether or
+    /// not the budget has room: what is free now is taken, the rest is held as debt, paid off as
+    /// envelopes leave, so `buffered` always says what is held.
+    pub fn grow(&self, bytes: usize) {
+        let taken = self.budget.forget_permits(bytes);
+        self.debt.fetch_add(bytes - taken, Ordering::Relaxed);
+        self.admitted(0);
+    }
+
     /// Buffered envelopes now hold `bytes` less than they were priced at (they were encoded).
     pub fn shrink(&self, bytes: usize) {
         self.give_back(bytes);
@@ -207,6 +217,24 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn growth_beyond_the_price_is_charged_even_over_the_budget() {
+        let l = Ledger::new(Arc::new(Metrics::new()), 100);
+        assert!(l.try_admit(2, 80));
+        l.grow(50);
+        assert_eq!(l.buffered(), (2, 130), "charged in full, 30 of it as debt");
+        assert!(!l.try_admit(1, 1), "no room until the debt is paid");
+        l.delivered(1, 60);
+        assert_eq!(l.buffered(), (1, 70));
+        assert!(
+            l.try_admit(1, 30) && !l.try_admit(1, 1),
+            "the debt was paid first"
+        );
+        l.delivered(2, 100);
+        assert_eq!(l.buffered(), (0, 0));
+        assert!(l.try_admit(1, 100), "the whole budget is free again");
+    }
 
     #[tokio::test]
     async fn a_reservation_settles_to_the_exact_price() {
