@@ -123,10 +123,6 @@ impl Batch {
         self.streams.push(stream);
         u32::try_from(self.streams.len() - 1).expect("at most one stream per envelope")
     }
-
-    pub fn into_items(self) -> Vec<Item> {
-        self.items
-    }
 }
 
 /// A 128-bit key from two independent 64-bit SipHashes of what `feed` writes: collisions between

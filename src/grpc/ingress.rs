@@ -46,8 +46,8 @@ const RESERVE_FACTOR: usize = 2;
 pub struct EdgeTunables {
     /// `ingress.grpc.max_wait_ms`.
     max_wait_ms: AtomicU64,
-    /// What every envelope costs on top of its own size (see [`crate::envelope::admission_cost`]); depends on the
-    /// default tags and the signing key id.
+    /// What every envelope costs on top of its own size (see
+    /// [`crate::envelope::admission_cost`]); depends on the default tags and the signing key id.
     fixed_cost: AtomicU32,
 }
 
