@@ -10,7 +10,7 @@ use ring::hmac;
 use super::encoded::EncodedBatch;
 use super::sequence::{SEQ_TAG, STREAM_TAG};
 use super::tagging::{Tag, TagFrom, TagResolver};
-use super::view::{MessageRef, Parsed, Span, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
+use super::view::{MessageRef, Parsed, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
 use super::Item;
 use crate::proto::Envelope;
 
@@ -28,6 +28,8 @@ pub struct Signer {
     buf: Vec<u8>,
     /// The fields appended to the envelope being written.
     extra: Vec<u8>,
+    /// A rewritten counter field: its body, then its key and length.
+    counter: Vec<u8>,
     parsed: Parsed,
     resolver: TagResolver,
 }
@@ -39,6 +41,7 @@ impl Signer {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             buf: Vec::with_capacity(1024),
             extra: Vec::with_capacity(512),
+            counter: Vec::with_capacity(64),
             parsed: Parsed::default(),
             resolver: TagResolver::default(),
         }
@@ -55,6 +58,7 @@ impl Signer {
         self.parsed
             .parse(&bytes)
             .expect("prost's own encoding reads");
+        self.parsed.sort_maps(&bytes);
         let (parsed, buf) = (&self.parsed, &mut self.buf);
         self.resolver.with_own(parsed, &bytes, |tags| {
             buf.clear();
@@ -95,9 +99,10 @@ impl Signer {
         if self.parsed.parse_admitted(env).is_err() {
             return false;
         }
+        self.parsed.sort_maps(env);
         let parsed = &self.parsed;
         let (source, mapped) = parsed.effective_source(env);
-        let mut seq = itoa_buf();
+        let mut seq = [0u8; 20];
         let seq = itoa(item.seq, &mut seq);
         let agent: [Tag<'_>; 2] = [
             (STREAM_TAG.as_bytes(), stream.as_bytes(), TagFrom::Agent),
@@ -130,24 +135,27 @@ impl Signer {
         match (item.total, parsed.message) {
             (Some(total), MessageRef::Counter { name, delta, .. }) => {
                 let field = parsed.message_field;
-                let mut counter = Vec::with_capacity(name.len() + 24);
+                let counter = &mut self.counter;
+                counter.clear();
                 if !name.is_empty() {
-                    put_field(&mut counter, 0x0a, name.slice(env));
+                    put_field(counter, 0x0a, name.slice(env));
                 }
                 if delta != 0 {
                     counter.push(0x10);
-                    put_varint(&mut counter, delta);
+                    put_varint(counter, delta);
                 }
                 counter.push(0x18);
-                put_varint(&mut counter, total);
-                let mut header = Vec::with_capacity(6);
-                header.push(COUNTER_KEY);
-                put_varint(&mut header, counter.len() as u64);
+                put_varint(counter, total);
+                // The field's key and length go first, then the body written above.
+                let body = counter.len();
+                counter.push(COUNTER_KEY);
+                put_varint(counter, body as u64);
+                let (body, header) = counter.split_at(body);
                 out.push_parts(&[
                     &env[..field.start as usize],
                     &env[field.end as usize..],
-                    &header,
-                    &counter,
+                    header,
+                    body,
                     &self.extra,
                 ]);
             }
@@ -155,10 +163,6 @@ impl Signer {
         }
         true
     }
-}
-
-fn itoa_buf() -> [u8; 20] {
-    [0; 20]
 }
 
 /// `n` in decimal, written at the end of `buf`.
@@ -275,6 +279,7 @@ pub fn canonical(env: &Envelope) -> Vec<u8> {
     let bytes = env.encode_to_vec();
     let mut parsed = Parsed::default();
     parsed.parse(&bytes).expect("prost's own encoding reads");
+    parsed.sort_maps(&bytes);
     let mut out = Vec::with_capacity(256);
     TagResolver::default().with_own(&parsed, &bytes, |tags| {
         canonical_into(
@@ -302,8 +307,9 @@ fn put_f64(out: &mut Vec<u8>, d: f64) {
     out.extend_from_slice(&d.to_bits().to_be_bytes());
 }
 
-/// The canonical form of the envelope `parsed` read from `env`, with `source_id` and `tags`
-/// (sorted, one per key) as it will leave, and a counter's `total` when it was changed.
+/// The canonical form of the envelope `parsed` read from `env` (after [`Parsed::sort_maps`]),
+/// with `source_id` and `tags` (sorted, one per key) as it will leave, and a counter's `total`
+/// when it was changed.
 fn canonical_into(
     out: &mut Vec<u8>,
     parsed: &Parsed,
@@ -325,13 +331,9 @@ fn canonical_into(
         put_bytes(out, v);
     }
 
-    let mut deprecated: Vec<(Span, ValueRef)> = Vec::new();
-    if !parsed.deprecated.is_empty() {
-        deprecated.extend_from_slice(&parsed.deprecated);
-        super::tagging::sort_last_wins(&mut deprecated, |(k, _)| k.slice(env));
-    }
+    let deprecated = &parsed.deprecated;
     out.extend_from_slice(&(deprecated.len() as u32).to_be_bytes());
-    for (k, v) in &deprecated {
+    for (k, v) in deprecated {
         put_bytes(out, k.slice(env));
         match v {
             ValueRef::None => out.push(0),
@@ -368,11 +370,10 @@ fn canonical_into(
             out.extend_from_slice(&total.unwrap_or(sent).to_be_bytes());
         }
         MessageRef::Gauge => {
-            let mut metrics = parsed.gauge.clone();
-            super::tagging::sort_last_wins(&mut metrics, |(k, _, _)| k.slice(env));
+            let metrics = &parsed.gauge;
             out.push(3);
             out.extend_from_slice(&(metrics.len() as u32).to_be_bytes());
-            for (k, unit, value) in &metrics {
+            for (k, unit, value) in metrics {
                 put_bytes(out, k.slice(env));
                 put_bytes(out, unit.slice(env));
                 put_f64(out, *value);

@@ -292,6 +292,14 @@ impl Parsed {
         })
     }
 
+    /// Sorts the deprecated tags and a gauge's metrics by key, one per key (the last one read
+    /// wins, as a decoder reads them): the order of the signing form. The origin rule and the
+    /// tag rules give the same results before and after.
+    pub fn sort_maps(&mut self, envelope: &[u8]) {
+        super::tagging::sort_last_wins(&mut self.deprecated, |(k, _)| k.slice(envelope));
+        super::tagging::sort_last_wins(&mut self.gauge, |(k, _, _)| k.slice(envelope));
+    }
+
     /// The source id after upstream's origin rule: `source_id`, or when it is empty
     /// `tags["origin"]`, else the text of `deprecated_tags["origin"]` ("" when not text). The
     /// flag says whether the rule applied.
