@@ -100,6 +100,14 @@ pub struct ReloadOutcome {
 /// The ALPN protocol of gRPC.
 const H2: &[&[u8]] = &[b"h2"];
 
+/// HTTP/2 flow-control window the ingress server grants each emitter stream and connection.
+/// hyper's default is 1 MiB each: what an emitter has sent and the agent not yet read sits in
+/// the agent's memory, outside the budget, so a smaller window bounds it. 256 KiB still holds
+/// several of go-loggregator's 100-envelope batches; under a flood it took peak RSS from about
+/// 55 MB to 49 MB, and an emitter that never waits could still offer over 1M envelopes/s
+/// (docs/decisions.md 15).
+const INGRESS_WINDOW_BYTES: u32 = 256 << 10;
+
 /// How long an emitter (or a scraper) may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -166,7 +174,9 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         .map(|t| t.server_config("development", H2))
         .transpose()
         .map_err(std::io::Error::other)?;
-    let mut server_builder = Server::builder();
+    let mut server_builder = Server::builder()
+        .initial_stream_window_size(INGRESS_WINDOW_BYTES)
+        .initial_connection_window_size(INGRESS_WINDOW_BYTES);
 
     let c = &p.config;
     let cap = c.pipeline.mailbox_capacity.get();

@@ -402,6 +402,9 @@ impl Encoder for PreEncodedCodec {
     type Error = tonic::Status;
 
     fn encode(&mut self, item: OutgoingBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        // One allocation of the message's size: tonic's buffer would otherwise grow by doubling,
+        // copying the body each time.
+        dst.reserve(item.parts.iter().map(|p| p.as_message_body().len()).sum());
         for part in &item.parts {
             dst.put_slice(part.as_message_body());
         }
