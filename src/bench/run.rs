@@ -22,7 +22,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
 metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--rates N,N...]
-             [--connections N] [--ack-bytes N] [--trace]
+             [--connections N] [--ack-bytes N] [--budget-bytes N] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)
@@ -31,6 +31,7 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--ra
     --rates          the fixed rates, envelopes/s (default 10000,50000)
     --connections    the agent's dopplers.connections (default: the agent's default)
     --ack-bytes      the agent's dopplers.ack_bytes (default: the agent's default)
+    --budget-bytes   the agent's pipeline.max_buffered_bytes (default: the agent's default)
     --trace          print one line a second during each run: delivered, dropped, buffered, RSS";
 
 pub const SINK_USAGE: &str = "\
@@ -261,6 +262,9 @@ impl AgentProcess {
         if let Some(b) = bench.tuning.ack_bytes {
             dopplers.push_str(&format!("\n  ack_bytes: {b}"));
         }
+        let pipeline = bench.tuning.budget_bytes.map_or(String::new(), |b| {
+            format!("pipeline: {{ max_buffered_bytes: {b} }}\n")
+        });
         let max_wait = if via == Via::AgentNoWait { 0 } else { 100 };
         let yaml = format!(
             "identity: {{ deployment: bench, job: bench, index: \"0\", ip: 127.0.0.1, az: z1 }}
@@ -279,7 +283,7 @@ signing: {{ key_id: bench, key_file: \"{}\" }}
 log: {{ level: warn }}
 health: {{ listen: null }}
 development: {{ enabled: false }}
-",
+{pipeline}",
             yaml_tls(&bench.creds.agent),
             bench.sink_addr,
             yaml_tls(&bench.creds.agent),
@@ -401,6 +405,7 @@ fn rss_kb(pid: u32) -> Option<u64> {
 struct AgentTuning {
     connections: Option<usize>,
     ack_bytes: Option<usize>,
+    budget_bytes: Option<usize>,
 }
 
 /// Shared set-up for every run.
@@ -652,6 +657,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "rates",
             "connections",
             "ack-bytes",
+            "budget-bytes",
             "trace",
         ],
     )?;
@@ -670,6 +676,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let tuning = AgentTuning {
         connections: optional("connections")?,
         ack_bytes: optional("ack-bytes")?,
+        budget_bytes: optional("budget-bytes")?,
     };
     let rates = a
         .get("rates", "10000,50000".to_string())?
