@@ -9,6 +9,7 @@ use common::agent::{assert_balanced, sequences, wait_drained, World, KEY, KEY_ID
 use common::*;
 use metron::proto::envelope::Message;
 use metron::proto::{value::Data, Envelope, EnvelopeBatch, Value};
+use prost::Message as _;
 use tokio_stream::wrappers::ReceiverStream;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -216,6 +217,54 @@ async fn batch_sender_stream_delivers_every_type() {
         .await
         .expect("BatchSender completes");
     finish(agent, &doppler, &sent);
+}
+
+/// Messages several times the agent's 256 KiB HTTP/2 window (each well under the 10 MiB limit)
+/// arrive whole: the emitter is let through by window updates as the agent reads.
+#[tokio::test]
+async fn messages_larger_than_the_ingress_window_arrive_whole() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let batches: Vec<EnvelopeBatch> = (0..3)
+        .map(|b| EnvelopeBatch {
+            batch: (0..8)
+                .map(|i| log_envelope("big", &format!("{b}-{i}-").repeat(40_000)))
+                .collect(),
+        })
+        .collect();
+    let window = 256 << 10;
+    assert!(batches.iter().all(|b| b.encoded_len() > 4 * window));
+    tokio::time::timeout(
+        WAIT,
+        client.batch_sender(tokio_stream::iter(batches.clone())),
+    )
+    .await
+    .expect("BatchSender within the bound")
+    .expect("BatchSender completes");
+    let sent: Vec<Envelope> = batches.into_iter().flat_map(|b| b.batch).collect();
+    assert!(doppler.wait_for_count(sent.len(), WAIT), "delivered");
+    let mut payloads: Vec<Vec<u8>> = doppler
+        .received()
+        .iter()
+        .map(|e| match &e.message {
+            Some(Message::Log(l)) => l.payload.clone(),
+            other => panic!("not a log: {other:?}"),
+        })
+        .collect();
+    let mut expected: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|e| match &e.message {
+            Some(Message::Log(l)) => l.payload.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    payloads.sort();
+    expected.sort();
+    assert_eq!(payloads, expected);
+    assert!(wait_drained(&agent, WAIT), "acknowledged");
+    assert_balanced(&agent);
 }
 
 #[tokio::test]
