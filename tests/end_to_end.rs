@@ -245,21 +245,12 @@ async fn messages_larger_than_the_ingress_window_arrive_whole() {
     .expect("BatchSender completes");
     let sent: Vec<Envelope> = batches.into_iter().flat_map(|b| b.batch).collect();
     assert!(doppler.wait_for_count(sent.len(), WAIT), "delivered");
-    let mut payloads: Vec<Vec<u8>> = doppler
-        .received()
-        .iter()
-        .map(|e| match &e.message {
-            Some(Message::Log(l)) => l.payload.clone(),
-            other => panic!("not a log: {other:?}"),
-        })
-        .collect();
-    let mut expected: Vec<Vec<u8>> = sent
-        .iter()
-        .map(|e| match &e.message {
-            Some(Message::Log(l)) => l.payload.clone(),
-            _ => unreachable!(),
-        })
-        .collect();
+    let log_payload = |e: &Envelope| match &e.message {
+        Some(Message::Log(l)) => l.payload.clone(),
+        other => panic!("not a log: {other:?}"),
+    };
+    let mut payloads: Vec<Vec<u8>> = doppler.received().iter().map(log_payload).collect();
+    let mut expected: Vec<Vec<u8>> = sent.iter().map(log_payload).collect();
     payloads.sort();
     expected.sort();
     assert_eq!(payloads, expected);
