@@ -10,7 +10,6 @@ use std::path::Path;
 
 use metron::config::Config;
 use metron::telemetry::logging::LogHandle;
-
 use metron::Agent;
 
 /// Signals this soon after the first count as the same request.
