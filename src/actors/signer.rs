@@ -16,7 +16,7 @@ use super::messages::{DumpState, SequencedBatch, SetSigner};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::signing::Signer;
 use crate::grpc::egress::EgressQueue;
-use crate::telemetry::{DropReason, Ledger};
+use crate::telemetry::Ledger;
 
 pub struct SignerActor {
     signer: Signer,
@@ -84,29 +84,23 @@ impl Handler<SequencedBatch> for SignerActor {
                 // is free while a grow copies.
                 let estimate = left * self.framed_per_envelope;
                 let mut encoded = EncodedBatch::with_capacity(left, estimate + estimate / 8);
-                let (mut priced, mut unreadable) = (0, (0, 0));
+                let mut priced = 0;
                 for item in items.by_ref() {
                     priced += item.cost as usize;
                     let stream = &batch.streams()[item.stream as usize];
-                    let env = batch.bytes_of(item.env);
-                    if !self
-                        .signer
-                        .finish(env, item, batch.defaults(), stream, &mut encoded)
-                    {
-                        unreadable = (unreadable.0 + 1, unreadable.1 + item.cost as usize);
-                    }
+                    self.signer.finish(
+                        batch.bytes_of(item.env),
+                        item,
+                        batch.layouts(),
+                        batch.defaults(),
+                        stream,
+                        &mut encoded,
+                    );
                     if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
                         break;
                     }
                 }
-                if unreadable.0 > 0 {
-                    // The edge read every envelope it admitted, so this is a bug: count, never
-                    // lose.
-                    debug_assert!(false, "an admitted envelope does not read");
-                    self.ledger
-                        .dropped(DropReason::SignerQueueFull, unreadable.0, unreadable.1);
-                }
-                self.enqueue(slot, encoded, priced - unreadable.1);
+                self.enqueue(slot, encoded, priced);
             }
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use prost::bytes::Bytes;
 
-use view::{MessageRef, Parsed, Span};
+use view::{Layouts, MessageRef, Parsed, Span};
 
 /// One envelope of a [`Batch`]: where its bytes are, what it cost, and what the pipeline decided
 /// about it so far. The envelope itself is never decoded: the signer writes it out as it came,
@@ -37,6 +37,8 @@ pub struct Item {
     pub seq: u64,
     /// Its `metron_stream`: an index into the batch's streams.
     pub stream: u32,
+    /// What the edge read of it: an index into the batch's [`Layouts`].
+    pub layout: u32,
 }
 
 /// Envelopes moving through the pipeline together, still encoded: a shared body (an
@@ -52,6 +54,8 @@ pub struct Batch {
     defaults: Arc<[(String, String)]>,
     /// The `metron_stream` values [`Item::stream`] indexes.
     streams: Vec<Arc<str>>,
+    /// What the edge read of each envelope, which [`Item::layout`] indexes.
+    layouts: Arc<Layouts>,
 }
 
 impl Batch {
@@ -72,6 +76,7 @@ impl Batch {
             bytes: 0,
             defaults: self.defaults.clone(),
             streams: Vec::new(),
+            layouts: self.layouts.clone(),
         }
     }
 
@@ -104,6 +109,11 @@ impl Batch {
     /// The bytes `span` covers in the body.
     pub fn bytes_of(&self, span: Span) -> &[u8] {
         span.slice(&self.body)
+    }
+
+    /// What the edge read of the envelopes (see [`Item::layout`]).
+    pub fn layouts(&self) -> &Layouts {
+        &self.layouts
     }
 
     pub fn defaults(&self) -> &[(String, String)] {
@@ -143,8 +153,9 @@ pub fn key128(feed: impl Fn(&mut std::hash::DefaultHasher)) -> u128 {
 /// length, and the key's and value's field keys and lengths (lengths up to 10 MiB).
 pub const ENTRY_FRAMING: usize = 16;
 
-/// What an item costs while it waits for the signer beyond its bytes: the [`Item`] itself and
-/// its share of the batch's vectors, rounded up.
+/// What an item costs while it waits for the signer beyond its bytes and its layout
+/// ([`Layouts::bytes_for`]): the [`Item`] itself and its share of the batch's vectors, rounded
+/// up.
 pub const ITEM_OVERHEAD: usize = 64;
 
 /// What an envelope costs the pipeline's byte budget: an upper bound on its size when it leaves
@@ -171,7 +182,7 @@ pub fn admission_cost(parsed: &Parsed, envelope: &[u8], fixed: u32) -> u32 {
     };
     // The field key, and a length that may grow to 5 bytes as tags are appended.
     let framed = 1 + 5 + envelope.len();
-    let variable = framed + deprecated + origin + counter;
+    let variable = framed + deprecated + origin + counter + Layouts::bytes_for(parsed);
     u32::try_from(variable)
         .unwrap_or(u32::MAX)
         .saturating_add(fixed)
@@ -230,6 +241,7 @@ fn read_items(
     max_cost: usize,
 ) -> Option<(Batch, usize)> {
     let mut batch = Batch::new(body.clone(), 0);
+    let mut layouts = Layouts::default();
     let mut oversize = 0;
     for entry in raw::batch_entries(body) {
         let entry = entry.ok()?;
@@ -253,8 +265,11 @@ fn read_items(
             total: None,
             seq: 0,
             stream: 0,
+            layout: layouts.push(parsed),
         });
     }
+    layouts.shrink_to_fit();
+    batch.layouts = Arc::new(layouts);
     Some((batch, oversize))
 }
 
@@ -339,6 +354,21 @@ mod tests {
                     prop_assert_eq!(as_sent(&got), as_sent(&want), "{:?}", got);
                     prop_assert!(crate::verify(&got, "k", b"key").is_ok());
                 }
+            }
+        }
+
+        /// What the edge keeps of each envelope of a batch gives the signer exactly what
+        /// reading that envelope again gives, whatever came before it in the batch.
+        #[test]
+        fn layouts_give_back_what_was_read(batch in prop::collection::vec(any_envelope(), 0..8)) {
+            let body = encode_batch(batch);
+            let (read, _) = read_batch(body.clone(), 0, usize::MAX).unwrap();
+            let mut loaded = Parsed::default();
+            let mut again = Parsed::default();
+            for item in read.items() {
+                read.layouts().load(item.layout, &mut loaded);
+                again.parse(read.bytes_of(item.env)).unwrap();
+                prop_assert_eq!(&loaded, &again);
             }
         }
 
@@ -433,10 +463,11 @@ mod tests {
             admission_cost(&p, &bytes, 300)
         };
         let empty = Envelope::default();
+        let head = Layouts::bytes_for(&Parsed::default()) as u32;
         assert_eq!(
             price(&empty),
-            300 + 6,
-            "an empty envelope still costs the fixed part"
+            300 + 6 + head,
+            "an empty envelope still costs the fixed part and its layout"
         );
 
         let mut mapped = Envelope::default();
@@ -447,7 +478,15 @@ mod tests {
             "the origin becomes the source_id"
         );
         mapped.source_id = "set".into();
-        assert_eq!(price(&mapped), 300 + 6 + mapped.encoded_len() as u32);
+        let entry = Layouts::bytes_for(&{
+            let mut p = Parsed::default();
+            p.parse(&mapped.encode_to_vec()).unwrap();
+            p
+        }) as u32;
+        assert_eq!(
+            price(&mapped),
+            300 + 6 + mapped.encoded_len() as u32 + entry
+        );
 
         let mut dep = Envelope::default();
         dep.deprecated_tags.insert(

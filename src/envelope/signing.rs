@@ -10,7 +10,7 @@ use ring::hmac;
 use super::encoded::EncodedBatch;
 use super::sequence::{SEQ_TAG, STREAM_TAG};
 use super::tagging::{Tag, TagFrom, TagResolver};
-use super::view::{MessageRef, Parsed, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
+use super::view::{Layouts, MessageRef, Parsed, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
 use super::Item;
 use crate::proto::Envelope;
 
@@ -79,26 +79,24 @@ impl Signer {
         env.tags.insert(SIG_TAG.to_owned(), value);
     }
 
-    /// Writes the envelope `env` (admitted as `item`) to `out` as it leaves the agent: as it
+    /// Writes the envelope `env` (admitted as `item`, read by the edge into `layouts`) to `out`
+    /// as it leaves the agent: as it
     /// came, followed by the fields the ingress rules, the sequencer and the signature add —
     /// its source id from the origin, the missing `defaults`, its deprecated tags as tags, its
     /// counter total, `metron_stream` = `stream`, `metron_seq` and `metron_sig`. A decoder reads
     /// the last of a repeated field or map key, so appended fields win. A counter whose total
     /// changed has its `counter` field rewritten instead, since decoders *merge* a repeated
     /// message field, and not all the same way.
-    ///
-    /// Returns false (writing nothing) if `env` does not read, which the edge rules out.
     pub fn finish(
         &mut self,
         env: &[u8],
         item: &Item,
+        layouts: &Layouts,
         defaults: &[(String, String)],
         stream: &str,
         out: &mut EncodedBatch,
-    ) -> bool {
-        if self.parsed.parse_admitted(env).is_err() {
-            return false;
-        }
+    ) {
+        layouts.load(item.layout, &mut self.parsed);
         self.parsed.sort_maps(env);
         let parsed = &self.parsed;
         let (source, mapped) = parsed.effective_source(env);
@@ -161,7 +159,6 @@ impl Signer {
             }
             _ => out.push_parts(&[env, &self.extra]),
         }
-        true
     }
 }
 

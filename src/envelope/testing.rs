@@ -43,13 +43,14 @@ impl Stages {
         let mut out = EncodedBatch::default();
         for item in batch.items() {
             let stream = &batch.streams()[item.stream as usize];
-            assert!(self.signer.finish(
+            self.signer.finish(
                 batch.bytes_of(item.env),
                 item,
+                batch.layouts(),
                 batch.defaults(),
                 stream,
-                &mut out
-            ));
+                &mut out,
+            );
             assert!(
                 *out.costs().last().unwrap() <= item.cost,
                 "the price covers what leaves"

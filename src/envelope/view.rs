@@ -85,7 +85,7 @@ pub struct Unusual;
 
 /// One read envelope. Reused from envelope to envelope, so reading allocates nothing once its
 /// vectors have grown.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Parsed {
     pub timestamp: i64,
     pub source_id: Span,
@@ -120,11 +120,9 @@ pub const SOURCE_ID_KEY: u8 = (SOURCE_ID as u8) << 3 | 2;
 /// `tags` is field 9, length-delimited.
 pub const TAGS_KEY: u8 = (TAGS as u8) << 3 | 2;
 
-/// A string field; checked to be UTF-8 (as prost checks) unless the envelope was read before.
-fn text(check: bool, whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
-    if check {
-        std::str::from_utf8(b).map_err(|_| Unusual)?;
-    }
+/// A string field, checked to be UTF-8 as prost checks it.
+fn text(whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
+    std::str::from_utf8(b).map_err(|_| Unusual)?;
     Ok(Span::of(whole, b))
 }
 
@@ -134,19 +132,6 @@ impl Parsed {
     /// # Errors
     /// [`Unusual`] when the envelope must go through prost (see the module documentation).
     pub fn parse(&mut self, envelope: &[u8]) -> Result<(), Unusual> {
-        self.read(envelope, true)
-    }
-
-    /// [`Parsed::parse`] for an envelope the edge already read: strings are not checked for
-    /// UTF-8 again.
-    ///
-    /// # Errors
-    /// As [`Parsed::parse`] (which would be a bug here).
-    pub fn parse_admitted(&mut self, envelope: &[u8]) -> Result<(), Unusual> {
-        self.read(envelope, false)
-    }
-
-    fn read(&mut self, envelope: &[u8], check: bool) -> Result<(), Unusual> {
         self.timestamp = 0;
         self.source_id = Span::default();
         self.instance_id = Span::default();
@@ -163,14 +148,14 @@ impl Parsed {
             pos = fields.position();
             match field {
                 Field::Varint(TIMESTAMP, v) => self.timestamp = v as i64,
-                Field::Bytes(SOURCE_ID, b) => self.source_id = text(check, envelope, b)?,
-                Field::Bytes(INSTANCE_ID, b) => self.instance_id = text(check, envelope, b)?,
+                Field::Bytes(SOURCE_ID, b) => self.source_id = text(envelope, b)?,
+                Field::Bytes(INSTANCE_ID, b) => self.instance_id = text(envelope, b)?,
                 Field::Bytes(TAGS, b) => {
                     let (mut k, mut v) = (Span::of(envelope, &b[..0]), Span::of(envelope, &b[..0]));
                     for f in fields_of(b) {
                         match f? {
-                            Field::Bytes(1, s) => k = text(check, envelope, s)?,
-                            Field::Bytes(2, s) => v = text(check, envelope, s)?,
+                            Field::Bytes(1, s) => k = text(envelope, s)?,
+                            Field::Bytes(2, s) => v = text(envelope, s)?,
                             _ => return Err(Unusual),
                         }
                     }
@@ -180,10 +165,8 @@ impl Parsed {
                     let (mut k, mut v) = (Span::of(envelope, &b[..0]), None);
                     for f in fields_of(b) {
                         match f? {
-                            Field::Bytes(1, s) => k = text(check, envelope, s)?,
-                            Field::Bytes(2, s) if v.is_none() => {
-                                v = Some(value(check, envelope, s)?)
-                            }
+                            Field::Bytes(1, s) => k = text(envelope, s)?,
+                            Field::Bytes(2, s) if v.is_none() => v = Some(value(envelope, s)?),
                             _ => return Err(Unusual),
                         }
                     }
@@ -194,7 +177,7 @@ impl Parsed {
                         // Decoders merge a repeated message field; prost does that for us.
                         return Err(Unusual);
                     }
-                    self.message = self.message_of(check, n, envelope, b)?;
+                    self.message = self.message_of(n, envelope, b)?;
                     self.message_field = Span {
                         start: field_start as u32,
                         end: pos as u32,
@@ -206,13 +189,7 @@ impl Parsed {
         Ok(())
     }
 
-    fn message_of(
-        &mut self,
-        check: bool,
-        n: u32,
-        whole: &[u8],
-        b: &[u8],
-    ) -> Result<MessageRef, Unusual> {
+    fn message_of(&mut self, n: u32, whole: &[u8], b: &[u8]) -> Result<MessageRef, Unusual> {
         let empty = Span::of(whole, &b[..0]);
         Ok(match n {
             LOG => {
@@ -230,7 +207,7 @@ impl Parsed {
                 let (mut name, mut delta, mut total) = (empty, 0, 0);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => name = text(check, whole, s)?,
+                        Field::Bytes(1, s) => name = text(whole, s)?,
                         Field::Varint(2, v) => delta = v,
                         Field::Varint(3, v) => total = v,
                         _ => return Err(Unusual),
@@ -246,12 +223,12 @@ impl Parsed {
                     let (mut name, mut metric) = (Span::of(whole, &entry[..0]), None);
                     for f in fields_of(entry) {
                         match f? {
-                            Field::Bytes(1, s) => name = text(check, whole, s)?,
+                            Field::Bytes(1, s) => name = text(whole, s)?,
                             Field::Bytes(2, s) if metric.is_none() => {
                                 let (mut unit, mut value) = (Span::of(whole, &s[..0]), 0.0);
                                 for f in fields_of(s) {
                                     match f? {
-                                        Field::Bytes(1, u) => unit = text(check, whole, u)?,
+                                        Field::Bytes(1, u) => unit = text(whole, u)?,
                                         Field::Fixed64(2, v) => value = f64::from_bits(v),
                                         _ => return Err(Unusual),
                                     }
@@ -270,7 +247,7 @@ impl Parsed {
                 let (mut name, mut start, mut stop) = (empty, 0, 0);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => name = text(check, whole, s)?,
+                        Field::Bytes(1, s) => name = text(whole, s)?,
                         Field::Varint(2, v) => start = v as i64,
                         Field::Varint(3, v) => stop = v as i64,
                         _ => return Err(Unusual),
@@ -282,8 +259,8 @@ impl Parsed {
                 let (mut title, mut body) = (empty, empty);
                 for f in fields_of(b) {
                     match f? {
-                        Field::Bytes(1, s) => title = text(check, whole, s)?,
-                        Field::Bytes(2, s) => body = text(check, whole, s)?,
+                        Field::Bytes(1, s) => title = text(whole, s)?,
+                        Field::Bytes(2, s) => body = text(whole, s)?,
                         _ => return Err(Unusual),
                     }
                 }
@@ -322,16 +299,106 @@ impl Parsed {
     }
 }
 
+/// What [`Parsed`] found in each envelope of a batch, kept with the batch so the signer need not
+/// read the envelopes again: the edge reads every envelope to check and price it, and the signer
+/// needs the same offsets. Each envelope's entries follow the previous one's in the three
+/// vectors.
+#[derive(Debug, Default)]
+pub struct Layouts {
+    heads: Vec<Head>,
+    tags: Vec<(Span, Span)>,
+    deprecated: Vec<(Span, ValueRef)>,
+    gauge: Vec<(Span, Span, f64)>,
+}
+
+/// One envelope's scalars in [`Layouts`], and where its entries end in each vector.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    timestamp: i64,
+    source_id: Span,
+    instance_id: Span,
+    message: MessageRef,
+    message_field: Span,
+    tags_end: u32,
+    deprecated_end: u32,
+    gauge_end: u32,
+}
+
+impl Layouts {
+    /// Bytes the layout of the envelope `parsed` describes takes here, once
+    /// [`Layouts::shrink_to_fit`] has run: part of the envelope's admission cost.
+    pub fn bytes_for(parsed: &Parsed) -> usize {
+        use std::mem::size_of;
+        size_of::<Head>()
+            + parsed.tags.len() * size_of::<(Span, Span)>()
+            + parsed.deprecated.len() * size_of::<(Span, ValueRef)>()
+            + parsed.gauge.len() * size_of::<(Span, Span, f64)>()
+    }
+
+    /// Keeps what `parsed` read; returns its index for [`Layouts::load`].
+    pub fn push(&mut self, parsed: &Parsed) -> u32 {
+        self.tags.extend_from_slice(&parsed.tags);
+        self.deprecated.extend_from_slice(&parsed.deprecated);
+        self.gauge.extend_from_slice(&parsed.gauge);
+        let end = |v: usize| u32::try_from(v).expect("a batch's entries fit 32 bits");
+        self.heads.push(Head {
+            timestamp: parsed.timestamp,
+            source_id: parsed.source_id,
+            instance_id: parsed.instance_id,
+            message: parsed.message,
+            message_field: parsed.message_field,
+            tags_end: end(self.tags.len()),
+            deprecated_end: end(self.deprecated.len()),
+            gauge_end: end(self.gauge.len()),
+        });
+        end(self.heads.len() - 1)
+    }
+
+    /// Gives back the growth slack, so what is held is what [`Layouts::bytes_for`] priced.
+    pub fn shrink_to_fit(&mut self) {
+        self.heads.shrink_to_fit();
+        self.tags.shrink_to_fit();
+        self.deprecated.shrink_to_fit();
+        self.gauge.shrink_to_fit();
+    }
+
+    /// Sets `parsed` to what [`Layouts::push`] kept as `index`, as if it had read the envelope
+    /// again.
+    pub fn load(&self, index: u32, parsed: &mut Parsed) {
+        let i = index as usize;
+        let head = &self.heads[i];
+        let before = i.checked_sub(1).map(|p| &self.heads[p]);
+        let start = |f: fn(&Head) -> u32| before.map_or(0, |h| f(h) as usize);
+        parsed.timestamp = head.timestamp;
+        parsed.source_id = head.source_id;
+        parsed.instance_id = head.instance_id;
+        parsed.message = head.message;
+        parsed.message_field = head.message_field;
+        parsed.tags.clear();
+        parsed
+            .tags
+            .extend_from_slice(&self.tags[start(|h| h.tags_end)..head.tags_end as usize]);
+        parsed.deprecated.clear();
+        parsed.deprecated.extend_from_slice(
+            &self.deprecated[start(|h| h.deprecated_end)..head.deprecated_end as usize],
+        );
+        parsed.gauge.clear();
+        parsed
+            .gauge
+            .extend_from_slice(&self.gauge[start(|h| h.gauge_end)..head.gauge_end as usize]);
+    }
+}
+
 /// The fields of a nested message, failing as [`Unusual`].
 fn fields_of(b: &[u8]) -> impl Iterator<Item = Result<Field<'_>, Unusual>> {
     fields(b).map(|f| f.map_err(|_| Unusual))
 }
 
-fn value(check: bool, whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
+fn value(whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
     let mut v = ValueRef::None;
     for f in fields_of(b) {
         v = match f? {
-            Field::Bytes(1, s) => ValueRef::Text(text(check, whole, s)?),
+            Field::Bytes(1, s) => ValueRef::Text(text(whole, s)?),
             Field::Varint(2, i) => ValueRef::Integer(i as i64),
             Field::Fixed64(3, d) => ValueRef::Decimal(f64::from_bits(d)),
             _ => return Err(Unusual),
