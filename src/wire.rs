@@ -60,7 +60,8 @@ pub struct Running {
     server: JoinHandle<()>,
     udp: Option<UdpIngress>,
     background: Vec<JoinHandle<()>>,
-    pipeline_arbiter: Arbiter,
+    /// The supervisor's own thread.
+    supervision_arbiter: Arbiter,
     ledger: Arc<Ledger>,
     health: Arc<Health>,
     supervisor: Addr<DopplerSupervisor>,
@@ -186,37 +187,41 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let dopplers = dopplers(c, &c.identity.az, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
-    let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
-        local_az: c.identity.az.clone(),
-        dopplers,
-        backoff_initial: c.dopplers.backoff_initial,
-        backoff_max: c.dopplers.backoff_max,
-        recycle_interval: c.dopplers.recycle_interval,
-        queues: queues.clone(),
-        mailbox_capacity: cap,
-        rebalance_interval: c.dopplers.rebalance_interval,
-        dial: dial_settings(c, &p.tls.doppler),
-        streams: StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: c.dopplers.batch_max_envelopes.get(),
-                max_bytes: c.dopplers.batch_max_bytes.get(),
+    // The whole data path runs on this thread (the agent's current-thread `System`): tonic's
+    // connections and TLS, the edge, the ingress actor, sequencer and signer, and the connection
+    // actors with their streams, so a batch never wakes another thread on its way. The supervisor
+    // alone has its own arbiter, where signing never delays a reconnect or a move (decision 5).
+    let supervision_arbiter = Arbiter::new();
+    let (supervisor, connections) = DopplerSupervisor::launch(
+        SupervisorSetup {
+            local_az: c.identity.az.clone(),
+            dopplers,
+            backoff_initial: c.dopplers.backoff_initial,
+            backoff_max: c.dopplers.backoff_max,
+            recycle_interval: c.dopplers.recycle_interval,
+            queues: queues.clone(),
+            mailbox_capacity: cap,
+            rebalance_interval: c.dopplers.rebalance_interval,
+            dial: dial_settings(c, &p.tls.doppler),
+            streams: StreamSettings {
+                limits: BatchLimits {
+                    max_envelopes: c.dopplers.batch_max_envelopes.get(),
+                    max_bytes: c.dopplers.batch_max_bytes.get(),
+                },
+                ack_interval: c.dopplers.ack_interval,
+                ack_bytes: c.dopplers.ack_bytes.get(),
             },
-            ack_interval: c.dopplers.ack_interval,
-            ack_bytes: c.dopplers.ack_bytes.get(),
+            progress_timeout: c.dopplers.progress_timeout,
+            ledger: ledger.clone(),
         },
-        progress_timeout: c.dopplers.progress_timeout,
-        ledger: ledger.clone(),
-    });
+        &supervision_arbiter.handle(),
+    );
 
-    // The data path (ingress actor, sequencer, signer) shares one thread, so a batch crosses
-    // threads only into it and out of it; supervision stays on the system arbiter, where signing
-    // never delays a reconnect or a move (decision 5).
-    let pipeline_arbiter = Arbiter::new();
     let signer = {
         let ledger = ledger.clone();
         let queues = queues.clone();
         let signer = Signer::new(&p.signing_key_id, &p.signing_key);
-        SignerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
+        SignerActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SignerActor::new(signer, queues, ledger)
         })
@@ -232,7 +237,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let ledger = ledger.clone();
         let signer = signer.clone();
         let budget = c.pipeline.max_buffered_bytes.get();
-        SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
+        SequencerActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SequencerActor::new(sequencer, queues, budget, signer.recipient(), ledger)
         })
@@ -241,7 +246,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let tagger = Tagger::new(&c.default_tags, c.pipeline.max_counter_keys.get());
         let ledger = ledger.clone();
         let sequencer = sequencer.clone();
-        IngressActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
+        IngressActor::create(move |ctx| {
             ctx.set_mailbox_capacity(cap);
             IngressActor::new(tagger, sequencer.recipient(), ledger)
         })
@@ -275,8 +280,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let health = Health::new(
         ledger.clone(),
         vec![
-            ("system", Arbiter::current()),
-            ("pipeline", pipeline_arbiter.handle()),
+            ("data", Arbiter::current()),
+            ("supervision", supervision_arbiter.handle()),
         ],
     );
     let incoming =
@@ -353,7 +358,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         server,
         udp,
         background,
-        pipeline_arbiter,
+        supervision_arbiter,
         ledger,
         health,
         supervisor,
@@ -702,6 +707,6 @@ impl Running {
         for t in self.background {
             t.abort();
         }
-        (acknowledged, self.pipeline_arbiter)
+        (acknowledged, self.supervision_arbiter)
     }
 }
