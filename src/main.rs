@@ -74,13 +74,11 @@ fn parse_args() -> Result<PathBuf, String> {
     Ok(config)
 }
 
-/// One glibc malloc arena for the whole daemon instead of up to eight per core. When buffers
-/// were allocated on one thread and freed on another (the I/O thread and the pipeline arbiter of
-/// the earlier layout), each arena kept its own freed memory: under a flood the agent's RSS went
-/// from about 68 MB to 52-54 MB with one arena, at no measurable cost in CPU or goodput
-/// (docs/decisions.md 15). The data path now runs on one thread; one arena still keeps the other
-/// threads (supervision, tests' and tools' runtimes) from holding arenas of their own. Runs before
-/// the agent starts any thread.
+/// One glibc malloc arena for the whole daemon instead of up to eight per core. Buffers are
+/// allocated on one thread and freed on another (the I/O thread and the pipeline arbiter), and
+/// with an arena per thread each arena kept its own freed memory: under a flood the agent's RSS
+/// went from about 68 MB to 52-54 MB with one arena, at no measurable cost in CPU or goodput
+/// (docs/decisions.md 15). Runs before the agent starts any thread.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a malloc parameter; no other thread exists yet.

@@ -60,8 +60,7 @@ pub struct Running {
     server: JoinHandle<()>,
     udp: Option<UdpIngress>,
     background: Vec<JoinHandle<()>>,
-    /// The supervisor's own thread.
-    supervision_arbiter: Arbiter,
+    pipeline_arbiter: Arbiter,
     ledger: Arc<Ledger>,
     health: Arc<Health>,
     supervisor: Addr<DopplerSupervisor>,
@@ -187,41 +186,37 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let dopplers = dopplers(c, &c.identity.az, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
     let queue_handles = queues.clone();
-    // The whole data path runs on this thread (the agent's current-thread `System`): tonic's
-    // connections and TLS, the edge, the ingress actor, sequencer and signer, and the connection
-    // actors with their streams, so a batch never wakes another thread on its way. The supervisor
-    // alone has its own arbiter, where signing never delays a reconnect or a move (decision 5).
-    let supervision_arbiter = Arbiter::new();
-    let (supervisor, connections) = DopplerSupervisor::launch(
-        SupervisorSetup {
-            local_az: c.identity.az.clone(),
-            dopplers,
-            backoff_initial: c.dopplers.backoff_initial,
-            backoff_max: c.dopplers.backoff_max,
-            recycle_interval: c.dopplers.recycle_interval,
-            queues: queues.clone(),
-            mailbox_capacity: cap,
-            rebalance_interval: c.dopplers.rebalance_interval,
-            dial: dial_settings(c, &p.tls.doppler),
-            streams: StreamSettings {
-                limits: BatchLimits {
-                    max_envelopes: c.dopplers.batch_max_envelopes.get(),
-                    max_bytes: c.dopplers.batch_max_bytes.get(),
-                },
-                ack_interval: c.dopplers.ack_interval,
-                ack_bytes: c.dopplers.ack_bytes.get(),
+    let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
+        local_az: c.identity.az.clone(),
+        dopplers,
+        backoff_initial: c.dopplers.backoff_initial,
+        backoff_max: c.dopplers.backoff_max,
+        recycle_interval: c.dopplers.recycle_interval,
+        queues: queues.clone(),
+        mailbox_capacity: cap,
+        rebalance_interval: c.dopplers.rebalance_interval,
+        dial: dial_settings(c, &p.tls.doppler),
+        streams: StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: c.dopplers.batch_max_envelopes.get(),
+                max_bytes: c.dopplers.batch_max_bytes.get(),
             },
-            progress_timeout: c.dopplers.progress_timeout,
-            ledger: ledger.clone(),
+            ack_interval: c.dopplers.ack_interval,
+            ack_bytes: c.dopplers.ack_bytes.get(),
         },
-        &supervision_arbiter.handle(),
-    );
+        progress_timeout: c.dopplers.progress_timeout,
+        ledger: ledger.clone(),
+    });
 
+    // The data path (ingress actor, sequencer, signer) shares one thread, so a batch crosses
+    // threads only into it and out of it; supervision stays on the system arbiter, where signing
+    // never delays a reconnect or a move (decision 5).
+    let pipeline_arbiter = Arbiter::new();
     let signer = {
         let ledger = ledger.clone();
         let queues = queues.clone();
         let signer = Signer::new(&p.signing_key_id, &p.signing_key);
-        SignerActor::create(move |ctx| {
+        SignerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SignerActor::new(signer, queues, ledger)
         })
@@ -237,7 +232,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let ledger = ledger.clone();
         let signer = signer.clone();
         let budget = c.pipeline.max_buffered_bytes.get();
-        SequencerActor::create(move |ctx| {
+        SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SequencerActor::new(sequencer, queues, budget, signer.recipient(), ledger)
         })
@@ -246,7 +241,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let tagger = Tagger::new(&c.default_tags, c.pipeline.max_counter_keys.get());
         let ledger = ledger.clone();
         let sequencer = sequencer.clone();
-        IngressActor::create(move |ctx| {
+        IngressActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             IngressActor::new(tagger, sequencer.recipient(), ledger)
         })
@@ -280,8 +275,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let health = Health::new(
         ledger.clone(),
         vec![
-            ("data", Arbiter::current()),
-            ("supervision", supervision_arbiter.handle()),
+            ("system", Arbiter::current()),
+            ("pipeline", pipeline_arbiter.handle()),
         ],
     );
     let incoming =
@@ -358,7 +353,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         server,
         udp,
         background,
-        supervision_arbiter,
+        pipeline_arbiter,
         ledger,
         health,
         supervisor,
@@ -707,6 +702,6 @@ impl Running {
         for t in self.background {
             t.abort();
         }
-        (acknowledged, self.supervision_arbiter)
+        (acknowledged, self.pipeline_arbiter)
     }
 }

@@ -1,10 +1,10 @@
 //! The signer actor: adds `metron_sig` to every envelope, encodes it once (the slot queues keep
 //! envelopes encoded, at about a fifth of the memory, see [`crate::envelope::encoded`]) and
-//! appends each slot's part to that slot's queue, whose BatchSender stream it wakes. Runs on the
-//! data thread with the rest of the data path; supervision has its own (decision 5).
+//! appends each slot's part to that slot's queue, whose BatchSender stream it wakes. Runs on its
+//! own arbiter (thread) so hashing and encoding never stall routing.
 //!
 //! The queue is written directly rather than through the connection actor's mailbox: that hop
-//! woke the connection actors' arbiter once per slot per batch (up to 2,500 times a second at 50k
+//! woke the system arbiter once per slot per batch (up to 2,500 times a second at 50k
 //! envelopes/s) for a push the queue's own lock already makes safe (decision 14). The queue is
 //! bounded by the budget, which the sequencer checked before routing.
 

@@ -41,9 +41,6 @@ const RESOLVE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
 /// probe: it accepts connections, so a probe alone would send the slot straight back to it.
 const STALL_HOLD_TIMEOUTS: u32 = 10;
 
-/// The supervisor's mailbox: actix's default for an actor.
-const SUPERVISOR_MAILBOX: usize = 16;
-
 /// What the supervisor knows about one slot's open stream.
 struct Up {
     endpoint: usize,
@@ -116,14 +113,9 @@ pub struct SupervisorSetup {
 }
 
 impl DopplerSupervisor {
-    /// Starts the connection actors on the current arbiter (the data thread, where their streams
-    /// run beside the signer that fills their queues) and the supervisor on `home`, so its
-    /// timers, probes and lookups never wait behind signing (decision 5). Returns the supervisor
-    /// and the connection actors, indexed by slot.
-    pub fn launch(
-        s: SupervisorSetup,
-        home: &actix::ArbiterHandle,
-    ) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
+    /// Starts the supervisor and its connection actors on the current arbiter; returns the
+    /// supervisor and the connection actors, indexed by slot.
+    pub fn launch(s: SupervisorSetup) -> (Addr<Self>, Vec<Addr<DopplerConnection>>) {
         let connections = s.queues.len();
         let mut slots = Vec::with_capacity(connections);
         // A fixed list is known from the start; a resolved set once DNS answers.
@@ -146,11 +138,8 @@ impl DopplerSupervisor {
                 interval,
             ),
         };
-        // The supervisor's address exists before it starts, so the connections can report to it
-        // (what `Actor::start_in_arbiter` does, with the actor built here).
-        let (tx, rx) = actix::dev::channel::channel(SUPERVISOR_MAILBOX);
-        let me = Addr::<Self>::new(tx);
-        {
+        let sup = DopplerSupervisor::create(|ctx| {
+            let me = ctx.address();
             let setup = Arc::new(ConnectionSetup {
                 dial: parking_lot::RwLock::new(s.dial),
                 streams: s.streams,
@@ -158,7 +147,7 @@ impl DopplerSupervisor {
                 ledger: s.ledger,
                 down: me.clone().recipient(),
                 up: me.clone().recipient(),
-                stalled: me.clone().recipient(),
+                stalled: me.recipient(),
             });
             for (slot, queue) in s.queues.iter().enumerate() {
                 let shared = setup.clone();
@@ -171,7 +160,7 @@ impl DopplerSupervisor {
                     },
                 ));
             }
-            let supervisor = DopplerSupervisor {
+            DopplerSupervisor {
                 balancer,
                 slots: slots.clone(),
                 queues: s.queues,
@@ -195,12 +184,9 @@ impl DopplerSupervisor {
                 connects: RateLimit::new(Duration::from_secs(30)),
                 stalls: RateLimit::new(Duration::from_secs(30)),
                 resolve_failures: RateLimit::new(Duration::from_secs(60)),
-            };
-            home.spawn_fn(move || {
-                Context::with_receiver(rx).run(supervisor);
-            });
-        }
-        (me, slots)
+            }
+        });
+        (sup, slots)
     }
 
     /// At most one move per interval (see the module documentation for the order).

@@ -1,9 +1,9 @@
 //! `GET /livez` and `GET /readyz` (on `health.listen`): what a process supervisor or a load
 //! balancer asks, answered from the agent's own counters.
 //!
-//! * live: each arbiter — the data arbiter (I/O, tagging, sequencing, signing, the connection
-//!   actors) and the supervision arbiter — runs a task within [`LIVENESS_TIMEOUT`]. A wedged
-//!   arbiter is the one failure a restart cures that the agent cannot see from inside.
+//! * live: each arbiter — the system arbiter (the supervisor and the connection actors) and the
+//!   pipeline arbiter (tagging, sequencing, signing) — runs a task within [`LIVENESS_TIMEOUT`]. A
+//!   wedged arbiter is the one failure a restart cures that the agent cannot see from inside.
 //! * ready: the gRPC ingress is listening and at least one Doppler stream is open, so what an
 //!   emitter sends now can go somewhere.
 //!
