@@ -87,15 +87,7 @@ impl Handler<SequencedBatch> for SignerActor {
                 let mut priced = 0;
                 for item in items.by_ref() {
                     priced += item.cost as usize;
-                    let stream = &batch.streams()[item.stream as usize];
-                    self.signer.finish(
-                        batch.bytes_of(item.env),
-                        item,
-                        batch.layouts(),
-                        batch.defaults(),
-                        stream,
-                        &mut encoded,
-                    );
+                    self.signer.finish_item(&batch, item, &mut encoded);
                     if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
                         break;
                     }

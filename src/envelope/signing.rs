@@ -160,6 +160,18 @@ impl Signer {
             _ => out.push_parts(&[env, &self.extra]),
         }
     }
+
+    /// [`Signer::finish`] for `item` of `batch`: its bytes, layout, defaults and stream.
+    pub fn finish_item(&mut self, batch: &super::Batch, item: &Item, out: &mut EncodedBatch) {
+        self.finish(
+            batch.bytes_of(item.env),
+            item,
+            batch.layouts(),
+            batch.defaults(),
+            &batch.streams()[item.stream as usize],
+            out,
+        );
+    }
 }
 
 /// `n` in decimal, written at the end of `buf`.

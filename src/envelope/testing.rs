@@ -42,15 +42,7 @@ impl Stages {
         self.sequencer.stamp(&mut batch);
         let mut out = EncodedBatch::default();
         for item in batch.items() {
-            let stream = &batch.streams()[item.stream as usize];
-            self.signer.finish(
-                batch.bytes_of(item.env),
-                item,
-                batch.layouts(),
-                batch.defaults(),
-                stream,
-                &mut out,
-            );
+            self.signer.finish_item(&batch, item, &mut out);
             assert!(
                 *out.costs().last().unwrap() <= item.cost,
                 "the price covers what leaves"
