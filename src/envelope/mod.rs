@@ -59,12 +59,15 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// An empty batch over `body`, for `n` items.
-    pub fn new(body: Bytes, n: usize) -> Self {
+    /// The batch the edge read from `body`: its items and what it read of each.
+    fn read(body: Bytes, items: Vec<Item>, layouts: Layouts) -> Self {
         Self {
             body,
-            items: Vec::with_capacity(n),
-            ..Default::default()
+            bytes: items.iter().map(|i| i.cost as usize).sum(),
+            items,
+            defaults: Arc::default(),
+            streams: Vec::new(),
+            layouts: Arc::new(layouts),
         }
     }
 
@@ -240,7 +243,7 @@ fn read_items(
     fixed: u32,
     max_cost: usize,
 ) -> Option<(Batch, usize)> {
-    let mut batch = Batch::new(body.clone(), 0);
+    let mut items = Vec::new();
     let mut layouts = Layouts::default();
     let mut oversize = 0;
     for entry in raw::batch_entries(body) {
@@ -253,7 +256,7 @@ fn read_items(
         }
         let env = Span::of(body, entry);
         let (source, origin_mapped) = parsed.effective_source(entry);
-        batch.push(Item {
+        items.push(Item {
             env,
             cost,
             source: Span {
@@ -269,8 +272,7 @@ fn read_items(
         });
     }
     layouts.shrink_to_fit();
-    batch.layouts = Arc::new(layouts);
-    Some((batch, oversize))
+    Some((Batch::read(body.clone(), items, layouts), oversize))
 }
 
 /// Encodes decoded envelopes (`Sender`, v1, the agent's own) as a batch body for [`read_batch`].
