@@ -5,8 +5,9 @@
 //! After each scenario: the agent is alive and back in the local AZ (new traffic reaches only
 //! local Dopplers); after a graceful shutdown `ingress == egress + dropped` exactly; everything
 //! acknowledged arrived; every sequence gap is an envelope counted as dropped after sequencing;
-//! no source's envelopes arrived out of order or twice (checked over all Dopplers, merged in
-//! arrival order); the byte budget was never exceeded.
+//! no source's envelopes were sent out of order or arrived twice (checked over all Dopplers,
+//! merged in the order the streams that carried them started); the byte budget was never
+//! exceeded.
 //!
 //! Randomness (which slot, how long between kills) comes from a seed printed at the start; set
 //! `CHAOS_SEED` to replay a run.
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::agent::{assert_losses_accounted, World};
-use common::doppler::received_in_arrival_order;
+use common::doppler::received_in_send_order;
 use common::load::Load;
 use common::*;
 use metron::telemetry::{DropReason, MetricsSnapshot, RestartCause};
@@ -146,7 +147,7 @@ async fn finish(agent: Agent, fleet: &Fleet, load: Load, budget: u64) -> Metrics
         m.egress + m.dropped_total(),
         "ingress == egress + dropped: {m:?}"
     );
-    let received = received_in_arrival_order(&fleet.all());
+    let received = received_in_send_order(&fleet.all());
     assert_losses_accounted(&received, &m);
     assert!(
         m.peak_buffered_bytes <= budget,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::agent::{assert_balanced, assert_losses_accounted, World};
-use common::doppler::received_in_arrival_order;
+use common::doppler::received_in_send_order;
 use common::*;
 use metron::config::Config;
 use metron::proto::ingress_client::IngressClient;
@@ -456,7 +456,7 @@ async fn a_failed_connection_makes_the_agent_re_resolve_and_move_to_the_new_dopp
         3,
         "each slot moved once: {m:?}"
     );
-    assert_losses_accounted(&received_in_arrival_order(&[&old, &new]), &m);
+    assert_losses_accounted(&received_in_send_order(&[&old, &new]), &m);
 }
 
 #[test]

@@ -91,7 +91,7 @@ fn check_delivered(sent: &[Envelope], received: &[Envelope]) {
     let legacy = received.iter().find(|e| e.source_id == "legacy").unwrap();
     assert_eq!(legacy.tags["load"], "0.23");
 
-    // Per source: numbered 1..n in arrival order, which is the order sent.
+    // Per source: numbered 1..n in the order sent.
     let seqs = sequences(received);
     let streams: std::collections::BTreeSet<_> = seqs.keys().map(|(s, _)| s.clone()).collect();
     assert_eq!(streams.len(), 1, "one metron_stream per agent process");

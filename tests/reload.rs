@@ -107,7 +107,7 @@ async fn certificates_rotate_to_a_new_ca_on_both_sides_while_envelopes_flow() {
     let m = report.metrics;
     assert_eq!(m.ingress, sent + 1, "{m:?}");
     assert_eq!(m.ingress, m.egress + m.dropped_total(), "{m:?}");
-    let received = common::doppler::received_in_arrival_order(&[&old_doppler, &new_doppler]);
+    let received = common::doppler::received_in_send_order(&[&old_doppler, &new_doppler]);
     assert_losses_accounted(&received, &m);
     // Graceful moves: nothing accepted was lost. (Should every stream be down at one instant, the
     // edge refuses what arrives then, counted: allowed, but nothing after admission.)

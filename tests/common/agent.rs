@@ -123,8 +123,9 @@ pub fn seq_of(e: &Envelope) -> (String, u64) {
     (stream, seq)
 }
 
-/// What the Dopplers received (merged in arrival order) squares with the agent's counts:
-/// - every source's envelopes arrived in order, none twice;
+/// What the Dopplers received (merged in send order: see
+/// [`super::doppler::received_in_send_order`]) squares with the agent's counts:
+/// - no envelope arrived twice, and every source's envelopes were sent in order;
 /// - everything counted as `egress` (acknowledged) arrived;
 /// - every missing sequence number is an envelope counted as dropped after sequencing that did
 ///   not arrive: gaps == (drops after sequencing) − (of those, the ones that arrived anyway).
@@ -132,10 +133,13 @@ pub fn seq_of(e: &Envelope) -> (String, u64) {
 /// Call it after a shutdown (or a drain), when nothing is in flight any more.
 pub fn assert_losses_accounted(received: &[Envelope], m: &MetricsSnapshot) {
     for ((_, source), seqs) in sequences(received) {
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
         assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "{source} arrived out of order or twice: {seqs:?}"
+            sorted.windows(2).all(|w| w[0] < w[1]),
+            "{source} arrived twice: {seqs:?}"
         );
+        assert_eq!(seqs, sorted, "{source} was sent out of order");
     }
     let arrived = received.len() as u64;
     assert!(
