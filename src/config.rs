@@ -204,6 +204,33 @@ pub struct PipelineConfig {
     pub max_sources: NonZeroUsize,
     /// Counter-total keys kept before the table is reset (upstream: 10,000).
     pub max_counter_keys: NonZeroUsize,
+    /// The Linux scheduling policy the daemon's threads run under.
+    pub scheduling: Scheduling,
+}
+
+/// `pipeline.scheduling`: the Linux scheduling policy of every thread of the daemon (decision 21).
+/// Set by `metron --config` before its first thread starts; a library [`crate::Agent`] leaves
+/// its caller's policy alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `SCHED_BATCH` at the same priority as `SCHED_OTHER`: a thread of the agent that wakes never
+    /// preempts the thread running on that core (an app's, or the agent's other thread); it runs
+    /// when that thread sleeps or its time slice ends, or on an idle core.
+    Batch,
+    /// Whatever policy the process was started with (systemd's `CPUSchedulingPolicy=`, `chrt`;
+    /// normally `SCHED_OTHER`).
+    Inherit,
+}
+
+impl Scheduling {
+    /// Parses the config spelling: `"batch"` or `"inherit"`.
+    pub fn parse(s: &str) -> Option<Scheduling> {
+        match s {
+            "batch" => Some(Scheduling::Batch),
+            "inherit" => Some(Scheduling::Inherit),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -474,6 +501,8 @@ struct RawPipeline {
     max_sources: NonZeroUsize,
     #[serde(default = "default_max_counter_keys")]
     max_counter_keys: NonZeroUsize,
+    #[serde(default = "default_scheduling")]
+    scheduling: String,
 }
 
 impl Default for RawPipeline {
@@ -483,6 +512,7 @@ impl Default for RawPipeline {
             mailbox_capacity: default_mailbox_capacity(),
             max_sources: default_max_sources(),
             max_counter_keys: default_max_counter_keys(),
+            scheduling: default_scheduling(),
         }
     }
 }
@@ -498,6 +528,9 @@ fn default_max_sources() -> NonZeroUsize {
 }
 fn default_max_counter_keys() -> NonZeroUsize {
     NonZeroUsize::new(10_000).unwrap()
+}
+fn default_scheduling() -> String {
+    "batch".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -643,6 +676,7 @@ impl Config {
                 "pipeline.max_counter_keys",
                 p.max_counter_keys != q.max_counter_keys,
             ),
+            ("pipeline.scheduling", p.scheduling != q.scheduling),
             (
                 "shutdown.grace_period_ms",
                 a.shutdown_grace != b.shutdown_grace,
@@ -1030,11 +1064,18 @@ impl RawConfig {
                 ),
             ));
         }
+        let scheduling = Scheduling::parse(&p.scheduling).ok_or_else(|| {
+            ConfigError::new(
+                "pipeline.scheduling",
+                format!("{:?} is neither batch nor inherit", p.scheduling),
+            )
+        })?;
         let pipeline = PipelineConfig {
             max_buffered_bytes: p.max_buffered_bytes,
             mailbox_capacity: p.mailbox_capacity,
             max_sources: p.max_sources,
             max_counter_keys: p.max_counter_keys,
+            scheduling,
         };
 
         let (log_key, raw_log) = match (self.log, self.logging) {
@@ -1246,6 +1287,20 @@ development: { enabled: true }
         );
         let both = format!("{MINIMAL}log: {{ level: info }}\nlogging: {{ level: info }}\n");
         assert_eq!(key(&both), "logging");
+    }
+
+    #[test]
+    fn scheduling_is_batch_unless_inherit_and_restarts_to_change() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.pipeline.scheduling, Scheduling::Batch);
+        let inherit = format!("{MINIMAL}pipeline: {{ scheduling: inherit }}\n");
+        let d = Config::from_yaml(&inherit).unwrap();
+        assert_eq!(d.pipeline.scheduling, Scheduling::Inherit);
+        assert_eq!(c.restart_only_changes(&d), ["pipeline.scheduling"]);
+        let bad = format!("{MINIMAL}pipeline: {{ scheduling: fifo }}\n");
+        let e = Config::from_yaml(&bad).unwrap_err();
+        assert_eq!(e.key, "pipeline.scheduling");
+        assert!(e.problem.contains("\"fifo\""), "{e}");
     }
 
     #[test]

@@ -693,3 +693,55 @@ async fn sigusr1_dumps_one_json_record_per_actor() {
     assert_eq!(num(edge, "ingress"), Some(4.0), "{edge:?}");
     assert_eq!(num(edge, "egress"), Some(4.0), "{edge:?}");
 }
+
+/// The scheduling policy of every thread of process `pid`, by thread name: field 41 of
+/// `/proc/<pid>/task/<tid>/stat` (`SCHED_OTHER` 0, `SCHED_BATCH` 3; see proc(5)).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
+    tasks
+        .map(|t| {
+            let path = t.expect("task entry").path().join("stat");
+            let stat = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            // The name (field 2) is in parentheses and may hold spaces; field 3 follows ") ".
+            let (head, rest) = stat.rsplit_once(") ").expect("stat has a name");
+            let name = head.split_once(" (").expect("stat has a pid").1.to_owned();
+            let policy = rest.split(' ').nth(41 - 3).expect("stat has field 41");
+            (name, policy.parse().expect("a numeric policy"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_thread_runs_under_sched_batch_unless_told_to_inherit() {
+    const SCHED_BATCH: u32 = 3;
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let ours = thread_policies(std::process::id())[0].1;
+    assert_ne!(
+        ours, SCHED_BATCH,
+        "the test itself must not run under SCHED_BATCH"
+    );
+
+    let (mut metron, _, _) = start_metron(&w, &doppler, "");
+    let batch = thread_policies(metron.pid());
+    assert!(
+        batch.iter().any(|(name, _)| name == "metron-io"),
+        "the I/O thread has started: {batch:?}"
+    );
+    assert!(
+        batch.iter().all(|&(_, p)| p == SCHED_BATCH),
+        "every thread under SCHED_BATCH by default: {batch:?}"
+    );
+    assert!(metron.wait_for_line("policy=\"SCHED_BATCH\"", STEP));
+    drop(metron);
+
+    let (mut metron, _, _) = start_metron(&w, &doppler, "pipeline: { scheduling: inherit }");
+    let inherited = thread_policies(metron.pid());
+    assert!(
+        inherited.len() >= 4 && inherited.iter().all(|&(_, p)| p == ours),
+        "every thread under the test's own policy ({ours}): {inherited:?}"
+    );
+    assert!(metron.wait_for_line("the scheduling policy the process was started with", STEP));
+}
