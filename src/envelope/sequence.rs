@@ -1,11 +1,10 @@
 //! Per-source-id sequencing: stamps `metron_stream` and `metron_seq`; and [`slot_of`], each
 //! source's Doppler connection slot (source affinity).
 
-use std::collections::HashMap;
 use std::hash::Hasher;
 use std::sync::Arc;
 
-use super::Batch;
+use super::{Batch, KeyMap};
 
 /// Tag naming the sequence stream: unique per agent process (and per table reset, see below).
 pub const STREAM_TAG: &str = "metron_stream";
@@ -14,13 +13,13 @@ pub const SEQ_TAG: &str = "metron_seq";
 
 /// Numbers each source's envelopes 1, 2, 3 … within a stream, in the order it sees them.
 ///
-/// Sources are keyed by a 128-bit hash of their id, so each costs a fixed few dozen bytes however
+/// Sources are keyed by a 64-bit keyed hash of their id ([`super::key64`]), so each costs a fixed few dozen bytes however
 /// long the id. Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
 /// a new stream id is taken, so every source restarts at 1 *under a new `metron_stream`*. A
 /// consumer therefore never sees a repeated or skipped number within one stream.
 pub struct Sequencer {
     stream_id: Arc<str>,
-    next: HashMap<u128, u64>,
+    next: KeyMap<u64>,
     max_sources: usize,
     new_stream_id: Box<dyn FnMut() -> String + Send>,
     rotations: u64,
@@ -38,7 +37,7 @@ impl Sequencer {
         assert!(max_sources > 0);
         Self {
             stream_id: new_stream_id().into(),
-            next: HashMap::new(),
+            next: KeyMap::default(),
             max_sources,
             new_stream_id: Box::new(new_stream_id),
             rotations: 0,
@@ -96,8 +95,8 @@ impl Sequencer {
     }
 }
 
-fn source_key(source_id: &[u8]) -> u128 {
-    super::key128(|h| h.write(source_id))
+fn source_key(source_id: &[u8]) -> u64 {
+    super::key64(|h| h.write(source_id))
 }
 
 /// A source's connection slot: FNV-1a of the source id, so it is stable across restarts.
