@@ -13,8 +13,8 @@ pub const SEQ_TAG: &str = "metron_seq";
 
 /// Numbers each source's envelopes 1, 2, 3 … within a stream, in the order it sees them.
 ///
-/// Sources are keyed by a 64-bit keyed hash of their id ([`super::key64`]), so each costs a fixed few dozen bytes however
-/// long the id. Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
+/// Sources are keyed by a 64-bit keyed hash of their id ([`super::key64`]), so each costs a fixed
+/// few dozen bytes however long the id. Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
 /// a new stream id is taken, so every source restarts at 1 *under a new `metron_stream`*. A
 /// consumer therefore never sees a repeated or skipped number within one stream.
 pub struct Sequencer {
