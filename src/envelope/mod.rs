@@ -399,7 +399,8 @@ mod tests {
         }
 
         /// Encodings other than prost's read the same as prost decodes them: fields out of order,
-        /// repeated fields and map keys (the last wins), unknown fields, merged messages.
+        /// repeated fields and map keys (the last wins), unknown fields, merged messages, keys
+        /// longer than they need be, and strings that are UTF-8 but not ASCII.
         #[test]
         fn unusual_encodings_read_as_prost_decodes_them(
             e in any_envelope(),
@@ -409,6 +410,8 @@ mod tests {
                 Just(vec![0x4a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b']), // tag a=b
                 Just(vec![0x4a, 0x03, 0x0a, 0x01, b'a']),       // tag a="" (no value field)
                 Just(vec![0x58, 0x01]),                          // unknown field 11
+                Just(vec![0x88, 0x00, 0x05]),                    // timestamp, key in 2 bytes
+                Just(vec![0x4a, 0x08, 0x0a, 0x02, 0xc3, 0xa9, 0x12, 0x02, 0xc3, 0xbc]), // tag é=ü
                 Just(vec![0x2a, 0x02, 0x10, 0x07]),              // a counter's delta, merged
                 Just(vec![0x22, 0x02, 0x10, 0x01]),              // a log's type, merged
                 Just(vec![0x1a, 0x07, 0x0a, 0x01, b'd', 0x12, 0x02, 0x10, 0x03]), // deprecated d=3

@@ -2,14 +2,15 @@
 //! envelope's bytes, so the pipeline never decodes an envelope into owned strings and maps.
 //!
 //! [`Parsed::parse`] accepts the encodings real emitters produce: every known field in its
-//! proto3 wire type, in any order, repeated scalars and map keys resolved as a decoder resolves
-//! them (the last one wins). Anything else (an unknown field, a wire type that does not match, a
-//! string that is not UTF-8, a message field given twice, which decoders *merge*) is
+//! proto3 wire type with its one-byte key, in any order, repeated scalars and map keys resolved
+//! as a decoder resolves them (the last one wins). Anything else (an unknown field, a wire type
+//! that does not match, a key written in more bytes than it needs, a string that is not UTF-8, a
+//! message field given twice, which decoders *merge*) is
 //! [`Unusual`]: the edge then lets prost decode the envelope and re-encodes it, and prost's
 //! verdict (an error, or a canonical encoding this parser reads) decides. The rules applied to the
 //! bytes therefore see exactly the envelope a decoder would.
 
-use super::raw::{fields, Field};
+use super::raw::{read_varint, Field};
 
 /// A byte range `start..end` within the envelope being read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -122,7 +123,10 @@ pub const TAGS_KEY: u8 = (TAGS as u8) << 3 | 2;
 
 /// A string field, checked to be UTF-8 as prost checks it.
 fn text(whole: &[u8], b: &[u8]) -> Result<Span, Unusual> {
-    std::str::from_utf8(b).map_err(|_| Unusual)?;
+    // Tags and ids are nearly always ASCII, which this checks a word at a time, inline.
+    if !b.is_ascii() {
+        std::str::from_utf8(b).map_err(|_| Unusual)?;
+    }
     Ok(Span::of(whole, b))
 }
 
@@ -141,11 +145,11 @@ impl Parsed {
         self.message = MessageRef::None;
         self.message_field = Span::default();
         let mut pos = 0;
-        let mut fields = fields(envelope);
+        let mut fields = fields_of(envelope);
         while let Some(f) = fields.next() {
-            let field = f.map_err(|_| Unusual)?;
+            let field = f?;
             let field_start = pos;
-            pos = fields.position();
+            pos = fields.pos;
             match field {
                 Field::Varint(TIMESTAMP, v) => self.timestamp = v as i64,
                 Field::Bytes(SOURCE_ID, b) => self.source_id = text(envelope, b)?,
@@ -389,9 +393,65 @@ impl Layouts {
     }
 }
 
-/// The fields of a nested message, failing as [`Unusual`].
-fn fields_of(b: &[u8]) -> impl Iterator<Item = Result<Field<'_>, Unusual>> {
-    fields(b).map(|f| f.map_err(|_| Unusual))
+/// The fields of a message, in wire order, as this reader takes them: one-byte keys (every
+/// field it knows has one) of wire type varint, fixed64 or length-delimited. Anything else is
+/// [`Unusual`], and prost decides: a field this reader does not know, a key written in more bytes
+/// than it needs, a group, a malformed field.
+fn fields_of(b: &[u8]) -> Cursor<'_> {
+    Cursor { buf: b, pos: 0 }
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    /// Where the next field starts.
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    #[inline(always)]
+    fn field(&mut self, key: u8) -> Result<Field<'a>, Unusual> {
+        let number = u32::from(key >> 3);
+        // The high bit set: a key of more than one byte.
+        match key & 0x87 {
+            0 => Ok(Field::Varint(number, self.varint()?)),
+            1 => {
+                let b = self.take(8)?;
+                Ok(Field::Fixed64(
+                    number,
+                    u64::from_le_bytes(b.try_into().expect("8 bytes")),
+                ))
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| Unusual)?;
+                Ok(Field::Bytes(number, self.take(len)?))
+            }
+            _ => Err(Unusual),
+        }
+    }
+
+    #[inline(always)]
+    fn varint(&mut self) -> Result<u64, Unusual> {
+        read_varint(self.buf, &mut self.pos).map_err(|_| Unusual)
+    }
+
+    #[inline(always)]
+    fn take(&mut self, len: usize) -> Result<&'a [u8], Unusual> {
+        let end = self.pos.checked_add(len).ok_or(Unusual)?;
+        let b = self.buf.get(self.pos..end).ok_or(Unusual)?;
+        self.pos = end;
+        Ok(b)
+    }
+}
+
+impl<'a> Iterator for Cursor<'a> {
+    type Item = Result<Field<'a>, Unusual>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        let &key = self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(self.field(key))
+    }
 }
 
 fn value(whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
