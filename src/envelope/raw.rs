@@ -49,6 +49,46 @@ fn read_long_varint(buf: &[u8], pos: &mut usize) -> Result<u64, WireError> {
     Err(WireError::Varint)
 }
 
+/// The `len` bytes at `*pos`, advancing it; `None` when they run past the end of `buf`.
+#[inline(always)]
+pub(crate) fn take<'a>(buf: &'a [u8], pos: &mut usize, len: usize) -> Option<&'a [u8]> {
+    let end = pos.checked_add(len)?;
+    let b = buf.get(*pos..end)?;
+    *pos = end;
+    Some(b)
+}
+
+/// The field `number` of wire type varint, fixed64 or length-delimited (0, 1 or 2; another is an
+/// error) whose payload is at `*pos`, advancing it. Always inlined: the envelope reader calls it
+/// for every field, and as a call it took reading from 100 to 155 ns per envelope.
+#[inline(always)]
+pub(crate) fn read_payload<'a>(
+    buf: &'a [u8],
+    pos: &mut usize,
+    number: u32,
+    wire_type: u8,
+) -> Result<Field<'a>, WireError> {
+    match wire_type {
+        0 => Ok(Field::Varint(number, read_varint(buf, pos)?)),
+        1 => {
+            let b = take(buf, pos, 8).ok_or(WireError::Length)?;
+            Ok(Field::Fixed64(
+                number,
+                u64::from_le_bytes(b.try_into().expect("8 bytes")),
+            ))
+        }
+        2 => {
+            let len = read_varint(buf, pos)?;
+            let len = usize::try_from(len).map_err(|_| WireError::Length)?;
+            Ok(Field::Bytes(
+                number,
+                take(buf, pos, len).ok_or(WireError::Length)?,
+            ))
+        }
+        t => Err(WireError::WireType(t)),
+    }
+}
+
 /// Reads a field key at `*pos`: (field number, wire type). Keys beyond 32 bits and field number 0
 /// are errors, as in prost.
 fn read_key(buf: &[u8], pos: &mut usize) -> Result<(u32, u8), WireError> {
@@ -96,19 +136,7 @@ impl<'a> Fields<'a> {
     fn next_field(&mut self) -> Result<Field<'a>, WireError> {
         let (number, wire_type) = read_key(self.buf, &mut self.pos)?;
         match wire_type {
-            0 => Ok(Field::Varint(number, read_varint(self.buf, &mut self.pos)?)),
-            1 => {
-                let b = self.take(8)?;
-                Ok(Field::Fixed64(
-                    number,
-                    u64::from_le_bytes(b.try_into().expect("8 bytes")),
-                ))
-            }
-            2 => {
-                let len = read_varint(self.buf, &mut self.pos)?;
-                let len = usize::try_from(len).map_err(|_| WireError::Length)?;
-                Ok(Field::Bytes(number, self.take(len)?))
-            }
+            0..=2 => read_payload(self.buf, &mut self.pos, number, wire_type),
             5 => {
                 let b = self.take(4)?;
                 Ok(Field::Fixed32(
@@ -151,10 +179,7 @@ impl<'a> Fields<'a> {
     }
 
     fn take(&mut self, len: usize) -> Result<&'a [u8], WireError> {
-        let end = self.pos.checked_add(len).ok_or(WireError::Length)?;
-        let b = self.buf.get(self.pos..end).ok_or(WireError::Length)?;
-        self.pos = end;
-        Ok(b)
+        take(self.buf, &mut self.pos, len).ok_or(WireError::Length)
     }
 }
 

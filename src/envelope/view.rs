@@ -10,7 +10,7 @@
 //! verdict (an error, or a canonical encoding this parser reads) decides. The rules applied to the
 //! bytes therefore see exactly the envelope a decoder would.
 
-use super::raw::{read_varint, Field};
+use super::raw::{read_payload, Field};
 
 /// A byte range `start..end` within the envelope being read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -410,36 +410,11 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     #[inline(always)]
     fn field(&mut self, key: u8) -> Result<Field<'a>, Unusual> {
-        let number = u32::from(key >> 3);
         // The high bit set: a key of more than one byte.
-        match key & 0x87 {
-            0 => Ok(Field::Varint(number, self.varint()?)),
-            1 => {
-                let b = self.take(8)?;
-                Ok(Field::Fixed64(
-                    number,
-                    u64::from_le_bytes(b.try_into().expect("8 bytes")),
-                ))
-            }
-            2 => {
-                let len = usize::try_from(self.varint()?).map_err(|_| Unusual)?;
-                Ok(Field::Bytes(number, self.take(len)?))
-            }
-            _ => Err(Unusual),
+        if key & 0x80 != 0 {
+            return Err(Unusual);
         }
-    }
-
-    #[inline(always)]
-    fn varint(&mut self) -> Result<u64, Unusual> {
-        read_varint(self.buf, &mut self.pos).map_err(|_| Unusual)
-    }
-
-    #[inline(always)]
-    fn take(&mut self, len: usize) -> Result<&'a [u8], Unusual> {
-        let end = self.pos.checked_add(len).ok_or(Unusual)?;
-        let b = self.buf.get(self.pos..end).ok_or(Unusual)?;
-        self.pos = end;
-        Ok(b)
+        read_payload(self.buf, &mut self.pos, u32::from(key >> 3), key & 7).map_err(|_| Unusual)
     }
 }
 
