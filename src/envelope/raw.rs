@@ -128,11 +128,6 @@ pub fn fields(message: &[u8]) -> Fields<'_> {
 }
 
 impl<'a> Fields<'a> {
-    /// Where the next field starts (the end of the last one read).
-    pub fn position(&self) -> usize {
-        self.pos
-    }
-
     fn next_field(&mut self) -> Result<Field<'a>, WireError> {
         let (number, wire_type) = read_key(self.buf, &mut self.pos)?;
         match wire_type {
