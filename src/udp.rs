@@ -9,8 +9,10 @@
 //!   what overflows the kernel's socket buffer is lost without a trace.
 //! - the **converter** takes up to [`BATCH_DATAGRAMS`] datagrams at a time, decodes and validates
 //!   each ([`crate::v1::decode`]; rejects are counted by reason and warned about at most once per
-//!   10 s), converts the rest ([`crate::v1::into_v2`]) and admits them as one batch, waiting for
-//!   room like a gRPC emitter would. While it waits, the queue absorbs the burst.
+//!   10 s), applies the upstream agent's v1 rules and converts the rest
+//!   ([`crate::v1::agent_to_v2`]: source id from the origin, the VM's identity where the emitter
+//!   gave none, then go-loggregator's `ToV2`) and admits them as one batch, waiting for room like
+//!   a gRPC emitter would. While it waits, the queue absorbs the burst.
 //!
 //! A flood of garbage therefore costs one copy and one failed decode per datagram and fills at
 //! most the bounded queue; it never reaches the pipeline's budget.
@@ -21,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::net::UdpSocket;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -29,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::grpc::ingress::Edge;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{DropReason, Ledger, Metrics};
-use crate::v1::{self, V1Error};
+use crate::v1::{self, V1Error, V1Identity};
 
 /// Datagrams converted and admitted together: upstream's batch size, and small enough that one
 /// batch never holds the converter long.
@@ -128,15 +130,17 @@ fn rejected(e: &V1Error) -> DropReason {
     }
 }
 
-/// Decodes and converts `datagrams`, counting each reject by reason.
+/// Decodes and converts `datagrams` as the agent `identity` (see [`v1::agent_to_v2`]), counting
+/// each reject by reason.
 pub fn convert(
     datagrams: Vec<(Vec<u8>, SocketAddr)>,
+    identity: &V1Identity,
     metrics: &Metrics,
 ) -> Vec<crate::proto::Envelope> {
     let mut envelopes = Vec::with_capacity(datagrams.len());
     for (bytes, from) in datagrams {
         match v1::decode(&bytes) {
-            Ok(e) => envelopes.push(v1::into_v2(e)),
+            Ok(e) => envelopes.push(v1::agent_to_v2(e, identity)),
             Err(e) => metrics.dropped_because(
                 rejected(&e),
                 1,
@@ -156,9 +160,11 @@ pub struct UdpIngress {
 
 impl UdpIngress {
     /// Starts reading `socket` until `closed` turns true. Must run inside a tokio runtime.
+    /// `identity` is the agent's (a reload may change it; each batch reads it once).
     pub fn start(
         socket: UdpSocket,
         buffer_bytes: usize,
+        identity: Arc<RwLock<V1Identity>>,
         edge: Edge,
         ledger: Arc<Ledger>,
         closed: watch::Receiver<bool>,
@@ -168,7 +174,7 @@ impl UdpIngress {
         let waiting = queue.clone();
         let converter = tokio::spawn(async move {
             while let Some(datagrams) = waiting.pop_batch(BATCH_DATAGRAMS).await {
-                let envelopes = convert(datagrams, ledger.metrics());
+                let envelopes = convert(datagrams, &identity.read(), ledger.metrics());
                 edge.accept_converted(envelopes).await;
             }
         });
@@ -331,6 +337,7 @@ mod tests {
         let m = Metrics::new();
         let out = convert(
             vec![(vec![0xff, 0xff, 0xff], from()), (Vec::new(), from())],
+            &V1Identity::default(),
             &m,
         );
         assert!(out.is_empty());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +33,7 @@ use crate::telemetry::server::Site;
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::{ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
+use crate::v1::V1Identity;
 
 /// Everything resolved before the runtime starts: TLS material, keys, bound sockets.
 pub struct Prepared {
@@ -86,6 +88,8 @@ struct LiveState {
     metrics_acceptor: Option<Arc<ReloadableAcceptor>>,
     tunables: Arc<EdgeTunables>,
     resolver: Arc<dyn Resolver>,
+    /// The identity the v1 converter writes into dropsonde envelopes that lack one.
+    v1_identity: Arc<RwLock<V1Identity>>,
 }
 
 /// What a SIGHUP reload did.
@@ -260,10 +264,12 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     );
 
     // The socket is bound exactly when `ingress.udp` is enabled.
+    let v1_identity = Arc::new(RwLock::new(V1Identity::from(&c.identity)));
     let udp = udp_socket.zip(c.ingress.udp.as_ref()).map(|(socket, u)| {
         UdpIngress::start(
             socket,
             u.buffer_bytes.get(),
+            v1_identity.clone(),
             edge.clone(),
             ledger.clone(),
             closed_rx.clone(),
@@ -345,6 +351,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         metrics_acceptor,
         tunables,
         resolver: p.resolver.clone(),
+        v1_identity,
     };
     Ok(Running {
         connections,
@@ -540,6 +547,7 @@ impl Running {
         if new.default_tags != old.default_tags {
             self.ingress
                 .do_send(SetDefaultTags(new.default_tags.clone()));
+            *live.v1_identity.write() = V1Identity::from(&new.identity);
             applied.push("tags");
         }
         if let Some(SigningConfig { key_id, key, .. }) = &signer {

@@ -165,9 +165,16 @@ fn a_datagram_of_each_type_arrives_as_the_documented_v2_envelope() {
 
     for (v1, got) in sent.iter().zip(&received) {
         metron::verify(got, KEY_ID, KEY).unwrap_or_else(|err| panic!("{err}: {got:?}"));
-        // The conversion, then the agent's tagging: its default tags only where the v1
-        // envelope's own are absent (so `deployment` stays the emitter's), and counter totals.
-        let mut want = metron::v1::to_v2(v1);
+        // The agent's v1 rules and the conversion (the emitter's own identity is kept: it set
+        // every field), then the agent's tagging: its default tags only where absent, and
+        // counter totals.
+        let identity = metron::v1::V1Identity {
+            deployment: "cf".into(),
+            job: "diego-cell".into(),
+            index: "3".into(),
+            ip: "10.0.0.5".into(),
+        };
+        let mut want = metron::v1::agent_to_v2(v1.clone(), &identity);
         want.tags.insert("team".into(), "loggregator".into());
         if let Some(V2Message::Counter(c)) = &mut want.message {
             c.total = c.delta;
@@ -408,4 +415,45 @@ async fn a_garbage_flood_does_not_stop_grpc_traffic() {
         "every datagram read was junk, counted as dropped: {m:?}"
     );
     assert_balanced(&agent);
+}
+
+/// The identity the agent writes into v1 envelopes that lack one follows a reload, like the
+/// default tags of v2 envelopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_identity_reaches_v1_envelopes_without_one() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let anonymous = |n: &str| Envelope {
+        origin: some(n),
+        event_type: Some(EventType::ValueMetric as i32),
+        value_metric: Some(ValueMetric {
+            name: some("m"),
+            value: Some(1.0),
+            unit: some("u"),
+        }),
+        ..Envelope::default()
+    };
+    send_paced(&agent, &[anonymous("before").encode_to_vec()]);
+    assert!(doppler.wait_for_count_async(1, WAIT).await);
+    let moved = w
+        .yaml(&[(doppler.addr(), "z1")], "")
+        .replacen("job: diego-cell", "job: router", 1);
+    let outcome = agent
+        .reload(metron::config::Config::from_yaml(&moved).unwrap())
+        .await
+        .expect("the reload applies");
+    assert!(outcome.applied.contains(&"tags"), "{outcome:?}");
+    send_paced(&agent, &[anonymous("after").encode_to_vec()]);
+    assert!(doppler.wait_for_count_async(2, WAIT).await);
+    for e in doppler.received() {
+        let job = if e.source_id == "before" {
+            "diego-cell"
+        } else {
+            "router"
+        };
+        assert_eq!(e.tags["job"], job, "{e:?}");
+        assert_eq!(e.tags["deployment"], "cf", "{e:?}");
+        assert_eq!(e.tags["origin"], e.source_id, "source_id from the origin");
+    }
 }

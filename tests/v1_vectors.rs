@@ -1,12 +1,14 @@
 //! The v1 → v2 test vectors (`tests/vectors/v1_to_v2.txt`): every datagram decodes to the v1
-//! envelope the file shows and converts to the v2 envelope the file expects, or is rejected with
-//! the error the file names.
+//! envelope the file shows and becomes the v2 envelope the file expects when an agent with the
+//! file's identity ([`AGENT`]) takes it in (the upstream agent's v1 rules, then `ToV2`), or is
+//! rejected with the error the file names.
 //!
 //! The datagrams are built by `inputs()` below. `METRON_WRITE_VECTORS=1 cargo test --test
 //! v1_vectors` rewrites the file's `description`, `v1_pb_hex` and `v1_json` lines from them; the
 //! expectations (`v2_json`, `error`) are never generated: the writer copies them from the file as
 //! it is, and writes `expect: TODO` for a new vector, which fails until someone writes its
-//! expectation by hand from the rules (`metron::v1::to_v2`'s documentation).
+//! expectation by hand from the rules (`metron::v1::apply_agent_rules` and `metron::v1::to_v2`'s
+//! documentation).
 
 #[path = "common/json.rs"]
 mod json;
@@ -24,6 +26,17 @@ use metron::proto_v1::{
 };
 use metron::v1::{self, V1Error};
 use prost::Message as _;
+
+/// The agent's identity in every vector: distinct from the emitters' own identity fields below,
+/// so the vectors show which ones the agent filled in.
+fn agent() -> v1::V1Identity {
+    v1::V1Identity {
+        deployment: "cf-vm".into(),
+        job: "vm-job".into(),
+        index: "5".into(),
+        ip: "10.0.9.9".into(),
+    }
+}
 
 fn path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/v1_to_v2.txt")
@@ -209,7 +222,7 @@ fn inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         (
             "log-message-required-only",
-            "only the required fields, envelope and log: every derived tag is empty",
+            "only the required fields: the agent's identity fills the identity tags, the origin gives source_id",
             e(Envelope {
                 origin: some("legacy"),
                 event_type: Some(EventType::LogMessage as i32),
@@ -240,7 +253,7 @@ fn inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         (
             "source-id-tag-empty",
-            "a source_id tag that is present but empty still wins over deployment/job",
+            "a source_id tag that is present but empty is replaced by the origin",
             e(Envelope {
                 tags: tags(&[("source_id", "")]),
                 ..log_env(log_message(b"x", out))
@@ -364,7 +377,7 @@ fn inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ),
         (
             "container-metric-minimal",
-            "empty applicationId (source_id from deployment/job), zero usage, no quotas",
+            "empty applicationId (source_id from the origin), zero usage, no quotas",
             e(container_env(ContainerMetric {
                 application_id: some(""),
                 instance_index: Some(0),
@@ -383,6 +396,34 @@ fn inputs() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 disk_bytes: Some(u64::MAX),
                 ..container_metric()
             })),
+        ),
+        (
+            "identity-empty-on-the-wire",
+            "deployment, job, index and ip sent empty count as unset: the agent's fill them",
+            e(Envelope {
+                deployment: some(""),
+                job: some(""),
+                index: some(""),
+                ip: some(""),
+                ..counter_env(counter_event())
+            }),
+        ),
+        (
+            "identity-partly-set",
+            "only the identity fields the emitter left unset are filled",
+            e(Envelope {
+                job: None,
+                ip: None,
+                ..value_env(value_metric())
+            }),
+        ),
+        (
+            "origin-empty",
+            "an empty origin and no source_id tag: source_id is the empty origin, as upstream's",
+            e(Envelope {
+                origin: some(""),
+                ..value_env(value_metric())
+            }),
         ),
         (
             "unknown-fields-skipped",
@@ -575,7 +616,9 @@ fn error_line(e: &V1Error) -> String {
 }
 
 const HEADER: &str = "\
-# metron v1 (dropsonde) → v2 test vectors. One block per vector, fields `name: value`.
+# metron v1 (dropsonde) → v2 test vectors: what the agent makes of each UDP datagram before
+# tagging it like any v2 envelope. One block per vector, fields `name: value`.
+# The agent's identity in every vector: deployment cf-vm, job vm-job, index 5, ip 10.0.9.9.
 # description: what the vector shows. v1_pb_hex: the UDP datagram (protobuf events.Envelope).
 # v1_json: the datagram as metron decodes it, before validation (upstream field names; only set
 #   fields appear; bytes as hex; enums by name, or the number when the enum lacks it); absent when
@@ -587,8 +630,9 @@ const HEADER: &str = "\
 #
 # How this file is made: tests/v1_vectors.rs builds the datagrams and, with METRON_WRITE_VECTORS=1,
 # writes the description, v1_pb_hex and v1_json lines. The v2_json and error lines were written by
-# hand from the ToV2 rules (metron::v1::to_v2's documentation, go-loggregator's conversion
-# package) and are never generated: the writer copies them over from this file.
+# hand from the rules (upstream's v1 reader and tagger: metron::v1::apply_agent_rules; then ToV2:
+# metron::v1::to_v2's documentation, go-loggregator's conversion package) and are never
+# generated: the writer copies them over from this file.
 ";
 
 type Block = BTreeMap<String, String>;
@@ -657,7 +701,11 @@ fn every_vector_converts_or_fails_as_written() {
         }
         match (v.get("v2_json"), v.get("error"), v1::decode(&bytes)) {
             (Some(expected), None, Ok(e)) => {
-                assert_eq!(&json::v2_json(&v1::to_v2(&e)), expected, "{name}");
+                assert_eq!(
+                    &json::v2_json(&v1::agent_to_v2(e.clone(), &agent())),
+                    expected,
+                    "{name}"
+                );
                 assert_eq!(v1::into_v2(e.clone()), v1::to_v2(&e), "{name}");
             }
             (None, Some(expected), Err(err)) => assert_eq!(&error_line(&err), expected, "{name}"),
