@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::envelope::tag::{MAX_KEY_ID, TAG};
+
 pub use crate::telemetry::logging::LogFormat;
 
 /// The largest message a Doppler (and this agent's ingress) accepts.
@@ -47,7 +49,14 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub dopplers: DopplersConfig,
     pub metrics: MetricsConfig,
+    /// The `signing:` section's keys, when it names one (it must while signing is on). `None`
+    /// without the section: the agent then signs with a random per-process key.
     pub signing: Option<SigningConfig>,
+    /// `signing.enabled`: envelopes carry a signature in their `metron` tag (default true).
+    pub signing_enabled: bool,
+    /// `sequencing.enabled`: envelopes carry their stream and number in their `metron` tag
+    /// (default true).
+    pub sequencing_enabled: bool,
     pub pipeline: PipelineConfig,
     pub shutdown_grace: Duration,
     pub log: LogConfig,
@@ -200,7 +209,7 @@ pub struct PipelineConfig {
     pub max_buffered_bytes: NonZeroUsize,
     /// Capacity, in batches, of each actor mailbox on the data path.
     pub mailbox_capacity: NonZeroUsize,
-    /// Per-source sequence state kept before a new `metron_stream` is started.
+    /// Per-source sequence state kept before a new sequence stream is started.
     pub max_sources: NonZeroUsize,
     /// Counter-total keys kept before the table is reset (upstream: 10,000).
     pub max_counter_keys: NonZeroUsize,
@@ -258,6 +267,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     signing: Option<RawSigning>,
+    #[serde(default)]
+    sequencing: RawSequencing,
     #[serde(default)]
     pipeline: RawPipeline,
     #[serde(default)]
@@ -477,10 +488,28 @@ fn default_metrics_listen() -> Option<String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSigning {
-    key_id: String,
-    key_file: PathBuf,
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// Required while `enabled`.
+    #[serde(default)]
+    key_id: Option<String>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
     #[serde(default)]
     previous_keys: Vec<RawSigningKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSequencing {
+    #[serde(default = "default_true")]
+    enabled: bool,
+}
+
+impl Default for RawSequencing {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -682,6 +711,11 @@ impl Config {
                 a.shutdown_grace != b.shutdown_grace,
             ),
             ("log.format", a.log.format != b.log.format),
+            ("signing.enabled", a.signing_enabled != b.signing_enabled),
+            (
+                "sequencing.enabled",
+                a.sequencing_enabled != b.sequencing_enabled,
+            ),
             ("development", a.development != b.development),
         ])
     }
@@ -729,13 +763,34 @@ fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
 }
 
+/// Checks the id the agent signs with: it travels in every envelope's `metron` tag, whose budget
+/// (56 bytes) leaves it [`MAX_KEY_ID`] characters, and it must not need escaping there.
+fn check_signing_key_id(key_id: &str) -> Result<(), ConfigError> {
+    let fits = (1..=MAX_KEY_ID).contains(&key_id.len())
+        && key_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if fits {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "signing.key_id",
+            format!(
+                "{key_id:?} must be 1 to {MAX_KEY_ID} characters of A-Z, a-z, 0-9, '-' and '_': \
+                 it is written into every envelope's metron tag"
+            ),
+        ))
+    }
+}
+
 /// Reads a signing key (`<at>.key_file`; one trailing newline is not part of it) and checks its
-/// id (`<at>.key_id`).
+/// id (`<at>.key_id`). Ids of previous keys may be longer than the current one's: they may name
+/// a key an older agent signed `metron_sig` with.
 fn read_signing_key(at: &str, key_id: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    if key_id.is_empty() || key_id.contains(':') {
+    if key_id.is_empty() || key_id.contains(':') || key_id.contains('.') {
         return Err(ConfigError::new(
             format!("{at}.key_id"),
-            "must be non-empty and contain no ':'",
+            "must be non-empty and contain no ':' or '.'",
         ));
     }
     let mut key = std::fs::read(path).map_err(|e| {
@@ -795,10 +850,10 @@ impl RawConfig {
             if k.is_empty() {
                 return Err(ConfigError::new("tags", "a tag name must not be empty"));
             }
-            if k.starts_with("metron_") {
+            if k == TAG || k.starts_with("metron_") {
                 return Err(ConfigError::new(
                     format!("tags.{k}"),
-                    "the metron_ prefix is reserved for the agent's own tags",
+                    "metron and the metron_ prefix are reserved for the agent's own tags",
                 ));
             }
             if default_tags.contains_key(&k) {
@@ -1016,16 +1071,32 @@ impl RawConfig {
                 .map(|ms| Duration::from_millis(ms.get())),
         };
 
+        let signing_enabled = self.signing.as_ref().is_none_or(|s| s.enabled);
         let signing = match self.signing {
             None => None,
+            Some(RawSigning {
+                enabled,
+                key_id: None,
+                key_file: None,
+                previous_keys,
+            }) if !enabled && previous_keys.is_empty() => None,
             Some(s) => {
-                let key = read_signing_key("signing", &s.key_id, &s.key_file)?;
+                let (Some(key_id), Some(key_file)) = (s.key_id, s.key_file) else {
+                    return Err(ConfigError::new(
+                        "signing",
+                        "key_id and key_file are required while signing is enabled, and with \
+                         previous_keys (without the section the agent signs with a random \
+                         per-process key)",
+                    ));
+                };
+                check_signing_key_id(&key_id)?;
+                let key = read_signing_key("signing", &key_id, &key_file)?;
                 let mut previous_keys: Vec<(String, Vec<u8>)> = Vec::new();
                 for (i, p) in s.previous_keys.iter().enumerate() {
                     let at = format!("signing.previous_keys[{i}]");
                     let old = read_signing_key(&at, &p.key_id, &p.key_file)?;
                     let taken =
-                        p.key_id == s.key_id || previous_keys.iter().any(|(id, _)| *id == p.key_id);
+                        p.key_id == key_id || previous_keys.iter().any(|(id, _)| *id == p.key_id);
                     if taken {
                         return Err(ConfigError::new(
                             format!("{at}.key_id"),
@@ -1038,7 +1109,7 @@ impl RawConfig {
                     previous_keys.push((p.key_id.clone(), old));
                 }
                 Some(SigningConfig {
-                    key_id: s.key_id,
+                    key_id,
                     key,
                     previous_keys,
                 })
@@ -1121,6 +1192,8 @@ impl RawConfig {
             dopplers,
             metrics,
             signing,
+            signing_enabled,
+            sequencing_enabled: self.sequencing.enabled,
             pipeline,
             shutdown_grace: Duration::from_millis(u64::from(self.shutdown.grace_period_ms.get())),
             log,
@@ -1355,6 +1428,78 @@ development: { enabled: true }
             key(&signing("{ key_id: k1, key_file: /nonexistent }")),
             "signing.previous_keys[0].key_file"
         );
+    }
+
+    #[test]
+    fn signing_and_sequencing_turn_off_each_on_its_own() {
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert!(c.signing_enabled && c.sequencing_enabled && c.signing.is_none());
+        let c = Config::from_yaml(&format!("{MINIMAL}signing: {{ enabled: false }}\n")).unwrap();
+        assert!(!c.signing_enabled && c.sequencing_enabled && c.signing.is_none());
+        let c = Config::from_yaml(&format!("{MINIMAL}sequencing: {{ enabled: false }}\n")).unwrap();
+        assert!(c.signing_enabled && !c.sequencing_enabled);
+        let off_with_key = format!(
+            "{MINIMAL}signing: {{ enabled: false, key_id: k1, key_file: {manifest}/build.rs }}\n"
+        );
+        let c = Config::from_yaml(&off_with_key).unwrap();
+        assert!(
+            !c.signing_enabled && c.signing.is_some(),
+            "the key is kept for later"
+        );
+
+        let key = |t: &str| Config::from_yaml(t).unwrap_err();
+        let e = key(&format!("{MINIMAL}signing: {{ enabled: true }}\n"));
+        assert_eq!(e.key, "signing");
+        assert!(
+            e.problem.contains("key_id and key_file are required"),
+            "{e}"
+        );
+        assert_eq!(
+            key(&format!("{MINIMAL}sequencing: {{ enabled: maybe }}\n")).key,
+            "sequencing.enabled"
+        );
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        let off = Config::from_yaml(&format!(
+            "{MINIMAL}signing: {{ enabled: false }}\nsequencing: {{ enabled: false }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.restart_only_changes(&off),
+            ["signing.enabled", "sequencing.enabled"]
+        );
+    }
+
+    /// The key id travels in every envelope's `metron` tag: short, and nothing to escape.
+    #[test]
+    fn the_signing_key_id_is_short_and_plain() {
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let with = |id: &str| {
+            Config::from_yaml(&format!(
+                "{MINIMAL}signing: {{ key_id: \"{id}\", key_file: {manifest}/build.rs }}\n"
+            ))
+        };
+        for good in ["k", "k1", "2026-a", "ab_-Z9"] {
+            assert!(with(good).is_ok(), "{good}");
+        }
+        for bad in ["", "seven77", "k.1", "k:1", "ключ", "k 1"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.key, "signing.key_id", "{bad}");
+            assert!(e.problem.contains("1 to 6 characters"), "{e}");
+        }
+        // A previous key may have a longer id: an older agent may have signed with it.
+        let previous = format!(
+            "{MINIMAL}signing: {{ key_id: k2, key_file: {manifest}/Cargo.toml, previous_keys: [ {{ key_id: production-2026, key_file: {manifest}/build.rs }} ] }}\n"
+        );
+        assert!(Config::from_yaml(&previous).is_ok());
+    }
+
+    #[test]
+    fn the_agents_own_tag_names_are_reserved() {
+        for tag in ["metron", "metron_seq"] {
+            let e = Config::from_yaml(&format!("{MINIMAL}tags: {{ {tag}: x }}\n")).unwrap_err();
+            assert_eq!(e.key, format!("tags.{tag}"));
+        }
     }
 
     #[test]

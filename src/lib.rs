@@ -7,13 +7,14 @@
 //!
 //! ```text
 //!  emitters ──gRPC/mTLS──▶ Edge ──IngressBatch──▶ IngressActor ──TaggedBatch──▶ SequencerActor
-//!  (Sender, BatchSender,    │ admission:              tagging,                 metron_stream,
-//!   Send)                   │ budget + counts         counter totals           metron_seq, slot
+//!  (Sender, BatchSender,    │ admission:              tagging,                 slot, stream
+//!   Send)                   │ budget + counts         counter totals           and number
 //!                           ▼                                                        │
 //!                        dropped{ingress}                                  SequencedBatch
 //!                                                                                    ▼
 //!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor
-//!                 (one actor, one stream each; EgressQueue per slot)          metron_sig
+//!                 (one actor, one stream each; EgressQueue per slot)     signature; writes
+//!                                                                        the `metron` tag
 //!                         ▲ Connect                │ ConnectionUp/Down
 //!                         └──── DopplerSupervisor ◀┘   (Balancer: local AZ first, backoff)
 //! ```
@@ -31,7 +32,8 @@
 //!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
 //! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), then
 //!   writes each envelope out as it came with what the pipeline adds appended
-//!   ([`envelope::encoded`]): queued envelopes are held encoded.
+//!   ([`envelope::encoded`]), the number and the signature in one `metron` tag
+//!   ([`envelope::tag`]): queued envelopes are held encoded.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
@@ -106,6 +108,9 @@ use crate::tls::{TlsMaterial, TlsSet};
 
 pub use envelope::signing::{verify, KeyRing, VerifyError};
 pub use wire::ReloadOutcome;
+
+/// The key id of the random per-process key an agent without a `signing:` section signs with.
+pub const EPHEMERAL_KEY_ID: &str = "eph";
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -239,17 +244,18 @@ impl Agent {
             _ => None,
         };
 
-        let (signing_key_id, signing_key) = match &config.signing {
-            Some(s) => (s.key_id.clone(), s.key.clone()),
-            None => {
+        let signing = match (&config.signing, config.signing_enabled) {
+            (_, false) => None,
+            (Some(s), true) => Some((s.key_id.clone(), s.key.clone())),
+            (None, true) => {
                 let mut key = vec![0u8; 32];
                 entropy::fill(&mut key);
                 tracing::warn!(
                     "!!! NO signing KEY CONFIGURED: envelopes are signed with a random key made for \
-                     this process only (key id \"ephemeral\"); nobody can verify them. Set \
-                     signing.key_id and signing.key_file !!!"
+                     this process only (key id \"{EPHEMERAL_KEY_ID}\"); nobody can verify them. Set \
+                     signing.key_id and signing.key_file, or signing.enabled: false !!!"
                 );
-                ("ephemeral".to_string(), key)
+                Some((EPHEMERAL_KEY_ID.to_string(), key))
             }
         };
 
@@ -292,8 +298,7 @@ impl Agent {
             config,
             tls,
             dev_doppler_tls,
-            signing_key_id,
-            signing_key,
+            signing,
             ingress_listener,
             udp_socket,
             metrics_listener,

@@ -41,8 +41,8 @@ pub struct Prepared {
     pub tls: TlsSet,
     /// TLS for the development Doppler, when one runs.
     pub dev_doppler_tls: Option<TlsMaterial>,
-    pub signing_key_id: String,
-    pub signing_key: Vec<u8>,
+    /// (key id, key) signing envelopes; `None` with `signing.enabled: false`.
+    pub signing: Option<(String, Vec<u8>)>,
     pub ingress_listener: std::net::TcpListener,
     /// v1 datagrams (`ingress.udp`), when enabled.
     pub udp_socket: Option<std::net::UdpSocket>,
@@ -80,10 +80,9 @@ struct LiveState {
     /// The config last applied.
     current: Config,
     tls: TlsSet,
-    /// The key id signing now (`ephemeral` without `signing:`).
-    signing_key_id: String,
-    /// The key signing now: a new key must come with a new id, whatever the configs said.
-    signing_key: Vec<u8>,
+    /// The (key id, key) signing now (`eph` and a random key without `signing:`; `None` with
+    /// `signing.enabled: false`): a new key must come with a new id, whatever the configs said.
+    signing: Option<(String, Vec<u8>)>,
     ingress_acceptor: Arc<ReloadableAcceptor>,
     metrics_acceptor: Option<Arc<ReloadableAcceptor>>,
     tunables: Arc<EdgeTunables>,
@@ -120,20 +119,32 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVER_SETTLE: Duration = Duration::from_millis(200);
 
 /// The part of every envelope's budget cost that does not depend on the envelope: an upper bound
-/// on what the agent appends to it — `metron_stream` (32 hex), `metron_seq` (≤ 20 digits),
-/// `metron_sig` (key id + 65), every default tag, each with its map-entry framing — plus
+/// on what the agent appends to it — its `metron` tag (for a key id of `key_id_len` bytes; none
+/// when `tagged` is false) and every default tag, each with its map-entry framing — plus
 /// [`crate::envelope::ITEM_OVERHEAD`].
-fn fixed_envelope_cost(config: &Config, key_id: &str) -> u32 {
-    use crate::envelope::{ENTRY_FRAMING, ITEM_OVERHEAD};
-    let agent = (13 + 32 + ENTRY_FRAMING)
-        + (10 + 20 + ENTRY_FRAMING)
-        + (10 + key_id.len() + 65 + ENTRY_FRAMING);
+fn fixed_envelope_cost(config: &Config, tagged: bool, key_id_len: usize) -> u32 {
+    use crate::envelope::{tag, ENTRY_FRAMING, ITEM_OVERHEAD};
+    let agent = if tagged {
+        tag::wire_bytes(tag::max_value_len(key_id_len))
+    } else {
+        0
+    };
     let defaults: usize = config
         .default_tags
         .iter()
         .map(|(k, v)| k.len() + v.len() + ENTRY_FRAMING)
         .sum();
     u32::try_from(agent + defaults + ITEM_OVERHEAD).unwrap_or(u32::MAX)
+}
+
+/// Whether envelopes leave with a `metron` tag: signing or sequencing is on (both need a restart
+/// to change, so `config` is the one the agent started with).
+fn tagged(config: &Config, signing: &Option<(String, Vec<u8>)>) -> bool {
+    signing.is_some() || config.sequencing_enabled
+}
+
+fn key_id_len(signing: &Option<(String, Vec<u8>)>) -> usize {
+    signing.as_ref().map_or(0, |(id, _)| id.len())
 }
 
 /// Starts every actor and server. Must run inside the agent's actix `System`.
@@ -219,7 +230,11 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let signer = {
         let ledger = ledger.clone();
         let queues = queues.clone();
-        let signer = Signer::new(&p.signing_key_id, &p.signing_key);
+        let signer = match &p.signing {
+            Some((id, key)) => Signer::new(id, key),
+            None => Signer::unsigned(),
+        }
+        .with_sequencing(c.sequencing_enabled);
         SignerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SignerActor::new(signer, queues, ledger)
@@ -227,18 +242,30 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     };
     let sequencer = {
         let sequencer = Sequencer::new(c.pipeline.max_sources.get(), || {
-            crate::entropy::random_hex(16)
+            let mut id = [0; crate::envelope::tag::STREAM_BYTES];
+            crate::entropy::fill(&mut id);
+            id
         });
-        tracing::info!(
-            metron_stream = sequencer.stream_id(),
-            "sequence stream started"
-        );
+        if c.sequencing_enabled {
+            tracing::info!(
+                stream = %crate::envelope::signing::encode_hex(&sequencer.stream_id()),
+                "sequence stream started"
+            );
+        }
         let ledger = ledger.clone();
         let signer = signer.clone();
         let budget = c.pipeline.max_buffered_bytes.get();
+        let numbering = c.sequencing_enabled;
         SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
-            SequencerActor::new(sequencer, queues, budget, signer.recipient(), ledger)
+            SequencerActor::new(
+                sequencer,
+                numbering,
+                queues,
+                budget,
+                signer.recipient(),
+                ledger,
+            )
         })
     };
     let ingress = {
@@ -254,7 +281,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let (closed, closed_rx) = watch::channel(false);
     let tunables = Arc::new(EdgeTunables::new(
         c.ingress.max_wait,
-        fixed_envelope_cost(c, &p.signing_key_id),
+        fixed_envelope_cost(c, tagged(c, &p.signing), key_id_len(&p.signing)),
     ));
     let edge = Edge::new(
         ingress.clone().recipient(),
@@ -345,8 +372,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         started: p.config.clone(),
         current: p.config.clone(),
         tls: p.tls,
-        signing_key_id: p.signing_key_id,
-        signing_key: p.signing_key,
+        signing: p.signing,
         ingress_acceptor,
         metrics_acceptor,
         tunables,
@@ -476,15 +502,18 @@ impl Running {
             _ => None,
         };
         // Compared with the key signing now, not with the last config: a section removed (which
-        // needs a restart) must not let the same id come back with another key.
-        let signer = match &new.signing {
-            None => {
+        // needs a restart) must not let the same id come back with another key. While signing is
+        // off, or the new config turns it off (which needs a restart), keys are not looked at.
+        let signer = match (&live.signing, &new.signing) {
+            (None, _) => None,
+            _ if !new.signing_enabled => None,
+            (Some(_), None) => {
                 if live.started.signing.is_some() {
                     needs_restart.push("signing");
                 }
                 None
             }
-            Some(n) if n.key_id == live.signing_key_id && n.key != live.signing_key => {
+            (Some((id, key)), Some(n)) if n.key_id == *id && n.key != *key => {
                 return Err(ConfigError {
                     key: "signing.key_file".into(),
                     problem: format!(
@@ -495,8 +524,8 @@ impl Running {
                     ),
                 });
             }
-            Some(n) if n.key_id != live.signing_key_id => Some(n.clone()),
-            Some(_) => None,
+            (Some((id, _)), Some(n)) if n.key_id != *id => Some(n.clone()),
+            (Some(_), Some(_)) => None,
         };
         let dopplers = (new.dopplers.source != old.dopplers.source)
             .then(|| dopplers(&new, &live.started.identity.az, &live.resolver))
@@ -550,23 +579,26 @@ impl Running {
             *live.v1_identity.write() = V1Identity::from(&new.identity);
             applied.push("tags");
         }
-        if let Some(SigningConfig { key_id, key, .. }) = &signer {
-            if !new.signing.as_ref().is_some_and(|s| {
-                s.previous_keys
-                    .iter()
-                    .any(|(id, _)| *id == live.signing_key_id)
-            }) {
+        if let (Some(SigningConfig { key_id, key, .. }), Some((old_id, _))) =
+            (&signer, &live.signing)
+        {
+            if !new
+                .signing
+                .as_ref()
+                .is_some_and(|s| s.previous_keys.iter().any(|(id, _)| id == old_id))
+            {
                 tracing::warn!(
-                    old_key_id = %live.signing_key_id,
+                    old_key_id = %old_id,
                     new_key_id = %key_id,
                     "signing key rotated, but the old key id is not in signing.previous_keys: \
                      envelopes signed with it may still be buffered or in flight, and receivers \
                      configured from this file will not verify them"
                 );
             }
-            self.signer.do_send(SetSigner(Signer::new(key_id, key)));
-            live.signing_key_id.clone_from(key_id);
-            live.signing_key.clone_from(key);
+            self.signer.do_send(SetSigner(
+                Signer::new(key_id, key).with_sequencing(live.started.sequencing_enabled),
+            ));
+            live.signing = Some((key_id.clone(), key.clone()));
             applied.push("signing");
         } else if new.signing.as_ref().map(|s| &s.previous_keys)
             != old.signing.as_ref().map(|s| &s.previous_keys)
@@ -585,7 +617,11 @@ impl Running {
         }
         live.tunables.set(
             new.ingress.max_wait,
-            fixed_envelope_cost(&new, &live.signing_key_id),
+            fixed_envelope_cost(
+                &new,
+                tagged(&live.started, &live.signing),
+                key_id_len(&live.signing),
+            ),
         );
         if new.log.level != old.log.level {
             // Applied by the process, which owns logging (main.rs).

@@ -94,7 +94,7 @@ fn check_delivered(sent: &[Envelope], received: &[Envelope]) {
     // Per source: numbered 1..n in the order sent.
     let seqs = sequences(received);
     let streams: std::collections::BTreeSet<_> = seqs.keys().map(|(s, _)| s.clone()).collect();
-    assert_eq!(streams.len(), 1, "one metron_stream per agent process");
+    assert_eq!(streams.len(), 1, "one sequence stream per agent process");
     for ((_, source), numbers) in &seqs {
         let want: Vec<u64> = (1..=numbers.len() as u64).collect();
         assert_eq!(numbers, &want, "sequence of {source}");

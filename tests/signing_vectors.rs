@@ -1,9 +1,12 @@
-//! The signing form's test vectors (`tests/vectors/signing.txt`): the library reproduces each
-//! canonical form and signature, `verify` accepts them, and an independent Python implementation
-//! of the README's description (`tools/verify_signature.py`) agrees byte for byte.
+//! The signing form's test vectors (`tests/vectors/signing.txt`): form 2 (the `metron` tag the
+//! agent writes) and form 1 (`metron_sig`, written by agents before issue 19 and still verified).
+//! The library reproduces each canonical form and tag, `verify` accepts them, and an independent
+//! Python implementation of the README's description (`tools/verify_signature.py`) agrees byte
+//! for byte.
 //!
-//! Regenerate (only when the form deliberately changes, with a new DOMAIN):
-//! `METRON_WRITE_VECTORS=1 cargo test --test signing_vectors`.
+//! Regenerate form 2's blocks (only when the form deliberately changes, with a new DOMAIN):
+//! `METRON_WRITE_VECTORS=1 cargo test --test signing_vectors`. Form 1's blocks are history: the
+//! writer copies them as they are.
 
 #[path = "common/json.rs"]
 mod json;
@@ -12,13 +15,15 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use metron::envelope::signing::{canonical, decode_hex, encode_hex, Signer, SIG_TAG};
+use metron::envelope::signing::{canonical, canonical_v1, decode_hex, encode_hex, Signer};
+use metron::envelope::tag::{MetronTag, Sequence, TAG};
 use metron::proto::envelope::Message;
 use metron::proto::{value::Data, Counter, Envelope, Event, Gauge, GaugeValue, Log, Timer, Value};
 use prost::Message as _;
 
 const KEY_ID: &str = "k1";
 const KEY: &[u8] = b"loggregator signing key \x00\xff";
+const STREAM: [u8; 8] = [0x9f, 0x2c, 0x4e, 0x1a, 0x0b, 0x7d, 0x4c, 0x3e];
 
 fn path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/signing.txt")
@@ -31,17 +36,16 @@ fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The inputs: envelopes as they reach the signer (already carrying the sequence tags).
-fn inputs() -> Vec<(&'static str, Envelope)> {
-    let seq = [
-        ("metron_stream", "9f2c4e1a0b7d4c3e8a6f5d2b1c0e9f8a"),
-        ("metron_seq", "42"),
-    ];
+/// What the agent adds to a vector's envelope: (key id, sequence number), each when on.
+type Stamp = (Option<&'static str>, Option<u64>);
+
+/// Form 2's inputs: envelopes as they reach the signer, and what is on.
+fn inputs() -> Vec<(&'static str, Envelope, Stamp)> {
     let base = |source: &str, message: Option<Message>| Envelope {
         timestamp: 1_763_712_000_123_456_789,
         source_id: source.into(),
         instance_id: "0".into(),
-        tags: tags(&[&seq[..], &[("deployment", "cf"), ("job", "diego-cell")]].concat()),
+        tags: tags(&[("deployment", "cf"), ("job", "diego-cell")]),
         message,
         ..Default::default()
     };
@@ -131,30 +135,96 @@ fn inputs() -> Vec<(&'static str, Envelope)> {
         ("deprecated-tags", deprecated),
         ("no-message", base("", None)),
     ]
+    .into_iter()
+    .map(|(name, env)| (name, env, (Some(KEY_ID), Some(42))))
+    .chain([
+        (
+            "seq-999999-key-id-6",
+            base("app-a", None),
+            (Some("abc-_9"), Some(999_999)),
+        ),
+        ("sequencing-only", base("app-a", None), (None, Some(1))),
+        ("signing-only", base("app-a", None), (Some(KEY_ID), None)),
+    ])
+    .collect()
 }
 
-fn render() -> String {
-    let mut out = String::from(
-        "# metron signing test vectors (form metron-sig-v1). One block per vector, fields `name: value`.\n\
-         # envelope_pb_hex: the input envelope (protobuf, loggregator.v2.Envelope, without metron_sig);\n\
-         # envelope_json: the same envelope as JSON (bytes as hex); key_hex: the HMAC key;\n\
-         # canonical_hex: canonical(envelope) as the README defines it; metron_sig: the expected tag value.\n",
+const HEADER: &str = "\
+# metron signing test vectors. One block per vector, fields `name: value`.
+# form: 2 (the `metron` tag the agent writes) or 1 (`metron_sig`, written by agents before issue 19).
+# Form 2: key_id and key_hex (absent: signing off), stream_hex and seq (absent: sequencing off),
+#   envelope_pb_hex: the input envelope (protobuf, loggregator.v2.Envelope, without the metron tag),
+#   envelope_json: the same as JSON (bytes as hex), canonical_hex: canonical(envelope) as the
+#   README defines it (absent when unsigned), metron: the expected tag value.
+# Form 1: key_id, key_hex, envelope_pb_hex and envelope_json (without metron_sig), canonical_hex,
+#   metron_sig: the expected tag value.
+";
+
+/// The tag the agent writes for `env` with `stamp`.
+fn stamped(env: &Envelope, (key_id, seq): Stamp) -> Envelope {
+    let mut out = env.clone();
+    let signer = match key_id {
+        Some(id) => Signer::new(id, KEY),
+        None => Signer::unsigned(),
+    };
+    signer.with_sequencing(seq.is_some()).stamp(
+        &mut out,
+        seq.map(|seq| Sequence {
+            stream: STREAM,
+            seq,
+        }),
     );
-    for (name, env) in inputs() {
-        let mut signed = env.clone();
-        Signer::new(KEY_ID, KEY).sign(&mut signed);
+    out
+}
+
+fn render(existing: &[Block]) -> String {
+    let mut out = String::from(HEADER);
+    for (name, env, (key_id, seq)) in inputs() {
+        let _ = write!(out, "\nname: {name}\nform: 2\n");
+        if let Some(id) = key_id {
+            let _ = write!(out, "key_id: {id}\nkey_hex: {}\n", encode_hex(KEY));
+        }
+        if let Some(n) = seq {
+            let _ = write!(out, "stream_hex: {}\nseq: {n}\n", encode_hex(&STREAM));
+        }
         let _ = write!(
             out,
-            "\nname: {name}\nkey_id: {KEY_ID}\nkey_hex: {}\nenvelope_pb_hex: {}\nenvelope_json: {}\ncanonical_hex: {}\nmetron_sig: {}\n",
-            encode_hex(KEY),
+            "envelope_pb_hex: {}\nenvelope_json: {}\n",
             encode_hex(&env.encode_to_vec()),
-            json::v2_json(&env),
-            encode_hex(&canonical(&env)),
-            signed.tags[SIG_TAG]
+            json::v2_json(&env)
         );
+        if key_id.is_some() {
+            let sequence = seq.map(|seq| Sequence {
+                stream: STREAM,
+                seq,
+            });
+            let _ = writeln!(
+                out,
+                "canonical_hex: {}",
+                encode_hex(&canonical(&env, sequence.as_ref()))
+            );
+        }
+        let _ = writeln!(out, "metron: {}", stamped(&env, (key_id, seq)).tags[TAG]);
+    }
+    for old in existing.iter().filter(|b| b["form"] == "1") {
+        out.push('\n');
+        for key in [
+            "name",
+            "form",
+            "key_id",
+            "key_hex",
+            "envelope_pb_hex",
+            "envelope_json",
+            "canonical_hex",
+            "metron_sig",
+        ] {
+            let _ = writeln!(out, "{key}: {}", old[key]);
+        }
     }
     out
 }
+
+type Block = BTreeMap<String, String>;
 
 fn parse(text: &str) -> Vec<BTreeMap<String, String>> {
     text.split("\n\n")
@@ -172,31 +242,64 @@ fn parse(text: &str) -> Vec<BTreeMap<String, String>> {
 
 #[test]
 fn library_reproduces_every_vector() {
+    let text = std::fs::read_to_string(path()).expect("tests/vectors/signing.txt");
     if std::env::var_os("METRON_WRITE_VECTORS").is_some() {
-        std::fs::write(path(), render()).unwrap();
+        std::fs::write(path(), render(&parse(&text))).unwrap();
     }
     let text = std::fs::read_to_string(path()).expect("tests/vectors/signing.txt");
     let vectors = parse(&text);
     let inputs = inputs();
-    assert_eq!(vectors.len(), inputs.len());
-    for (v, (name, built)) in vectors.iter().zip(inputs) {
+    let (form2, form1): (Vec<_>, Vec<_>) = vectors.iter().partition(|v| v["form"] == "2");
+    assert_eq!(form2.len(), inputs.len());
+    assert!(form1.len() >= 7, "form 1's vectors are kept");
+    for (v, (name, built, stamp)) in form2.into_iter().zip(inputs) {
         assert_eq!(v["name"], name);
-        let key = decode_hex(&v["key_hex"]).unwrap();
         let env = Envelope::decode(decode_hex(&v["envelope_pb_hex"]).unwrap().as_slice()).unwrap();
         assert_eq!(env, built, "{name}: the file holds the documented input");
         assert_eq!(v["envelope_json"], json::v2_json(&env), "{name}");
+        assert_eq!(v.get("key_id").map(String::as_str), stamp.0, "{name}");
+        let sequence = v.get("seq").map(|n| Sequence {
+            stream: decode_hex(&v["stream_hex"]).unwrap().try_into().unwrap(),
+            seq: n.parse().unwrap(),
+        });
+        assert_eq!(sequence.map(|s| s.seq), stamp.1, "{name}");
+        let signed = stamped(&env, stamp);
+        assert_eq!(signed.tags[TAG], v["metron"], "{name}: the tag");
+        let tag = MetronTag::parse(&v["metron"]).unwrap();
+        assert_eq!(tag.sequence, sequence, "{name}: the tag reads back");
+        match stamp.0 {
+            Some(id) => {
+                let key = decode_hex(&v["key_hex"]).unwrap();
+                assert_eq!(
+                    encode_hex(&canonical(&env, sequence.as_ref())),
+                    v["canonical_hex"],
+                    "{name}: canonical form"
+                );
+                assert_eq!(metron::verify(&signed, id, &key), Ok(()), "{name}");
+                let mut tampered = signed.clone();
+                tampered.timestamp += 1;
+                assert!(metron::verify(&tampered, id, &key).is_err());
+            }
+            None => assert!(!v.contains_key("canonical_hex"), "{name}"),
+        }
+    }
+    // Form 1: what older agents wrote still verifies, and its canonical form is reproduced.
+    for v in form1 {
+        let name = &v["name"];
+        let key = decode_hex(&v["key_hex"]).unwrap();
+        let mut env =
+            Envelope::decode(decode_hex(&v["envelope_pb_hex"]).unwrap().as_slice()).unwrap();
+        assert_eq!(v["envelope_json"], json::v2_json(&env), "{name}");
         assert_eq!(
-            encode_hex(&canonical(&env)),
+            encode_hex(&canonical_v1(&env)),
             v["canonical_hex"],
-            "{name}: canonical form"
+            "{name}"
         );
-        let mut signed = env.clone();
-        Signer::new(&v["key_id"], &key).sign(&mut signed);
-        assert_eq!(signed.tags[SIG_TAG], v["metron_sig"], "{name}: signature");
-        assert_eq!(metron::verify(&signed, &v["key_id"], &key), Ok(()));
-        let mut tampered = signed.clone();
-        tampered.timestamp += 1;
-        assert!(metron::verify(&tampered, &v["key_id"], &key).is_err());
+        env.tags
+            .insert("metron_sig".into(), v["metron_sig"].clone());
+        assert_eq!(metron::verify(&env, &v["key_id"], &key), Ok(()), "{name}");
+        env.timestamp += 1;
+        assert!(metron::verify(&env, &v["key_id"], &key).is_err(), "{name}");
     }
 }
 
@@ -214,5 +317,10 @@ fn an_independent_implementation_of_the_readme_agrees() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.trim(), format!("{} vectors ok", inputs().len()));
+    let text = std::fs::read_to_string(path()).unwrap();
+    assert_eq!(
+        stdout.trim(),
+        format!("{} vectors ok", parse(&text).len()),
+        "every vector, both forms"
+    );
 }

@@ -2,16 +2,22 @@
 """Verifies metron signatures from the README's description alone (no metron code).
 
 usage: verify_signature.py VECTORS_FILE
-For every vector: rebuild canonical(envelope) from envelope_json, compare with canonical_hex, and
-check metron_sig = key_id ":" hex(HMAC-SHA256(key, canonical)). Prints "N vectors ok".
+Form 2 (the `metron` tag): rebuild the tag's value from the vector's key, stream and sequence
+number, rebuild canonical(envelope) from envelope_json and compare with canonical_hex; then read
+the expected tag back (form, key id, stream, number, MAC) and verify its truncated MAC.
+Form 1 (`metron_sig`, older agents): rebuild canonical(envelope) and check
+metron_sig = key_id ":" hex(HMAC-SHA256(key, canonical)). Prints "N vectors ok".
 """
+import base64
 import hashlib
 import hmac
 import json
 import struct
 import sys
 
-DOMAIN = b"metron-sig-v1"
+DOMAIN_V1 = b"metron-sig-v1"
+DOMAIN_V2 = b"metron-sig-v2"
+MAC_BYTES = 16
 
 
 def lp(data: bytes) -> bytes:
@@ -32,11 +38,71 @@ def sorted_items(m: dict):
     return sorted(m.items(), key=lambda kv: utf8(kv[0]))
 
 
-def canonical(e: dict) -> bytes:
-    out = lp(DOMAIN)
+def uvarint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def read_uvarint(b: bytes) -> tuple:
+    """(value, bytes used)"""
+    n = shift = 0
+    for i, byte in enumerate(b):
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return n, i + 1
+    raise ValueError("truncated varint")
+
+
+def b64url(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def unb64url(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def tag_value(key_id, stream, seq, mac) -> str:
+    """The metron tag: "2" key_id "." base64url(stream || uvarint(seq) || mac), parts optional."""
+    payload = b""
+    if stream is not None:
+        payload += stream + uvarint(seq)
+    if mac is not None:
+        payload += mac[:MAC_BYTES]
+    return "2" + (key_id or "") + "." + b64url(payload)
+
+
+def parse_tag(value: str) -> tuple:
+    """(key_id or None, stream or None, seq or None, mac or None) of a metron tag value."""
+    if not value.startswith("2"):
+        raise ValueError("not form 2")
+    key_id, payload = value[1:].split(".", 1)
+    payload = unb64url(payload)
+    mac = None
+    if key_id:
+        payload, mac = payload[:-MAC_BYTES], payload[-MAC_BYTES:]
+    if not payload:
+        return key_id or None, None, None, mac
+    seq, used = read_uvarint(payload[8:])
+    if len(payload) != 8 + used:
+        raise ValueError("trailing bytes")
+    return key_id or None, payload[:8], seq, mac
+
+
+def canonical(e: dict, form: int, stream=None, seq=None) -> bytes:
+    if form == 1:
+        out = lp(DOMAIN_V1)
+        unsigned = "metron_sig"
+    else:
+        out = lp(DOMAIN_V2)
+        out += b"\x00" if stream is None else b"\x01" + stream + struct.pack(">Q", seq)
+        unsigned = "metron"
     out += struct.pack(">q", e["timestamp"])
     out += lp(utf8(e["source_id"])) + lp(utf8(e["instance_id"]))
-    tags = {k: v for k, v in e["tags"].items() if k != "metron_sig"}
+    tags = {k: v for k, v in e["tags"].items() if k != unsigned}
     out += struct.pack(">I", len(tags))
     for k, v in sorted_items(tags):
         out += lp(utf8(k)) + lp(utf8(v))
@@ -89,17 +155,48 @@ def blocks(text: str):
             yield fields
 
 
+def check_v1(v: dict) -> str:
+    canon = canonical(json.loads(v["envelope_json"]), 1)
+    if canon.hex() != v["canonical_hex"]:
+        return "canonical form differs"
+    mac = hmac.new(bytes.fromhex(v["key_hex"]), canon, hashlib.sha256).hexdigest()
+    if f"{v['key_id']}:{mac}" != v["metron_sig"]:
+        return "signature differs"
+    return ""
+
+
+def check_v2(v: dict) -> str:
+    e = json.loads(v["envelope_json"])
+    stream = bytes.fromhex(v["stream_hex"]) if "stream_hex" in v else None
+    seq = int(v["seq"]) if "seq" in v else None
+    key_id = v.get("key_id")
+    mac = None
+    if key_id:
+        canon = canonical(e, 2, stream, seq)
+        if canon.hex() != v["canonical_hex"]:
+            return "canonical form differs"
+        mac = hmac.new(bytes.fromhex(v["key_hex"]), canon, hashlib.sha256).digest()
+    if tag_value(key_id, stream, seq, mac) != v["metron"]:
+        return "tag differs"
+    # A receiver's side: read the tag, then verify what it says.
+    got_id, got_stream, got_seq, got_mac = parse_tag(v["metron"])
+    if (got_id, got_stream, got_seq) != (key_id, stream, seq):
+        return "tag reads back differently"
+    if got_mac is not None:
+        want = hmac.new(bytes.fromhex(v["key_hex"]), canonical(e, 2, got_stream, got_seq),
+                        hashlib.sha256).digest()[:MAC_BYTES]
+        if not hmac.compare_digest(want, got_mac):
+            return "MAC does not verify"
+    return ""
+
+
 def main(path: str) -> int:
     n = 0
     with open(path, encoding="utf-8") as f:
         for v in blocks(f.read()):
-            canon = canonical(json.loads(v["envelope_json"]))
-            if canon.hex() != v["canonical_hex"]:
-                print(f"{v['name']}: canonical form differs")
-                return 1
-            mac = hmac.new(bytes.fromhex(v["key_hex"]), canon, hashlib.sha256).hexdigest()
-            if f"{v['key_id']}:{mac}" != v["metron_sig"]:
-                print(f"{v['name']}: signature differs")
+            problem = check_v2(v) if v["form"] == "2" else check_v1(v)
+            if problem:
+                print(f"{v['name']} (form {v['form']}): {problem}")
                 return 1
             n += 1
     print(f"{n} vectors ok")

@@ -1,5 +1,6 @@
-//! The sequencer actor: stamps `metron_stream` / `metron_seq` per source and splits each batch by
-//! connection slot, so a source's envelopes stay in order on one connection.
+//! The sequencer actor: numbers each source's envelopes (stream and number, written into the
+//! `metron` tag by the signer) and splits each batch by connection slot, so a source's envelopes
+//! stay in order on one connection.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use crate::telemetry::{DropReason, Ledger};
 
 pub struct SequencerActor {
     sequencer: Sequencer,
+    /// `sequencing.enabled`: without it, batches are only split by slot, never numbered.
+    numbering: bool,
     /// One queue per connection slot, for the share check before stamping.
     queues: Vec<Arc<EgressQueue>>,
     /// Every slot's guaranteed share of the budget (see [`may_route`]).
@@ -27,6 +30,7 @@ pub struct SequencerActor {
 impl SequencerActor {
     pub fn new(
         sequencer: Sequencer,
+        numbering: bool,
         queues: Vec<Arc<EgressQueue>>,
         budget: usize,
         next: Recipient<SequencedBatch>,
@@ -34,6 +38,7 @@ impl SequencerActor {
     ) -> Self {
         Self {
             sequencer,
+            numbering,
             slot_share: budget / (2 * queues.len()),
             budget,
             queues,
@@ -64,7 +69,8 @@ impl Handler<DumpState> for SequencerActor {
         tracing::info!(
             target: "metron::state",
             actor = "sequencer",
-            metron_stream = self.sequencer.stream_id(),
+            numbering = self.numbering,
+            stream = %crate::envelope::signing::encode_hex(&self.sequencer.stream_id()),
             sources = self.sequencer.sources(),
             rotations = self.sequencer.rotations(),
             budget_bytes = self.budget,
@@ -81,7 +87,7 @@ impl Handler<TaggedBatch> for SequencerActor {
     fn handle(&mut self, TaggedBatch(batch): TaggedBatch, _: &mut Context<Self>) {
         let slots = self.queues.len();
         // Split by slot first, so a slot over its share is refused before its envelopes are
-        // numbered: the drop leaves no gap in metron_seq and costs no signing.
+        // numbered: the drop leaves no gap in the sequence and costs no signing.
         let mut per_slot: Vec<Batch> = (0..slots).map(|_| batch.part()).collect();
         for item in batch.items() {
             per_slot[slot_of(batch.bytes_of(item.source), slots)].push(*item);
@@ -99,7 +105,9 @@ impl Handler<TaggedBatch> for SequencerActor {
                 continue;
             }
             self.queues[slot].route(part.bytes());
-            self.sequencer.stamp(&mut part);
+            if self.numbering {
+                self.sequencer.stamp(&mut part);
+            }
             parts.push((slot, part));
         }
         let rotated = self.sequencer.rotations() - rotations;

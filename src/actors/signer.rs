@@ -1,4 +1,4 @@
-//! The signer actor: adds `metron_sig` to every envelope, encodes it once (the slot queues keep
+//! The signer actor: signs every envelope and writes its `metron` tag, encodes it once (the slot queues keep
 //! envelopes encoded, at about a fifth of the memory, see [`crate::envelope::encoded`]) and
 //! appends each slot's part to that slot's queue, whose BatchSender stream it wakes. Runs on its
 //! own arbiter (thread) so hashing and encoding never stall routing.

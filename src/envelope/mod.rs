@@ -5,6 +5,7 @@ pub mod encoded;
 pub mod raw;
 pub mod sequence;
 pub mod signing;
+pub mod tag;
 pub mod tagging;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -33,9 +34,9 @@ pub struct Item {
     pub counter: bool,
     /// The counter total to write, when the tagger changed it.
     pub total: Option<u64>,
-    /// Its `metron_seq`, set by the sequencer.
+    /// Its number in its stream, set by the sequencer (0 when sequencing is off).
     pub seq: u64,
-    /// Its `metron_stream`: an index into the batch's streams.
+    /// Its stream: an index into the batch's streams.
     pub stream: u32,
     /// What the edge read of it: an index into the batch's [`Layouts`].
     pub layout: u32,
@@ -52,8 +53,8 @@ pub struct Batch {
     bytes: usize,
     /// The default tags the ingress actor applied (the signer writes the missing ones).
     defaults: Arc<[(String, String)]>,
-    /// The `metron_stream` values [`Item::stream`] indexes.
-    streams: Vec<Arc<str>>,
+    /// The stream ids [`Item::stream`] indexes.
+    streams: Vec<sequence::StreamId>,
     /// What the edge read of each envelope, which [`Item::layout`] indexes.
     layouts: Arc<Layouts>,
 }
@@ -127,12 +128,12 @@ impl Batch {
         self.defaults = defaults;
     }
 
-    pub fn streams(&self) -> &[Arc<str>] {
+    pub fn streams(&self) -> &[sequence::StreamId] {
         &self.streams
     }
 
-    /// Adds a `metron_stream` value; returns its index for [`Item::stream`].
-    pub fn add_stream(&mut self, stream: Arc<str>) -> u32 {
+    /// Adds a stream id; returns its index for [`Item::stream`].
+    pub fn add_stream(&mut self, stream: sequence::StreamId) -> u32 {
         self.streams.push(stream);
         u32::try_from(self.streams.len() - 1).expect("at most one stream per envelope")
     }
@@ -330,7 +331,7 @@ mod tests {
         let key = prop_oneof![
             Just("origin".to_string()),
             Just("job".to_string()),
-            Just("metron_seq".to_string()),
+            Just("metron".to_string()),
             Just("metron_sig".to_string()),
             "[a-c]{1,2}",
         ];

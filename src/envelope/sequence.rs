@@ -1,27 +1,26 @@
-//! Per-source-id sequencing: stamps `metron_stream` and `metron_seq`; and [`slot_of`], each
-//! source's Doppler connection slot (source affinity).
+//! Per-source-id sequencing: each envelope's stream and number (written into the `metron` tag,
+//! [`super::tag`]); and [`slot_of`], each source's Doppler connection slot (source affinity).
 
 use std::hash::Hasher;
-use std::sync::Arc;
 
+use super::tag::STREAM_BYTES;
 use super::{Batch, KeyMap};
 
-/// Tag naming the sequence stream: unique per agent process (and per table reset, see below).
-pub const STREAM_TAG: &str = "metron_stream";
-/// Tag holding the per-source sequence number, decimal, starting at 1 in each stream.
-pub const SEQ_TAG: &str = "metron_seq";
+/// A stream id: 64 random bits, new for every agent process (and every table reset, see below).
+pub type StreamId = [u8; STREAM_BYTES];
 
 /// Numbers each source's envelopes 1, 2, 3 … within a stream, in the order it sees them.
 ///
 /// Sources are keyed by a 64-bit keyed hash of their id ([`super::key64`]), so each costs a fixed
-/// few dozen bytes however long the id. Memory is bounded by `max_sources`: when a new source would exceed it, the table is cleared and
-/// a new stream id is taken, so every source restarts at 1 *under a new `metron_stream`*. A
-/// consumer therefore never sees a repeated or skipped number within one stream.
+/// few dozen bytes however long the id. Memory is bounded by `max_sources`: when a new source
+/// would exceed it, the table is cleared and a new stream id is taken, so every source restarts
+/// at 1 *under a new stream*. A consumer therefore never sees a repeated or skipped number within
+/// one stream.
 pub struct Sequencer {
-    stream_id: Arc<str>,
+    stream_id: StreamId,
     next: KeyMap<u64>,
     max_sources: usize,
-    new_stream_id: Box<dyn FnMut() -> String + Send>,
+    new_stream_id: Box<dyn FnMut() -> StreamId + Send>,
     rotations: u64,
 }
 
@@ -32,11 +31,11 @@ impl Sequencer {
     /// If `max_sources` is zero (the config makes it `NonZero`).
     pub fn new(
         max_sources: usize,
-        mut new_stream_id: impl FnMut() -> String + Send + 'static,
+        mut new_stream_id: impl FnMut() -> StreamId + Send + 'static,
     ) -> Self {
         assert!(max_sources > 0);
         Self {
-            stream_id: new_stream_id().into(),
+            stream_id: new_stream_id(),
             next: KeyMap::default(),
             max_sources,
             new_stream_id: Box::new(new_stream_id),
@@ -44,8 +43,8 @@ impl Sequencer {
         }
     }
 
-    pub fn stream_id(&self) -> &str {
-        &self.stream_id
+    pub fn stream_id(&self) -> StreamId {
+        self.stream_id
     }
 
     /// How many times the table was reset and a new stream begun.
@@ -69,7 +68,7 @@ impl Sequencer {
             None => {
                 if self.next.len() >= self.max_sources {
                     self.next.clear();
-                    self.stream_id = (self.new_stream_id)().into();
+                    self.stream_id = (self.new_stream_id)();
                     self.rotations += 1;
                 }
                 self.next.insert(key, 1);
@@ -80,13 +79,13 @@ impl Sequencer {
 
     /// Numbers every envelope of `part`, in order: sets each item's `seq` and `stream`.
     pub fn stamp(&mut self, part: &mut Batch) {
-        let mut stream = part.add_stream(self.stream_id.clone());
+        let mut stream = part.add_stream(self.stream_id);
         for i in 0..part.len() {
             let source = part.bytes_of(part.items()[i].source);
             let rotations = self.rotations;
             let seq = self.next(source);
             if self.rotations != rotations {
-                stream = part.add_stream(self.stream_id.clone());
+                stream = part.add_stream(self.stream_id);
             }
             let item = &mut part.items_mut()[i];
             item.seq = seq;
@@ -115,12 +114,16 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{HashMap, HashSet};
 
-    fn counting_ids() -> impl FnMut() -> String + Send {
-        let mut n = 0;
+    fn counting_ids() -> impl FnMut() -> StreamId + Send {
+        let mut n = 0u64;
         move || {
             n += 1;
-            format!("stream-{n}")
+            n.to_be_bytes()
         }
+    }
+
+    fn stream(n: u64) -> StreamId {
+        n.to_be_bytes()
     }
 
     #[test]
@@ -138,11 +141,11 @@ mod tests {
         let mut s = Sequencer::new(2, counting_ids());
         s.next(b"a");
         s.next(b"b");
-        assert_eq!(s.stream_id(), "stream-1");
+        assert_eq!(s.stream_id(), stream(1));
         assert_eq!(s.next(b"c"), 1);
-        assert_eq!(s.stream_id(), "stream-2");
+        assert_eq!(s.stream_id(), stream(2));
         assert_eq!(s.next(b"a"), 1);
-        assert_eq!(s.stream_id(), "stream-2");
+        assert_eq!(s.stream_id(), stream(2));
         assert_eq!(s.rotations(), 1);
     }
 
@@ -161,18 +164,18 @@ mod tests {
                 .unwrap();
         let mut s = Sequencer::new(2, counting_ids());
         s.stamp(&mut batch);
-        let got: Vec<(&str, u64)> = batch
+        let got: Vec<(StreamId, u64)> = batch
             .items()
             .iter()
-            .map(|i| (&*batch.streams()[i.stream as usize], i.seq))
+            .map(|i| (batch.streams()[i.stream as usize], i.seq))
             .collect();
         assert_eq!(
             got,
             [
-                ("stream-1", 1),
-                ("stream-1", 1),
-                ("stream-2", 1),
-                ("stream-2", 2)
+                (stream(1), 1),
+                (stream(1), 1),
+                (stream(2), 1),
+                (stream(2), 2)
             ]
         );
     }
@@ -184,7 +187,7 @@ mod tests {
         fn gapless_bounded_and_affine(sources in prop::collection::vec(0u8..20, 1..500),
                                       max in 1usize..8, slots in 1usize..6) {
             let mut s = Sequencer::new(max, counting_ids());
-            let mut last: HashMap<(String, String), u64> = HashMap::new();
+            let mut last: HashMap<(StreamId, String), u64> = HashMap::new();
             let mut slot_of_source: HashMap<u8, usize> = HashMap::new();
             for src in sources {
                 let id = src.to_string();
@@ -193,11 +196,11 @@ mod tests {
                 prop_assert!(slot < slots);
                 prop_assert_eq!(*slot_of_source.entry(src).or_insert(slot), slot);
                 prop_assert!(s.sources() <= max);
-                let key = (s.stream_id().to_string(), id);
+                let key = (s.stream_id(), id);
                 let prev = last.insert(key, seq).unwrap_or(0);
                 prop_assert_eq!(seq, prev + 1);
             }
-            let streams: HashSet<_> = last.keys().map(|(st, _)| st.clone()).collect();
+            let streams: HashSet<_> = last.keys().map(|(st, _)| *st).collect();
             prop_assert_eq!(streams.len() as u64, s.rotations() + 1);
         }
     }

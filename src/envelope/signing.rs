@@ -1,31 +1,56 @@
-//! The signing form: `metron_sig = "<key_id>:<hex HMAC-SHA256 over canonical(envelope)>"`.
+//! Signing, and writing each envelope out with everything the pipeline added.
 //!
-//! `canonical` is a byte string defined field by field (README, "Signing"), independent of
-//! protobuf's encoding, so another language can rebuild it from a decoded envelope. Every field
-//! is covered except the `metron_sig` tag itself.
+//! The signature is an HMAC-SHA256 over `canonical(envelope)`, a byte string defined field by
+//! field (README, "Signing"), independent of protobuf's encoding, so another language can rebuild
+//! it from a decoded envelope. Form 2 (what the agent writes) covers every field except the
+//! `metron` tag, plus the sequence that tag carries, and keeps the first 16 bytes of the MAC
+//! ([`super::tag`]). Form 1 (`metron_sig`, before issue 19) is still verified, so receivers can
+//! migrate while older agents run.
 
 use prost::Message as _;
 use ring::hmac;
 
 use super::encoded::EncodedBatch;
-use super::sequence::{SEQ_TAG, STREAM_TAG};
+use super::tag::{self, MetronTag, Sequence, MAC_BYTES, TAG};
 use super::tagging::{Tag, TagFrom, TagResolver};
 use super::view::{Layouts, MessageRef, Parsed, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
 use super::Item;
 use crate::proto::Envelope;
 
-/// Tag carrying the signature.
-pub const SIG_TAG: &str = "metron_sig";
-/// The first item of every canonical form; bumped if the form ever changes.
-pub const DOMAIN: &[u8] = b"metron-sig-v1";
+/// Form 1's tag: `<key_id>:<64 hex digits>`, verified but no longer written.
+pub const SIG_TAG_V1: &str = "metron_sig";
+/// The first item of form 1's canonical form.
+pub const DOMAIN_V1: &[u8] = b"metron-sig-v1";
+/// The first item of form 2's canonical form; bumped if the form ever changes.
+pub const DOMAIN: &[u8] = b"metron-sig-v2";
 
-/// Signs envelopes with one HMAC-SHA256 key, and writes them out with everything the pipeline
-/// added. Reuses its buffers, so signing allocates nothing once they have grown.
-pub struct Signer {
-    key_id: String,
+/// Which canonical form to build.
+#[derive(Debug, Clone, Copy)]
+enum Form<'a> {
+    /// `metron_sig`: every tag but `metron_sig`.
+    V1,
+    /// `metron`: every tag but `metron`, and the sequence it carries.
+    V2(Option<&'a Sequence>),
+}
+
+/// A signing key and the id receivers know it by.
+struct SigningKey {
+    id: String,
     key: hmac::Key,
+}
+
+/// Writes envelopes out as they leave the agent (see [`Signer::finish`]): numbered when
+/// sequencing is on, signed when signing is on. Reuses its buffers, so writing allocates nothing
+/// once they have grown.
+pub struct Signer {
+    /// `None` with `signing.enabled: false`.
+    key: Option<SigningKey>,
+    /// `sequencing.enabled`: the envelopes carry their stream and number.
+    sequenced: bool,
     /// The canonical form being signed.
     buf: Vec<u8>,
+    /// The `metron` tag's value being written.
+    value: Vec<u8>,
     /// The fields appended to the envelope being written.
     extra: Vec<u8>,
     /// A rewritten counter field: its body, then its key and length.
@@ -35,11 +60,26 @@ pub struct Signer {
 }
 
 impl Signer {
+    /// Signs with `key`, known to receivers as `key_id`, and numbers envelopes (see
+    /// [`Signer::with_sequencing`]).
     pub fn new(key_id: &str, key: &[u8]) -> Self {
-        Self {
-            key_id: key_id.to_owned(),
+        Self::with_key(Some(SigningKey {
+            id: key_id.to_owned(),
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
+        }))
+    }
+
+    /// Does not sign (`signing.enabled: false`); numbers envelopes unless told otherwise.
+    pub fn unsigned() -> Self {
+        Self::with_key(None)
+    }
+
+    fn with_key(key: Option<SigningKey>) -> Self {
+        Self {
+            key,
+            sequenced: true,
             buf: Vec::with_capacity(1024),
+            value: Vec::with_capacity(64),
             extra: Vec::with_capacity(512),
             counter: Vec::with_capacity(64),
             parsed: Parsed::default(),
@@ -47,88 +87,103 @@ impl Signer {
         }
     }
 
-    pub fn key_id(&self) -> &str {
-        &self.key_id
+    /// Whether envelopes carry their sequence (`sequencing.enabled`); on by default.
+    #[must_use]
+    pub fn with_sequencing(mut self, on: bool) -> Self {
+        self.sequenced = on;
+        self
     }
 
-    /// Adds (or replaces) the `metron_sig` tag of a decoded envelope (tools and tests; the
-    /// pipeline signs encoded envelopes with [`Signer::finish`]).
-    pub fn sign(&mut self, env: &mut Envelope) {
+    /// The key id signing now, `None` when signing is off.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key.as_ref().map(|k| k.id.as_str())
+    }
+
+    pub fn is_sequenced(&self) -> bool {
+        self.sequenced
+    }
+
+    /// Sets (or replaces) the `metron` tag of a decoded envelope: `sequence` when sequencing is
+    /// on, the signature when signing is on; nothing when both are off. Tools and tests; the
+    /// pipeline writes encoded envelopes with [`Signer::finish`].
+    pub fn stamp(&mut self, env: &mut Envelope, sequence: Option<Sequence>) {
+        let sequence = sequence.filter(|_| self.sequenced);
+        if self.key.is_none() && sequence.is_none() {
+            return;
+        }
         let bytes = env.encode_to_vec();
         self.parsed
             .parse(&bytes)
             .expect("prost's own encoding reads");
         self.parsed.sort_maps(&bytes);
-        let (parsed, buf) = (&self.parsed, &mut self.buf);
+        let (parsed, buf, value) = (&self.parsed, &mut self.buf, &mut self.value);
+        let key = self.key.as_ref();
         self.resolver.with_own(parsed, &bytes, |tags| {
-            buf.clear();
-            canonical_into(
-                buf,
-                parsed,
-                &bytes,
-                parsed.source_id.slice(&bytes),
-                tags,
-                None,
-            );
+            let form = Form::V2(sequence.as_ref());
+            write_tag(value, buf, key, sequence.as_ref(), |buf| {
+                let source = parsed.source_id.slice(&bytes);
+                canonical_into(buf, form, parsed, &bytes, source, tags, None);
+            });
         });
-        let tag = hmac::sign(&self.key, &self.buf);
-        let mut value = String::with_capacity(self.key_id.len() + 1 + 64);
-        value.push_str(&self.key_id);
-        value.push(':');
-        push_hex(&mut value, tag.as_ref());
-        env.tags.insert(SIG_TAG.to_owned(), value);
+        env.tags.insert(
+            TAG.to_owned(),
+            String::from_utf8(self.value.clone()).expect("base64url is ASCII"),
+        );
     }
 
     /// Writes the envelope `env` (admitted as `item`, read by the edge into `layouts`) to `out`
-    /// as it leaves the agent: as it
-    /// came, followed by the fields the ingress rules, the sequencer and the signature add —
-    /// its source id from the origin, the missing `defaults`, its deprecated tags as tags, its
-    /// counter total, `metron_stream` = `stream`, `metron_seq` and `metron_sig`. A decoder reads
-    /// the last of a repeated field or map key, so appended fields win. A counter whose total
-    /// changed has its `counter` field rewritten instead, since decoders *merge* a repeated
-    /// message field, and not all the same way.
+    /// as it leaves the agent: as it came, followed by the fields the ingress rules, the
+    /// sequencer and the signature add — its source id from the origin, the missing `defaults`,
+    /// its deprecated tags as tags, its counter total, and the `metron` tag (its `stream` and
+    /// number, and its signature; absent when sequencing and signing are both off). A decoder
+    /// reads the last of a repeated field or map key, so appended fields win. A counter whose
+    /// total changed has its `counter` field rewritten instead, since decoders *merge* a
+    /// repeated message field, and not all the same way.
     pub fn finish(
         &mut self,
         env: &[u8],
         item: &Item,
         layouts: &Layouts,
         defaults: &[(String, String)],
-        stream: &str,
+        stream: [u8; tag::STREAM_BYTES],
         out: &mut EncodedBatch,
     ) {
         layouts.load(item.layout, &mut self.parsed);
         self.parsed.sort_maps(env);
         let parsed = &self.parsed;
         let (source, mapped) = parsed.effective_source(env);
-        let mut seq = [0u8; 20];
-        let seq = itoa(item.seq, &mut seq);
-        let agent: [Tag<'_>; 2] = [
-            (STREAM_TAG.as_bytes(), stream.as_bytes(), TagFrom::Agent),
-            (SEQ_TAG.as_bytes(), seq, TagFrom::Agent),
-        ];
-        let (buf, extra, key, key_id) = (&mut self.buf, &mut self.extra, &self.key, &self.key_id);
+        let sequence = self.sequenced.then_some(Sequence {
+            stream,
+            seq: item.seq,
+        });
+        let key = self.key.as_ref();
+        // The agent's tag, when it writes one, replaces any the emitter sent; its value is
+        // written last, once the canonical form (which leaves it out) is signed.
+        let ours: &[Tag<'_>] = if key.is_some() || sequence.is_some() {
+            &[(TAG.as_bytes(), b"", TagFrom::Agent)]
+        } else {
+            &[]
+        };
+        let (buf, extra, value) = (&mut self.buf, &mut self.extra, &mut self.value);
         extra.clear();
         self.resolver
-            .with_resolved(parsed, env, defaults, &agent, |tags| {
-                buf.clear();
-                canonical_into(buf, parsed, env, source.slice(env), tags, item.total);
-                let mac = hmac::sign(key, buf);
+            .with_resolved(parsed, env, defaults, ours, |tags| {
                 if mapped && !source.is_empty() {
                     put_field(extra, SOURCE_ID_KEY, source.slice(env));
                 }
                 for (k, v, from) in tags {
-                    if *from != TagFrom::Wire && *k != SIG_TAG.as_bytes() {
+                    if !matches!(from, TagFrom::Wire | TagFrom::Agent) {
                         put_entry(extra, k, v);
                     }
                 }
-                // The canonical form is signed: its buffer now holds the tag's value.
-                let mut sig = [0u8; 64];
-                hex_into(&mut sig, mac.as_ref());
-                buf.clear();
-                buf.extend_from_slice(key_id.as_bytes());
-                buf.push(b':');
-                buf.extend_from_slice(&sig);
-                put_entry(extra, SIG_TAG.as_bytes(), buf);
+                if !ours.is_empty() {
+                    let form = Form::V2(sequence.as_ref());
+                    write_tag(value, buf, key, sequence.as_ref(), |buf| {
+                        let source = source.slice(env);
+                        canonical_into(buf, form, parsed, env, source, tags, item.total);
+                    });
+                    put_entry(extra, TAG.as_bytes(), value);
+                }
             });
         match (item.total, parsed.message) {
             (Some(total), MessageRef::Counter { name, delta, .. }) => {
@@ -163,27 +218,44 @@ impl Signer {
 
     /// [`Signer::finish`] for `item` of `batch`: its bytes, layout, defaults and stream.
     pub fn finish_item(&mut self, batch: &super::Batch, item: &Item, out: &mut EncodedBatch) {
+        let stream = batch
+            .streams()
+            .get(item.stream as usize)
+            .copied()
+            .unwrap_or_default();
         self.finish(
             batch.bytes_of(item.env),
             item,
             batch.layouts(),
             batch.defaults(),
-            &batch.streams()[item.stream as usize],
+            stream,
             out,
         );
     }
 }
 
-/// `n` in decimal, written at the end of `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
+/// Writes the `metron` tag's value into `value`: `sequence`, and when `key` is given, the MAC
+/// of the canonical form that `canonical` writes into `buf`.
+fn write_tag(
+    value: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
+    key: Option<&SigningKey>,
+    sequence: Option<&Sequence>,
+    canonical: impl FnOnce(&mut Vec<u8>),
+) {
+    match key {
+        Some(k) => {
+            buf.clear();
+            canonical(buf);
+            let mac = hmac::sign(&k.key, buf);
+            tag::write_value(
+                value,
+                k.id.as_bytes(),
+                sequence,
+                Some(&mac.as_ref()[..MAC_BYTES]),
+            );
         }
+        None => tag::write_value(value, b"", sequence, None),
     }
 }
 
@@ -221,32 +293,25 @@ fn put_entry(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
 /// Why an envelope's signature did not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
-    #[error("envelope has no metron_sig tag")]
+    #[error("envelope carries no signature (no metron tag with a key id, and no metron_sig tag)")]
     Missing,
+    #[error("the metron tag does not read: {0}")]
+    Malformed(#[from] tag::TagError),
     #[error("metron_sig is not <key_id>:<64 hex digits>")]
-    Malformed,
+    MalformedV1,
     #[error("signed with key id {0:?}, which is not among the keys given")]
     UnknownKeyId(String),
     #[error("signature does not match the envelope")]
     Mismatch,
 }
 
-/// Checks an envelope's `metron_sig` against `key` (known as `key_id`), in constant time.
+/// Checks an envelope's signature against `key` (known as `key_id`), in constant time: the
+/// `metron` tag (form 2), or else an older agent's `metron_sig` (form 1).
 ///
 /// # Errors
 /// A [`VerifyError`] saying what is wrong.
 pub fn verify(env: &Envelope, key_id: &str, key: &[u8]) -> Result<(), VerifyError> {
     KeyRing::default().with(key_id, key).verify(env).map(drop)
-}
-
-/// `metron_sig`'s (key id, MAC).
-fn signature(env: &Envelope) -> Result<(&str, Vec<u8>), VerifyError> {
-    let sig = env.tags.get(SIG_TAG).ok_or(VerifyError::Missing)?;
-    let (id, hex) = sig.rsplit_once(':').ok_or(VerifyError::Malformed)?;
-    let mac = decode_hex(hex)
-        .filter(|m| m.len() == 32)
-        .ok_or(VerifyError::Malformed)?;
-    Ok((id, mac))
 }
 
 /// The keys a receiver accepts, by key id: the agent's current key and the ones a rotation
@@ -274,24 +339,60 @@ impl KeyRing {
             .fold(ring, |ring, (id, key)| ring.with(id, key))
     }
 
-    /// Checks `env`'s `metron_sig` with the key its id names, in constant time; returns that id.
+    fn key(&self, id: &str) -> Result<&hmac::Key, VerifyError> {
+        self.keys
+            .iter()
+            .find(|(k, _)| k == id)
+            .map(|(_, key)| key)
+            .ok_or_else(|| VerifyError::UnknownKeyId(id.to_owned()))
+    }
+
+    /// Checks `env`'s signature with the key its id names, in constant time; returns that id.
+    /// Reads the `metron` tag (form 2) when there is one, else `metron_sig` (form 1).
     ///
     /// # Errors
     /// A [`VerifyError`] saying what is wrong.
     pub fn verify<'e>(&self, env: &'e Envelope) -> Result<&'e str, VerifyError> {
-        let (id, mac) = signature(env)?;
-        let (_, key) = self
-            .keys
-            .iter()
-            .find(|(k, _)| k == id)
-            .ok_or_else(|| VerifyError::UnknownKeyId(id.to_owned()))?;
-        hmac::verify(key, &canonical(env), &mac).map_err(|_| VerifyError::Mismatch)?;
+        if let Some(value) = env.tags.get(TAG) {
+            let tag = MetronTag::parse(value)?;
+            let (_, mac) = tag.signature.ok_or(VerifyError::Missing)?;
+            // The id as a slice of the envelope's own tag, for the caller.
+            let id = &value[1..value.find('.').expect("parsed")];
+            let expected = hmac::sign(self.key(id)?, &canonical(env, tag.sequence.as_ref()));
+            return if equal(&expected.as_ref()[..MAC_BYTES], &mac) {
+                Ok(id)
+            } else {
+                Err(VerifyError::Mismatch)
+            };
+        }
+        let sig = env.tags.get(SIG_TAG_V1).ok_or(VerifyError::Missing)?;
+        let (id, hex) = sig.rsplit_once(':').ok_or(VerifyError::MalformedV1)?;
+        let mac = decode_hex(hex)
+            .filter(|m| m.len() == 32)
+            .ok_or(VerifyError::MalformedV1)?;
+        hmac::verify(self.key(id)?, &canonical_v1(env), &mac).map_err(|_| VerifyError::Mismatch)?;
         Ok(id)
     }
 }
 
-/// The canonical byte string of a decoded envelope (everything but the `metron_sig` tag).
-pub fn canonical(env: &Envelope) -> Vec<u8> {
+/// Whether `a == b`, in time that depends only on their lengths.
+fn equal(a: &[u8], b: &[u8]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    a.len() == b.len() && std::hint::black_box(diff) == 0
+}
+
+/// Form 2's canonical byte string of a decoded envelope: everything but the `metron` tag, and
+/// `sequence` (what the tag says of it).
+pub fn canonical(env: &Envelope, sequence: Option<&Sequence>) -> Vec<u8> {
+    canonical_of(env, Form::V2(sequence))
+}
+
+/// Form 1's canonical byte string of a decoded envelope: everything but the `metron_sig` tag.
+pub fn canonical_v1(env: &Envelope) -> Vec<u8> {
+    canonical_of(env, Form::V1)
+}
+
+fn canonical_of(env: &Envelope, form: Form<'_>) -> Vec<u8> {
     let bytes = env.encode_to_vec();
     let mut parsed = Parsed::default();
     parsed.parse(&bytes).expect("prost's own encoding reads");
@@ -300,6 +401,7 @@ pub fn canonical(env: &Envelope) -> Vec<u8> {
     TagResolver::default().with_own(&parsed, &bytes, |tags| {
         canonical_into(
             &mut out,
+            form,
             &parsed,
             &bytes,
             parsed.source_id.slice(&bytes),
@@ -323,26 +425,44 @@ fn put_f64(out: &mut Vec<u8>, d: f64) {
     out.extend_from_slice(&d.to_bits().to_be_bytes());
 }
 
-/// The canonical form of the envelope `parsed` read from `env` (after [`Parsed::sort_maps`]),
-/// with `source_id` and `tags` (sorted, one per key) as it will leave, and a counter's `total`
-/// when it was changed.
+/// The canonical form (`form`) of the envelope `parsed` read from `env` (after
+/// [`Parsed::sort_maps`]), with `source_id` and `tags` (sorted, one per key) as it will leave,
+/// and a counter's `total` when it was changed.
 fn canonical_into(
     out: &mut Vec<u8>,
+    form: Form<'_>,
     parsed: &Parsed,
     env: &[u8],
     source_id: &[u8],
     tags: &[Tag<'_>],
     total: Option<u64>,
 ) {
-    put_bytes(out, DOMAIN);
+    let unsigned_tag = match form {
+        Form::V1 => {
+            put_bytes(out, DOMAIN_V1);
+            SIG_TAG_V1.as_bytes()
+        }
+        Form::V2(sequence) => {
+            put_bytes(out, DOMAIN);
+            match sequence {
+                None => out.push(0),
+                Some(s) => {
+                    out.push(1);
+                    out.extend_from_slice(&s.stream);
+                    out.extend_from_slice(&s.seq.to_be_bytes());
+                }
+            }
+            TAG.as_bytes()
+        }
+    };
     out.extend_from_slice(&parsed.timestamp.to_be_bytes());
     put_bytes(out, source_id);
     put_bytes(out, parsed.instance_id.slice(env));
 
-    let is_sig = |k: &[u8]| k == SIG_TAG.as_bytes();
-    let signed_tags = tags.len() - tags.iter().filter(|t| is_sig(t.0)).count();
+    let signed = |t: &&Tag<'_>| t.0 != unsigned_tag;
+    let signed_tags = tags.iter().filter(signed).count();
     out.extend_from_slice(&(signed_tags as u32).to_be_bytes());
-    for (k, v, _) in tags.iter().filter(|t| !is_sig(t.0)) {
+    for (k, v, _) in tags.iter().filter(signed) {
         put_bytes(out, k);
         put_bytes(out, v);
     }
@@ -411,14 +531,6 @@ fn canonical_into(
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lowercase hex of `bytes` into `out` (twice as long).
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-}
-
 /// Lowercase hex of `bytes`, appended to `s`.
 pub fn push_hex(s: &mut String, bytes: &[u8]) {
     for b in bytes {
@@ -477,13 +589,31 @@ pub(crate) mod tests {
         }
     }
 
+    fn seq(n: u64) -> Sequence {
+        Sequence {
+            stream: *b"\x01stream!",
+            seq: n,
+        }
+    }
+
+    /// An older agent's `metron_sig` (form 1), for the verifier's tests.
+    pub fn sign_v1(env: &mut Envelope, key_id: &str, key: &[u8]) {
+        let mac = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), &canonical_v1(env));
+        env.tags.insert(
+            SIG_TAG_V1.into(),
+            format!("{key_id}:{}", encode_hex(mac.as_ref())),
+        );
+    }
+
     #[test]
     fn sign_then_verify() {
         let mut s = Signer::new("k1", b"secret");
         let mut e = env();
-        s.sign(&mut e);
-        assert!(e.tags[SIG_TAG].starts_with("k1:"));
-        assert_eq!(e.tags[SIG_TAG].len(), 3 + 64);
+        s.stamp(&mut e, Some(seq(42)));
+        let tag = MetronTag::parse(&e.tags[TAG]).unwrap();
+        assert_eq!(tag.sequence, Some(seq(42)));
+        assert_eq!(tag.signature.unwrap().0, "k1");
+        assert!(e.tags[TAG].starts_with("2k1."));
         assert_eq!(verify(&e, "k1", b"secret"), Ok(()));
         assert_eq!(verify(&e, "k1", b"other"), Err(VerifyError::Mismatch));
         assert_eq!(
@@ -491,14 +621,66 @@ pub(crate) mod tests {
             Err(VerifyError::UnknownKeyId("k1".into()))
         );
         assert_eq!(verify(&env(), "k1", b"secret"), Err(VerifyError::Missing));
+
+        // The sequence is signed: another number under the same MAC does not verify.
+        let mut moved = e.clone();
+        let mut forged = Vec::new();
+        let (id, mac) = tag_parts(&e);
+        tag::write_value(&mut forged, id.as_bytes(), Some(&seq(43)), Some(&mac));
+        moved
+            .tags
+            .insert(TAG.into(), String::from_utf8(forged).unwrap());
+        assert_eq!(verify(&moved, "k1", b"secret"), Err(VerifyError::Mismatch));
+    }
+
+    fn tag_parts(e: &Envelope) -> (String, [u8; MAC_BYTES]) {
+        MetronTag::parse(&e.tags[TAG]).unwrap().signature.unwrap()
+    }
+
+    #[test]
+    fn signing_and_sequencing_each_turn_off_on_their_own() {
+        let mut e = env();
+        Signer::unsigned().stamp(&mut e, Some(seq(7)));
+        let tag = MetronTag::parse(&e.tags[TAG]).unwrap();
+        assert_eq!((tag.sequence, tag.signature), (Some(seq(7)), None));
+        assert_eq!(verify(&e, "k1", b"secret"), Err(VerifyError::Missing));
+
+        let mut e = env();
+        Signer::new("k1", b"secret")
+            .with_sequencing(false)
+            .stamp(&mut e, Some(seq(7)));
+        let tag = MetronTag::parse(&e.tags[TAG]).unwrap();
+        assert_eq!(tag.sequence, None);
+        assert_eq!(verify(&e, "k1", b"secret"), Ok(()));
+
+        let mut e = env();
+        Signer::unsigned()
+            .with_sequencing(false)
+            .stamp(&mut e, Some(seq(7)));
+        assert_eq!(e, env(), "nothing added");
+    }
+
+    #[test]
+    fn an_older_agents_metron_sig_still_verifies() {
+        let mut e = env();
+        sign_v1(&mut e, "old-key-id", b"secret");
+        assert_eq!(verify(&e, "old-key-id", b"secret"), Ok(()));
+        e.timestamp += 1;
+        assert_eq!(
+            verify(&e, "old-key-id", b"secret"),
+            Err(VerifyError::Mismatch)
+        );
     }
 
     #[test]
     fn canonical_form_starts_as_documented() {
-        let c = canonical(&env());
+        let c = canonical(&env(), None);
         assert_eq!(&c[..4], &13u32.to_be_bytes());
         assert_eq!(&c[4..17], DOMAIN);
-        assert_eq!(&c[17..25], &1_700_000_000_000_000_000i64.to_be_bytes());
+        assert_eq!(c[17], 0, "no sequence");
+        assert_eq!(&c[18..26], &1_700_000_000_000_000_000i64.to_be_bytes());
+        let c = canonical(&env(), Some(&seq(258)));
+        assert_eq!(&c[17..34], b"\x01\x01stream!\0\0\0\0\0\0\x01\x02");
     }
 
     #[test]
@@ -520,11 +702,11 @@ pub(crate) mod tests {
         };
         let mut s = Signer::new("k", b"key");
         let mut e = gauge(-0.0);
-        s.sign(&mut e);
+        s.stamp(&mut e, None);
         // What a Doppler decodes after prost re-encoded the envelope still verifies.
         let decoded = Envelope::decode(e.encode_to_vec().as_slice()).unwrap();
         assert_eq!(verify(&decoded, "k", b"key"), Ok(()));
-        assert_eq!(canonical(&gauge(-0.0)), canonical(&gauge(0.0)));
+        assert_eq!(canonical(&gauge(-0.0), None), canonical(&gauge(0.0), None));
     }
 
     #[test]
@@ -606,9 +788,9 @@ pub(crate) mod tests {
     proptest! {
         /// What a Doppler decodes from the bytes the agent sends verifies, for any envelope.
         #[test]
-        fn signatures_survive_the_wire(mut e in any_envelope()) {
+        fn signatures_survive_the_wire(mut e in any_envelope(), n in any::<u64>()) {
             use prost::Message as _;
-            Signer::new("k", b"key").sign(&mut e);
+            Signer::new("k", b"key").stamp(&mut e, Some(seq(n)));
             let decoded = Envelope::decode(e.encode_to_vec().as_slice()).unwrap();
             prop_assert_eq!(verify(&decoded, "k", b"key"), Ok(()));
         }
@@ -624,11 +806,11 @@ pub(crate) mod tests {
                 ..Default::default()
             };
             e.tags.insert(tag.clone(), "v".into());
-            s.sign(&mut e);
+            s.stamp(&mut e, Some(seq(bump)));
             prop_assert_eq!(verify(&e, "k", b"key"), Ok(()));
-            let sig = e.tags[SIG_TAG].clone();
-            s.sign(&mut e);
-            prop_assert_eq!(&e.tags[SIG_TAG], &sig);
+            let sig = e.tags[TAG].clone();
+            s.stamp(&mut e, Some(seq(bump)));
+            prop_assert_eq!(&e.tags[TAG], &sig);
 
             let mut t = e.clone();
             if let Some(Message::Counter(c)) = &mut t.message { c.total = c.total.wrapping_add(bump) }

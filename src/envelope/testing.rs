@@ -8,11 +8,15 @@ use prost::bytes::Bytes;
 use prost::Message as _;
 
 use super::encoded::EncodedBatch;
-use super::sequence::{Sequencer, SEQ_TAG, STREAM_TAG};
+use super::sequence::{Sequencer, StreamId};
 use super::signing::Signer;
+use super::tag::Sequence;
 use super::tagging::{value_to_tag, Tagger};
 use super::{encode_batch, read_batch, ReadError};
 use crate::proto::{envelope::Message, value::Data, Envelope, EnvelopeBatch};
+
+/// The one stream id the test stages number envelopes in.
+pub const STREAM: StreamId = *b"stream-1";
 
 /// The stages after the edge, as the actors hold them.
 pub struct Stages {
@@ -25,7 +29,7 @@ impl Stages {
     pub fn new(defaults: &BTreeMap<String, String>) -> Self {
         Self {
             tagger: Tagger::new(defaults, 10_000),
-            sequencer: Sequencer::new(10_000, || "stream-1".to_string()),
+            sequencer: Sequencer::new(10_000, || STREAM),
             signer: Signer::new("k", b"key"),
         }
     }
@@ -115,8 +119,10 @@ impl Model {
         }
         let n = self.seq.entry(env.source_id.clone()).or_insert(0);
         *n += 1;
-        env.tags.insert(STREAM_TAG.into(), "stream-1".into());
-        env.tags.insert(SEQ_TAG.into(), n.to_string());
-        self.signer.sign(env);
+        let sequence = Sequence {
+            stream: STREAM,
+            seq: *n,
+        };
+        self.signer.stamp(env, Some(sequence));
     }
 }

@@ -60,6 +60,7 @@ impl DevDoppler {
 }
 
 fn describe(e: &Envelope) -> String {
+    use crate::envelope::tag::{MetronTag, TAG};
     let what = match &e.message {
         Some(Message::Counter(c)) => format!("counter {}={}", c.name, c.total),
         Some(Message::Gauge(g)) => format!("gauge {:?}", g.metrics.keys().collect::<Vec<_>>()),
@@ -68,7 +69,26 @@ fn describe(e: &Envelope) -> String {
         Some(Message::Event(ev)) => format!("event {}", ev.title),
         None => "empty".into(),
     };
-    format!("source_id={} {what} tags={:?}", e.source_id, e.tags)
+    let tag = e.tags.get(TAG).map(|v| match MetronTag::parse(v) {
+        Ok(t) => format!(
+            " (metron tag: stream {}, number {}, {})",
+            t.sequence
+                .map_or("-".into(), |s| crate::envelope::signing::encode_hex(
+                    &s.stream
+                )),
+            t.sequence.map_or("-".into(), |s| s.seq.to_string()),
+            t.signature.map_or("unsigned".into(), |(id, _)| format!(
+                "signed with key id {id:?}"
+            ))
+        ),
+        Err(err) => format!(" ({err})"),
+    });
+    format!(
+        "source_id={} {what} tags={:?}{}",
+        e.source_id,
+        e.tags,
+        tag.unwrap_or_default()
+    )
 }
 
 /// The envelope as a Doppler's v1 firehose would show it: one line per v1 envelope.

@@ -13,7 +13,7 @@ use super::ratelimit::RateLimit;
 
 /// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
 /// `egress` when no Doppler could take the envelope, `ingress` when the agent shed it. Whether a
-/// drop leaves a gap in `metron_seq` depends on the reason: only `signer_queue_full`,
+/// drop leaves a gap in the sequence depends on the reason: only `signer_queue_full`,
 /// `connection_queue_full`, `shutdown_grace_expired` and `connection_lost` happen after sequencing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -533,7 +533,7 @@ impl Metrics {
             (
                 "sequence_stream_rotations",
                 "counter",
-                "Times the per-source sequence table filled and a new metron_stream began.",
+                "Times the per-source sequence table filled and a new sequence stream began.",
                 one(
                     "",
                     self.sequence_rotations.load(Ordering::Relaxed).to_string(),

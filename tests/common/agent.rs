@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use metron::config::Config;
+use metron::envelope::signing::encode_hex;
+use metron::envelope::tag::{MetronTag, TAG};
 use metron::proto::Envelope;
 use metron::telemetry::{DropReason, MetricsSnapshot};
 use metron::Agent;
 
 use super::{CertFiles, Pki};
 
-pub const KEY_ID: &str = "test-key";
+pub const KEY_ID: &str = "test-k";
 pub const KEY: &[u8] = b"a signing key for tests";
 
 /// Everything a test needs around one agent.
@@ -116,11 +118,14 @@ pub fn wait_drained(agent: &Agent, timeout: Duration) -> bool {
     super::wait_until(timeout, || agent.buffered().0 == 0)
 }
 
-/// (metron_stream, metron_seq) of an envelope.
+/// (stream, number) of an envelope, from its `metron` tag; the stream in hex.
 pub fn seq_of(e: &Envelope) -> (String, u64) {
-    let stream = e.tags.get("metron_stream").expect("metron_stream").clone();
-    let seq = e.tags["metron_seq"].parse().expect("metron_seq is decimal");
-    (stream, seq)
+    let tag = e.tags.get(TAG).expect("a metron tag");
+    let sequence = MetronTag::parse(tag)
+        .expect("the metron tag reads")
+        .sequence
+        .expect("numbered");
+    (encode_hex(&sequence.stream), sequence.seq)
 }
 
 /// What the Dopplers received (merged in send order: see
