@@ -23,6 +23,8 @@ pub struct LoadSpec {
     /// Envelopes per second over all streams; `None` = as fast as the receiver takes them.
     pub rate: Option<u64>,
     pub duration: Duration,
+    /// Tags added to every envelope of the workload (see [`templates`]).
+    pub extra_tags: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +122,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadResult, BenchError> {
         .map(|r| r as f64 / BATCH as f64 / spec.streams as f64);
     let mut tasks = Vec::new();
     for (i, channel) in channels.into_iter().enumerate() {
-        let templates = templates(i, spec.streams);
+        let templates = templates(i, spec.streams, &spec.extra_tags);
         let sent = sent.clone();
         tasks.push(tokio::spawn(async move {
             let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);

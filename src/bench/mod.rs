@@ -6,6 +6,7 @@
 //!
 //! `metron sink` and `metron load` run the two halves on their own.
 
+pub mod downstream;
 pub mod load;
 pub mod run;
 pub mod sink;

@@ -21,23 +21,37 @@ use crate::tls::TlsMaterial;
 const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
-metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed] [--rates N,N...]
-             [--connections N] [--ack-bytes N] [--budget-bytes N] [--trace]
+metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream]
+             [--rates N,N...] [--pairs N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
+             [--budget-bytes N]
+             [--signing on|off] [--sequencing on|off] [--agent-bin PATH] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)
     --only           capacity: direct, the two max-offered runs and the capacity search;
-                     fixed: the fixed-rate runs
-    --rates          the fixed rates, envelopes/s (default 10000,50000)
+                     fixed: the fixed-rate runs (all: both);
+                     downstream: what envelopes cost a Doppler behind the agent: a sink in its
+                     own process that decodes and re-encodes every envelope, its CPU per
+                     envelope behind the agent against the workload sent straight to it with
+                     the identity tags an upstream agent adds, in interleaved pairs
+    --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000)
+    --pairs          downstream: pairs of runs, agent and direct (default 3)
+    --signing, --sequencing
+                     the agent's signing.enabled and sequencing.enabled (default on)
+    --agent-bin      the agent binary to run (default: this one; e.g. an older build to compare)
     --connections    the agent's dopplers.connections (default: the agent's default)
     --ack-bytes      the agent's dopplers.ack_bytes (default: the agent's default)
+    --ack-interval-ms  the agent's dopplers.ack_interval_ms (default: the agent's default)
     --budget-bytes   the agent's pipeline.max_buffered_bytes (default: the agent's default)
     --trace          print one line a second during each run: delivered, dropped, buffered, RSS";
 
 pub const SINK_USAGE: &str = "\
-metron sink --listen ADDR --ca PEM --cert PEM --key PEM
+metron sink --listen ADDR --ca PEM --cert PEM --key PEM [--decode] [--totals]
     A Doppler stand-in for benchmarks: BatchSender over mTLS (clients must present a certificate
-    signed by --ca); prints envelopes/s, latency and out-of-order counts every second.";
+    signed by --ca); prints envelopes/s, latency and out-of-order counts every second.
+    --decode  decode every message with prost and re-encode every envelope, as a Doppler does
+    --totals  print `totals envelopes=N bytes=B` every 100 ms instead (what `bench --only
+              downstream` reads)";
 
 pub const LOAD_USAGE: &str = "\
 metron load --target ADDR --ca PEM --cert PEM --key PEM [--server-name NAME] [--rate N]
@@ -45,6 +59,9 @@ metron load --target ADDR --ca PEM --cert PEM --key PEM [--server-name NAME] [--
     The benchmark's load generator: N streams (default 4) of 100-envelope batches over
     BatchSender, at --rate envelopes/s in total (default: as fast as the receiver reads) for
     --seconds (default 20). --server-name defaults to metron.";
+
+/// Flags that take no value.
+const SWITCHES: &[&str] = &["trace", "decode", "totals"];
 
 /// Flag values after the subcommand.
 struct Args(BTreeMap<String, String>);
@@ -59,7 +76,7 @@ impl Args {
                 .filter(|k| known.contains(k))
                 .ok_or_else(|| BenchError::Usage(format!("unknown argument {a:?}")))?;
             // Switches take no value.
-            if key == "trace" {
+            if SWITCHES.contains(&key) {
                 map.insert(key.to_string(), String::new());
                 continue;
             }
@@ -110,7 +127,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 /// # Errors
 /// On bad arguments or when the sink cannot start.
 pub fn sink_main(args: &[String]) -> Result<(), BenchError> {
-    let a = Args::parse(args, &["listen", "ca", "cert", "key"])?;
+    let a = Args::parse(args, &["listen", "ca", "cert", "key", "decode", "totals"])?;
     let listen: SocketAddr = a.get("listen", "127.0.0.1:8082".parse().expect("literal"))?;
     let tls = a.tls()?;
     crate::tls::install_crypto_provider();
@@ -118,24 +135,42 @@ pub fn sink_main(args: &[String]) -> Result<(), BenchError> {
         let listener = sink::bind(listen)
             .await
             .map_err(|e| BenchError::Setup(format!("--listen {listen}: {e}")))?;
-        let stats = Arc::new(SinkStats::default());
-        let shown = stats.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let p = |q| shown.latency.quantile(q).map_or("-".into(), fmt_us);
-                println!(
-                    "received {}/s, latency p50 {} p99 {}, out of order {}",
-                    shown.received.swap(0, Ordering::Relaxed),
-                    p(0.5),
-                    p(0.99),
-                    shown.out_of_order.load(Ordering::Relaxed)
-                );
-                shown.latency.reset();
-            }
+        let stats = Arc::new(if a.0.contains_key("decode") {
+            SinkStats::decoding()
+        } else {
+            SinkStats::default()
         });
+        let shown = stats.clone();
+        if a.0.contains_key("totals") {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    println!(
+                        "totals envelopes={} bytes={}",
+                        shown.received(),
+                        shown.bytes.load(Ordering::Relaxed)
+                    );
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let p = |q| shown.latency.quantile(q).map_or("-".into(), fmt_us);
+                    println!(
+                        "received {}/s, latency p50 {} p99 {}, out of order {}",
+                        shown.received.swap(0, Ordering::Relaxed),
+                        p(0.5),
+                        p(0.99),
+                        shown.out_of_order.load(Ordering::Relaxed)
+                    );
+                    shown.latency.reset();
+                }
+            });
+        }
         eprintln!("sink listening on {listen}");
         sink::serve(listener, tls.tonic_server_config(), stats)
             .await
@@ -170,6 +205,7 @@ pub fn load_main(args: &[String]) -> Result<(), BenchError> {
         streams: a.get("streams", 4)?,
         rate: (rate > 0).then_some(rate),
         duration: Duration::from_secs(a.get("seconds", 20)?),
+        extra_tags: Vec::new(),
     };
     crate::tls::install_crypto_provider();
     let r = runtime()?.block_on(load::run(spec))?;
@@ -230,13 +266,13 @@ pub enum Via {
 }
 
 /// A running agent process.
-struct AgentProcess {
+pub(super) struct AgentProcess {
     child: Child,
-    ingress: SocketAddr,
+    pub(super) ingress: SocketAddr,
     metrics: SocketAddr,
 }
 
-fn free_port() -> Result<SocketAddr, BenchError> {
+pub(super) fn free_port() -> Result<SocketAddr, BenchError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| BenchError::Setup(format!("no free port: {e}")))
@@ -252,7 +288,12 @@ fn yaml_tls(files: &crate::config::TlsFiles) -> String {
 }
 
 impl AgentProcess {
-    fn start(bench: &Bench, via: Via) -> Result<AgentProcess, BenchError> {
+    /// Starts the agent with the benchmark's settings, forwarding to the sink at `sink`.
+    pub(super) fn start(
+        bench: &Bench,
+        via: Via,
+        sink: SocketAddr,
+    ) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
         let metrics = free_port()?;
         let mut dopplers = String::new();
@@ -262,12 +303,30 @@ impl AgentProcess {
         if let Some(b) = bench.tuning.ack_bytes {
             dopplers.push_str(&format!("\n  ack_bytes: {b}"));
         }
+        if let Some(ms) = bench.tuning.ack_interval_ms {
+            dopplers.push_str(&format!("\n  ack_interval_ms: {ms}"));
+        }
         let pipeline = bench.tuning.budget_bytes.map_or(String::new(), |b| {
             format!("pipeline: {{ max_buffered_bytes: {b} }}\n")
         });
         let max_wait = if via == Via::AgentNoWait { 0 } else { 100 };
+        // Only what is switched off is written, so that an older agent (`--agent-bin`) that knows
+        // neither key still reads the config.
+        let signing = if bench.tuning.signing {
+            format!(
+                "signing: {{ key_id: {BENCH_KEY_ID}, key_file: \"{}\" }}",
+                bench.key_file.display()
+            )
+        } else {
+            "signing: { enabled: false }".to_string()
+        };
+        let sequencing = if bench.tuning.sequencing {
+            ""
+        } else {
+            "sequencing: { enabled: false }\n"
+        };
         let yaml = format!(
-            "identity: {{ deployment: bench, job: bench, index: \"0\", ip: 127.0.0.1, az: z1 }}
+            "identity: {{ deployment: {}, job: {}, index: \"{}\", ip: {}, az: z1 }}
 ingress:
   grpc:
     listen: \"{ingress}\"
@@ -279,15 +338,18 @@ dopplers:
   tls: {}, server_name: doppler }}{dopplers}
 metrics:
   listen: \"{metrics}\"
-signing: {{ key_id: bench, key_file: \"{}\" }}
+{signing}
 log: {{ level: warn }}
 health: {{ listen: null }}
 development: {{ enabled: false }}
-{pipeline}",
+{pipeline}{sequencing}",
+            IDENTITY[0].1,
+            IDENTITY[1].1,
+            IDENTITY[2].1,
+            IDENTITY[3].1,
             yaml_tls(&bench.creds.agent),
-            bench.sink_addr,
+            sink,
             yaml_tls(&bench.creds.agent),
-            bench.key_file.display()
         );
         let config = bench.dir.join("agent.yaml");
         std::fs::write(&config, yaml).map_err(|e| BenchError::Setup(e.to_string()))?;
@@ -386,7 +448,7 @@ fn scrape(addr: SocketAddr) -> std::io::Result<String> {
 }
 
 /// utime + stime of `pid`, in ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3.
     let rest = stat.rsplit_once(')')?.1;
@@ -401,25 +463,41 @@ fn rss_kb(pid: u32) -> Option<u64> {
 }
 
 /// Agent settings the benchmark may override (`None`: the agent's default).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct AgentTuning {
     connections: Option<usize>,
     ack_bytes: Option<usize>,
+    ack_interval_ms: Option<usize>,
     budget_bytes: Option<usize>,
+    /// `signing.enabled` (on by default).
+    signing: bool,
+    /// `sequencing.enabled` (on by default).
+    sequencing: bool,
 }
 
+/// The agent's signing key id in every run.
+const BENCH_KEY_ID: &str = "bench";
+
+/// The agent's identity in every run (`identity` in its config).
+pub(super) const IDENTITY: [(&str, &str); 4] = [
+    ("deployment", "bench"),
+    ("job", "bench"),
+    ("index", "0"),
+    ("ip", "127.0.0.1"),
+];
+
 /// Shared set-up for every run.
-struct Bench {
-    dir: PathBuf,
-    creds: DevCredentials,
+pub(super) struct Bench {
+    pub(super) dir: PathBuf,
+    pub(super) creds: DevCredentials,
     key_file: PathBuf,
     sink_addr: SocketAddr,
     stats: Arc<SinkStats>,
-    agent_bin: PathBuf,
+    pub(super) agent_bin: PathBuf,
     tuning: AgentTuning,
     trace: bool,
-    emitter_tls: TlsMaterial,
-    rt: tokio::runtime::Runtime,
+    pub(super) emitter_tls: TlsMaterial,
+    pub(super) rt: tokio::runtime::Runtime,
 }
 
 impl Bench {
@@ -434,7 +512,7 @@ impl Bench {
     ) -> Result<Outcome, BenchError> {
         let agent = match via {
             Via::Direct => None,
-            _ => Some(AgentProcess::start(self, via)?),
+            _ => Some(AgentProcess::start(self, via, self.sink_addr)?),
         };
         let (target, server_name) = match &agent {
             Some(a) => (a.ingress, "metron"),
@@ -446,6 +524,7 @@ impl Bench {
             streams: 4,
             rate,
             duration: Duration::from_secs(secs),
+            extra_tags: Vec::new(),
         };
         self.stats.reset();
         let pid = agent.as_ref().map(AgentProcess::pid);
@@ -580,7 +659,7 @@ fn fmt_us(us: u64) -> String {
     }
 }
 
-fn fmt_rate(r: f64) -> String {
+pub(super) fn fmt_rate(r: f64) -> String {
     if r >= 1e6 {
         format!("{:.2}M", r / 1e6)
     } else {
@@ -657,18 +736,30 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "rates",
             "connections",
             "ack-bytes",
+            "ack-interval-ms",
             "budget-bytes",
             "trace",
+            "pairs",
+            "signing",
+            "sequencing",
+            "agent-bin",
         ],
     )?;
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
-    if !["all", "capacity", "fixed"].contains(&only.as_str()) {
+    if !["all", "capacity", "fixed", "downstream"].contains(&only.as_str()) {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity or fixed, not {only:?}"
+            "--only must be all, capacity, fixed or downstream, not {only:?}"
         )));
     }
+    let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(BenchError::Usage(format!(
+            "--{key} must be on or off, not {other:?}"
+        ))),
+    };
     let optional = |key: &str| match a.0.get(key) {
         Some(_) => a.get(key, 0).map(Some),
         None => Ok(None),
@@ -676,10 +767,18 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let tuning = AgentTuning {
         connections: optional("connections")?,
         ack_bytes: optional("ack-bytes")?,
+        ack_interval_ms: optional("ack-interval-ms")?,
         budget_bytes: optional("budget-bytes")?,
+        signing: on_off("signing")?,
+        sequencing: on_off("sequencing")?,
+    };
+    let default_rates = if only == "downstream" {
+        "10000"
+    } else {
+        "10000,50000"
     };
     let rates = a
-        .get("rates", "10000,50000".to_string())?
+        .get("rates", default_rates.to_string())?
         .split(',')
         .map(|r| {
             r.trim()
@@ -693,14 +792,31 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("metron-bench-{}", std::process::id()));
     let mut bench = setup(&dir, tuning)?;
     bench.trace = a.0.contains_key("trace");
+    if let Some(bin) = a.0.get("agent-bin") {
+        bench.agent_bin = PathBuf::from(bin);
+    }
     let started = Instant::now();
     println!("metron bench: {}", machine());
+    let on = |b: bool| if b { "on" } else { "off" };
     println!(
         "workload: 4 streams of 100-envelope batches over BatchSender, 70% logs (200-byte payload), \
          10% each counters, gauges, timers; 100 source ids; 3 tags; {secs} s per run; mTLS both sides, \
-         sequencing and signing on; agent {}\n",
+         sequencing {} and signing {}; agent {}\n",
+        on(tuning.sequencing),
+        on(tuning.signing),
         bench.agent_bin.display()
     );
+    if only == "downstream" {
+        let pairs: usize = a.get("pairs", 3)?;
+        let report = super::downstream::run(&bench, &rates, secs, pairs.max(1));
+        let _ = std::fs::remove_dir_all(&dir);
+        print!("{}", report?);
+        println!(
+            "\n(benchmark took {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let mut results = Vec::new();
     let mut capacity = None;
     if only != "fixed" {

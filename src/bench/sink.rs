@@ -2,6 +2,11 @@
 //! decoding envelopes, reads each one's timestamp and source id to count it, measure its latency
 //! (the sink's clock minus the envelope's timestamp) and notice envelopes out of order within
 //! their source. Answers `OK` when a stream ends, as a Doppler does.
+//!
+//! With [`SinkStats::decoding`] it also does what a Doppler does to every envelope for each
+//! subscriber: decodes each message fully with prost and re-encodes every envelope, so that its
+//! CPU per envelope shows what an envelope's form costs downstream (`metron bench --only
+//! downstream`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -109,6 +114,10 @@ impl Histogram {
 #[derive(Default)]
 pub struct SinkStats {
     pub received: AtomicU64,
+    /// Encoded bytes of the envelopes received (without the batch's framing).
+    pub bytes: AtomicU64,
+    /// Decode and re-encode every envelope, as a Doppler does.
+    decode: bool,
     pub out_of_order: AtomicU64,
     pub malformed: AtomicU64,
     pub latency: Histogram,
@@ -117,8 +126,17 @@ pub struct SinkStats {
 }
 
 impl SinkStats {
+    /// Stats of a sink that decodes and re-encodes every envelope.
+    pub fn decoding() -> Self {
+        Self {
+            decode: true,
+            ..Self::default()
+        }
+    }
+
     pub fn reset(&self) {
         self.received.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
         self.out_of_order.store(0, Ordering::Relaxed);
         self.malformed.store(0, Ordering::Relaxed);
         self.latency.reset();
@@ -130,12 +148,28 @@ impl SinkStats {
     }
 
     fn record_batch(&self, body: &[u8]) {
+        if self.decode {
+            match crate::proto::EnvelopeBatch::decode(body) {
+                Ok(batch) => {
+                    for e in &batch.batch {
+                        std::hint::black_box(e.encode_to_vec());
+                    }
+                }
+                Err(_) => {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         let now = now_ns();
         let mut n = 0;
+        let mut bytes = 0;
         let mut late = 0;
         let mut newest = self.newest.lock();
         for entry in batch_entries(body) {
-            let Ok((ts, source)) = entry.and_then(timestamp_and_source) else {
+            let Ok((ts, source)) = entry.and_then(|e| {
+                bytes += e.len() as u64;
+                timestamp_and_source(e)
+            }) else {
                 self.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -152,6 +186,7 @@ impl SinkStats {
         }
         drop(newest);
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);
     }
 }

@@ -22,7 +22,7 @@ pub fn source_id(i: usize) -> String {
     format!("{:08x}-be7c-4c4e-9a1b-{:012x}", 0xb0_0000 + i, i)
 }
 
-fn envelope(kind: usize, source: usize, n: usize) -> Envelope {
+fn envelope(kind: usize, source: usize, n: usize, extra_tags: &[(String, String)]) -> Envelope {
     let message = match kind {
         0..=6 => Message::Log(Log {
             payload: format!("{n:>8} GET /v2/apps 200 {}", "x".repeat(200)).as_bytes()[..200]
@@ -49,15 +49,17 @@ fn envelope(kind: usize, source: usize, n: usize) -> Envelope {
             stop: PLACEHOLDER_TS,
         }),
     };
+    let mut tags = BTreeMap::from([
+        ("app_name".into(), format!("bench-app-{source}")),
+        ("space_name".into(), "bench-space".into()),
+        ("organization_name".into(), "bench-org".into()),
+    ]);
+    tags.extend(extra_tags.iter().cloned());
     Envelope {
         timestamp: PLACEHOLDER_TS,
         source_id: source_id(source),
         instance_id: (source % 4).to_string(),
-        tags: BTreeMap::from([
-            ("app_name".into(), format!("bench-app-{source}")),
-            ("space_name".into(), "bench-space".into()),
-            ("organization_name".into(), "bench-org".into()),
-        ]),
+        tags,
         message: Some(message),
         ..Default::default()
     }
@@ -91,8 +93,9 @@ fn put_varint9(dst: &mut [u8], mut v: u64) {
 }
 
 /// The batch templates of client stream `stream` of `streams`: its sources are those with
-/// `source % streams == stream`.
-pub fn templates(stream: usize, streams: usize) -> Vec<Template> {
+/// `source % streams == stream`. `extra_tags` are added to every envelope (the identity tags an
+/// agent would add, to send the workload straight to a sink as it looks behind an agent).
+pub fn templates(stream: usize, streams: usize, extra_tags: &[(String, String)]) -> Vec<Template> {
     let mine: Vec<usize> = (0..SOURCES).filter(|s| s % streams == stream).collect();
     (0..TEMPLATES)
         .map(|t| {
@@ -100,7 +103,7 @@ pub fn templates(stream: usize, streams: usize) -> Vec<Template> {
             let mut ts_at = Vec::with_capacity(BATCH);
             for i in 0..BATCH {
                 let source = mine[(t * BATCH + i) % mine.len()];
-                let e = envelope(i % 10, source, t * BATCH + i).encode_to_vec();
+                let e = envelope(i % 10, source, t * BATCH + i, extra_tags).encode_to_vec();
                 debug_assert_eq!(e[0], 0x08, "timestamp first");
                 body.push(0x0a);
                 prost::encoding::encode_varint(e.len() as u64, &mut body);
@@ -120,7 +123,7 @@ mod tests {
     #[test]
     fn templates_decode_to_the_workload() {
         let all: Vec<Envelope> = (0..4)
-            .flat_map(|s| templates(s, 4))
+            .flat_map(|s| templates(s, 4, &[]))
             .flat_map(|t| {
                 EnvelopeBatch::decode(&t.stamped(1_800_000_000_000_000_000)[..])
                     .unwrap()
@@ -136,10 +139,14 @@ mod tests {
         assert!(all.iter().all(|e| e.tags.len() == 3));
         let sources: std::collections::BTreeSet<_> = all.iter().map(|e| &e.source_id).collect();
         assert_eq!(sources.len(), SOURCES);
-        let t = &templates(1, 4)[0];
+        let t = &templates(1, 4, &[("job".into(), "j".into())])[0];
         let b = EnvelopeBatch::decode(&t.stamped(1_800_000_000_000_000_000)[..]).unwrap();
         let ts: Vec<i64> = b.batch.iter().map(|e| e.timestamp).collect();
         assert_eq!(ts[0], 1_800_000_000_000_000_000);
         assert_eq!(ts[99], 1_800_000_000_000_000_099);
+        assert!(b
+            .batch
+            .iter()
+            .all(|e| e.tags.len() == 4 && e.tags["job"] == "j"));
     }
 }

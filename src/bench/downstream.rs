@@ -1,0 +1,276 @@
+//! `metron bench --only downstream`: what the agent's envelopes cost the Doppler behind it.
+//!
+//! A sink in its own process decodes every message fully with prost and re-encodes every
+//! envelope, as a Doppler does for each subscriber (`metron sink --decode`). The workload goes to
+//! it twice, in interleaved pairs: through the agent, and straight from the load generator with
+//! the identity tags an upstream agent would have added (`deployment`, `job`, `index`, `ip`), so
+//! the two differ only by what metron does beyond upstream. The sink's CPU per envelope behind
+//! the agent against the direct run is the downstream cost (issue 19: at most 1.15×).
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::load::{self, LoadSpec};
+use super::run::{cpu_ticks, fmt_rate, free_port, AgentProcess, Bench, Via, IDENTITY};
+use super::BenchError;
+
+/// The decoding sink, as a child process whose CPU is its own.
+struct SinkProcess {
+    child: Child,
+    addr: SocketAddr,
+    /// The last `totals` line it printed: (envelopes, bytes).
+    totals: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl SinkProcess {
+    fn start(bench: &Bench) -> Result<SinkProcess, BenchError> {
+        let addr = free_port()?;
+        let d = &bench.creds.doppler;
+        let exe = std::env::current_exe().map_err(|e| BenchError::Setup(e.to_string()))?;
+        let mut child = Command::new(exe)
+            .arg("sink")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--ca")
+            .arg(&d.ca)
+            .arg("--cert")
+            .arg(&d.cert)
+            .arg("--key")
+            .arg(&d.key)
+            .args(["--decode", "--totals"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| BenchError::Setup(format!("sink: {e}")))?;
+        let totals = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let out = child.stdout.take().expect("piped");
+        let seen = totals.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name)?.parse::<u64>().ok())
+                };
+                if let (Some(n), Some(b)) = (field("envelopes="), field("bytes=")) {
+                    seen.0.store(n, Ordering::Relaxed);
+                    seen.1.store(b, Ordering::Relaxed);
+                }
+            }
+        });
+        let mut sink = SinkProcess {
+            child,
+            addr,
+            totals,
+        };
+        // Bounded wait for it to listen.
+        for _ in 0..200 {
+            if let Ok(Some(status)) = sink.child.try_wait() {
+                return Err(BenchError::Setup(format!(
+                    "the sink exited at start-up: {status}"
+                )));
+            }
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(sink);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        sink.stop();
+        Err(BenchError::Setup(
+            "the sink did not listen within 5 s".into(),
+        ))
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (
+            self.totals.0.load(Ordering::Relaxed),
+            self.totals.1.load(Ordering::Relaxed),
+        )
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SinkProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// CPU time `pid` has used, in nanoseconds: the sum of its threads' `schedstat` (nanosecond
+/// resolution), or its tick count where the kernel keeps no schedstat.
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = 0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok();
+        match stat.and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()) {
+            Some(ns) => sum += ns,
+            None => return cpu_ticks(pid).map(|t| t * 10_000_000),
+        }
+    }
+    Some(sum)
+}
+
+/// What one run cost the sink.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    envelopes: u64,
+    bytes: u64,
+    cpu_ns: u64,
+    seconds: f64,
+}
+
+impl Cost {
+    fn add(&mut self, o: Cost) {
+        self.envelopes += o.envelopes;
+        self.bytes += o.bytes;
+        self.cpu_ns += o.cpu_ns;
+        self.seconds += o.seconds;
+    }
+
+    fn us_per_envelope(&self) -> f64 {
+        self.cpu_ns as f64 / 1e3 / self.envelopes.max(1) as f64
+    }
+
+    fn bytes_per_envelope(&self) -> f64 {
+        self.bytes as f64 / self.envelopes.max(1) as f64
+    }
+
+    fn row(&self, label: &str, rate: u64) -> String {
+        format!(
+            "| {label} | {} | {} | {:.1} | {:.1}% | {:.2} µs |\n",
+            fmt_rate(rate as f64),
+            self.envelopes,
+            self.bytes_per_envelope(),
+            self.cpu_ns as f64 / 1e7 / self.seconds.max(1e-9),
+            self.us_per_envelope()
+        )
+    }
+}
+
+/// One run at `rate` for `secs`: through a fresh agent, or straight to the sink with the identity
+/// tags; then waits (bounded) until the sink has everything that was sent.
+fn measure(
+    bench: &Bench,
+    sink: &SinkProcess,
+    via: Via,
+    rate: u64,
+    secs: u64,
+) -> Result<Cost, BenchError> {
+    let agent = match via {
+        Via::Direct => None,
+        _ => Some(AgentProcess::start(bench, via, sink.addr)?),
+    };
+    let (target, server_name, extra_tags) = match &agent {
+        Some(a) => (a.ingress, "metron", Vec::new()),
+        None => (
+            sink.addr,
+            "doppler",
+            IDENTITY
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+    };
+    let spec = LoadSpec {
+        target,
+        tls: bench.emitter_tls.client_config(server_name),
+        streams: 4,
+        rate: Some(rate),
+        duration: Duration::from_secs(secs),
+        extra_tags,
+    };
+    let pid = sink.child.id();
+    let (n0, b0) = sink.totals();
+    let cpu0 = cpu_ns(pid);
+    let started = Instant::now();
+    let sent = bench.rt.block_on(load::run(spec))?.sent;
+    let give_up = Instant::now() + Duration::from_secs(15);
+    while sink.totals().0 - n0 < sent && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cpu1 = cpu_ns(pid);
+    let seconds = started.elapsed().as_secs_f64();
+    drop(agent);
+    let (n1, b1) = sink.totals();
+    if n1 - n0 < sent {
+        eprintln!(
+            "  warning: the sink received {} of {sent} envelopes",
+            n1 - n0
+        );
+    }
+    Ok(Cost {
+        envelopes: n1 - n0,
+        bytes: b1 - b0,
+        cpu_ns: cpu1.zip(cpu0).map_or(0, |(b, a)| b - a),
+        seconds,
+    })
+}
+
+const HEADER: &str = "| run | rate | envelopes | bytes per envelope | sink CPU | sink CPU per envelope |\n|---|---|---|---|---|---|\n";
+
+/// Runs `pairs` interleaved pairs (agent, then direct) per rate and returns the report.
+///
+/// # Errors
+/// When the sink, the agent or the load cannot run.
+pub(super) fn run(
+    bench: &Bench,
+    rates: &[u64],
+    secs: u64,
+    pairs: usize,
+) -> Result<String, BenchError> {
+    let sink = SinkProcess::start(bench)?;
+    let mut out = String::from(
+        "Downstream cost: a sink in its own process decodes every message with prost and re-encodes \
+         every envelope, as a Doppler does; its CPU per envelope behind the agent, against the \
+         workload sent straight to it with the identity tags an upstream agent adds.\n\n",
+    );
+    out.push_str(HEADER);
+    let mut summary = String::new();
+    for &rate in rates {
+        let (mut agent, mut direct) = (Cost::default(), Cost::default());
+        let mut ratios = Vec::new();
+        for pair in 1..=pairs {
+            eprintln!(
+                "downstream, {}/s, pair {pair} of {pairs}:",
+                fmt_rate(rate as f64)
+            );
+            let a = measure(bench, &sink, Via::Agent, rate, secs)?;
+            let d = measure(bench, &sink, Via::Direct, rate, secs)?;
+            for (label, c) in [("behind the agent", a), ("direct, identity tags", d)] {
+                let line = c.row(&format!("{label}, pair {pair}"), rate);
+                eprint!("  {line}");
+                out.push_str(&line);
+            }
+            ratios.push(format!(
+                "{:.2}",
+                a.us_per_envelope() / d.us_per_envelope().max(1e-9)
+            ));
+            agent.add(a);
+            direct.add(d);
+        }
+        out.push_str(&agent.row("**behind the agent, all pairs**", rate));
+        out.push_str(&direct.row("**direct, identity tags, all pairs**", rate));
+        summary.push_str(&format!(
+            "- at {}/s: sink CPU per envelope behind the agent / direct = **{:.2}×** (target ≤ 1.15×; \
+             pairs {}); bytes per envelope {:.1} against {:.1} (+{:.1})\n",
+            fmt_rate(rate as f64),
+            agent.us_per_envelope() / direct.us_per_envelope().max(1e-9),
+            ratios.join(", "),
+            agent.bytes_per_envelope(),
+            direct.bytes_per_envelope(),
+            agent.bytes_per_envelope() - direct.bytes_per_envelope()
+        ));
+    }
+    out.push('\n');
+    out.push_str(&summary);
+    Ok(out)
+}
