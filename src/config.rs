@@ -413,7 +413,7 @@ fn default_resolve_interval_ms() -> NonZeroU64 {
     NonZeroU64::new(5_000).unwrap()
 }
 fn default_ack_interval_ms() -> NonZeroU64 {
-    NonZeroU64::new(100).unwrap()
+    NonZeroU64::new(1_000).unwrap()
 }
 fn default_ack_bytes() -> NonZeroUsize {
     NonZeroUsize::new(1024 * 1024).unwrap()
