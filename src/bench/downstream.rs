@@ -1,11 +1,12 @@
 //! `metron bench --only downstream`: what the agent's envelopes cost the Doppler behind it.
 //!
-//! A sink in its own process decodes every message fully with prost and re-encodes every
+//! Two sinks in processes of their own decode every message fully with prost and re-encode every
 //! envelope, as a Doppler does for each subscriber (`metron sink --decode`). The workload goes to
-//! it twice, in interleaved pairs: through the agent, and straight from the load generator with
-//! the identity tags an upstream agent would have added (`deployment`, `job`, `index`, `ip`), so
-//! the two differ only by what metron does beyond upstream. The sink's CPU per envelope behind
-//! the agent against the direct run is the downstream cost (issue 19: at most 1.15×).
+//! both at the same time: to one through the agent, to the other straight from a second load
+//! generator with the identity tags an upstream agent would have added (`deployment`, `job`,
+//! `index`, `ip`), so the two differ only by what metron does beyond upstream, under the same
+//! conditions. The sinks swap roles every round. The sink's CPU per envelope behind the agent
+//! against the direct one is the downstream cost (issue 19: at most 1.15×).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -156,20 +157,16 @@ impl Cost {
     }
 }
 
-/// One run at `rate` for `secs`: through a fresh agent, or straight to the sink with the identity
-/// tags; then waits (bounded) until the sink has everything that was sent.
-fn measure(
+/// Where one of the two loads goes: through a fresh agent, or straight to its sink with the
+/// identity tags.
+fn spec(
     bench: &Bench,
     sink: &SinkProcess,
-    via: Via,
+    agent: Option<&AgentProcess>,
     rate: u64,
     secs: u64,
-) -> Result<Cost, BenchError> {
-    let agent = match via {
-        Via::Direct => None,
-        _ => Some(AgentProcess::start(bench, via, sink.addr)?),
-    };
-    let (target, server_name, extra_tags) = match &agent {
+) -> LoadSpec {
+    let (target, server_name, extra_tags) = match agent {
         Some(a) => (a.ingress, "metron", Vec::new()),
         None => (
             sink.addr,
@@ -180,73 +177,110 @@ fn measure(
                 .collect(),
         ),
     };
-    let spec = LoadSpec {
+    LoadSpec {
         target,
         tls: bench.emitter_tls.client_config(server_name),
         streams: 4,
         rate: Some(rate),
         duration: Duration::from_secs(secs),
         extra_tags,
-    };
-    let pid = sink.child.id();
-    let (n0, b0) = sink.totals();
-    let cpu0 = cpu_ns(pid);
+    }
+}
+
+/// One round: the workload through a fresh agent into `via_agent`, and at the same time straight
+/// into `direct` with the identity tags, both at `rate` for `secs`; then waits (bounded) until
+/// both sinks have everything sent. Both are measured over the same window, so whatever the VM's
+/// speed does meanwhile it does to both (this machine's CPU figures drift by tens of percent
+/// between runs minutes apart, which one run after the other could not tell from the agent).
+fn measure_round(
+    bench: &Bench,
+    via_agent: &SinkProcess,
+    direct: &SinkProcess,
+    rate: u64,
+    secs: u64,
+) -> Result<(Cost, Cost), BenchError> {
+    let agent = AgentProcess::start(bench, Via::Agent, via_agent.addr)?;
+    let loads = (
+        spec(bench, via_agent, Some(&agent), rate, secs),
+        spec(bench, direct, None, rate, secs),
+    );
+    let sinks = [via_agent, direct];
+    let before: Vec<((u64, u64), Option<u64>)> = sinks
+        .iter()
+        .map(|s| (s.totals(), cpu_ns(s.child.id())))
+        .collect();
     let started = Instant::now();
-    let sent = bench.rt.block_on(load::run(spec))?.sent;
+    let (a, d) = bench
+        .rt
+        .block_on(async { tokio::join!(load::run(loads.0), load::run(loads.1)) });
+    let sent = [a?.sent, d?.sent];
     let give_up = Instant::now() + Duration::from_secs(15);
-    while sink.totals().0 - n0 < sent && Instant::now() < give_up {
+    let arrived = |i: usize| sinks[i].totals().0 - before[i].0 .0 >= sent[i];
+    while !(arrived(0) && arrived(1)) && Instant::now() < give_up {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let cpu1 = cpu_ns(pid);
+    let cpu: Vec<Option<u64>> = sinks.iter().map(|s| cpu_ns(s.child.id())).collect();
     let seconds = started.elapsed().as_secs_f64();
     drop(agent);
-    let (n1, b1) = sink.totals();
-    if n1 - n0 < sent {
-        eprintln!(
-            "  warning: the sink received {} of {sent} envelopes",
-            n1 - n0
-        );
-    }
-    Ok(Cost {
-        envelopes: n1 - n0,
-        bytes: b1 - b0,
-        cpu_ns: cpu1.zip(cpu0).map_or(0, |(b, a)| b - a),
-        seconds,
-    })
+    let cost = |i: usize| {
+        let ((n0, b0), cpu0) = before[i];
+        let (n1, b1) = sinks[i].totals();
+        if n1 - n0 < sent[i] {
+            eprintln!(
+                "  warning: a sink received {} of {} envelopes",
+                n1 - n0,
+                sent[i]
+            );
+        }
+        Cost {
+            envelopes: n1 - n0,
+            bytes: b1 - b0,
+            cpu_ns: cpu[i].zip(cpu0).map_or(0, |(b, a)| b - a),
+            seconds,
+        }
+    };
+    Ok((cost(0), cost(1)))
 }
 
 const HEADER: &str = "| run | rate | envelopes | bytes per envelope | sink CPU | sink CPU per envelope |\n|---|---|---|---|---|---|\n";
 
-/// Runs `pairs` interleaved pairs (agent, then direct) per rate and returns the report.
+/// Runs `rounds` rounds per rate (both paths at once, the two sinks swapping roles every round,
+/// so neither process's own luck counts for one path only) and returns the report.
 ///
 /// # Errors
-/// When the sink, the agent or the load cannot run.
+/// When a sink, the agent or a load cannot run.
 pub(super) fn run(
     bench: &Bench,
     rates: &[u64],
     secs: u64,
-    pairs: usize,
+    rounds: usize,
 ) -> Result<String, BenchError> {
-    let sink = SinkProcess::start(bench)?;
+    let sinks = [SinkProcess::start(bench)?, SinkProcess::start(bench)?];
     let mut out = String::from(
-        "Downstream cost: a sink in its own process decodes every message with prost and re-encodes \
-         every envelope, as a Doppler does; its CPU per envelope behind the agent, against the \
-         workload sent straight to it with the identity tags an upstream agent adds.\n\n",
+        "Downstream cost: two sinks in processes of their own decode every message with prost and \
+         re-encode every envelope, as a Doppler does. At the same time, one receives the workload \
+         through the agent and the other receives it straight from a load generator, with the \
+         identity tags an upstream agent adds; they swap roles every round. Their CPU per \
+         envelope compares what the two forms cost a Doppler.\n\n",
     );
     out.push_str(HEADER);
     let mut summary = String::new();
     for &rate in rates {
         let (mut agent, mut direct) = (Cost::default(), Cost::default());
         let mut ratios = Vec::new();
-        for pair in 1..=pairs {
+        for round in 1..=rounds {
             eprintln!(
-                "downstream, {}/s, pair {pair} of {pairs}:",
+                "downstream, {}/s, round {round} of {rounds}:",
                 fmt_rate(rate as f64)
             );
-            let a = measure(bench, &sink, Via::Agent, rate, secs)?;
-            let d = measure(bench, &sink, Via::Direct, rate, secs)?;
+            let (via, other) = if round % 2 == 1 {
+                (&sinks[0], &sinks[1])
+            } else {
+                (&sinks[1], &sinks[0])
+            };
+            let (a, d) = measure_round(bench, via, other, rate, secs)?;
             for (label, c) in [("behind the agent", a), ("direct, identity tags", d)] {
-                let line = c.row(&format!("{label}, pair {pair}"), rate);
+                let line = c.row(&format!("{label}, round {round}"), rate);
                 eprint!("  {line}");
                 out.push_str(&line);
             }
@@ -257,11 +291,11 @@ pub(super) fn run(
             agent.add(a);
             direct.add(d);
         }
-        out.push_str(&agent.row("**behind the agent, all pairs**", rate));
-        out.push_str(&direct.row("**direct, identity tags, all pairs**", rate));
+        out.push_str(&agent.row("**behind the agent, all rounds**", rate));
+        out.push_str(&direct.row("**direct, identity tags, all rounds**", rate));
         summary.push_str(&format!(
             "- at {}/s: sink CPU per envelope behind the agent / direct = **{:.2}×** (target ≤ 1.15×; \
-             pairs {}); bytes per envelope {:.1} against {:.1} (+{:.1})\n",
+             rounds {}); bytes per envelope {:.1} against {:.1} (+{:.1})\n",
             fmt_rate(rate as f64),
             agent.us_per_envelope() / direct.us_per_envelope().max(1e-9),
             ratios.join(", "),

@@ -22,7 +22,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
 metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream]
-             [--rates N,N...] [--pairs N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
+             [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N]
              [--signing on|off] [--sequencing on|off] [--agent-bin PATH] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
@@ -30,12 +30,13 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
     --probe-seconds  length of each capacity-search probe (default 8)
     --only           capacity: direct, the two max-offered runs and the capacity search;
                      fixed: the fixed-rate runs (all: both);
-                     downstream: what envelopes cost a Doppler behind the agent: a sink in its
-                     own process that decodes and re-encodes every envelope, its CPU per
-                     envelope behind the agent against the workload sent straight to it with
-                     the identity tags an upstream agent adds, in interleaved pairs
+                     downstream: what envelopes cost a Doppler behind the agent: two sinks in
+                     processes of their own decode and re-encode every envelope, one behind the
+                     agent, the other fed the same workload at the same time straight from a
+                     load generator with the identity tags an upstream agent adds; their CPU
+                     per envelope compared
     --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000)
-    --pairs          downstream: pairs of runs, agent and direct (default 3)
+    --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
     --signing, --sequencing
                      the agent's signing.enabled and sequencing.enabled (default on)
     --agent-bin      the agent binary to run (default: this one; e.g. an older build to compare)
@@ -696,7 +697,7 @@ fn row(o: &Outcome) -> String {
         fmt_rate(o.delivered_rate),
         pct(o.lost()),
         drops,
-        o.cpu.map_or("-".into(), |c| format!("{c:.0}%")),
+        o.cpu.map_or("-".into(), |c| format!("{c:.1}%")),
         o.peak_rss_mb.map_or("-".into(), |m| format!("{m:.1} MB")),
         o.p50_us.map_or("-".into(), fmt_us),
         o.p99_us.map_or("-".into(), fmt_us),
@@ -739,7 +740,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "ack-interval-ms",
             "budget-bytes",
             "trace",
-            "pairs",
+            "rounds",
             "signing",
             "sequencing",
             "agent-bin",
@@ -807,8 +808,8 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         bench.agent_bin.display()
     );
     if only == "downstream" {
-        let pairs: usize = a.get("pairs", 3)?;
-        let report = super::downstream::run(&bench, &rates, secs, pairs.max(1));
+        let rounds: usize = a.get("rounds", 4)?;
+        let report = super::downstream::run(&bench, &rates, secs, rounds.max(1));
         let _ = std::fs::remove_dir_all(&dir);
         print!("{}", report?);
         println!(
