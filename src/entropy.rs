@@ -17,10 +17,3 @@ pub fn random_u64() -> u64 {
     fill(&mut b);
     u64::from_le_bytes(b)
 }
-
-/// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    fill(&mut b);
-    crate::envelope::signing::encode_hex(&b)
-}

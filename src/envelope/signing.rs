@@ -99,10 +99,6 @@ impl Signer {
         self.key.as_ref().map(|k| k.id.as_str())
     }
 
-    pub fn is_sequenced(&self) -> bool {
-        self.sequenced
-    }
-
     /// Sets (or replaces) the `metron` tag of a decoded envelope: `sequence` when sequencing is
     /// on, the signature when signing is on; nothing when both are off. Tools and tests; the
     /// pipeline writes encoded envelopes with [`Signer::finish`].
@@ -531,17 +527,13 @@ fn canonical_into(
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Lowercase hex of `bytes`, appended to `s`.
-pub fn push_hex(s: &mut String, bytes: &[u8]) {
+/// Lowercase hex of `bytes`.
+pub fn encode_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         s.push(HEX[usize::from(b >> 4)] as char);
         s.push(HEX[usize::from(b & 0xf)] as char);
     }
-}
-
-pub fn encode_hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut s, bytes);
     s
 }
 
