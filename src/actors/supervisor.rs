@@ -123,9 +123,12 @@ impl DopplerSupervisor {
             Dopplers::Static(list) => list.clone(),
             Dopplers::Discovered { .. } => Vec::new(),
         };
+        // Never 0, which would keep the list's order.
+        let tie_break = crate::entropy::random_u64() | 1;
         let (balancer, discovery, resolve_interval) = match s.dopplers {
             Dopplers::Static(list) => (
-                Balancer::new(&s.local_az, list, s.backoff_initial, s.backoff_max),
+                Balancer::new(&s.local_az, list, s.backoff_initial, s.backoff_max)
+                    .with_tie_break(tie_break),
                 None,
                 Duration::ZERO,
             ),
@@ -133,7 +136,8 @@ impl DopplerSupervisor {
                 discovery,
                 interval,
             } => (
-                Balancer::empty(&s.local_az, s.backoff_initial, s.backoff_max),
+                Balancer::empty(&s.local_az, s.backoff_initial, s.backoff_max)
+                    .with_tie_break(tie_break),
                 Some(discovery),
                 interval,
             ),

@@ -59,6 +59,10 @@ pub struct Balancer {
     endpoints: Vec<State>,
     backoff_initial: Duration,
     backoff_max: Duration,
+    /// Orders endpoints that are otherwise equal (same AZ class, same number of slots): a value
+    /// drawn once per agent, so that agents with the same sorted Doppler list do not all pick its
+    /// first entries. 0 keeps the list's order (tests).
+    tie_break: u64,
 }
 
 impl Balancer {
@@ -85,7 +89,18 @@ impl Balancer {
             endpoints: Vec::new(),
             backoff_initial,
             backoff_max,
+            tie_break: 0,
         }
+    }
+
+    /// Breaks ties between equally good endpoints by `seed` (drawn at random once per agent)
+    /// instead of by their order in the list. Discovery sorts what DNS returns, and so does any
+    /// hand-written list; with ties broken by position every agent of a foundation would put its
+    /// slots on the same first few Dopplers and leave the rest idle.
+    #[must_use]
+    pub fn with_tie_break(mut self, seed: u64) -> Self {
+        self.tie_break = seed;
+        self
     }
 
     pub fn endpoint(&self, i: usize) -> &Endpoint {
@@ -166,7 +181,8 @@ impl Balancer {
 
     /// Picks an endpoint for a slot and counts the slot as assigned to it (give it back with
     /// [`Balancer::release`]). Among endpoints not retired and not held back by backoff: local AZ
-    /// first, then the least-assigned (spreading slots over distinct Dopplers), then index order.
+    /// first, then the least-assigned (spreading slots over distinct Dopplers), then this agent's
+    /// order of equals ([`Balancer::with_tie_break`]).
     /// If every such endpoint is held back, the one free soonest (local first on a tie), with the
     /// wait as delay. `None` when there is no endpoint at all yet (discovery has not answered):
     /// the caller tries again after the next resolution.
@@ -174,9 +190,14 @@ impl Balancer {
         let (endpoint, delay) = match self.target(now) {
             Some(i) => (i, Duration::ZERO),
             None => {
-                let i = self
-                    .live()
-                    .min_by_key(|&i| (self.endpoints[i].retry_at, !self.is_local(i), i))?;
+                let i = self.live().min_by_key(|&i| {
+                    (
+                        self.endpoints[i].retry_at,
+                        !self.is_local(i),
+                        self.rank(i),
+                        i,
+                    )
+                })?;
                 let at = self.endpoints[i].retry_at.unwrap_or(now);
                 (i, at.saturating_duration_since(now))
             }
@@ -189,7 +210,7 @@ impl Balancer {
     pub fn local_candidate(&self, now: Instant) -> Option<usize> {
         self.live()
             .filter(|&i| self.is_local(i) && self.ready(i, now))
-            .min_by_key(|&i| (self.endpoints[i].assigned, i))
+            .min_by_key(|&i| (self.endpoints[i].assigned, self.rank(i), i))
     }
 
     /// Whether an endpoint other than `current` is usable now (not retired, not held back).
@@ -273,7 +294,28 @@ impl Balancer {
     fn target(&self, now: Instant) -> Option<usize> {
         self.live()
             .filter(|&i| self.ready(i, now))
-            .min_by_key(|&i| (!self.is_local(i), self.endpoints[i].assigned, i))
+            .min_by_key(|&i| {
+                (
+                    !self.is_local(i),
+                    self.endpoints[i].assigned,
+                    self.rank(i),
+                    i,
+                )
+            })
+    }
+
+    /// Where endpoint `i` comes among equals for this agent: a hash of its address under the
+    /// agent's seed (the address, not the index, so a change in the list does not reshuffle the
+    /// rest).
+    fn rank(&self, i: usize) -> u64 {
+        use std::hash::{Hash, Hasher};
+        if self.tie_break == 0 {
+            return 0;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        self.tie_break.hash(&mut h);
+        self.endpoints[i].endpoint.addr.hash(&mut h);
+        h.finish()
     }
 }
 
@@ -485,17 +527,52 @@ mod tests {
         assert_eq!(t.spread_move(now), Some(1));
     }
 
+    /// Many agents with the same sorted list of Dopplers, each with its own seed: their slots
+    /// land on every Doppler, not on the list's first ones.
+    #[test]
+    fn agents_spread_over_every_doppler_not_the_first_few() {
+        let now = Instant::now();
+        let eps: Vec<Endpoint> = (0..20)
+            .map(|i| ep(&format!("10.0.0.{i}:8082"), "z1"))
+            .collect();
+        let mut per_endpoint = [0usize; 20];
+        for seed in 1..=400u64 {
+            let mut b = Balancer::new("z1", eps.clone(), ms(100), ms(1000))
+                .with_tie_break(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mine: HashSet<usize> = (0..5).map(|_| b.assign(now).unwrap().endpoint).collect();
+            assert_eq!(
+                mine.len(),
+                5,
+                "one agent's slots still on distinct Dopplers"
+            );
+            for e in mine {
+                per_endpoint[e] += 1;
+            }
+        }
+        // 2,000 slots over 20 Dopplers: 100 each on average.
+        assert!(
+            per_endpoint.iter().all(|&n| (60..=140).contains(&n)),
+            "{per_endpoint:?}"
+        );
+        let mut same = Balancer::new("z1", eps.clone(), ms(100), ms(1000));
+        assert_eq!(
+            same.assign(now).unwrap().endpoint,
+            0,
+            "seed 0: the list's order"
+        );
+    }
+
     proptest! {
         /// Slots spread evenly over the usable local endpoints, and a remote endpoint is chosen
         /// only when no local one is usable.
         #[test]
         fn spreads_and_prefers_local(azs in prop::collection::vec(0u8..3, 1..8),
                                      failed in prop::collection::vec(any::<bool>(), 8),
-                                     slots in 1usize..12) {
+                                     slots in 1usize..12, seed in any::<u64>()) {
             let now = Instant::now();
             let eps: Vec<Endpoint> = azs.iter().enumerate()
                 .map(|(i, z)| ep(&format!("e{i}"), &format!("z{z}"))).collect();
-            let mut b = Balancer::new("z0", eps.clone(), ms(100), ms(1000));
+            let mut b = Balancer::new("z0", eps.clone(), ms(100), ms(1000)).with_tie_break(seed);
             for (i, f) in failed.iter().take(eps.len()).enumerate() {
                 if *f { b.on_failure(i, now, 0) }
             }
