@@ -28,7 +28,7 @@ struct SinkProcess {
 }
 
 impl SinkProcess {
-    fn start(bench: &Bench) -> Result<SinkProcess, BenchError> {
+    fn start(bench: &Bench, workers: usize) -> Result<SinkProcess, BenchError> {
         let addr = free_port()?;
         let d = &bench.creds.doppler;
         let exe = std::env::current_exe().map_err(|e| BenchError::Setup(e.to_string()))?;
@@ -42,7 +42,7 @@ impl SinkProcess {
             .arg(&d.cert)
             .arg("--key")
             .arg(&d.key)
-            .args(["--decode", "--totals"])
+            .args(["--decode", "--totals", "--workers", &workers.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -254,8 +254,12 @@ pub(super) fn run(
     rates: &[u64],
     secs: u64,
     rounds: usize,
+    workers: usize,
 ) -> Result<String, BenchError> {
-    let sinks = [SinkProcess::start(bench)?, SinkProcess::start(bench)?];
+    let sinks = [
+        SinkProcess::start(bench, workers)?,
+        SinkProcess::start(bench, workers)?,
+    ];
     let mut out = String::from(
         "Downstream cost: two sinks in processes of their own decode every message with prost and \
          re-encode every envelope, as a Doppler does. At the same time, one receives the workload \

@@ -40,6 +40,7 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
     --signing, --sequencing
                      the agent's signing.enabled and sequencing.enabled (default on)
     --agent-bin      the agent binary to run (default: this one; e.g. an older build to compare)
+    --sink-workers   downstream: threads of each sink (default 2)
     --connections    the agent's dopplers.connections (default: the agent's default)
     --ack-bytes      the agent's dopplers.ack_bytes (default: the agent's default)
     --ack-interval-ms  the agent's dopplers.ack_interval_ms (default: the agent's default)
@@ -47,12 +48,13 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
     --trace          print one line a second during each run: delivered, dropped, buffered, RSS";
 
 pub const SINK_USAGE: &str = "\
-metron sink --listen ADDR --ca PEM --cert PEM --key PEM [--decode] [--totals]
+metron sink --listen ADDR --ca PEM --cert PEM --key PEM [--decode] [--totals] [--workers N]
     A Doppler stand-in for benchmarks: BatchSender over mTLS (clients must present a certificate
     signed by --ca); prints envelopes/s, latency and out-of-order counts every second.
     --decode  decode every message with prost and re-encode every envelope, as a Doppler does
     --totals  print `totals envelopes=N bytes=B` every 100 ms instead (what `bench --only
-              downstream` reads)";
+              downstream` reads)
+    --workers threads serving connections (default 2)";
 
 pub const LOAD_USAGE: &str = "\
 metron load --target ADDR --ca PEM --cert PEM --key PEM [--server-name NAME] [--rate N]
@@ -116,8 +118,12 @@ impl Args {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    runtime_with(2)
+}
+
+fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime, BenchError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers.max(1))
         .enable_all()
         .build()
         .map_err(|e| BenchError::Setup(format!("tokio runtime: {e}")))
@@ -128,11 +134,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
 /// # Errors
 /// On bad arguments or when the sink cannot start.
 pub fn sink_main(args: &[String]) -> Result<(), BenchError> {
-    let a = Args::parse(args, &["listen", "ca", "cert", "key", "decode", "totals"])?;
+    let a = Args::parse(
+        args,
+        &["listen", "ca", "cert", "key", "decode", "totals", "workers"],
+    )?;
     let listen: SocketAddr = a.get("listen", "127.0.0.1:8082".parse().expect("literal"))?;
     let tls = a.tls()?;
+    let workers: usize = a.get("workers", 2)?;
     crate::tls::install_crypto_provider();
-    runtime()?.block_on(async move {
+    runtime_with(workers)?.block_on(async move {
         let listener = sink::bind(listen)
             .await
             .map_err(|e| BenchError::Setup(format!("--listen {listen}: {e}")))?;
@@ -744,6 +754,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "signing",
             "sequencing",
             "agent-bin",
+            "sink-workers",
         ],
     )?;
     let secs: u64 = a.get("seconds", 20)?;
@@ -809,7 +820,8 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     );
     if only == "downstream" {
         let rounds: usize = a.get("rounds", 4)?;
-        let report = super::downstream::run(&bench, &rates, secs, rounds.max(1));
+        let workers: usize = a.get("sink-workers", 2)?;
+        let report = super::downstream::run(&bench, &rates, secs, rounds.max(1), workers);
         let _ = std::fs::remove_dir_all(&dir);
         print!("{}", report?);
         println!(
