@@ -1,7 +1,7 @@
 //! The signing form's test vectors (`tests/vectors/signing.txt`): form 2 (the `metron` tag the
 //! agent writes) and form 1 (`metron_sig`, written by agents before issue 19 and still verified).
 //! The library reproduces each canonical form and tag, `verify` accepts them, and an independent
-//! Python implementation of the README's description (`tools/verify_signature.py`) agrees byte
+//! Python implementation of `docs/signing.md` (`tools/verify_signature.py`) agrees byte
 //! for byte.
 //!
 //! Regenerate form 2's blocks (only when the form deliberately changes, with a new DOMAIN):
@@ -155,7 +155,7 @@ const HEADER: &str = "\
 # Form 2: key_id and key_hex (absent: signing off), stream_hex and seq (absent: sequencing off),
 #   envelope_pb_hex: the input envelope (protobuf, loggregator.v2.Envelope, without the metron tag),
 #   envelope_json: the same as JSON (bytes as hex), canonical_hex: canonical(envelope) as the
-#   README defines it (absent when unsigned), metron: the expected tag value.
+#   docs/signing.md defines it (absent when unsigned), metron: the expected tag value.
 # Form 1: key_id, key_hex, envelope_pb_hex and envelope_json (without metron_sig), canonical_hex,
 #   metron_sig: the expected tag value.
 ";
@@ -304,7 +304,7 @@ fn library_reproduces_every_vector() {
 }
 
 #[test]
-fn an_independent_implementation_of_the_readme_agrees() {
+fn an_independent_implementation_of_the_specification_agrees() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/verify_signature.py");
     let out = std::process::Command::new("python3")
         .arg(&script)

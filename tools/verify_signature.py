@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Verifies metron signatures from the README's description alone (no metron code).
+"""Verifies metron signatures from docs/signing.md alone (no metron code).
 
 usage: verify_signature.py VECTORS_FILE
 Form 2 (the `metron` tag): rebuild the tag's value from the vector's key, stream and sequence

@@ -1,7 +1,7 @@
 //! Signing, and writing each envelope out with everything the pipeline added.
 //!
 //! The signature is an HMAC-SHA256 over `canonical(envelope)`, a byte string defined field by
-//! field (README, "Signing"), independent of protobuf's encoding, so another language can rebuild
+//! field (`docs/signing.md`), independent of protobuf's encoding, so another language can rebuild
 //! it from a decoded envelope. Form 2 (what the agent writes) covers every field except the
 //! `metron` tag, plus the sequence that tag carries, and keeps the first 16 bytes of the MAC
 //! ([`super::tag`]). Form 1 (`metron_sig`, before issue 19) is still verified, so receivers can

@@ -1,5 +1,5 @@
 //! The one tag the agent adds to every envelope, `metron`: its sequence number and its signature
-//! in one short value (form 2; README, "The `metron` tag"). Writing it, and reading it back for
+//! in one short value (form 2; `docs/signing.md`). Writing it, and reading it back for
 //! receivers (gap detection, [`super::signing::verify`]).
 //!
 //! ```text
