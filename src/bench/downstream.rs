@@ -9,14 +9,16 @@
 //! against the direct one is the downstream cost (issue 19: at most 1.15×).
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::load::{self, LoadSpec};
-use super::run::{cpu_ticks, fmt_rate, free_port, AgentProcess, Bench, Via, IDENTITY};
+use super::run::{
+    cpu_ticks, fmt_rate, free_port, wait_listening, AgentProcess, Bench, Via, IDENTITY,
+};
 use super::BenchError;
 
 /// The decoding sink, as a child process whose CPU is its own.
@@ -68,22 +70,18 @@ impl SinkProcess {
             addr,
             totals,
         };
-        // Bounded wait for it to listen.
-        for _ in 0..200 {
-            if let Ok(Some(status)) = sink.child.try_wait() {
-                return Err(BenchError::Setup(format!(
-                    "the sink exited at start-up: {status}"
-                )));
+        match wait_listening(&mut sink.child, addr) {
+            Ok(()) => Ok(sink),
+            Err(Some(status)) => Err(BenchError::Setup(format!(
+                "the sink exited at start-up: {status}"
+            ))),
+            Err(None) => {
+                sink.stop();
+                Err(BenchError::Setup(
+                    "the sink did not listen within 5 s".into(),
+                ))
             }
-            if TcpStream::connect(addr).is_ok() {
-                return Ok(sink);
-            }
-            std::thread::sleep(Duration::from_millis(25));
         }
-        sink.stop();
-        Err(BenchError::Setup(
-            "the sink did not listen within 5 s".into(),
-        ))
     }
 
     fn totals(&self) -> (u64, u64) {

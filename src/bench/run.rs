@@ -283,6 +283,24 @@ pub(super) struct AgentProcess {
     metrics: SocketAddr,
 }
 
+/// Waits (5 s at most) until `child` accepts connections on `addr`. `Err(Some(status))` when it
+/// exited first, `Err(None)` when it did not listen in time.
+pub(super) fn wait_listening(
+    child: &mut Child,
+    addr: SocketAddr,
+) -> Result<(), Option<std::process::ExitStatus>> {
+    for _ in 0..200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Some(status));
+        }
+        if TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(None)
+}
+
 pub(super) fn free_port() -> Result<SocketAddr, BenchError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -378,21 +396,18 @@ development: {{ enabled: false }}
             ingress,
             metrics,
         };
-        // Bounded wait for the agent to listen (start-up is well under a second).
-        for _ in 0..200 {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                return Err(BenchError::Agent(format!(
-                    "exited with {status} at start-up; see {}",
-                    bench.dir.join("agent.log").display()
-                )));
+        // Start-up is well under a second.
+        match wait_listening(&mut agent.child, ingress) {
+            Ok(()) => Ok(agent),
+            Err(Some(status)) => Err(BenchError::Agent(format!(
+                "exited with {status} at start-up; see {}",
+                bench.dir.join("agent.log").display()
+            ))),
+            Err(None) => {
+                agent.stop();
+                Err(BenchError::Agent("did not listen within 5 s".into()))
             }
-            if TcpStream::connect(ingress).is_ok() {
-                return Ok(agent);
-            }
-            std::thread::sleep(Duration::from_millis(25));
         }
-        agent.stop();
-        Err(BenchError::Agent("did not listen within 5 s".into()))
     }
 
     fn pid(&self) -> u32 {
