@@ -36,14 +36,27 @@ impl SequencerActor {
         next: Recipient<SequencedBatch>,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self {
+        let mut actor = Self {
             sequencer,
             numbering,
-            slot_share: budget / (2 * queues.len()),
-            budget,
+            slot_share: 0,
+            budget: 0,
             queues,
             next,
             ledger,
+        };
+        actor.set_budget(budget);
+        actor
+    }
+
+    /// Every slot is guaranteed half an equal split of `budget` (see [`may_route`]); a stream
+    /// carries at most half of that unacknowledged, so a slot always has room to send on while
+    /// it waits for an answer.
+    fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+        self.slot_share = budget / (2 * self.queues.len());
+        for q in &self.queues {
+            q.set_window(self.slot_share / 2);
         }
     }
 }
@@ -56,8 +69,7 @@ impl Handler<SetBudget> for SequencerActor {
     type Result = ();
 
     fn handle(&mut self, SetBudget(budget): SetBudget, _: &mut Context<Self>) {
-        self.budget = budget;
-        self.slot_share = budget / (2 * self.queues.len());
+        self.set_budget(budget);
     }
 }
 

@@ -120,6 +120,12 @@ pub struct EgressQueue {
     inner: Mutex<Inner>,
     /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
     routed: AtomicUsize,
+    /// Bytes a stream may carry before it must be acknowledged, beyond `ack_bytes`: half the
+    /// slot's guaranteed share (0: no limit). In flight, bytes hold their share until the
+    /// Doppler answers; a window as large as the share would let a slot fill its share with
+    /// what it sent, take nothing more, and so never reach the window: only the timer
+    /// (`ack_interval_ms`) would end the stream.
+    window: AtomicUsize,
 }
 
 impl EgressQueue {
@@ -137,6 +143,20 @@ impl EgressQueue {
     /// Budget bytes routed to this slot and not yet taken.
     pub fn routed(&self) -> usize {
         self.routed.load(Ordering::Acquire)
+    }
+
+    /// Sets the most a stream may carry unacknowledged, whatever `ack_bytes` says (the sequencer
+    /// sets half the slot's share, and again when a reload changes the budget).
+    pub fn set_window(&self, bytes: usize) {
+        self.window.store(bytes, Ordering::Release);
+    }
+
+    /// The acknowledgement window in bytes: `ack_bytes`, or less (see [`EgressQueue::set_window`]).
+    fn window_within(&self, ack_bytes: usize) -> usize {
+        match self.window.load(Ordering::Acquire) {
+            0 => ack_bytes,
+            w => w.min(ack_bytes),
+        }
     }
 
     pub fn push(&self, batch: EncodedBatch) {
@@ -328,7 +348,8 @@ impl Stream for EgressStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<OutgoingBatch>> {
         let this = self.get_mut();
-        if this.rotated.load(Ordering::Acquire) || this.carried >= this.settings.ack_bytes {
+        let window = this.queue.window_within(this.settings.ack_bytes);
+        if this.rotated.load(Ordering::Acquire) || this.carried >= window {
             return this.rotate();
         }
         // The window closes on time even while a backlog keeps the queue non-empty.
@@ -629,6 +650,31 @@ mod tests {
         assert!(s.next().await.is_none(), "40 bytes carried, window 30");
         assert!(rotated.load(Ordering::Acquire));
         assert_eq!((q.in_flight(), q.envelopes()), (4, 1));
+    }
+
+    /// The slot's window (half its share, set by the sequencer) ends a stream before `ack_bytes`
+    /// would: a slot must never hold its whole share in flight and wait for the timer.
+    #[tokio::test]
+    async fn a_window_smaller_than_ack_bytes_ends_the_stream_first() {
+        use tokio_stream::StreamExt;
+        let q = Arc::new(EgressQueue::default());
+        q.set_window(30);
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: 2,
+                max_bytes: 1 << 20,
+            },
+            ack_interval: Duration::from_secs(3600),
+            ack_bytes: 1 << 20,
+        };
+        let rotated = Arc::new(AtomicBool::new(false));
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        push(&q, batch(5, 10));
+        assert_eq!(s.next().await.unwrap().len(), 2);
+        assert_eq!(s.next().await.unwrap().len(), 2);
+        assert!(s.next().await.is_none(), "40 bytes carried, window 30");
+        assert!(rotated.load(Ordering::Acquire));
+        assert_eq!(q.window_within(20), 20, "ack_bytes still bounds it");
     }
 
     #[tokio::test]
