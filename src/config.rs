@@ -765,32 +765,42 @@ fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
 
 /// Checks the id the agent signs with: it travels in every envelope's `metron` tag, whose budget
 /// (56 bytes) leaves it [`MAX_KEY_ID`] characters, and it must not need escaping there.
+/// `eph`, the id of the random per-process key, is reserved: envelopes signed with a configured
+/// key must not look like ones nobody can verify.
 fn check_signing_key_id(key_id: &str) -> Result<(), ConfigError> {
     let fits = (1..=MAX_KEY_ID).contains(&key_id.len())
         && key_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if fits {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
+    if !fits {
+        return Err(ConfigError::new(
             "signing.key_id",
             format!(
                 "{key_id:?} must be 1 to {MAX_KEY_ID} characters of A-Z, a-z, 0-9, '-' and '_': \
                  it is written into every envelope's metron tag"
             ),
-        ))
+        ));
     }
+    if key_id == crate::EPHEMERAL_KEY_ID {
+        return Err(ConfigError::new(
+            "signing.key_id",
+            format!(
+                "{key_id:?} is reserved for the random key of an agent without a signing section"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a signing key (`<at>.key_file`; one trailing newline is not part of it) and checks its
-/// id (`<at>.key_id`). Ids of previous keys may be longer than the current one's: they may name
-/// a key an older agent signed `metron_sig` with.
+/// id (`<at>.key_id`) as `metron_sig` needs it: the id the agent signs with is checked further
+/// by [`check_signing_key_id`]; previous keys' ids may be anything an older agent signed
+/// `metron_sig` with.
 fn read_signing_key(at: &str, key_id: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    if key_id.is_empty() || key_id.contains(':') || key_id.contains('.') {
+    if key_id.is_empty() || key_id.contains(':') {
         return Err(ConfigError::new(
             format!("{at}.key_id"),
-            "must be non-empty and contain no ':' or '.'",
+            "must be non-empty and contain no ':'",
         ));
     }
     let mut key = std::fs::read(path).map_err(|e| {
@@ -1081,15 +1091,28 @@ impl RawConfig {
                 previous_keys,
             }) if !enabled && previous_keys.is_empty() => None,
             Some(s) => {
-                let (Some(key_id), Some(key_file)) = (s.key_id, s.key_file) else {
-                    return Err(ConfigError::new(
-                        "signing",
-                        "key_id and key_file are required while signing is enabled, and with \
-                         previous_keys (without the section the agent signs with a random \
-                         per-process key)",
-                    ));
+                let (key_id, key_file) = match (s.key_id, s.key_file) {
+                    (Some(id), Some(file)) => (id, file),
+                    (id, _) => {
+                        let missing = if id.is_none() {
+                            "signing.key_id"
+                        } else {
+                            "signing.key_file"
+                        };
+                        let why = if s.enabled {
+                            "required while signing is enabled (without the signing section the \
+                             agent signs with a random per-process key)"
+                        } else {
+                            "signing.key_id and signing.key_file go together (with previous_keys \
+                             too): give both, or neither"
+                        };
+                        return Err(ConfigError::new(missing, why));
+                    }
                 };
-                check_signing_key_id(&key_id)?;
+                // The id travels in every envelope only while signing is on.
+                if s.enabled {
+                    check_signing_key_id(&key_id)?;
+                }
                 let key = read_signing_key("signing", &key_id, &key_file)?;
                 let mut previous_keys: Vec<(String, Vec<u8>)> = Vec::new();
                 for (i, p) in s.previous_keys.iter().enumerate() {
@@ -1450,10 +1473,22 @@ development: { enabled: true }
 
         let key = |t: &str| Config::from_yaml(t).unwrap_err();
         let e = key(&format!("{MINIMAL}signing: {{ enabled: true }}\n"));
-        assert_eq!(e.key, "signing");
+        assert_eq!(e.key, "signing.key_id");
         assert!(
-            e.problem.contains("key_id and key_file are required"),
+            e.problem.contains("required while signing is enabled"),
             "{e}"
+        );
+        let e = key(&format!(
+            "{MINIMAL}signing: {{ enabled: false, key_id: k1 }}\n"
+        ));
+        assert_eq!(e.key, "signing.key_file");
+        assert!(e.problem.contains("go together"), "{e}");
+        let long_but_off = format!(
+            "{MINIMAL}signing: {{ enabled: false, key_id: production-2025, key_file: {manifest}/build.rs }}\n"
+        );
+        assert!(
+            Config::from_yaml(&long_but_off).is_ok(),
+            "the id is only checked for the tag while signing is on"
         );
         assert_eq!(
             key(&format!("{MINIMAL}sequencing: {{ enabled: maybe }}\n")).key,
@@ -1485,11 +1520,17 @@ development: { enabled: true }
         for bad in ["", "seven77", "k.1", "k:1", "ключ", "k 1"] {
             let e = with(bad).unwrap_err();
             assert_eq!(e.key, "signing.key_id", "{bad}");
-            assert!(e.problem.contains("1 to 6 characters"), "{e}");
+            assert!(
+                e.problem.contains("1 to 6 characters") || e.problem.contains("no ':'"),
+                "{e}"
+            );
         }
-        // A previous key may have a longer id: an older agent may have signed with it.
+        let e = with("eph").unwrap_err();
+        assert!(e.problem.contains("reserved"), "{e}");
+        // A previous key's id may be longer, and hold a '.': an older agent may have signed
+        // metron_sig with it.
         let previous = format!(
-            "{MINIMAL}signing: {{ key_id: k2, key_file: {manifest}/Cargo.toml, previous_keys: [ {{ key_id: production-2026, key_file: {manifest}/build.rs }} ] }}\n"
+            "{MINIMAL}signing: {{ key_id: k2, key_file: {manifest}/Cargo.toml, previous_keys: [ {{ key_id: prod.2026-a, key_file: {manifest}/build.rs }} ] }}\n"
         );
         assert!(Config::from_yaml(&previous).is_ok());
     }

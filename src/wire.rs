@@ -603,6 +603,7 @@ impl Running {
         } else if new.signing.as_ref().map(|s| &s.previous_keys)
             != old.signing.as_ref().map(|s| &s.previous_keys)
             && !needs_restart.contains(&"signing")
+            && !needs_restart.contains(&"signing.enabled")
         {
             applied.push("signing.previous_keys");
         }

@@ -67,6 +67,7 @@ async fn one_entry_within_56_bytes_numbered_and_signed() {
     let tagged = run(&sent, true, true).await;
     let plain = run(&sent, false, false).await;
     assert_eq!(tagged.len(), 2 * PER_SOURCE);
+    assert_eq!(plain.len(), tagged.len());
     for (t, p) in tagged.iter().zip(&plain) {
         assert!(
             !p.tags.contains_key(TAG),

@@ -328,3 +328,48 @@ async fn keys_that_need_a_restart_are_named_and_keep_their_running_values() {
     assert_eq!(again.needs_restart.len(), 3);
     agent.shutdown();
 }
+
+/// An agent started with signing off stays unsigned when a reload brings a key and turns signing
+/// on (that needs a restart), and one started with it on keeps signing when a reload turns it
+/// off; both are named as needing a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_signing_on_or_off_needs_a_restart() {
+    use metron::envelope::tag::{MetronTag, TAG};
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let signed = w.yaml(&[(doppler.addr(), "z1")], "");
+    let configured = format!(
+        "signing: {{ key_id: {KEY_ID}, key_file: {} }}",
+        w.key_file.display()
+    );
+    let unsigned = signed.replace(&configured, "signing: { enabled: false }");
+    assert_ne!(signed, unsigned);
+    let mut sent = 0;
+    for (start, then, still_signed) in [(&unsigned, &signed, false), (&signed, &unsigned, true)] {
+        metron::telemetry::init_logging("warn");
+        let agent = metron::Agent::start(Config::from_yaml(start).unwrap()).unwrap();
+        let outcome = agent
+            .reload(Config::from_yaml(then).unwrap())
+            .await
+            .expect("the reload applies what it can");
+        assert!(
+            outcome.needs_restart.contains(&"signing.enabled"),
+            "{outcome:?}"
+        );
+        assert!(!outcome.applied.contains(&"signing"), "{outcome:?}");
+        let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+        client
+            .send(EnvelopeBatch {
+                batch: vec![log_envelope("after-reload", "x")],
+            })
+            .await
+            .unwrap();
+        sent += 1;
+        assert!(doppler.wait_for_count_async(sent, STEP).await);
+        let e = doppler.received().pop().unwrap();
+        let tag = MetronTag::parse(&e.tags[TAG]).unwrap();
+        assert_eq!(tag.signature.is_some(), still_signed, "{e:?}");
+        assert!(tag.sequence.is_some(), "numbered either way");
+        agent.shutdown();
+    }
+}

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use metron::envelope::signing::{canonical, canonical_v1, decode_hex, encode_hex, Signer};
-use metron::envelope::tag::{MetronTag, Sequence, TAG};
+use metron::envelope::tag::{MetronTag, Sequence, TagError, TAG};
 use metron::proto::envelope::Message;
 use metron::proto::{value::Data, Counter, Envelope, Event, Gauge, GaugeValue, Log, Timer, Value};
 use prost::Message as _;
@@ -63,6 +63,11 @@ fn inputs() -> Vec<(&'static str, Envelope, Stamp)> {
         payload: vec![0, 159, 146, 150, 255],
         r#type: 0,
     }));
+    // An emitter's own `metron` tag: replaced, and never signed.
+    let mut emitters_tag = base("app-a", None);
+    emitters_tag
+        .tags
+        .insert(TAG.into(), "2fake.from-the-emitter".into());
     let mut unicode = base(
         "app-ü",
         Some(Message::Event(Event {
@@ -145,9 +150,35 @@ fn inputs() -> Vec<(&'static str, Envelope, Stamp)> {
         ),
         ("sequencing-only", base("app-a", None), (None, Some(1))),
         ("signing-only", base("app-a", None), (Some(KEY_ID), None)),
+        ("emitter-metron-tag", emitters_tag, (Some(KEY_ID), Some(7))),
     ])
     .collect()
 }
+
+/// Tag values a receiver must refuse, and why (`MetronTag::parse`'s error).
+const MALFORMED: &[(&str, &str, TagError)] = &[
+    ("other-form", "3k1.AAAA", TagError::UnknownForm),
+    ("no-separator", "2k1AAAA", TagError::NoSeparator),
+    ("nothing-in-it", "2.", TagError::BadLength),
+    ("mac-too-short", "2k1.AAAA", TagError::BadLength),
+    (
+        "stray-bits",
+        "2k1.nyxOGgt9TD4qM5h3VSNdALxUU6DBrMTQrR",
+        TagError::NotBase64,
+    ),
+    (
+        "padded",
+        "2k1.nyxOGgt9TD4qM5h3VSNdALxUU6DBrMTQrQ==",
+        TagError::NotBase64,
+    ),
+    (
+        "standard-alphabet",
+        "2k1.nyxOGgt9TD4+M5h3VSNdALxUU6DBrMTQrQ",
+        TagError::NotBase64,
+    ),
+    ("overlong-number", "2.nyxOGgt9TD6qAA", TagError::BadLength),
+    ("stream-too-short", "2.nyxOGgt9TA", TagError::BadLength),
+];
 
 const HEADER: &str = "\
 # metron signing test vectors. One block per vector, fields `name: value`.
@@ -158,6 +189,7 @@ const HEADER: &str = "\
 #   docs/signing.md defines it (absent when unsigned), metron: the expected tag value.
 # Form 1: key_id, key_hex, envelope_pb_hex and envelope_json (without metron_sig), canonical_hex,
 #   metron_sig: the expected tag value.
+# form: malformed: a metron tag value a receiver must refuse.
 ";
 
 /// The tag the agent writes for `env` with `stamp`.
@@ -206,6 +238,9 @@ fn render(existing: &[Block]) -> String {
         }
         let _ = writeln!(out, "metron: {}", stamped(&env, (key_id, seq)).tags[TAG]);
     }
+    for (name, value, _) in MALFORMED {
+        let _ = write!(out, "\nname: {name}\nform: malformed\nmetron: {value}\n");
+    }
     for old in existing.iter().filter(|b| b["form"] == "1") {
         out.push('\n');
         for key in [
@@ -249,8 +284,18 @@ fn library_reproduces_every_vector() {
     let text = std::fs::read_to_string(path()).expect("tests/vectors/signing.txt");
     let vectors = parse(&text);
     let inputs = inputs();
-    let (form2, form1): (Vec<_>, Vec<_>) = vectors.iter().partition(|v| v["form"] == "2");
+    let form2: Vec<_> = vectors.iter().filter(|v| v["form"] == "2").collect();
+    let form1: Vec<_> = vectors.iter().filter(|v| v["form"] == "1").collect();
+    let malformed: Vec<_> = vectors
+        .iter()
+        .filter(|v| v["form"] == "malformed")
+        .collect();
     assert_eq!(form2.len(), inputs.len());
+    assert_eq!(malformed.len(), MALFORMED.len());
+    for (v, (name, value, why)) in malformed.into_iter().zip(MALFORMED) {
+        assert_eq!((v["name"].as_str(), v["metron"].as_str()), (*name, *value));
+        assert_eq!(MetronTag::parse(value), Err(why.clone()), "{name}");
+    }
     assert!(form1.len() >= 7, "form 1's vectors are kept");
     for (v, (name, built, stamp)) in form2.into_iter().zip(inputs) {
         assert_eq!(v["name"], name);

@@ -6,12 +6,14 @@ Form 2 (the `metron` tag): rebuild the tag's value from the vector's key, stream
 number, rebuild canonical(envelope) from envelope_json and compare with canonical_hex; then read
 the expected tag back (form, key id, stream, number, MAC) and verify its truncated MAC.
 Form 1 (`metron_sig`, older agents): rebuild canonical(envelope) and check
-metron_sig = key_id ":" hex(HMAC-SHA256(key, canonical)). Prints "N vectors ok".
+metron_sig = key_id ":" hex(HMAC-SHA256(key, canonical)). Malformed tag values must be refused.
+Prints "N vectors ok".
 """
 import base64
 import hashlib
 import hmac
 import json
+import re
 import struct
 import sys
 
@@ -62,7 +64,14 @@ def b64url(b: bytes) -> str:
 
 
 def unb64url(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+    """Strict unpadded base64url: the alphabet only, no padding, and the one spelling of the bytes
+    (no bits set past the last byte)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", s) or len(s) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    b = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+    if b64url(b) != s:
+        raise ValueError("not the one spelling of its bytes")
+    return b
 
 
 def tag_value(key_id, stream, seq, mac) -> str:
@@ -76,19 +85,28 @@ def tag_value(key_id, stream, seq, mac) -> str:
 
 
 def parse_tag(value: str) -> tuple:
-    """(key_id or None, stream or None, seq or None, mac or None) of a metron tag value."""
+    """(key_id or None, stream or None, seq or None, mac or None) of a metron tag value; raises
+    ValueError for anything docs/signing.md calls malformed."""
     if not value.startswith("2"):
         raise ValueError("not form 2")
+    if "." not in value:
+        raise ValueError("no '.' after the key id")
     key_id, payload = value[1:].split(".", 1)
     payload = unb64url(payload)
     mac = None
     if key_id:
+        if len(payload) < MAC_BYTES:
+            raise ValueError("shorter than a MAC")
         payload, mac = payload[:-MAC_BYTES], payload[-MAC_BYTES:]
     if not payload:
-        return key_id or None, None, None, mac
+        if mac is None:
+            raise ValueError("neither a sequence nor a signature")
+        return key_id, None, None, mac
+    if len(payload) <= 8:
+        raise ValueError("a stream without a number")
     seq, used = read_uvarint(payload[8:])
-    if len(payload) != 8 + used:
-        raise ValueError("trailing bytes")
+    if len(payload) != 8 + used or len(uvarint(seq)) != used:
+        raise ValueError("the number does not use up the payload in as few bytes as it needs")
     return key_id or None, payload[:8], seq, mac
 
 
@@ -190,11 +208,20 @@ def check_v2(v: dict) -> str:
     return ""
 
 
+def check_malformed(v: dict) -> str:
+    try:
+        parse_tag(v["metron"])
+    except ValueError:
+        return ""
+    return "a malformed tag was accepted"
+
+
 def main(path: str) -> int:
     n = 0
+    checks = {"1": check_v1, "2": check_v2, "malformed": check_malformed}
     with open(path, encoding="utf-8") as f:
         for v in blocks(f.read()):
-            problem = check_v2(v) if v["form"] == "2" else check_v1(v)
+            problem = checks[v["form"]](v)
             if problem:
                 print(f"{v['name']} (form {v['form']}): {problem}")
                 return 1

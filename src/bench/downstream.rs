@@ -103,19 +103,35 @@ impl Drop for SinkProcess {
     }
 }
 
-/// CPU time `pid` has used, in nanoseconds: the sum of its threads' `schedstat` (nanosecond
-/// resolution), or its tick count where the kernel keeps no schedstat.
-fn cpu_ns(pid: u32) -> Option<u64> {
+/// CPU time of each thread of `pid`, in nanoseconds (`schedstat`), by thread id; or the whole
+/// process's in ticks, under thread id 0, where the kernel keeps no schedstat.
+fn cpu_sample(pid: u32) -> Option<std::collections::HashMap<u32, u64>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut sum = 0;
+    let mut sample = std::collections::HashMap::new();
     for task in tasks.flatten() {
+        let tid = task.file_name().to_str()?.parse().ok()?;
         let stat = std::fs::read_to_string(task.path().join("schedstat")).ok();
         match stat.and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()) {
-            Some(ns) => sum += ns,
-            None => return cpu_ticks(pid).map(|t| t * 10_000_000),
-        }
+            Some(ns) => sample.insert(tid, ns),
+            None => {
+                let ticks = cpu_ticks(pid)?;
+                return Some(std::collections::HashMap::from([(0, ticks * 10_000_000)]));
+            }
+        };
     }
-    Some(sum)
+    Some(sample)
+}
+
+/// CPU time used between two samples of one process: per thread, so that a thread that exits
+/// meanwhile takes only its own time with it instead of making the total go backwards.
+fn cpu_between(
+    before: &std::collections::HashMap<u32, u64>,
+    after: &std::collections::HashMap<u32, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// What one run cost the sink.
@@ -203,25 +219,34 @@ fn measure_round(
         spec(bench, direct, None, rate, secs),
     );
     let sinks = [via_agent, direct];
-    let before: Vec<((u64, u64), Option<u64>)> = sinks
+    // The handshakes come first: the agent's with its sink happened as it started, and the
+    // direct load's must not fall into the window either.
+    let channels = bench.rt.block_on(async {
+        tokio::try_join!(load::connect_all(&loads.0), load::connect_all(&loads.1))
+    })?;
+    let before: Vec<((u64, u64), _)> = sinks
         .iter()
-        .map(|s| (s.totals(), cpu_ns(s.child.id())))
+        .map(|s| (s.totals(), cpu_sample(s.child.id())))
         .collect();
     let started = Instant::now();
-    let (a, d) = bench
-        .rt
-        .block_on(async { tokio::join!(load::run(loads.0), load::run(loads.1)) });
+    let (a, d) = bench.rt.block_on(async {
+        tokio::join!(
+            load::send(loads.0, channels.0),
+            load::send(loads.1, channels.1)
+        )
+    });
     let sent = [a?.sent, d?.sent];
     let give_up = Instant::now() + Duration::from_secs(15);
     let arrived = |i: usize| sinks[i].totals().0 - before[i].0 .0 >= sent[i];
     while !(arrived(0) && arrived(1)) && Instant::now() < give_up {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let cpu: Vec<Option<u64>> = sinks.iter().map(|s| cpu_ns(s.child.id())).collect();
+    let cpu: Vec<_> = sinks.iter().map(|s| cpu_sample(s.child.id())).collect();
     let seconds = started.elapsed().as_secs_f64();
     drop(agent);
     let cost = |i: usize| {
-        let ((n0, b0), cpu0) = before[i];
+        let ((n0, b0), cpu0) = &before[i];
+        let (n0, b0) = (*n0, *b0);
         let (n1, b1) = sinks[i].totals();
         if n1 - n0 < sent[i] {
             eprintln!(
@@ -233,7 +258,10 @@ fn measure_round(
         Cost {
             envelopes: n1 - n0,
             bytes: b1 - b0,
-            cpu_ns: cpu[i].zip(cpu0).map_or(0, |(b, a)| b - a),
+            cpu_ns: cpu[i]
+                .as_ref()
+                .zip(cpu0.as_ref())
+                .map_or(0, |(after, before)| cpu_between(before, after)),
             seconds,
         }
     };

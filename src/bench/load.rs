@@ -109,10 +109,28 @@ async fn connect(spec: &LoadSpec) -> Result<Channel, BenchError> {
 /// # Errors
 /// When a connection cannot be made or a stream fails.
 pub async fn run(spec: LoadSpec) -> Result<LoadResult, BenchError> {
+    let channels = connect_all(&spec).await?;
+    send(spec, channels).await
+}
+
+/// Makes the load's connections (TCP, TLS and HTTP/2 handshakes), one per stream, so that a
+/// measurement can start after them.
+///
+/// # Errors
+/// When a connection cannot be made.
+pub async fn connect_all(spec: &LoadSpec) -> Result<Vec<Channel>, BenchError> {
     let mut channels = Vec::with_capacity(spec.streams);
     for _ in 0..spec.streams {
-        channels.push(connect(&spec).await?);
+        channels.push(connect(spec).await?);
     }
+    Ok(channels)
+}
+
+/// [`run`] over connections already made ([`connect_all`]).
+///
+/// # Errors
+/// When a stream fails.
+pub async fn send(spec: LoadSpec, channels: Vec<Channel>) -> Result<LoadResult, BenchError> {
     let sent = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + spec.duration;

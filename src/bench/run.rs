@@ -23,8 +23,8 @@ const TICKS_PER_SEC: f64 = 100.0;
 pub const BENCH_USAGE: &str = "\
 metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
-             [--budget-bytes N]
-             [--signing on|off] [--sequencing on|off] [--agent-bin PATH] [--trace]
+             [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
+             [--sink-workers N] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)

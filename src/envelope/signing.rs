@@ -289,7 +289,10 @@ fn put_entry(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
 /// Why an envelope's signature did not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
-    #[error("envelope carries no signature (no metron tag with a key id, and no metron_sig tag)")]
+    #[error(
+        "envelope carries no signature (its metron tag has no key id, or it has neither a metron \
+         nor a metron_sig tag)"
+    )]
     Missing,
     #[error("the metron tag does not read: {0}")]
     Malformed(#[from] tag::TagError),

@@ -79,10 +79,14 @@ impl MetronTag {
             [] => None,
             _ if sequenced.len() <= STREAM_BYTES => return Err(TagError::BadLength),
             _ => {
-                let (stream, mut number) = sequenced.split_at(STREAM_BYTES);
+                let (stream, number) = sequenced.split_at(STREAM_BYTES);
+                let mut rest = number;
                 let seq =
-                    prost::encoding::decode_varint(&mut number).map_err(|_| TagError::BadLength)?;
-                if !number.is_empty() {
+                    prost::encoding::decode_varint(&mut rest).map_err(|_| TagError::BadLength)?;
+                // The number must use up the payload, in as few bytes as it needs: one spelling
+                // per value, as for the base64url around it.
+                let used = number.len() - rest.len();
+                if !rest.is_empty() || used != prost::encoding::encoded_len_varint(seq) {
                     return Err(TagError::BadLength);
                 }
                 Some(Sequence {
@@ -221,6 +225,29 @@ mod tests {
     }
 
     #[test]
+    fn malformed_values_are_refused() {
+        for (bad, why) in [
+            ("3k1.AAAA", TagError::UnknownForm),
+            ("2k1AAAA", TagError::NoSeparator),
+            ("2.", TagError::BadLength),
+            ("2k1.AAAA", TagError::BadLength),
+            (
+                "2k1.nyxOGgt9TD4qM5h3VSNdALxUU6DBrMTQrR",
+                TagError::NotBase64,
+            ),
+            (
+                "2k1.nyxOGgt9TD4qM5h3VSNdALxUU6DBrMTQrQ==",
+                TagError::NotBase64,
+            ),
+            // The stream, then 42 written in two bytes (0xaa 0x00): an overlong varint.
+            ("2.nyxOGgt9TD6qAA", TagError::BadLength),
+        ] {
+            assert_eq!(MetronTag::parse(bad), Err(why), "{bad}");
+        }
+        assert!(MetronTag::parse("2k1.nyxOGgt9TD4qM5h3VSNdALxUU6DBrMTQrQ").is_ok());
+    }
+
+    #[test]
     fn the_whole_tag_stays_within_56_bytes_below_a_million() {
         let seq = Sequence {
             stream: [0xff; 8],
@@ -261,10 +288,22 @@ mod tests {
             prop_assert_eq!(MetronTag::parse(&s), Ok(t));
         }
 
-        /// No input makes the parser panic; base64url round-trips.
+        /// No input makes the parser panic, and what it accepts it would write the same way;
+        /// base64url round-trips.
         #[test]
-        fn parsing_is_total(s in ".{0,60}", bytes in prop::collection::vec(any::<u8>(), 0..40)) {
-            let _ = MetronTag::parse(&s);
+        fn parsing_is_total_and_exact(s in prop_oneof![
+                ".{0,60}",
+                "2[A-Za-z0-9_-]{0,7}\\.[A-Za-z0-9_-]{0,60}",
+            ], bytes in prop::collection::vec(any::<u8>(), 0..40)) {
+            if let Ok(t) = MetronTag::parse(&s) {
+                let mut again = Vec::new();
+                let (id, mac) = match &t.signature {
+                    Some((id, mac)) => (id.as_bytes(), Some(&mac[..])),
+                    None => (&b""[..], None),
+                };
+                write_value(&mut again, id, t.sequence.as_ref(), mac);
+                prop_assert_eq!(String::from_utf8(again).unwrap(), s);
+            }
             let mut v = Vec::new();
             base64url_encode(&bytes, &mut v);
             prop_assert_eq!(base64url_decode(std::str::from_utf8(&v).unwrap()), Some(bytes));
