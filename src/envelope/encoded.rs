@@ -102,15 +102,6 @@ impl EncodedBatch {
         &self.buf
     }
 
-    /// Moves every envelope of `other` to the end of `self`.
-    pub fn append(&mut self, other: &mut EncodedBatch) {
-        let base = u32::try_from(self.buf.len()).expect("a batch stays far below 4 GiB");
-        self.buf.append(&mut other.buf);
-        self.ends.extend(other.ends.drain(..).map(|e| e + base));
-        self.costs.append(&mut other.costs);
-        self.bytes += std::mem::take(&mut other.bytes);
-    }
-
     /// Splits off the envelopes from index `at` on.
     pub fn split_off(&mut self, at: usize) -> EncodedBatch {
         if at >= self.len() {
@@ -162,18 +153,12 @@ mod tests {
     }
 
     #[test]
-    fn the_body_decodes_as_the_envelope_batch_through_merges_and_splits() {
+    fn the_body_decodes_as_the_envelope_batch_through_splits() {
         let envs: Vec<Envelope> = (0..7).map(env).collect();
         let mut a = EncodedBatch::default();
-        for e in &envs[..3] {
+        for e in &envs {
             a.push(e, queued_cost(e));
         }
-        let mut b = EncodedBatch::default();
-        for e in &envs[3..] {
-            b.push(e, queued_cost(e));
-        }
-        a.append(&mut b);
-        assert!(b.is_empty() && b.bytes() == 0);
         let decoded = EnvelopeBatch::decode(a.as_message_body()).unwrap();
         assert_eq!(decoded.batch, envs);
         let total = a.bytes();

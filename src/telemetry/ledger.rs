@@ -266,7 +266,7 @@ mod tests {
         assert!(!l.admit(1, 50, Duration::from_millis(5)).await);
         l.refused(DropReason::PipelineFull, 1);
         l.delivered(2, 40);
-        l.dropped(DropReason::ConnectionQueueFull, 1, 20);
+        l.dropped(DropReason::SignerQueueFull, 1, 20);
         assert_eq!(l.buffered(), (0, 0));
         let s = m.snapshot();
         assert_eq!((s.egress, s.dropped_total()), (2, 2));

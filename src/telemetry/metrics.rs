@@ -14,7 +14,7 @@ use super::ratelimit::RateLimit;
 /// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
 /// `egress` when no Doppler could take the envelope, `ingress` when the agent shed it. Whether a
 /// drop leaves a gap in the sequence depends on the reason: only `signer_queue_full`,
-/// `connection_queue_full`, `shutdown_grace_expired` and `connection_lost` happen after sequencing.
+/// `shutdown_grace_expired` and `connection_lost` happen after sequencing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// The pipeline's byte budget stayed full for `ingress.grpc.max_wait_ms` (drop newest, at the
@@ -33,8 +33,6 @@ pub enum DropReason {
     ShuttingDown,
     /// The signer's mailbox was full (after sequencing).
     SignerQueueFull,
-    /// A Doppler connection actor's mailbox was full.
-    ConnectionQueueFull,
     /// The source's connection slot already held its share of the budget (its Doppler is slow or
     /// gone), so one stuck slot cannot starve the others. Decided before sequencing.
     SlotQueueFull,
@@ -56,7 +54,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -64,7 +62,6 @@ impl DropReason {
         DropReason::SequencerQueueFull,
         DropReason::ShuttingDown,
         DropReason::SignerQueueFull,
-        DropReason::ConnectionQueueFull,
         DropReason::SlotQueueFull,
         DropReason::ShutdownGraceExpired,
         DropReason::ConnectionLost,
@@ -84,7 +81,6 @@ impl DropReason {
             DropReason::SequencerQueueFull => "sequencer_queue_full",
             DropReason::ShuttingDown => "shutting_down",
             DropReason::SignerQueueFull => "signer_queue_full",
-            DropReason::ConnectionQueueFull => "connection_queue_full",
             DropReason::SlotQueueFull => "slot_queue_full",
             DropReason::ShutdownGraceExpired => "shutdown_grace_expired",
             DropReason::ConnectionLost => "connection_lost",
@@ -111,7 +107,6 @@ impl DropReason {
             | DropReason::V1UnknownEventType => "ingress",
             DropReason::NoDoppler
             | DropReason::SignerQueueFull
-            | DropReason::ConnectionQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
         }
@@ -572,7 +567,7 @@ mod tests {
         m.ingress.fetch_add(10, Ordering::Relaxed);
         m.dropped(DropReason::PipelineFull, 2);
         m.dropped(DropReason::Oversize, 1);
-        m.dropped(DropReason::ConnectionQueueFull, 3);
+        m.dropped(DropReason::SignerQueueFull, 3);
         let text = m.render((0, 0), 1 << 20);
         assert!(text.contains("ingress{metric_version=\"2.0\"} 10\n"));
         assert!(text.contains("dropped{direction=\"ingress\",metric_version=\"2.0\"} 3\n"));

@@ -154,7 +154,6 @@ pub fn assert_losses_accounted(received: &[Envelope], m: &MetricsSnapshot) {
     );
     let after_sequencing: u64 = [
         DropReason::SignerQueueFull,
-        DropReason::ConnectionQueueFull,
         DropReason::ShutdownGraceExpired,
         DropReason::ConnectionLost,
     ]
