@@ -148,10 +148,18 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
     let w = World::new();
     // An address with nothing listening: every connection attempt fails.
     let addr = unserved_addr();
-    let agent = w.start(
-        &[(addr, "z1")],
-        "pipeline: { max_buffered_bytes: 10485760 }\n",
-    );
+    // A long max_wait_ms, so that waiting for room would show: more than half the 60 calls
+    // below find the budget full, and would take 2 s each.
+    let yaml = w
+        .yaml(&[(addr, "z1")], "pipeline: { max_buffered_bytes: 10485760 }\n")
+        .replacen(
+            "    listen: \"127.0.0.1:0\"\n    tls:",
+            "    listen: \"127.0.0.1:0\"\n    max_wait_ms: 2000\n    tls:",
+            1,
+        );
+    assert!(yaml.contains("max_wait_ms: 2000"));
+    metron::telemetry::init_logging("warn");
+    let agent = metron::Agent::start(metron::config::Config::from_yaml(&yaml).unwrap()).unwrap();
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     let load = batches(10, 6_000, 100, 4096);
     let t = Instant::now();
@@ -161,7 +169,8 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
             .await
             .expect("Send never fails with no Doppler");
     }
-    // With no Doppler stream open the edge does not wait at all.
+    // With no Doppler stream open the edge does not wait at all: 30 full-budget calls
+    // waiting 2 s each would take a minute.
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "60 calls took {:?}",
