@@ -418,7 +418,7 @@ fn default_ack_interval_ms() -> NonZeroU64 {
 fn default_ack_bytes() -> NonZeroUsize {
     NonZeroUsize::new(1024 * 1024).unwrap()
 }
-/// Upstream recycles after ~100k writes; see README "Supervision" for why metron uses time.
+/// Upstream recycles after ~100k writes; decision 12 says why metron uses time.
 fn default_recycle_interval_ms() -> u64 {
     600_000
 }

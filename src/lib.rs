@@ -45,8 +45,10 @@
 //!   one graceful move per interval (off a retired Doppler, home to the local AZ, onto an unused
 //!   Doppler, periodic recycle); rate-limits its warnings.
 //!
-//! Every mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with `try_send`; a
-//! full one drops the batch with its own reason. All queues together are bounded by
+//! Every data mailbox is bounded (`pipeline.mailbox_capacity` batches) and entered with
+//! `try_send`; a full one drops the batch with its own reason. (Control messages, one per
+//! connection event or reload, use `do_send`: they must arrive whatever the mailbox holds, and
+//! there are too few of them to grow memory; decision 6.) All queues together are bounded by
 //! `pipeline.max_buffered_bytes`. The ledger makes `ingress == egress + Σ dropped + buffered`
 //! exact whenever the pipeline is idle, and `buffered` is zero after shutdown.
 //!
@@ -465,8 +467,8 @@ impl Drop for Agent {
     }
 }
 
-/// The agent thread: builds the graph inside an actix `System` on a 2-worker tokio runtime, runs
-/// until told to stop, drains, then counts whatever could not be flushed.
+/// The agent thread: builds the graph inside an actix `System` on a 1-worker tokio runtime
+/// (decision 5), runs until told to stop, drains, then counts whatever could not be flushed.
 fn run_system(
     prepared: wire::Prepared,
     grace: std::time::Duration,

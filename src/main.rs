@@ -89,9 +89,9 @@ fn tune_allocator() {
 
 /// `pipeline.scheduling: batch`: puts this thread under `SCHED_BATCH` (same priority as
 /// `SCHED_OTHER`) before any other thread exists, so every thread the agent starts inherits it.
-/// An agent thread that wakes then never preempts the thread running on that core: at 50k
-/// envelopes/s the agent's threads stopped preempting each other, and it used 8% less CPU with
-/// 18% fewer context switches (docs/decisions.md 21). Returns what to log once logging is up.
+/// An agent thread that wakes then never preempts the thread running on that core, so the
+/// agent's two threads stop preempting each other (and an app's); what that saved is in
+/// docs/decisions.md 21. Returns what to log once logging is up.
 fn tune_scheduler(scheduling: Scheduling) -> Result<&'static str, std::io::Error> {
     match scheduling {
         Scheduling::Inherit => Ok("the scheduling policy the process was started with"),

@@ -151,7 +151,10 @@ async fn no_doppler_buffers_up_to_the_budget_then_delivers_when_one_appears() {
     // A long max_wait_ms, so that waiting for room would show: more than half the 60 calls
     // below find the budget full, and would take 2 s each.
     let yaml = w
-        .yaml(&[(addr, "z1")], "pipeline: { max_buffered_bytes: 10485760 }\n")
+        .yaml(
+            &[(addr, "z1")],
+            "pipeline: { max_buffered_bytes: 10485760 }\n",
+        )
         .replacen(
             "    listen: \"127.0.0.1:0\"\n    tls:",
             "    listen: \"127.0.0.1:0\"\n    max_wait_ms: 2000\n    tls:",

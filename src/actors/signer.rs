@@ -1,12 +1,12 @@
-//! The signer actor: signs every envelope and writes its `metron` tag, encodes it once (the slot queues keep
-//! envelopes encoded, at about a fifth of the memory, see [`crate::envelope::encoded`]) and
-//! appends each slot's part to that slot's queue, whose BatchSender stream it wakes. Runs on its
-//! own arbiter (thread) so hashing and encoding never stall routing.
+//! The signer actor: signs every envelope and writes its `metron` tag, encodes it once (the slot
+//! queues keep envelopes encoded, see [`crate::envelope::encoded`]) and appends each slot's part
+//! to that slot's queue, whose BatchSender stream it wakes. It shares the pipeline arbiter with
+//! the ingress actor and the sequencer, away from the supervisor and the connections (decision 5).
 //!
 //! The queue is written directly rather than through the connection actor's mailbox: that hop
-//! woke the system arbiter once per slot per batch (up to 2,500 times a second at 50k
-//! envelopes/s) for a push the queue's own lock already makes safe (decision 14). The queue is
-//! bounded by the budget, which the sequencer checked before routing.
+//! woke the system arbiter once per slot per batch for a push the queue's own lock already makes
+//! safe (decision 14). The queue is bounded by the budget, which the sequencer checked before
+//! routing.
 
 use std::sync::Arc;
 

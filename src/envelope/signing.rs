@@ -260,7 +260,7 @@ pub fn varint_len(v: usize) -> usize {
 }
 
 /// A varint; inline for the one-byte case, which every tag entry's lengths nearly always are
-/// (prost's encoder, a loop behind a call, was 4% of signing).
+/// (prost's encoder is a loop behind a call; decision 20 has what inlining saved).
 #[inline]
 fn put_varint(out: &mut Vec<u8>, v: u64) {
     if v < 0x80 {

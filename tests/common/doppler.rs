@@ -443,7 +443,7 @@ fn bind_with_retry(addr: SocketAddr) -> TcpListener {
 /// Arrival order alone is not send order. When the agent cuts a connection off (a watchdog, a
 /// killed actor), the Doppler may still read the old stream's last messages after the slot's
 /// next stream delivered its first ones. Those envelopes are counted as `connection_lost`, and
-/// arrived anyway (README, "Known limits"). The agent still sent them first: each stream of a
+/// arrived anyway (`docs/architecture.md`, "Known limits"). The agent still sent them first: each stream of a
 /// slot starts only after the previous one ended.
 pub fn received_in_send_order(dopplers: &[&FakeDoppler]) -> Vec<Envelope> {
     let mut all: Vec<((u64, u64), Envelope)> = dopplers
