@@ -46,7 +46,7 @@ async fn certificates_rotate_to_a_new_ca_on_both_sides_while_envelopes_flow() {
         .expect("the reload applies");
     assert_eq!(
         outcome.applied,
-        vec!["ingress.grpc.tls", "dopplers.tls", "dopplers.endpoints"]
+        vec!["ingress.grpc.tls", "dopplers.endpoints", "dopplers.tls"]
     );
     assert!(outcome.needs_restart.is_empty(), "{outcome:?}");
 
@@ -147,7 +147,10 @@ async fn the_signing_key_and_default_tags_change_live_and_the_old_key_stays_veri
     let config = Config::from_yaml(&rotated).unwrap();
     let signing = config.signing.clone().unwrap();
     let outcome = agent.reload(config).await.expect("the reload applies");
-    assert_eq!(outcome.applied, vec!["tags", "signing"]);
+    assert_eq!(
+        outcome.applied,
+        vec!["tags", "signing", "signing.previous_keys"]
+    );
 
     client.send(send("after")).await.unwrap();
     assert!(doppler.wait_for_count_async(10, STEP).await);

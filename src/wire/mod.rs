@@ -1,5 +1,7 @@
 //! Builds the actor graph in one place and hands out the handles (no globals). Runs inside the
-//! agent's actix `System`.
+//! agent's actix `System`. What a SIGHUP changes in the running graph is in [`reload`].
+
+mod reload;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,13 +15,11 @@ use tonic::transport::Server;
 
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::ingress::IngressActor;
-use crate::actors::messages::{
-    Drain, DumpState, SetBudget, SetDefaultTags, SetDial, SetDopplers, SetSigner,
-};
+use crate::actors::messages::{Drain, DumpState};
 use crate::actors::sequencer::SequencerActor;
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, Dopplers, SupervisorSetup};
-use crate::config::{Config, ConfigError, DopplerSource, SigningConfig};
+use crate::config::{Config, ConfigError, DopplerSource};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::signing::Signer;
 use crate::envelope::tagging::Tagger;
@@ -476,166 +476,6 @@ fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
 }
 
 impl Running {
-    /// Applies `new` (already validated, its files read into `tls`) to the running agent, all or
-    /// nothing: everything that can fail is checked before anything changes. Keys that only take
-    /// effect at start-up keep their running values and are listed in the outcome.
-    ///
-    /// Open connections are kept: new certificates apply to connections made from now on
-    /// (emitters' next connect, each Doppler slot's next dial). Buffered envelopes stay where they
-    /// are; those already signed keep the old key's signature.
-    ///
-    /// # Errors
-    /// A [`ConfigError`] naming the key when `new` cannot be applied; nothing changed then.
-    pub fn reload(&mut self, new: Config, tls: TlsSet) -> Result<ReloadOutcome, ConfigError> {
-        let live = &mut self.live;
-        let old = &live.current;
-        let mut needs_restart = live.started.restart_only_changes(&new);
-
-        // Checks first.
-        let ingress_config = (tls.ingress != live.tls.ingress)
-            .then(|| tls.ingress.server_config("ingress.grpc.tls", H2))
-            .transpose()?;
-        let metrics_config = match (&live.metrics_acceptor, &tls.metrics) {
-            (Some(_), Some(m)) if live.tls.metrics.as_ref() != Some(m) => {
-                Some(m.server_config("metrics.tls", &[b"http/1.1"])?)
-            }
-            _ => None,
-        };
-        // Compared with the key signing now, not with the last config: a section removed (which
-        // needs a restart) must not let the same id come back with another key. While signing is
-        // off, or the new config turns it off (which needs a restart), keys are not looked at.
-        let signer = match (&live.signing, &new.signing) {
-            (None, _) => None,
-            _ if !new.signing_enabled => None,
-            (Some(_), None) => {
-                if live.started.signing.is_some() {
-                    needs_restart.push("signing");
-                }
-                None
-            }
-            (Some((id, key)), Some(n)) if n.key_id == *id && n.key != *key => {
-                return Err(ConfigError {
-                    key: "signing.key_file".into(),
-                    problem: format!(
-                        "the key changed but signing.key_id ({:?}) did not: give the new key a new \
-                         id, and list the old one in signing.previous_keys, so receivers can tell \
-                         envelopes signed before and after apart",
-                        n.key_id
-                    ),
-                });
-            }
-            (Some((id, _)), Some(n)) if n.key_id != *id => Some(n.clone()),
-            (Some(_), Some(_)) => None,
-        };
-        let dopplers = (new.dopplers.source != old.dopplers.source)
-            .then(|| dopplers(&new, &live.started.identity.az, &live.resolver))
-            .transpose()?;
-
-        // Then apply.
-        let mut applied = Vec::new();
-        if let Some(config) = ingress_config {
-            live.ingress_acceptor.set(config);
-            applied.push("ingress.grpc.tls");
-        }
-        if let (Some(config), Some(acceptor)) = (metrics_config, &live.metrics_acceptor) {
-            acceptor.set(config);
-            applied.push("metrics.tls");
-        }
-        let (d, e) = (&old.dopplers, &new.dopplers);
-        let dial_changes = crate::config::changed_keys([
-            (
-                "dopplers.tls",
-                tls.doppler != live.tls.doppler || d.server_name != e.server_name,
-            ),
-            (
-                "dopplers.connect_timeout_ms",
-                d.connect_timeout != e.connect_timeout,
-            ),
-            (
-                "dopplers.keepalive_interval_ms",
-                d.keepalive_interval != e.keepalive_interval,
-            ),
-            (
-                "dopplers.keepalive_timeout_ms",
-                d.keepalive_timeout != e.keepalive_timeout,
-            ),
-        ]);
-        if !dial_changes.is_empty() {
-            // Control message: must arrive whatever the supervisor's mailbox holds.
-            self.supervisor
-                .do_send(SetDial(dial_settings(&new, &tls.doppler)));
-            applied.extend(dial_changes);
-        }
-        if let Some(dopplers) = dopplers {
-            self.supervisor.do_send(SetDopplers(dopplers));
-            applied.push(match e.source {
-                DopplerSource::Static(_) => "dopplers.endpoints",
-                DopplerSource::Dns { .. } => "dopplers.router_addr",
-            });
-        }
-        if new.default_tags != old.default_tags {
-            self.ingress
-                .do_send(SetDefaultTags(new.default_tags.clone()));
-            *live.v1_identity.write() = V1Identity::from(&new.identity);
-            applied.push("tags");
-        }
-        if let (Some(SigningConfig { key_id, key, .. }), Some((old_id, _))) =
-            (&signer, &live.signing)
-        {
-            if !new
-                .signing
-                .as_ref()
-                .is_some_and(|s| s.previous_keys.iter().any(|(id, _)| id == old_id))
-            {
-                tracing::warn!(
-                    old_key_id = %old_id,
-                    new_key_id = %key_id,
-                    "signing key rotated, but the old key id is not in signing.previous_keys: \
-                     envelopes signed with it may still be buffered or in flight, and receivers \
-                     configured from this file will not verify them"
-                );
-            }
-            self.signer.do_send(SetSigner(
-                Signer::new(key_id, key).with_sequencing(live.started.sequencing_enabled),
-            ));
-            live.signing = Some((key_id.clone(), key.clone()));
-            applied.push("signing");
-        } else if new.signing.as_ref().map(|s| &s.previous_keys)
-            != old.signing.as_ref().map(|s| &s.previous_keys)
-            && !needs_restart.contains(&"signing")
-            && !needs_restart.contains(&"signing.enabled")
-        {
-            applied.push("signing.previous_keys");
-        }
-        let budget = new.pipeline.max_buffered_bytes.get();
-        if budget != old.pipeline.max_buffered_bytes.get() {
-            self.ledger.set_max_bytes(budget);
-            self.sequencer.do_send(SetBudget(budget));
-            applied.push("pipeline.max_buffered_bytes");
-        }
-        if new.ingress.max_wait != old.ingress.max_wait {
-            applied.push("ingress.grpc.max_wait_ms");
-        }
-        live.tunables.set(
-            new.ingress.max_wait,
-            fixed_envelope_cost(
-                &new,
-                tagged(&live.started, &live.signing),
-                key_id_len(&live.signing),
-            ),
-        );
-        if new.log.level != old.log.level {
-            // Applied by the process, which owns logging (main.rs).
-            applied.push("log.level");
-        }
-        live.tls = tls;
-        live.current = new;
-        Ok(ReloadOutcome {
-            applied,
-            needs_restart,
-        })
-    }
-
     /// SIGUSR1: one structured log record (target `metron::state`) per actor, then the edge and
     /// buffer levels. Each actor answers through its mailbox, behind the batches already there;
     /// one that does not answer within a second is named instead.

@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
+mod changes;
+pub use changes::{Changes, Live};
+
 pub use crate::telemetry::logging::LogFormat;
 
 /// The largest message a Doppler (and this agent's ingress) accepts.
@@ -644,89 +647,6 @@ impl Config {
         let raw: RawConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
         raw.validate()
     }
-}
-
-impl Config {
-    /// The keys that differ between `self` (running) and `new` but only take effect at start-up:
-    /// a SIGHUP reload keeps their running values and names them in its log line. Everything
-    /// else is applied live ([`crate::Agent::reload`]).
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
-        let (a, b) = (self, new);
-        let (d, e) = (&a.dopplers, &b.dopplers);
-        let (p, q) = (&a.pipeline, &b.pipeline);
-        changed_keys([
-            ("identity.az", a.identity.az != b.identity.az),
-            ("ingress.grpc.listen", a.ingress.listen != b.ingress.listen),
-            ("ingress.udp", a.ingress.udp != b.ingress.udp),
-            ("dopplers.connections", d.connections != e.connections),
-            (
-                "dopplers.backoff_initial_ms",
-                d.backoff_initial != e.backoff_initial,
-            ),
-            ("dopplers.backoff_max_ms", d.backoff_max != e.backoff_max),
-            (
-                "dopplers.rebalance_interval_ms",
-                d.rebalance_interval != e.rebalance_interval,
-            ),
-            (
-                "dopplers.progress_timeout_ms",
-                d.progress_timeout != e.progress_timeout,
-            ),
-            ("dopplers.ack_interval_ms", d.ack_interval != e.ack_interval),
-            ("dopplers.ack_bytes", d.ack_bytes != e.ack_bytes),
-            (
-                "dopplers.recycle_interval_ms",
-                d.recycle_interval != e.recycle_interval,
-            ),
-            (
-                "dopplers.batch_max_envelopes",
-                d.batch_max_envelopes != e.batch_max_envelopes,
-            ),
-            (
-                "dopplers.batch_max_bytes",
-                d.batch_max_bytes != e.batch_max_bytes,
-            ),
-            ("metrics.listen", a.metrics.listen != b.metrics.listen),
-            (
-                "metrics.tls",
-                a.metrics.tls.is_some() != b.metrics.tls.is_some(),
-            ),
-            (
-                "metrics.envelope_interval_ms",
-                a.metrics.envelope_interval != b.metrics.envelope_interval,
-            ),
-            ("health.listen", a.health.listen != b.health.listen),
-            (
-                "pipeline.mailbox_capacity",
-                p.mailbox_capacity != q.mailbox_capacity,
-            ),
-            ("pipeline.max_sources", p.max_sources != q.max_sources),
-            (
-                "pipeline.max_counter_keys",
-                p.max_counter_keys != q.max_counter_keys,
-            ),
-            ("pipeline.scheduling", p.scheduling != q.scheduling),
-            (
-                "shutdown.grace_period_ms",
-                a.shutdown_grace != b.shutdown_grace,
-            ),
-            ("log.format", a.log.format != b.log.format),
-            ("signing.enabled", a.signing_enabled != b.signing_enabled),
-            (
-                "sequencing.enabled",
-                a.sequencing_enabled != b.sequencing_enabled,
-            ),
-            ("development", a.development != b.development),
-        ])
-    }
-}
-
-/// The keys of `(key, changed)` pairs whose value changed, in order.
-pub fn changed_keys(pairs: impl IntoIterator<Item = (&'static str, bool)>) -> Vec<&'static str> {
-    pairs
-        .into_iter()
-        .filter_map(|(key, changed)| changed.then_some(key))
-        .collect()
 }
 
 /// serde_yaml's messages read `ingress.grpc: unknown field `lisen`, ...`; turn them into the same
@@ -1385,6 +1305,47 @@ development: { enabled: true }
         assert_eq!(key(&both), "logging");
     }
 
+    /// The reload table: one change of each kind lands where the README's reload section says.
+    #[test]
+    fn every_change_is_classified_live_or_restart() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.changes(&c), Changes::default(), "nothing changed");
+        let with = |extra: &str| Config::from_yaml(&format!("{MINIMAL}{extra}\n")).unwrap();
+        for (extra, live) in [
+            ("tags: { team: a }", Live::Tags),
+            ("pipeline: { max_buffered_bytes: 20971520 }", Live::Budget),
+            ("log: { level: debug }", Live::LogLevel),
+        ] {
+            assert_eq!(c.changes(&with(extra)).live, [live], "{extra}");
+        }
+        let moved = MINIMAL.replace("127.0.0.1:8082", "127.0.0.1:8083");
+        let moved = Config::from_yaml(&moved).unwrap();
+        assert_eq!(
+            c.changes(&moved).live,
+            [Live::Dopplers { discovered: false }]
+        );
+        let timings = MINIMAL.replace(
+            "dopplers: { endpoints",
+            "dopplers: { connect_timeout_ms: 1, keepalive_interval_ms: 10, connections: 2, ack_bytes: 9, endpoints",
+        );
+        let d = c.changes(&Config::from_yaml(&timings).unwrap());
+        assert_eq!(d.live, [Live::ConnectTimeout, Live::KeepaliveInterval,]);
+        assert_eq!(d.restart, ["dopplers.connections", "dopplers.ack_bytes"]);
+        for (extra, restart) in [
+            ("health: { listen: null }", "health.listen"),
+            (
+                "shutdown: { grace_period_ms: 1 }",
+                "shutdown.grace_period_ms",
+            ),
+            ("log: { format: json }", "log.format"),
+            ("sequencing: { enabled: false }", "sequencing.enabled"),
+            ("pipeline: { max_sources: 5 }", "pipeline.max_sources"),
+        ] {
+            let d = c.changes(&with(extra));
+            assert_eq!((d.live.len(), d.restart), (0, vec![restart]), "{extra}");
+        }
+    }
+
     #[test]
     fn scheduling_is_batch_unless_inherit_and_restarts_to_change() {
         let c = Config::from_yaml(MINIMAL).unwrap();
@@ -1392,7 +1353,7 @@ development: { enabled: true }
         let inherit = format!("{MINIMAL}pipeline: {{ scheduling: inherit }}\n");
         let d = Config::from_yaml(&inherit).unwrap();
         assert_eq!(d.pipeline.scheduling, Scheduling::Inherit);
-        assert_eq!(c.restart_only_changes(&d), ["pipeline.scheduling"]);
+        assert_eq!(c.changes(&d).restart, ["pipeline.scheduling"]);
         let bad = format!("{MINIMAL}pipeline: {{ scheduling: fifo }}\n");
         let e = Config::from_yaml(&bad).unwrap_err();
         assert_eq!(e.key, "pipeline.scheduling");
@@ -1500,7 +1461,7 @@ development: { enabled: true }
         ))
         .unwrap();
         assert_eq!(
-            c.restart_only_changes(&off),
+            c.changes(&off).restart,
             ["signing.enabled", "sequencing.enabled"]
         );
     }
