@@ -315,6 +315,8 @@ async fn oversize_unary_send_is_refused_and_the_agent_keeps_working() {
         .expect("Send within the step bound")
         .expect_err("an oversize message fails the call");
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // tonic refused it before the handler: counted all the same.
+    assert_eq!(ingress_stream_errors(&agent), Some(1.0));
 
     // The refused message was never decoded, so it is not in `ingress` either.
     send_follow_up(&w, &agent).await;

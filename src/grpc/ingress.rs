@@ -8,7 +8,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -447,13 +447,16 @@ impl tonic::server::ClientStreamingService<RawBatch> for EncodedBatchSender {
     }
 }
 
-struct EncodedSend(Arc<IngressService>);
+/// `Send`, and whether tonic got as far as calling it: a message it refused while decoding
+/// (oversize, bad framing) never reaches the handler, so the router counts that one.
+struct EncodedSend(Arc<IngressService>, Arc<AtomicBool>);
 
 impl tonic::server::UnaryService<RawBatch> for EncodedSend {
     type Response = SendResponse;
     type Future = BoxFuture<Response<SendResponse>, Status>;
 
     fn call(&mut self, request: Request<RawBatch>) -> Self::Future {
+        self.1.store(true, Ordering::Release);
         let service = self.0.clone();
         Box::pin(async move {
             let accepted = service.edge.accept_encoded(request.into_inner()).await;
@@ -494,12 +497,20 @@ where
                 })
             }
             "/loggregator.v2.Ingress/Send" => {
-                let method = EncodedSend(self.service.clone());
+                let called = Arc::new(AtomicBool::new(false));
+                let method = EncodedSend(self.service.clone(), called.clone());
+                let service = self.service.clone();
                 Box::pin(async move {
                     let mut grpc =
                         tonic::server::Grpc::new(RawBatchCodec::<SendResponse>::default())
                             .apply_max_message_size_config(limits.0, limits.1);
-                    Ok(grpc.unary(method, req).await)
+                    let response = grpc.unary(method, req).await;
+                    if !called.load(Ordering::Acquire) {
+                        if let Some(status) = Status::from_header_map(response.headers()) {
+                            service.stream_error(&status);
+                        }
+                    }
+                    Ok(response)
                 })
             }
             _ => self.generated.call(req),
