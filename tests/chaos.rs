@@ -354,6 +354,10 @@ async fn five_second_outage_at_ten_thousand_per_second() {
         offered as f64 / outage.as_secs_f64(),
         m.dropped.iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>()
     );
+    // What the README promises: within the default budget a 5 s outage at 10k/s sheds nothing;
+    // the only loss counted is the window in flight at the kill (`finish` checked that every
+    // gap is a counted loss). The timings are printed, not promised.
+    assert_eq!(shed, 0, "nothing shed within the budget: {m:?}");
     assert!(
         resumed < Duration::from_secs(2),
         "resumed only after {resumed:?}"
