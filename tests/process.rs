@@ -496,6 +496,12 @@ async fn no_doppler_for_a_while_writes_a_bounded_number_of_lines() {
         "only {} failed dials",
         failed_dials()
     );
+    // The recovery is logged too, once every connection is back.
+    doppler.restart();
+    assert!(
+        metron.wait_for_line("doppler connections back after failures", STEP),
+        "the recovery is reported"
+    );
     metron.signal("TERM");
     let status = metron.wait_exit(STEP);
     let lines = metron.all_lines(Pipe::Stdout);
@@ -507,6 +513,11 @@ async fn no_doppler_for_a_while_writes_a_bounded_number_of_lines() {
             .any(|l| l.contains("doppler connection lost")),
         "the outage is reported: {lines:#?}"
     );
+    let back = lines
+        .iter()
+        .find(|l| l.contains("doppler connections back after failures"))
+        .expect("logged");
+    assert!(back.contains("INFO") && back.contains("down_ms=") && back.contains("held_envelopes="));
     // One line per kind per 30 s (the stream loss, then the failed reconnects, with counts), not
     // one per retry.
     assert!(

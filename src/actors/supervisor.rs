@@ -28,6 +28,7 @@ use super::messages::{
 use crate::grpc::egress::{dial, DialSettings, EgressQueue, StreamSettings};
 use crate::routing::balancer::{Balancer, Endpoint};
 use crate::routing::discovery::{Discovery, DiscoveryError};
+use crate::routing::outage::Outage;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{Ledger, RestartCause};
 
@@ -82,6 +83,9 @@ pub struct DopplerSupervisor {
     connects: RateLimit,
     stalls: RateLimit,
     resolve_failures: RateLimit,
+    /// Failures until every connection is back, for the recovery's log line.
+    outage: Outage,
+    recoveries: RateLimit,
 }
 
 /// Where the Dopplers come from.
@@ -188,6 +192,8 @@ impl DopplerSupervisor {
                 connects: RateLimit::new(Duration::from_secs(30)),
                 stalls: RateLimit::new(Duration::from_secs(30)),
                 resolve_failures: RateLimit::new(Duration::from_secs(60)),
+                outage: Outage::default(),
+                recoveries: RateLimit::new(Duration::from_secs(30)),
             }
         });
         (sup, slots)
@@ -444,6 +450,23 @@ impl Handler<ConnectionUp> for DopplerSupervisor {
                 "doppler stream open"
             );
         }
+        let up = self.up.iter().filter(|u| u.is_some()).count();
+        let held = self.queues.iter().map(|q| q.envelopes()).sum();
+        if let Some(back) = self
+            .outage
+            .on_up(up, self.slots.len(), held, Instant::now())
+        {
+            if let Some(times) = self.recoveries.check() {
+                tracing::info!(
+                    down_ms = back.down_for.as_millis() as u64,
+                    failures = back.failures,
+                    held_envelopes = back.held,
+                    connections = up,
+                    recoveries = times,
+                    "doppler connections back after failures"
+                );
+            }
+        }
     }
 }
 
@@ -471,6 +494,7 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
                     .on_failure(ep, Instant::now(), crate::entropy::random_u64());
             }
             if failed {
+                self.outage.on_failure(Instant::now());
                 if let Some(times) = self.failures.check() {
                     let e = self.balancer.endpoint(ep);
                     tracing::warn!(

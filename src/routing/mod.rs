@@ -5,3 +5,4 @@
 pub mod backoff;
 pub mod balancer;
 pub mod discovery;
+pub mod outage;
