@@ -114,3 +114,43 @@ async fn prefers_the_local_az_falls_back_when_it_dies_and_returns() {
     assert!(m.restarts_total() >= slots as u64, "{m:?}");
     assert_balanced(&agent);
 }
+
+/// A local Doppler that takes every dial (TCP, TLS, HTTP/2) but refuses every stream: the
+/// return-home probe, itself a dial, cannot tell it from a healthy one. After its second quick
+/// failure it is held out like a stalled Doppler, so the slots stay in the other AZ instead of
+/// going home and failing again every few hundred milliseconds (each time losing their window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_doppler_that_refuses_every_stream_is_held_out_of_the_way_home() {
+    let w = World::new();
+    let local = FakeDoppler::start(&w.pki);
+    local.set_refusing(true);
+    let remote = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(local.addr(), "z1"), (remote.addr(), "z2")], "");
+    let slots = agent.connection_slots();
+    assert!(
+        remote.wait_for_connections_async(slots, WAIT).await,
+        "every connection settles in the other AZ"
+    );
+    // Streams refused so far: each slot tried home a couple of times at most.
+    let settled = local.streams_opened();
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut sent = 0;
+    // Three seconds of traffic (the test template's probe runs every 100 ms, its backoff is at
+    // most 200 ms): without the hold each slot would go home and fail a dozen times.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let wave = wave("while-refused", 50);
+        send_all(&mut client, &wave).await;
+        sent += wave.len();
+        assert!(remote.wait_for_count_async(sent, WAIT).await);
+    }
+    let refused_since = local.streams_opened() - settled;
+    assert!(
+        refused_since <= slots,
+        "{refused_since} more streams refused by the local Doppler after settling ({settled} before)"
+    );
+    let m = agent.metrics();
+    assert_eq!(remote.count() as u64, sent as u64, "{m:?}");
+    assert_eq!(m.dropped_total(), 0, "no window lost to a trip home: {m:?}");
+    assert_balanced(&agent);
+}

@@ -490,8 +490,27 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
                 self.balancer.on_healthy(ep);
             }
             if failed && msg.cause != RestartCause::Stalled {
-                self.balancer
-                    .on_failure(ep, Instant::now(), crate::entropy::random_u64());
+                let now = Instant::now();
+                // A Doppler that takes the dial (TCP, TLS, HTTP/2) but fails the stream at once,
+                // again: the return-home probe, a dial, cannot tell it from a healthy one, and
+                // would draw a slot back to it every few hundred milliseconds, each time losing
+                // that slot's window. Hold it out as a stalled one is held, if another endpoint
+                // is usable (holding the only one would only delay its traffic).
+                let refused = matches!(
+                    msg.cause,
+                    RestartCause::StreamFailed | RestartCause::StreamClosed
+                ) && msg.lived < HEALTHY_AFTER;
+                if refused
+                    && self.balancer.failures(ep) > 0
+                    && self.balancer.has_alternative(ep, now)
+                {
+                    let hold = self.progress_timeout * STALL_HOLD_TIMEOUTS;
+                    self.balancer
+                        .on_stall(ep, now, crate::entropy::random_u64(), hold);
+                } else {
+                    self.balancer
+                        .on_failure(ep, now, crate::entropy::random_u64());
+                }
             }
             if failed {
                 self.outage.on_failure(Instant::now());

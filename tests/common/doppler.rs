@@ -49,6 +49,8 @@ struct Store {
     /// `true` while stalled. A watch channel is runtime-independent, so it survives restarts
     /// and handlers can await it without polling.
     stalled: watch::Sender<bool>,
+    /// While set, every `BatchSender` call is refused at once (TLS and HTTP/2 still succeed).
+    refusing: std::sync::atomic::AtomicBool,
     /// Mirrors the counters of `state` for async waiters, who must not block on `changed`.
     counts: watch::Sender<Counts>,
 }
@@ -159,6 +161,9 @@ impl Ingress for Recorder {
             s.streams_opened += 1;
             s.peers.extend(peer);
         });
+        if self.store.refusing.load(Ordering::Acquire) {
+            return Err(Status::unavailable("this Doppler refuses every stream"));
+        }
         let mut stream = request.into_inner();
         let mut stalled = self.store.stalled.subscribe();
         loop {
@@ -232,6 +237,7 @@ impl FakeDoppler {
                 state: Mutex::new(Recorded::default()),
                 changed: Condvar::new(),
                 stalled,
+                refusing: std::sync::atomic::AtomicBool::new(false),
                 counts,
             }),
             cert_pem: cert.cert_pem,
@@ -333,6 +339,12 @@ impl FakeDoppler {
     /// when the stall begins records that one message before it stops.
     pub fn set_stalled(&self, stalled: bool) {
         self.store.stalled.send_replace(stalled);
+    }
+
+    /// While refusing, connections and TLS succeed but every `BatchSender` call fails at once:
+    /// a Doppler that passes a dial and fails every stream.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.store.refusing.store(refusing, Ordering::Release);
     }
 
     /// Takes the Doppler down abruptly: every task is dropped and every socket (listener and
