@@ -21,6 +21,7 @@ use super::messages::{
 use crate::grpc::egress::{
     count_lost_in_flight, dial, run_streams, DialSettings, EgressQueue, StreamEnd, StreamSettings,
 };
+use crate::routing::watchdog::{Verdict, Watchdog};
 use crate::telemetry::{Ledger, RestartCause};
 
 enum State {
@@ -40,8 +41,7 @@ struct Live {
     task: AbortHandle,
     /// The stream was ended on purpose by [`Recycle`].
     recycling: bool,
-    /// When the current stall was last reported to the supervisor.
-    stall_reported: Option<Instant>,
+    watchdog: Watchdog,
     /// The stream's end was acknowledged by the Doppler (nothing it took was lost).
     acknowledged: bool,
 }
@@ -171,7 +171,7 @@ impl DopplerConnection {
             since: Instant::now(),
             task,
             recycling: false,
-            stall_reported: None,
+            watchdog: Watchdog::default(),
             acknowledged: false,
         });
         // Control message: it must reach the supervisor whatever its mailbox holds.
@@ -210,32 +210,28 @@ impl Actor for DopplerConnection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = self.setup.progress_timeout;
         ctx.run_interval(timeout / 4, move |act, ctx| {
-            // A drain is bounded by the grace period: not a stall. A recycled stream whose end is
-            // not acknowledged within the timeout is one, and fails without asking.
             let (slot, draining) = (act.slot, act.draining);
             let stalled_for = act.queue.stalled_for(act.setup.streams.ack_interval);
             let Some(live) = act.live() else {
                 return;
             };
-            let stalled = !draining && stalled_for >= timeout;
-            if stalled && live.recycling {
-                // Moving anyway, and the Doppler does not even answer the end of the stream.
-                act.fail(
+            let verdict = live.watchdog.check(
+                stalled_for,
+                timeout,
+                live.recycling,
+                draining,
+                Instant::now(),
+            );
+            let endpoint = live.endpoint;
+            match verdict {
+                Verdict::Fine => {}
+                // Control message: the supervisor decides whether moving is worth a lost window.
+                Verdict::Report => act.setup.stalled.do_send(Stalled { slot, endpoint }),
+                Verdict::Fail => act.fail(
                     RestartCause::Stalled,
                     "recycled stream never acknowledged",
                     ctx,
-                );
-                return;
-            }
-            // Reported again every timeout while it lasts: another Doppler may have become usable.
-            let due = live.stall_reported.is_none_or(|t| t.elapsed() >= timeout);
-            if !stalled {
-                live.stall_reported = None;
-            } else if due {
-                live.stall_reported = Some(Instant::now());
-                let endpoint = live.endpoint;
-                // Control message: the supervisor decides whether moving is worth a lost window.
-                act.setup.stalled.do_send(Stalled { slot, endpoint });
+                ),
             }
         });
     }

@@ -119,7 +119,7 @@ pub struct SetSigner(pub Signer);
 /// gone move off it gracefully, one per rebalance interval.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetDopplers(pub crate::actors::supervisor::Dopplers);
+pub struct SetDopplers(pub crate::routing::Dopplers);
 
 /// Reload → supervisor: dial Dopplers like this from now on (new TLS material, timeouts). Open
 /// connections keep theirs until they next reconnect.

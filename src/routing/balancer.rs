@@ -23,6 +23,9 @@ struct State {
     failures: u32,
     /// Not to be tried before this instant.
     retry_at: Option<Instant>,
+    /// Held out after a stall until this instant, whatever healthy connections to it say
+    /// meanwhile (another slot's stream may still flow while this one stopped).
+    held_until: Option<Instant>,
     /// Slots currently assigned to this endpoint.
     assigned: usize,
     /// Discovery no longer lists this endpoint: it gets no new slot, but keeps its index (the
@@ -37,6 +40,7 @@ impl State {
             endpoint,
             failures: 0,
             retry_at: None,
+            held_until: None,
             assigned: 0,
             retired: false,
         }
@@ -190,15 +194,10 @@ impl Balancer {
         let (endpoint, delay) = match self.target(now) {
             Some(i) => (i, Duration::ZERO),
             None => {
-                let i = self.live().min_by_key(|&i| {
-                    (
-                        self.endpoints[i].retry_at,
-                        !self.is_local(i),
-                        self.rank(i),
-                        i,
-                    )
-                })?;
-                let at = self.endpoints[i].retry_at.unwrap_or(now);
+                let i = self
+                    .live()
+                    .min_by_key(|&i| (self.free_at(i), !self.is_local(i), self.rank(i), i))?;
+                let at = self.free_at(i).unwrap_or(now);
                 (i, at.saturating_duration_since(now))
             }
         };
@@ -264,11 +263,11 @@ impl Balancer {
         // A hold beyond what the clock can represent: the backoff alone applies.
         if let Some(until) = now.checked_add(hold) {
             let s = &mut self.endpoints[i];
-            s.retry_at = s.retry_at.max(Some(until));
+            s.held_until = s.held_until.max(Some(until));
         }
     }
 
-    /// A connection to `i` proved healthy: forget its failures.
+    /// A connection to `i` proved healthy: forget its failures (not a stall's hold).
     pub fn on_healthy(&mut self, i: usize) {
         let s = &mut self.endpoints[i];
         s.failures = 0;
@@ -284,9 +283,15 @@ impl Balancer {
         (0..self.endpoints.len()).filter(|&i| !self.endpoints[i].retired)
     }
 
-    /// Not held back by backoff at `now`.
+    /// Not held back (by backoff or a stall's hold) at `now`.
     fn ready(&self, i: usize, now: Instant) -> bool {
-        self.endpoints[i].retry_at.is_none_or(|t| t <= now)
+        self.free_at(i).is_none_or(|t| t <= now)
+    }
+
+    /// When `i` may be dialled again: the later of its backoff and a stall's hold.
+    fn free_at(&self, i: usize) -> Option<Instant> {
+        let s = &self.endpoints[i];
+        s.retry_at.max(s.held_until)
     }
 
     /// The endpoint a slot would get now without waiting: the one rule [`Balancer::assign`] and
@@ -472,10 +477,15 @@ mod tests {
         assert_eq!(b.failures(0), 1);
         assert_eq!(b.local_candidate(now + ms(29_999)), None);
         assert_eq!(b.local_candidate(now + ms(30_000)), Some(0));
-        // a hold shorter than the backoff changes nothing
+        // a healthy connection to it meanwhile (another slot's) does not lift the hold
+        b.on_healthy(0);
+        assert_eq!(b.local_candidate(now + ms(29_999)), None);
+        // a hold shorter than the backoff (the first failure's: 50-100 ms, 50 with random 0)
+        // changes nothing
+        let mut b = Balancer::new("z1", vec![ep("a", "z1"), ep("b", "z2")], ms(100), ms(1000));
         b.on_stall(0, now, 0, ms(1));
-        assert_eq!(b.local_candidate(now + ms(99)), None);
-        assert_eq!(b.local_candidate(now + ms(100)), Some(0));
+        assert_eq!(b.local_candidate(now + ms(49)), None);
+        assert_eq!(b.local_candidate(now + ms(50)), Some(0));
     }
 
     #[test]
