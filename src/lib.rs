@@ -35,7 +35,7 @@
 //!   ([`envelope::encoded`]), the number and the signature in one `metron` tag
 //!   ([`envelope::tag`]): queued envelopes are held encoded.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
-//!   ([`grpc::egress::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
+//!   ([`envelope::queue::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
 //!   `egress`, and a dying connection's unacknowledged ones as `connection_lost`. A progress
 //!   watchdog reports a slot whose queue or acknowledgement makes no progress.

@@ -18,9 +18,8 @@ use tracing::Instrument;
 use super::messages::{
     Abandon, Connect, ConnectionDown, ConnectionUp, Drain, DumpState, Recycle, Stalled,
 };
-use crate::grpc::egress::{
-    count_lost_in_flight, dial, run_streams, DialSettings, EgressQueue, StreamEnd, StreamSettings,
-};
+use crate::envelope::queue::{count_lost_in_flight, EgressQueue};
+use crate::grpc::egress::{dial, run_streams, DialSettings, StreamEnd, StreamSettings};
 use crate::routing::watchdog::{Verdict, Watchdog};
 use crate::telemetry::{Ledger, RestartCause};
 

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::messages::{DumpState, SequencedBatch, SetBudget, TaggedBatch};
+use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::Batch;
-use crate::grpc::egress::EgressQueue;
 use crate::telemetry::{DropReason, Ledger};
 
 pub struct SequencerActor {

@@ -14,8 +14,8 @@ use actix::prelude::*;
 
 use super::messages::{DumpState, SequencedBatch, SetSigner};
 use crate::envelope::encoded::EncodedBatch;
+use crate::envelope::queue::EgressQueue;
 use crate::envelope::signing::Signer;
-use crate::grpc::egress::EgressQueue;
 use crate::telemetry::Ledger;
 
 pub struct SignerActor {

@@ -20,7 +20,8 @@ use super::messages::{
     Abandon, Connect, ConnectionDown, ConnectionUp, DumpState, Recycle, SetDial, SetDopplers,
     Stalled,
 };
-use crate::grpc::egress::{dial, DialSettings, EgressQueue, StreamSettings};
+use crate::envelope::queue::EgressQueue;
+use crate::grpc::egress::{dial, DialSettings, StreamSettings};
 use crate::routing::balancer::{Balancer, Endpoint};
 use crate::routing::discovery::{Discovery, DiscoveryError};
 use crate::routing::slots::{Command, SlotTable};

@@ -1,8 +1,5 @@
-//! The Doppler side of a connection: the slot's queue, the BatchSender request stream that pulls
-//! from it, and dialing with mTLS and keepalive.
-//!
-//! The queue belongs to the slot, not to a connection: when a connection dies, what it had not yet
-//! taken stays queued for the next one, wherever the slot reconnects.
+//! The Doppler side of a connection: the BatchSender request stream that pulls from the slot's
+//! queue ([`crate::envelope::queue`]), and dialing with mTLS and keepalive.
 //!
 //! **Acknowledged delivery.** A BatchSender stream is never answered per message, so an envelope
 //! handed to a stream is only *in flight* until the Doppler answers the end of that stream. The
@@ -13,15 +10,13 @@
 //! (`connection_lost`): some of it may have arrived, none of it is lost silently, and the amount
 //! is bounded by the acknowledgement window.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use parking_lot::Mutex;
 use prost::bytes::BufMut;
 use prost::Message;
 use tokio::time::Sleep;
@@ -30,276 +25,9 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
-use crate::envelope::encoded::EncodedBatch;
+use crate::envelope::queue::{BatchLimits, EgressQueue, OutgoingBatch};
 use crate::proto::BatchSenderResponse;
-use crate::telemetry::{DropReason, Ledger};
-
-/// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
-/// envelopes' admission costs, an upper bound on their size on the wire.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    pub max_envelopes: usize,
-    pub max_bytes: usize,
-}
-
-impl BatchLimits {
-    /// How many leading envelopes of `batch` fit in one message (at least one).
-    fn fitting_prefix(&self, batch: &EncodedBatch) -> usize {
-        let mut bytes = 0;
-        for (i, cost) in batch.costs().iter().enumerate() {
-            bytes += *cost as usize;
-            if i > 0 && (i + 1 > self.max_envelopes || bytes > self.max_bytes) {
-                return i;
-            }
-        }
-        batch.len().min(self.max_envelopes).max(1)
-    }
-}
-
-/// One outgoing `EnvelopeBatch` message: queued batches taken together. They are written one
-/// after another into the message body rather than merged first, which would copy every byte
-/// once more whenever a backlog lets several go at once.
-#[derive(Debug, Default)]
-pub struct OutgoingBatch {
-    parts: Vec<EncodedBatch>,
-    len: usize,
-    bytes: usize,
-}
-
-impl OutgoingBatch {
-    fn add(&mut self, part: EncodedBatch) {
-        self.len += part.len();
-        self.bytes += part.bytes();
-        self.parts.push(part);
-    }
-
-    /// Envelopes in the message.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The message's budget cost.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
-#[derive(Default)]
-struct Inner {
-    batches: VecDeque<EncodedBatch>,
-    envelopes: usize,
-    /// Since when the queue has held data without a stream taking any (progress watchdog).
-    waiting_since: Option<Instant>,
-    /// The stream's waker while it waits for data.
-    waker: Option<Waker>,
-    /// Shutdown: the stream ends once the queue is empty.
-    closing: bool,
-    /// Streams of an older epoch end at their next poll (recycling a connection): nothing is
-    /// taken from the queue for them any more.
-    epoch: u64,
-    /// Taken by a stream whose Doppler has not acknowledged it yet: (envelopes, budget bytes).
-    in_flight: (usize, usize),
-    /// Since when something has been in flight.
-    in_flight_since: Option<Instant>,
-}
-
-/// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
-/// current BatchSender stream (which pulls).
-///
-/// The sequencer *routes* bytes to the slot before it stamps them ([`EgressQueue::route`]) and they
-/// stay counted until a Doppler acknowledges them, the connection loses them, or they are dropped
-/// on the way
-/// ([`EgressQueue::unroute`]); the sequencer uses these counts to keep every slot's share of the
-/// budget available to it (see `actors::sequencer::may_route`).
-#[derive(Default)]
-pub struct EgressQueue {
-    inner: Mutex<Inner>,
-    /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
-    routed: AtomicUsize,
-    /// Bytes a stream may carry before it must be acknowledged, beyond `ack_bytes`: half the
-    /// slot's guaranteed share (0: no limit). In flight, bytes hold their share until the
-    /// Doppler answers; a window as large as the share would let a slot fill its share with
-    /// what it sent, take nothing more, and so never reach the window: only the timer
-    /// (`ack_interval_ms`) would end the stream.
-    window: AtomicUsize,
-}
-
-impl EgressQueue {
-    /// Counts `bytes` as routed to this slot.
-    pub fn route(&self, bytes: usize) {
-        self.routed.fetch_add(bytes, Ordering::AcqRel);
-    }
-
-    /// Routed bytes that will never reach the queue (dropped on the way).
-    pub fn unroute(&self, bytes: usize) {
-        let prev = self.routed.fetch_sub(bytes, Ordering::AcqRel);
-        debug_assert!(prev >= bytes, "unrouted more than was routed");
-    }
-
-    /// Budget bytes routed to this slot and not yet taken.
-    pub fn routed(&self) -> usize {
-        self.routed.load(Ordering::Acquire)
-    }
-
-    /// Sets the most a stream may carry unacknowledged, whatever `ack_bytes` says (the sequencer
-    /// sets half the slot's share, and again when a reload changes the budget).
-    pub fn set_window(&self, bytes: usize) {
-        self.window.store(bytes, Ordering::Release);
-    }
-
-    /// The acknowledgement window in bytes: `ack_bytes`, or less (see [`EgressQueue::set_window`]).
-    fn window_within(&self, ack_bytes: usize) -> usize {
-        match self.window.load(Ordering::Acquire) {
-            0 => ack_bytes,
-            w => w.min(ack_bytes),
-        }
-    }
-
-    pub fn push(&self, batch: EncodedBatch) {
-        if batch.is_empty() {
-            return;
-        }
-        let waker = {
-            let mut q = self.inner.lock();
-            q.envelopes += batch.len();
-            if q.batches.is_empty() {
-                q.waiting_since = Some(Instant::now());
-            }
-            q.batches.push_back(batch);
-            q.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    pub fn envelopes(&self) -> usize {
-        self.inner.lock().envelopes
-    }
-
-    /// Batches waiting in the queue.
-    pub fn batches(&self) -> usize {
-        self.inner.lock().batches.len()
-    }
-
-    /// Envelopes taken by a stream and not yet acknowledged by its Doppler.
-    pub fn in_flight(&self) -> usize {
-        self.inner.lock().in_flight.0
-    }
-
-    /// Hands over what is in flight (envelopes, budget bytes): acknowledged, or lost with the
-    /// connection. Either way it leaves the slot exactly once, and only now stops counting
-    /// against the slot's share (a Doppler that stopped reading holds what it was sent).
-    pub fn take_in_flight(&self) -> (usize, usize) {
-        let mut q = self.inner.lock();
-        q.in_flight_since = None;
-        let (n, bytes) = std::mem::take(&mut q.in_flight);
-        self.unroute(bytes);
-        (n, bytes)
-    }
-
-    /// How long the slot has gone without progress, zero when empty or progressing: queued data
-    /// no stream took, or data in flight longer than `ack_interval` without an acknowledgement.
-    pub fn stalled_for(&self, ack_interval: Duration) -> Duration {
-        let q = self.inner.lock();
-        let waiting = q.waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
-        let unacknowledged = q
-            .in_flight_since
-            .map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(ack_interval));
-        waiting.max(unacknowledged)
-    }
-
-    /// A new stream starts: what waited for it has not waited on *it*.
-    pub fn restart_progress_clock(&self) {
-        let mut q = self.inner.lock();
-        if q.waiting_since.is_some() {
-            q.waiting_since = Some(Instant::now());
-        }
-    }
-
-    /// Ends the current stream at once, leaving the queue for the slot's next one.
-    pub fn end_stream(&self) {
-        let waker = {
-            let mut q = self.inner.lock();
-            q.epoch += 1;
-            q.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    fn epoch(&self) -> u64 {
-        self.inner.lock().epoch
-    }
-
-    /// Shutdown has closed the queue and nothing is left in it.
-    fn is_drained(&self) -> bool {
-        let q = self.inner.lock();
-        q.closing && q.batches.is_empty()
-    }
-
-    /// Ends the current stream once the queue is empty (shutdown).
-    pub fn close(&self) {
-        let waker = {
-            let mut q = self.inner.lock();
-            q.closing = true;
-            q.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    /// Takes the next outgoing batch: whole queued batches merged while they fit the limits, or
-    /// the fitting prefix of an oversized one.
-    fn poll_take(
-        &self,
-        cx: &mut Context<'_>,
-        limits: &BatchLimits,
-        epoch: u64,
-    ) -> Poll<Option<OutgoingBatch>> {
-        let mut q = self.inner.lock();
-        if q.epoch != epoch {
-            return Poll::Ready(None);
-        }
-        let Some(mut first) = q.batches.pop_front() else {
-            if q.closing {
-                return Poll::Ready(None);
-            }
-            q.waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        };
-        let fit = limits.fitting_prefix(&first);
-        let mut out = OutgoingBatch::default();
-        if fit < first.len() {
-            let rest = first.split_off(fit);
-            q.batches.push_front(rest);
-            out.add(first);
-        } else {
-            out.add(first);
-            while let Some(next) = q.batches.front() {
-                if out.len() + next.len() > limits.max_envelopes
-                    || out.bytes() + next.bytes() > limits.max_bytes
-                {
-                    break;
-                }
-                out.add(q.batches.pop_front().expect("front exists"));
-            }
-        }
-        q.envelopes -= out.len();
-        let now = Instant::now();
-        q.waiting_since = (!q.batches.is_empty()).then_some(now);
-        q.in_flight.0 += out.len();
-        q.in_flight.1 += out.bytes();
-        q.in_flight_since.get_or_insert(now);
-        Poll::Ready(Some(out))
-    }
-}
+use crate::telemetry::Ledger;
 
 /// How a connection uses its streams: message limits and the acknowledgement window.
 #[derive(Debug, Clone, Copy)]
@@ -425,8 +153,8 @@ impl Encoder for PreEncodedCodec {
     fn encode(&mut self, item: OutgoingBatch, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
         // One allocation of the message's size: tonic's buffer would otherwise grow by doubling,
         // copying the body each time.
-        dst.reserve(item.parts.iter().map(|p| p.as_message_body().len()).sum());
-        for part in &item.parts {
+        dst.reserve(item.parts().iter().map(|p| p.as_message_body().len()).sum());
+        for part in item.parts() {
             dst.put_slice(part.as_message_body());
         }
         Ok(())
@@ -499,15 +227,6 @@ pub async fn run_streams(
     }
 }
 
-/// Counts what a dead connection left in flight as lost; returns how many envelopes that was.
-pub fn count_lost_in_flight(queue: &EgressQueue, ledger: &Ledger) -> usize {
-    let (n, bytes) = queue.take_in_flight();
-    if n > 0 {
-        ledger.dropped(DropReason::ConnectionLost, n, bytes);
-    }
-    n
-}
-
 /// How to dial a Doppler.
 #[derive(Debug, Clone)]
 pub struct DialSettings {
@@ -545,55 +264,10 @@ pub async fn dial(addr: &str, s: &DialSettings) -> Result<Channel, DialError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Envelope;
+    use crate::envelope::queue::count_lost_in_flight;
+    use crate::envelope::queue::tests::{batch, push};
+    use crate::telemetry::DropReason;
     use crate::telemetry::Metrics;
-
-    fn batch(n: usize, cost: u32) -> EncodedBatch {
-        let mut b = EncodedBatch::default();
-        for _ in 0..n {
-            b.push(&Envelope::default(), cost);
-        }
-        b
-    }
-
-    /// Pushes as the pipeline does: routed by the sequencer first.
-    fn push(q: &EgressQueue, b: EncodedBatch) {
-        q.route(b.bytes());
-        q.push(b);
-    }
-
-    fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<OutgoingBatch> {
-        let mut cx = Context::from_waker(Waker::noop());
-        match q.poll_take(&mut cx, limits, q.epoch()) {
-            Poll::Ready(b) => b,
-            Poll::Pending => None,
-        }
-    }
-
-    #[test]
-    fn merges_small_batches_and_splits_large_ones() {
-        let limits = BatchLimits {
-            max_envelopes: 10,
-            max_bytes: 1000,
-        };
-        let q = EgressQueue::default();
-        push(&q, batch(3, 10));
-        push(&q, batch(3, 10));
-        push(&q, batch(25, 10));
-        assert_eq!(take(&q, &limits).unwrap().len(), 6);
-        assert_eq!(take(&q, &limits).unwrap().len(), 10);
-        assert_eq!(take(&q, &limits).unwrap().len(), 10);
-        assert_eq!(take(&q, &limits).unwrap().len(), 5);
-        assert!(take(&q, &limits).is_none());
-        // bytes bound: 300-byte envelopes, 1000 bytes → 3 per message
-        push(&q, batch(7, 300));
-        assert_eq!(take(&q, &limits).unwrap().len(), 3);
-        assert_eq!(q.envelopes(), 4);
-        // a single envelope above the bound still goes, alone
-        let q = EgressQueue::default();
-        push(&q, batch(2, 5000));
-        assert_eq!(take(&q, &limits).unwrap().len(), 1);
-    }
 
     #[tokio::test]
     async fn taken_envelopes_stay_in_flight_until_acknowledged_or_lost() {
