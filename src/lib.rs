@@ -30,10 +30,10 @@
 //! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
 //!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
 //!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
-//! * [`actors::signer`] — HMAC-SHA256 over the canonical form ([`envelope::signing`]), then
-//!   writes each envelope out as it came with what the pipeline adds appended
-//!   ([`envelope::encoded`]), the number and the signature in one `metron` tag
-//!   ([`envelope::tag`]): queued envelopes are held encoded.
+//! * [`actors::signer`] — writes each envelope out ([`envelope::writer`]) as it came with what
+//!   the pipeline adds appended ([`envelope::encoded`]): the tags the ingress rules decided, and
+//!   the number and the HMAC-SHA256 signature over the canonical form ([`envelope::signing`]) in
+//!   one `metron` tag ([`envelope::tag`]). Queued envelopes are held encoded.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`envelope::queue::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
@@ -56,7 +56,7 @@
 //!
 //! Control travels apart from the data: [`Agent::reload`] (SIGHUP) reads the new config's files
 //! on the caller's thread, then the agent thread checks everything and sends each actor what
-//! changed (`SetDefaultTags`, `SetBudget`, `SetSigner`, `SetDopplers`, `SetDial`) and swaps the
+//! changed (`SetDefaultTags`, `SetBudget`, `SetWriter`, `SetDopplers`, `SetDial`) and swaps the
 //! certificates of the [`tls::ReloadableAcceptor`]s, so new connections get them and open ones
 //! keep theirs. [`Agent::dump_state`] (SIGUSR1) asks every actor for a `DumpState` record.
 //! [`telemetry::health`] answers `/livez` and `/readyz` from the same counters as `/metrics`.

@@ -15,8 +15,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use metron::envelope::signing::{canonical, canonical_v1, decode_hex, encode_hex, Signer};
+use metron::envelope::signing::{canonical, canonical_v1, decode_hex, encode_hex};
 use metron::envelope::tag::{MetronTag, Sequence, TagError, TAG};
+use metron::envelope::writer::Writer;
 use metron::proto::envelope::Message;
 use metron::proto::{value::Data, Counter, Envelope, Event, Gauge, GaugeValue, Log, Timer, Value};
 use prost::Message as _;
@@ -196,8 +197,8 @@ const HEADER: &str = "\
 fn stamped(env: &Envelope, (key_id, seq): Stamp) -> Envelope {
     let mut out = env.clone();
     let signer = match key_id {
-        Some(id) => Signer::new(id, KEY),
-        None => Signer::unsigned(),
+        Some(id) => Writer::new(id, KEY),
+        None => Writer::unsigned(),
     };
     signer.with_sequencing(seq.is_some()).stamp(
         &mut out,

@@ -6,7 +6,7 @@
 //! carries a whole batch, never a single envelope. Health and control travel separately:
 //! connections report [`ConnectionUp`] / [`ConnectionDown`] to the supervisor, which answers with
 //! [`Connect`]; shutdown sends [`Drain`]. A reload sends each actor what changed
-//! ([`SetDefaultTags`], [`SetBudget`], [`SetSigner`], [`SetDopplers`], [`SetDial`]); SIGUSR1 sends
+//! ([`SetDefaultTags`], [`SetBudget`], [`SetWriter`], [`SetDopplers`], [`SetDial`]); SIGUSR1 sends
 //! every actor [`DumpState`].
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::envelope::signing::Signer;
+use crate::envelope::writer::Writer;
 use crate::envelope::Batch;
 use crate::grpc::egress::DialSettings;
 use crate::telemetry::RestartCause;
@@ -113,7 +113,7 @@ pub struct SetBudget(pub usize);
 /// signed with the old key, so receivers keep the old key for a while (`signing.previous_keys`).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetSigner(pub Signer);
+pub struct SetWriter(pub Writer);
 
 /// Reload → supervisor: the Doppler list or discovery names changed. Slots on a Doppler that is
 /// gone move off it gracefully, one per rebalance interval.

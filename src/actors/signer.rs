@@ -1,5 +1,6 @@
-//! The signer actor: signs every envelope and writes its `metron` tag, encodes it once (the slot
-//! queues keep envelopes encoded, see [`crate::envelope::encoded`]) and appends each slot's part
+//! The signer actor: writes every envelope out as it leaves ([`crate::envelope::writer`]: the
+//! tags the ingress rules decided, its `metron` tag with sequence and signature), encoded once (the
+//! slot queues keep envelopes encoded, see [`crate::envelope::encoded`]) and appends each slot's part
 //! to that slot's queue, whose BatchSender stream it wakes. It shares the pipeline arbiter with
 //! the ingress actor and the sequencer, away from the supervisor and the connections (decision 5).
 //!
@@ -12,14 +13,14 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::{DumpState, SequencedBatch, SetSigner};
+use super::messages::{DumpState, SequencedBatch, SetWriter};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::queue::EgressQueue;
-use crate::envelope::signing::Signer;
+use crate::envelope::writer::Writer;
 use crate::telemetry::Ledger;
 
 pub struct SignerActor {
-    signer: Signer,
+    writer: Writer,
     /// One queue per connection slot.
     queues: Vec<Arc<EgressQueue>>,
     ledger: Arc<Ledger>,
@@ -29,9 +30,9 @@ pub struct SignerActor {
 }
 
 impl SignerActor {
-    pub fn new(signer: Signer, queues: Vec<Arc<EgressQueue>>, ledger: Arc<Ledger>) -> Self {
+    pub fn new(writer: Writer, queues: Vec<Arc<EgressQueue>>, ledger: Arc<Ledger>) -> Self {
         Self {
-            signer,
+            writer,
             queues,
             ledger,
             framed_per_envelope: 512,
@@ -43,11 +44,11 @@ impl Actor for SignerActor {
     type Context = Context<Self>;
 }
 
-impl Handler<SetSigner> for SignerActor {
+impl Handler<SetWriter> for SignerActor {
     type Result = ();
 
-    fn handle(&mut self, SetSigner(signer): SetSigner, _: &mut Context<Self>) {
-        self.signer = signer;
+    fn handle(&mut self, SetWriter(writer): SetWriter, _: &mut Context<Self>) {
+        self.writer = writer;
     }
 }
 
@@ -58,7 +59,7 @@ impl Handler<DumpState> for SignerActor {
         tracing::info!(
             target: "metron::state",
             actor = "signer",
-            key_id = self.signer.key_id(),
+            key_id = self.writer.key_id(),
             framed_bytes_per_envelope = self.framed_per_envelope,
             "state"
         );
@@ -87,7 +88,7 @@ impl Handler<SequencedBatch> for SignerActor {
                 let mut priced = 0;
                 for item in items.by_ref() {
                     priced += item.cost as usize;
-                    self.signer.finish_item(&batch, item, &mut encoded);
+                    self.writer.finish_item(&batch, item, &mut encoded);
                     if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
                         break;
                     }

@@ -11,6 +11,7 @@ pub mod tagging;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod view;
+pub mod writer;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use view::{Layouts, MessageRef, Parsed, Span};
 
 /// One envelope of a [`Batch`]: where its bytes are, what it cost, and what the pipeline decided
 /// about it so far. The envelope itself is never decoded: the signer writes it out as it came,
-/// with the agent's additions appended (see [`signing::Signer::finish`]).
+/// with the agent's additions appended (see [`writer::Writer::finish`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Item {
     /// The envelope's bytes in the batch's body.

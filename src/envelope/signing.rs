@@ -1,4 +1,4 @@
-//! Signing, and writing each envelope out with everything the pipeline added.
+//! Signatures: the canonical form, the MAC in the `metron` tag, and verifying it.
 //!
 //! The signature is an HMAC-SHA256 over `canonical(envelope)`, a byte string defined field by
 //! field (`docs/signing.md`), independent of protobuf's encoding, so another language can rebuild
@@ -10,11 +10,9 @@
 use prost::Message as _;
 use ring::hmac;
 
-use super::encoded::EncodedBatch;
 use super::tag::{self, MetronTag, Sequence, MAC_BYTES, TAG};
-use super::tagging::{Tag, TagFrom, TagResolver};
-use super::view::{Layouts, MessageRef, Parsed, ValueRef, COUNTER_KEY, SOURCE_ID_KEY, TAGS_KEY};
-use super::Item;
+use super::tagging::{Tag, TagResolver};
+use super::view::{MessageRef, Parsed, ValueRef};
 use crate::proto::Envelope;
 
 /// Form 1's tag: `<key_id>:<64 hex digits>`, verified but no longer written.
@@ -34,215 +32,44 @@ enum Form<'a> {
 }
 
 /// A signing key and the id receivers know it by.
-struct SigningKey {
+pub struct SigningKey {
     id: String,
     key: hmac::Key,
 }
 
-/// Writes envelopes out as they leave the agent (see [`Signer::finish`]): numbered when
-/// sequencing is on, signed when signing is on. Reuses its buffers, so writing allocates nothing
-/// once they have grown.
-pub struct Signer {
-    /// `None` with `signing.enabled: false`.
-    key: Option<SigningKey>,
-    /// `sequencing.enabled`: the envelopes carry their stream and number.
-    sequenced: bool,
-    /// The canonical form being signed.
-    buf: Vec<u8>,
-    /// The `metron` tag's value being written.
-    value: Vec<u8>,
-    /// The fields appended to the envelope being written.
-    extra: Vec<u8>,
-    /// A rewritten counter field: its body, then its key and length.
-    counter: Vec<u8>,
-    parsed: Parsed,
-    resolver: TagResolver,
-}
-
-impl Signer {
-    /// Signs with `key`, known to receivers as `key_id`, and numbers envelopes (see
-    /// [`Signer::with_sequencing`]).
-    pub fn new(key_id: &str, key: &[u8]) -> Self {
-        Self::with_key(Some(SigningKey {
-            id: key_id.to_owned(),
-            key: hmac::Key::new(hmac::HMAC_SHA256, key),
-        }))
-    }
-
-    /// Does not sign (`signing.enabled: false`); numbers envelopes unless told otherwise.
-    pub fn unsigned() -> Self {
-        Self::with_key(None)
-    }
-
-    fn with_key(key: Option<SigningKey>) -> Self {
+impl SigningKey {
+    pub fn new(id: &str, key: &[u8]) -> Self {
         Self {
-            key,
-            sequenced: true,
-            buf: Vec::with_capacity(1024),
-            value: Vec::with_capacity(64),
-            extra: Vec::with_capacity(512),
-            counter: Vec::with_capacity(64),
-            parsed: Parsed::default(),
-            resolver: TagResolver::default(),
+            id: id.to_owned(),
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
         }
     }
 
-    /// Whether envelopes carry their sequence (`sequencing.enabled`); on by default.
-    #[must_use]
-    pub fn with_sequencing(mut self, on: bool) -> Self {
-        self.sequenced = on;
-        self
-    }
-
-    /// The key id signing now, `None` when signing is off.
-    pub fn key_id(&self) -> Option<&str> {
-        self.key.as_ref().map(|k| k.id.as_str())
-    }
-
-    /// Sets (or replaces) the `metron` tag of a decoded envelope: `sequence` when sequencing is
-    /// on, the signature when signing is on; nothing when both are off. Tools and tests; the
-    /// pipeline writes encoded envelopes with [`Signer::finish`].
-    pub fn stamp(&mut self, env: &mut Envelope, sequence: Option<Sequence>) {
-        let sequence = sequence.filter(|_| self.sequenced);
-        if self.key.is_none() && sequence.is_none() {
-            return;
-        }
-        let bytes = env.encode_to_vec();
-        self.parsed
-            .parse(&bytes)
-            .expect("prost's own encoding reads");
-        self.parsed.sort_maps(&bytes);
-        let (parsed, buf, value) = (&self.parsed, &mut self.buf, &mut self.value);
-        let key = self.key.as_ref();
-        self.resolver.with_own(parsed, &bytes, |tags| {
-            let form = Form::V2(sequence.as_ref());
-            write_tag(value, buf, key, sequence.as_ref(), |buf| {
-                let source = parsed.source_id.slice(&bytes);
-                canonical_into(buf, form, parsed, &bytes, source, tags, None);
-            });
-        });
-        env.tags.insert(
-            TAG.to_owned(),
-            String::from_utf8(self.value.clone()).expect("base64url is ASCII"),
-        );
-    }
-
-    /// Writes the envelope `env` (admitted as `item`, read by the edge into `layouts`) to `out`
-    /// as it leaves the agent: as it came, followed by the fields the ingress rules, the
-    /// sequencer and the signature add — its source id from the origin, the missing `defaults`,
-    /// its deprecated tags as tags, its counter total, and the `metron` tag (its `stream` and
-    /// number, and its signature; absent when sequencing and signing are both off). A decoder
-    /// reads the last of a repeated field or map key, so appended fields win. A counter whose
-    /// total changed has its `counter` field rewritten instead, since decoders *merge* a
-    /// repeated message field, and not all the same way.
-    pub fn finish(
-        &mut self,
-        env: &[u8],
-        item: &Item,
-        layouts: &Layouts,
-        defaults: &[(String, String)],
-        stream: [u8; tag::STREAM_BYTES],
-        out: &mut EncodedBatch,
-    ) {
-        layouts.load(item.layout, &mut self.parsed);
-        self.parsed.sort_maps(env);
-        let parsed = &self.parsed;
-        let (source, mapped) = parsed.effective_source(env);
-        let sequence = self.sequenced.then_some(Sequence {
-            stream,
-            seq: item.seq,
-        });
-        let key = self.key.as_ref();
-        // The agent's tag, when it writes one, replaces any the emitter sent; its value is
-        // written last, once the canonical form (which leaves it out) is signed.
-        let ours: &[Tag<'_>] = if key.is_some() || sequence.is_some() {
-            &[(TAG.as_bytes(), b"", TagFrom::Agent)]
-        } else {
-            &[]
-        };
-        let (buf, extra, value) = (&mut self.buf, &mut self.extra, &mut self.value);
-        extra.clear();
-        self.resolver
-            .with_resolved(parsed, env, defaults, ours, |tags| {
-                if mapped && !source.is_empty() {
-                    put_field(extra, SOURCE_ID_KEY, source.slice(env));
-                }
-                for (k, v, from) in tags {
-                    if !matches!(from, TagFrom::Wire | TagFrom::Agent) {
-                        put_entry(extra, k, v);
-                    }
-                }
-                if !ours.is_empty() {
-                    let form = Form::V2(sequence.as_ref());
-                    write_tag(value, buf, key, sequence.as_ref(), |buf| {
-                        let source = source.slice(env);
-                        canonical_into(buf, form, parsed, env, source, tags, item.total);
-                    });
-                    put_entry(extra, TAG.as_bytes(), value);
-                }
-            });
-        match (item.total, parsed.message) {
-            (Some(total), MessageRef::Counter { name, delta, .. }) => {
-                let field = parsed.message_field;
-                let counter = &mut self.counter;
-                counter.clear();
-                if !name.is_empty() {
-                    put_field(counter, 0x0a, name.slice(env));
-                }
-                if delta != 0 {
-                    counter.push(0x10);
-                    put_varint(counter, delta);
-                }
-                counter.push(0x18);
-                put_varint(counter, total);
-                // The field's key and length go first, then the body written above.
-                let body = counter.len();
-                counter.push(COUNTER_KEY);
-                put_varint(counter, body as u64);
-                let (body, header) = counter.split_at(body);
-                out.push_parts(&[
-                    &env[..field.start as usize],
-                    &env[field.end as usize..],
-                    header,
-                    body,
-                    &self.extra,
-                ]);
-            }
-            _ => out.push_parts(&[env, &self.extra]),
-        }
-    }
-
-    /// [`Signer::finish`] for `item` of `batch`: its bytes, layout, defaults and stream.
-    pub fn finish_item(&mut self, batch: &super::Batch, item: &Item, out: &mut EncodedBatch) {
-        let stream = batch
-            .streams()
-            .get(item.stream as usize)
-            .copied()
-            .unwrap_or_default();
-        self.finish(
-            batch.bytes_of(item.env),
-            item,
-            batch.layouts(),
-            batch.defaults(),
-            stream,
-            out,
-        );
+    /// The id receivers know this key by.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 }
 
-/// Writes the `metron` tag's value into `value`: `sequence`, and when `key` is given, the MAC
-/// of the canonical form that `canonical` writes into `buf`.
-fn write_tag(
+/// Writes the `metron` tag's value of the envelope `parsed` read from `env` into `value`:
+/// `sequence`, and when `key` is given, the MAC of its canonical form (form 2, built in `buf`)
+/// with `source_id`, `tags` (sorted, one per key) and a counter's changed `total` as it leaves.
+#[allow(clippy::too_many_arguments)]
+pub fn write_tag(
     value: &mut Vec<u8>,
     buf: &mut Vec<u8>,
     key: Option<&SigningKey>,
     sequence: Option<&Sequence>,
-    canonical: impl FnOnce(&mut Vec<u8>),
+    parsed: &Parsed,
+    env: &[u8],
+    source_id: &[u8],
+    tags: &[Tag<'_>],
+    total: Option<u64>,
 ) {
     match key {
         Some(k) => {
             buf.clear();
-            canonical(buf);
+            canonical_into(buf, Form::V2(sequence), parsed, env, source_id, tags, total);
             let mac = hmac::sign(&k.key, buf);
             tag::write_value(
                 value,
@@ -253,37 +80,6 @@ fn write_tag(
         }
         None => tag::write_value(value, b"", sequence, None),
     }
-}
-
-pub fn varint_len(v: usize) -> usize {
-    prost::encoding::encoded_len_varint(v as u64)
-}
-
-/// A varint; inline for the one-byte case, which every tag entry's lengths nearly always are
-/// (prost's encoder is a loop behind a call; decision 20 has what inlining saved).
-#[inline]
-fn put_varint(out: &mut Vec<u8>, v: u64) {
-    if v < 0x80 {
-        out.push(v as u8);
-    } else {
-        prost::encoding::encode_varint(v, out);
-    }
-}
-
-/// A length-delimited field: `key`, length, `b`.
-fn put_field(out: &mut Vec<u8>, key: u8, b: &[u8]) {
-    out.push(key);
-    put_varint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
-
-/// A `tags` map entry.
-fn put_entry(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
-    let inner = 2 + varint_len(k.len()) + k.len() + varint_len(v.len()) + v.len();
-    out.push(TAGS_KEY);
-    put_varint(out, inner as u64);
-    put_field(out, 0x0a, k);
-    put_field(out, 0x12, v);
 }
 
 /// Why an envelope's signature did not verify.
@@ -555,6 +351,7 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::envelope::writer::Writer as Signer;
     use crate::proto::{envelope::Message, value::Data, Counter, Log};
     use proptest::prelude::*;
 
@@ -572,16 +369,6 @@ pub(crate) mod tests {
         e.tags.insert("b".into(), "2".into());
         e.tags.insert("a".into(), "1".into());
         e
-    }
-
-    #[test]
-    fn varints_are_written_as_prost_writes_them() {
-        for v in [0, 1, 0x7f, 0x80, 300, 1 << 35, u64::MAX] {
-            let (mut ours, mut prost) = (vec![9], vec![9]);
-            put_varint(&mut ours, v);
-            prost::encoding::encode_varint(v, &mut prost);
-            assert_eq!(ours, prost, "{v}");
-        }
     }
 
     fn seq(n: u64) -> Sequence {

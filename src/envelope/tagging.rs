@@ -4,14 +4,14 @@
 //! The rules are applied to envelopes as they arrived, encoded ([`super::view`]): the edge
 //! applies the origin rule when it reads a batch ([`super::Item::source`]), the [`Tagger`] keeps
 //! counter totals and fixes the default tags of each batch, and the signer appends what the rules
-//! add ([`resolve`] says what that is).
+//! add ([`TagResolver`] says what that is; [`super::writer`] writes it).
 
 use std::collections::BTreeMap;
 use std::hash::Hasher;
 use std::io::Write as _;
 use std::sync::Arc;
 
-use super::view::{MessageRef, Parsed, ValueRef};
+use super::view::{sort_last_wins, MessageRef, Parsed, ValueRef};
 use super::Batch;
 use crate::proto::{value::Data, Value};
 
@@ -153,17 +153,6 @@ fn merge_sorted<'a>(out: &mut Vec<Tag<'a>>, low: impl Iterator<Item = Tag<'a>>, 
 pub fn recycle<'b>(mut v: Vec<Tag<'_>>) -> Vec<Tag<'b>> {
     v.clear();
     v.into_iter().map(|_| unreachable!("cleared")).collect()
-}
-
-/// Sorts `v` by `key` and keeps one element per key: the last one in `v`'s order.
-pub fn sort_last_wins<'k, T>(v: &mut Vec<T>, key: impl Fn(&T) -> &'k [u8]) {
-    if v.len() < 2 {
-        return;
-    }
-    v.reverse();
-    // Stable: of equal keys, the one last in the original order comes first and is kept.
-    v.sort_by(|a, b| key(a).cmp(key(b)));
-    v.dedup_by(|later, earlier| key(later) == key(earlier));
 }
 
 /// Applies the ingress rules that need state or the configuration: counter totals, and which

@@ -9,9 +9,9 @@ use prost::Message as _;
 
 use super::encoded::EncodedBatch;
 use super::sequence::{Sequencer, StreamId};
-use super::signing::Signer;
 use super::tag::Sequence;
 use super::tagging::{value_to_tag, Tagger};
+use super::writer::Writer;
 use super::{encode_batch, read_batch, ReadError};
 use crate::proto::{envelope::Message, value::Data, Envelope, EnvelopeBatch};
 
@@ -22,7 +22,7 @@ pub const STREAM: StreamId = *b"stream-1";
 pub struct Stages {
     pub tagger: Tagger,
     pub sequencer: Sequencer,
-    pub signer: Signer,
+    pub signer: Writer,
 }
 
 impl Stages {
@@ -30,7 +30,7 @@ impl Stages {
         Self {
             tagger: Tagger::new(defaults, 10_000),
             sequencer: Sequencer::new(10_000, || STREAM),
-            signer: Signer::new("k", b"key"),
+            signer: Writer::new("k", b"key"),
         }
     }
 
@@ -70,7 +70,7 @@ pub struct Model {
     defaults: BTreeMap<String, String>,
     totals: HashMap<CounterKey, u64>,
     seq: HashMap<String, u64>,
-    signer: Signer,
+    signer: Writer,
 }
 
 impl Model {
@@ -79,7 +79,7 @@ impl Model {
             defaults: defaults.clone(),
             totals: HashMap::new(),
             seq: HashMap::new(),
-            signer: Signer::new("k", b"key"),
+            signer: Writer::new("k", b"key"),
         }
     }
 

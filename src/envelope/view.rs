@@ -277,8 +277,8 @@ impl Parsed {
     /// wins, as a decoder reads them): the order of the signing form. The origin rule and the
     /// tag rules give the same results before and after.
     pub fn sort_maps(&mut self, envelope: &[u8]) {
-        super::tagging::sort_last_wins(&mut self.deprecated, |(k, _)| k.slice(envelope));
-        super::tagging::sort_last_wins(&mut self.gauge, |(k, _, _)| k.slice(envelope));
+        sort_last_wins(&mut self.deprecated, |(k, _)| k.slice(envelope));
+        sort_last_wins(&mut self.gauge, |(k, _, _)| k.slice(envelope));
     }
 
     /// The source id after upstream's origin rule: `source_id`, or when it is empty
@@ -440,4 +440,36 @@ fn value(whole: &[u8], b: &[u8]) -> Result<ValueRef, Unusual> {
         };
     }
     Ok(v)
+}
+
+/// Sorts `v` by `key` and keeps one element per key: the last one in `v`'s order.
+pub fn sort_last_wins<'k, T>(v: &mut Vec<T>, key: impl Fn(&T) -> &'k [u8]) {
+    if v.len() < 2 {
+        return;
+    }
+    v.reverse();
+    // Stable: of equal keys, the one last in the original order comes first and is kept.
+    v.sort_by(|a, b| key(a).cmp(key(b)));
+    v.dedup_by(|later, earlier| key(later) == key(earlier));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sort_last_wins;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    proptest! {
+        /// The same result as inserting into a map in order: sorted, one per key, the last wins.
+        #[test]
+        fn sort_last_wins_is_a_map_insert(pairs in prop::collection::vec((0u8..6, any::<u16>()), 0..24)) {
+            let keys: Vec<[u8; 1]> = pairs.iter().map(|(k, _)| [*k]).collect();
+            let mut v: Vec<(&[u8], u16)> =
+                keys.iter().zip(&pairs).map(|(k, (_, val))| (&k[..], *val)).collect();
+            sort_last_wins(&mut v, |t| t.0);
+            let expected: BTreeMap<&[u8], u16> =
+                keys.iter().zip(&pairs).map(|(k, (_, val))| (&k[..], *val)).collect();
+            prop_assert_eq!(v, expected.into_iter().collect::<Vec<_>>());
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! Builds the actor graph in one place and hands out the handles (no globals). Runs inside the
-//! agent's actix `System`. What a SIGHUP changes in the running graph is in [`reload`].
+//! agent's actix `System`. What a SIGHUP changes in the running graph is in `wire/reload.rs`.
 
 mod reload;
 
@@ -22,8 +22,8 @@ use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
 use crate::config::{Config, ConfigError, DopplerSource};
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
-use crate::envelope::signing::Signer;
 use crate::envelope::tagging::Tagger;
+use crate::envelope::writer::Writer;
 use crate::grpc::egress::{DialSettings, StreamSettings};
 use crate::grpc::ingress::{Edge, EdgeTunables, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
@@ -233,8 +233,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let ledger = ledger.clone();
         let queues = queues.clone();
         let signer = match &p.signing {
-            Some((id, key)) => Signer::new(id, key),
-            None => Signer::unsigned(),
+            Some((id, key)) => Writer::new(id, key),
+            None => Writer::unsigned(),
         }
         .with_sequencing(c.sequencing_enabled);
         SignerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {

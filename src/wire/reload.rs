@@ -5,9 +5,9 @@
 use super::{
     dial_settings, dopplers, fixed_envelope_cost, key_id_len, tagged, ReloadOutcome, Running, H2,
 };
-use crate::actors::messages::{SetBudget, SetDefaultTags, SetDial, SetDopplers, SetSigner};
+use crate::actors::messages::{SetBudget, SetDefaultTags, SetDial, SetDopplers, SetWriter};
 use crate::config::{Config, ConfigError, Live, SigningConfig};
-use crate::envelope::signing::Signer;
+use crate::envelope::writer::Writer;
 use crate::tls::TlsSet;
 use crate::v1::V1Identity;
 
@@ -116,8 +116,8 @@ impl Running {
                         if let Some((old_id, _)) = &live.signing {
                             warn_unless_kept(old_id, &key_id, &new);
                         }
-                        self.signer.do_send(SetSigner(
-                            Signer::new(&key_id, &key)
+                        self.signer.do_send(SetWriter(
+                            Writer::new(&key_id, &key)
                                 .with_sequencing(live.started.sequencing_enabled),
                         ));
                         live.signing = Some((key_id, key));
