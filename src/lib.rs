@@ -148,12 +148,31 @@ pub struct ShutdownReport {
     /// Everything buffered reached a Doppler stream before the grace period ran out.
     pub flushed: bool,
     pub metrics: MetricsSnapshot,
+    /// The agent stopped itself because these actors were gone (a panic escaped their guard);
+    /// `None` when it was asked to stop. The daemon then exits with [`EXIT_ACTOR_GONE`].
+    pub actors_gone: Option<String>,
 }
+
+/// The daemon's exit status when it stopped itself because an actor was gone (EX_SOFTWARE):
+/// the service manager's cue to start it again.
+pub const EXIT_ACTOR_GONE: u8 = 70;
+
+/// How often the agent looks for an actor a panic took down.
+const GONE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 enum Control {
     Shutdown,
     Reload(Box<(Config, TlsSet)>, ReloadReply),
     DumpState(tokio::sync::oneshot::Sender<()>),
+    #[cfg(feature = "chaos-hooks")]
+    ChaosPanic(telemetry::ActorName, usize, bool),
+}
+
+/// How the agent thread talks to [`Agent`].
+struct Channels {
+    ready: std::sync::mpsc::Sender<std::io::Result<Vec<Addr<DopplerConnection>>>>,
+    control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    gone: tokio::sync::watch::Sender<Option<String>>,
 }
 
 type ReloadReply = tokio::sync::oneshot::Sender<Result<ReloadOutcome, ConfigError>>;
@@ -188,6 +207,8 @@ pub struct Agent {
     dev_credentials: Option<DevCredentials>,
     ledger: Arc<Ledger>,
     connections: Vec<Addr<DopplerConnection>>,
+    /// Set (to the gone actors' names) when the agent stops itself.
+    gone: tokio::sync::watch::Receiver<Option<String>>,
     control: Option<tokio::sync::mpsc::UnboundedSender<Control>>,
     thread: Option<JoinHandle<ShutdownReport>>,
 }
@@ -314,10 +335,18 @@ impl Agent {
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (gone_tx, gone) = tokio::sync::watch::channel(None);
         let thread_ledger = ledger.clone();
         let thread = std::thread::Builder::new()
             .name("metron-system".into())
-            .spawn(move || run_system(prepared, grace, thread_ledger, ready_tx, control_rx))
+            .spawn(move || {
+                let channels = Channels {
+                    ready: ready_tx,
+                    control: control_rx,
+                    gone: gone_tx,
+                };
+                run_system(prepared, grace, thread_ledger, channels)
+            })
             .map_err(StartError::Runtime)?;
         let connections = match ready_rx.recv() {
             Ok(Ok(c)) => c,
@@ -350,6 +379,7 @@ impl Agent {
             dev_credentials,
             ledger,
             connections,
+            gone,
             control: Some(control_tx),
             thread: Some(thread),
         })
@@ -430,11 +460,38 @@ impl Agent {
         self.connections.len()
     }
 
-    /// Test-only chaos hook: makes slot `slot`'s connection actor fail as if it had crashed; its
-    /// supervisor restarts it.
+    /// Test-only chaos hook: makes slot `slot`'s connection actor panic (inside its guard); it
+    /// restarts like after any failure (cause `panic`).
     #[cfg(feature = "chaos-hooks")]
-    pub fn chaos_kill_connection(&self, slot: usize) {
-        self.connections[slot].do_send(actors::messages::ChaosKill);
+    pub fn chaos_panic_connection(&self, slot: usize) {
+        self.chaos_panic(telemetry::ActorName::DopplerConnection, slot, false);
+    }
+
+    /// Resolves when the agent stops itself because an actor is gone (a panic escaped its
+    /// guard), with the actors' names; never while every actor is there. The agent is shutting
+    /// down gracefully by then: [`Agent::shutdown`] waits for it to finish.
+    pub async fn actor_gone(&self) -> String {
+        let mut gone = self.gone.clone();
+        // An error: the agent thread ended without a gone actor, so none will ever be reported.
+        let names = gone
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|names| names.clone());
+        match names {
+            Some(names) => names,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Test-only chaos hook: makes an actor panic, inside its guard (`escape: false`; the
+    /// pipeline actors on their next batch) or outside it, taking it down (`escape: true`).
+    /// `actor` is `ingress`, `sequencer`, `signer`, `supervisor` or `doppler_connection[slot]`.
+    #[cfg(feature = "chaos-hooks")]
+    pub fn chaos_panic(&self, actor: telemetry::ActorName, slot: usize, escape: bool) {
+        if let Some(c) = &self.control {
+            let _ = c.send(Control::ChaosPanic(actor, slot, escape));
+        }
     }
 
     /// Graceful shutdown: stop accepting, flush to Dopplers within the grace period, stop.
@@ -455,6 +512,7 @@ impl Agent {
         report.unwrap_or_else(|| ShutdownReport {
             flushed: false,
             metrics: self.metrics(),
+            actors_gone: None,
         })
     }
 }
@@ -473,9 +531,13 @@ fn run_system(
     prepared: wire::Prepared,
     grace: std::time::Duration,
     ledger: Arc<Ledger>,
-    ready: std::sync::mpsc::Sender<std::io::Result<Vec<Addr<DopplerConnection>>>>,
-    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    channels: Channels,
 ) -> ShutdownReport {
+    let Channels {
+        ready,
+        mut control,
+        gone,
+    } = channels;
     let runner = actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             // One I/O thread: measured cheaper per envelope than two, with more capacity
@@ -486,36 +548,59 @@ fn run_system(
             .build()
             .expect("tokio runtime")
     });
-    let (flushed, pipeline_arbiter) = runner.block_on(async move {
+    let (flushed, pipeline_arbiter, actors_gone) = runner.block_on(async move {
         let mut running = match wire::start(prepared) {
             Ok(r) => r,
             Err(e) => {
                 let _ = ready.send(Err(e));
-                return (false, None);
+                return (false, None, None);
             }
         };
         let _ = ready.send(Ok(running.connections.clone()));
-        // Until told to stop (or the agent is gone): reloads and state dumps, one at a time.
-        while let Some(c) = control.recv().await {
+        // Until told to stop (or the agent is gone, or one of its actors): reloads and state
+        // dumps, one at a time.
+        let mut look = tokio::time::interval(GONE_CHECK_INTERVAL);
+        let actors_gone = loop {
+            let c = tokio::select! {
+                c = control.recv() => c,
+                _ = look.tick() => {
+                    let names = running.gone_actors();
+                    if names.is_empty() {
+                        continue;
+                    }
+                    let names = names.join(", ");
+                    tracing::error!(
+                        actors = %names,
+                        "an actor is gone (a panic escaped its guard; a bug, please report it): \
+                         stopping gracefully so the service manager starts metron again"
+                    );
+                    let _ = gone.send(Some(names.clone()));
+                    break Some(names);
+                }
+            };
             match c {
-                Control::Shutdown => break,
-                Control::Reload(new, reply) => {
+                None | Some(Control::Shutdown) => break None,
+                Some(Control::Reload(new, reply)) => {
                     let (config, tls) = *new;
                     let _ = reply.send(running.reload(config, tls));
                 }
-                Control::DumpState(done) => {
+                Some(Control::DumpState(done)) => {
                     running.dump_state().await;
                     let _ = done.send(());
                 }
+                #[cfg(feature = "chaos-hooks")]
+                Some(Control::ChaosPanic(actor, slot, escape)) => {
+                    running.chaos_panic(actor, slot, escape);
+                }
             }
-        }
+        };
         tracing::info!(
             grace_ms = grace.as_millis() as u64,
             "shutting down: draining to Dopplers"
         );
         let deadline = tokio::time::Instant::now() + grace;
         let (flushed, arbiter) = running.drain(deadline).await;
-        (flushed, Some(arbiter))
+        (flushed, Some(arbiter), actors_gone)
     });
     if let Some(a) = pipeline_arbiter {
         a.stop();
@@ -544,5 +629,6 @@ fn run_system(
     ShutdownReport {
         flushed: flushed && left == 0,
         metrics,
+        actors_gone,
     }
 }

@@ -136,6 +136,7 @@ fn main() -> ExitCode {
     };
     let scheduled = tune_scheduler(config.pipeline.scheduling);
     let log = metron::telemetry::logging::init(&config.log.level, config.log.format);
+    metron::telemetry::logging::install_panic_hook();
     match scheduled {
         Ok(policy) => tracing::info!(policy, "agent threads scheduled (pipeline.scheduling)"),
         Err(e) => tracing::warn!(
@@ -179,10 +180,15 @@ fn main() -> ExitCode {
     }
 
     rt.block_on(async {
-        loop {
+        let gone = loop {
             // One at a time: a reload or dump runs to its end (or its time limit) before the next
             // HUP or USR1 is read; TERM and INT are read meanwhile and win.
-            let stopped = match signals.next().await {
+            let signal = tokio::select! {
+                signal = signals.next() => signal,
+                // The agent is already stopping itself (it logged why).
+                _ = agent.actor_gone() => break true,
+            };
+            let stopped = match signal {
                 Signal::Stop => true,
                 Signal::Reload => {
                     let work = reload(&agent, &path, &log);
@@ -195,14 +201,23 @@ fn main() -> ExitCode {
                 }
             };
             if stopped {
-                break;
+                break false;
             }
+        };
+        if !gone {
+            tracing::info!(
+                "signal received: shutting down gracefully (send another to exit at once)"
+            );
         }
-        tracing::info!("signal received: shutting down gracefully (send another to exit at once)");
         std::thread::spawn(move || {
-            // Exit 0 either way: what could not be flushed is counted and logged by the agent.
+            // What could not be flushed is counted and logged by the agent. An agent that
+            // stopped itself exits non-zero, so its service manager starts it again.
             agent.shutdown();
-            std::process::exit(0);
+            std::process::exit(if gone {
+                metron::EXIT_ACTOR_GONE.into()
+            } else {
+                0
+            });
         });
         let first = std::time::Instant::now();
         loop {

@@ -28,9 +28,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::actors::guard::catch;
 use crate::grpc::ingress::Edge;
 use crate::telemetry::ratelimit::RateLimit;
-use crate::telemetry::{DropReason, Ledger, Metrics};
+use crate::telemetry::{ActorName, DropReason, Ledger, Metrics};
 use crate::v1::{self, V1Error, V1Identity};
 
 /// Datagrams converted and admitted together: upstream's batch size, and small enough that one
@@ -139,13 +140,23 @@ pub fn convert(
 ) -> Vec<crate::proto::Envelope> {
     let mut envelopes = Vec::with_capacity(datagrams.len());
     for (bytes, from) in datagrams {
-        match v1::decode(&bytes) {
-            Ok(e) => envelopes.push(v1::agent_to_v2(e, identity)),
-            Err(e) => metrics.dropped_because(
+        // The decoder faces the network: a panic in it costs that datagram, counted, and not
+        // the converter task (which would leave the UDP edge reading into a buffer nobody empties).
+        match catch(|| v1::decode(&bytes).map(|e| v1::agent_to_v2(e, identity))) {
+            Ok(Ok(e)) => envelopes.push(e),
+            Ok(Err(e)) => metrics.dropped_because(
                 rejected(&e),
                 1,
                 Some(&format_args!("{e} (datagram from {from})")),
             ),
+            Err(panic) => {
+                panic.report(ActorName::Edge, metrics);
+                metrics.dropped_because(
+                    DropReason::ActorPanic,
+                    1,
+                    Some(&format_args!("datagram from {from}")),
+                );
+            }
         }
     }
     envelopes

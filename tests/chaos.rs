@@ -1,5 +1,5 @@
 //! The chaos suite: load flows through the agent from several emitter connections and many sources
-//! while Doppler connection actors are killed at random, Dopplers are killed and restarted (one at
+//! while Doppler connection actors panic at random, Dopplers are killed and restarted (one at
 //! a time and all at once), a Doppler stalls, and the whole local AZ goes away and comes back.
 //!
 //! After each scenario: the agent is alive and back in the local AZ (new traffic reaches only
@@ -167,7 +167,7 @@ async fn finish(agent: Agent, fleet: &Fleet, load: Load, budget: u64) -> Metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_actors_killed_at_random_intervals() {
+async fn connection_actors_panicking_at_random_intervals() {
     let w = World::new();
     let fleet = Fleet::start(&w, 2, 1);
     let agent = start_agent(&w, &fleet, Some(BUDGET));
@@ -177,9 +177,9 @@ async fn connection_actors_killed_at_random_intervals() {
     let kills = 12;
     for k in 0..kills {
         let slot = rng.below(SLOTS as u64) as usize;
-        agent.chaos_kill_connection(slot);
+        agent.chaos_panic_connection(slot);
         assert!(
-            wait_until_async(WAIT, || agent.metrics().restarts_by(RestartCause::Killed)
+            wait_until_async(WAIT, || agent.metrics().restarts_by(RestartCause::Panic)
                 > k)
             .await,
             "kill {k} (slot {slot}) restarted the actor"
@@ -189,7 +189,7 @@ async fn connection_actors_killed_at_random_intervals() {
     }
     delivery_goes_on(&fleet, 2_000, "after the kills").await;
     let m = finish(agent, &fleet, load, BUDGET).await;
-    assert_eq!(m.restarts_by(RestartCause::Killed), kills);
+    assert_eq!(m.restarts_by(RestartCause::Panic), kills);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! Supervision under load: Doppler connection actors killed mid-stream (the chaos hook) and the
+//! Supervision under load: Doppler connection actors made to panic mid-stream (the chaos hook) and the
 //! Doppler itself killed and restarted. The supervisor restarts, delivery resumes, the balance
 //! holds and no source's envelopes arrive out of order.
 
@@ -21,19 +21,19 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
     let slots = agent.connection_slots();
     let load = Load::start(&agent, &w, 1, None).await;
 
-    // 1. Kill every connection actor, twice, while envelopes flow.
+    // 1. Make every connection actor panic, twice, while envelopes flow.
     let killed = || {
         agent
             .metrics()
             .restarts
             .iter()
-            .find(|(c, _)| *c == RestartCause::Killed)
+            .find(|(c, _)| *c == RestartCause::Panic)
             .map_or(0, |(_, n)| *n)
     };
     let mut kills = 0;
     for _round in 0..2 {
         for slot in 0..slots {
-            agent.chaos_kill_connection(slot);
+            agent.chaos_panic_connection(slot);
             kills += 1;
             assert!(
                 wait_until_async(WAIT, || killed() == kills).await,

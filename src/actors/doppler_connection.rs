@@ -3,7 +3,10 @@
 //! struct, `restarting` reports to our supervisor actor, and it waits for a new [`Connect`].
 //!
 //! State machine: `Idle → Connecting → Connected`; any failure → (restart) → `Idle`. The slot's
-//! queue lives outside the connection, so a restart loses nothing that was still queued.
+//! queue lives outside the connection, so a restart loses nothing that was still queued. A panic
+//! in a handler, or in the stream's task, is a failure like any other (cause `panic`,
+//! [`super::guard`]): the actor restarts from `Idle` and what its stream had in flight is counted
+//! `connection_lost`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,13 +18,16 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinError};
 use tracing::Instrument;
 
+use super::guard::{catch, Panicked};
 use super::messages::{
-    Abandon, Connect, ConnectionDown, ConnectionUp, Drain, DumpState, Recycle, Stalled,
+    Abandon, Connect, ConnectionDown, ConnectionUp, Drain, DumpState, Recycle, Reset, Stalled,
 };
 use crate::envelope::queue::{count_lost_in_flight, EgressQueue};
 use crate::grpc::egress::{dial, run_streams, DialSettings, StreamEnd, StreamSettings};
 use crate::routing::watchdog::{Verdict, Watchdog};
-use crate::telemetry::{Ledger, RestartCause};
+use crate::telemetry::{ActorName, Ledger, RestartCause};
+
+const ME: ActorName = ActorName::DopplerConnection;
 
 enum State {
     /// Waiting for the supervisor's [`Connect`].
@@ -76,6 +82,11 @@ pub struct DopplerConnection {
     doppler: Option<(String, String)>,
     /// Restarts of this slot's actor since start-up (the struct survives them).
     restarts: u64,
+    /// The supervisor generation this connection reports in (see [`Reset`]).
+    generation: u64,
+    /// A [`Reset`] is under way: the next restart reports to the new supervisor, without the
+    /// endpoint (its number belonged to the old one).
+    resetting: bool,
 }
 
 impl DopplerConnection {
@@ -92,6 +103,24 @@ impl DopplerConnection {
             drain_lossy: false,
             doppler: None,
             restarts: 0,
+            generation: 0,
+            resetting: false,
+        }
+    }
+
+    /// Runs `f`; a panic in it is a failure of the connection (cause `panic`).
+    fn guarded<R: Default>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        f: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> R {
+        match catch(|| f(self, ctx)) {
+            Ok(r) => r,
+            Err(panic) => {
+                panic.report(ME, self.setup.ledger.metrics());
+                self.fail(RestartCause::Panic, &panic.0, ctx);
+                R::default()
+            }
         }
     }
 
@@ -159,7 +188,9 @@ impl DopplerConnection {
         let handle = tokio::spawn(streams.instrument(span));
         let task = handle.abort_handle();
         ctx.spawn(wrap_future(handle).map(
-            |res: Result<StreamEnd, JoinError>, act: &mut Self, ctx| act.on_stream_end(res, ctx),
+            |res: Result<StreamEnd, JoinError>, act: &mut Self, ctx| {
+                act.guarded(ctx, |act, ctx| act.on_stream_end(res, ctx));
+            },
         ));
         self.queue.restart_progress_clock();
         let m = self.setup.ledger.metrics();
@@ -175,13 +206,22 @@ impl DopplerConnection {
         });
         // Control message: it must reach the supervisor whatever its mailbox holds.
         self.setup.up.do_send(ConnectionUp {
+            generation: self.generation,
             slot: self.slot,
             endpoint,
         });
     }
 
     fn on_stream_end(&mut self, res: Result<StreamEnd, JoinError>, ctx: &mut Context<Self>) {
-        let end = res.unwrap_or_else(|e| StreamEnd::Failed(e.to_string()));
+        let end = match res {
+            Ok(end) => end,
+            Err(e) if e.is_panic() => {
+                let panic = Panicked::from_payload(&*e.into_panic());
+                panic.report(ME, self.setup.ledger.metrics());
+                return self.fail(RestartCause::Panic, &panic.0, ctx);
+            }
+            Err(e) => StreamEnd::Failed(e.to_string()),
+        };
         if let Some(live) = self.live() {
             live.acknowledged = !matches!(end, StreamEnd::Failed(_));
         }
@@ -209,29 +249,7 @@ impl Actor for DopplerConnection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = self.setup.progress_timeout;
         ctx.run_interval(timeout / 4, move |act, ctx| {
-            let (slot, draining) = (act.slot, act.draining);
-            let stalled_for = act.queue.stalled_for(act.setup.streams.ack_interval);
-            let Some(live) = act.live() else {
-                return;
-            };
-            let verdict = live.watchdog.check(
-                stalled_for,
-                timeout,
-                live.recycling,
-                draining,
-                Instant::now(),
-            );
-            let endpoint = live.endpoint;
-            match verdict {
-                Verdict::Fine => {}
-                // Control message: the supervisor decides whether moving is worth a lost window.
-                Verdict::Report => act.setup.stalled.do_send(Stalled { slot, endpoint }),
-                Verdict::Fail => act.fail(
-                    RestartCause::Stalled,
-                    "recycled stream never acknowledged",
-                    ctx,
-                ),
-            }
+            act.guarded(ctx, |act, ctx| act.watch(timeout, ctx));
         });
     }
 
@@ -240,14 +258,56 @@ impl Actor for DopplerConnection {
     }
 }
 
+impl DopplerConnection {
+    /// The watchdog's tick: reports a stall to the supervisor, or fails a recycled stream that
+    /// is never acknowledged.
+    fn watch(&mut self, timeout: Duration, ctx: &mut Context<Self>) {
+        let (slot, draining) = (self.slot, self.draining);
+        let (generation, resetting) = (self.generation, self.resetting);
+        let stalled_for = self.queue.stalled_for(self.setup.streams.ack_interval);
+        let Some(live) = self.live() else {
+            return;
+        };
+        let verdict = live.watchdog.check(
+            stalled_for,
+            timeout,
+            live.recycling,
+            draining,
+            Instant::now(),
+        );
+        let endpoint = live.endpoint;
+        match verdict {
+            Verdict::Fine => {}
+            // A reset connection's stream is ending anyway, and its endpoint number is stale.
+            Verdict::Report if resetting => {}
+            // Control message: the supervisor decides whether moving is worth a lost window.
+            Verdict::Report => self.setup.stalled.do_send(Stalled {
+                generation,
+                slot,
+                endpoint,
+            }),
+            Verdict::Fail => self.fail(
+                RestartCause::Stalled,
+                "recycled stream never acknowledged",
+                ctx,
+            ),
+        }
+    }
+}
+
 impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        let cause = self.failure.take().unwrap_or(RestartCause::Killed);
-        let (endpoint, lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
+        let mut cause = self.failure.take().unwrap_or(RestartCause::Killed);
+        let (mut endpoint, mut lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
+        if std::mem::take(&mut self.resetting) {
+            // The new supervisor knows nothing of the old endpoint numbers.
+            (cause, endpoint, lived) = (RestartCause::SupervisorReset, None, Duration::ZERO);
+        }
         self.restarts += 1;
         self.setup.ledger.metrics().restarted(cause);
         // Control message: it must reach the supervisor whatever its mailbox holds.
         self.setup.down.do_send(ConnectionDown {
+            generation: self.generation,
             slot: self.slot,
             endpoint,
             cause,
@@ -260,7 +320,13 @@ impl Handler<Connect> for DopplerConnection {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) {
-        if !matches!(self.state, State::Idle) {
+        self.guarded(ctx, |act, ctx| act.connect(msg, ctx));
+    }
+}
+
+impl DopplerConnection {
+    fn connect(&mut self, msg: Connect, ctx: &mut Context<Self>) {
+        if !matches!(self.state, State::Idle) || msg.generation != self.generation {
             return;
         }
         let endpoint = msg.endpoint;
@@ -271,12 +337,12 @@ impl Handler<Connect> for DopplerConnection {
             tokio::time::sleep(msg.delay).await;
             dial(&msg.addr, &dial_settings).await
         };
-        ctx.spawn(
-            wrap_future(fut).map(move |res, act: &mut Self, ctx| match res {
+        ctx.spawn(wrap_future(fut).map(move |res, act: &mut Self, ctx| {
+            act.guarded(ctx, |act, ctx| match res {
                 Ok(client) => act.start_stream(client, endpoint, ctx),
                 Err(e) => act.fail(RestartCause::ConnectFailed, &e.to_string(), ctx),
-            }),
-        );
+            });
+        }));
     }
 }
 
@@ -319,7 +385,14 @@ impl Handler<DumpState> for DopplerConnection {
 impl Handler<Recycle> for DopplerConnection {
     type Result = ();
 
-    fn handle(&mut self, _: Recycle, _: &mut Context<Self>) {
+    fn handle(&mut self, _: Recycle, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |act, _| act.recycle());
+    }
+}
+
+impl DopplerConnection {
+    /// Ends the stream gracefully (the Doppler acknowledges it), then reconnects.
+    fn recycle(&mut self) {
         if self.draining {
             return;
         }
@@ -330,12 +403,36 @@ impl Handler<Recycle> for DopplerConnection {
     }
 }
 
+impl Handler<Reset> for DopplerConnection {
+    type Result = ();
+
+    /// The supervisor started over: a live stream ends gracefully, anything else restarts now;
+    /// either way the restart reports to the new supervisor.
+    fn handle(&mut self, msg: Reset, ctx: &mut Context<Self>) {
+        self.generation = msg.generation;
+        self.resetting = true;
+        if self.draining {
+            // The drain ends the stream; a restart before it does reports to the new supervisor.
+            return;
+        }
+        if self.live().is_some() {
+            self.recycle();
+        } else {
+            self.fail(
+                RestartCause::SupervisorReset,
+                "the supervisor started over",
+                ctx,
+            );
+        }
+    }
+}
+
 impl Handler<Abandon> for DopplerConnection {
     type Result = ();
 
     fn handle(&mut self, msg: Abandon, ctx: &mut Context<Self>) {
         let same = self.live().is_some_and(|l| l.endpoint == msg.endpoint);
-        if same && !self.draining {
+        if same && !self.draining && !self.resetting {
             self.fail(
                 RestartCause::Stalled,
                 "no progress: the Doppler stopped reading",
@@ -366,10 +463,13 @@ impl Handler<Drain> for DopplerConnection {
 }
 
 #[cfg(feature = "chaos-hooks")]
-impl Handler<super::messages::ChaosKill> for DopplerConnection {
+impl Handler<super::messages::ChaosPanic> for DopplerConnection {
     type Result = ();
 
-    fn handle(&mut self, _: super::messages::ChaosKill, ctx: &mut Context<Self>) {
-        self.fail(RestartCause::Killed, "killed by the chaos hook", ctx);
+    fn handle(&mut self, msg: super::messages::ChaosPanic, ctx: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        self.guarded::<()>(ctx, |_, _| super::guard::chaos_panic(ME));
     }
 }

@@ -40,6 +40,8 @@ pub struct SequencedBatch {
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct Connect {
+    /// The supervisor's generation (see [`Reset`]); the connection's reports carry it back.
+    pub generation: u64,
     pub endpoint: usize,
     pub addr: String,
     /// The Doppler's AZ, for the state dump.
@@ -51,6 +53,7 @@ pub struct Connect {
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct ConnectionUp {
+    pub generation: u64,
     pub slot: usize,
     pub endpoint: usize,
 }
@@ -59,6 +62,7 @@ pub struct ConnectionUp {
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct ConnectionDown {
+    pub generation: u64,
     pub slot: usize,
     /// The endpoint it had been given, if any.
     pub endpoint: Option<usize>,
@@ -79,6 +83,7 @@ pub struct Drain;
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Stalled {
+    pub generation: u64,
     pub slot: usize,
     /// The endpoint of the stalled connection (the slot may have moved on by the time the
     /// supervisor reads this).
@@ -98,6 +103,16 @@ pub struct Abandon {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Recycle;
+
+/// Supervisor → connection, after the supervisor panicked and started over from fresh state:
+/// end the stream gracefully (or give up the dial), report [`ConnectionDown`] in `generation`,
+/// and wait for the new supervisor's [`Connect`]. Reports from an older generation are ignored:
+/// their endpoint numbers belong to the supervisor state that was thrown away.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Reset {
+    pub generation: u64,
+}
 
 /// Reload → ingress actor: the default tags from now on (counter totals are kept).
 #[derive(Message)]
@@ -132,8 +147,13 @@ pub struct SetDial(pub DialSettings);
 #[rtype(result = "()")]
 pub struct DumpState;
 
-/// Test-only: make the connection actor fail as if it had crashed (chaos hook).
+/// Test-only (chaos hook): make an actor panic. `escape: false` panics inside the actor's guard:
+/// the pipeline actors (ingress, sequencer, signer) while handling their next batch, the
+/// supervisor and the connections at once. `escape: true` panics outside any guard, taking the
+/// actor down for good.
 #[cfg(feature = "chaos-hooks")]
-#[derive(Message)]
+#[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct ChaosKill;
+pub struct ChaosPanic {
+    pub escape: bool,
+}

@@ -1,17 +1,21 @@
 //! The sequencer actor: numbers each source's envelopes (stream and number, written into the
 //! `metron` tag by the signer) and splits each batch by connection slot, so a source's envelopes
-//! stay in order on one connection.
+//! stay in order on one connection. A panic while numbering loses that batch (counted
+//! `actor_panic`); numbering then starts over under a new stream ([`super::guard`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::guard::{catch, Chaos};
 use super::messages::{DumpState, SequencedBatch, SetBudget, TaggedBatch};
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::Batch;
-use crate::telemetry::{DropReason, Ledger};
+use crate::telemetry::{ActorName, DropReason, Ledger};
+
+const ME: ActorName = ActorName::Sequencer;
 
 pub struct SequencerActor {
     sequencer: Sequencer,
@@ -25,6 +29,7 @@ pub struct SequencerActor {
     budget: usize,
     next: Recipient<SequencedBatch>,
     ledger: Arc<Ledger>,
+    chaos: Chaos,
 }
 
 impl SequencerActor {
@@ -44,6 +49,7 @@ impl SequencerActor {
             queues,
             next,
             ledger,
+            chaos: Chaos::default(),
         };
         actor.set_budget(budget);
         actor
@@ -93,10 +99,15 @@ impl Handler<DumpState> for SequencerActor {
     }
 }
 
-impl Handler<TaggedBatch> for SequencerActor {
-    type Result = ();
-
-    fn handle(&mut self, TaggedBatch(batch): TaggedBatch, _: &mut Context<Self>) {
+impl SequencerActor {
+    /// Splits `batch` by slot into `parts`, each routed to its slot (a part its slot cannot take
+    /// is dropped and added to `refused`), then numbers them.
+    fn route_and_number(
+        &mut self,
+        batch: &Batch,
+        parts: &mut Vec<(usize, Batch)>,
+        refused: &mut (usize, usize),
+    ) {
         let slots = self.queues.len();
         // Split by slot first, so a slot over its share is refused before its envelopes are
         // numbered: the drop leaves no gap in the sequence and costs no signing.
@@ -104,9 +115,7 @@ impl Handler<TaggedBatch> for SequencerActor {
         for item in batch.items() {
             per_slot[slot_of(batch.bytes_of(item.source), slots)].push(*item);
         }
-        let rotations = self.sequencer.rotations();
-        let mut parts = Vec::new();
-        for (slot, mut part) in per_slot.into_iter().enumerate() {
+        for (slot, part) in per_slot.into_iter().enumerate() {
             if part.is_empty() {
                 continue;
             }
@@ -114,13 +123,40 @@ impl Handler<TaggedBatch> for SequencerActor {
             if !may_route(&routed, slot, part.bytes(), self.slot_share, self.budget) {
                 self.ledger
                     .dropped(DropReason::SlotQueueFull, part.len(), part.bytes());
+                refused.0 += part.len();
+                refused.1 += part.bytes();
                 continue;
             }
             self.queues[slot].route(part.bytes());
-            if self.numbering {
-                self.sequencer.stamp(&mut part);
-            }
             parts.push((slot, part));
+        }
+        // The chaos hook strikes where a panic costs the most: with parts already routed.
+        self.chaos.strike(ME);
+        if self.numbering {
+            for (_, part) in parts {
+                self.sequencer.stamp(part);
+            }
+        }
+    }
+}
+
+impl Handler<TaggedBatch> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, TaggedBatch(batch): TaggedBatch, _: &mut Context<Self>) {
+        let rotations = self.sequencer.rotations();
+        // What a panic would leave behind: the parts routed to a slot, and what was refused.
+        let mut parts = Vec::new();
+        let mut refused = (0, 0);
+        if let Err(panic) = catch(|| self.route_and_number(&batch, &mut parts, &mut refused)) {
+            panic.report(ME, self.ledger.metrics());
+            for (slot, part) in &parts {
+                self.queues[*slot].unroute(part.bytes());
+            }
+            let (n, bytes) = (batch.len() - refused.0, batch.bytes() - refused.1);
+            self.ledger.dropped(DropReason::ActorPanic, n, bytes);
+            self.sequencer.reset();
+            return;
         }
         let rotated = self.sequencer.rotations() - rotations;
         if rotated > 0 {
@@ -133,13 +169,28 @@ impl Handler<TaggedBatch> for SequencerActor {
             return;
         }
         if let Err(e) = self.next.try_send(SequencedBatch { parts }) {
-            let (SendError::Full(msg) | SendError::Closed(msg)) = e;
+            let (reason, msg) = match e {
+                SendError::Full(msg) => (DropReason::SignerQueueFull, msg),
+                // The signer is gone: a panic escaped its guard.
+                SendError::Closed(msg) => (DropReason::ActorPanic, msg),
+            };
             for (slot, part) in msg.parts {
                 self.queues[slot].unroute(part.bytes());
-                self.ledger
-                    .dropped(DropReason::SignerQueueFull, part.len(), part.bytes());
+                self.ledger.dropped(reason, part.len(), part.bytes());
             }
         }
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        self.chaos.arm();
     }
 }
 

@@ -13,11 +13,18 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::guard::{catch, Chaos};
 use super::messages::{DumpState, SequencedBatch, SetWriter};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::writer::Writer;
-use crate::telemetry::Ledger;
+use crate::envelope::Batch;
+use crate::telemetry::{ActorName, DropReason, Ledger};
+
+const ME: ActorName = ActorName::Signer;
+
+/// The first guess of framed bytes per envelope, before a batch has been written.
+const FIRST_FRAMED_GUESS: usize = 512;
 
 pub struct SignerActor {
     writer: Writer,
@@ -27,6 +34,7 @@ pub struct SignerActor {
     /// Framed bytes per envelope in the last batch: sizes the next batch's buffer, which
     /// otherwise grows by doubling and copies everything at each step (decision 14, "Since").
     framed_per_envelope: usize,
+    chaos: Chaos,
 }
 
 impl SignerActor {
@@ -35,7 +43,8 @@ impl SignerActor {
             writer,
             queues,
             ledger,
-            framed_per_envelope: 512,
+            framed_per_envelope: FIRST_FRAMED_GUESS,
+            chaos: Chaos::default(),
         }
     }
 }
@@ -76,30 +85,49 @@ impl Handler<SequencedBatch> for SignerActor {
 
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
         for (slot, batch) in msg.parts {
-            let mut items = batch.items().iter().peekable();
-            while items.peek().is_some() {
-                let left = batch
-                    .len()
-                    .min(MAX_ENCODED_BODY / self.framed_per_envelope.max(1));
-                // An eighth more than the estimate: batches vary, and a shrink within the block
-                // is free while a grow copies.
-                let estimate = left * self.framed_per_envelope;
-                let mut encoded = EncodedBatch::with_capacity(left, estimate + estimate / 8);
-                let mut priced = 0;
-                for item in items.by_ref() {
-                    priced += item.cost as usize;
-                    self.writer.finish_item(&batch, item, &mut encoded);
-                    if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
-                        break;
-                    }
-                }
-                self.enqueue(slot, encoded, priced);
+            // What of this part reached its queue before a panic: (envelopes, priced bytes).
+            let mut handed = (0, 0);
+            if let Err(panic) = catch(|| self.write_part(slot, &batch, &mut handed)) {
+                panic.report(ME, self.ledger.metrics());
+                let (n, bytes) = (batch.len() - handed.0, batch.bytes() - handed.1);
+                self.queues[slot].unroute(bytes);
+                self.ledger.dropped(DropReason::ActorPanic, n, bytes);
+                self.writer.reset();
+                self.framed_per_envelope = FIRST_FRAMED_GUESS;
             }
         }
     }
 }
 
 impl SignerActor {
+    /// Writes `batch` out into `slot`'s queue, adding what reaches it to `handed`.
+    fn write_part(&mut self, slot: usize, batch: &Batch, handed: &mut (usize, usize)) {
+        let mut items = batch.items().iter().peekable();
+        while items.peek().is_some() {
+            let left = batch
+                .len()
+                .min(MAX_ENCODED_BODY / self.framed_per_envelope.max(1));
+            // An eighth more than the estimate: batches vary, and a shrink within the block
+            // is free while a grow copies.
+            let estimate = left * self.framed_per_envelope;
+            let mut encoded = EncodedBatch::with_capacity(left, estimate + estimate / 8);
+            let mut priced = 0;
+            for item in items.by_ref() {
+                priced += item.cost as usize;
+                self.writer.finish_item(batch, item, &mut encoded);
+                // The chaos hook strikes with a batch half written.
+                self.chaos.strike(ME);
+                if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
+                    break;
+                }
+            }
+            let n = encoded.len();
+            self.enqueue(slot, encoded, priced);
+            handed.0 += n;
+            handed.1 += priced;
+        }
+    }
+
     /// Hands `encoded` (priced `priced` at the edge) to `slot`'s queue, settling the difference
     /// between the price and what it now holds with the budget and the slot's share.
     fn enqueue(&mut self, slot: usize, mut encoded: EncodedBatch, priced: usize) {
@@ -119,5 +147,17 @@ impl SignerActor {
             self.queues[slot].route(holds - priced);
         }
         self.queues[slot].push(encoded);
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for SignerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        self.chaos.arm();
     }
 }

@@ -7,6 +7,11 @@
 //!
 //! Moves are graceful ([`Recycle`]: the stream ends, the Doppler acknowledges, the slot
 //! reconnects), so they cost no envelopes.
+//!
+//! A panic in any of its handlers is caught ([`super::guard`]): the supervisor starts over from a
+//! fresh slot table in a new generation and sends every connection [`Reset`]. Each ends its stream
+//! gracefully and reports in again; reports from the old generation are ignored, since their
+//! endpoint numbers belonged to the table that was thrown away. No envelope is lost by it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,9 +21,10 @@ use actix::fut::wrap_future;
 use actix::prelude::*;
 
 use super::doppler_connection::{ConnectionSetup, DopplerConnection};
+use super::guard::catch;
 use super::messages::{
-    Abandon, Connect, ConnectionDown, ConnectionUp, DumpState, Recycle, SetDial, SetDopplers,
-    Stalled,
+    Abandon, Connect, ConnectionDown, ConnectionUp, DumpState, Recycle, Reset, SetDial,
+    SetDopplers, Stalled,
 };
 use crate::envelope::queue::EgressQueue;
 use crate::grpc::egress::{dial, DialSettings, StreamSettings};
@@ -27,7 +33,9 @@ use crate::routing::discovery::{Discovery, DiscoveryError};
 use crate::routing::slots::{Command, SlotTable};
 use crate::routing::Dopplers;
 use crate::telemetry::ratelimit::RateLimit;
-use crate::telemetry::Ledger;
+use crate::telemetry::{ActorName, Ledger};
+
+const ME: ActorName = ActorName::Supervisor;
 
 /// A failure triggers a re-resolution at most this often (the periodic one runs regardless).
 const RESOLVE_AFTER_FAILURE_EVERY: Duration = Duration::from_secs(1);
@@ -39,6 +47,11 @@ const STALL_HOLD_TIMEOUTS: u32 = 10;
 pub struct DopplerSupervisor {
     /// Every slot's endpoint and state, and the policy (`routing::slots`).
     table: SlotTable,
+    /// Makes the empty table a panic starts over from.
+    fresh_table: Box<dyn Fn() -> SlotTable>,
+    /// Bumped when the supervisor starts over; connections report in the generation they were
+    /// last given, and reports from an older one are ignored.
+    generation: u64,
     slots: Vec<Addr<DopplerConnection>>,
     queues: Vec<Arc<EgressQueue>>,
     rebalance_interval: Duration,
@@ -97,13 +110,10 @@ impl DopplerSupervisor {
                 interval,
             } => (Vec::new(), Some(discovery), interval),
         };
-        let mut table = SlotTable::new(
-            balancer,
-            connections,
-            Vec::new(),
-            s.recycle_interval,
-            s.progress_timeout * STALL_HOLD_TIMEOUTS,
-        );
+        let (recycle, hold) = (s.recycle_interval, s.progress_timeout * STALL_HOLD_TIMEOUTS);
+        let fresh_table =
+            move || SlotTable::new(balancer.clone(), connections, Vec::new(), recycle, hold);
+        let mut table = fresh_table();
         table.use_endpoints(known, Instant::now());
         let sup = DopplerSupervisor::create(|ctx| {
             let me = ctx.address();
@@ -129,6 +139,8 @@ impl DopplerSupervisor {
             }
             DopplerSupervisor {
                 table,
+                fresh_table: Box::new(fresh_table),
+                generation: 0,
                 slots: slots.clone(),
                 queues: s.queues,
                 rebalance_interval: s.rebalance_interval,
@@ -162,6 +174,7 @@ impl DopplerSupervisor {
                 az,
                 delay,
             } => self.slots[slot].do_send(Connect {
+                generation: self.generation,
                 endpoint,
                 addr,
                 az,
@@ -179,20 +192,62 @@ impl DopplerSupervisor {
                 let settings = self.setup.dial.read().clone();
                 let target = addr.clone();
                 let probe = async move { dial(&target, &settings).await.is_ok() };
+                let generation = self.generation;
                 ctx.spawn(
                     wrap_future(probe).map(move |reachable, act: &mut Self, ctx| {
-                        let now = Instant::now();
-                        let random = crate::entropy::random_u64();
-                        if let Some(c) = act
-                            .table
-                            .on_probe(away, local, &addr, reachable, now, random)
-                        {
-                            act.run(c, ctx);
+                        if act.generation != generation {
+                            return;
                         }
+                        act.guarded(ctx, |act, ctx| {
+                            let now = Instant::now();
+                            let random = crate::entropy::random_u64();
+                            if let Some(c) = act
+                                .table
+                                .on_probe(away, local, &addr, reachable, now, random)
+                            {
+                                act.run(c, ctx);
+                            }
+                        });
                     }),
                 );
             }
         }
+    }
+
+    /// Runs `f`; a panic in it makes the supervisor start over ([`DopplerSupervisor::reset`]).
+    fn guarded(&mut self, ctx: &mut Context<Self>, f: impl FnOnce(&mut Self, &mut Context<Self>)) {
+        if let Err(panic) = catch(|| f(self, ctx)) {
+            panic.report(ME, self.setup.ledger.metrics());
+            self.reset(ctx);
+        }
+    }
+
+    /// Starts over after a panic: a fresh slot table over the last known Dopplers, in a new
+    /// generation. Every connection is told to end its stream gracefully and report in; each
+    /// then gets its Doppler from the fresh table as it reports.
+    fn reset(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        self.stop_resolving(ctx);
+        let known = self.table.known().to_vec();
+        self.table = (self.fresh_table)();
+        // Nothing to dial yet: no slot is waiting until it reports in.
+        let _ = self.table.use_endpoints(known, Instant::now());
+        // Connections count themselves in again as they come up in the new generation.
+        self.setup.ledger.metrics().reset_connections_by_az();
+        for slot in &self.slots {
+            // Control message: it must get through whatever the mailbox holds.
+            slot.do_send(Reset {
+                generation: self.generation,
+            });
+        }
+        if self.discovery.is_some() {
+            self.start_resolving(ctx);
+        }
+        tracing::warn!(
+            generation = self.generation,
+            connections = self.slots.len(),
+            "the supervisor started over from fresh state; every connection reconnects gracefully"
+        );
     }
 
     /// Resolves the Doppler names now, unless a resolution is already under way.
@@ -206,10 +261,11 @@ impl DopplerSupervisor {
         self.resolving = true;
         self.last_resolve = Some(Instant::now());
         let lookup = async move { discovery.resolve().await };
-        self.lookup =
-            Some(ctx.spawn(
-                wrap_future(lookup).map(|res, act: &mut Self, ctx| act.on_resolved(res, ctx)),
-            ));
+        self.lookup = Some(
+            ctx.spawn(wrap_future(lookup).map(|res, act: &mut Self, ctx| {
+                act.guarded(ctx, |act, ctx| act.on_resolved(res, ctx));
+            })),
+        );
     }
 
     fn on_resolved(&mut self, res: Result<Vec<Endpoint>, DiscoveryError>, ctx: &mut Context<Self>) {
@@ -257,8 +313,9 @@ impl DopplerSupervisor {
     fn start_resolving(&mut self, ctx: &mut Context<Self>) {
         self.stop_resolving(ctx);
         self.resolve(ctx);
-        self.resolve_timer =
-            Some(ctx.run_interval(self.resolve_interval, |act, ctx| act.resolve(ctx)));
+        self.resolve_timer = Some(ctx.run_interval(self.resolve_interval, |act, ctx| {
+            act.guarded(ctx, |act, ctx| act.resolve(ctx));
+        }));
     }
 
     /// A failure may mean the Doppler set changed: re-resolve, at most once a second.
@@ -276,17 +333,21 @@ impl Actor for DopplerSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let discovered = self.discovery.is_some();
-        for c in self.table.start(discovered, Instant::now()) {
-            self.run(c, ctx);
-        }
-        if discovered {
-            self.start_resolving(ctx);
-        }
-        ctx.run_interval(self.rebalance_interval, |act, ctx| {
-            if let Some(c) = act.table.rebalance(Instant::now()) {
+        self.guarded(ctx, |act, ctx| {
+            let discovered = act.discovery.is_some();
+            for c in act.table.start(discovered, Instant::now()) {
                 act.run(c, ctx);
             }
+            if discovered {
+                act.start_resolving(ctx);
+            }
+        });
+        ctx.run_interval(self.rebalance_interval, |act, ctx| {
+            act.guarded(ctx, |act, ctx| {
+                if let Some(c) = act.table.rebalance(Instant::now()) {
+                    act.run(c, ctx);
+                }
+            });
         });
     }
 }
@@ -294,44 +355,50 @@ impl Actor for DopplerSupervisor {
 impl Handler<ConnectionUp> for DopplerSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionUp, _: &mut Context<Self>) {
-        let held = self.queues.iter().map(|q| q.envelopes()).sum();
-        let up = self.table.on_up(
-            msg.slot,
-            msg.endpoint,
-            held,
-            Instant::now(),
-            crate::entropy::random_u64(),
-        );
-        let metrics = self.setup.ledger.metrics();
-        metrics.connection_in_az(&up.az, 1);
-        if let Some(old) = &up.replaced_az {
-            metrics.connection_in_az(old, -1);
+    fn handle(&mut self, msg: ConnectionUp, ctx: &mut Context<Self>) {
+        // A report from before the supervisor started over names endpoints it forgot.
+        if msg.generation != self.generation {
+            return;
         }
-        if let Some(times) = self.connects.check() {
-            let b = self.table.balancer();
-            let ep = b.endpoint(msg.endpoint);
-            tracing::info!(
-                slot = msg.slot,
-                doppler = %ep.addr,
-                az = %ep.az,
-                local = b.is_local(msg.endpoint),
-                connections_opened = times,
-                "doppler stream open"
+        self.guarded(ctx, move |act, _| {
+            let held = act.queues.iter().map(|q| q.envelopes()).sum();
+            let up = act.table.on_up(
+                msg.slot,
+                msg.endpoint,
+                held,
+                Instant::now(),
+                crate::entropy::random_u64(),
             );
-        }
-        if let Some(back) = up.recovered {
-            if let Some(times) = self.recoveries.check() {
+            let metrics = act.setup.ledger.metrics();
+            metrics.connection_in_az(&up.az, 1);
+            if let Some(old) = &up.replaced_az {
+                metrics.connection_in_az(old, -1);
+            }
+            if let Some(times) = act.connects.check() {
+                let b = act.table.balancer();
+                let ep = b.endpoint(msg.endpoint);
                 tracing::info!(
-                    down_ms = back.down_for.as_millis() as u64,
-                    failures = back.failures,
-                    held_envelopes = back.held,
-                    connections = self.table.up_count(),
-                    recoveries = times,
-                    "doppler connections back after failures"
+                    slot = msg.slot,
+                    doppler = %ep.addr,
+                    az = %ep.az,
+                    local = b.is_local(msg.endpoint),
+                    connections_opened = times,
+                    "doppler stream open"
                 );
             }
-        }
+            if let Some(back) = up.recovered {
+                if let Some(times) = act.recoveries.check() {
+                    tracing::info!(
+                        down_ms = back.down_for.as_millis() as u64,
+                        failures = back.failures,
+                        held_envelopes = back.held,
+                        connections = act.table.up_count(),
+                        recoveries = times,
+                        "doppler connections back after failures"
+                    );
+                }
+            }
+        });
     }
 }
 
@@ -339,45 +406,51 @@ impl Handler<ConnectionDown> for DopplerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionDown, ctx: &mut Context<Self>) {
-        let down = self.table.on_down(
-            msg.slot,
-            msg.cause,
-            msg.lived,
-            Instant::now(),
-            crate::entropy::random_u64(),
-        );
-        let metrics = self.setup.ledger.metrics();
-        if let Some(az) = &down.closed_az {
-            metrics.connection_in_az(az, -1);
+        // A report from before the supervisor started over names endpoints it forgot.
+        if msg.generation != self.generation {
+            return;
         }
-        if let Some((addr, az, consecutive)) = &down.endpoint {
-            if let Some(times) = self.failures.check() {
-                tracing::warn!(
-                    slot = msg.slot,
-                    doppler = %addr,
-                    az = %az,
-                    cause = msg.cause.name(),
-                    failures = times,
-                    consecutive,
-                    "doppler connection lost; reconnecting with backoff"
-                );
+        self.guarded(ctx, move |act, ctx| {
+            let down = act.table.on_down(
+                msg.slot,
+                msg.cause,
+                msg.lived,
+                Instant::now(),
+                crate::entropy::random_u64(),
+            );
+            let metrics = act.setup.ledger.metrics();
+            if let Some(az) = &down.closed_az {
+                metrics.connection_in_az(az, -1);
             }
-        }
-        if down.failover {
-            // The slot's queue goes with it: what was waiting for the failed Doppler is re-routed
-            // to the next one instead of being dropped.
-            metrics.failovers.fetch_add(1, Ordering::Relaxed);
-            let queued = self.queues[msg.slot].batches() as u64;
-            metrics
-                .rerouted_batches
-                .fetch_add(queued, Ordering::Relaxed);
-        }
-        if let Some(c) = down.connect {
-            self.run(c, ctx);
-        }
-        if down.failed {
-            self.resolve_after_failure(ctx);
-        }
+            if let Some((addr, az, consecutive)) = &down.endpoint {
+                if let Some(times) = act.failures.check() {
+                    tracing::warn!(
+                        slot = msg.slot,
+                        doppler = %addr,
+                        az = %az,
+                        cause = msg.cause.name(),
+                        failures = times,
+                        consecutive,
+                        "doppler connection lost; reconnecting with backoff"
+                    );
+                }
+            }
+            if down.failover {
+                // The slot's queue goes with it: what was waiting for the failed Doppler is re-routed
+                // to the next one instead of being dropped.
+                metrics.failovers.fetch_add(1, Ordering::Relaxed);
+                let queued = act.queues[msg.slot].batches() as u64;
+                metrics
+                    .rerouted_batches
+                    .fetch_add(queued, Ordering::Relaxed);
+            }
+            if let Some(c) = down.connect {
+                act.run(c, ctx);
+            }
+            if down.failed {
+                act.resolve_after_failure(ctx);
+            }
+        });
     }
 }
 
@@ -385,49 +458,53 @@ impl Handler<SetDopplers> for DopplerSupervisor {
     type Result = ();
 
     fn handle(&mut self, SetDopplers(dopplers): SetDopplers, ctx: &mut Context<Self>) {
-        match dopplers {
+        self.guarded(ctx, move |act, ctx| match dopplers {
             Dopplers::Static(list) => {
-                self.stop_resolving(ctx);
-                self.discovery = None;
-                self.use_endpoints(list, ctx);
+                act.stop_resolving(ctx);
+                act.discovery = None;
+                act.use_endpoints(list, ctx);
             }
             Dopplers::Discovered {
                 discovery,
                 interval,
             } => {
-                self.discovery = Some(discovery);
-                self.resolve_interval = interval;
-                self.start_resolving(ctx);
+                act.discovery = Some(discovery);
+                act.resolve_interval = interval;
+                act.start_resolving(ctx);
             }
-        }
+        });
     }
 }
 
 impl Handler<SetDial> for DopplerSupervisor {
     type Result = ();
 
-    fn handle(&mut self, SetDial(dial): SetDial, _: &mut Context<Self>) {
-        *self.setup.dial.write() = dial;
+    fn handle(&mut self, SetDial(dial): SetDial, ctx: &mut Context<Self>) {
+        self.guarded(ctx, move |act, _| {
+            *act.setup.dial.write() = dial;
+        });
     }
 }
 
 impl Handler<DumpState> for DopplerSupervisor {
     type Result = ();
 
-    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
-        let t = &self.table;
-        tracing::info!(
-            target: "metron::state",
-            actor = "supervisor",
-            local_az = %self.local_az,
-            discovery = self.discovery.is_some(),
-            dopplers = t.live_endpoints(),
-            slots = t.slots(),
-            slots_up = t.up_count(),
-            slots_away_from_local_az = t.away_count(),
-            slots_waiting_for_dopplers = t.pending_count(),
-            "state"
-        );
+    fn handle(&mut self, _: DumpState, ctx: &mut Context<Self>) {
+        self.guarded(ctx, move |act, _| {
+            let t = &act.table;
+            tracing::info!(
+                target: "metron::state",
+                actor = "supervisor",
+                local_az = %act.local_az,
+                discovery = act.discovery.is_some(),
+                dopplers = t.live_endpoints(),
+                slots = t.slots(),
+                slots_up = t.up_count(),
+                slots_away_from_local_az = t.away_count(),
+                slots_waiting_for_dopplers = t.pending_count(),
+                "state"
+            );
+        });
     }
 }
 
@@ -438,26 +515,44 @@ impl Handler<Stalled> for DopplerSupervisor {
     /// worth it only if another endpoint is usable. Otherwise keep the connection: the Doppler
     /// may resume.
     fn handle(&mut self, msg: Stalled, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        let random = crate::entropy::random_u64();
-        // Stale if the slot has moved on since the report.
-        let Some(stall) = self.table.on_stalled(msg.slot, msg.endpoint, now, random) else {
+        // A report from before the supervisor started over names endpoints it forgot.
+        if msg.generation != self.generation {
             return;
-        };
-        let moving = stall.abandon.is_some();
-        if let Some(times) = self.stalls.check() {
-            let (addr, az) = &stall.endpoint;
-            tracing::warn!(
-                slot = msg.slot,
-                doppler = %addr,
-                az = %az,
-                moving,
-                stalls = times,
-                "doppler stopped reading"
-            );
         }
-        if let Some(c) = stall.abandon {
-            self.run(c, ctx);
+        self.guarded(ctx, move |act, ctx| {
+            let now = Instant::now();
+            let random = crate::entropy::random_u64();
+            // Stale if the slot has moved on since the report.
+            let Some(stall) = act.table.on_stalled(msg.slot, msg.endpoint, now, random) else {
+                return;
+            };
+            let moving = stall.abandon.is_some();
+            if let Some(times) = act.stalls.check() {
+                let (addr, az) = &stall.endpoint;
+                tracing::warn!(
+                    slot = msg.slot,
+                    doppler = %addr,
+                    az = %az,
+                    moving,
+                    stalls = times,
+                    "doppler stopped reading"
+                );
+            }
+            if let Some(c) = stall.abandon {
+                act.run(c, ctx);
+            }
+        });
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for DopplerSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, ctx: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
         }
+        self.guarded(ctx, |_, _| super::guard::chaos_panic(ME));
     }
 }

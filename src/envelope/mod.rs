@@ -229,6 +229,9 @@ pub enum ReadError {
     /// prost decoded an envelope that, once re-encoded, still did not read (a bug).
     #[error("failed to decode Protobuf message: an envelope re-encoded by prost does not read")]
     Unreadable,
+    /// The reader panicked (a bug; the edge catches it and counts it in `actor_panics`).
+    #[error("internal error while reading the batch: {0}")]
+    Panicked(String),
 }
 
 /// Reads an encoded `EnvelopeBatch` body into a [`Batch`]: each envelope priced

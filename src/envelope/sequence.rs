@@ -47,6 +47,13 @@ impl Sequencer {
         self.stream_id
     }
 
+    /// Starts over after a panic: every source forgotten, numbering from 1 under a new stream,
+    /// so a receiver sees a new stream rather than a gap or a repeat.
+    pub fn reset(&mut self) {
+        self.next = KeyMap::default();
+        self.stream_id = (self.new_stream_id)();
+    }
+
     /// How many times the table was reset and a new stream begun.
     pub fn rotations(&self) -> u64 {
         self.rotations

@@ -176,6 +176,14 @@ impl Tagger {
         }
     }
 
+    /// Starts over after a panic: counter totals forgotten (as when the table fills), the
+    /// default tags kept.
+    pub fn reset(&mut self) {
+        self.totals = CounterTotals::new(self.totals.max_keys);
+        self.parsed = Parsed::default();
+        self.resolver = TagResolver::default();
+    }
+
     /// Gives `batch` the default tags and its counters their running totals; returns how many
     /// of its envelopes took their source id from their origin.
     pub fn process(&mut self, batch: &mut Batch) -> u64 {

@@ -62,6 +62,12 @@ impl Writer {
         }
     }
 
+    /// Starts over after a panic: fresh buffers, the same key and settings.
+    pub fn reset(&mut self) {
+        let key = self.key.take();
+        *self = Self::with_key(key).with_sequencing(self.sequenced);
+    }
+
     /// Whether envelopes carry their sequence (`sequencing.enabled`); on by default.
     #[must_use]
     pub fn with_sequencing(mut self, on: bool) -> Self {

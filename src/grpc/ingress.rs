@@ -21,6 +21,7 @@ use tonic::codegen::{http, BoxFuture, Bytes, Service};
 use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::actors::guard::catch;
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::envelope::raw::count_batch;
@@ -28,7 +29,7 @@ use crate::envelope::{encode_batch, read_batch, Batch, ReadError};
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
 use crate::telemetry::ratelimit::RateLimit;
-use crate::telemetry::{DropReason, Ledger};
+use crate::telemetry::{ActorName, DropReason, Ledger};
 
 /// An envelope costing more can never be sent to a Doppler (its cost bounds its final size; the
 /// margin covers the batch's own framing).
@@ -126,11 +127,19 @@ impl Edge {
         if self.refused_while_closed(total, count_ingress) {
             return;
         }
-        let Ok((batch, oversize)) = self.price(encode_batch(envelopes)) else {
-            // prost's own encoding always reads; were it not to, nothing is counted, as with any
-            // message that does not decode.
-            debug_assert!(false, "an encoded batch does not read");
-            return;
+        let (batch, oversize) = match self.price(encode_batch(envelopes)) {
+            Ok(read) => read,
+            Err(e) => {
+                // prost's own encoding always reads: only a panic in the reader gets here. The
+                // envelopes were taken (v1 ones are counted as they arrive), so count them.
+                debug_assert!(matches!(e, ReadError::Panicked(_)), "{e}");
+                if count_ingress {
+                    let metrics = self.ledger.metrics();
+                    metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+                }
+                self.ledger.refused(DropReason::ActorPanic, total);
+                return;
+            }
         };
         let (n, bytes) = (batch.len(), batch.bytes());
         let (wait, full) = self.wait_policy();
@@ -230,8 +239,16 @@ impl Edge {
 
     /// Reads and prices each envelope without decoding it; those too large for any Doppler are
     /// left out and counted in the second value.
+    ///
+    /// The reader faces the network, so a panic in it is caught: the batch is refused like one
+    /// that does not decode, and the caller's reservation and task survive.
     fn price(&self, body: Bytes) -> Result<(Batch, usize), ReadError> {
-        read_batch(body, self.tunables.fixed_cost(), MAX_ENVELOPE_COST)
+        catch(|| read_batch(body, self.tunables.fixed_cost(), MAX_ENVELOPE_COST)).unwrap_or_else(
+            |panic| {
+                panic.report(ActorName::Edge, self.ledger.metrics());
+                Err(ReadError::Panicked(panic.0))
+            },
+        )
     }
 
     /// Passes an admitted batch to the ingress actor (or drops it, counted, if that cannot be).
@@ -245,7 +262,9 @@ impl Edge {
         if let Err(e) = self.ingress.try_send(IngressBatch(batch)) {
             let reason = match e {
                 SendError::Full(_) => DropReason::IngressQueueFull,
-                SendError::Closed(_) => DropReason::ShuttingDown,
+                // Not shutting down (checked above): the ingress actor is gone, a panic that
+                // escaped its guard. The agent is stopping itself over it.
+                SendError::Closed(_) => DropReason::ActorPanic,
             };
             self.ledger.dropped(reason, n, bytes);
         }

@@ -91,7 +91,7 @@ pub struct UpEvent {
 pub struct DownEvent {
     /// The AZ of the stream it had open, if any (the gauge per AZ moves down by one).
     pub closed_az: Option<String>,
-    /// A failure (not a move, a recycle or a chaos kill): logged, counted, and a reason to
+    /// A failure (not a move, a recycle, a panic or a reset): logged, counted, and a reason to
     /// re-resolve.
     pub failed: bool,
     /// The endpoint it had, for the log line: (address, AZ, consecutive failures).
@@ -146,6 +146,11 @@ impl SlotTable {
             stall_hold,
             outage: Outage::default(),
         }
+    }
+
+    /// The last set of endpoints taken (sorted).
+    pub fn known(&self) -> &[Endpoint] {
+        &self.known
     }
 
     /// The first assignments: every slot dials, or waits for discovery (`discovered`).
@@ -232,9 +237,15 @@ impl SlotTable {
         random: u64,
     ) -> DownEvent {
         let closed_az = self.slots[slot].up.take().map(|u| u.az);
-        // A killed or recycled actor says nothing about its Doppler; a stalled one was already
-        // charged when the supervisor abandoned it.
-        let failed = !matches!(cause, RestartCause::Killed | RestartCause::Recycled);
+        // A recycled, reset, panicked or killed actor says nothing about its Doppler; a stalled
+        // one was already charged when the supervisor abandoned it.
+        let failed = !matches!(
+            cause,
+            RestartCause::Killed
+                | RestartCause::Recycled
+                | RestartCause::Panic
+                | RestartCause::SupervisorReset
+        );
         let previous = self.slots[slot].assigned;
         let mut endpoint = None;
         if let Some(ep) = previous {
@@ -564,6 +575,7 @@ mod tests {
             Just(RestartCause::StreamClosed),
             Just(RestartCause::Recycled),
             Just(RestartCause::Killed),
+            Just(RestartCause::Panic),
         ];
         prop_oneof![
             (0..slots, cause, 0u64..3_000).prop_map(|(s, c, l)| Event::Down(s, c, l)),

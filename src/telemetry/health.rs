@@ -2,10 +2,11 @@
 //! balancer asks, answered from the agent's own counters.
 //!
 //! * live: each arbiter — the system arbiter (the supervisor and the connection actors) and the
-//!   pipeline arbiter (tagging, sequencing, signing) — runs a task within [`LIVENESS_TIMEOUT`]. A
-//!   wedged arbiter is the one failure a restart cures that the agent cannot see from inside.
-//! * ready: the gRPC ingress is listening and at least one Doppler stream is open, so what an
-//!   emitter sends now can go somewhere.
+//!   pipeline arbiter (tagging, sequencing, signing) — runs a task within [`LIVENESS_TIMEOUT`], and
+//!   every actor is there (a panic that escaped an actor's guard takes it down for good). A
+//!   wedged arbiter or a gone actor is what a restart cures.
+//! * ready: live actors, the gRPC ingress is listening and at least one Doppler stream is open,
+//!   so what an emitter sends now can go somewhere.
 //!
 //! Both answer 200 or 503 with a JSON body; its field names are a stable interface.
 
@@ -19,6 +20,9 @@ use super::{DropReason, Ledger};
 /// How long an arbiter may take to run a no-op before the agent counts as not live.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Says whether one actor is still there (its mailbox is open).
+pub type ActorCheck = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// What the health endpoint reads.
 pub struct Health {
     ledger: Arc<Ledger>,
@@ -26,6 +30,8 @@ pub struct Health {
     ingress_open: AtomicBool,
     /// The arbiters the liveness probe runs a task on, by name.
     arbiters: Vec<(&'static str, actix::ArbiterHandle)>,
+    /// Every actor, by name.
+    actors: Vec<(String, ActorCheck)>,
     started: Instant,
 }
 
@@ -39,13 +45,24 @@ impl Health {
     pub fn new(
         ledger: Arc<Ledger>,
         arbiters: Vec<(&'static str, actix::ArbiterHandle)>,
+        actors: Vec<(String, ActorCheck)>,
     ) -> Arc<Self> {
         Arc::new(Self {
             ledger,
             ingress_open: AtomicBool::new(false),
             arbiters,
+            actors,
             started: Instant::now(),
         })
+    }
+
+    /// The actors that are gone (a panic escaped their guard), by name.
+    pub fn gone_actors(&self) -> Vec<&str> {
+        self.actors
+            .iter()
+            .filter(|(_, alive)| !alive())
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     pub fn set_ingress_open(&self, open: bool) {
@@ -57,7 +74,12 @@ impl Health {
         let m = self.ledger.metrics().snapshot();
         let ingress = self.ingress_open.load(Ordering::Relaxed);
         let streams = m.doppler_v2_streams.max(0);
+        let gone = self.gone_actors();
+        let gone_reason = format!("actor gone: {}", gone.join(", "));
         let mut not_ready = Vec::new();
+        if !gone.is_empty() {
+            not_ready.push(gone_reason.as_str());
+        }
         if !ingress {
             not_ready.push("ingress is not listening");
         }
@@ -133,18 +155,36 @@ impl Health {
             }
         }
         let uptime = self.started.elapsed().as_secs();
-        let body = if stuck.is_empty() {
-            format!("{{\"status\":\"alive\",\"uptime_s\":{uptime}}}\n")
-        } else {
-            format!(
-                "{{\"status\":\"not_alive\",\"uptime_s\":{uptime},\"reason\":\"the {} \
-                 arbiter did not run a task within {} ms\"}}\n",
+        let gone = self.gone_actors();
+        let mut reasons = Vec::new();
+        if !stuck.is_empty() {
+            reasons.push(format!(
+                "the {} arbiter did not run a task within {} ms",
                 stuck.join(" and "),
                 LIVENESS_TIMEOUT.as_millis()
-            )
-        };
+            ));
+        }
+        if !gone.is_empty() {
+            reasons.push(format!(
+                "actor gone (a panic escaped its guard): {}",
+                gone.join(", ")
+            ));
+        }
+        let mut body = format!(
+            "{{\"status\":\"{}\",\"uptime_s\":{uptime}",
+            if reasons.is_empty() {
+                "alive"
+            } else {
+                "not_alive"
+            }
+        );
+        if !reasons.is_empty() {
+            body.push_str(",\"reason\":");
+            push_json_str(&mut body, &reasons.join("; "));
+        }
+        body.push_str("}\n");
         Answer {
-            ok: stuck.is_empty(),
+            ok: reasons.is_empty(),
             body,
         }
     }

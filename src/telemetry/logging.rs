@@ -151,6 +151,43 @@ pub fn init(filter: &str, format: LogFormat) -> LogHandle {
         .clone()
 }
 
+/// Sends every panic's message and place to the log (target `metron::panic`, level ERROR), at
+/// most one line per 10 s, instead of the default hook's unbounded lines on stderr: a panic an
+/// actor's guard catches is counted and the daemon goes on (`actor_panics`), so an input that
+/// panics every time must not flood the log. The daemon installs it; tests keep the default.
+pub fn install_panic_hook() {
+    static LIMIT: OnceLock<super::ratelimit::RateLimit> = OnceLock::new();
+    std::panic::set_hook(Box::new(|info| {
+        let limit = LIMIT
+            .get_or_init(|| super::ratelimit::RateLimit::new(std::time::Duration::from_secs(10)));
+        let Some(times) = limit.check() else {
+            return;
+        };
+        let message = panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            target: "metron::panic",
+            thread = thread.name().unwrap_or("unnamed"),
+            location,
+            panics = times,
+            "panic: {message}"
+        );
+    }));
+}
+
+/// A panic's message, from its payload (`panic!` makes a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// [`init`] in the text format, for callers that never change the level (tests, and `main` until
 /// it reads `log.format`).
 pub fn init_logging(filter: &str) {

@@ -51,10 +51,14 @@ pub enum DropReason {
     V1MissingEvent,
     /// A v1 envelope with an event type upstream no longer accepts.
     V1UnknownEventType,
+    /// A bug: an actor panicked while it held these envelopes, and went on from fresh state
+    /// (`actor_panics`); nothing else was touched. Also what reaches the mailbox of an actor a
+    /// panic took down for good (the agent then stops itself, see the README).
+    ActorPanic,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -70,6 +74,7 @@ impl DropReason {
         DropReason::V1MissingField,
         DropReason::V1MissingEvent,
         DropReason::V1UnknownEventType,
+        DropReason::ActorPanic,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +94,7 @@ impl DropReason {
             DropReason::V1MissingField => "v1_missing_field",
             DropReason::V1MissingEvent => "v1_missing_event",
             DropReason::V1UnknownEventType => "v1_unknown_event_type",
+            DropReason::ActorPanic => "actor_panic",
         }
     }
 
@@ -104,7 +110,8 @@ impl DropReason {
             | DropReason::V1Undecodable
             | DropReason::V1MissingField
             | DropReason::V1MissingEvent
-            | DropReason::V1UnknownEventType => "ingress",
+            | DropReason::V1UnknownEventType
+            | DropReason::ActorPanic => "ingress",
             DropReason::NoDoppler
             | DropReason::SignerQueueFull
             | DropReason::ShutdownGraceExpired
@@ -139,22 +146,29 @@ pub enum RestartCause {
     StreamFailed,
     /// The Doppler closed the stream without an error.
     StreamClosed,
-    /// Killed on purpose (the chaos hook).
+    /// Stopped without a recorded cause (it should not happen; kept so such a stop is counted).
     Killed,
     /// Ended on purpose by the supervisor to move the slot back to the local AZ.
     Recycled,
     /// The stream took nothing from a non-empty queue for `dopplers.progress_timeout_ms`.
     Stalled,
+    /// The actor, or its stream task, panicked (a bug; also counted in `actor_panics`).
+    Panic,
+    /// The supervisor panicked and started over from fresh state: every connection ends its
+    /// stream gracefully and takes its Doppler from the new supervisor.
+    SupervisorReset,
 }
 
 impl RestartCause {
-    pub const ALL: [RestartCause; 6] = [
+    pub const ALL: [RestartCause; 8] = [
         RestartCause::ConnectFailed,
         RestartCause::StreamFailed,
         RestartCause::StreamClosed,
         RestartCause::Killed,
         RestartCause::Recycled,
         RestartCause::Stalled,
+        RestartCause::Panic,
+        RestartCause::SupervisorReset,
     ];
 
     pub fn name(self) -> &'static str {
@@ -165,6 +179,46 @@ impl RestartCause {
             RestartCause::Killed => "killed",
             RestartCause::Recycled => "recycled",
             RestartCause::Stalled => "stalled",
+            RestartCause::Panic => "panic",
+            RestartCause::SupervisorReset => "supervisor_reset",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).expect("in ALL")
+    }
+}
+
+/// The agent's actors, as the `actor` label names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActorName {
+    /// Not an actor: the gRPC and UDP edges, where envelopes are read off the network.
+    Edge,
+    Ingress,
+    Sequencer,
+    Signer,
+    Supervisor,
+    DopplerConnection,
+}
+
+impl ActorName {
+    pub const ALL: [ActorName; 6] = [
+        ActorName::Edge,
+        ActorName::Ingress,
+        ActorName::Sequencer,
+        ActorName::Signer,
+        ActorName::Supervisor,
+        ActorName::DopplerConnection,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActorName::Edge => "edge",
+            ActorName::Ingress => "ingress",
+            ActorName::Sequencer => "sequencer",
+            ActorName::Signer => "signer",
+            ActorName::Supervisor => "supervisor",
+            ActorName::DopplerConnection => "doppler_connection",
         }
     }
 
@@ -195,6 +249,9 @@ pub struct Metrics {
     /// `doppler_v2_streams{metric_version="2.0"}`: open BatchSender streams.
     pub doppler_v2_streams: AtomicI64,
     restarts: [AtomicU64; RestartCause::ALL.len()],
+    /// `actor_panics{actor}`: panics caught inside an actor, which went on from fresh state.
+    actor_panics: [AtomicU64; ActorName::ALL.len()],
+    panic_logs: [RateLimit; ActorName::ALL.len()],
     /// `ingress_stream_errors`: client streams ended by a malformed or oversize message.
     pub ingress_stream_errors: AtomicU64,
     /// `sequence_stream_rotations`: times the per-source table filled and a new stream began.
@@ -229,6 +286,8 @@ pub struct MetricsSnapshot {
     /// Per reason, every reason listed (zeros included).
     pub dropped: Vec<(DropReason, u64)>,
     pub restarts: Vec<(RestartCause, u64)>,
+    /// Per actor, every actor listed (zeros included).
+    pub actor_panics: Vec<(ActorName, u64)>,
     pub doppler_connections: i64,
     pub doppler_v2_streams: i64,
     pub failovers: u64,
@@ -266,6 +325,17 @@ impl MetricsSnapshot {
             .map_or(0, |(_, n)| *n)
     }
 
+    pub fn panics_of(&self, actor: ActorName) -> u64 {
+        self.actor_panics
+            .iter()
+            .find(|(a, _)| *a == actor)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn panics_total(&self) -> u64 {
+        self.actor_panics.iter().map(|(_, n)| n).sum()
+    }
+
     /// Open connections to Dopplers in `az`.
     pub fn connections_in(&self, az: &str) -> i64 {
         self.connections_by_az.get(az).copied().unwrap_or(0)
@@ -290,6 +360,8 @@ impl Metrics {
             doppler_connections: AtomicI64::new(0),
             doppler_v2_streams: AtomicI64::new(0),
             restarts: Default::default(),
+            actor_panics: Default::default(),
+            panic_logs: std::array::from_fn(|_| RateLimit::new(Duration::from_secs(10))),
             ingress_stream_errors: AtomicU64::new(0),
             sequence_rotations: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
@@ -307,6 +379,12 @@ impl Metrics {
         if *n == 0 {
             map.remove(az);
         }
+    }
+
+    /// Forgets every connection per AZ: the supervisor started over, and its connections count
+    /// themselves in again as they come up.
+    pub fn reset_connections_by_az(&self) {
+        self.connections_by_az.lock().clear();
     }
 
     /// Counts `n` dropped envelopes and warns at most once per 10 s per reason. The only place
@@ -355,6 +433,22 @@ impl Metrics {
         self.restarts[cause.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a panic caught in `actor` (`message` is the panic's) and logs it at most once per
+    /// 10 s per actor. The only place panics are counted.
+    pub fn panicked(&self, actor: ActorName, message: &str) {
+        let i = actor.index();
+        let total = self.actor_panics[i].fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(times) = self.panic_logs[i].check() {
+            tracing::error!(
+                actor = actor.name(),
+                panic = message,
+                panics = times,
+                total_panics = total,
+                "an actor panicked (a bug: please report it); it goes on from fresh state"
+            );
+        }
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         MetricsSnapshot {
@@ -369,6 +463,10 @@ impl Metrics {
             restarts: RestartCause::ALL
                 .iter()
                 .map(|c| (*c, get(&self.restarts[c.index()])))
+                .collect(),
+            actor_panics: ActorName::ALL
+                .iter()
+                .map(|a| (*a, get(&self.actor_panics[a.index()])))
                 .collect(),
             doppler_connections: self.doppler_connections.load(Ordering::Relaxed),
             doppler_v2_streams: self.doppler_v2_streams.load(Ordering::Relaxed),
@@ -392,7 +490,7 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let families: [Family; 17] = [
+        let families: [Family; 18] = [
             (
                 "ingress",
                 "counter",
@@ -488,6 +586,15 @@ impl Metrics {
                 s.restarts
                     .iter()
                     .map(|(c, n)| (format!("cause=\"{}\"", c.name()), n.to_string()))
+                    .collect(),
+            ),
+            (
+                "actor_panics",
+                "counter",
+                "Panics caught inside an actor (a bug), which went on from fresh state.",
+                s.actor_panics
+                    .iter()
+                    .map(|(a, n)| (format!("actor=\"{}\"", a.name()), n.to_string()))
                     .collect(),
             ),
             (

@@ -11,4 +11,4 @@ pub mod server;
 
 pub use ledger::Ledger;
 pub use logging::init_logging;
-pub use metrics::{DropReason, Metrics, MetricsSnapshot, RestartCause};
+pub use metrics::{ActorName, DropReason, Metrics, MetricsSnapshot, RestartCause};

@@ -30,7 +30,7 @@ use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::routing::Dopplers;
-use crate::telemetry::health::Health;
+use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::{ReloadableAcceptor, TlsMaterial, TlsSet};
@@ -313,6 +313,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             ("system", Arbiter::current()),
             ("pipeline", pipeline_arbiter.handle()),
         ],
+        actor_checks(&ingress, &sequencer, &signer, &supervisor, &connections),
     );
     let incoming =
         ingress_acceptor
@@ -399,7 +400,31 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     })
 }
 
-/// Where the Dopplers are, as the supervisor takes it.
+/// Whether each actor is still there, by name, for `/livez`, `/readyz` and the agent's watch
+/// for a gone actor.
+fn actor_checks(
+    ingress: &Addr<IngressActor>,
+    sequencer: &Addr<SequencerActor>,
+    signer: &Addr<SignerActor>,
+    supervisor: &Addr<DopplerSupervisor>,
+    connections: &[Addr<DopplerConnection>],
+) -> Vec<(String, ActorCheck)> {
+    fn check<A: Actor>(addr: &Addr<A>) -> ActorCheck {
+        let addr = addr.clone();
+        Box::new(move || addr.connected())
+    }
+    let mut checks = vec![
+        ("ingress".to_owned(), check(ingress)),
+        ("sequencer".to_owned(), check(sequencer)),
+        ("signer".to_owned(), check(signer)),
+        ("supervisor".to_owned(), check(supervisor)),
+    ];
+    for (slot, c) in connections.iter().enumerate() {
+        checks.push((format!("doppler_connection[{slot}]"), check(c)));
+    }
+    checks
+}
+
 /// Where the Dopplers are, as the supervisor takes it; `local_az` is the one the supervisor runs
 /// with (`identity.az` needs a restart).
 fn dopplers(
@@ -478,6 +503,32 @@ fn self_envelopes(m: &Metrics) -> Vec<Envelope> {
 }
 
 impl Running {
+    /// The chaos hook behind [`crate::Agent::chaos_panic`].
+    #[cfg(feature = "chaos-hooks")]
+    pub fn chaos_panic(&self, actor: crate::telemetry::ActorName, slot: usize, escape: bool) {
+        use crate::actors::messages::ChaosPanic;
+        use crate::telemetry::ActorName;
+        let msg = ChaosPanic { escape };
+        match actor {
+            ActorName::Ingress => self.ingress.do_send(msg),
+            ActorName::Sequencer => self.sequencer.do_send(msg),
+            ActorName::Signer => self.signer.do_send(msg),
+            ActorName::Supervisor => self.supervisor.do_send(msg),
+            ActorName::DopplerConnection => self.connections[slot].do_send(msg),
+            // Not an actor: its reader's panics are caught per batch, with no mailbox to reach.
+            ActorName::Edge => {}
+        }
+    }
+
+    /// The actors a panic took down for good (it escaped their guard), by name.
+    pub fn gone_actors(&self) -> Vec<String> {
+        self.health
+            .gone_actors()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// SIGUSR1: one structured log record (target `metron::state`) per actor, then the edge and
     /// buffer levels. Each actor answers through its mailbox, behind the batches already there;
     /// one that does not answer within a second is named instead.

@@ -154,6 +154,7 @@ pub fn assert_losses_accounted(received: &[Envelope], m: &MetricsSnapshot) {
     );
     let after_sequencing: u64 = [
         DropReason::SignerQueueFull,
+        DropReason::ActorPanic,
         DropReason::ShutdownGraceExpired,
         DropReason::ConnectionLost,
     ]
