@@ -1,5 +1,5 @@
 //! Tests the shared harness itself: the PKI, the fake Doppler (mTLS, kill, restart, stall),
-//! the condition waits, scraping and Prometheus parsing.
+//! the condition waits, the scrape wrapper and Prometheus parsing.
 
 mod common;
 
@@ -426,21 +426,6 @@ fn one_shot_http(response: &'static [u8]) -> SocketAddr {
         let _ = stream.read(&mut buf);
     });
     addr
-}
-
-#[test]
-fn scrape_reads_content_length_and_chunked_bodies() {
-    let addr = one_shot_http(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\ningress 10\n\n",
-    );
-    let body = scrape(addr);
-    assert_eq!(body, "ingress 10\n\n");
-    assert_eq!(metric_value(&body, "ingress", &[]), Some(10.0));
-
-    let addr = one_shot_http(
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\negress 7\r\n1;ext=1\r\n\n\r\n0\r\n\r\n",
-    );
-    assert_eq!(scrape(addr), "egress 7\n");
 }
 
 #[test]

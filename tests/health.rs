@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::agent::{unserved_addr, World};
-use common::jsonl::{self, Json};
 use common::*;
+use serde_json::Value as Json;
 
 const STEP: Duration = Duration::from_secs(15);
 
@@ -15,7 +15,7 @@ const STEP: Duration = Duration::from_secs(15);
 async fn health(agent: &metron::Agent, path: &str) -> (u16, Json) {
     let addr = agent.health_addr().expect("health endpoint on");
     let (status, body) = http_get(addr, path).await.expect("health answers");
-    let json = jsonl::parse(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    let json: Json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
     (status, json)
 }
 
@@ -171,27 +171,51 @@ async fn metrics_over_mtls_require_a_client_certificate_and_follow_a_reload() {
     );
     agent.shutdown();
 }
-#[test]
-fn the_test_json_parser_parses_what_the_agent_writes_and_rejects_broken_json() {
-    let v = jsonl::parse(r#"{"a":[1,-2.5e3,true,null],"b":"x\"\u00e9\n","c":{}}"#).unwrap();
-    assert_eq!(v.get("b").and_then(Json::as_str), Some("x\"é\n"));
-    assert_eq!(
-        v.get("a"),
-        Some(&Json::Array(vec![
-            Json::Number(1.0),
-            Json::Number(-2500.0),
-            Json::Bool(true),
-            Json::Null
-        ]))
-    );
-    for bad in [
-        r#"{"a":1,}"#,
-        r#"{"a" 1}"#,
-        "[1 2]",
-        "\"raw\ttab\"",
-        r#"{"a":1}x"#,
-        r#"{"a":1,"a":2}"#,
-    ] {
-        assert!(jsonl::parse(bad).is_err(), "{bad}");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_speak_http_and_bound_their_connections() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], "");
+    let addr = agent.health_addr().unwrap();
+
+    // Keep-alive: three requests on one connection; HEAD answers without a body; other methods
+    // are refused with the methods that work.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut client = http_client(stream).await.unwrap();
+    let (status, _, body) = http_request(&mut client, "GET", "/livez").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, headers, body) = http_request(&mut client, "HEAD", "/livez").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(headers["content-type"], "application/json");
+    let (status, headers, _) = http_request(&mut client, "POST", "/readyz").await.unwrap();
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "GET, HEAD");
+
+    // At most MAX_CONNECTIONS at once: idle connections fill the endpoint, the next one is
+    // closed at once, and once they go the endpoint answers again.
+    let max = metron::telemetry::server::MAX_CONNECTIONS;
+    let mut idle = Vec::new();
+    for _ in 0..max - 1 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
+    // The keep-alive client above holds the last place.
+    assert!(
+        http_get(addr, "/livez").await.is_err(),
+        "a connection beyond the bound is closed"
+    );
+    drop(idle);
+    drop(client);
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut answered = false;
+    while !answered && tokio::time::Instant::now() < deadline {
+        answered = matches!(http_get(addr, "/livez").await, Ok((200, _)));
+        // Polling until the agent has seen the closed connections go.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        answered,
+        "the endpoint answers once the connections are gone"
+    );
+    agent.shutdown();
 }

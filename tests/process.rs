@@ -636,25 +636,25 @@ async fn sigusr1_dumps_one_json_record_per_actor() {
     let lines = metron.all_lines(Pipe::Stdout);
 
     // Every line the agent wrote is one JSON object with the stable fields.
-    let records: Vec<jsonl::Json> = lines
+    let records: Vec<serde_json::Value> = lines
         .iter()
-        .map(|l| jsonl::parse(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     for r in &records {
         for field in ["ts", "level", "msg"] {
             assert!(
-                r.get(field).and_then(jsonl::Json::as_str).is_some(),
+                r.get(field).and_then(serde_json::Value::as_str).is_some(),
                 "{field} in {r:?}"
             );
         }
     }
-    let state: Vec<&jsonl::Json> = records
+    let state: Vec<&serde_json::Value> = records
         .iter()
-        .filter(|r| r.get("msg").and_then(jsonl::Json::as_str) == Some("state"))
+        .filter(|r| r.get("msg").and_then(serde_json::Value::as_str) == Some("state"))
         .collect();
-    let actor = |r: &jsonl::Json| {
+    let actor = |r: &serde_json::Value| {
         r.get("actor")
-            .and_then(jsonl::Json::as_str)
+            .and_then(serde_json::Value::as_str)
             .unwrap_or("")
             .to_string()
     };
@@ -674,9 +674,12 @@ async fn sigusr1_dumps_one_json_record_per_actor() {
         ],
         "{state:#?}"
     );
-    let num = |r: &jsonl::Json, k: &str| r.get(k).and_then(jsonl::Json::as_f64);
-    let text =
-        |r: &jsonl::Json, k: &str| r.get(k).and_then(jsonl::Json::as_str).map(str::to_string);
+    let num = |r: &serde_json::Value, k: &str| r.get(k).and_then(serde_json::Value::as_f64);
+    let text = |r: &serde_json::Value, k: &str| {
+        r.get(k)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+    };
     let mut slots = Vec::new();
     for c in state.iter().filter(|r| actor(r) == "doppler_connection") {
         slots.push(num(c, "slot").expect("slot") as usize);

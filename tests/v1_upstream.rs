@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::agent::{World, KEY_ID};
-use common::jsonl::{self, Json};
 use common::*;
 use metron::proto::envelope::Message as V2Message;
 use metron::proto_v1::envelope::EventType;
@@ -22,6 +21,7 @@ use metron::proto_v1::{
     ValueMetric,
 };
 use prost::Message as _;
+use serde_json::Value as Json;
 
 const WAIT: Duration = Duration::from_secs(15);
 const ORIGIN: &str = "interop-v1-origin";
@@ -117,7 +117,7 @@ fn captured() -> Vec<(EventType, Json)> {
         .map(|l| {
             let (kind, json) = l.split_once(": ").expect("kind: json");
             let kind = EventType::from_str_name(kind).expect("an event type");
-            (kind, jsonl::parse(json).expect("JSON"))
+            (kind, floats(serde_json::from_str(json).expect("JSON")))
         })
         .collect()
 }
@@ -182,9 +182,9 @@ fn as_captured(e: &metron::proto::Envelope) -> Json {
                 .map(|(k, v)| {
                     let value = BTreeMap::from([
                         ("unit".to_owned(), text(&v.unit)),
-                        ("value".to_owned(), Json::Number(v.value)),
+                        ("value".to_owned(), Json::from(v.value)),
                     ]);
-                    (k.clone(), Json::Object(value))
+                    (k.clone(), Json::Object(value.into_iter().collect()))
                 })
                 .collect();
             Some((
@@ -203,9 +203,19 @@ fn as_captured(e: &metron::proto::Envelope) -> Json {
         other => panic!("not in the capture: {other:?}"),
     };
     if let Some((k, o)) = message {
-        put(k, Json::Object(o));
+        put(k, Json::Object(o.into_iter().collect()));
     }
-    Json::Object(m)
+    floats(Json::Object(m.into_iter().collect()))
+}
+
+/// `v` with every number as a float: the capture writes `12` where the agent's value is `12.0`.
+fn floats(v: Json) -> Json {
+    match v {
+        Json::Number(n) => Json::from(n.as_f64().expect("a finite number")),
+        Json::Array(a) => Json::Array(a.into_iter().map(floats).collect()),
+        Json::Object(o) => Json::Object(o.into_iter().map(|(k, v)| (k, floats(v))).collect()),
+        other => other,
+    }
 }
 
 #[test]

@@ -2,22 +2,41 @@
 //! `metrics.listen`, over mTLS when `metrics.tls` is set) and `GET /livez`, `GET /readyz` (on
 //! `health.listen`).
 //!
-//! Hand-rolled on a tokio listener: a few routes, `Connection: close`, requests bounded in size
-//! and time. Not worth a web framework in the dependency tree.
+//! Served by hyper, already in the build under tonic: `GET` and `HEAD` on the known paths, 405
+//! (with `Allow`) for other methods, 404 elsewhere, keep-alive. At most [`MAX_CONNECTIONS`]
+//! connections per endpoint at once (one more is closed at once, with a rate-limited warning);
+//! a connection that sends no complete request head for [`IDLE_TIMEOUT`] is closed, and request
+//! heads are bounded in size.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use super::health::Health;
 use super::ratelimit::RateLimit;
 use super::Ledger;
 use crate::tls::ReloadableAcceptor;
 
-/// How long one request may take, from accept (or handshake) to the last byte of the answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one endpoint serves at once: a scraper and a health checker or two need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A connection must send a complete request head within this long of opening, or of its last
+/// answer (keep-alive); also the TLS handshake's limit.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest request head read (request line and headers).
+const MAX_HEAD_BYTES: usize = 8192;
 
 /// What an endpoint serves.
 #[derive(Clone)]
@@ -26,21 +45,32 @@ pub enum Site {
     Health(Arc<Health>),
 }
 
+impl Site {
+    fn name(&self) -> &'static str {
+        match self {
+            Site::Metrics(_) => "metrics.listen",
+            Site::Health(_) => "health.listen",
+        }
+    }
+}
+
 /// Serves `site` until the task is aborted: over mTLS with `tls` (each connection with the
 /// certificates current when it arrives), else plain HTTP.
 pub async fn serve(listener: TcpListener, site: Site, tls: Option<Arc<ReloadableAcceptor>>) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let refused = RateLimit::new(Duration::from_secs(30));
     match tls {
         Some(acceptor) => {
-            let mut incoming = acceptor.incoming(listener, REQUEST_TIMEOUT, "metrics.listen");
+            let mut incoming = acceptor.incoming(listener, IDLE_TIMEOUT, site.name());
             while let Some(Ok(stream)) = incoming.recv().await {
-                spawn_answer(stream, site.clone());
+                spawn_connection(stream, &site, &limit, &refused);
             }
         }
         None => {
             let errors = RateLimit::new(Duration::from_secs(30));
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => spawn_answer(stream, site.clone()),
+                    Ok((stream, _)) => spawn_connection(stream, &site, &limit, &refused),
                     Err(e) => {
                         // Out of file descriptors and the like: say so, and let it pass rather
                         // than spin.
@@ -55,96 +85,91 @@ pub async fn serve(listener: TcpListener, site: Site, tls: Option<Arc<Reloadable
     }
 }
 
-fn spawn_answer<S>(stream: S, site: Site)
+fn spawn_connection<S>(stream: S, site: &Site, limit: &Arc<Semaphore>, refused: &RateLimit)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // Dropping the stream closes it: the client sees the connection reset and may retry.
+        refused.warn_every(|times| {
+            tracing::warn!(
+                listener = site.name(),
+                limit = MAX_CONNECTIONS,
+                refused = times,
+                "too many HTTP connections at once; closing the new one"
+            );
+        });
+        return;
+    };
+    let site = site.clone();
     tokio::spawn(async move {
-        let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &site)).await;
+        let service = service_fn(move |req| {
+            let site = site.clone();
+            async move { Ok::<_, Infallible>(respond(&site, &req).await) }
+        });
+        let _ = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(IDLE_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+        drop(permit);
     });
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    site: &Site,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 8192 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// The answer to one request.
+async fn respond(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = match site {
+        Site::Metrics(_) => path == "/metrics",
+        Site::Health(_) => path == "/livez" || path == "/readyz",
+    };
+    if !known {
+        let hint = match site {
+            Site::Metrics(_) => "not found: try /metrics\n",
+            Site::Health(_) => "not found: try /livez or /readyz\n",
+        };
+        return answer(StatusCode::NOT_FOUND, "text/plain", hint.to_owned());
     }
-    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
-    let path = request_path(line);
-    let (status, content_type, body) = match (site, path) {
-        (Site::Metrics(ledger), Some("/metrics")) => (
-            "200 OK",
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed: use GET\n".to_owned(),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    // hyper leaves the body out of the answer to a HEAD request, keeping its length.
+    match site {
+        Site::Metrics(ledger) => answer(
+            StatusCode::OK,
             "text/plain; version=0.0.4",
             ledger
                 .metrics()
                 .render(ledger.buffered(), ledger.max_bytes()),
         ),
-        (Site::Health(h), Some(p @ ("/livez" | "/readyz"))) => {
-            let a = if p == "/livez" {
+        Site::Health(h) => {
+            let a = if path == "/livez" {
                 h.liveness().await
             } else {
                 h.readiness()
             };
             let status = if a.ok {
-                "200 OK"
+                StatusCode::OK
             } else {
-                "503 Service Unavailable"
+                StatusCode::SERVICE_UNAVAILABLE
             };
-            (status, "application/json", a.body)
+            answer(status, "application/json", a.body)
         }
-        (Site::Metrics(_), _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics\n".to_string(),
-        ),
-        (Site::Health(_), _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /livez or /readyz\n".to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    }
 }
 
-/// The path of a `GET <path> HTTP/1.x` request line (query string left off); `None` for any
-/// other method.
-fn request_path(line: &[u8]) -> Option<&str> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut parts = line.split(' ');
-    if parts.next()? != "GET" {
-        return None;
-    }
-    let target = parts.next()?;
-    Some(target.split('?').next().unwrap_or(target))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_get_paths_are_routed() {
-        assert_eq!(request_path(b"GET /metrics HTTP/1.1"), Some("/metrics"));
-        assert_eq!(
-            request_path(b"GET /readyz?verbose=1 HTTP/1.1"),
-            Some("/readyz")
-        );
-        assert_eq!(request_path(b"GET /livez"), Some("/livez"));
-        assert_eq!(request_path(b"POST /metrics HTTP/1.1"), None);
-        assert_eq!(request_path(b""), None);
-    }
+fn answer(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }

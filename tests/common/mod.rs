@@ -7,7 +7,6 @@
 
 pub mod agent;
 pub mod doppler;
-pub mod jsonl;
 pub mod load;
 pub mod pki;
 pub mod util;

@@ -1,8 +1,7 @@
 //! Small test helpers: condition waits, mTLS clients, /metrics scraping and parsing, envelopes.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metron::proto::envelope::Message;
@@ -151,32 +150,23 @@ pub async fn ingress_client(
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.1 with a std socket; returns the body.
+/// `GET /metrics` on `addr`; the body.
 ///
-/// Blocks the calling thread: do not call it from a single-threaded runtime that also serves the
-/// metrics (use `scrape_async` there).
+/// Blocks the calling thread (on a thread of its own, so it works from async code too, as long
+/// as the metrics are not served by the runtime being blocked: use `scrape_async` there).
 ///
 /// # Panics
 /// On connection or I/O errors, timeouts (10 s), a malformed response or a status other than 200.
 pub fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("scrape {addr}: connect: {e}"));
-    stream.set_read_timeout(Some(SCRAPE_TIMEOUT)).ok();
-    stream.set_write_timeout(Some(SCRAPE_TIMEOUT)).ok();
-    stream
-        .write_all(metrics_request(addr).as_bytes())
-        .unwrap_or_else(|e| panic!("scrape {addr}: write: {e}"));
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = stream
-            .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("scrape {addr}: read: {e}"));
-        raw.extend_from_slice(&chunk[..n]);
-        if let Some(body) = finish_response(addr, &raw, n == 0) {
-            return body;
-        }
-    }
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(scrape_async(addr))
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// `scrape` for async tests, on a tokio socket.
@@ -188,99 +178,6 @@ pub async fn scrape_async(addr: SocketAddr) -> String {
         Ok((200, body)) => body,
         Ok((status, body)) => panic!("scrape {addr}: status {status}: {body}"),
         Err(e) => panic!("scrape {addr}: {e}"),
-    }
-}
-
-fn metrics_request(addr: SocketAddr) -> String {
-    format!(
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-    )
-}
-
-/// `Some(body)` once `raw` holds a complete 200 response; panics on anything else that is
-/// complete (or cut short at `eof`).
-fn finish_response(addr: SocketAddr, raw: &[u8], eof: bool) -> Option<String> {
-    match parse_http_response(raw, eof) {
-        Ok(Some((200, body))) => Some(body),
-        Ok(Some((status, body))) => panic!("scrape {addr}: status {status}: {body}"),
-        Ok(None) if eof => panic!("scrape {addr}: connection closed mid-response"),
-        Ok(None) => None,
-        Err(e) => panic!("scrape {addr}: {e}"),
-    }
-}
-
-/// Parses an HTTP/1.1 response: `Ok(None)` while incomplete. Handles `Content-Length`,
-/// `Transfer-Encoding: chunked`, and bodies delimited by the connection closing.
-fn parse_http_response(raw: &[u8], eof: bool) -> Result<Option<(u16, String)>, String> {
-    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&raw[..head_end]).map_err(|e| format!("head: {e}"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut content_length = None;
-    let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(
-                value
-                    .parse::<usize>()
-                    .map_err(|e| format!("content-length {value:?}: {e}"))?,
-            );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
-        }
-    }
-    let rest = &raw[head_end + 4..];
-    let body = if chunked {
-        match dechunk(rest)? {
-            Some(body) => body,
-            None => return Ok(None),
-        }
-    } else if let Some(len) = content_length {
-        if rest.len() < len {
-            return Ok(None);
-        }
-        rest[..len].to_vec()
-    } else if eof {
-        rest.to_vec()
-    } else {
-        return Ok(None);
-    };
-    let body = String::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
-    Ok(Some((status, body)))
-}
-
-/// Decodes a chunked body; `Ok(None)` while incomplete.
-fn dechunk(mut rest: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut body = Vec::new();
-    loop {
-        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&rest[..line_end]).map_err(|e| format!("chunk: {e}"))?;
-        let size_hex = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|e| format!("chunk size {size_hex:?}: {e}"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            // Trailers are ignored; the body is complete once the size-0 chunk is here.
-            return Ok(Some(body));
-        }
-        if rest.len() < size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
     }
 }
 
@@ -466,44 +363,71 @@ pub async fn send_all(client: &mut IngressClient<Channel>, envs: &[Envelope]) {
     }
 }
 
-/// `GET <path>` over HTTP/1.1 on `stream` (plain or TLS); returns (status, body) of any status.
+/// An HTTP/1.1 client connection on `stream` (plain or TLS), read by hyper's client; the
+/// connection runs on a task of its own, so several requests may go over it (keep-alive).
 ///
 /// # Errors
-/// On I/O errors, a malformed response or none within 10 s.
-pub async fn http_get_on<S>(
-    mut stream: S,
-    addr: SocketAddr,
-    path: &str,
-) -> Result<(u16, String), String>
+/// When the handshake fails.
+pub async fn http_client<S>(
+    stream: S,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, String>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// `method <path>` on `client`; (status, headers, body) of any status.
+///
+/// # Errors
+/// On I/O errors, a malformed response, a body that is not UTF-8, or none within 10 s.
+pub async fn http_request(
+    client: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+) -> Result<(u16, hyper::HeaderMap, String), String> {
+    use http_body_util::BodyExt;
     let work = async {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "metron")
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        client.ready().await.map_err(|e| format!("ready: {e}"))?;
+        let response = client
+            .send_request(request)
             .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::new();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            raw.extend_from_slice(&chunk[..n]);
-            if let Some(answer) = parse_http_response(&raw, n == 0)? {
-                return Ok(answer);
-            }
-            if n == 0 {
-                return Err("connection closed mid-response".to_string());
-            }
-        }
+            .map_err(|e| format!("request: {e}"))?;
+        let (head, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        let body = String::from_utf8(body.to_vec()).map_err(|e| format!("body: {e}"))?;
+        Ok((head.status.as_u16(), head.headers, body))
     };
     tokio::time::timeout(SCRAPE_TIMEOUT, work)
         .await
         .map_err(|_| format!("no complete response within {SCRAPE_TIMEOUT:?}"))?
+}
+
+/// `GET <path>` on `stream` (plain or TLS); (status, body) of any status.
+///
+/// # Errors
+/// Like [`http_request`], plus handshake errors.
+pub async fn http_get_on<S>(stream: S, path: &str) -> Result<(u16, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut client = http_client(stream).await?;
+    let (status, _, body) = http_request(&mut client, "GET", path).await?;
+    Ok((status, body))
 }
 
 /// `GET <path>` over plain HTTP.
@@ -514,7 +438,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    http_get_on(stream, addr, path).await
+    http_get_on(stream, path).await
 }
 
 /// `GET <path>` over TLS, verifying the server as `metron` against `ca_pem` and presenting
@@ -556,5 +480,5 @@ pub async fn https_get(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    http_get_on(tls, addr, path).await
+    http_get_on(tls, path).await
 }
