@@ -75,6 +75,8 @@ pub mod config;
 pub mod dev;
 pub mod entropy;
 pub mod envelope;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod grpc;
 pub mod routing;
 pub mod telemetry;

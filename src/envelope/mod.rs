@@ -8,8 +8,8 @@ pub mod sequence;
 pub mod signing;
 pub mod tag;
 pub mod tagging;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 pub mod view;
 pub mod writer;
 
