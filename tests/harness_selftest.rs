@@ -87,6 +87,39 @@ async fn batches_arrive_over_mtls_in_order() {
     assert_eq!(doppler.streams_opened(), 1);
 }
 
+/// The subscriber model drops what overflows its buffer: 1,500 envelopes in one message into a
+/// 1,000-envelope buffer read at one envelope a second drop 500; a restart empties it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_model_drops_what_overflows_its_buffer() {
+    let pki = Pki::new();
+    let mut doppler = FakeDoppler::start(&pki);
+    doppler.model_subscriber(1_000, 1.0);
+    let emitter = pki.issue("emitter", &["emitter"]);
+    let lines = |n: usize| batch((0..n).map(|i| log_envelope("a", &i.to_string())).collect());
+    send_batches(doppler.addr(), &pki, &emitter, vec![lines(900)])
+        .await
+        .expect("send");
+    assert!(doppler.wait_for_count(900, STEP));
+    assert_eq!(doppler.subscriber_drops(), 0, "900 fit");
+    send_batches(doppler.addr(), &pki, &emitter, vec![lines(600)])
+        .await
+        .expect("send");
+    assert!(doppler.wait_for_count(1_500, STEP));
+    let dropped = doppler.subscriber_drops();
+    // Read at 1/s meanwhile: a few may have left the buffer between the two sends.
+    assert!((490..=500).contains(&dropped), "{dropped}");
+    doppler.restart();
+    send_batches(doppler.addr(), &pki, &emitter, vec![lines(1_000)])
+        .await
+        .expect("send");
+    assert!(doppler.wait_for_count(2_500, STEP));
+    assert_eq!(
+        doppler.subscriber_drops(),
+        dropped,
+        "restarted empty: 1,000 fit"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_and_send_are_recorded_too() {
     let pki = Pki::new();

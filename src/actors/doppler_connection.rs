@@ -449,7 +449,11 @@ impl Handler<Drain> for DopplerConnection {
         // The stream, this one or one after a reconnect, ends once the queue is empty; the answer
         // comes when the Doppler has acknowledged that end.
         self.draining = true;
-        self.queue.close();
+        if self.queue.close().is_some() {
+            // Shutdown flushes a backlog unpaced.
+            let m = self.setup.ledger.metrics();
+            m.doppler_replaying.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.live().is_none() && self.queue.envelopes() == 0 && self.queue.routed() == 0 {
             // Nothing to flush and no stream to end (nothing is in flight without a live stream:
             // teardown counted it).

@@ -8,8 +8,10 @@
 
 pub mod downstream;
 pub mod load;
+pub mod outage;
 pub mod run;
 pub mod sink;
+pub mod subscriber;
 pub mod workload;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -323,9 +323,20 @@ impl AgentProcess {
         via: Via,
         sink: SocketAddr,
     ) -> Result<AgentProcess, BenchError> {
+        Self::start_with(bench, via, sink, "")
+    }
+
+    /// [`AgentProcess::start`] with `dopplers_extra` (e.g. `"\n  replay_min_rate: 50"`) added to
+    /// the `dopplers` section.
+    pub(super) fn start_with(
+        bench: &Bench,
+        via: Via,
+        sink: SocketAddr,
+        dopplers_extra: &str,
+    ) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
         let metrics = free_port()?;
-        let mut dopplers = String::new();
+        let mut dopplers = dopplers_extra.to_string();
         if let Some(c) = bench.tuning.connections {
             dopplers.push_str(&format!("\n  connections: {c}"));
         }
@@ -410,8 +421,13 @@ development: {{ enabled: false }}
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The agent's `/metrics` text (empty when it does not answer).
+    pub(super) fn metrics_text(&self) -> String {
+        scrape(self.metrics).unwrap_or_default()
     }
 
     fn stop(&mut self) {
@@ -429,7 +445,7 @@ development: {{ enabled: false }}
     }
 
     /// (dropped in total, by reason) as the agent counts them.
-    fn drops(&self) -> (u64, BTreeMap<String, u64>) {
+    pub(super) fn drops(&self) -> (u64, BTreeMap<String, u64>) {
         let text = scrape(self.metrics).unwrap_or_default();
         let mut total = 0;
         let mut by_reason = BTreeMap::new();
@@ -770,14 +786,15 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             "sequencing",
             "agent-bin",
             "sink-workers",
+            "outage-seconds",
         ],
     )?;
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
-    if !["all", "capacity", "fixed", "downstream"].contains(&only.as_str()) {
+    if !["all", "capacity", "fixed", "downstream", "outage"].contains(&only.as_str()) {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity, fixed or downstream, not {only:?}"
+            "--only must be all, capacity, fixed, downstream or outage, not {only:?}"
         )));
     }
     let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
@@ -799,10 +816,10 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         signing: on_off("signing")?,
         sequencing: on_off("sequencing")?,
     };
-    let default_rates = if only == "downstream" {
-        "10000"
-    } else {
-        "10000,50000"
+    let default_rates = match only.as_str() {
+        "downstream" => "10000",
+        "outage" => "1000,5000",
+        _ => "10000,50000",
     };
     let rates = a
         .get("rates", default_rates.to_string())?
@@ -833,6 +850,17 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         on(tuning.signing),
         bench.agent_bin.display()
     );
+    if only == "outage" {
+        let outage_secs: u64 = a.get("outage-seconds", 5)?;
+        let report = super::outage::run(&bench, &rates, outage_secs.max(1));
+        let _ = std::fs::remove_dir_all(&dir);
+        print!("{}", report?);
+        println!(
+            "\n(benchmark took {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     if only == "downstream" {
         let rounds: usize = a.get("rounds", 4)?;
         let workers: usize = a.get("sink-workers", 2)?;

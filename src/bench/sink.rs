@@ -26,6 +26,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::now_ns;
+use super::subscriber::SubscriberBuffer;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::envelope::raw::{batch_entries, timestamp_and_source};
 use crate::proto::BatchSenderResponse;
@@ -123,6 +124,8 @@ pub struct SinkStats {
     pub latency: Histogram,
     /// The newest timestamp seen per source id.
     newest: Mutex<HashMap<Vec<u8>, i64>>,
+    /// A subscriber's buffer behind the sink, if modelled (`bench --only outage`).
+    subscriber: Mutex<Option<SubscriberBuffer>>,
 }
 
 impl SinkStats {
@@ -145,6 +148,23 @@ impl SinkStats {
 
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Puts a modelled subscriber's buffer behind the sink (`None`: none).
+    pub fn model_subscriber(&self, model: Option<SubscriberBuffer>) {
+        *self.subscriber.lock() = model;
+    }
+
+    /// The modelled subscriber: a restarted Doppler's buffers are empty.
+    pub fn empty_subscriber(&self) {
+        if let Some(s) = self.subscriber.lock().as_mut() {
+            s.empty();
+        }
+    }
+
+    /// What the modelled subscriber's buffer dropped.
+    pub fn subscriber_drops(&self) -> u64 {
+        self.subscriber.lock().map_or(0, |s| s.dropped())
     }
 
     fn record_batch(&self, body: &[u8]) {
@@ -185,6 +205,9 @@ impl SinkStats {
             }
         }
         drop(newest);
+        if let Some(s) = self.subscriber.lock().as_mut() {
+            s.arrive(n as usize, std::time::Instant::now());
+        }
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);

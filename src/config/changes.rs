@@ -40,6 +40,10 @@ pub enum Live {
     Budget,
     /// `log.level`.
     LogLevel,
+    /// `dopplers.replay_extra_percent`.
+    ReplayExtra,
+    /// `dopplers.replay_min_rate`.
+    ReplayMinRate,
 }
 
 impl Live {
@@ -60,6 +64,8 @@ impl Live {
             Live::SigningPreviousKeys => "signing.previous_keys",
             Live::Budget => "pipeline.max_buffered_bytes",
             Live::LogLevel => "log.level",
+            Live::ReplayExtra => "dopplers.replay_extra_percent",
+            Live::ReplayMinRate => "dopplers.replay_min_rate",
         }
     }
 }
@@ -133,6 +139,8 @@ impl Config {
                     keepalive_timeout,
                     batch_max_envelopes,
                     batch_max_bytes,
+                    replay_extra_percent,
+                    replay_min_rate,
                 },
             metrics:
                 MetricsConfig {
@@ -218,6 +226,11 @@ impl Config {
             *batch_max_bytes != d.batch_max_bytes,
             "dopplers.batch_max_bytes",
         );
+        c.live(
+            *replay_extra_percent != d.replay_extra_percent,
+            Live::ReplayExtra,
+        );
+        c.live(*replay_min_rate != d.replay_min_rate, Live::ReplayMinRate);
         c.restart(*metrics_listen != m.listen, "metrics.listen");
         // Turning /metrics' TLS on or off needs a restart; new files while it stays on do not.
         match (metrics_tls, &m.tls) {

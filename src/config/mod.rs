@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::envelope::pacer::ReplayRate;
 use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
 mod changes;
@@ -24,6 +25,11 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 /// The largest byte budget accepted: far beyond any sensible setting, and well inside what the
 /// ledger's semaphore can count.
 const MAX_BUFFERED_BYTES: usize = 16 << 30;
+
+/// The most `dopplers.replay_extra_percent` may say: 11 × the live rate.
+const MAX_REPLAY_EXTRA_PERCENT: u32 = 1_000;
+/// The most `dopplers.replay_min_rate` may say.
+const MAX_REPLAY_MIN_RATE: u32 = 1_000_000;
 
 /// A config problem, always tied to the YAML key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +163,23 @@ pub struct DopplersConfig {
     pub keepalive_timeout: Duration,
     pub batch_max_envelopes: NonZeroUsize,
     pub batch_max_bytes: NonZeroUsize,
+    /// A connection that starts with a backlog sends at most this much more than the live rate
+    /// until the backlog is gone, in percent of the live rate (decisions.md 25).
+    pub replay_extra_percent: u32,
+    /// ... and at least this many envelopes a second, the agent's connections together, however
+    /// quiet the live traffic.
+    pub replay_min_rate: NonZeroU32,
+}
+
+impl DopplersConfig {
+    /// The replay pace of one of `slots` connection slots (`connections` needs a restart, so
+    /// a reload passes the running count).
+    pub fn replay_rate(&self, slots: usize) -> ReplayRate {
+        ReplayRate {
+            extra: f64::from(self.replay_extra_percent) / 100.0,
+            floor: f64::from(self.replay_min_rate.get()) / slots.max(1) as f64,
+        }
+    }
 }
 
 /// Where the Dopplers are.
@@ -383,6 +406,10 @@ struct RawDopplers {
     batch_max_envelopes: NonZeroUsize,
     #[serde(default = "default_batch_max_bytes")]
     batch_max_bytes: NonZeroUsize,
+    #[serde(default = "default_replay_extra_percent")]
+    replay_extra_percent: u32,
+    #[serde(default = "default_replay_min_rate")]
+    replay_min_rate: NonZeroU32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -442,6 +469,13 @@ fn default_batch_max_envelopes() -> NonZeroUsize {
 }
 fn default_batch_max_bytes() -> NonZeroUsize {
     NonZeroUsize::new(1024 * 1024).unwrap()
+}
+/// decisions.md 25 says why.
+fn default_replay_extra_percent() -> u32 {
+    50
+}
+fn default_replay_min_rate() -> NonZeroU32 {
+    NonZeroU32::new(100).unwrap()
 }
 
 #[derive(Debug, Deserialize)]
@@ -952,6 +986,25 @@ impl RawConfig {
                 ),
             ));
         }
+        if d.replay_extra_percent > MAX_REPLAY_EXTRA_PERCENT {
+            return Err(ConfigError::new(
+                "dopplers.replay_extra_percent",
+                format!(
+                    "{} is above {MAX_REPLAY_EXTRA_PERCENT}: a replay that fast floods the \
+                     Doppler it comes back to",
+                    d.replay_extra_percent
+                ),
+            ));
+        }
+        if d.replay_min_rate.get() > MAX_REPLAY_MIN_RATE {
+            return Err(ConfigError::new(
+                "dopplers.replay_min_rate",
+                format!(
+                    "{} is above {MAX_REPLAY_MIN_RATE} envelopes a second",
+                    d.replay_min_rate
+                ),
+            ));
+        }
         let dopplers = DopplersConfig {
             source,
             tls: doppler_tls,
@@ -970,6 +1023,8 @@ impl RawConfig {
             keepalive_timeout: Duration::from_millis(d.keepalive_timeout_ms.get()),
             batch_max_envelopes: d.batch_max_envelopes,
             batch_max_bytes: d.batch_max_bytes,
+            replay_extra_percent: d.replay_extra_percent,
+            replay_min_rate: d.replay_min_rate,
         };
 
         if development.doppler_listen.is_some() && dopplers.tls.is_some() {
@@ -1218,6 +1273,34 @@ development: { enabled: true }
     }
 
     #[test]
+    fn replay_pace_has_defaults_bounds_and_is_shared_among_the_slots() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(
+            (
+                c.dopplers.replay_extra_percent,
+                c.dopplers.replay_min_rate.get()
+            ),
+            (50, 100)
+        );
+        let rate = c.dopplers.replay_rate(5);
+        assert_eq!((rate.extra, rate.floor), (0.5, 20.0));
+        let with = |keys: &str| MINIMAL.replace("az: z1 } ] }", &format!("az: z1 }} ], {keys} }}"));
+        let c = Config::from_yaml(&with("replay_extra_percent: 0, replay_min_rate: 7")).unwrap();
+        assert_eq!(c.dopplers.replay_rate(1).floor, 7.0);
+        let key = |keys: &str| Config::from_yaml(&with(keys)).unwrap_err().key;
+        assert_eq!(
+            key("replay_extra_percent: 1001"),
+            "dopplers.replay_extra_percent"
+        );
+        assert_eq!(
+            key("replay_extra_percent: -1"),
+            "dopplers.replay_extra_percent"
+        );
+        assert_eq!(key("replay_min_rate: 0"), "dopplers.replay_min_rate");
+        assert_eq!(key("replay_min_rate: 1000001"), "dopplers.replay_min_rate");
+    }
+
+    #[test]
     fn bad_endpoint_is_named_with_its_index() {
         let text = MINIMAL.replace("addr: \"127.0.0.1:8082\"", "addr: \"nope\"");
         let e = Config::from_yaml(&text).unwrap_err();
@@ -1323,6 +1406,14 @@ development: { enabled: true }
         assert_eq!(
             c.changes(&moved).live,
             [Live::Dopplers { discovered: false }]
+        );
+        let paced = MINIMAL.replace(
+            "az: z1 } ] }",
+            "az: z1 } ], replay_extra_percent: 20, replay_min_rate: 50 }",
+        );
+        assert_eq!(
+            c.changes(&Config::from_yaml(&paced).unwrap()).live,
+            [Live::ReplayExtra, Live::ReplayMinRate]
         );
         let timings = MINIMAL.replace(
             "dopplers: { endpoints",

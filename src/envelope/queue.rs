@@ -2,16 +2,18 @@
 //! appends) and the slot's current BatchSender stream (which takes). It belongs to the slot, not to
 //! a connection: when a connection dies, what it had not yet taken stays queued for the next one,
 //! wherever the slot reconnects. Bounded by the budget, which the sequencer checks per slot
-//! before it routes anything here.
+//! before it routes anything here. A connection that starts with a backlog replays it paced
+//! ([`super::pacer`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::encoded::EncodedBatch;
+use super::pacer::{Pacer, ReplayRate, Replayed};
 use crate::telemetry::{DropReason, Ledger};
 
 /// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
@@ -79,6 +81,8 @@ struct Inner {
     envelopes: usize,
     /// Since when the queue has held data without a stream taking any (progress watchdog).
     waiting_since: Option<Instant>,
+    /// Since when the queue has not been empty: how long a backlog took to build up.
+    nonempty_since: Option<Instant>,
     /// The stream's waker while it waits for data.
     waker: Option<Waker>,
     /// Shutdown: the stream ends once the queue is empty.
@@ -90,6 +94,21 @@ struct Inner {
     in_flight: (usize, usize),
     /// Since when something has been in flight.
     in_flight_since: Option<Instant>,
+    /// Paces the backlog a connection starts with.
+    pacer: Pacer,
+}
+
+/// What [`EgressQueue::poll_take`] gives the stream.
+#[derive(Debug)]
+pub enum Take {
+    /// The next outgoing batch; with the replay this take ended, if any.
+    Batch(OutgoingBatch, Option<Replayed>),
+    /// The stream is over: recycled, or shut down with the queue empty.
+    End,
+    /// Nothing queued: the next push wakes the stream.
+    Empty,
+    /// A replay holds the queue back: the next push wakes the stream, or this long passing.
+    Paced(Duration),
 }
 
 /// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
@@ -144,6 +163,39 @@ impl EgressQueue {
         }
     }
 
+    /// Sets how fast a backlog is replayed (at start-up and on reload; a replay under way
+    /// goes on at the new rate).
+    pub fn set_replay_rate(&self, rate: ReplayRate) {
+        self.inner.lock().pacer.set_rate(rate);
+    }
+
+    /// A connection's first stream starts: if anything waits for it, it is a backlog, replayed
+    /// paced (not during shutdown, which flushes as fast as the Doppler takes it). Returns the
+    /// backlog in envelopes (0: none) and whether a replay was already under way (its
+    /// connection died before it ended; this one takes over).
+    pub fn start_replay(&self) -> (usize, bool) {
+        let mut q = self.inner.lock();
+        let was = q.pacer.replaying();
+        let queued = if q.closing { 0 } else { q.envelopes };
+        let now = Instant::now();
+        let built_up = q
+            .nonempty_since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        q.pacer.start(now, queued, built_up);
+        (queued, was)
+    }
+
+    pub fn replaying(&self) -> bool {
+        self.inner.lock().pacer.replaying()
+    }
+
+    /// Unit tests: as if what is queued had been building up for `by` longer.
+    #[cfg(test)]
+    pub(crate) fn backdate(&self, by: Duration) {
+        let mut q = self.inner.lock();
+        q.nonempty_since = q.nonempty_since.and_then(|t| t.checked_sub(by));
+    }
+
     pub fn push(&self, batch: EncodedBatch) {
         if batch.is_empty() {
             return;
@@ -151,8 +203,11 @@ impl EgressQueue {
         let waker = {
             let mut q = self.inner.lock();
             q.envelopes += batch.len();
+            q.pacer.pushed(batch.len());
             if q.batches.is_empty() {
-                q.waiting_since = Some(Instant::now());
+                let now = Instant::now();
+                q.waiting_since = Some(now);
+                q.nonempty_since = Some(now);
             }
             q.batches.push_back(batch);
             q.waker.take()
@@ -228,37 +283,54 @@ impl EgressQueue {
         q.closing && q.batches.is_empty()
     }
 
-    /// Ends the current stream once the queue is empty (shutdown).
-    pub fn close(&self) {
-        let waker = {
+    /// Ends the current stream once the queue is empty (shutdown), flushing it unpaced; returns
+    /// the replay this ended, if any.
+    pub fn close(&self) -> Option<Replayed> {
+        let (waker, replay) = {
             let mut q = self.inner.lock();
             q.closing = true;
-            q.waker.take()
+            let replay = q.pacer.stop();
+            (q.waker.take(), replay)
         };
         if let Some(w) = waker {
             w.wake();
         }
+        replay
     }
 
     /// Takes the next outgoing batch: whole queued batches merged while they fit the limits, or
-    /// the fitting prefix of an oversized one.
-    pub fn poll_take(
-        &self,
-        cx: &mut Context<'_>,
-        limits: &BatchLimits,
-        epoch: u64,
-    ) -> Poll<Option<OutgoingBatch>> {
+    /// the fitting prefix of an oversized one; during a replay, no more than its pace allows.
+    pub fn poll_take(&self, cx: &mut Context<'_>, limits: &BatchLimits, epoch: u64) -> Take {
         let mut q = self.inner.lock();
         if q.epoch != epoch {
-            return Poll::Ready(None);
+            return Take::End;
         }
-        let Some(mut first) = q.batches.pop_front() else {
+        if q.batches.is_empty() {
             if q.closing {
-                return Poll::Ready(None);
+                return Take::End;
             }
             q.waker = Some(cx.waker().clone());
-            return Poll::Pending;
+            return Take::Empty;
+        }
+        let now = Instant::now();
+        let mut limits = *limits;
+        let queued = q.envelopes;
+        let replay_ended = match q.pacer.allowance(now, queued) {
+            Ok(None) => None,
+            Ok(Some(0)) => {
+                let wait = q.pacer.wait().unwrap_or(Duration::from_millis(1));
+                q.waker = Some(cx.waker().clone());
+                // The stream asked and the pace held it back: that is progress, not a stall.
+                q.waiting_since = Some(now);
+                return Take::Paced(wait);
+            }
+            Ok(Some(allowed)) => {
+                limits.max_envelopes = limits.max_envelopes.min(allowed);
+                None
+            }
+            Err(done) => Some(done),
         };
+        let mut first = q.batches.pop_front().expect("not empty");
         let fit = limits.fitting_prefix(&first);
         let mut out = OutgoingBatch::default();
         if fit < first.len() {
@@ -277,12 +349,15 @@ impl EgressQueue {
             }
         }
         q.envelopes -= out.len();
-        let now = Instant::now();
+        q.pacer.took(out.len());
         q.waiting_since = (!q.batches.is_empty()).then_some(now);
+        if q.batches.is_empty() {
+            q.nonempty_since = None;
+        }
         q.in_flight.0 += out.len();
         q.in_flight.1 += out.bytes();
         q.in_flight_since.get_or_insert(now);
-        Poll::Ready(Some(out))
+        Take::Batch(out, replay_ended)
     }
 }
 
@@ -317,8 +392,8 @@ pub(crate) mod tests {
     fn take(q: &EgressQueue, limits: &BatchLimits) -> Option<OutgoingBatch> {
         let mut cx = Context::from_waker(Waker::noop());
         match q.poll_take(&mut cx, limits, q.epoch()) {
-            Poll::Ready(b) => b,
-            Poll::Pending => None,
+            Take::Batch(b, _) => Some(b),
+            _ => None,
         }
     }
 

@@ -25,9 +25,10 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
-use crate::envelope::queue::{BatchLimits, EgressQueue, OutgoingBatch};
+use crate::envelope::pacer::Replayed;
+use crate::envelope::queue::{BatchLimits, EgressQueue, OutgoingBatch, Take};
 use crate::proto::BatchSenderResponse;
-use crate::telemetry::Ledger;
+use crate::telemetry::{Ledger, Metrics};
 
 /// How a connection uses its streams: message limits and the acknowledgement window.
 #[derive(Debug, Clone, Copy)]
@@ -50,10 +51,18 @@ pub struct EgressStream {
     ack_due: Option<Pin<Box<Sleep>>>,
     /// Set when the stream ended because its acknowledgement window was full.
     rotated: Arc<AtomicBool>,
+    /// While a replay holds the queue back: when the pace allows the next envelope.
+    paced: Option<Pin<Box<Sleep>>>,
+    ledger: Arc<Ledger>,
 }
 
 impl EgressStream {
-    fn new(queue: Arc<EgressQueue>, settings: StreamSettings, rotated: Arc<AtomicBool>) -> Self {
+    fn new(
+        queue: Arc<EgressQueue>,
+        settings: StreamSettings,
+        rotated: Arc<AtomicBool>,
+        ledger: Arc<Ledger>,
+    ) -> Self {
         let epoch = queue.epoch();
         Self {
             queue,
@@ -62,6 +71,28 @@ impl EgressStream {
             carried: 0,
             ack_due: None,
             rotated,
+            paced: None,
+            ledger,
+        }
+    }
+
+    /// Waits `wait` for the pace (or, sooner, for a push: the queue holds the waker).
+    fn pace(&mut self, wait: Duration, cx: &mut Context<'_>) {
+        let due = tokio::time::Instant::now() + wait;
+        let sleep = self
+            .paced
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        sleep.as_mut().reset(due);
+        if sleep.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    /// Nothing to send now: the stream waits, unless its acknowledgement window is due.
+    fn idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<OutgoingBatch>> {
+        match self.ack_due.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => self.rotate(),
+            _ => Poll::Pending,
         }
     }
 
@@ -87,7 +118,10 @@ impl Stream for EgressStream {
             }
         }
         match this.queue.poll_take(cx, &this.settings.limits, this.epoch) {
-            Poll::Ready(Some(batch)) => {
+            Take::Batch(batch, replayed) => {
+                if let Some(done) = replayed {
+                    replay_ended(this.ledger.metrics(), done);
+                }
                 this.carried += batch.bytes();
                 if this.ack_due.is_none() {
                     let due = tokio::time::Instant::now() + this.settings.ack_interval;
@@ -95,13 +129,44 @@ impl Stream for EgressStream {
                 }
                 Poll::Ready(Some(batch))
             }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.ack_due.as_mut().map(|d| d.as_mut().poll(cx)) {
-                Some(Poll::Ready(())) => this.rotate(),
-                _ => Poll::Pending,
-            },
+            Take::End => Poll::Ready(None),
+            Take::Paced(wait) => {
+                this.pace(wait, cx);
+                this.idle(cx)
+            }
+            Take::Empty => this.idle(cx),
         }
     }
+}
+
+/// A connection starts: what its slot holds is a backlog, replayed paced
+/// ([`crate::envelope::pacer`]). Returns the backlog in envelopes.
+fn begin_replay(queue: &EgressQueue, metrics: &Metrics) -> usize {
+    let (backlog, was) = queue.start_replay();
+    match (backlog, was) {
+        (0, true) => {
+            metrics.doppler_replaying.fetch_sub(1, Ordering::Relaxed);
+        }
+        (0, false) => {}
+        (_, was) => {
+            metrics.doppler_replays.fetch_add(1, Ordering::Relaxed);
+            if !was {
+                metrics.doppler_replaying.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(backlog, "replaying the backlog, paced");
+        }
+    }
+    backlog
+}
+
+/// A slot's replay ended: its backlog is sent.
+fn replay_ended(metrics: &Metrics, done: Replayed) {
+    metrics.doppler_replaying.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(
+        envelopes = done.envelopes,
+        took_ms = done.took.as_millis() as u64,
+        "backlog replayed"
+    );
 }
 
 /// Why a connection's streams stopped.
@@ -200,9 +265,10 @@ pub async fn run_streams(
 ) -> StreamEnd {
     let mut grpc =
         tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    begin_replay(&queue, ledger.metrics());
     loop {
         let rotated = Arc::new(AtomicBool::new(false));
-        let stream = EgressStream::new(queue.clone(), settings, rotated.clone());
+        let stream = EgressStream::new(queue.clone(), settings, rotated.clone(), ledger.clone());
         let epoch = stream.epoch;
         let res = batch_sender(&mut grpc, stream).await;
         let recycled = queue.epoch() != epoch;
@@ -269,6 +335,59 @@ mod tests {
     use crate::telemetry::DropReason;
     use crate::telemetry::Metrics;
 
+    fn test_ledger() -> Arc<Ledger> {
+        Arc::new(Ledger::new(Arc::new(Metrics::new()), 1 << 20))
+    }
+
+    /// A connection that starts with a backlog sends it no faster than the pace: 200 held that
+    /// built up over 10 s (20 a second: 30 a second of replay), 400 a second of floor; 100
+    /// arriving meanwhile let one and a half times as many go.
+    #[tokio::test]
+    async fn a_backlog_at_the_start_of_a_connection_goes_at_the_replay_pace() {
+        use crate::envelope::pacer::ReplayRate;
+        use tokio_stream::StreamExt;
+        let ledger = test_ledger();
+        let q = Arc::new(EgressQueue::default());
+        q.set_replay_rate(ReplayRate {
+            extra: 0.5,
+            floor: 400.0,
+        });
+        push(&q, batch(200, 10));
+        q.backdate(Duration::from_secs(10));
+        assert_eq!(begin_replay(&q, ledger.metrics()), 200);
+        assert!(q.replaying());
+        assert_eq!(ledger.metrics().snapshot().doppler_replaying, 1);
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes: 1000,
+                max_bytes: 1 << 20,
+            },
+            ack_interval: Duration::from_secs(3600),
+            ack_bytes: 1 << 30,
+        };
+        let rotated = Arc::new(AtomicBool::new(false));
+        let mut s = EgressStream::new(q.clone(), settings, rotated, ledger.clone());
+        let started = std::time::Instant::now();
+        let first = s.next().await.unwrap();
+        assert!(first.len() < 200, "paced: not the whole backlog at once");
+        // 100 arrive: 150 more may go at once, the backlog still first.
+        push(&q, batch(100, 10));
+        let mut taken = first.len();
+        while taken < 300 {
+            taken += s.next().await.unwrap().len();
+        }
+        assert_eq!(taken, 300);
+        let elapsed = started.elapsed();
+        assert!(!q.replaying(), "the backlog is sent: unpaced again");
+        // 300 sent, 150 of them credited by the arrivals: time paid for the rest, at 430/s.
+        assert!(
+            elapsed >= Duration::from_millis(300),
+            "150 envelopes at 430/s take 350 ms; took {elapsed:?}"
+        );
+        let m = ledger.metrics().snapshot();
+        assert_eq!((m.doppler_replays, m.doppler_replaying), (1, 0));
+    }
+
     #[tokio::test]
     async fn taken_envelopes_stay_in_flight_until_acknowledged_or_lost() {
         use tokio_stream::StreamExt;
@@ -285,7 +404,7 @@ mod tests {
             ack_bytes: 1 << 20,
         };
         let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), ledger.clone());
         push(&q, batch(6, 10));
         assert_eq!(s.next().await.unwrap().len(), 4);
         assert_eq!((q.in_flight(), q.envelopes()), (4, 2));
@@ -317,7 +436,7 @@ mod tests {
             ack_bytes: 30,
         };
         let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
         push(&q, batch(5, 10));
         assert_eq!(s.next().await.unwrap().len(), 2);
         assert_eq!(s.next().await.unwrap().len(), 2);
@@ -342,7 +461,7 @@ mod tests {
             ack_bytes: 1 << 20,
         };
         let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
         push(&q, batch(5, 10));
         assert_eq!(s.next().await.unwrap().len(), 2);
         assert_eq!(s.next().await.unwrap().len(), 2);
@@ -364,7 +483,7 @@ mod tests {
             ack_bytes: 1 << 20,
         };
         let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone());
+        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
         push(&q, batch(3, 10));
         assert_eq!(s.next().await.unwrap().len(), 3);
         // Nothing more is queued: only the acknowledgement timer can end the stream.

@@ -261,6 +261,10 @@ pub struct Metrics {
     /// `doppler_rerouted_batches`: batches queued for a failed connection that went on to the
     /// Doppler it failed over to (rather than being dropped).
     pub rerouted_batches: AtomicU64,
+    /// `doppler_replays`: connections that started with a backlog and replayed it paced.
+    pub doppler_replays: AtomicU64,
+    /// `doppler_replaying`: slots replaying a backlog now.
+    pub doppler_replaying: AtomicI64,
     /// `buffered_bytes_peak`: the most budget bytes ever held at once.
     pub peak_buffered_bytes: AtomicU64,
     /// `doppler_connections_by_az{az}`: open connections per Doppler AZ (`""`: not known, from
@@ -292,6 +296,8 @@ pub struct MetricsSnapshot {
     pub doppler_v2_streams: i64,
     pub failovers: u64,
     pub rerouted_batches: u64,
+    pub doppler_replays: u64,
+    pub doppler_replaying: i64,
     pub peak_buffered_bytes: u64,
     /// Open connections per Doppler AZ; AZs with none are left out.
     pub connections_by_az: BTreeMap<String, i64>,
@@ -366,6 +372,8 @@ impl Metrics {
             sequence_rotations: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             rerouted_batches: AtomicU64::new(0),
+            doppler_replays: AtomicU64::new(0),
+            doppler_replaying: AtomicI64::new(0),
             peak_buffered_bytes: AtomicU64::new(0),
             connections_by_az: Mutex::default(),
         }
@@ -472,6 +480,8 @@ impl Metrics {
             doppler_v2_streams: self.doppler_v2_streams.load(Ordering::Relaxed),
             failovers: get(&self.failovers),
             rerouted_batches: get(&self.rerouted_batches),
+            doppler_replays: get(&self.doppler_replays),
+            doppler_replaying: self.doppler_replaying.load(Ordering::Relaxed),
             peak_buffered_bytes: get(&self.peak_buffered_bytes),
             connections_by_az: self.connections_by_az.lock().clone(),
         }
@@ -490,7 +500,7 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let families: [Family; 18] = [
+        let families: [Family; 20] = [
             (
                 "ingress",
                 "counter",
@@ -578,6 +588,18 @@ impl Metrics {
                 "counter",
                 "Batches queued for a failed connection, carried on to the Doppler it failed over to.",
                 one("", s.rerouted_batches.to_string()),
+            ),
+            (
+                "doppler_replays",
+                "counter",
+                "Doppler connections that started with a backlog and replayed it paced (dopplers.replay_*).",
+                one("", s.doppler_replays.to_string()),
+            ),
+            (
+                "doppler_replaying",
+                "gauge",
+                "Connection slots replaying a backlog now, paced.",
+                one("", s.doppler_replaying.to_string()),
             ),
             (
                 "doppler_connection_restarts",

@@ -202,6 +202,9 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 
     let dopplers = dopplers(c, &c.identity.az, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
+    for q in &queues {
+        q.set_replay_rate(c.dopplers.replay_rate(slots));
+    }
     let queue_handles = queues.clone();
     let (supervisor, connections) = DopplerSupervisor::launch(SupervisorSetup {
         local_az: c.identity.az.clone(),

@@ -71,7 +71,9 @@ impl Running {
                 | Live::KeepaliveTimeout
                 | Live::SigningPreviousKeys
                 | Live::Budget
-                | Live::LogLevel => {}
+                | Live::LogLevel
+                | Live::ReplayExtra
+                | Live::ReplayMinRate => {}
             }
         }
 
@@ -139,6 +141,14 @@ impl Running {
                 }
                 // Set with the rest of the edge's tunables below.
                 Live::IngressMaxWait => true,
+                // A replay under way goes on at the new pace.
+                Live::ReplayExtra | Live::ReplayMinRate => {
+                    let rate = new.dopplers.replay_rate(self.queues.len());
+                    for q in &self.queues {
+                        q.set_replay_rate(rate);
+                    }
+                    true
+                }
                 // Applied by the process, which owns logging (main.rs).
                 Live::LogLevel => true,
             };

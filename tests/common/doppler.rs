@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metron::bench::subscriber::SubscriberBuffer;
 use metron::proto::ingress_server::{Ingress, IngressServer};
 use metron::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -69,6 +70,8 @@ pub struct Counts {
 
 #[derive(Default)]
 struct Recorded {
+    /// See [`FakeDoppler::model_subscriber`].
+    subscriber: Option<SubscriberBuffer>,
     envelopes: Vec<Envelope>,
     /// For each envelope of `envelopes`: the stream clock's reading when its RPC started, and
     /// the arrival clock's when it arrived.
@@ -80,6 +83,9 @@ struct Recorded {
 
 impl Recorded {
     fn record(&mut self, stream: u64, batch: Vec<Envelope>) {
+        if let Some(s) = &mut self.subscriber {
+            s.arrive(batch.len(), Instant::now());
+        }
         let n = batch.len() as u64;
         let first = ARRIVALS.fetch_add(n, Ordering::SeqCst);
         self.arrivals
@@ -252,6 +258,11 @@ impl FakeDoppler {
     /// Binds `self.addr`, records the actual address and serves on a fresh runtime.
     fn serve(&mut self) {
         install_crypto_provider();
+        self.store.update(|s| {
+            if let Some(sub) = &mut s.subscriber {
+                sub.empty();
+            }
+        });
         let listener = bind_with_retry(self.addr);
         listener
             .set_nonblocking(true)
@@ -345,6 +356,24 @@ impl FakeDoppler {
     /// a Doppler that passes a dial and fails every stream.
     pub fn set_refusing(&self, refusing: bool) {
         self.store.refusing.store(refusing, Ordering::Release);
+    }
+
+    /// From now on, models a subscriber's bounded buffer behind this Doppler
+    /// ([`SubscriberBuffer`]): `capacity` envelopes read at `rate` a second, what overflows dropped (see
+    /// [`FakeDoppler::subscriber_drops`]). A restart empties it, as a restarted Doppler's buffers
+    /// are.
+    pub fn model_subscriber(&self, capacity: usize, rate: f64) {
+        self.store
+            .update(|s| s.subscriber = Some(SubscriberBuffer::new(capacity, rate)));
+    }
+
+    /// Envelopes the modelled subscriber buffer dropped so far.
+    pub fn subscriber_drops(&self) -> u64 {
+        self.store
+            .state
+            .lock()
+            .subscriber
+            .map_or(0, |s| s.dropped())
     }
 
     /// Takes the Doppler down abruptly: every task is dropped and every socket (listener and
