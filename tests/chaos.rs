@@ -137,16 +137,7 @@ async fn finish(agent: Agent, fleet: &Fleet, load: Load, budget: u64) -> Metrics
         remote_before,
         "no new traffic went to the other AZ"
     );
-    let sent = load.stop().await;
-    let report = agent.shutdown();
-    assert!(report.flushed, "the final drain was acknowledged");
-    let m = report.metrics;
-    assert_eq!(m.ingress, sent, "every accepted envelope was counted");
-    assert_eq!(
-        m.ingress,
-        m.egress + m.dropped_total(),
-        "ingress == egress + dropped: {m:?}"
-    );
+    let m = load.finish(agent).await;
     let received = received_in_send_order(&fleet.all());
     assert_losses_accounted(&received, &m);
     assert!(
@@ -156,7 +147,8 @@ async fn finish(agent: Agent, fleet: &Fleet, load: Load, budget: u64) -> Metrics
     );
     let dropped: Vec<_> = m.dropped.iter().filter(|(_, n)| *n > 0).collect();
     eprintln!(
-        "sent {sent}, acknowledged {}, received {}, dropped {dropped:?}, failovers {}, rerouted batches {}, peak buffered {} B",
+        "sent {}, acknowledged {}, received {}, dropped {dropped:?}, failovers {}, rerouted batches {}, peak buffered {} B",
+        m.ingress,
         m.egress,
         received.len(),
         m.failovers,

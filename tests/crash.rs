@@ -108,20 +108,8 @@ async fn a_panicking_connection_restarts_and_loses_at_most_its_window() {
     );
     delivery_goes_on(&doppler, "the connection panicked").await;
 
-    let sent = load.stop().await;
-    assert!(wait_drained(&agent, WAIT));
-    let report = agent.shutdown();
-    assert!(report.flushed);
-    let m = report.metrics;
-    assert_eq!(m.ingress, sent);
     // Only what its stream had in flight may be lost, and it is counted.
-    assert_eq!(
-        m.dropped_total(),
-        m.dropped_by(DropReason::ConnectionLost),
-        "{m:?}"
-    );
-    assert_eq!(m.ingress, m.egress + m.dropped_total());
-    assert_losses_accounted(&doppler.received(), &m);
+    load.finish_losing_only_in_flight(agent, &doppler).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,20 +160,8 @@ async fn a_panicking_supervisor_starts_over_and_loses_nothing() {
     );
     delivery_goes_on(&doppler, "the connection panicked").await;
 
-    let sent = load.stop().await;
-    assert!(wait_drained(&agent, WAIT));
-    let report = agent.shutdown();
-    assert!(report.flushed);
-    let m = report.metrics;
-    assert_eq!(m.ingress, sent);
     // The reset ended every stream gracefully; only the panicking connection could cost a window.
-    assert_eq!(
-        m.dropped_total(),
-        m.dropped_by(DropReason::ConnectionLost),
-        "{m:?}"
-    );
-    assert_eq!(m.ingress, m.egress + m.dropped_total());
-    assert_losses_accounted(&doppler.received(), &m);
+    load.finish_losing_only_in_flight(agent, &doppler).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{assert_losses_accounted, World};
+use common::agent::World;
 use common::load::{Load, PER_BATCH};
 use common::*;
 use metron::config::Config;
@@ -74,23 +74,7 @@ async fn outage(w: &World, dopplers_extra: &str) -> Outage {
             .await,
         "the backlog and live traffic after it arrive"
     );
-    let sent = load.stop().await;
-    let report = agent.shutdown();
-    assert!(report.flushed, "the final drain was acknowledged");
-    let m = report.metrics;
-    assert_eq!(m.ingress, sent, "every accepted envelope was counted");
-    assert_eq!(
-        m.ingress,
-        m.egress + m.dropped_total(),
-        "ingress == egress + dropped: {m:?}"
-    );
-    assert_eq!(
-        m.dropped_total(),
-        m.dropped_by(metron::telemetry::DropReason::ConnectionLost),
-        "only what was in flight when the Doppler died is lost: {m:?}"
-    );
-    // In order, nothing twice, every gap a counted loss.
-    assert_losses_accounted(&doppler.received(), &m);
+    load.finish_losing_only_in_flight(agent, &doppler).await;
     Outage {
         model_drops: doppler.subscriber_drops(),
         held,

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{assert_balanced, assert_losses_accounted, wait_drained, World};
+use common::agent::World;
 use common::load::Load;
 use common::*;
 use metron::telemetry::RestartCause;
@@ -68,22 +68,14 @@ async fn killed_connection_actors_and_doppler_are_restarted_and_the_balance_hold
         "delivery resumes after the Doppler returns"
     );
 
-    let sent = load.stop().await;
-    assert!(wait_drained(&agent, WAIT));
-    assert_balanced(&agent);
     let restarts = agent.metrics().restarts_total();
     assert!(restarts >= 3 * slots as u64, "{restarts} restarts");
     // A graceful shutdown ends every stream and waits for the Doppler's acknowledgement, so what
-    // the Doppler holds afterwards is final.
-    let report = agent.shutdown();
-    assert!(report.flushed);
-    let m = report.metrics;
-    assert_eq!(m.ingress, sent, "every accepted envelope was counted");
-    assert_eq!(m.ingress, m.egress + m.dropped_total());
-    // Only what was in flight on a dying connection may be missing; it was counted as
-    // `connection_lost`, and what did not arrive of it shows up as gaps.
+    // the Doppler holds afterwards is final. Only what was in flight on a dying connection may
+    // be missing; it was counted as `connection_lost`, and what did not arrive of it shows up as
+    // gaps.
+    let m = load.finish_losing_only_in_flight(agent, &doppler).await;
     let received = doppler.received();
-    assert_losses_accounted(&received, &m);
     eprintln!(
         "counted as possibly lost: {}, of which arrived anyway: {}",
         m.dropped_by(metron::telemetry::DropReason::ConnectionLost),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::load::{self, LoadSpec};
-use super::run::{fmt_rate, AgentProcess, Bench, Via};
+use super::run::{drain_wait, fmt_rate, AgentProcess, Bench, Via};
 use super::sink::{self, SinkStats};
 use super::subscriber::SubscriberBuffer;
 use super::BenchError;
@@ -174,23 +174,7 @@ fn one(
         .rt
         .block_on(load)
         .map_err(|e| BenchError::Load(e.to_string()))??;
-    // Bounded drain: everything sent delivered or counted, or nothing moving for 2 s.
-    let mut last = (u64::MAX, Instant::now());
-    let give_up = Instant::now() + Duration::from_secs(60);
-    let mut dropped = 0;
-    while Instant::now() < give_up {
-        let received = stats.received();
-        dropped = agent.drops().0;
-        if received + dropped >= result.sent {
-            break;
-        }
-        if received != last.0 {
-            last = (received, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(2) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (dropped, _) = drain_wait(&stats, Some(&agent), result.sent, Duration::from_secs(60));
     Ok(Outcome {
         rate,
         paced,

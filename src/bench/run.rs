@@ -598,25 +598,12 @@ impl Bench {
         let cpu1 = pid.and_then(cpu_ticks);
         let busy = started.elapsed();
         let result = result?;
-        // Bounded drain: stop once everything sent is accounted for, or nothing has moved for 2 s.
-        let mut last = (u64::MAX, Instant::now());
-        let mut drops = (0, BTreeMap::new());
-        let give_up = Instant::now() + Duration::from_secs(15);
-        loop {
-            let received = self.stats.received();
-            if let Some(a) = &agent {
-                drops = a.drops();
-            }
-            if received + drops.0 >= result.sent || Instant::now() > give_up {
-                break;
-            }
-            if received != last.0 {
-                last = (received, Instant::now());
-            } else if last.1.elapsed() > Duration::from_secs(2) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let drops = drain_wait(
+            &self.stats,
+            agent.as_ref(),
+            result.sent,
+            Duration::from_secs(15),
+        );
         sampling.store(false, Ordering::Relaxed);
         if let Some(s) = sampler {
             let _ = s.join();
@@ -645,6 +632,35 @@ impl Bench {
         };
         eprintln!("  {}", row(&o).trim_end());
         Ok(o)
+    }
+}
+
+/// A bounded wait after a run's load: until everything `sent` is received by the sink or
+/// counted as dropped by the agent, nothing has moved for 2 s, or `at_most` passed. Returns the
+/// agent's drops (total, by reason).
+pub(super) fn drain_wait(
+    stats: &SinkStats,
+    agent: Option<&AgentProcess>,
+    sent: u64,
+    at_most: Duration,
+) -> (u64, BTreeMap<String, u64>) {
+    let mut last = (u64::MAX, Instant::now());
+    let mut drops = (0, BTreeMap::new());
+    let give_up = Instant::now() + at_most;
+    loop {
+        let received = stats.received();
+        if let Some(a) = agent {
+            drops = a.drops();
+        }
+        if received + drops.0 >= sent || Instant::now() > give_up {
+            return drops;
+        }
+        if received != last.0 {
+            last = (received, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) {
+            return drops;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -850,21 +866,25 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         on(tuning.signing),
         bench.agent_bin.display()
     );
-    if only == "outage" {
-        let outage_secs: u64 = a.get("outage-seconds", 5)?;
-        let report = super::outage::run(&bench, &rates, outage_secs.max(1));
-        let _ = std::fs::remove_dir_all(&dir);
-        print!("{}", report?);
-        println!(
-            "\n(benchmark took {:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(());
-    }
-    if only == "downstream" {
-        let rounds: usize = a.get("rounds", 4)?;
-        let workers: usize = a.get("sink-workers", 2)?;
-        let report = super::downstream::run(&bench, &rates, secs, rounds.max(1), workers);
+    let report = match only.as_str() {
+        "outage" => {
+            let outage_secs: u64 = a.get("outage-seconds", 5)?;
+            Some(super::outage::run(&bench, &rates, outage_secs.max(1)))
+        }
+        "downstream" => {
+            let rounds: usize = a.get("rounds", 4)?;
+            let workers: usize = a.get("sink-workers", 2)?;
+            Some(super::downstream::run(
+                &bench,
+                &rates,
+                secs,
+                rounds.max(1),
+                workers,
+            ))
+        }
+        _ => None,
+    };
+    if let Some(report) = report {
         let _ = std::fs::remove_dir_all(&dir);
         print!("{}", report?);
         println!(

@@ -339,6 +339,27 @@ mod tests {
         Arc::new(Ledger::new(Arc::new(Metrics::new()), 1 << 20))
     }
 
+    /// A stream on `q` (messages of at most `max_envelopes`), and its `rotated` flag.
+    fn stream(
+        q: &Arc<EgressQueue>,
+        max_envelopes: usize,
+        ack_interval: Duration,
+        ack_bytes: usize,
+        ledger: Arc<Ledger>,
+    ) -> (EgressStream, Arc<AtomicBool>) {
+        let settings = StreamSettings {
+            limits: BatchLimits {
+                max_envelopes,
+                max_bytes: 1 << 20,
+            },
+            ack_interval,
+            ack_bytes,
+        };
+        let rotated = Arc::new(AtomicBool::new(false));
+        let s = EgressStream::new(q.clone(), settings, rotated.clone(), ledger);
+        (s, rotated)
+    }
+
     /// A connection that starts with a backlog sends it no faster than the pace: 200 held that
     /// built up over 10 s (20 a second: 30 a second of replay), 400 a second of floor; 100
     /// arriving meanwhile let one and a half times as many go.
@@ -357,16 +378,7 @@ mod tests {
         assert_eq!(begin_replay(&q, ledger.metrics()), 200);
         assert!(q.replaying());
         assert_eq!(ledger.metrics().snapshot().doppler_replaying, 1);
-        let settings = StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: 1000,
-                max_bytes: 1 << 20,
-            },
-            ack_interval: Duration::from_secs(3600),
-            ack_bytes: 1 << 30,
-        };
-        let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated, ledger.clone());
+        let (mut s, _) = stream(&q, 1000, Duration::from_secs(3600), 1 << 30, ledger.clone());
         let started = std::time::Instant::now();
         let first = s.next().await.unwrap();
         assert!(first.len() < 200, "paced: not the whole backlog at once");
@@ -395,16 +407,7 @@ mod tests {
         let ledger = Arc::new(Ledger::new(metrics.clone(), 1 << 20));
         assert!(ledger.try_admit(6, 60));
         let q = Arc::new(EgressQueue::default());
-        let settings = StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: 4,
-                max_bytes: 1 << 20,
-            },
-            ack_interval: Duration::from_secs(3600),
-            ack_bytes: 1 << 20,
-        };
-        let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), ledger.clone());
+        let (mut s, rotated) = stream(&q, 4, Duration::from_secs(3600), 1 << 20, ledger.clone());
         push(&q, batch(6, 10));
         assert_eq!(s.next().await.unwrap().len(), 4);
         assert_eq!((q.in_flight(), q.envelopes()), (4, 2));
@@ -427,16 +430,7 @@ mod tests {
     async fn a_full_acknowledgement_window_ends_the_stream() {
         use tokio_stream::StreamExt;
         let q = Arc::new(EgressQueue::default());
-        let settings = StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: 2,
-                max_bytes: 1 << 20,
-            },
-            ack_interval: Duration::from_secs(3600),
-            ack_bytes: 30,
-        };
-        let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
+        let (mut s, rotated) = stream(&q, 2, Duration::from_secs(3600), 30, test_ledger());
         push(&q, batch(5, 10));
         assert_eq!(s.next().await.unwrap().len(), 2);
         assert_eq!(s.next().await.unwrap().len(), 2);
@@ -452,16 +446,7 @@ mod tests {
         use tokio_stream::StreamExt;
         let q = Arc::new(EgressQueue::default());
         q.set_window(30);
-        let settings = StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: 2,
-                max_bytes: 1 << 20,
-            },
-            ack_interval: Duration::from_secs(3600),
-            ack_bytes: 1 << 20,
-        };
-        let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
+        let (mut s, rotated) = stream(&q, 2, Duration::from_secs(3600), 1 << 20, test_ledger());
         push(&q, batch(5, 10));
         assert_eq!(s.next().await.unwrap().len(), 2);
         assert_eq!(s.next().await.unwrap().len(), 2);
@@ -474,16 +459,7 @@ mod tests {
     async fn an_idle_stream_with_data_in_flight_ends_after_the_interval() {
         use tokio_stream::StreamExt;
         let q = Arc::new(EgressQueue::default());
-        let settings = StreamSettings {
-            limits: BatchLimits {
-                max_envelopes: 10,
-                max_bytes: 1 << 20,
-            },
-            ack_interval: Duration::from_millis(20),
-            ack_bytes: 1 << 20,
-        };
-        let rotated = Arc::new(AtomicBool::new(false));
-        let mut s = EgressStream::new(q.clone(), settings, rotated.clone(), test_ledger());
+        let (mut s, rotated) = stream(&q, 10, Duration::from_millis(20), 1 << 20, test_ledger());
         push(&q, batch(3, 10));
         assert_eq!(s.next().await.unwrap().len(), 3);
         // Nothing more is queued: only the acknowledgement timer can end the stream.

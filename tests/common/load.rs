@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metron::proto::EnvelopeBatch;
+use metron::telemetry::{DropReason, MetricsSnapshot};
 use metron::Agent;
 
-use super::agent::World;
+use super::agent::{assert_losses_accounted, World};
+use super::doppler::FakeDoppler;
 use super::util::{ingress_client, log_envelope};
 
 /// Emitter load: `streams` connections, each sending 40-envelope batches over its own 6 sources
@@ -68,5 +70,40 @@ impl Load {
             t.await.expect("load task");
         }
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// The end of a fault scenario: the emitters stop, the agent shuts down gracefully (its final
+    /// drain acknowledged), and the balance is exact: every accepted envelope counted, and
+    /// delivered or dropped.
+    pub async fn finish(self, agent: Agent) -> MetricsSnapshot {
+        let sent = self.stop().await;
+        let report = agent.shutdown();
+        assert!(report.flushed, "the final drain was acknowledged");
+        let m = report.metrics;
+        assert_eq!(m.ingress, sent, "every accepted envelope was counted");
+        assert_eq!(
+            m.ingress,
+            m.egress + m.dropped_total(),
+            "ingress == egress + dropped: {m:?}"
+        );
+        m
+    }
+
+    /// [`Load::finish`] with one Doppler, where only `connection_lost` may be counted (what a
+    /// stream had in flight at a fault): nothing out of order or twice, every gap a counted
+    /// loss.
+    pub async fn finish_losing_only_in_flight(
+        self,
+        agent: Agent,
+        doppler: &FakeDoppler,
+    ) -> MetricsSnapshot {
+        let m = self.finish(agent).await;
+        assert_eq!(
+            m.dropped_total(),
+            m.dropped_by(DropReason::ConnectionLost),
+            "only what was in flight at a fault is lost: {m:?}"
+        );
+        assert_losses_accounted(&doppler.received(), &m);
+        m
     }
 }
