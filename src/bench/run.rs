@@ -21,10 +21,10 @@ use crate::tls::TlsMaterial;
 const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
-metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream]
+metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream|outage]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
-             [--sink-workers N] [--trace]
+             [--sink-workers N] [--outage-seconds N] [--trace]
     Runs the benchmark (sink, agent, load generator; all on 127.0.0.1) and prints a table.
     --seconds        length of each measured run (default 20)
     --probe-seconds  length of each capacity-search probe (default 8)
@@ -34,13 +34,19 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
                      processes of their own decode and re-encode every envelope, one behind the
                      agent, the other fed the same workload at the same time straight from a
                      load generator with the identity tags an upstream agent adds; their CPU
-                     per envelope compared
-    --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000)
+                     per envelope compared;
+                     outage: the sink killed under steady load and restarted, with a modelled
+                     1,000-envelope subscriber buffer behind it: the backlog, when delivery
+                     resumed, how long the replay took and what the buffer dropped, with the
+                     agent's replay pacing and without
+    --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000;
+                     outage: 1000,5000)
     --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
     --signing, --sequencing
                      the agent's signing.enabled and sequencing.enabled (default on)
     --agent-bin      the agent binary to run (default: this one; e.g. an older build to compare)
     --sink-workers   downstream: threads of each sink (default 2)
+    --outage-seconds outage: how long the sink stays down (default 5)
     --connections    the agent's dopplers.connections (default: the agent's default)
     --ack-bytes      the agent's dopplers.ack_bytes (default: the agent's default)
     --ack-interval-ms  the agent's dopplers.ack_interval_ms (default: the agent's default)
