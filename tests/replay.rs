@@ -91,7 +91,8 @@ async fn a_backlog_is_replayed_at_a_pace_the_doppler_subscriber_takes() {
         o.held, o.replay, o.model_drops
     );
     assert_eq!(o.model_drops, 0, "the subscriber's buffer never overflowed");
-    // 50% of the live rate plus 100/s: the backlog cannot go in less than this.
+    // The backlog drains at 50% of the live rate plus 100/s: it cannot go in less than this
+    // (the live rate taken as up to 1.5 × its nominal value, for the emitters' bursts).
     let fastest = o.held as f64 / (0.5 * 1.5 * LIVE_PER_SECOND + 100.0);
     assert!(
         o.replay.as_secs_f64() >= fastest * 0.8,
