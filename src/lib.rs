@@ -79,6 +79,7 @@ pub mod envelope;
 pub mod fuzzing;
 pub mod grpc;
 pub mod routing;
+pub mod syslog;
 pub mod telemetry;
 pub mod tls;
 pub mod udp;

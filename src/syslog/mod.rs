@@ -1,0 +1,6 @@
+//! Syslog drains (issue 21): envelopes as upstream's syslog-agent writes them. So far the
+//! formatter ([`rfc5424`]) and Go's float layout ([`gofloat`]), plain logic with upstream's
+//! golden vectors; the drain writers and their actors come next.
+
+pub mod gofloat;
+pub mod rfc5424;
