@@ -1,6 +1,7 @@
 //! Syslog drains (issue 21): envelopes as upstream's syslog-agent writes them. So far the
-//! formatter ([`rfc5424`]) and Go's float layout ([`gofloat`]), plain logic with upstream's
-//! golden vectors; the drain writers and their actors come next.
+//! formatter ([`rfc5424`]), Go's float layout ([`gofloat`]) and drain URLs ([`drain`]), plain
+//! logic with upstream's golden vectors; the drain writers and their actors come next.
 
+pub mod drain;
 pub mod gofloat;
 pub mod rfc5424;
