@@ -137,6 +137,29 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
+    /// Client side for a plain rustls connection (a syslog drain): verify the server against
+    /// our CA bundle, present our certificate.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `<key>.key` when rustls refuses the material.
+    pub fn rustls_client_config(
+        &self,
+        key: &str,
+    ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        let private = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
+            key: format!("{key}.key"),
+            problem: format!("no private key: {e}"),
+        })?;
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(self.chain(), private)
+            .map_err(|e| ConfigError {
+                key: format!("{key}.key"),
+                problem: format!("unusable with {key}.cert: {e}"),
+            })?;
+        Ok(Arc::new(config))
+    }
+
     /// Client side: verify the server as `server_name`, present our certificate.
     pub fn client_config(&self, server_name: &str) -> ClientTlsConfig {
         ClientTlsConfig::new()

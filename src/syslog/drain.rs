@@ -360,7 +360,10 @@ mod tests {
         let e = DrainUrl::parse("ftp://user:secret@h:1", true).unwrap_err();
         assert!(!e.to_string().contains("secret"));
         // What logs and labels show, even of a URL that does not parse.
-        assert_eq!(anonymize("syslog://u:p@ss@h:514/x?token=s#f"), "syslog://h:514/x");
+        assert_eq!(
+            anonymize("syslog://u:p@ss@h:514/x?token=s#f"),
+            "syslog://h:514/x"
+        );
         assert_eq!(anonymize("garbage"), "");
     }
 }

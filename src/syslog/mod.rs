@@ -5,3 +5,4 @@
 pub mod drain;
 pub mod gofloat;
 pub mod rfc5424;
+pub mod writer;

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod doppler;
 pub mod load;
 pub mod pki;
+pub mod rsyslog;
 pub mod util;
 
 #[allow(unused_imports)]

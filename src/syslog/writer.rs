@@ -1,0 +1,175 @@
+//! One syslog drain connection (`syslog://`, `syslog-tls://`): messages framed by octet counting
+//! (RFC 6587, as upstream), written over TCP or TLS with a dial and a write deadline.
+//!
+//! Reconnects *before* a receiver's idle timeout rather than after a failed write: Log Cache
+//! closes a connection idle for 2 minutes without telling the sender, whose next write then
+//! "succeeds" into a closed socket and is lost (reference `destinations.md` §1.5). A connection
+//! idle for `idle_reconnect` (default 1 minute) is therefore closed and dialled afresh before the
+//! next write. What a write hands the kernel counts as sent: a drain acknowledges nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::rfc5424::frame;
+
+/// How a drain connection behaves.
+#[derive(Clone)]
+pub struct WriterSettings {
+    /// `syslog-tls://`: the TLS client configuration and the name to verify; `None` for TCP.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    pub dial_timeout: Duration,
+    pub write_timeout: Duration,
+    /// A connection idle this long is replaced before the next write.
+    pub idle_reconnect: Duration,
+}
+
+impl std::fmt::Debug for WriterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterSettings")
+            .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .field("dial_timeout", &self.dial_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("idle_reconnect", &self.idle_reconnect)
+            .finish()
+    }
+}
+
+/// Why a write failed; the connection is closed, and the next write dials again.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("cannot connect: {0}")]
+    Dial(std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("write failed: {0}")]
+    Write(std::io::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// One drain connection, dialled on demand.
+pub struct SyslogWriter {
+    /// `host:port`.
+    addr: String,
+    settings: WriterSettings,
+    conn: Option<(Conn, Instant)>,
+    /// Dials so far (the first one included).
+    dials: u64,
+    buf: Vec<u8>,
+}
+
+impl SyslogWriter {
+    pub fn new(addr: String, settings: WriterSettings) -> Self {
+        Self {
+            addr,
+            settings,
+            conn: None,
+            dials: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connections dialled so far.
+    pub fn dials(&self) -> u64 {
+        self.dials
+    }
+
+    /// Writes `messages`, each framed, in one go: dials first if there is no connection or it
+    /// has been idle for `idle_reconnect`.
+    ///
+    /// # Errors
+    /// When dialling or writing fails or times out; the connection is closed then, and none of
+    /// `messages` may be taken as delivered.
+    pub async fn write(&mut self, messages: &[Vec<u8>]) -> Result<(), WriteError> {
+        self.buf.clear();
+        for m in messages {
+            frame(m, &mut self.buf);
+        }
+        let idle_limit = self.settings.idle_reconnect;
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|(_, last)| last.elapsed() >= idle_limit)
+        {
+            self.close().await;
+        }
+        if self.conn.is_none() {
+            let conn = self.dial().await?;
+            self.conn = Some((conn, Instant::now()));
+        }
+        let (conn, last) = self.conn.as_mut().expect("connected above");
+        let written = timeout(self.settings.write_timeout, async {
+            match conn {
+                Conn::Tcp(s) => s.write_all(&self.buf).await,
+                Conn::Tls(s) => {
+                    s.write_all(&self.buf).await?;
+                    s.flush().await
+                }
+            }
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                *last = Instant::now();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(WriteError::Write(e))
+            }
+            Err(_) => {
+                self.conn = None;
+                Err(WriteError::Timeout("writing"))
+            }
+        }
+    }
+
+    async fn dial(&mut self) -> Result<Conn, WriteError> {
+        self.dials += 1;
+        let tcp = timeout(self.settings.dial_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| WriteError::Timeout("connecting"))?
+            .map_err(WriteError::Dial)?;
+        let _ = tcp.set_nodelay(true);
+        let Some((config, name)) = &self.settings.tls else {
+            return Ok(Conn::Tcp(tcp));
+        };
+        let connector = TlsConnector::from(config.clone());
+        let tls = timeout(
+            self.settings.dial_timeout,
+            connector.connect(name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| WriteError::Timeout("in the TLS handshake"))?
+        .map_err(WriteError::Tls)?;
+        Ok(Conn::Tls(Box::new(tls)))
+    }
+
+    /// Closes the connection (a TLS close_notify is attempted, briefly).
+    pub async fn close(&mut self) {
+        if let Some((conn, _)) = self.conn.take() {
+            match conn {
+                Conn::Tcp(mut s) => {
+                    let _ = s.shutdown().await;
+                }
+                Conn::Tls(mut s) => {
+                    let _ = timeout(Duration::from_millis(100), s.shutdown()).await;
+                }
+            }
+        }
+    }
+}
