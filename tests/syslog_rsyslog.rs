@@ -167,6 +167,8 @@ async fn rsyslog_reads_every_field_over_tcp() {
     check(&server);
 }
 
+/// Also: a writer without a client certificate gets nothing through (had it, `check` would
+/// find one message too many).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rsyslog_reads_every_field_over_mutual_tls() {
     install_crypto_provider();
@@ -174,6 +176,25 @@ async fn rsyslog_reads_every_field_over_mutual_tls() {
     let server_cert = pki.issue("rsyslog", &["rsyslog.test", "localhost"]);
     let client = pki.issue("drain-client", &["metron"]);
     let server = Rsyslog::start_tls(&pki, &server_cert);
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for ca in rustls::pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let anonymous = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut stranger = SyslogWriter::new(
+        server.addr.to_string(),
+        settings(Some((anonymous, "rsyslog.test"))),
+    );
+    // Refused during or after the handshake: whether the write errs does not matter.
+    let _ = stranger
+        .write(&[b"<14>1 - - - - - - no client certificate\n".to_vec()])
+        .await;
+    stranger.close().await;
     let material = TlsMaterial {
         ca_pem: pki.ca_pem.clone().into_bytes(),
         cert_pem: client.cert_pem.clone().into_bytes(),
@@ -223,8 +244,9 @@ async fn an_idle_connection_is_replaced_before_the_receiver_drops_it() {
         },
     );
     writer.write(&[b"<14>1 first\n".to_vec()]).await.unwrap();
-    // The scenario: the connection stays idle past the writer's limit (not a synchronisation).
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The scenario: the connection stays idle past the writer's limit and the receiver's, which
+    // has dropped it by then (not a synchronisation).
+    tokio::time::sleep(Duration::from_millis(400)).await;
     writer.write(&[b"<14>1 second\n".to_vec()]).await.unwrap();
     writer.close().await;
     assert_eq!(writer.dials(), 2, "the idle connection was replaced");

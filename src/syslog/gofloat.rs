@@ -106,7 +106,7 @@ mod tests {
         fn reads_back_to_the_same_value(bits in any::<u64>()) {
             let v = f64::from_bits(bits);
             prop_assume!(v.is_finite());
-            let text = g(v).replace("e+", "e");
+            let text = g(v);
             let back: f64 = text.parse().expect("a float");
             prop_assert_eq!(back.to_bits(), v.to_bits(), "{}", text);
         }

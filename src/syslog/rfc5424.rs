@@ -19,6 +19,7 @@ use super::gofloat::format_g;
 use crate::envelope::tag::TAG;
 use crate::proto::envelope::Message;
 use crate::proto::Envelope;
+use crate::telemetry::logging::write_date_time;
 
 /// The Cloud Foundry Foundation's enterprise number, in every structured-data ID.
 const TAGS_ID: &str = "tags@47450";
@@ -100,7 +101,14 @@ pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<
     header.push_str(" - ");
     let tags = tags_element(env, opts)?;
     let with_sd = |element: Option<String>| {
-        let mut m = header.clone().into_bytes();
+        let sd_len = element.as_ref().map_or(1, String::len) + tags.as_ref().map_or(0, String::len);
+        // Room for the rest too: the payload (logs) or upstream's `" \n"` (metrics).
+        let payload = match message {
+            Message::Log(log) => log.payload.len() + 2,
+            _ => 2,
+        };
+        let mut m = Vec::with_capacity(header.len() + sd_len + payload);
+        m.extend_from_slice(header.as_bytes());
         match (element, &tags) {
             (None, None) => m.push(b'-'),
             (element, tags) => {
@@ -163,8 +171,8 @@ pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<
 
 /// RFC 6587 octet counting, as upstream frames every message on TCP and TLS: `LEN SP MSG`.
 pub fn frame(message: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(message.len().to_string().as_bytes());
-    out.push(b' ');
+    use std::io::Write as _;
+    let _ = write!(out, "{} ", message.len());
     out.extend_from_slice(message);
 }
 
@@ -174,8 +182,9 @@ fn metric(mut m: Vec<u8>) -> Vec<u8> {
     m
 }
 
+/// Printable US-ASCII (33-126), what RFC 5424 allows in its header fields.
 fn printable(b: u8) -> bool {
-    (33..=126).contains(&b)
+    b.is_ascii_graphic()
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary (a cut character would not be
@@ -216,6 +225,12 @@ fn hostname(env: &Envelope, binding: &str) -> String {
 /// Upstream's hostname sanitizing: runs of whitespace become `-`, anything outside
 /// `[-a-zA-Z0-9]` goes, trailing dashes go.
 fn label(s: &str) -> String {
+    sanitize(s, |c| c == '-' || c.is_ascii_alphanumeric())
+}
+
+/// Upstream's sanitizing: runs of whitespace (Go regexp's `\s`) become `-`, characters `keep`
+/// refuses go, trailing dashes go.
+fn sanitize(s: &str, keep: impl Fn(char) -> bool) -> String {
     let mut out = String::with_capacity(s.len());
     let mut in_space = false;
     for c in s.chars() {
@@ -227,7 +242,7 @@ fn label(s: &str) -> String {
             continue;
         }
         in_space = false;
-        if c == '-' || c.is_ascii_alphanumeric() {
+        if keep(c) {
             out.push(c);
         }
     }
@@ -240,27 +255,12 @@ fn go_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\x0c' | '\r')
 }
 
-/// A log's PROCID: `[SOURCE_TYPE/instance]`, the source type sanitized (runs of whitespace
-/// become `-`, what is not printable US-ASCII goes, trailing dashes go) and upper-cased, both
-/// cut as upstream cuts them to fit 128 bytes.
+/// A log's PROCID: `[SOURCE_TYPE/instance]`, the source type sanitized (what is not printable
+/// US-ASCII goes) and upper-cased, both cut as upstream cuts them to fit 128 bytes.
 fn log_procid(env: &Envelope) -> String {
     let raw = env.tags.get("source_type").map_or("", String::as_str);
-    let mut source_type = String::with_capacity(raw.len());
-    let mut in_space = false;
-    for c in raw.chars() {
-        if c.is_whitespace() {
-            if !in_space {
-                source_type.push('-');
-            }
-            in_space = true;
-            continue;
-        }
-        in_space = false;
-        if c.is_ascii() && printable(c as u8) {
-            source_type.push(c.to_ascii_uppercase());
-        }
-    }
-    source_type.truncate(source_type.trim_end_matches('-').len());
+    let mut source_type = sanitize(raw, |c| c.is_ascii_graphic());
+    source_type.make_ascii_uppercase();
     let mut instance = env.instance_id.as_str();
     let mut max = MAX_PROCID - 2;
     if instance.is_empty() {
@@ -335,38 +335,17 @@ fn tags_element(env: &Envelope, opts: &Options) -> Result<Option<String>, Unform
 /// Go's `time.Unix(0, ns).UTC().Format("2006-01-02T15:04:05.999999-07:00")`: microseconds
 /// (truncated) without trailing zeros, no fraction at all when they are zero, `+00:00`.
 fn timestamp(ns: i64, out: &mut String) {
-    let secs = ns.div_euclid(1_000_000_000);
-    let micros = ns.rem_euclid(1_000_000_000) / 1_000;
-    let days = secs.div_euclid(86_400);
-    let of_day = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60
-    );
+    let _ = write_date_time(out, ns.div_euclid(1_000_000_000));
+    let mut micros = ns.rem_euclid(1_000_000_000) / 1_000;
     if micros > 0 {
-        let frac = format!("{micros:06}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
+        let mut width = 6;
+        while micros % 10 == 0 {
+            micros /= 10;
+            width -= 1;
+        }
+        let _ = write!(out, ".{micros:0width$}");
     }
     out.push_str("+00:00");
-}
-
-/// (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

@@ -10,10 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::rfc5424::frame;
@@ -56,10 +55,8 @@ pub enum WriteError {
     Timeout(&'static str),
 }
 
-enum Conn {
-    Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// A TCP or TLS stream.
+type Conn = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// One drain connection, dialled on demand.
 pub struct SyslogWriter {
@@ -113,13 +110,8 @@ impl SyslogWriter {
         }
         let (conn, last) = self.conn.as_mut().expect("connected above");
         let written = timeout(self.settings.write_timeout, async {
-            match conn {
-                Conn::Tcp(s) => s.write_all(&self.buf).await,
-                Conn::Tls(s) => {
-                    s.write_all(&self.buf).await?;
-                    s.flush().await
-                }
-            }
+            conn.write_all(&self.buf).await?;
+            conn.flush().await
         })
         .await;
         match written {
@@ -146,7 +138,7 @@ impl SyslogWriter {
             .map_err(WriteError::Dial)?;
         let _ = tcp.set_nodelay(true);
         let Some((config, name)) = &self.settings.tls else {
-            return Ok(Conn::Tcp(tcp));
+            return Ok(Box::new(tcp));
         };
         let connector = TlsConnector::from(config.clone());
         let tls = timeout(
@@ -156,20 +148,13 @@ impl SyslogWriter {
         .await
         .map_err(|_| WriteError::Timeout("in the TLS handshake"))?
         .map_err(WriteError::Tls)?;
-        Ok(Conn::Tls(Box::new(tls)))
+        Ok(Box::new(tls))
     }
 
     /// Closes the connection (a TLS close_notify is attempted, briefly).
     pub async fn close(&mut self) {
-        if let Some((conn, _)) = self.conn.take() {
-            match conn {
-                Conn::Tcp(mut s) => {
-                    let _ = s.shutdown().await;
-                }
-                Conn::Tls(mut s) => {
-                    let _ = timeout(Duration::from_millis(100), s.shutdown()).await;
-                }
-            }
+        if let Some((mut conn, _)) = self.conn.take() {
+            let _ = timeout(Duration::from_millis(100), conn.shutdown()).await;
         }
     }
 }

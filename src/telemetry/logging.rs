@@ -486,29 +486,35 @@ impl<W: fmt::Write> fmt::Write for Escaper<'_, W> {
 /// Writes `t` as `YYYY-MM-DDThh:mm:ss.uuuuuuZ`. A clock set before 1970 prints as the epoch.
 fn write_rfc3339_micros(w: &mut impl fmt::Write, t: SystemTime) -> fmt::Result {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let second_of_day = secs % 86_400;
+    write_date_time(w, i64::try_from(since.as_secs()).unwrap_or(i64::MAX))?;
+    write!(w, ".{:06}Z", since.subsec_micros())
+}
+
+/// Writes the UTC date and time `secs` seconds after 1970-01-01 (before it when negative) as
+/// `YYYY-MM-DDThh:mm:ss`. Shared with the syslog formatter.
+pub(crate) fn write_date_time(w: &mut impl fmt::Write, secs: i64) -> fmt::Result {
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let second_of_day = secs.rem_euclid(86_400);
     write!(
         w,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         second_of_day / 3600,
         second_of_day / 60 % 60,
         second_of_day % 60,
-        since.subsec_micros()
     )
 }
 
-/// The proleptic Gregorian date (year, month 1..=12, day 1..=31) `days` days after 1970-01-01.
+/// The proleptic Gregorian date (year, month 1..=12, day 1..=31) `days` days after 1970-01-01
+/// (before it when negative).
 ///
-/// Howard Hinnant's `civil_from_days`, restricted to dates from 1970 on: the calendar repeats
-/// every 400 years (146 097 days), and counting years from 1 March puts the leap day at the end
-/// of the year, where it cannot shift any month's start.
-fn civil_from_days(days: u64) -> (u64, u32, u32) {
+/// Howard Hinnant's `civil_from_days`: the calendar repeats every 400 years (146 097 days), and
+/// counting years from 1 March puts the leap day at the end of the year, where it cannot shift
+/// any month's start.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
     // Days since 0000-03-01: 1970-01-01 is day 719 468 of that count.
     let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097; // [0, 146096]
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097); // [0, 146096]
     let year_of_era =
         (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365; // [0, 399]
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100); // [0, 365]
@@ -519,7 +525,7 @@ fn civil_from_days(days: u64) -> (u64, u32, u32) {
     } else {
         month_from_march - 9
     }) as u32;
-    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    let year = era * 400 + year_of_era + i64::from(month <= 2);
     debug_assert!((1..=12).contains(&month) && (1..=31).contains(&day));
     (year, month, day)
 }
@@ -718,11 +724,11 @@ mod tests {
         assert_eq!(s, "1970-01-01T00:00:00.000000Z");
     }
 
-    fn is_leap(year: u64) -> bool {
-        year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
+    fn is_leap(year: i64) -> bool {
+        year.rem_euclid(4) == 0 && (year.rem_euclid(100) != 0 || year.rem_euclid(400) == 0)
     }
 
-    fn month_len(year: u64, month: u32) -> u32 {
+    fn month_len(year: i64, month: u32) -> u32 {
         match month {
             2 if is_leap(year) => 29,
             2 => 28,
@@ -735,7 +741,7 @@ mod tests {
         // With day 0 anchored at 1970-01-01 (known_instants), "each day is the calendar successor
         // of the one before" pins down every date by induction.
         #[test]
-        fn each_day_follows_the_one_before(days in 0u64..4_000_000) {
+        fn each_day_follows_the_one_before(days in -4_000_000i64..4_000_000) {
             let (y, m, d) = civil_from_days(days);
             let next = civil_from_days(days + 1);
             let expected = if d < month_len(y, m) {

@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::pki::{CertFiles, Pki};
 
@@ -32,10 +32,7 @@ impl Rsyslog {
     }
 
     fn start_with(pki: &Pki, tls: Option<&CertFiles>) -> Rsyslog {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::agent::unserved_addr().port();
         let dir = pki.dir.join(format!("rsyslog-{port}"));
         std::fs::create_dir_all(&dir).expect("rsyslog dir");
         let out = dir.join("out.log");
@@ -87,21 +84,16 @@ impl Rsyslog {
             out,
             dir,
         };
-        // A bounded wait for the listener: nothing to wait on but the port.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
+        let listening = super::util::wait_until(Duration::from_secs(10), || {
             if let Ok(Some(status)) = r.child.try_wait() {
                 panic!(
                     "rsyslogd exited at start-up: {status}; conf in {}",
                     r.dir.display()
                 );
             }
-            assert!(
-                Instant::now() < deadline,
-                "rsyslogd did not listen on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            TcpStream::connect(addr).is_ok()
+        });
+        assert!(listening, "rsyslogd did not listen on {addr}");
         r
     }
 
