@@ -221,6 +221,43 @@ async fn raw_batch_sender(w: &World, addr: SocketAddr, frames: Vec<Vec<u8>>) -> 
         .expect("raw BatchSender within the step bound")
 }
 
+/// A unary `Send` of `body` as it is; the answer decoded as an (empty) response.
+async fn raw_send(w: &World, addr: SocketAddr, body: Vec<u8>) -> Result<(), Status> {
+    let channel = channel(addr, client_tls(w, Some(&w.client_cert)))
+        .await
+        .unwrap_or_else(|e| panic!("raw client: {e}"));
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let work = async {
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("not ready: {e:?}")))?;
+        grpc.unary::<Vec<u8>, BatchSenderResponse, _>(
+            Request::new(body),
+            PathAndQuery::from_static("/loggregator.v2.Ingress/Send"),
+            RawCodec,
+        )
+        .await
+        .map(drop)
+    };
+    tokio::time::timeout(STEP, work)
+        .await
+        .expect("raw Send within the step bound")
+}
+
+/// A `Send` the handler refuses (it reads the batch and finds it malformed) is counted once,
+/// like one tonic refuses before the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_send_is_counted_once() {
+    let w = World::new();
+    let agent = w.start(&[(common::agent::unserved_addr(), "z1")], "");
+    let status = raw_send(&w, agent.ingress_addr(), vec![0x08, 0x01])
+        .await
+        .expect_err("a malformed batch fails the call");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(ingress_stream_errors(&agent), Some(1.0));
+    assert_eq!(agent.metrics().ingress, 0);
+}
+
 fn ingress_stream_errors(agent: &Agent) -> Option<f64> {
     metric_value(
         &scrape(agent.metrics_addr().unwrap()),

@@ -32,9 +32,7 @@ const ME: ActorName = ActorName::DopplerConnection;
 enum State {
     /// Waiting for the supervisor's [`Connect`].
     Idle,
-    Connecting {
-        endpoint: usize,
-    },
+    Connecting,
     Connected(Live),
 }
 
@@ -72,8 +70,8 @@ pub struct DopplerConnection {
     state: State,
     /// Why the actor stopped itself, read by `restarting`.
     failure: Option<RestartCause>,
-    /// What `stopped` tore down, reported by `restarting`: (endpoint, how long it was up).
-    torn_down: Option<(Option<usize>, Duration)>,
+    /// How long the connection `stopped` tore down had been up, reported by `restarting`.
+    torn_down: Option<Duration>,
     draining: bool,
     drain_waiters: Vec<oneshot::Sender<bool>>,
     /// A stream was cut off during the drain: what it had taken may be lost.
@@ -109,19 +107,16 @@ impl DopplerConnection {
     }
 
     /// Runs `f`; a panic in it is a failure of the connection (cause `panic`).
-    fn guarded<R: Default>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        f: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
-    ) -> R {
-        match catch(|| f(self, ctx)) {
-            Ok(r) => r,
-            Err(panic) => {
-                panic.report(ME, self.setup.ledger.metrics());
-                self.fail(RestartCause::Panic, &panic.0, ctx);
-                R::default()
-            }
+    fn guarded(&mut self, ctx: &mut Context<Self>, f: impl FnOnce(&mut Self, &mut Context<Self>)) {
+        if let Err(panic) = catch(|| f(self, ctx)) {
+            self.panicked(panic, ctx);
         }
+    }
+
+    /// A panic in a handler or in the stream's task: counted, and the connection fails.
+    fn panicked(&mut self, panic: Panicked, ctx: &mut Context<Self>) {
+        panic.report(ME, self.setup.ledger.metrics());
+        self.fail(RestartCause::Panic, &panic.0, ctx);
     }
 
     fn live(&mut self) -> Option<&mut Live> {
@@ -143,11 +138,10 @@ impl DopplerConnection {
         ctx.stop();
     }
 
-    /// Drops the connection, if any; returns (endpoint, time it was up).
-    fn teardown(&mut self) -> (Option<usize>, Duration) {
+    /// Drops the connection, if any; returns how long it was up.
+    fn teardown(&mut self) -> Duration {
         match std::mem::replace(&mut self.state, State::Idle) {
-            State::Idle => (None, Duration::ZERO),
-            State::Connecting { endpoint } => (Some(endpoint), Duration::ZERO),
+            State::Idle | State::Connecting => Duration::ZERO,
             State::Connected(live) => {
                 live.task.abort();
                 // Retire the old stream at once: it must take nothing more from the queue.
@@ -160,7 +154,7 @@ impl DopplerConnection {
                 let m = self.setup.ledger.metrics();
                 m.doppler_connections.fetch_sub(1, Ordering::Relaxed);
                 m.doppler_v2_streams.fetch_sub(1, Ordering::Relaxed);
-                (Some(live.endpoint), live.since.elapsed())
+                live.since.elapsed()
             }
         }
     }
@@ -216,9 +210,7 @@ impl DopplerConnection {
         let end = match res {
             Ok(end) => end,
             Err(e) if e.is_panic() => {
-                let panic = Panicked::from_payload(&*e.into_panic());
-                panic.report(ME, self.setup.ledger.metrics());
-                return self.fail(RestartCause::Panic, &panic.0, ctx);
+                return self.panicked(Panicked::from_payload(&*e.into_panic()), ctx);
             }
             Err(e) => StreamEnd::Failed(e.to_string()),
         };
@@ -263,7 +255,7 @@ impl DopplerConnection {
     /// is never acknowledged.
     fn watch(&mut self, timeout: Duration, ctx: &mut Context<Self>) {
         let (slot, draining) = (self.slot, self.draining);
-        let (generation, resetting) = (self.generation, self.resetting);
+        let generation = self.generation;
         let stalled_for = self.queue.stalled_for(self.setup.streams.ack_interval);
         let Some(live) = self.live() else {
             return;
@@ -278,8 +270,6 @@ impl DopplerConnection {
         let endpoint = live.endpoint;
         match verdict {
             Verdict::Fine => {}
-            // A reset connection's stream is ending anyway, and its endpoint number is stale.
-            Verdict::Report if resetting => {}
             // Control message: the supervisor decides whether moving is worth a lost window.
             Verdict::Report => self.setup.stalled.do_send(Stalled {
                 generation,
@@ -298,10 +288,10 @@ impl DopplerConnection {
 impl Supervised for DopplerConnection {
     fn restarting(&mut self, _: &mut Context<Self>) {
         let mut cause = self.failure.take().unwrap_or(RestartCause::Killed);
-        let (mut endpoint, mut lived) = self.torn_down.take().unwrap_or((None, Duration::ZERO));
+        let mut lived = self.torn_down.take().unwrap_or(Duration::ZERO);
         if std::mem::take(&mut self.resetting) {
-            // The new supervisor knows nothing of the old endpoint numbers.
-            (cause, endpoint, lived) = (RestartCause::SupervisorReset, None, Duration::ZERO);
+            // The new supervisor knows nothing of this connection's time on the old table.
+            (cause, lived) = (RestartCause::SupervisorReset, Duration::ZERO);
         }
         self.restarts += 1;
         self.setup.ledger.metrics().restarted(cause);
@@ -309,7 +299,6 @@ impl Supervised for DopplerConnection {
         self.setup.down.do_send(ConnectionDown {
             generation: self.generation,
             slot: self.slot,
-            endpoint,
             cause,
             lived,
         });
@@ -330,7 +319,7 @@ impl DopplerConnection {
             return;
         }
         let endpoint = msg.endpoint;
-        self.state = State::Connecting { endpoint };
+        self.state = State::Connecting;
         self.doppler = Some((msg.addr.clone(), msg.az.clone()));
         let dial_settings = self.setup.dial.read().clone();
         let fut = async move {
@@ -352,7 +341,7 @@ impl Handler<DumpState> for DopplerConnection {
     fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
         let (state, up_for_ms, recycling) = match &self.state {
             State::Idle => ("idle", 0, false),
-            State::Connecting { .. } => ("connecting", 0, false),
+            State::Connecting => ("connecting", 0, false),
             State::Connected(live) => (
                 "connected",
                 live.since.elapsed().as_millis() as u64,
@@ -432,7 +421,7 @@ impl Handler<Abandon> for DopplerConnection {
 
     fn handle(&mut self, msg: Abandon, ctx: &mut Context<Self>) {
         let same = self.live().is_some_and(|l| l.endpoint == msg.endpoint);
-        if same && !self.draining && !self.resetting {
+        if same && !self.draining {
             self.fail(
                 RestartCause::Stalled,
                 "no progress: the Doppler stopped reading",
@@ -474,6 +463,6 @@ impl Handler<super::messages::ChaosPanic> for DopplerConnection {
         if msg.escape {
             super::guard::chaos_panic(ME);
         }
-        self.guarded::<()>(ctx, |_, _| super::guard::chaos_panic(ME));
+        self.guarded(ctx, |_, _| super::guard::chaos_panic(ME));
     }
 }

@@ -10,7 +10,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::telemetry::{ActorName, Metrics};
+use actix::dev::SendError;
+
+use crate::telemetry::{ActorName, DropReason, Metrics};
 
 /// A panic caught by [`catch`]: its message.
 #[derive(Debug)]
@@ -61,6 +63,15 @@ impl Chaos {
     #[cfg(feature = "chaos-hooks")]
     pub fn arm(&mut self) {
         self.armed = true;
+    }
+}
+
+/// Why a message handed to the next actor was not taken, and the message back: its mailbox was
+/// full (`full`), or the actor is gone, a panic having escaped its guard (`actor_panic`).
+pub fn refused<M>(e: SendError<M>, full: DropReason) -> (DropReason, M) {
+    match e {
+        SendError::Full(msg) => (full, msg),
+        SendError::Closed(msg) => (DropReason::ActorPanic, msg),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::guard::{catch, Chaos};
+use super::guard::{catch, refused, Chaos};
 use super::messages::{DumpState, IngressBatch, SetDefaultTags, TaggedBatch};
 use crate::envelope::tagging::Tagger;
 use crate::telemetry::{ActorName, DropReason, Ledger};
@@ -83,11 +83,7 @@ impl Handler<IngressBatch> for IngressActor {
             .fetch_add(mapped, Ordering::Relaxed);
         let (n, bytes) = (batch.len(), batch.bytes());
         if let Err(e) = self.next.try_send(TaggedBatch(batch)) {
-            let reason = match e {
-                SendError::Full(_) => DropReason::SequencerQueueFull,
-                // The sequencer is gone: a panic escaped its guard.
-                SendError::Closed(_) => DropReason::ActorPanic,
-            };
+            let (reason, _) = refused(e, DropReason::SequencerQueueFull);
             self.ledger.dropped(reason, n, bytes);
         }
     }

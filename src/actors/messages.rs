@@ -64,8 +64,6 @@ pub struct ConnectionUp {
 pub struct ConnectionDown {
     pub generation: u64,
     pub slot: usize,
-    /// The endpoint it had been given, if any.
-    pub endpoint: Option<usize>,
     pub cause: RestartCause,
     /// How long the connection had been up (zero if it never came up).
     pub lived: Duration,

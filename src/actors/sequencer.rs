@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::guard::{catch, Chaos};
+use super::guard::{self, catch, Chaos};
 use super::messages::{DumpState, SequencedBatch, SetBudget, TaggedBatch};
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
@@ -169,11 +169,7 @@ impl Handler<TaggedBatch> for SequencerActor {
             return;
         }
         if let Err(e) = self.next.try_send(SequencedBatch { parts }) {
-            let (reason, msg) = match e {
-                SendError::Full(msg) => (DropReason::SignerQueueFull, msg),
-                // The signer is gone: a panic escaped its guard.
-                SendError::Closed(msg) => (DropReason::ActorPanic, msg),
-            };
+            let (reason, msg) = guard::refused(e, DropReason::SignerQueueFull);
             for (slot, part) in msg.parts {
                 self.queues[slot].unroute(part.bytes());
                 self.ledger.dropped(reason, part.len(), part.bytes());

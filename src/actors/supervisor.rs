@@ -164,8 +164,8 @@ impl DopplerSupervisor {
 
     /// Carries out what the slot table decided.
     fn run(&mut self, command: Command, ctx: &mut Context<Self>) {
-        // Every one is a control message: it must get through even when the slot's mailbox is
-        // full of data.
+        // Every one is a control message (connection mailboxes carry nothing else): `do_send`,
+        // so it gets through whatever the mailbox holds.
         match command {
             Command::Connect {
                 slot,
@@ -361,7 +361,12 @@ impl Handler<ConnectionUp> for DopplerSupervisor {
             return;
         }
         self.guarded(ctx, move |act, _| {
-            let held = act.queues.iter().map(|q| q.envelopes()).sum();
+            // Only a recovery reports what was held: no need to lock every queue otherwise.
+            let held = if act.table.outage_ongoing() {
+                act.queues.iter().map(|q| q.envelopes()).sum()
+            } else {
+                0
+            };
             let up = act.table.on_up(
                 msg.slot,
                 msg.endpoint,

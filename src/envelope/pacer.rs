@@ -100,10 +100,6 @@ impl Pacer {
         self.rate = rate;
     }
 
-    pub fn rate(&self) -> ReplayRate {
-        self.rate
-    }
-
     /// A connection starts at `now` with `queued` envelopes waiting, which built up over
     /// `built_up` (since the queue was last empty): a replay when there are any. Returns whether
     /// one began.

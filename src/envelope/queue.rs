@@ -111,7 +111,7 @@ pub enum Take {
     Paced(Duration),
 }
 
-/// One slot's queue of signed batches, shared by the connection actor (which pushes) and the
+/// One slot's queue of signed batches, shared by the signer (which pushes) and the slot's
 /// current BatchSender stream (which pulls).
 ///
 /// The sequencer *routes* bytes to the slot before it stamps them ([`EgressQueue::route`]) and they
@@ -144,7 +144,7 @@ impl EgressQueue {
         debug_assert!(prev >= bytes, "unrouted more than was routed");
     }
 
-    /// Budget bytes routed to this slot and not yet taken.
+    /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
     pub fn routed(&self) -> usize {
         self.routed.load(Ordering::Acquire)
     }

@@ -225,7 +225,7 @@ impl Writer {
     }
 }
 
-pub fn varint_len(v: usize) -> usize {
+fn varint_len(v: usize) -> usize {
     prost::encoding::encoded_len_varint(v as u64)
 }
 

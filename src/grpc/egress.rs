@@ -4,7 +4,8 @@
 //! **Acknowledged delivery.** A BatchSender stream is never answered per message, so an envelope
 //! handed to a stream is only *in flight* until the Doppler answers the end of that stream. The
 //! connection therefore ends its stream every `dopplers.ack_interval_ms` or `dopplers.ack_bytes`
-//! (whichever comes first), waits for the answer and opens the next stream on the same HTTP/2
+//! (whichever comes first; less than `ack_bytes` when half the slot's budget share is smaller,
+//! see [`EgressQueue::window_within`]), waits for the answer and opens the next stream on the same HTTP/2
 //! connection. The answer confirms everything the stream carried: only then does it count as
 //! `egress`. If the connection dies first, what is in flight is counted as dropped
 //! (`connection_lost`): some of it may have arrived, none of it is lost silently, and the amount
@@ -36,7 +37,7 @@ pub struct StreamSettings {
     pub limits: BatchLimits,
     /// A stream ends (and is acknowledged) at most this long after it first carried data...
     pub ack_interval: Duration,
-    /// ...or once it has carried this many budget bytes.
+    /// ...or once it has carried this many budget bytes (or the slot's window, if smaller).
     pub ack_bytes: usize,
 }
 

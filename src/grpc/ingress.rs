@@ -8,7 +8,7 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use tonic::codegen::{http, BoxFuture, Bytes, Service};
 use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::actors::guard::catch;
+use crate::actors::guard::{catch, refused};
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::envelope::raw::count_batch;
@@ -260,12 +260,9 @@ impl Edge {
             return;
         }
         if let Err(e) = self.ingress.try_send(IngressBatch(batch)) {
-            let reason = match e {
-                SendError::Full(_) => DropReason::IngressQueueFull,
-                // Not shutting down (checked above): the ingress actor is gone, a panic that
-                // escaped its guard. The agent is stopping itself over it.
-                SendError::Closed(_) => DropReason::ActorPanic,
-            };
+            // Closed: not shutting down (checked above), so the ingress actor is gone and the
+            // agent is stopping itself over it.
+            let (reason, _) = refused(e, DropReason::IngressQueueFull);
             self.ledger.dropped(reason, n, bytes);
         }
     }
@@ -466,23 +463,19 @@ impl tonic::server::ClientStreamingService<RawBatch> for EncodedBatchSender {
     }
 }
 
-/// `Send`, and whether tonic got as far as calling it: a message it refused while decoding
-/// (oversize, bad framing) never reaches the handler, so the router counts that one.
-struct EncodedSend(Arc<IngressService>, Arc<AtomicBool>);
+/// `Send`. Its errors are counted by the router, with those tonic answers before the handler
+/// (oversize, bad framing).
+struct EncodedSend(Arc<IngressService>);
 
 impl tonic::server::UnaryService<RawBatch> for EncodedSend {
     type Response = SendResponse;
     type Future = BoxFuture<Response<SendResponse>, Status>;
 
     fn call(&mut self, request: Request<RawBatch>) -> Self::Future {
-        self.1.store(true, Ordering::Release);
         let service = self.0.clone();
         Box::pin(async move {
-            let accepted = service.edge.accept_encoded(request.into_inner()).await;
-            if let Err(status) = &accepted {
-                service.stream_error(status);
-            }
-            accepted.map(|()| Response::new(SendResponse {}))
+            service.edge.accept_encoded(request.into_inner()).await?;
+            Ok(Response::new(SendResponse {}))
         })
     }
 }
@@ -516,18 +509,17 @@ where
                 })
             }
             "/loggregator.v2.Ingress/Send" => {
-                let called = Arc::new(AtomicBool::new(false));
-                let method = EncodedSend(self.service.clone(), called.clone());
+                let method = EncodedSend(self.service.clone());
                 let service = self.service.clone();
                 Box::pin(async move {
                     let mut grpc =
                         tonic::server::Grpc::new(RawBatchCodec::<SendResponse>::default())
                             .apply_max_message_size_config(limits.0, limits.1);
                     let response = grpc.unary(method, req).await;
-                    if !called.load(Ordering::Acquire) {
-                        if let Some(status) = Status::from_header_map(response.headers()) {
-                            service.stream_error(&status);
-                        }
+                    // A unary error, the handler's or tonic's, is answered trailers-only: its
+                    // status is in the headers. A success carries it in the trailers.
+                    if let Some(status) = Status::from_header_map(response.headers()) {
+                        service.stream_error(&status);
                     }
                     Ok(response)
                 })

@@ -17,7 +17,7 @@ use super::outage::{Outage, Recovered};
 use crate::telemetry::RestartCause;
 
 /// A connection that stayed up this long counts as healthy: its endpoint's backoff resets.
-pub const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the supervisor actor is to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,6 +427,12 @@ impl SlotTable {
             .up
             .as_ref()
             .is_some_and(|u| !self.balancer.is_local(u.endpoint))
+    }
+
+    /// Whether connections failed and not all are back yet (what [`SlotTable::on_up`]'s `held`
+    /// is for).
+    pub fn outage_ongoing(&self) -> bool {
+        self.outage.ongoing()
     }
 
     pub fn slots(&self) -> usize {
