@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::load::{self, LoadSpec};
-use super::run::{drain_wait, fmt_rate, AgentProcess, Bench, Via};
+use super::run::{drain_wait, fmt_rate, metric, AgentProcess, Bench, Via};
 use super::sink::{self, SinkStats};
 use super::subscriber::SubscriberBuffer;
 use super::BenchError;
+use crate::config::{DEFAULT_REPLAY_EXTRA_PERCENT, DEFAULT_REPLAY_MIN_RATE};
 use crate::tls::TlsMaterial;
 
 /// Steady load before the sink is killed.
@@ -30,7 +31,7 @@ const WARM: Duration = Duration::from_secs(3);
 const SUBSCRIBER_CAPACITY: usize = 1_000;
 /// How much faster than the offered rate the modelled subscriber reads.
 const SUBSCRIBER_HEADROOM: f64 = 2.0;
-/// The `dopplers` keys of the unpaced runs.
+/// The `dopplers` keys of the unpaced runs (an `--agent-bin` older than them cannot run these).
 const UNPACED: &str = "\n  replay_extra_percent: 1000\n  replay_min_rate: 1000000";
 
 /// A sink that can be killed and restarted on the same address.
@@ -96,17 +97,6 @@ impl Drop for KillableSink {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// The sum of a metric's samples in Prometheus text (`name` alone or with labels).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// What one outage showed.
@@ -224,9 +214,9 @@ pub(super) fn run(bench: &Bench, rates: &[u64], outage_secs: u64) -> Result<Stri
             "| {}/s | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt_rate(o.rate as f64),
             if o.paced {
-                "default (+50%, 100/s)"
+                format!("default (+{DEFAULT_REPLAY_EXTRA_PERCENT}%, {DEFAULT_REPLAY_MIN_RATE}/s)")
             } else {
-                "off"
+                "off".to_string()
             },
             o.held,
             ms(o.resumed),

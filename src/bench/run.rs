@@ -427,7 +427,7 @@ development: {{ enabled: false }}
         }
     }
 
-    pub(super) fn pid(&self) -> u32 {
+    fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -451,30 +451,23 @@ development: {{ enabled: false }}
     }
 
     /// (dropped in total, by reason) as the agent counts them.
-    pub(super) fn drops(&self) -> (u64, BTreeMap<String, u64>) {
+    fn drops(&self) -> (u64, BTreeMap<String, u64>) {
         let text = scrape(self.metrics).unwrap_or_default();
-        let mut total = 0;
         let mut by_reason = BTreeMap::new();
         for line in text.lines() {
-            let value = || {
-                line.rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .map_or(0, |v| v as u64)
+            let Some(rest) = line.strip_prefix("dropped_by_reason{") else {
+                continue;
             };
-            if line.starts_with("dropped{") {
-                total += value();
-            } else if let Some(rest) = line.strip_prefix("dropped_by_reason{") {
-                if let Some(r) = rest
-                    .split("reason=\"")
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                {
-                    *by_reason.entry(r.to_string()).or_default() += value();
-                }
+            let reason = rest
+                .split("reason=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next());
+            let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(r), Some(v)) = (reason, value) {
+                *by_reason.entry(r.to_string()).or_default() += v as u64;
             }
         }
-        (total, by_reason)
+        (metric(&text, "dropped") as u64, by_reason)
     }
 }
 
@@ -484,6 +477,17 @@ impl Drop for AgentProcess {
             self.stop();
         }
     }
+}
+
+/// The sum of a metric's samples in Prometheus text (`name` alone or with labels).
+pub(super) fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn scrape(addr: SocketAddr) -> std::io::Result<String> {
@@ -536,12 +540,12 @@ pub(super) const IDENTITY: [(&str, &str); 4] = [
 
 /// Shared set-up for every run.
 pub(super) struct Bench {
-    pub(super) dir: PathBuf,
+    dir: PathBuf,
     pub(super) creds: DevCredentials,
     key_file: PathBuf,
     sink_addr: SocketAddr,
     stats: Arc<SinkStats>,
-    pub(super) agent_bin: PathBuf,
+    agent_bin: PathBuf,
     tuning: AgentTuning,
     trace: bool,
     pub(super) emitter_tls: TlsMaterial,
@@ -693,22 +697,16 @@ impl Tracer {
             .metrics
             .and_then(|m| scrape(m).ok())
             .unwrap_or_default();
-        let value = |prefix: &str| -> u64 {
-            text.lines()
-                .filter(|l| l.starts_with(prefix))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .map(|v| v as u64)
-                .sum()
-        };
+        let value = |name: &str| metric(&text, name) as u64;
         let received = self.stats.received();
-        let dropped = value("dropped{");
+        let dropped = value("dropped");
         eprintln!(
             "    {:>5.1} s  delivered {:>8}/s  dropped {:>8}/s  buffered {:>7} envelopes {:>6} KiB  rss {:>6} KiB",
             self.started.elapsed().as_secs_f64(),
             received - self.last.0,
             dropped.saturating_sub(self.last.1),
             value("buffered_envelopes"),
-            value("buffered_bytes ") / 1024,
+            value("buffered_bytes") / 1024,
             rss_kb
         );
         self.last = (received, dropped);

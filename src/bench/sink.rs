@@ -126,6 +126,8 @@ pub struct SinkStats {
     newest: Mutex<HashMap<Vec<u8>, i64>>,
     /// A subscriber's buffer behind the sink, if modelled (`bench --only outage`).
     subscriber: Mutex<Option<SubscriberBuffer>>,
+    /// Whether `subscriber` is set: the other runs take no lock for it.
+    modelled: std::sync::atomic::AtomicBool,
 }
 
 impl SinkStats {
@@ -152,6 +154,7 @@ impl SinkStats {
 
     /// Puts a modelled subscriber's buffer behind the sink (`None`: none).
     pub fn model_subscriber(&self, model: Option<SubscriberBuffer>) {
+        self.modelled.store(model.is_some(), Ordering::Release);
         *self.subscriber.lock() = model;
     }
 
@@ -205,8 +208,10 @@ impl SinkStats {
             }
         }
         drop(newest);
-        if let Some(s) = self.subscriber.lock().as_mut() {
-            s.arrive(n as usize, std::time::Instant::now());
+        if self.modelled.load(Ordering::Acquire) {
+            if let Some(s) = self.subscriber.lock().as_mut() {
+                s.arrive(n as usize, std::time::Instant::now());
+            }
         }
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);

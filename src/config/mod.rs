@@ -470,12 +470,16 @@ fn default_batch_max_envelopes() -> NonZeroUsize {
 fn default_batch_max_bytes() -> NonZeroUsize {
     NonZeroUsize::new(1024 * 1024).unwrap()
 }
-/// decisions.md 25 says why.
+/// `dopplers.replay_extra_percent` when not configured (decisions.md 25 says why).
+pub const DEFAULT_REPLAY_EXTRA_PERCENT: u32 = 50;
+/// `dopplers.replay_min_rate` when not configured.
+pub const DEFAULT_REPLAY_MIN_RATE: u32 = 100;
+
 fn default_replay_extra_percent() -> u32 {
-    50
+    DEFAULT_REPLAY_EXTRA_PERCENT
 }
 fn default_replay_min_rate() -> NonZeroU32 {
-    NonZeroU32::new(100).unwrap()
+    NonZeroU32::new(DEFAULT_REPLAY_MIN_RATE).expect("not zero")
 }
 
 #[derive(Debug, Deserialize)]
