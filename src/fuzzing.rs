@@ -3,34 +3,13 @@
 //! network and panics when metron and an independent reading disagree. Only with the `fuzzing`
 //! feature.
 
-use std::collections::BTreeMap;
-
 use prost::bytes::Bytes;
 use prost::Message as _;
 
-use crate::envelope::testing::{Model, Stages};
+use crate::envelope::testing::{as_sent, default_tags as defaults, Model, Stages};
 use crate::envelope::{encode_batch, read_batch};
-use crate::proto::{Envelope, EnvelopeBatch};
+use crate::proto::EnvelopeBatch;
 use crate::v1::{self, V1Identity};
-
-/// The default tags the checks run with: they clash with emitters' tags now and then.
-fn defaults() -> BTreeMap<String, String> {
-    [
-        ("deployment", "cf"),
-        ("job", "diego"),
-        ("origin", "default"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// `e` as a Doppler decodes it (prost normalises what the wire allows to vary).
-fn as_sent(e: &Envelope) -> Vec<u8> {
-    Envelope::decode(e.encode_to_vec().as_slice())
-        .expect("prost reads its own encoding")
-        .encode_to_vec()
-}
 
 /// An `EnvelopeBatch` body as a gRPC emitter sends it. The edge's reader refuses it exactly when
 /// prost does; when it reads, the whole pipeline (tags, counter totals, numbers, signature)

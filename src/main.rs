@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use std::path::Path;
 
-use metron::config::{Config, Scheduling};
+use metron::config::{Config, Live, Scheduling};
 use metron::telemetry::logging::LogHandle;
 use metron::Agent;
 
@@ -289,7 +289,7 @@ async fn reload(agent: &metron::Agent, path: &Path, log: &LogHandle) {
     let level = config.log.level.clone();
     match agent.reload(config).await {
         Ok(outcome) => {
-            if outcome.applied.contains(&"log.level") {
+            if outcome.applied.contains(&Live::LogLevel.key()) {
                 if let Err(e) = log.set_level(&level) {
                     tracing::error!(error = %e, "log.level: cannot apply; keeping the old level");
                 }

@@ -79,10 +79,7 @@ impl TlsMaterial {
         // Catches a key that belongs to another certificate, or a key type rustls cannot use,
         // here instead of at the first handshake.
         rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
-            .map_err(|e| ConfigError {
-                key: format!("{key_name}.key"),
-                problem: format!("unusable with {key_name}.cert: {e}"),
-            })?;
+            .map_err(|e| unusable_key(key_name, e))?;
         Ok(())
     }
 
@@ -121,18 +118,10 @@ impl TlsMaterial {
                 key: format!("{key}.ca"),
                 problem: format!("cannot verify clients with it: {e}"),
             })?;
-        let chain = self.chain();
-        let private = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
-            key: format!("{key}.key"),
-            problem: format!("no private key: {e}"),
-        })?;
         let mut config = rustls::ServerConfig::builder()
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, private)
-            .map_err(|e| ConfigError {
-                key: format!("{key}.key"),
-                problem: format!("unusable with {key}.cert: {e}"),
-            })?;
+            .with_single_cert(self.chain(), self.private_key(key)?)
+            .map_err(|e| unusable_key(key, e))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
@@ -146,18 +135,18 @@ impl TlsMaterial {
         &self,
         key: &str,
     ) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
-        let private = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
-            key: format!("{key}.key"),
-            problem: format!("no private key: {e}"),
-        })?;
         let config = rustls::ClientConfig::builder()
             .with_root_certificates(self.roots())
-            .with_client_auth_cert(self.chain(), private)
-            .map_err(|e| ConfigError {
-                key: format!("{key}.key"),
-                problem: format!("unusable with {key}.cert: {e}"),
-            })?;
+            .with_client_auth_cert(self.chain(), self.private_key(key)?)
+            .map_err(|e| unusable_key(key, e))?;
         Ok(Arc::new(config))
+    }
+
+    fn private_key(&self, key: &str) -> Result<PrivateKeyDer<'static>, ConfigError> {
+        PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| ConfigError {
+            key: format!("{key}.key"),
+            problem: format!("no private key: {e}"),
+        })
     }
 
     /// Client side: verify the server as `server_name`, present our certificate.
@@ -166,6 +155,14 @@ impl TlsMaterial {
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(server_name)
+    }
+}
+
+/// `<key>.key` does not go with `<key>.cert`, or rustls cannot use it.
+fn unusable_key(key: &str, e: rustls::Error) -> ConfigError {
+    ConfigError {
+        key: format!("{key}.key"),
+        problem: format!("unusable with {key}.cert: {e}"),
     }
 }
 

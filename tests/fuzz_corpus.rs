@@ -15,12 +15,9 @@ fn replay(target: &str, check: fn(&[u8])) -> usize {
         let bytes = std::fs::read(&path).expect("a corpus file");
         if let Err(panic) = std::panic::catch_unwind(|| check(&bytes)) {
             panic!(
-                "{} fails its check: {:?}",
+                "{} fails its check: {}",
                 path.display(),
-                panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                metron::telemetry::logging::panic_message(&*panic)
             );
         }
         ran += 1;

@@ -9,6 +9,10 @@ use super::{
     IngressConfig, LogConfig, MetricsConfig, PipelineConfig, SigningConfig,
 };
 
+/// Restart-only keys the reload itself looks at.
+pub const RESTART_SIGNING: &str = "signing";
+pub const RESTART_SIGNING_ENABLED: &str = "signing.enabled";
+
 /// A key a reload applies while the agent runs. Declared in the order the reload applies and
 /// names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -244,7 +248,7 @@ impl Config {
         // A removed section needs a restart (the key in use stays); a new key or new previous
         // keys are applied (the reload checks the key id rule).
         match (signing, &new.signing) {
-            (Some(_), None) => c.restart(true, "signing"),
+            (Some(_), None) => c.restart(true, RESTART_SIGNING),
             (None, Some(_)) => c.live(true, Live::Signing),
             (Some(a), Some(b)) => {
                 let SigningConfig {
@@ -257,7 +261,10 @@ impl Config {
             }
             (None, None) => {}
         }
-        c.restart(*signing_enabled != new.signing_enabled, "signing.enabled");
+        c.restart(
+            *signing_enabled != new.signing_enabled,
+            RESTART_SIGNING_ENABLED,
+        );
         c.restart(
             *sequencing_enabled != new.sequencing_enabled,
             "sequencing.enabled",
@@ -287,6 +294,8 @@ impl Config {
                 || *doppler_listen != dev.doppler_listen,
             "development",
         );
+        // In the table's order (the enum's), whatever the order of the fields above.
+        c.live.sort();
         c
     }
 }

@@ -15,7 +15,7 @@ use crate::envelope::pacer::ReplayRate;
 use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
 mod changes;
-pub use changes::{Changes, Live};
+pub use changes::{Changes, Live, RESTART_SIGNING, RESTART_SIGNING_ENABLED};
 
 pub use crate::telemetry::logging::LogFormat;
 

@@ -314,22 +314,11 @@ pub fn encode_batch(envelopes: Vec<crate::proto::Envelope>) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{Model, Stages};
+    use super::testing::{as_sent, default_tags as defaults, Model, Stages};
     use super::*;
     use crate::proto::{envelope::Message, value::Data, Counter, Envelope, Value};
     use proptest::prelude::*;
     use prost::Message as _;
-
-    fn defaults() -> std::collections::BTreeMap<String, String> {
-        [
-            ("deployment", "cf"),
-            ("job", "diego"),
-            ("origin", "default"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-    }
 
     /// Envelopes that exercise every rule: origins in tags and deprecated tags, tag clashes with
     /// the defaults and the agent's own tags, counters sharing names and sources.
@@ -362,13 +351,6 @@ mod tests {
             message,
         )
             .prop_map(crate::envelope::signing::tests::assemble)
-    }
-
-    /// The model's output as a Doppler would decode it (prost drops -0.0 and the like).
-    fn as_sent(e: &Envelope) -> Vec<u8> {
-        Envelope::decode(e.encode_to_vec().as_slice())
-            .unwrap()
-            .encode_to_vec()
     }
 
     proptest! {

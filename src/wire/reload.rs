@@ -6,7 +6,9 @@ use super::{
     dial_settings, dopplers, fixed_envelope_cost, key_id_len, tagged, ReloadOutcome, Running, H2,
 };
 use crate::actors::messages::{SetBudget, SetDefaultTags, SetDial, SetDopplers, SetWriter};
-use crate::config::{Config, ConfigError, Live, SigningConfig};
+use crate::config::{
+    Config, ConfigError, Live, SigningConfig, RESTART_SIGNING, RESTART_SIGNING_ENABLED,
+};
 use crate::envelope::writer::Writer;
 use crate::tls::TlsSet;
 use crate::v1::V1Identity;
@@ -26,7 +28,7 @@ impl Running {
         let live = &mut self.live;
         // Keys that need a restart are compared with the config the agent started with (changed
         // and changed back needs none); live keys with the one applied last.
-        let mut needs_restart = live.started.changes(&new).restart;
+        let needs_restart = live.started.changes(&new).restart;
         let mut changes = live.current.changes(&new);
         // Files that changed under the same paths: only reading them tells.
         if tls.ingress != live.tls.ingress {
@@ -130,8 +132,8 @@ impl Running {
                 // The agent does not sign with them; receivers derive their key ring from the
                 // file. Not in force while the section or signing itself waits for a restart.
                 Live::SigningPreviousKeys => {
-                    !needs_restart.contains(&"signing")
-                        && !needs_restart.contains(&"signing.enabled")
+                    !needs_restart.contains(&RESTART_SIGNING)
+                        && !needs_restart.contains(&RESTART_SIGNING_ENABLED)
                 }
                 Live::Budget => {
                     let budget = new.pipeline.max_buffered_bytes.get();
@@ -171,7 +173,6 @@ impl Running {
         );
         live.tls = tls;
         live.current = new;
-        needs_restart.dedup();
         Ok(ReloadOutcome {
             applied,
             needs_restart,
