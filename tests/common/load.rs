@@ -8,7 +8,7 @@ use metron::proto::EnvelopeBatch;
 use metron::telemetry::{DropReason, MetricsSnapshot};
 use metron::Agent;
 
-use super::agent::{assert_losses_accounted, World};
+use super::agent::{assert_balanced, assert_losses_accounted, wait_drained, World};
 use super::doppler::FakeDoppler;
 use super::util::{ingress_client, log_envelope};
 
@@ -72,13 +72,16 @@ impl Load {
         self.sent.load(Ordering::Relaxed)
     }
 
-    /// The end of a fault scenario: the emitters stop, the agent shuts down gracefully (its final
-    /// drain acknowledged), and the balance is exact: every accepted envelope counted, and
-    /// delivered or dropped.
+    /// The end of a fault scenario: the emitters stop, the agent drains (balanced while it holds
+    /// nothing) and shuts down gracefully (its final drain acknowledged, no actor gone), and the
+    /// balance is exact: every accepted envelope counted, and delivered or dropped.
     pub async fn finish(self, agent: Agent) -> MetricsSnapshot {
         let sent = self.stop().await;
+        assert!(wait_drained(&agent, Duration::from_secs(20)), "drained");
+        assert_balanced(&agent);
         let report = agent.shutdown();
         assert!(report.flushed, "the final drain was acknowledged");
+        assert_eq!(report.actors_gone, None, "no actor is gone");
         let m = report.metrics;
         assert_eq!(m.ingress, sent, "every accepted envelope was counted");
         assert_eq!(
