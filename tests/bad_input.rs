@@ -198,23 +198,30 @@ impl Codec for RawCodec {
     }
 }
 
-/// One `BatchSender` stream carrying `frames` as they are, with the emitter's certificate.
-async fn raw_batch_sender(w: &World, addr: SocketAddr, frames: Vec<Vec<u8>>) -> Result<(), Status> {
+/// A ready gRPC client with the emitter's certificate, for calls with raw bodies.
+async fn raw_client(w: &World, addr: SocketAddr) -> Result<tonic::client::Grpc<Channel>, Status> {
     let channel = channel(addr, client_tls(w, Some(&w.client_cert)))
         .await
         .unwrap_or_else(|e| panic!("raw client: {e}"));
     let mut grpc = tonic::client::Grpc::new(channel);
-    let work = async {
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(format!("not ready: {e:?}")))?;
-        grpc.client_streaming::<_, Vec<u8>, BatchSenderResponse, _>(
-            Request::new(tokio_stream::iter(frames)),
-            PathAndQuery::from_static("/loggregator.v2.Ingress/BatchSender"),
-            RawCodec,
-        )
+    grpc.ready()
         .await
-        .map(drop)
+        .map_err(|e| Status::unavailable(format!("not ready: {e:?}")))?;
+    Ok(grpc)
+}
+
+/// One `BatchSender` stream carrying `frames` as they are, with the emitter's certificate.
+async fn raw_batch_sender(w: &World, addr: SocketAddr, frames: Vec<Vec<u8>>) -> Result<(), Status> {
+    let work = async {
+        raw_client(w, addr)
+            .await?
+            .client_streaming::<_, Vec<u8>, BatchSenderResponse, _>(
+                Request::new(tokio_stream::iter(frames)),
+                PathAndQuery::from_static("/loggregator.v2.Ingress/BatchSender"),
+                RawCodec,
+            )
+            .await
+            .map(drop)
     };
     tokio::time::timeout(STEP, work)
         .await
@@ -223,21 +230,16 @@ async fn raw_batch_sender(w: &World, addr: SocketAddr, frames: Vec<Vec<u8>>) -> 
 
 /// A unary `Send` of `body` as it is; the answer decoded as an (empty) response.
 async fn raw_send(w: &World, addr: SocketAddr, body: Vec<u8>) -> Result<(), Status> {
-    let channel = channel(addr, client_tls(w, Some(&w.client_cert)))
-        .await
-        .unwrap_or_else(|e| panic!("raw client: {e}"));
-    let mut grpc = tonic::client::Grpc::new(channel);
     let work = async {
-        grpc.ready()
+        raw_client(w, addr)
+            .await?
+            .unary::<Vec<u8>, BatchSenderResponse, _>(
+                Request::new(body),
+                PathAndQuery::from_static("/loggregator.v2.Ingress/Send"),
+                RawCodec,
+            )
             .await
-            .map_err(|e| Status::unavailable(format!("not ready: {e:?}")))?;
-        grpc.unary::<Vec<u8>, BatchSenderResponse, _>(
-            Request::new(body),
-            PathAndQuery::from_static("/loggregator.v2.Ingress/Send"),
-            RawCodec,
-        )
-        .await
-        .map(drop)
+            .map(drop)
     };
     tokio::time::timeout(STEP, work)
         .await
