@@ -132,7 +132,7 @@ impl SignerActor {
     /// between the price and what it now holds with the budget and the slot's share.
     fn enqueue(&mut self, slot: usize, mut encoded: EncodedBatch, priced: usize) {
         // The charge assumes the queue holds the framed bytes, not a grown buffer's slack.
-        encoded.shrink_to_fit();
+        encoded.freeze();
         if !encoded.is_empty() {
             self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
         }
