@@ -108,7 +108,7 @@ use actix::Addr;
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::config::{Config, ConfigError};
 use crate::dev::DevCredentials;
-use crate::telemetry::{DropReason, Ledger, Metrics, MetricsSnapshot};
+use crate::telemetry::{Ledger, Metrics, MetricsSnapshot};
 use crate::tls::{TlsMaterial, TlsSet};
 
 pub use envelope::signing::{verify, KeyRing, VerifyError};
@@ -612,14 +612,7 @@ fn run_system(
     // Dropping the runtime stops every actor and task: from here on nothing moves, so what is
     // still buffered is exactly what the grace period could not flush.
     drop(runner);
-    let (left, bytes) = ledger.buffered();
-    if left > 0 {
-        ledger.dropped(
-            DropReason::ShutdownGraceExpired,
-            left as usize,
-            bytes as usize,
-        );
-    }
+    let left = ledger.expire_all();
     let metrics = ledger.metrics().snapshot();
     tracing::info!(
         flushed = flushed && left == 0,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::envelope::outbox::Outlet;
 use crate::envelope::writer::Writer;
 use crate::envelope::Batch;
 use crate::grpc::egress::DialSettings;
@@ -29,11 +30,46 @@ pub struct IngressBatch(pub Batch);
 #[rtype(result = "()")]
 pub struct TaggedBatch(pub Batch);
 
-/// Sequenced envelopes split by connection slot: `parts[i]` = (slot, envelopes for it).
+/// Sequenced envelopes split by connection slot, with the destinations each part goes to.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SequencedBatch {
-    pub parts: Vec<(usize, Batch)>,
+    pub parts: Vec<Part>,
+}
+
+/// The envelopes of one connection slot (every source in a slot's part keeps its order), and
+/// which destinations took which of them. Every envelope here was taken by one destination at
+/// least; each destination's pick is already offered to its account and routed to its queue.
+pub struct Part {
+    pub slot: usize,
+    pub batch: Batch,
+    /// The Doppler slot's pick; `None` when the Doppler pool takes none of the part.
+    pub doppler: Option<Pick>,
+    /// Every other destination that takes some of the part, with its pick.
+    pub outlets: Vec<(Outlet, Pick)>,
+}
+
+/// Which envelopes of a part a destination takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pick {
+    All,
+    /// The envelopes at these indices (ascending).
+    Some(Vec<u32>),
+}
+
+impl Pick {
+    /// (envelopes, priced bytes) of `batch` this pick takes.
+    pub fn cost(&self, batch: &Batch) -> (usize, usize) {
+        match self {
+            Pick::All => (batch.len(), batch.bytes()),
+            Pick::Some(idx) => (
+                idx.len(),
+                idx.iter()
+                    .map(|&i| batch.items()[i as usize].cost as usize)
+                    .sum(),
+            ),
+        }
+    }
 }
 
 /// Supervisor → connection: dial `addr` (configured endpoint `endpoint`) after `delay`.
@@ -116,6 +152,12 @@ pub struct Reset {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetDefaultTags(pub BTreeMap<String, String>);
+
+/// Reload → sequencer: the destinations beside the Doppler pool from now on (their shares of
+/// the budget follow). Parts already sequenced carry the outlets they were routed to.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetOutlets(pub Vec<Outlet>);
 
 /// Reload → sequencer: `pipeline.max_buffered_bytes` changed (each slot's share follows).
 #[derive(Message)]

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::guard::{self, catch, Chaos};
-use super::messages::{DumpState, SequencedBatch, SetBudget, TaggedBatch};
+use super::messages::{DumpState, Part, Pick, SequencedBatch, SetBudget, SetOutlets, TaggedBatch};
+use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
-use crate::envelope::Batch;
+use crate::envelope::{Batch, Kinds};
 use crate::telemetry::{ActorName, DropReason, Ledger};
 
 const ME: ActorName = ActorName::Sequencer;
@@ -21,10 +22,15 @@ pub struct SequencerActor {
     sequencer: Sequencer,
     /// `sequencing.enabled`: without it, batches are only split by slot, never numbered.
     numbering: bool,
-    /// One queue per connection slot, for the share check before stamping.
+    /// One queue per Doppler connection slot, for the share check before stamping (none without
+    /// a Doppler pool).
     queues: Vec<Arc<EgressQueue>>,
-    /// Every slot's guaranteed share of the budget (see [`may_route`]).
-    slot_share: usize,
+    /// What the Doppler pool takes (`dopplers.disable_logs` leaves logs out).
+    doppler_kinds: Kinds,
+    /// The destinations beside the Doppler pool.
+    outlets: Vec<Outlet>,
+    /// Guaranteed shares of the budget: every slot's, then every outlet's (see [`may_route`]).
+    shares: Vec<usize>,
     /// The whole budget.
     budget: usize,
     next: Recipient<SequencedBatch>,
@@ -32,39 +38,61 @@ pub struct SequencerActor {
     chaos: Chaos,
 }
 
+/// How the sequencer is set up.
+pub struct Routing {
+    pub queues: Vec<Arc<EgressQueue>>,
+    pub doppler_kinds: Kinds,
+    pub outlets: Vec<Outlet>,
+    pub budget: usize,
+}
+
 impl SequencerActor {
     pub fn new(
         sequencer: Sequencer,
         numbering: bool,
-        queues: Vec<Arc<EgressQueue>>,
-        budget: usize,
+        routing: Routing,
         next: Recipient<SequencedBatch>,
         ledger: Arc<Ledger>,
     ) -> Self {
         let mut actor = Self {
             sequencer,
             numbering,
-            slot_share: 0,
+            queues: routing.queues,
+            doppler_kinds: routing.doppler_kinds,
+            outlets: routing.outlets,
+            shares: Vec::new(),
             budget: 0,
-            queues,
             next,
             ledger,
             chaos: Chaos::default(),
         };
-        actor.set_budget(budget);
+        actor.set_budget(routing.budget);
         actor
     }
 
-    /// Every slot is guaranteed half an equal split of `budget` (see [`may_route`]); a stream
-    /// carries at most half of that unacknowledged, so a slot always has room to send on while
-    /// it waits for an answer.
+    /// Shares the budget (decision 27): half of it is guaranteed, split equally between the
+    /// destinations (the Doppler pool, each outlet), the pool's part equally between its slots;
+    /// the other half is borrowed by whoever needs it while nobody else is owed it. A stream
+    /// carries at most half its slot's share unacknowledged, so a slot always has room to send
+    /// on while it waits for an answer.
     fn set_budget(&mut self, budget: usize) {
         self.budget = budget;
-        self.slot_share = budget / (2 * self.queues.len());
-        for q in &self.queues {
-            q.set_window(self.slot_share / 2);
+        self.shares = shares(budget, self.queues.len(), self.outlets.len());
+        for (q, share) in self.queues.iter().zip(&self.shares) {
+            q.set_window(share / 2);
         }
     }
+}
+
+/// Every destination's guaranteed share: `slots` Doppler slots (the pool counts as one
+/// destination when it has slots), then `outlets` outlets.
+pub fn shares(budget: usize, slots: usize, outlets: usize) -> Vec<usize> {
+    let destinations = usize::from(slots > 0) + outlets;
+    let unit = budget / (2 * destinations.max(1));
+    let slot = unit / slots.max(1);
+    std::iter::repeat_n(slot, slots)
+        .chain(std::iter::repeat_n(unit, outlets))
+        .collect()
 }
 
 impl Actor for SequencerActor {
@@ -79,11 +107,25 @@ impl Handler<SetBudget> for SequencerActor {
     }
 }
 
+impl Handler<SetOutlets> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, SetOutlets(outlets): SetOutlets, _: &mut Context<Self>) {
+        self.outlets = outlets;
+        self.set_budget(self.budget);
+    }
+}
+
 impl Handler<DumpState> for SequencerActor {
     type Result = ();
 
     fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
         let routed: Vec<usize> = self.queues.iter().map(|q| q.routed()).collect();
+        let outlets: Vec<(String, usize)> = self
+            .outlets
+            .iter()
+            .map(|o| (o.account.destination().name(), o.outbox.routed()))
+            .collect();
         tracing::info!(
             target: "metron::state",
             actor = "sequencer",
@@ -92,49 +134,206 @@ impl Handler<DumpState> for SequencerActor {
             sources = self.sequencer.sources(),
             rotations = self.sequencer.rotations(),
             budget_bytes = self.budget,
-            slot_share_bytes = self.slot_share,
+            shares_bytes = ?self.shares,
             routed_bytes_by_slot = ?routed,
+            routed_bytes_by_outlet = ?outlets,
             "state"
         );
     }
 }
 
+/// What routing did with a batch so far, for a panic's accounting: envelopes (and their priced
+/// bytes) whose pipeline obligation is settled (offered to destinations, filtered, or dropped
+/// by every destination offered them).
+#[derive(Default)]
+struct Settled {
+    n: usize,
+    bytes: usize,
+}
+
 impl SequencerActor {
-    /// Splits `batch` by slot into `parts`, each routed to its slot (a part its slot cannot take
-    /// is dropped and added to `refused`), then numbers them.
-    fn route_and_number(
-        &mut self,
-        batch: &Batch,
-        parts: &mut Vec<(usize, Batch)>,
-        refused: &mut (usize, usize),
-    ) {
+    /// Splits `batch` by slot, offers each part to every destination whose filter takes some of
+    /// it (a destination over its share drops its pick, counted in its account), and numbers what
+    /// some destination took. Parts go to `parts` as they are routed.
+    fn route_and_number(&mut self, batch: &Batch, parts: &mut Vec<Part>, settled: &mut Settled) {
         let slots = self.queues.len();
-        // Split by slot first, so a slot over its share is refused before its envelopes are
+        // Split by slot first, so a destination over its share refuses before anything is
         // numbered: the drop leaves no gap in the sequence and costs no signing.
-        let mut per_slot: Vec<Batch> = (0..slots).map(|_| batch.part()).collect();
+        let mut per_slot: Vec<Batch> = (0..slots.max(1)).map(|_| batch.part()).collect();
         for item in batch.items() {
-            per_slot[slot_of(batch.bytes_of(item.source), slots)].push(*item);
+            per_slot[slot_of(batch.bytes_of(item.source), slots.max(1))].push(*item);
         }
         for (slot, part) in per_slot.into_iter().enumerate() {
             if part.is_empty() {
                 continue;
             }
-            let routed: Vec<usize> = self.queues.iter().map(|q| q.routed()).collect();
-            if !may_route(&routed, slot, part.bytes(), self.slot_share, self.budget) {
-                self.ledger
-                    .dropped(DropReason::SlotQueueFull, part.len(), part.bytes());
-                refused.0 += part.len();
-                refused.1 += part.bytes();
-                continue;
+            let (n, bytes) = (part.len(), part.bytes());
+            if let Some(p) = self.route(slot, part) {
+                parts.push(p);
             }
-            self.queues[slot].route(part.bytes());
-            parts.push((slot, part));
+            settled.n += n;
+            settled.bytes += bytes;
         }
         // The chaos hook strikes where a panic costs the most: with parts already routed.
         self.chaos.strike(ME);
         if self.numbering {
-            for (_, part) in parts {
-                self.sequencer.stamp(part);
+            for p in parts {
+                self.sequencer.stamp(&mut p.batch);
+            }
+        }
+    }
+
+    /// Offers one slot's part to the destinations; the part as taken, if any destination took
+    /// some of it. Every ledger change for the part happens here, after the decisions.
+    fn route(&mut self, slot: usize, part: Batch) -> Option<Part> {
+        let layouts = part.layouts();
+        let has_doppler = !self.queues.is_empty();
+        // Who is offered each envelope: bit 0 the Doppler slot, bit 1 + j outlet j.
+        let offered: Vec<u64> = part
+            .items()
+            .iter()
+            .map(|item| {
+                let kind = layouts.kind(item.layout);
+                let mut bits = u64::from(has_doppler && self.doppler_kinds.takes(kind));
+                for (j, o) in self.outlets.iter().enumerate() {
+                    bits |= u64::from(o.kinds.takes(kind)) << (1 + j);
+                }
+                bits
+            })
+            .collect();
+        // Each destination's offer, and whether its share has room for it.
+        let destinations = 1 + self.outlets.len();
+        let mut offer = vec![(0usize, 0usize); destinations];
+        for (item, bits) in part.items().iter().zip(&offered) {
+            for (d, o) in offer.iter_mut().enumerate() {
+                if bits & (1 << d) != 0 {
+                    o.0 += 1;
+                    o.1 += item.cost as usize;
+                }
+            }
+        }
+        let routed: Vec<usize> = self
+            .queues
+            .iter()
+            .map(|q| q.routed())
+            .chain(self.outlets.iter().map(|o| o.outbox.routed()))
+            .collect();
+        // Index of destination d in `routed` / `shares`.
+        let index = |d: usize| {
+            if d == 0 {
+                slot
+            } else {
+                self.queues.len() + d - 1
+            }
+        };
+        let accepted: Vec<bool> = (0..destinations)
+            .map(|d| {
+                offer[d].0 > 0
+                    && may_route(&routed, &self.shares, index(d), offer[d].1, self.budget)
+            })
+            .collect();
+
+        // The ledger: one obligation per destination offered an envelope.
+        let (mut copies, mut copy_bytes, mut unwanted, mut unwanted_bytes) = (0, 0, 0, 0);
+        for (item, bits) in part.items().iter().zip(&offered) {
+            match bits.count_ones() as usize {
+                0 => {
+                    unwanted += 1;
+                    unwanted_bytes += item.cost as usize;
+                }
+                k => {
+                    copies += k - 1;
+                    copy_bytes += (k - 1) * item.cost as usize;
+                }
+            }
+        }
+        self.ledger.filtered(unwanted, unwanted_bytes);
+        self.ledger.fan_out(copies, copy_bytes);
+        for d in 0..destinations {
+            let (n, bytes) = offer[d];
+            if n == 0 {
+                continue;
+            }
+            let account = if d == 0 {
+                self.ledger.doppler()
+            } else {
+                &self.outlets[d - 1].account
+            };
+            self.ledger.offer(account, n, bytes);
+            if !accepted[d] {
+                let reason = if d == 0 {
+                    DropReason::SlotQueueFull
+                } else {
+                    DropReason::DrainQueueFull
+                };
+                self.ledger.dropped_at(account, reason, n, bytes);
+            } else if d == 0 {
+                self.queues[slot].route(bytes);
+            } else {
+                self.outlets[d - 1].outbox.route(bytes);
+            }
+        }
+
+        // What goes on: the envelopes some destination took, and each destination's pick.
+        let mask: u64 = (0..destinations)
+            .filter(|d| accepted[*d])
+            .fold(0, |m, d| m | 1 << d);
+        let mut taken = part.part();
+        let mut picks: Vec<Vec<u32>> = vec![Vec::new(); destinations];
+        for (item, bits) in part.items().iter().zip(&offered) {
+            let bits = bits & mask;
+            if bits == 0 {
+                continue;
+            }
+            let at = taken.len() as u32;
+            for (d, pick) in picks.iter_mut().enumerate() {
+                if bits & (1 << d) != 0 {
+                    pick.push(at);
+                }
+            }
+            taken.push(*item);
+        }
+        if taken.is_empty() {
+            return None;
+        }
+        let whole = taken.len();
+        let pick = |idx: Vec<u32>| {
+            if idx.len() == whole {
+                Pick::All
+            } else {
+                Pick::Some(idx)
+            }
+        };
+        let mut picks = picks.into_iter();
+        let doppler = picks.next().filter(|p| !p.is_empty()).map(pick);
+        let outlets = self
+            .outlets
+            .iter()
+            .zip(picks)
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(o, p)| (o.clone(), pick(p)))
+            .collect();
+        Some(Part {
+            slot,
+            batch: taken,
+            doppler,
+            outlets,
+        })
+    }
+
+    /// Drops what `parts` hold at every destination they were routed to.
+    fn drop_parts(&self, parts: Vec<Part>, reason: DropReason) {
+        for p in parts {
+            if let Some(pick) = &p.doppler {
+                let (n, bytes) = pick.cost(&p.batch);
+                self.queues[p.slot].unroute(bytes);
+                self.ledger
+                    .dropped_at(self.ledger.doppler(), reason, n, bytes);
+            }
+            for (o, pick) in &p.outlets {
+                let (n, bytes) = pick.cost(&p.batch);
+                o.outbox.unroute(bytes);
+                self.ledger.dropped_at(&o.account, reason, n, bytes);
             }
         }
     }
@@ -145,15 +344,13 @@ impl Handler<TaggedBatch> for SequencerActor {
 
     fn handle(&mut self, TaggedBatch(batch): TaggedBatch, _: &mut Context<Self>) {
         let rotations = self.sequencer.rotations();
-        // What a panic would leave behind: the parts routed to a slot, and what was refused.
+        // What a panic would leave behind: the parts routed, and what was settled.
         let mut parts = Vec::new();
-        let mut refused = (0, 0);
-        if let Err(panic) = catch(|| self.route_and_number(&batch, &mut parts, &mut refused)) {
+        let mut settled = Settled::default();
+        if let Err(panic) = catch(|| self.route_and_number(&batch, &mut parts, &mut settled)) {
             panic.report(ME, self.ledger.metrics());
-            for (slot, part) in &parts {
-                self.queues[*slot].unroute(part.bytes());
-            }
-            let (n, bytes) = (batch.len() - refused.0, batch.bytes() - refused.1);
+            self.drop_parts(parts, DropReason::ActorPanic);
+            let (n, bytes) = (batch.len() - settled.n, batch.bytes() - settled.bytes);
             self.ledger.dropped(DropReason::ActorPanic, n, bytes);
             self.sequencer.reset();
             return;
@@ -170,10 +367,7 @@ impl Handler<TaggedBatch> for SequencerActor {
         }
         if let Err(e) = self.next.try_send(SequencedBatch { parts }) {
             let (reason, msg) = guard::refused(e, DropReason::SignerQueueFull);
-            for (slot, part) in msg.parts {
-                self.queues[slot].unroute(part.bytes());
-                self.ledger.dropped(reason, part.len(), part.bytes());
-            }
+            self.drop_parts(msg.parts, reason);
         }
     }
 }
@@ -190,70 +384,104 @@ impl Handler<super::messages::ChaosPanic> for SequencerActor {
     }
 }
 
-/// Whether `bytes` more may go to `slot`, given what every slot holds (`routed`).
+/// Whether `bytes` more may go to destination `i`, given what every destination holds
+/// (`routed`) and is guaranteed (`shares`).
 ///
-/// Each slot is guaranteed `share` (half an equal split: budget / (2 · slots)), the other half of
-/// the budget is a pool. A slot may always fill up to its share (an idle
-/// slot takes any batch, so one larger than the share still passes). Beyond its share a slot may
-/// borrow, but only from what no other slot could still claim: afterwards the free budget must
-/// still cover every other slot's unused share. A burst on one slot can thus use the idle
-/// pool, while a stuck Doppler can never take what the healthy slots are owed.
-pub fn may_route(routed: &[usize], slot: usize, bytes: usize, share: usize, budget: usize) -> bool {
-    let mine = routed[slot];
-    if mine == 0 || mine + bytes <= share {
+/// A destination may always fill up to its share (an idle one takes any batch, so one larger
+/// than the share still passes). Beyond its share it may borrow, but only from what no other
+/// destination could still claim: afterwards the free budget must still cover every other
+/// destination's unused share. A burst on one can thus use the idle pool, while a stuck
+/// Doppler or a blackholed drain can never take what the others are owed.
+pub fn may_route(
+    routed: &[usize],
+    shares: &[usize],
+    i: usize,
+    bytes: usize,
+    budget: usize,
+) -> bool {
+    let mine = routed[i];
+    if mine == 0 || mine + bytes <= shares[i] {
         return true;
     }
     let total: usize = routed.iter().sum();
     let owed: usize = routed
         .iter()
+        .zip(shares)
         .enumerate()
-        .filter(|(i, _)| *i != slot)
-        .map(|(_, r)| share.saturating_sub(*r))
+        .filter(|(j, _)| *j != i)
+        .map(|(_, (r, share))| share.saturating_sub(*r))
         .sum();
     total + bytes + owed <= budget
 }
 
 #[cfg(test)]
 mod tests {
-    use super::may_route;
+    use super::{may_route, shares};
     use proptest::prelude::*;
 
     #[test]
-    fn a_slot_borrows_only_what_nobody_else_is_owed() {
-        // budget 300, three slots, each guaranteed 50
+    fn a_destination_borrows_only_what_nobody_else_is_owed() {
+        // budget 300, three destinations, each guaranteed 50
+        let s = [50, 50, 50];
         assert!(
-            may_route(&[0, 0, 0], 0, 500, 50, 300),
-            "an idle slot takes any batch"
+            may_route(&[0, 0, 0], &s, 0, 500, 300),
+            "an idle destination takes any batch"
         );
-        assert!(may_route(&[30, 0, 0], 0, 20, 50, 300), "up to the share");
+        assert!(may_route(&[30, 0, 0], &s, 0, 20, 300), "up to the share");
         assert!(
-            may_route(&[50, 0, 0], 0, 150, 50, 300),
+            may_route(&[50, 0, 0], &s, 0, 150, 300),
             "borrows the unowed budget"
         );
         assert!(
-            !may_route(&[50, 0, 0], 0, 151, 50, 300),
+            !may_route(&[50, 0, 0], &s, 0, 151, 300),
             "but not what the others are owed"
         );
-        assert!(!may_route(&[200, 0, 0], 0, 1, 50, 300));
+        assert!(!may_route(&[200, 0, 0], &s, 0, 1, 300));
         assert!(
-            may_route(&[200, 0, 0], 1, 50, 50, 300),
-            "slot 1 still gets its share"
+            may_route(&[200, 0, 0], &s, 1, 50, 300),
+            "destination 1 still gets its share"
         );
     }
 
+    #[test]
+    fn the_guarantee_is_split_between_destinations_then_slots() {
+        assert_eq!(
+            shares(1000, 5, 0),
+            vec![100; 5],
+            "the Doppler pool alone, as before"
+        );
+        assert_eq!(
+            shares(1000, 2, 1),
+            vec![125, 125, 250],
+            "the pool is one destination"
+        );
+        assert_eq!(shares(1000, 0, 2), vec![250, 250], "no Doppler pool");
+        for (slots, outlets) in [(1, 0), (5, 3), (0, 1), (3, 16)] {
+            let total: usize = shares(1 << 20, slots, outlets).iter().sum();
+            assert!(total <= 1 << 19, "half the budget at most is guaranteed");
+        }
+    }
+
     proptest! {
-        /// Starting from any state where every slot's guarantee is available, routing whatever
-        /// `may_route` allows keeps it available: no slot can eat another's share. (Batches here
-        /// fit a share; one larger than a share is let through an idle slot on purpose.)
+        /// Starting from any state where every destination's guarantee is available, routing
+        /// whatever `may_route` allows keeps it available: none can eat another's share, the
+        /// Doppler slots' small shares and the drains' larger ones alike. (Batches here fit a
+        /// share; one larger than a share is let through an idle destination on purpose.)
         #[test]
-        fn every_share_stays_available(requests in prop::collection::vec((0usize..4, 1usize..=50), 1..200)) {
-            let (share, budget) = (50, 400);
-            let mut routed = [0usize; 4];
-            for (slot, bytes) in requests {
-                if may_route(&routed, slot, bytes, share, budget) {
-                    routed[slot] += bytes;
+        fn every_share_stays_available(slots in 1usize..6, outlets in 0usize..4,
+                                       requests in prop::collection::vec((0usize..10, 1usize..=40), 1..300)) {
+            let budget = 4000;
+            let s = shares(budget, slots, outlets);
+            let mut routed = vec![0usize; s.len()];
+            for (i, bytes) in requests {
+                let i = i % s.len();
+                if bytes > s[i] {
+                    continue;
+                }
+                if may_route(&routed, &s, i, bytes, budget) {
+                    routed[i] += bytes;
                     let total: usize = routed.iter().sum();
-                    let owed: usize = routed.iter().map(|r| share.saturating_sub(*r)).sum();
+                    let owed: usize = routed.iter().zip(&s).map(|(r, sh)| sh.saturating_sub(*r)).sum();
                     prop_assert!(total + owed <= budget, "{routed:?}");
                 }
             }

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::guard::{catch, Chaos};
-use super::messages::{DumpState, SequencedBatch, SetWriter};
+use super::messages::{DumpState, Part, Pick, SequencedBatch, SetWriter};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::writer::Writer;
 use crate::envelope::Batch;
-use crate::telemetry::{ActorName, DropReason, Ledger};
+use crate::telemetry::{Account, ActorName, DropReason, Ledger};
 
 const ME: ActorName = ActorName::Signer;
 
@@ -84,14 +84,13 @@ impl Handler<SequencedBatch> for SignerActor {
     type Result = ();
 
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
-        for (slot, batch) in msg.parts {
-            // What of this part reached its queue before a panic: (envelopes, priced bytes).
-            let mut handed = (0, 0);
-            if let Err(panic) = catch(|| self.write_part(slot, &batch, &mut handed)) {
+        for part in msg.parts {
+            // What of this part reached each destination before a panic: (envelopes, priced
+            // bytes), the Doppler slot's first, then each outlet's.
+            let mut handed = vec![(0, 0); 1 + part.outlets.len()];
+            if let Err(panic) = catch(|| self.write_part(&part, &mut handed)) {
                 panic.report(ME, self.ledger.metrics());
-                let (n, bytes) = (batch.len() - handed.0, batch.bytes() - handed.1);
-                self.queues[slot].unroute(bytes);
-                self.ledger.dropped(DropReason::ActorPanic, n, bytes);
+                self.drop_rest(&part, &handed);
                 self.writer.reset();
                 self.framed_per_envelope = FIRST_FRAMED_GUESS;
             }
@@ -100,54 +99,141 @@ impl Handler<SequencedBatch> for SignerActor {
 }
 
 impl SignerActor {
-    /// Writes `batch` out into `slot`'s queue, adding what reaches it to `handed`.
-    fn write_part(&mut self, slot: usize, batch: &Batch, handed: &mut (usize, usize)) {
-        let mut items = batch.items().iter().peekable();
-        while items.peek().is_some() {
-            let left = batch
-                .len()
-                .min(MAX_ENCODED_BODY / self.framed_per_envelope.max(1));
+    /// Writes `part` out once and hands each destination its pick: the same bytes, shared, when
+    /// it takes the whole part; a copy of what it takes otherwise. Adds what reaches each
+    /// destination to `handed`.
+    fn write_part(&mut self, part: &Part, handed: &mut [(usize, usize)]) {
+        let batch = &part.batch;
+        let items = batch.items();
+        let mut start = 0;
+        while start < items.len() {
+            let left =
+                (items.len() - start).min(MAX_ENCODED_BODY / self.framed_per_envelope.max(1));
             // An eighth more than the estimate: batches vary, and a shrink within the block
             // is free while a grow copies.
             let estimate = left * self.framed_per_envelope;
             let mut encoded = EncodedBatch::with_capacity(left, estimate + estimate / 8);
-            let mut priced = 0;
-            for item in items.by_ref() {
-                priced += item.cost as usize;
+            let mut end = start;
+            for item in &items[start..] {
                 self.writer.finish_item(batch, item, &mut encoded);
+                end += 1;
                 // The chaos hook strikes with a batch half written.
                 self.chaos.strike(ME);
                 if encoded.as_message_body().len() >= MAX_ENCODED_BODY {
                     break;
                 }
             }
-            let n = encoded.len();
-            self.enqueue(slot, encoded, priced);
-            handed.0 += n;
-            handed.1 += priced;
+            // The charge assumes the queues hold the framed bytes, not a grown buffer's slack.
+            encoded.freeze();
+            self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
+            let chunk = start..end;
+            if let Some(pick) = &part.doppler {
+                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk);
+                let queue = &self.queues[part.slot];
+                settle(
+                    &self.ledger,
+                    self.ledger.doppler(),
+                    &mine,
+                    priced,
+                    |grow, shrink| {
+                        queue.route(grow);
+                        queue.unroute(shrink);
+                    },
+                );
+                handed[0].0 += mine.len();
+                handed[0].1 += priced;
+                queue.push(mine);
+            }
+            for (k, (outlet, pick)) in part.outlets.iter().enumerate() {
+                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk);
+                let outbox = &outlet.outbox;
+                settle(
+                    &self.ledger,
+                    &outlet.account,
+                    &mine,
+                    priced,
+                    |grow, shrink| {
+                        outbox.route(grow);
+                        outbox.unroute(shrink);
+                    },
+                );
+                handed[1 + k].0 += mine.len();
+                handed[1 + k].1 += priced;
+                outbox.push(mine);
+            }
+            start = end;
         }
     }
 
-    /// Hands `encoded` (priced `priced` at the edge) to `slot`'s queue, settling the difference
-    /// between the price and what it now holds with the budget and the slot's share.
-    fn enqueue(&mut self, slot: usize, mut encoded: EncodedBatch, priced: usize) {
-        // The charge assumes the queue holds the framed bytes, not a grown buffer's slack.
-        encoded.freeze();
-        if !encoded.is_empty() {
-            self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
+    /// After a panic: drops what each destination was routed of `part` and has not received.
+    fn drop_rest(&self, part: &Part, handed: &[(usize, usize)]) {
+        let rest = |pick: &Pick, k: usize| {
+            let (n, bytes) = pick.cost(&part.batch);
+            (n - handed[k].0, bytes - handed[k].1)
+        };
+        if let Some(pick) = &part.doppler {
+            let (n, bytes) = rest(pick, 0);
+            self.queues[part.slot].unroute(bytes);
+            self.ledger
+                .dropped_at(self.ledger.doppler(), DropReason::ActorPanic, n, bytes);
         }
-        let holds = encoded.bytes();
-        if holds <= priced {
-            // The usual case: encoded envelopes hold less than their price.
-            self.ledger.shrink(priced - holds);
-            self.queues[slot].unroute(priced - holds);
-        } else {
-            // A reload lengthened the default tags or the key id after these were priced.
-            self.ledger.grow(holds - priced);
-            self.queues[slot].route(holds - priced);
+        for (k, (outlet, pick)) in part.outlets.iter().enumerate() {
+            let (n, bytes) = rest(pick, 1 + k);
+            outlet.outbox.unroute(bytes);
+            self.ledger
+                .dropped_at(&outlet.account, DropReason::ActorPanic, n, bytes);
         }
-        self.queues[slot].push(encoded);
     }
+}
+
+/// What a destination with `pick` takes of the `chunk` of the part just written as `encoded`:
+/// the envelopes, and what they were priced at.
+fn picked(
+    encoded: &mut EncodedBatch,
+    batch: &Batch,
+    pick: &Pick,
+    chunk: &std::ops::Range<usize>,
+) -> (EncodedBatch, usize) {
+    let items = batch.items();
+    match pick {
+        Pick::All => {
+            let priced = items[chunk.clone()].iter().map(|i| i.cost as usize).sum();
+            (encoded.share(), priced)
+        }
+        Pick::Some(idx) => {
+            let idx: Vec<u32> = idx
+                .iter()
+                .filter(|i| chunk.contains(&(**i as usize)))
+                .map(|i| i - chunk.start as u32)
+                .collect();
+            let priced = idx
+                .iter()
+                .map(|i| items[chunk.start + *i as usize].cost as usize)
+                .sum();
+            if idx.len() == encoded.len() {
+                (encoded.share(), priced)
+            } else {
+                (encoded.select(&idx), priced)
+            }
+        }
+    }
+}
+
+/// Settles the difference between what `batch` was priced at and what it holds (its encoded
+/// bytes) with the budget, `account` and the destination's queue (`requeue(grow, shrink)`).
+fn settle(
+    ledger: &Ledger,
+    account: &Account,
+    batch: &EncodedBatch,
+    priced: usize,
+    requeue: impl FnOnce(usize, usize),
+) {
+    let holds = batch.bytes();
+    // Usually encoded envelopes hold less than their price; more only when a reload lengthened
+    // the default tags or the key id after these were priced.
+    let (grow, shrink) = (holds.saturating_sub(priced), priced.saturating_sub(holds));
+    ledger.resize_at(account, grow, shrink);
+    requeue(grow, shrink);
 }
 
 #[cfg(feature = "chaos-hooks")]

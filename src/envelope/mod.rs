@@ -2,6 +2,7 @@
 //! per-source sequencing, and the signing form. No actors, no I/O: unit- and property-tested.
 
 pub mod encoded;
+pub mod outbox;
 pub mod pacer;
 pub mod queue;
 pub mod raw;
@@ -19,6 +20,42 @@ use std::sync::Arc;
 use prost::bytes::Bytes;
 
 use view::{Layouts, MessageRef, Parsed, Span};
+
+/// What an envelope carries, for the destinations' filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Log,
+    Counter,
+    Gauge,
+    Timer,
+    Event,
+    /// No message at all (the Doppler pool passes it on; a drain cannot format it).
+    None,
+}
+
+/// The kinds a destination takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    pub const ALL: Kinds = Kinds(0b11_1111);
+
+    pub fn of(kinds: &[Kind]) -> Kinds {
+        Kinds(kinds.iter().fold(0, |bits, k| bits | Self::bit(*k)))
+    }
+
+    pub fn without(self, kind: Kind) -> Kinds {
+        Kinds(self.0 & !Self::bit(kind))
+    }
+
+    pub fn takes(self, kind: Kind) -> bool {
+        self.0 & Self::bit(kind) != 0
+    }
+
+    fn bit(kind: Kind) -> u8 {
+        1 << kind as u8
+    }
+}
 
 /// One envelope of a [`Batch`]: where its bytes are, what it cost, and what the pipeline decided
 /// about it so far. The envelope itself is never decoded: the signer writes it out as it came,

@@ -365,7 +365,7 @@ impl EgressQueue {
 pub fn count_lost_in_flight(queue: &EgressQueue, ledger: &Ledger) -> usize {
     let (n, bytes) = queue.take_in_flight();
     if n > 0 {
-        ledger.dropped(DropReason::ConnectionLost, n, bytes);
+        ledger.dropped_at(ledger.doppler(), DropReason::ConnectionLost, n, bytes);
     }
     n
 }

@@ -339,6 +339,19 @@ impl Layouts {
             + parsed.gauge.len() * size_of::<(Span, Span, f64)>()
     }
 
+    /// What kind of envelope the one at `layout` is.
+    pub fn kind(&self, layout: u32) -> super::Kind {
+        use super::Kind;
+        match self.heads[layout as usize].message {
+            MessageRef::None => Kind::None,
+            MessageRef::Log { .. } => Kind::Log,
+            MessageRef::Counter { .. } => Kind::Counter,
+            MessageRef::Gauge => Kind::Gauge,
+            MessageRef::Timer { .. } => Kind::Timer,
+            MessageRef::Event { .. } => Kind::Event,
+        }
+    }
+
     /// Keeps what `parsed` read; returns its index for [`Layouts::load`].
     pub fn push(&mut self, parsed: &Parsed) -> u32 {
         self.tags.extend_from_slice(&parsed.tags);

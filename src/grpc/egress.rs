@@ -284,7 +284,7 @@ pub async fn run_streams(
             Err(status) => return StreamEnd::Failed(status.to_string()),
         }
         let (n, bytes) = queue.take_in_flight();
-        ledger.delivered(n, bytes);
+        ledger.delivered_at(ledger.doppler(), n, bytes);
         if recycled {
             return StreamEnd::Recycled;
         }
@@ -407,6 +407,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(Ledger::new(metrics.clone(), 1 << 20));
         assert!(ledger.try_admit(6, 60));
+        ledger.offer(ledger.doppler(), 6, 60);
         let q = Arc::new(EgressQueue::default());
         let (mut s, rotated) = stream(&q, 4, Duration::from_secs(3600), 1 << 20, ledger.clone());
         push(&q, batch(6, 10));

@@ -5,6 +5,7 @@
 
 use hyper::http::Uri;
 
+use crate::envelope::{Kind, Kinds};
 use crate::proto::envelope::Message;
 
 /// How messages travel to the drain.
@@ -59,19 +60,26 @@ pub enum DrainData {
 impl DrainData {
     /// Whether the drain takes an envelope carrying `message`.
     pub fn takes(self, message: &Message) -> bool {
-        let (log, event, metric, timer) = (
-            matches!(message, Message::Log(_)),
-            matches!(message, Message::Event(_)),
-            matches!(message, Message::Counter(_) | Message::Gauge(_)),
-            matches!(message, Message::Timer(_)),
-        );
+        let kind = match message {
+            Message::Log(_) => Kind::Log,
+            Message::Event(_) => Kind::Event,
+            Message::Counter(_) => Kind::Counter,
+            Message::Gauge(_) => Kind::Gauge,
+            Message::Timer(_) => Kind::Timer,
+        };
+        self.kinds().takes(kind)
+    }
+
+    /// The kinds of envelope the drain takes (an envelope without a message only with `All`).
+    pub fn kinds(self) -> Kinds {
+        use Kind::*;
         match self {
-            DrainData::Logs => log || event,
-            DrainData::LogsNoEvents => log,
-            DrainData::Metrics => metric,
-            DrainData::LogsAndMetrics => log || metric,
-            DrainData::Traces => timer,
-            DrainData::All => true,
+            DrainData::Logs => Kinds::of(&[Log, Event]),
+            DrainData::LogsNoEvents => Kinds::of(&[Log]),
+            DrainData::Metrics => Kinds::of(&[Counter, Gauge]),
+            DrainData::LogsAndMetrics => Kinds::of(&[Log, Counter, Gauge]),
+            DrainData::Traces => Kinds::of(&[Timer]),
+            DrainData::All => Kinds::ALL,
         }
     }
 }

@@ -1,9 +1,18 @@
-//! The pipeline's ledger: a byte budget shared by every queue between the edge and the Doppler
-//! streams, and the bookkeeping that makes `ingress == egress + Σ dropped + buffered` exact.
+//! The pipeline's ledger: a byte budget shared by every queue between the edge and the
+//! destinations, and the bookkeeping that makes the balance exact:
 //!
-//! An envelope is *admitted* at the edge (taking its cost from the budget) and leaves the ledger
-//! exactly once: *delivered* when a Doppler stream takes it, or *dropped* with a reason. Envelopes
-//! refused at the edge are dropped without ever being admitted.
+//! ```text
+//! ingress + destination_copies == Σ egress + Σ dropped + filtered + buffered
+//! ```
+//!
+//! An envelope is *admitted* at the edge (taking its cost from the budget) and owes one outcome.
+//! Before the fan-out it can be *dropped* (a pipeline reason). At the fan-out it is *offered* to
+//! every destination whose filter takes it ([`Ledger::fan_out`] adds an obligation, and its
+//! cost, per destination beyond the first; [`Ledger::filtered`] settles one no destination
+//! takes), and from then on each destination's [`Account`] settles its own obligation: delivered
+//! or dropped with a reason. Envelopes refused at the edge are dropped without being admitted.
+//! Every destination pays the budget for what it holds, shared bytes included, so a destination
+//! that keeps what the others have delivered pays for it alone (decision 27).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,11 +20,14 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 
+use super::destination::{Account, Destination};
 use super::metrics::{DropReason, Metrics};
 
 #[derive(Debug)]
 pub struct Ledger {
     metrics: Arc<Metrics>,
+    /// The Doppler pool's account (also registered with `metrics`).
+    doppler: Arc<Account>,
     /// One permit per budget byte.
     budget: Semaphore,
     /// `pipeline.max_buffered_bytes`; changed by a reload ([`Ledger::set_max_bytes`]).
@@ -30,8 +42,11 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(metrics: Arc<Metrics>, max_bytes: usize) -> Self {
+        let doppler = Arc::new(Account::new(Destination::Doppler));
+        metrics.register(doppler.clone());
         Self {
             metrics,
+            doppler,
             budget: Semaphore::new(max_bytes),
             max_bytes: AtomicUsize::new(max_bytes),
             debt: AtomicUsize::new(0),
@@ -42,6 +57,11 @@ impl Ledger {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The Doppler pool's account.
+    pub fn doppler(&self) -> &Arc<Account> {
+        &self.doppler
     }
 
     /// Admits `n` envelopes costing `bytes` if the budget has room now.
@@ -175,13 +195,62 @@ impl Ledger {
         self.give_back(bytes);
     }
 
-    /// Admitted envelopes acknowledged by a Doppler.
-    pub fn delivered(&self, n: usize, bytes: usize) {
-        self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
+    /// The fan-out: `n` more obligations costing `bytes`, because envelopes were offered to more
+    /// than one destination. Charged whether or not the budget has room (the destinations'
+    /// shares were checked first); what is not free now is held as debt.
+    pub fn fan_out(&self, n: usize, bytes: usize) {
+        if n == 0 {
+            return;
+        }
+        self.in_flight.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics
+            .destination_copies
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.grow(bytes);
+    }
+
+    /// Admitted envelopes no destination takes.
+    pub fn filtered(&self, n: usize, bytes: usize) {
+        self.metrics.filtered.fetch_add(n as u64, Ordering::Relaxed);
         self.release(n, bytes);
     }
 
-    /// Admitted envelopes dropped after admission.
+    /// `n` envelopes costing `bytes` offered to `to`: from now on its account settles them.
+    pub fn offer(&self, to: &Account, n: usize, bytes: usize) {
+        to.offer(n, bytes);
+    }
+
+    /// What `at` holds changed size (its envelopes were encoded after they were priced).
+    pub fn resize_at(&self, at: &Account, grow: usize, shrink: usize) {
+        at.resize(grow, shrink);
+        if grow > 0 {
+            self.grow(grow);
+        }
+        if shrink > 0 {
+            self.shrink(shrink);
+        }
+    }
+
+    /// Envelopes `at` delivered (a Doppler acknowledged them; written to a drain's connection).
+    pub fn delivered_at(&self, at: &Account, n: usize, bytes: usize) {
+        at.delivered(n, bytes);
+        if at.is_doppler() {
+            self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        self.release(n, bytes);
+    }
+
+    /// Envelopes `at` dropped. The Doppler pool's drops are the agent's unlabelled `dropped`
+    /// series too, as upstream's classic agent counts them.
+    pub fn dropped_at(&self, at: &Account, reason: DropReason, n: usize, bytes: usize) {
+        at.dropped(reason, n, bytes);
+        if at.is_doppler() {
+            self.metrics.dropped(reason, n as u64);
+        }
+        self.release(n, bytes);
+    }
+
+    /// Admitted envelopes dropped before the fan-out.
     pub fn dropped(&self, reason: DropReason, n: usize, bytes: usize) {
         self.metrics.dropped(reason, n as u64);
         self.release(n, bytes);
@@ -190,6 +259,30 @@ impl Ledger {
     /// Envelopes dropped at the edge, never admitted.
     pub fn refused(&self, reason: DropReason, n: usize) {
         self.metrics.dropped(reason, n as u64);
+    }
+
+    /// After shutdown, with nothing moving: drops what every destination, then the pipeline,
+    /// still holds (`shutdown_grace_expired`). Returns how many envelopes that was.
+    pub fn expire_all(&self) -> u64 {
+        let mut left = 0;
+        for account in self.metrics.accounts() {
+            let (n, bytes) = account.buffered();
+            if n > 0 {
+                left += n;
+                self.dropped_at(
+                    &account,
+                    DropReason::ShutdownGraceExpired,
+                    n as usize,
+                    bytes as usize,
+                );
+            }
+        }
+        let (n, bytes) = self.buffered();
+        if n > 0 {
+            left += n;
+            self.dropped(DropReason::ShutdownGraceExpired, n as usize, bytes as usize);
+        }
+        left
     }
 
     /// (envelopes, budget bytes) admitted and not yet delivered or dropped.
@@ -218,6 +311,53 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    /// Offers admitted envelopes to the Doppler pool, which delivers them.
+    fn deliver(l: &Ledger, n: usize, bytes: usize) {
+        l.offer(l.doppler(), n, bytes);
+        l.delivered_at(l.doppler(), n, bytes);
+    }
+
+    #[test]
+    fn a_fanned_out_envelope_owes_one_outcome_per_destination() {
+        let m = Arc::new(Metrics::new());
+        let l = Ledger::new(m.clone(), 1000);
+        let drain = Arc::new(Account::new(Destination::Drain {
+            scope: super::super::DrainScope::Aggregate,
+            url: "syslog://d:1".into(),
+        }));
+        m.register(drain.clone());
+        assert!(l.try_admit(3, 300));
+        // one envelope to both, one to the drain only, one to nobody
+        l.fan_out(1, 100);
+        l.filtered(1, 100);
+        l.offer(l.doppler(), 1, 100);
+        l.offer(&drain, 2, 200);
+        assert_eq!(l.buffered(), (3, 300), "three obligations, each paid for");
+        l.resize_at(&drain, 0, 50);
+        l.delivered_at(l.doppler(), 1, 100);
+        l.dropped_at(&drain, DropReason::DrainQueueFull, 1, 75);
+        assert_eq!(drain.buffered(), (1, 75));
+        assert_eq!(l.expire_all(), 1);
+        assert_eq!(l.buffered(), (0, 0));
+        let s = m.snapshot();
+        assert_eq!(
+            3 + s.destination_copies,
+            s.egress + s.drain_egress() + s.dropped_total() + s.drain_dropped() + s.filtered,
+            "3 admitted (this test counts no ingress)"
+        );
+        let d = s.account(drain.destination()).unwrap();
+        assert_eq!(
+            (d.offered, d.egress, d.dropped_total(), d.buffered),
+            (2, 0, 2, 0)
+        );
+        assert_eq!(
+            s.dropped_total(),
+            0,
+            "a drain's drops are not the Doppler pool's"
+        );
+        assert!(l.try_admit(1, 1000), "the whole budget is free again");
+    }
+
     #[test]
     fn growth_beyond_the_price_is_charged_even_over_the_budget() {
         let l = Ledger::new(Arc::new(Metrics::new()), 100);
@@ -225,13 +365,13 @@ mod tests {
         l.grow(50);
         assert_eq!(l.buffered(), (2, 130), "charged in full, 30 of it as debt");
         assert!(!l.try_admit(1, 1), "no room until the debt is paid");
-        l.delivered(1, 60);
+        deliver(&l, 1, 60);
         assert_eq!(l.buffered(), (1, 70));
         assert!(
             l.try_admit(1, 30) && !l.try_admit(1, 1),
             "the debt was paid first"
         );
-        l.delivered(2, 100);
+        deliver(&l, 2, 100);
         assert_eq!(l.buffered(), (0, 0));
         assert!(l.try_admit(1, 100), "the whole budget is free again");
     }
@@ -265,7 +405,7 @@ mod tests {
         assert!(!l.try_admit(1, 50), "over budget");
         assert!(!l.admit(1, 50, Duration::from_millis(5)).await);
         l.refused(DropReason::PipelineFull, 1);
-        l.delivered(2, 40);
+        deliver(&l, 2, 40);
         l.dropped(DropReason::SignerQueueFull, 1, 20);
         assert_eq!(l.buffered(), (0, 0));
         let s = m.snapshot();
@@ -279,7 +419,7 @@ mod tests {
         assert!(l.try_admit(1, 100));
         let l2 = l.clone();
         let waiter = tokio::spawn(async move { l2.admit(1, 10, Duration::from_secs(10)).await });
-        l.delivered(1, 100);
+        deliver(&l, 1, 100);
         assert!(waiter.await.unwrap());
     }
 
@@ -294,14 +434,14 @@ mod tests {
             "held beyond the new budget, not dropped"
         );
         assert!(!l.try_admit(1, 1), "no room until the debt is paid");
-        l.delivered(1, 80);
+        deliver(&l, 1, 80);
         assert_eq!(l.buffered(), (0, 0));
         assert!(l.try_admit(1, 50), "the whole new budget");
         assert!(!l.try_admit(1, 1));
         l.set_max_bytes(70);
         assert!(l.try_admit(1, 20), "growing frees room at once");
         assert_eq!(l.buffered(), (2, 70));
-        l.delivered(2, 70);
+        deliver(&l, 2, 70);
         assert_eq!(l.max_bytes(), 70);
         assert!(l.try_admit(1, 70));
     }

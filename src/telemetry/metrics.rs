@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use parking_lot::Mutex;
 use std::time::Duration;
 
+use super::destination::{Account, AccountSnapshot, Destination, DrainScope};
 use super::ratelimit::RateLimit;
+use std::sync::Arc;
 
 /// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
 /// `egress` when no Doppler could take the envelope, `ingress` when the agent shed it. Whether a
@@ -55,10 +57,16 @@ pub enum DropReason {
     /// (`actor_panics`); nothing else was touched. Also what reaches the mailbox of an actor a
     /// panic took down for good (the agent then stops itself, see the README).
     ActorPanic,
+    /// A drain's queue already held its share of the budget (the drain is slow, blackholed or
+    /// gone). Counted in that drain's series only; the other destinations took the envelope.
+    DrainQueueFull,
+    /// The receiver would refuse the envelope as syslog (a log type neither OUT nor ERR, a
+    /// field its parser refuses): never sent, since Log Cache closes the connection on it.
+    Unformattable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -75,6 +83,8 @@ impl DropReason {
         DropReason::V1MissingEvent,
         DropReason::V1UnknownEventType,
         DropReason::ActorPanic,
+        DropReason::DrainQueueFull,
+        DropReason::Unformattable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +105,8 @@ impl DropReason {
             DropReason::V1MissingEvent => "v1_missing_event",
             DropReason::V1UnknownEventType => "v1_unknown_event_type",
             DropReason::ActorPanic => "actor_panic",
+            DropReason::DrainQueueFull => "drain_queue_full",
+            DropReason::Unformattable => "unformattable",
         }
     }
 
@@ -113,6 +125,8 @@ impl DropReason {
             | DropReason::V1UnknownEventType
             | DropReason::ActorPanic => "ingress",
             DropReason::NoDoppler
+            | DropReason::DrainQueueFull
+            | DropReason::Unformattable
             | DropReason::SignerQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
@@ -132,10 +146,13 @@ impl DropReason {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         Self::ALL.iter().position(|r| *r == self).expect("in ALL")
     }
 }
+
+/// The `drain_url` of drains beyond `syslog.max_drain_series`.
+pub const OTHER_DRAINS: &str = "other";
 
 /// Why a Doppler connection actor was restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -270,6 +287,16 @@ pub struct Metrics {
     /// `doppler_connections_by_az{az}`: open connections per Doppler AZ (`""`: not known, from
     /// `router_addr` only).
     connections_by_az: Mutex<BTreeMap<String, i64>>,
+    /// `destination_copies`: deliveries owed beyond one per envelope, because more than one
+    /// destination takes it (the fan-out's term in the balance).
+    pub destination_copies: AtomicU64,
+    /// `filtered`: envelopes no destination takes (every destination's filter leaves them out,
+    /// e.g. logs with `dopplers.disable_logs` and no drain): not a loss, nobody asked for them.
+    pub filtered: AtomicU64,
+    /// `drain_connections`: open syslog drain connections.
+    pub drain_connections: AtomicI64,
+    /// Every destination's account, the Doppler pool's first.
+    accounts: Mutex<Vec<Arc<Account>>>,
 }
 
 /// One metric family for the exposition: name, type, help, and (labels, value) samples.
@@ -301,6 +328,11 @@ pub struct MetricsSnapshot {
     pub peak_buffered_bytes: u64,
     /// Open connections per Doppler AZ; AZs with none are left out.
     pub connections_by_az: BTreeMap<String, i64>,
+    pub destination_copies: u64,
+    pub filtered: u64,
+    pub drain_connections: i64,
+    /// Every destination's account, the Doppler pool's first.
+    pub accounts: Vec<AccountSnapshot>,
 }
 
 impl MetricsSnapshot {
@@ -346,6 +378,27 @@ impl MetricsSnapshot {
     pub fn connections_in(&self, az: &str) -> i64 {
         self.connections_by_az.get(az).copied().unwrap_or(0)
     }
+
+    /// The account of the first destination that is `d`.
+    pub fn account(&self, d: &Destination) -> Option<&AccountSnapshot> {
+        self.accounts.iter().find(|a| a.destination == *d)
+    }
+
+    /// Every drain's deliveries.
+    pub fn drain_egress(&self) -> u64 {
+        self.drains().map(|a| a.egress).sum()
+    }
+
+    /// Every drain's drops.
+    pub fn drain_dropped(&self) -> u64 {
+        self.drains().map(|a| a.dropped_total()).sum()
+    }
+
+    fn drains(&self) -> impl Iterator<Item = &AccountSnapshot> {
+        self.accounts
+            .iter()
+            .filter(|a| a.destination != Destination::Doppler)
+    }
 }
 
 impl Default for Metrics {
@@ -376,7 +429,51 @@ impl Metrics {
             doppler_replaying: AtomicI64::new(0),
             peak_buffered_bytes: AtomicU64::new(0),
             connections_by_az: Mutex::default(),
+            destination_copies: AtomicU64::new(0),
+            filtered: AtomicU64::new(0),
+            drain_connections: AtomicI64::new(0),
+            accounts: Mutex::default(),
         }
+    }
+
+    /// Adds a destination's account to what `/metrics` shows.
+    pub fn register(&self, account: Arc<Account>) {
+        self.accounts.lock().push(account);
+    }
+
+    /// Removes a destination's account (a drain removed by a reload, once it holds nothing).
+    pub fn retire(&self, account: &Arc<Account>) {
+        self.accounts.lock().retain(|a| !Arc::ptr_eq(a, account));
+    }
+
+    pub fn accounts(&self) -> Vec<Arc<Account>> {
+        self.accounts.lock().clone()
+    }
+
+    /// The destination a new drain's series are labelled with: its anonymized URL while fewer
+    /// than `max_series` drains of any scope have a series of their own, `other` beyond.
+    pub fn drain_destination(
+        &self,
+        scope: DrainScope,
+        url: &str,
+        max_series: usize,
+    ) -> Destination {
+        let accounts = self.accounts.lock();
+        let mut urls: Vec<&str> = accounts
+            .iter()
+            .filter_map(|a| match a.destination() {
+                Destination::Drain { url, .. } if url != OTHER_DRAINS => Some(url.as_str()),
+                _ => None,
+            })
+            .collect();
+        urls.sort_unstable();
+        urls.dedup();
+        let url = if urls.contains(&url) || urls.len() < max_series {
+            url.to_owned()
+        } else {
+            OTHER_DRAINS.to_owned()
+        };
+        Destination::Drain { scope, url }
     }
 
     /// A connection to a Doppler in `az` opened (`+1`) or closed (`-1`).
@@ -484,6 +581,10 @@ impl Metrics {
             doppler_replaying: self.doppler_replaying.load(Ordering::Relaxed),
             peak_buffered_bytes: get(&self.peak_buffered_bytes),
             connections_by_az: self.connections_by_az.lock().clone(),
+            destination_copies: get(&self.destination_copies),
+            filtered: get(&self.filtered),
+            drain_connections: self.drain_connections.load(Ordering::Relaxed),
+            accounts: self.accounts.lock().iter().map(|a| a.snapshot()).collect(),
         }
     }
 
@@ -500,7 +601,30 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let families: [Family; 20] = [
+        let drains = drain_series(&s.accounts);
+        let per_drain = |f: &dyn Fn(&DrainSeries) -> u64| -> Vec<(String, String)> {
+            drains
+                .iter()
+                .map(|(labels, d)| (labels.clone(), f(d).to_string()))
+                .collect()
+        };
+        let per_destination = |f: &dyn Fn(&AccountSnapshot) -> u64| -> Vec<(String, String)> {
+            let mut doppler = s
+                .accounts
+                .iter()
+                .filter(|a| a.destination == Destination::Doppler);
+            doppler
+                .next()
+                .map(|a| ("destination=\"doppler\"".to_string(), f(a).to_string()))
+                .into_iter()
+                .chain(
+                    drains
+                        .iter()
+                        .map(|(labels, d)| (labels.clone(), f(&d.sum).to_string())),
+                )
+                .collect()
+        };
+        let families: Vec<Family> = vec![
             (
                 "ingress",
                 "counter",
@@ -522,19 +646,42 @@ impl Metrics {
             (
                 "egress",
                 "counter",
-                "Envelopes written to a Doppler stream and acknowledged by the Doppler.",
-                one(V2, s.egress.to_string()),
+                "Envelopes written to a Doppler stream and acknowledged by the Doppler; with drain_scope and drain_url, written to that syslog drain's connection.",
+                one(V2, s.egress.to_string())
+                    .into_iter()
+                    .chain(per_drain(&|d| d.sum.egress))
+                    .collect(),
             ),
             (
                 "dropped",
                 "counter",
-                "Envelopes dropped, by direction (egress: no Doppler could take them; ingress: shed by the agent).",
+                "Envelopes dropped, by direction (egress: no Doppler could take them; ingress: shed by the agent); with drain_scope and drain_url, dropped for that syslog drain.",
                 [("ingress", "2.0"), ("egress", "2.0"), ("ingress", "1.0")]
                     .iter()
                     .map(|(d, v)| {
                         (
                             format!("direction=\"{d}\",metric_version=\"{v}\""),
                             by_direction(d, v).to_string(),
+                        )
+                    })
+                    .chain(drains.iter().map(|(labels, d)| {
+                        (
+                            format!("direction=\"egress\",{labels}"),
+                            d.sum.dropped_total().to_string(),
+                        )
+                    }))
+                    .collect(),
+            ),
+            (
+                "messages_dropped_per_drain",
+                "counter",
+                "Envelopes dropped for a syslog drain (upstream's syslog-agent family; the same drops as dropped{drain_url}).",
+                drains
+                    .iter()
+                    .map(|(labels, d)| {
+                        (
+                            format!("direction=\"egress\",{labels}"),
+                            d.sum.dropped_total().to_string(),
                         )
                     })
                     .collect(),
@@ -554,7 +701,63 @@ impl Metrics {
                         );
                         (labels, n.to_string())
                     })
+                    .chain(drains.iter().flat_map(|(labels, d)| {
+                        d.sum.dropped.iter().map(move |(r, n)| {
+                            (
+                                format!("direction=\"egress\",reason=\"{}\",{labels}", r.name()),
+                                n.to_string(),
+                            )
+                        })
+                    }))
                     .collect(),
+            ),
+            (
+                "destination_offered",
+                "counter",
+                "Envelopes handed to a destination (its filter took them): offered = egress + dropped + buffered, per destination.",
+                per_destination(&|a| a.offered),
+            ),
+            (
+                "destination_buffered_envelopes",
+                "gauge",
+                "Envelopes a destination holds, not yet delivered or dropped.",
+                per_destination(&|a| a.buffered),
+            ),
+            (
+                "destination_buffered_bytes",
+                "gauge",
+                "Budget bytes a destination holds (each destination pays for what it holds, shared or not).",
+                per_destination(&|a| a.buffered_bytes),
+            ),
+            (
+                "destination_copies",
+                "counter",
+                "Deliveries owed beyond one per envelope because several destinations take it (ingress + destination_copies = every egress + every dropped + filtered + buffered_envelopes).",
+                one("", s.destination_copies.to_string()),
+            ),
+            (
+                "filtered",
+                "counter",
+                "Envelopes no destination takes (every destination's filter leaves them out): not a loss.",
+                one("", s.filtered.to_string()),
+            ),
+            (
+                "drains",
+                "gauge",
+                "Syslog drains configured, by scope.",
+                [DrainScope::Aggregate, DrainScope::App]
+                    .iter()
+                    .map(|scope| {
+                        let n = drains.iter().filter(|(_, d)| d.scope == *scope).map(|(_, d)| d.drains).sum::<u64>();
+                        (format!("drain_scope=\"{}\"", scope.name()), n.to_string())
+                    })
+                    .collect(),
+            ),
+            (
+                "drain_connections",
+                "gauge",
+                "Open syslog drain connections.",
+                one("", s.drain_connections.to_string()),
             ),
             (
                 "doppler_connections",
@@ -679,8 +882,52 @@ impl Metrics {
     }
 }
 
+/// Drains summed by their series' labels (drains beyond `syslog.max_drain_series` share one).
+struct DrainSeries {
+    scope: DrainScope,
+    /// Drains counted in this series.
+    drains: u64,
+    sum: AccountSnapshot,
+}
+
+fn drain_series(accounts: &[AccountSnapshot]) -> BTreeMap<String, DrainSeries> {
+    let mut out: BTreeMap<String, DrainSeries> = BTreeMap::new();
+    for a in accounts {
+        let Destination::Drain { scope, .. } = &a.destination else {
+            continue;
+        };
+        let labels = a.destination.labels();
+        match out.get_mut(&labels) {
+            None => {
+                out.insert(
+                    labels,
+                    DrainSeries {
+                        scope: *scope,
+                        drains: 1,
+                        sum: a.clone(),
+                    },
+                );
+            }
+            Some(d) => {
+                d.drains += 1;
+                d.sum.offered += a.offered;
+                d.sum.egress += a.egress;
+                d.sum.buffered += a.buffered;
+                d.sum.buffered_bytes += a.buffered_bytes;
+                for (r, n) in &a.dropped {
+                    match d.sum.dropped.iter_mut().find(|(x, _)| x == r) {
+                        Some((_, m)) => *m += n,
+                        None => d.sum.dropped.push((*r, *n)),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Prometheus label value escaping: backslash, double quote, newline.
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -16,7 +16,7 @@ use tonic::transport::Server;
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
-use crate::actors::sequencer::SequencerActor;
+use crate::actors::sequencer::{Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
 use crate::config::{Config, ConfigError, DopplerSource};
@@ -24,6 +24,7 @@ use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::tagging::Tagger;
 use crate::envelope::writer::Writer;
+use crate::envelope::Kinds;
 use crate::grpc::egress::{DialSettings, StreamSettings};
 use crate::grpc::ingress::{Edge, EdgeTunables, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
@@ -266,8 +267,12 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             SequencerActor::new(
                 sequencer,
                 numbering,
-                queues,
-                budget,
+                Routing {
+                    queues,
+                    doppler_kinds: Kinds::ALL,
+                    outlets: Vec::new(),
+                    budget,
+                },
                 signer.recipient(),
                 ledger,
             )

@@ -1,0 +1,158 @@
+//! A destination's queue other than a Doppler slot's (a syslog drain's): the signed batches it
+//! was offered, shared with the other destinations that took them ([`EncodedBatch::share`]).
+//! The signer pushes, the destination's connection takes. Bounded by the destination's share of
+//! the budget, which the sequencer checks before it offers anything ([`Outbox::routed`]); a
+//! connection that fails puts what it took back at the front, so a reconnect loses nothing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::encoded::EncodedBatch;
+use super::Kinds;
+use crate::telemetry::Account;
+
+/// A destination beside the Doppler pool, as the pipeline sees it: what it takes, its queue and
+/// its account.
+#[derive(Clone)]
+pub struct Outlet {
+    pub kinds: Kinds,
+    pub outbox: std::sync::Arc<Outbox>,
+    pub account: std::sync::Arc<Account>,
+}
+
+#[derive(Default)]
+struct Inner {
+    batches: VecDeque<EncodedBatch>,
+    envelopes: usize,
+    /// Shutdown: the connection ends once the queue is empty.
+    closing: bool,
+}
+
+/// One destination's queue of signed batches.
+#[derive(Default)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    /// Budget bytes offered to this destination and not yet delivered or dropped.
+    routed: AtomicUsize,
+    ready: Notify,
+}
+
+impl Outbox {
+    /// Counts `bytes` as the destination's (the sequencer, before it offers them).
+    pub fn route(&self, bytes: usize) {
+        self.routed.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Bytes counted by [`Outbox::route`] that left: delivered, dropped, or found smaller once
+    /// encoded.
+    pub fn unroute(&self, bytes: usize) {
+        let prev = self.routed.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(prev >= bytes, "unrouted more than was routed");
+    }
+
+    /// Budget bytes the destination holds (queued, in the mailboxes before it, or being written).
+    pub fn routed(&self) -> usize {
+        self.routed.load(Ordering::Acquire)
+    }
+
+    pub fn push(&self, batch: EncodedBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        {
+            let mut q = self.inner.lock();
+            q.envelopes += batch.len();
+            q.batches.push_back(batch);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Puts a batch the connection could not deliver back at the front.
+    pub fn put_back(&self, batch: EncodedBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut q = self.inner.lock();
+        q.envelopes += batch.len();
+        q.batches.push_front(batch);
+    }
+
+    /// The next batch, at most `max` envelopes of it (the rest stays at the front), or `None`
+    /// when nothing is queued.
+    pub fn try_take(&self, max: usize) -> Option<EncodedBatch> {
+        let mut q = self.inner.lock();
+        let mut first = q.batches.pop_front()?;
+        if first.len() > max.max(1) {
+            let rest = first.split_off(max.max(1));
+            q.batches.push_front(rest);
+        }
+        q.envelopes -= first.len();
+        Some(first)
+    }
+
+    /// Waits for the next batch (see [`Outbox::try_take`]); `None` once the outbox is closing
+    /// and empty.
+    pub async fn take(&self, max: usize) -> Option<EncodedBatch> {
+        loop {
+            let ready = self.ready.notified();
+            if let Some(b) = self.try_take(max) {
+                return Some(b);
+            }
+            if self.inner.lock().closing {
+                return None;
+            }
+            ready.await;
+        }
+    }
+
+    /// Shutdown: the connection delivers what is queued, then ends.
+    pub fn close(&self) {
+        self.inner.lock().closing = true;
+        self.ready.notify_waiters();
+        self.ready.notify_one();
+    }
+
+    /// Envelopes queued (not counting a batch being written).
+    pub fn envelopes(&self) -> usize {
+        self.inner.lock().envelopes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::queue::tests::batch;
+
+    #[tokio::test]
+    async fn takes_in_order_splits_and_puts_back() {
+        let o = Outbox::default();
+        o.push(batch(3, 10));
+        o.push(batch(2, 10));
+        assert_eq!(o.envelopes(), 5);
+        let a = o.take(2).await.unwrap();
+        assert_eq!((a.len(), o.envelopes()), (2, 3));
+        o.put_back(a);
+        assert_eq!(
+            o.take(10).await.unwrap().len(),
+            2,
+            "the put-back batch first"
+        );
+        assert_eq!(o.take(10).await.unwrap().len(), 1);
+        assert_eq!(o.take(10).await.unwrap().len(), 2);
+        o.close();
+        assert!(o.take(10).await.is_none(), "closed and empty: the end");
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_a_waiting_taker() {
+        let o = std::sync::Arc::new(Outbox::default());
+        let o2 = o.clone();
+        let taker = tokio::spawn(async move { o2.take(10).await.map(|b| b.len()) });
+        tokio::task::yield_now().await;
+        o.push(batch(4, 10));
+        assert_eq!(taker.await.unwrap(), Some(4));
+    }
+}
