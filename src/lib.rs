@@ -264,6 +264,7 @@ impl Agent {
             None
         };
         let tls = TlsSet::load(&config, dev_credentials.as_ref(), true)?;
+        let drain_tls = tls::aggregate_drain_tls(&config)?;
         let metrics_tls = tls.metrics.is_some();
         let dev_doppler_tls = match (&config.development.doppler_listen, &dev_credentials) {
             (Some(_), Some(d)) => Some(TlsMaterial::load(&d.doppler, "development")?),
@@ -323,6 +324,7 @@ impl Agent {
         let prepared = wire::Prepared {
             config,
             tls,
+            drain_tls,
             dev_doppler_tls,
             signing,
             ingress_listener,

@@ -32,6 +32,68 @@ impl std::fmt::Debug for TlsMaterial {
     }
 }
 
+/// A `syslog-tls://` drain's TLS client configuration: the public CA roots (Mozilla's, from
+/// `webpki-roots`) plus the drain's own CA when it names one (upstream appends a binding's CA to
+/// the system roots), and its client certificate when it has one (mTLS drains such as Log
+/// Cache's syslog server). `key` names the config entry in errors.
+///
+/// # Errors
+/// A [`ConfigError`] naming `<key>.ca`, `.cert` or `.key` when a file cannot be read or used.
+pub fn drain_client_config(
+    ca: Option<&std::path::Path>,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+    key: &str,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let read = |sub: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ConfigError {
+            key: format!("{key}.{sub}"),
+            problem: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(ca) = ca {
+        let pem = read("ca", ca)?;
+        let (added, _) = roots
+            .add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok));
+        if added == 0 {
+            return Err(ConfigError {
+                key: format!("{key}.ca"),
+                problem: format!("{} holds no usable certificate", ca.display()),
+            });
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, private)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&read("cert", cert)?)
+                    .filter_map(Result::ok)
+                    .collect();
+            if chain.is_empty() {
+                return Err(ConfigError {
+                    key: format!("{key}.cert"),
+                    problem: format!("{} holds no certificate", cert.display()),
+                });
+            }
+            let private =
+                PrivateKeyDer::from_pem_slice(&read("key", private)?).map_err(|e| ConfigError {
+                    key: format!("{key}.key"),
+                    problem: format!("no usable private key: {e}"),
+                })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| ConfigError {
+                    key: format!("{key}.key"),
+                    problem: format!("does not fit the certificate: {e}"),
+                })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 impl TlsMaterial {
     /// Reads `files` and checks each holds what it should; errors name `<key>.ca` etc.
     ///
@@ -174,6 +236,29 @@ pub struct TlsSet {
     pub doppler: TlsMaterial,
     /// `metrics.tls`, when set.
     pub metrics: Option<TlsMaterial>,
+}
+
+/// Each `syslog.aggregate_drains` entry's TLS client configuration (`None`: plain TCP).
+///
+/// # Errors
+/// A [`ConfigError`] naming the entry's file that cannot be read or used.
+pub fn aggregate_drain_tls(
+    config: &Config,
+) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, ConfigError> {
+    config
+        .syslog
+        .aggregate_drains
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            if d.url.scheme != crate::syslog::drain::Scheme::SyslogTls {
+                return Ok(None);
+            }
+            let client = d.client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+            let key = format!("syslog.aggregate_drains[{i}]");
+            drain_client_config(d.ca.as_deref(), client, &key).map(Some)
+        })
+        .collect()
 }
 
 impl TlsSet {

@@ -155,6 +155,7 @@ fn settings(tls: Option<(Arc<rustls::ClientConfig>, &'static str)>) -> WriterSet
         dial_timeout: Duration::from_secs(5),
         write_timeout: Duration::from_secs(5),
         idle_reconnect: Duration::from_secs(60),
+        send_buffer: 1 << 20,
     }
 }
 
@@ -240,6 +241,7 @@ async fn an_idle_connection_is_replaced_before_the_receiver_drops_it() {
         addr.to_string(),
         WriterSettings {
             idle_reconnect: Duration::from_millis(100),
+            send_buffer: 1 << 20,
             ..settings(None)
         },
     );

@@ -2,6 +2,7 @@
 //! `envelope/` and `routing/`. One file per actor; every message type is in `messages.rs`.
 
 pub mod doppler_connection;
+pub mod drain_connection;
 pub mod guard;
 pub mod ingress;
 pub mod messages;

@@ -145,6 +145,7 @@ impl Config {
                     batch_max_bytes,
                     replay_extra_percent,
                     replay_min_rate,
+                    disable_logs,
                 },
             metrics:
                 MetricsConfig {
@@ -174,6 +175,7 @@ impl Config {
                     credentials_dir,
                     doppler_listen,
                 },
+            syslog,
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
         let mut c = Changes::default();
@@ -235,6 +237,8 @@ impl Config {
             Live::ReplayExtra,
         );
         c.live(*replay_min_rate != d.replay_min_rate, Live::ReplayMinRate);
+        c.restart(*disable_logs != d.disable_logs, "dopplers.disable_logs");
+        c.restart(*syslog != new.syslog, "syslog");
         c.restart(*metrics_listen != m.listen, "metrics.listen");
         // Turning /metrics' TLS on or off needs a restart; new files while it stays on do not.
         match (metrics_tls, &m.tls) {

@@ -15,7 +15,10 @@ use crate::envelope::pacer::ReplayRate;
 use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
 mod changes;
+pub mod syslog;
+
 pub use changes::{Changes, Live, RESTART_SIGNING, RESTART_SIGNING_ENABLED};
+pub use syslog::{AggregateDrain, SyslogConfig};
 
 pub use crate::telemetry::logging::LogFormat;
 
@@ -71,6 +74,8 @@ pub struct Config {
     pub log: LogConfig,
     pub health: HealthConfig,
     pub development: DevelopmentConfig,
+    /// Syslog drains beside the Doppler pool.
+    pub syslog: SyslogConfig,
 }
 
 /// `log`: what the agent writes about itself.
@@ -169,6 +174,21 @@ pub struct DopplersConfig {
     /// ... and at least this many envelopes a second, the agent's connections together, however
     /// quiet the live traffic.
     pub replay_min_rate: NonZeroU32,
+    /// Upstream's `disable_logs`: no v2 `Log` envelope goes to a Doppler (counters, gauges,
+    /// timers and events still do); logs reach Log Cache through a syslog drain instead.
+    pub disable_logs: bool,
+}
+
+impl DopplersConfig {
+    /// The kinds of envelope the Doppler pool takes.
+    pub fn kinds(&self) -> crate::envelope::Kinds {
+        use crate::envelope::{Kind, Kinds};
+        if self.disable_logs {
+            Kinds::ALL.without(Kind::Log)
+        } else {
+            Kinds::ALL
+        }
+    }
 }
 
 impl DopplersConfig {
@@ -308,6 +328,8 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     development: RawDevelopment,
+    #[serde(default)]
+    syslog: syslog::RawSyslog,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +432,8 @@ struct RawDopplers {
     replay_extra_percent: u32,
     #[serde(default = "default_replay_min_rate")]
     replay_min_rate: NonZeroU32,
+    #[serde(default)]
+    disable_logs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1029,6 +1053,7 @@ impl RawConfig {
             batch_max_bytes: d.batch_max_bytes,
             replay_extra_percent: d.replay_extra_percent,
             replay_min_rate: d.replay_min_rate,
+            disable_logs: d.disable_logs,
         };
 
         if development.doppler_listen.is_some() && dopplers.tls.is_some() {
@@ -1201,6 +1226,7 @@ impl RawConfig {
             log,
             health,
             development,
+            syslog: self.syslog.validate()?,
         })
     }
 }

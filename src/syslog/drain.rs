@@ -84,8 +84,8 @@ impl DrainData {
     }
 }
 
-/// A drain, as its URL configures it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A drain, as its URL configures it. Its `Debug` leaves the credentials out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct DrainUrl {
     pub scheme: Scheme,
     pub host: String,
@@ -103,6 +103,22 @@ pub struct DrainUrl {
     pub internal_tls: bool,
     /// The URL without credentials and query: what logs and metric labels show.
     pub anonymized: String,
+}
+
+impl std::fmt::Debug for DrainUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainUrl")
+            .field("anonymized", &self.anonymized)
+            .field("scheme", &self.scheme)
+            .field("data", &self.data)
+            .field("omit_metadata", &self.omit_metadata)
+            .field("internal_tls", &self.internal_tls)
+            .field(
+                "basic_auth",
+                &self.basic_auth.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a drain URL is refused. Never carries the URL's credentials.

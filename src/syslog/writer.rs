@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
@@ -29,6 +29,10 @@ pub struct WriterSettings {
     pub write_timeout: Duration,
     /// A connection idle this long is replaced before the next write.
     pub idle_reconnect: Duration,
+    /// The socket's send buffer (`SO_SNDBUF`; the kernel doubles it): what a connection can hold
+    /// outside the budget, and the most a connection that dies can lose after its writes were
+    /// counted as sent.
+    pub send_buffer: usize,
 }
 
 impl std::fmt::Debug for WriterSettings {
@@ -38,6 +42,7 @@ impl std::fmt::Debug for WriterSettings {
             .field("dial_timeout", &self.dial_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("idle_reconnect", &self.idle_reconnect)
+            .field("send_buffer", &self.send_buffer)
             .finish()
     }
 }
@@ -132,10 +137,13 @@ impl SyslogWriter {
 
     async fn dial(&mut self) -> Result<Conn, WriteError> {
         self.dials += 1;
-        let tcp = timeout(self.settings.dial_timeout, TcpStream::connect(&self.addr))
-            .await
-            .map_err(|_| WriteError::Timeout("connecting"))?
-            .map_err(WriteError::Dial)?;
+        let tcp = timeout(
+            self.settings.dial_timeout,
+            connect(&self.addr, self.settings.send_buffer),
+        )
+        .await
+        .map_err(|_| WriteError::Timeout("connecting"))?
+        .map_err(WriteError::Dial)?;
         let _ = tcp.set_nodelay(true);
         let Some((config, name)) = &self.settings.tls else {
             return Ok(Box::new(tcp));
@@ -157,4 +165,23 @@ impl SyslogWriter {
             let _ = timeout(Duration::from_millis(100), conn.shutdown()).await;
         }
     }
+}
+
+/// Connects to `addr` (`host:port`, resolved; each address tried in turn) with a send buffer of
+/// `send_buffer` bytes.
+async fn connect(addr: &str, send_buffer: usize) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_send_buffer_size(u32::try_from(send_buffer).unwrap_or(u32::MAX))?;
+        match socket.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
 }

@@ -216,16 +216,18 @@ pub enum ActorName {
     Signer,
     Supervisor,
     DopplerConnection,
+    DrainConnection,
 }
 
 impl ActorName {
-    pub const ALL: [ActorName; 6] = [
+    pub const ALL: [ActorName; 7] = [
         ActorName::Edge,
         ActorName::Ingress,
         ActorName::Sequencer,
         ActorName::Signer,
         ActorName::Supervisor,
         ActorName::DopplerConnection,
+        ActorName::DrainConnection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -236,6 +238,7 @@ impl ActorName {
             ActorName::Signer => "signer",
             ActorName::Supervisor => "supervisor",
             ActorName::DopplerConnection => "doppler_connection",
+            ActorName::DrainConnection => "drain_connection",
         }
     }
 

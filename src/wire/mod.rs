@@ -14,25 +14,28 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::actors::doppler_connection::DopplerConnection;
+use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held};
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
 use crate::actors::sequencer::{Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
 use crate::config::{Config, ConfigError, DopplerSource};
+use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::tagging::Tagger;
 use crate::envelope::writer::Writer;
-use crate::envelope::Kinds;
 use crate::grpc::egress::{DialSettings, StreamSettings};
 use crate::grpc::ingress::{Edge, EdgeTunables, IngressService};
 use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::routing::Dopplers;
+use crate::syslog::writer::WriterSettings;
 use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
+use crate::telemetry::{Account, DrainScope};
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::{ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
@@ -42,6 +45,8 @@ use crate::v1::V1Identity;
 pub struct Prepared {
     pub config: Config,
     pub tls: TlsSet,
+    /// Each aggregate drain's TLS client configuration (`None`: plain TCP).
+    pub drain_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     /// TLS for the development Doppler, when one runs.
     pub dev_doppler_tls: Option<TlsMaterial>,
     /// (key id, key) signing envelopes; `None` with `signing.enabled: false`.
@@ -60,6 +65,8 @@ pub struct Prepared {
 /// The running graph, as the agent thread needs it for shutdown.
 pub struct Running {
     pub connections: Vec<Addr<DopplerConnection>>,
+    /// The syslog drains, in `syslog.aggregate_drains` order.
+    drains: Vec<RunningDrain>,
     queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -229,6 +236,9 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         ledger: ledger.clone(),
     });
 
+    let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
+    let outlets: Vec<Outlet> = drains.iter().map(|d| d.outlet.clone()).collect();
+
     // The data path (ingress actor, sequencer, signer) shares one thread, so a batch crosses
     // threads only into it and out of it; supervision stays on the system arbiter, where signing
     // never delays a reconnect or a move (decision 5).
@@ -262,6 +272,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let signer = signer.clone();
         let budget = c.pipeline.max_buffered_bytes.get();
         let numbering = c.sequencing_enabled;
+        let doppler_kinds = c.dopplers.kinds();
         SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SequencerActor::new(
@@ -269,8 +280,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
                 numbering,
                 Routing {
                     queues,
-                    doppler_kinds: Kinds::ALL,
-                    outlets: Vec::new(),
+                    doppler_kinds,
+                    outlets,
                     budget,
                 },
                 signer.recipient(),
@@ -321,7 +332,14 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             ("system", Arbiter::current()),
             ("pipeline", pipeline_arbiter.handle()),
         ],
-        actor_checks(&ingress, &sequencer, &signer, &supervisor, &connections),
+        actor_checks(
+            &ingress,
+            &sequencer,
+            &signer,
+            &supervisor,
+            &connections,
+            &drains,
+        ),
     );
     let incoming =
         ingress_acceptor
@@ -392,6 +410,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     };
     Ok(Running {
         connections,
+        drains,
         queues: queue_handles,
         closed,
         server,
@@ -416,6 +435,7 @@ fn actor_checks(
     signer: &Addr<SignerActor>,
     supervisor: &Addr<DopplerSupervisor>,
     connections: &[Addr<DopplerConnection>],
+    drains: &[RunningDrain],
 ) -> Vec<(String, ActorCheck)> {
     fn check<A: Actor>(addr: &Addr<A>) -> ActorCheck {
         let addr = addr.clone();
@@ -430,7 +450,80 @@ fn actor_checks(
     for (slot, c) in connections.iter().enumerate() {
         checks.push((format!("doppler_connection[{slot}]"), check(c)));
     }
+    for (i, d) in drains.iter().enumerate() {
+        checks.push((format!("drain_connection[{i}]"), check(&d.actor)));
+    }
     checks
+}
+
+/// A running drain: its actor, and what the shutdown barrier counts as queued.
+struct RunningDrain {
+    actor: Addr<DrainConnection>,
+    outlet: Outlet,
+    held: Arc<Held>,
+}
+
+/// Starts one connection actor per `syslog.aggregate_drains` entry, each with its own outbox
+/// and account.
+fn start_aggregate_drains(
+    c: &Config,
+    tls: &[Option<Arc<rustls::ClientConfig>>],
+    ledger: &Arc<Ledger>,
+) -> Result<Vec<RunningDrain>, ConfigError> {
+    let s = &c.syslog;
+    let mut out = Vec::new();
+    for (i, (d, tls)) in s.aggregate_drains.iter().zip(tls).enumerate() {
+        let tls =
+            match tls {
+                None => None,
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from(d.url.host.clone())
+                        .map_err(|e| ConfigError {
+                            key: format!("syslog.aggregate_drains[{i}].url"),
+                            problem: format!(
+                                "{}: not a name TLS can verify: {e}",
+                                d.url.anonymized
+                            ),
+                        })?;
+                    Some((config.clone(), name))
+                }
+            };
+        let destination = ledger.metrics().drain_destination(
+            DrainScope::Aggregate,
+            &d.url.anonymized,
+            s.max_drain_series.get(),
+        );
+        let account = Arc::new(Account::new(destination));
+        ledger.metrics().register(account.clone());
+        let outlet = Outlet {
+            kinds: d.url.data.kinds(),
+            outbox: Arc::default(),
+            account,
+        };
+        let connection = DrainConnection::new(DrainSetup {
+            outlet: outlet.clone(),
+            url: d.url.clone(),
+            writer: WriterSettings {
+                tls,
+                dial_timeout: s.dial_timeout,
+                write_timeout: s.write_timeout,
+                idle_reconnect: s.idle_reconnect,
+                send_buffer: s.send_buffer_bytes.get(),
+            },
+            metron_tag: s.include_metron_tags,
+            backoff_initial: s.backoff_initial,
+            backoff_max: s.backoff_max,
+            ledger: ledger.clone(),
+        });
+        let held = connection.held();
+        tracing::info!(drain = %d.url.anonymized, scope = "aggregate", "syslog drain configured");
+        out.push(RunningDrain {
+            actor: connection.start(),
+            outlet,
+            held,
+        });
+    }
+    Ok(out)
 }
 
 /// Where the Dopplers are, as the supervisor takes it; `local_az` is the one the supervisor runs
@@ -523,6 +616,7 @@ impl Running {
             ActorName::Signer => self.signer.do_send(msg),
             ActorName::Supervisor => self.supervisor.do_send(msg),
             ActorName::DopplerConnection => self.connections[slot].do_send(msg),
+            ActorName::DrainConnection => self.drains[slot].actor.do_send(msg),
             // Not an actor: its reader's panics are caught per batch, with no mailbox to reach.
             ActorName::Edge => {}
         }
@@ -544,14 +638,19 @@ impl Running {
         // Every request is queued at once and shares one deadline: the dump takes at most a
         // second whatever the number of slots.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        let mut asked: Vec<(String, Request<_, DumpState>)> = Vec::new();
+        let mut asked: Vec<(String, RecipientRequest<DumpState>)> = Vec::new();
         let mut silent: Vec<String> = Vec::new();
         let ingress = self.ingress.send(DumpState);
         let sequencer = self.sequencer.send(DumpState);
         let signer = self.signer.send(DumpState);
         let supervisor = self.supervisor.send(DumpState);
         for (slot, c) in self.connections.iter().enumerate() {
+            let c = c.clone().recipient::<DumpState>();
             asked.push((format!("doppler_connection[{slot}]"), c.send(DumpState)));
+        }
+        for (i, d) in self.drains.iter().enumerate() {
+            let d = d.actor.clone().recipient::<DumpState>();
+            asked.push((format!("drain_connection[{i}]"), d.send(DumpState)));
         }
         let answered = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
         if !answered(tokio::time::timeout_at(deadline, ingress).await) {
@@ -633,13 +732,24 @@ impl Running {
                 .queues
                 .iter()
                 .map(|q| q.envelopes() + q.in_flight())
+                .chain(
+                    self.drains
+                        .iter()
+                        .map(|d| d.outlet.outbox.envelopes() + d.held.envelopes()),
+                )
                 .sum();
             if buffered == queued as u64 {
                 break;
             }
             tick.tick().await;
         }
-        let requests: Vec<_> = self.connections.iter().map(|c| c.send(Drain)).collect();
+        let requests: Vec<_> = self
+            .connections
+            .iter()
+            .map(|c| c.clone().recipient::<Drain>())
+            .chain(self.drains.iter().map(|d| d.actor.clone().recipient()))
+            .map(|r| r.send(Drain))
+            .collect();
         let mut acknowledged = true;
         for r in requests {
             let ok = matches!(tokio::time::timeout_at(deadline, r).await, Ok(Ok(true)));

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod doppler;
+pub mod drain;
 pub mod load;
 pub mod pki;
 pub mod rsyslog;

@@ -1,0 +1,318 @@
+//! One syslog drain's connection actor: takes what its outbox holds, writes each envelope as
+//! upstream's syslog-agent does ([`crate::syslog::rfc5424`], octet-counted), over TCP or TLS
+//! ([`crate::syslog::writer`]). A write that fails is retried on a new connection after a capped,
+//! jittered backoff ([`crate::routing::backoff`]); meanwhile the outbox fills up to the drain's
+//! share of the budget and the sequencer drops what is over it (`drain_queue_full`, in this
+//! drain's series only): a dead drain costs the other destinations nothing.
+//!
+//! The actor is a shell around one task. A panic in the task (a bug) is caught where the task
+//! ends: counted (`actor_panics{actor="drain_connection"}`), the batch it held dropped as
+//! `actor_panic`, and the task starts again from fresh state; the outbox, and everything still
+//! queued in it, is untouched.
+//!
+//! What `egress` means for a drain: the message was handed to the kernel on a connection that
+//! had not failed (a drain acknowledges nothing). A connection that dies can lose what the
+//! kernel had accepted and not yet sent (at most a socket buffer); a write that fails is sent
+//! again whole on the next connection, so a receiver may see a message twice, never a gap.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use prost::Message as _;
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use super::guard::Panicked;
+use super::messages::{Drain, DumpState};
+use crate::envelope::encoded::EncodedBatch;
+use crate::envelope::outbox::Outlet;
+use crate::proto::Envelope;
+use crate::routing::backoff;
+use crate::syslog::drain::DrainUrl;
+use crate::syslog::rfc5424::{self, Options};
+use crate::syslog::writer::{SyslogWriter, WriterSettings};
+use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{ActorName, DropReason, Ledger};
+
+const ME: ActorName = ActorName::DrainConnection;
+
+/// The most envelopes written in one go (one system call's worth of frames, about).
+const MAX_WRITE_ENVELOPES: usize = 256;
+
+/// Everything a drain's connection needs; fixed for the drain's life.
+pub struct DrainSetup {
+    pub outlet: Outlet,
+    pub url: DrainUrl,
+    pub writer: WriterSettings,
+    /// `syslog.include_metron_tags`.
+    pub metron_tag: bool,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub ledger: Arc<Ledger>,
+}
+
+/// The actor; see the module docs.
+pub struct DrainConnection {
+    setup: Arc<DrainSetup>,
+    /// Envelopes (and their budget bytes) the task has taken from the outbox and not yet
+    /// settled: a panic drops exactly these.
+    held: Arc<Held>,
+    /// The running task (aborted when the actor stops).
+    task: Option<AbortHandle>,
+    /// Resolved when the task has delivered everything and ended (shutdown).
+    finished: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+#[derive(Default)]
+pub struct Held {
+    envelopes: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Held {
+    fn set(&self, n: usize, bytes: usize) {
+        self.envelopes.store(n, Ordering::Release);
+        self.bytes.store(bytes, Ordering::Release);
+    }
+
+    fn take(&self) -> (usize, usize) {
+        (
+            self.envelopes.swap(0, Ordering::AcqRel),
+            self.bytes.swap(0, Ordering::AcqRel),
+        )
+    }
+
+    /// Envelopes held now (the shutdown barrier counts them as queued).
+    pub fn envelopes(&self) -> usize {
+        self.envelopes.load(Ordering::Acquire)
+    }
+}
+
+impl DrainConnection {
+    pub fn new(setup: DrainSetup) -> Self {
+        Self {
+            setup: Arc::new(setup),
+            held: Arc::default(),
+            task: None,
+            finished: None,
+        }
+    }
+
+    /// What the connection holds in hand, for the shutdown barrier.
+    pub fn held(&self) -> Arc<Held> {
+        self.held.clone()
+    }
+
+    fn spawn(&mut self, ctx: &mut Context<Self>) {
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let span = tracing::info_span!("drain", url = %self.setup.url.anonymized);
+        let task =
+            tokio::spawn(run(self.setup.clone(), self.held.clone(), done_tx).instrument(span));
+        self.finished = Some(done_rx);
+        self.task = Some(task.abort_handle());
+        // The task's end, watched from the actor: a panic restarts it from fresh state.
+        let ended = async move {
+            match task.await {
+                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
+                _ => None,
+            }
+        };
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
+                if let Some(panic) = ended {
+                    let ledger = &act.setup.ledger;
+                    panic.report(ME, ledger.metrics());
+                    let (n, bytes) = act.held.take();
+                    act.setup.outlet.outbox.unroute(bytes);
+                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
+                    act.spawn(ctx);
+                }
+            }),
+        );
+    }
+}
+
+impl Actor for DrainConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.spawn(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Handler<Drain> for DrainConnection {
+    type Result = ResponseFuture<bool>;
+
+    /// Shutdown: the task writes what is queued, then ends; true once it has.
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.setup.outlet.outbox.close();
+        let finished = self.finished.clone();
+        Box::pin(async move {
+            match finished {
+                Some(mut f) => f.wait_for(|done| *done).await.is_ok(),
+                None => true,
+            }
+        })
+    }
+}
+
+impl Handler<DumpState> for DrainConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let s = self.setup.outlet.account.snapshot();
+        tracing::info!(
+            target: "metron::state",
+            actor = "drain_connection",
+            drain = %self.setup.url.anonymized,
+            queued = self.setup.outlet.outbox.envelopes(),
+            held = self.held.envelopes(),
+            routed_bytes = self.setup.outlet.outbox.routed(),
+            offered = s.offered,
+            egress = s.egress,
+            dropped = s.dropped_total(),
+            "state"
+        );
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for DrainConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        CHAOS.store(true, Ordering::Release);
+    }
+}
+
+/// Test-only: the next batch a drain task formats panics (chaos hook).
+#[cfg(feature = "chaos-hooks")]
+static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The connection's task: take, format, write; retry a failed write after a backoff.
+async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::Sender<bool>) {
+    let (host, port) = (&setup.url.host, setup.url.port);
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut writer = SyslogWriter::new(addr, setup.writer.clone());
+    let options = Options {
+        hostname: "",
+        metadata: !setup.url.omit_metadata,
+        metron_tag: setup.metron_tag,
+    };
+    let (ledger, outlet) = (&setup.ledger, &setup.outlet);
+    let metrics = ledger.metrics();
+    let warnings = RateLimit::new(Duration::from_secs(10));
+    let mut failures: u32 = 0;
+    let mut connected = false;
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
+        held.set(batch.len(), batch.bytes());
+        frames.clear();
+        let (sent, unformattable) = format_batch(&batch, &options, &mut frames);
+        if unformattable.0 > 0 {
+            outlet.outbox.unroute(unformattable.1);
+            ledger.dropped_at(
+                &outlet.account,
+                DropReason::Unformattable,
+                unformattable.0,
+                unformattable.1,
+            );
+            held.set(sent.0, sent.1);
+        }
+        loop {
+            if frames.is_empty() {
+                break;
+            }
+            match writer.write(&frames).await {
+                Ok(()) => {
+                    if !connected {
+                        connected = true;
+                        metrics.drain_connections.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if failures > 0 {
+                        tracing::info!(failures, "drain connection recovered");
+                        failures = 0;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    if connected {
+                        connected = false;
+                        metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    failures = failures.saturating_add(1);
+                    let wait = backoff::delay(
+                        failures,
+                        setup.backoff_initial,
+                        setup.backoff_max,
+                        crate::entropy::random_u64(),
+                    );
+                    warnings.warn_every(|times| {
+                        tracing::warn!(
+                            error = %e,
+                            failures,
+                            times,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "drain write failed; retrying on a new connection"
+                        );
+                    });
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let (n, bytes) = held.take();
+        outlet.outbox.unroute(bytes);
+        ledger.delivered_at(&outlet.account, n, bytes);
+    }
+    if connected {
+        metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+    writer.close().await;
+    let _ = done.send(true);
+}
+
+/// Formats every envelope of `batch` into `frames`; returns (envelopes, budget bytes) formatted
+/// and refused.
+fn format_batch(
+    batch: &EncodedBatch,
+    options: &Options,
+    frames: &mut Vec<Vec<u8>>,
+) -> ((usize, usize), (usize, usize)) {
+    #[cfg(feature = "chaos-hooks")]
+    if CHAOS.swap(false, Ordering::AcqRel) {
+        super::guard::chaos_panic(ME);
+    }
+    let (mut sent, mut refused) = ((0, 0), (0, 0));
+    for i in 0..batch.len() {
+        let cost = batch.costs()[i] as usize;
+        let formatted = Envelope::decode(batch.envelope(i))
+            .ok()
+            .and_then(|env| rfc5424::format(&env, options, frames).ok());
+        match formatted {
+            Some(()) => {
+                sent.0 += 1;
+                sent.1 += cost;
+            }
+            None => {
+                refused.0 += 1;
+                refused.1 += cost;
+            }
+        }
+    }
+    (sent, refused)
+}

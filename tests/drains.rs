@@ -1,0 +1,314 @@
+//! Syslog drains beside the Doppler pool: every destination gets what its filter takes, written as
+//! upstream's syslog-agent writes it, and a blackholed drain costs the other destinations nothing
+//! (its losses show in its own series only). Real mTLS gRPC in, real TCP and mTLS syslog out.
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{sequences, World};
+use common::drain::{Behaviour, FakeDrain};
+use common::load::Load;
+use common::*;
+use metron::proto::envelope::Message;
+use metron::telemetry::{Destination, DrainScope, DropReason, MetricsSnapshot};
+use metron::Agent;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn drain_yaml(w: &World, drains: &[(String, bool)], extra: &str) -> String {
+    let entries: String = drains
+        .iter()
+        .map(|(url, mtls)| {
+            if *mtls {
+                format!(
+                    "    - {{ url: \"{url}\", ca: {}, cert: {}, key: {} }}\n",
+                    w.pki.ca_path.display(),
+                    w.client_cert.cert_path.display(),
+                    w.client_cert.key_path.display()
+                )
+            } else {
+                format!("    - {{ url: \"{url}\" }}\n")
+            }
+        })
+        .collect();
+    format!("syslog:\n  aggregate_drains:\n{entries}{extra}")
+}
+
+fn drain(url: &str) -> Destination {
+    Destination::Drain {
+        scope: DrainScope::Aggregate,
+        url: url.to_string(),
+    }
+}
+
+/// Every destination settled what it was offered, and the agent-wide balance holds:
+/// `ingress + destination_copies == Σ egress + Σ dropped + filtered` (nothing buffered).
+fn assert_fan_out_balanced(m: &MetricsSnapshot) {
+    for a in &m.accounts {
+        assert_eq!(
+            a.offered,
+            a.egress + a.dropped_total() + a.buffered,
+            "{:?}: offered == egress + dropped + buffered",
+            a.destination
+        );
+        assert_eq!(a.buffered, 0, "{:?} holds nothing", a.destination);
+    }
+    assert_eq!(
+        m.ingress + m.destination_copies,
+        m.egress + m.drain_egress() + m.dropped_total() + m.drain_dropped() + m.filtered,
+        "the fan-out balance: {m:?}"
+    );
+}
+
+/// The APP-NAME and MSG of an RFC 5424 message (MSG without its trailing newline).
+fn app_and_msg(m: &str) -> (String, String) {
+    let fields: Vec<&str> = m.splitn(7, ' ').collect();
+    let rest = fields[6];
+    // Structured data runs to the last `]` before the message (or is `-`).
+    let msg = if let Some(r) = rest.strip_prefix("- ") {
+        r
+    } else {
+        rest.rfind("] ").map_or("", |i| &rest[i + 2..])
+    };
+    (
+        fields[3].to_string(),
+        msg.trim_end_matches('\n').to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_destination_receives_what_its_filter_takes() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let all = FakeDrain::tcp(Behaviour::Read);
+    let logs = FakeDrain::mtls(&w.pki, Behaviour::Read);
+    let all_url = format!("syslog://{}", all.addr());
+    let logs_url = format!("syslog-tls://{}", logs.addr());
+    let yaml = drain_yaml(
+        &w,
+        &[
+            (format!("{all_url}?include-metrics-deprecated=true"), false),
+            (format!("{logs_url}?drain-type=logs"), true),
+        ],
+        "",
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut sent = Vec::new();
+    for round in 0..20 {
+        for src in ["app-a", "app-b", "rep"] {
+            for mut e in all_types(src) {
+                if let Some(Message::Log(l)) = &mut e.message {
+                    l.payload = format!("{src} {round}").into_bytes();
+                }
+                sent.push(e);
+            }
+        }
+    }
+    send_all(&mut client, &sent).await;
+    let n = sent.len();
+    let n_logs = n / 5;
+    assert!(
+        doppler.wait_for_count(n, WAIT),
+        "the Doppler got {}",
+        doppler.count()
+    );
+    assert!(all.wait_for(n, WAIT), "the all-drain got {}", all.count());
+    assert!(
+        logs.wait_for(n_logs, WAIT),
+        "the logs-drain got {}",
+        logs.count()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+
+    // The Doppler pool: every envelope, numbered per source as before.
+    let received = doppler.received();
+    assert_eq!(received.len(), n);
+    for ((_, source), seqs) in sequences(&received) {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "{source}");
+    }
+    // The all-drain: one message per envelope (each gauge has one metric), the agent's default
+    // tags in, its own tag out; logs in order per source.
+    let msgs = all.messages();
+    assert_eq!(msgs.len(), n);
+    for m in &msgs {
+        assert!(m.contains("deployment=\"cf\""), "default tags: {m}");
+        assert!(!m.contains("metron="), "no metron tag by default: {m}");
+    }
+    for kind in ["counter@47450", "gauge@47450", "timer@47450", "event@47450"] {
+        assert_eq!(
+            msgs.iter().filter(|m| m.contains(kind)).count(),
+            n / 5,
+            "{kind}"
+        );
+    }
+    // The logs-drain (drain-type=logs, over mTLS): logs only, each source's in order.
+    let msgs = logs.messages();
+    assert_eq!(msgs.len(), n_logs, "logs only");
+    for src in ["app-a", "app-b", "rep"] {
+        let got: Vec<String> = msgs
+            .iter()
+            .map(|m| app_and_msg(m))
+            .filter(|(app, _)| app == src)
+            .map(|(_, msg)| msg)
+            .collect();
+        let want: Vec<String> = (0..20).map(|r| format!("{src} {r}")).collect();
+        assert_eq!(got, want, "{src}'s logs, in order");
+    }
+
+    let text = scrape(agent.metrics_addr().unwrap());
+    for (url, egress) in [(&all_url, n), (&logs_url, n_logs)] {
+        let labels = [("drain_scope", "aggregate"), ("drain_url", url.as_str())];
+        assert_eq!(
+            metric_value(&text, "egress", &labels),
+            Some(egress as f64),
+            "{url}"
+        );
+        assert_eq!(
+            metric_value(&text, "destination_offered", &labels),
+            Some(egress as f64)
+        );
+    }
+    assert_eq!(
+        metric_value(&text, "destination_offered", &[("destination", "doppler")]),
+        Some(n as f64)
+    );
+    assert_eq!(
+        metric_value(&text, "drains", &[("drain_scope", "aggregate")]),
+        Some(2.0)
+    );
+
+    let report = agent.shutdown();
+    assert!(report.flushed);
+    let m = report.metrics;
+    assert_eq!(m.ingress, n as u64);
+    assert_eq!(m.destination_copies, (n + n_logs) as u64);
+    assert_eq!(m.account(&drain(&all_url)).unwrap().egress, n as u64);
+    assert_eq!(m.account(&drain(&logs_url)).unwrap().egress, n_logs as u64);
+    assert_fan_out_balanced(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_disable_logs_the_doppler_gets_no_logs_and_a_drain_still_does() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let d = FakeDrain::tcp(Behaviour::Read);
+    let url = format!("syslog://{}", d.addr());
+    let yaml = drain_yaml(&w, &[(format!("{url}?drain-type=logs"), false)], "");
+    let mut config = w.config(&[(doppler.addr(), "z1")], &yaml);
+    config.dopplers.disable_logs = true;
+    metron::telemetry::init_logging("warn");
+    let agent = Agent::start(config).unwrap();
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<_> = (0..10).flat_map(|_| all_types("app")).collect();
+    send_all(&mut client, &sent).await;
+    assert!(d.wait_for(10, WAIT));
+    assert!(doppler.wait_for_count(40, WAIT));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    assert!(
+        doppler
+            .received()
+            .iter()
+            .all(|e| !matches!(e.message, Some(Message::Log(_)))),
+        "no log reaches a Doppler"
+    );
+    assert_eq!(
+        doppler.count(),
+        40,
+        "counters, gauges, timers and events do"
+    );
+    let m = agent.shutdown().metrics;
+    assert_eq!(m.filtered, 0, "every envelope had a destination");
+    assert_eq!(m.destination_copies, 0, "and only one");
+    assert_fan_out_balanced(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_drain_costs_the_doppler_and_the_other_drain_nothing() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let dead = FakeDrain::tcp(Behaviour::Blackhole);
+    let healthy = FakeDrain::tcp(Behaviour::Read);
+    let dead_url = format!("syslog://{}", dead.addr());
+    let healthy_url = format!("syslog://{}", healthy.addr());
+    let yaml = drain_yaml(
+        &w,
+        &[(dead_url.clone(), false), (healthy_url.clone(), false)],
+        "  write_timeout_ms: 1000\n  backoff_max_ms: 500\n  send_buffer_bytes: 16384\n\
+         pipeline: { max_buffered_bytes: 12582912 }\nshutdown: { grace_period_ms: 1000 }\n",
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    // 5,000 envelopes/s for 15 s: two streams, one 40-envelope batch each per 16 ms.
+    let load = Load::start(&agent, &w, 2, Some(Duration::from_millis(16))).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let sent = load.stop().await as usize;
+    assert!(
+        doppler.wait_for_count(sent, WAIT),
+        "the Doppler got {} of {sent}",
+        doppler.count()
+    );
+    assert!(
+        healthy.wait_for(sent, WAIT),
+        "drain B got {} of {sent}",
+        healthy.count()
+    );
+
+    let text = scrape(agent.metrics_addr().unwrap());
+    let dead_labels = [
+        ("drain_scope", "aggregate"),
+        ("drain_url", dead_url.as_str()),
+    ];
+    let healthy_labels = [
+        ("drain_scope", "aggregate"),
+        ("drain_url", healthy_url.as_str()),
+    ];
+    assert!(
+        metric_value(&text, "dropped", &dead_labels).unwrap() > 0.0,
+        "the dead drain's losses are in its series: {:?}",
+        agent.metrics().account(&drain(&dead_url))
+    );
+    assert_eq!(metric_value(&text, "dropped", &healthy_labels), Some(0.0));
+    assert!(metric_value(&text, "messages_dropped_per_drain", &dead_labels).unwrap() > 0.0);
+
+    let report = agent.shutdown();
+    assert!(!report.flushed, "the dead drain never took its backlog");
+    let m = report.metrics;
+    assert_eq!(m.ingress, sent as u64);
+    assert_eq!(m.egress, sent as u64, "the Doppler pool lost nothing");
+    assert_eq!(
+        m.dropped_total(),
+        0,
+        "no drop outside the dead drain: {m:?}"
+    );
+    let b = m.account(&drain(&healthy_url)).unwrap();
+    assert_eq!(
+        (b.egress, b.dropped_total()),
+        (sent as u64, 0),
+        "drain B lost nothing"
+    );
+    let a = m.account(&drain(&dead_url)).unwrap();
+    assert_eq!(a.offered, sent as u64);
+    assert!(a.dropped_by(DropReason::DrainQueueFull) > 0, "{a:?}");
+    assert_fan_out_balanced(&m);
+    assert!(
+        m.peak_buffered_bytes <= 12 << 20,
+        "the budget held: {}",
+        m.peak_buffered_bytes
+    );
+
+    // B and the Doppler got every source's envelopes in order.
+    let received = doppler.received();
+    for ((_, source), seqs) in sequences(&received) {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "{source} at the Doppler");
+    }
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    for msg in healthy.messages() {
+        let (app, payload) = app_and_msg(&msg);
+        let i: u64 = payload.parse().unwrap();
+        let prev = last.insert(app.clone(), i).unwrap_or(0);
+        assert!(i > prev, "{app}: {i} after {prev}");
+    }
+}
