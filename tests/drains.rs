@@ -312,3 +312,88 @@ async fn a_blackholed_drain_costs_the_doppler_and_the_other_drain_nothing() {
         assert!(i > prev, "{app}: {i} after {prev}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_log_cache_would_refuse_is_dropped_and_counted_not_sent() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let d = FakeDrain::tcp(Behaviour::Read);
+    let url = format!("syslog://{}", d.addr());
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        &drain_yaml(&w, &[(url.clone(), false)], ""),
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let huge = log_envelope("app", &"x".repeat(70_000));
+    let mut odd = log_envelope("app", "a log type neither OUT nor ERR");
+    if let Some(Message::Log(l)) = &mut odd.message {
+        l.r#type = 7;
+    }
+    let fine = log_envelope("app", "fine");
+    send_all(&mut client, &[huge, odd, fine]).await;
+    assert!(
+        doppler.wait_for_count(3, WAIT),
+        "the Doppler takes all three"
+    );
+    assert!(d.wait_for(1, WAIT));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let msgs = d.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert!(msgs[0].ends_with(" fine\n"), "{}", msgs[0]);
+    let m = agent.shutdown().metrics;
+    let a = m.account(&drain(&url)).unwrap();
+    assert_eq!(a.dropped_by(DropReason::Unformattable), 2, "{a:?}");
+    assert_eq!(a.egress, 1);
+    assert_fan_out_balanced(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_drain_connection_starts_over_and_loses_only_what_it_held() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let d = FakeDrain::tcp(Behaviour::Read);
+    let url = format!("syslog://{}", d.addr());
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        &drain_yaml(&w, &[(url.clone(), false)], ""),
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let first: Vec<_> = (0..10)
+        .map(|i| log_envelope("app", &format!("{i}")))
+        .collect();
+    send_all(&mut client, &first).await;
+    assert!(d.wait_for(10, WAIT));
+    agent.chaos_panic(metron::telemetry::ActorName::DrainConnection, 0, false);
+    // Once the hook is armed, the next batch the task takes is lost to the panic; the one after
+    // goes through a fresh task.
+    let panics = || {
+        agent
+            .metrics()
+            .panics_of(metron::telemetry::ActorName::DrainConnection)
+    };
+    let mut sent = 10;
+    while panics() == 0 {
+        assert!(sent < 100, "the hook never struck");
+        send_all(&mut client, &[log_envelope("app", &format!("{sent}"))]).await;
+        sent += 1;
+        common::wait_until(Duration::from_millis(200), || panics() > 0);
+    }
+    send_all(&mut client, &[log_envelope("app", "after")]).await;
+    sent += 1;
+    assert!(
+        d.wait_for(sent - 1, WAIT),
+        "all but the one lost: {}",
+        d.count()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    assert_eq!(
+        m.panics_of(metron::telemetry::ActorName::DrainConnection),
+        1
+    );
+    let a = m.account(&drain(&url)).unwrap();
+    assert_eq!(a.dropped_by(DropReason::ActorPanic), 1, "{a:?}");
+    assert_eq!(a.egress as usize, d.count());
+    assert_eq!(m.egress as usize, sent, "the Doppler pool lost nothing");
+    assert_fan_out_balanced(&m);
+}

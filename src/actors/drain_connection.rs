@@ -31,7 +31,7 @@ use crate::envelope::outbox::Outlet;
 use crate::proto::Envelope;
 use crate::routing::backoff;
 use crate::syslog::drain::DrainUrl;
-use crate::syslog::rfc5424::{self, Options};
+use crate::syslog::rfc5424::{self, Options, MAX_MESSAGE_BYTES};
 use crate::syslog::writer::{SyslogWriter, WriterSettings};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
@@ -69,6 +69,9 @@ pub struct DrainConnection {
 pub struct Held {
     envelopes: AtomicUsize,
     bytes: AtomicUsize,
+    /// Test-only: the next batch the task formats panics (chaos hook).
+    #[cfg(feature = "chaos-hooks")]
+    chaos: std::sync::atomic::AtomicBool,
 }
 
 impl Held {
@@ -192,13 +195,9 @@ impl Handler<super::messages::ChaosPanic> for DrainConnection {
         if msg.escape {
             super::guard::chaos_panic(ME);
         }
-        CHAOS.store(true, Ordering::Release);
+        self.held.chaos.store(true, Ordering::Release);
     }
 }
-
-/// Test-only: the next batch a drain task formats panics (chaos hook).
-#[cfg(feature = "chaos-hooks")]
-static CHAOS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The connection's task: take, format, write; retry a failed write after a backoff.
 async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::Sender<bool>) {
@@ -223,6 +222,10 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
     while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
         held.set(batch.len(), batch.bytes());
         frames.clear();
+        #[cfg(feature = "chaos-hooks")]
+        if held.chaos.swap(false, Ordering::AcqRel) {
+            super::guard::chaos_panic(ME);
+        }
         let (sent, unformattable) = format_batch(&batch, &options, &mut frames);
         if unformattable.0 > 0 {
             outlet.outbox.unroute(unformattable.1);
@@ -293,22 +296,26 @@ fn format_batch(
     options: &Options,
     frames: &mut Vec<Vec<u8>>,
 ) -> ((usize, usize), (usize, usize)) {
-    #[cfg(feature = "chaos-hooks")]
-    if CHAOS.swap(false, Ordering::AcqRel) {
-        super::guard::chaos_panic(ME);
-    }
     let (mut sent, mut refused) = ((0, 0), (0, 0));
     for i in 0..batch.len() {
         let cost = batch.costs()[i] as usize;
+        let before = frames.len();
         let formatted = Envelope::decode(batch.envelope(i))
             .ok()
-            .and_then(|env| rfc5424::format(&env, options, frames).ok());
+            .and_then(|env| rfc5424::format(&env, options, frames).ok())
+            // Log Cache closes the connection on a larger frame, losing what follows it.
+            .filter(|()| {
+                frames[before..]
+                    .iter()
+                    .all(|f| f.len() <= MAX_MESSAGE_BYTES)
+            });
         match formatted {
             Some(()) => {
                 sent.0 += 1;
                 sent.1 += cost;
             }
             None => {
+                frames.truncate(before);
                 refused.0 += 1;
                 refused.1 += cost;
             }

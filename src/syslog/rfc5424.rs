@@ -52,6 +52,12 @@ pub enum Unformattable {
     NoMessage,
 }
 
+/// The longest message metron sends (without its octet count): Log Cache's syslog server takes
+/// no more, and closes the connection on a longer frame, losing everything after it (reference
+/// §1.5). A longer one is dropped and counted (`unformattable`), never truncated: upstream does
+/// not truncate payloads either, and a cut message would pass for a whole one.
+pub const MAX_MESSAGE_BYTES: usize = 65_536;
+
 /// Upstream's limits (RFC 5424's): HOSTNAME 255, APP-NAME 48, PROCID 128 bytes.
 const MAX_HOSTNAME: usize = 255;
 const MAX_APP_NAME: usize = 48;
