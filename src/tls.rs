@@ -286,7 +286,11 @@ impl TlsSet {
                 })
         };
         let ingress = files(&config.ingress.tls, "ingress.grpc.tls")?;
-        let doppler = files(&config.dopplers.tls, "dopplers.tls")?;
+        // Without Dopplers nothing is ever dialled with it: the ingress material stands in.
+        let doppler = match config.dopplers.source {
+            crate::config::DopplerSource::None => ingress.clone(),
+            _ => files(&config.dopplers.tls, "dopplers.tls")?,
+        };
         Ok(Self {
             ingress: TlsMaterial::load(&ingress, "ingress.grpc.tls")?,
             doppler: TlsMaterial::load(&doppler, "dopplers.tls")?,

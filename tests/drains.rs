@@ -397,3 +397,56 @@ async fn a_panicking_drain_connection_starts_over_and_loses_only_what_it_held() 
     assert_eq!(m.egress as usize, sent, "the Doppler pool lost nothing");
     assert_fan_out_balanced(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dopplers_a_drain_alone_takes_everything() {
+    let w = World::new();
+    let d = FakeDrain::mtls(&w.pki, Behaviour::Read);
+    let url = format!("syslog-tls://{}", d.addr());
+    let yaml = w.yaml(
+        &[],
+        &drain_yaml(&w, &[(format!("{url}?drain-data=all"), true)], ""),
+    );
+    // The World's YAML always has a dopplers section: cut it out.
+    let start = yaml.find("dopplers:\n").unwrap();
+    let end = yaml[start..].find("metrics:\n").unwrap() + start;
+    let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
+    let config = metron::config::Config::from_yaml(&yaml).unwrap();
+    metron::telemetry::init_logging("warn");
+    let agent = Agent::start(config).unwrap();
+    assert_eq!(agent.connection_slots(), 0, "no Doppler pool");
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<_> = (0..20).flat_map(|_| all_types("app")).collect();
+    send_all(&mut client, &sent).await;
+    assert!(d.wait_for(sent.len(), WAIT), "the drain got {}", d.count());
+    let (_, ready) = http_get(agent.health_addr().unwrap(), "/readyz")
+        .await
+        .unwrap();
+    assert!(
+        ready.contains("\"status\":\"ready\""),
+        "a drain connection makes it ready: {ready}"
+    );
+    assert!(
+        ready.contains(&format!("\"drain_url\":\"{url}\"")),
+        "{ready}"
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let report = agent.shutdown();
+    assert!(report.flushed);
+    let m = report.metrics;
+    assert_eq!((m.egress, m.drain_egress()), (0, sent.len() as u64));
+    assert_eq!(m.account(&Destination::Doppler).unwrap().offered, 0);
+    assert_fan_out_balanced(&m);
+}
+
+#[test]
+fn a_config_without_dopplers_needs_a_drain() {
+    let w = World::new();
+    let yaml = w.yaml(&[], "");
+    let start = yaml.find("dopplers:\n").unwrap();
+    let end = yaml[start..].find("metrics:\n").unwrap() + start;
+    let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
+    let e = metron::config::Config::from_yaml(&yaml).unwrap_err();
+    assert_eq!(e.key, "dopplers", "{e}");
+    assert!(e.problem.contains("syslog.aggregate_drains"), "{e}");
+}

@@ -61,7 +61,7 @@ async fn readiness_follows_the_doppler_streams() {
     assert_eq!(
         body.get("reasons"),
         Some(&Json::Array(vec![Json::String(
-            "no Doppler stream is open".into()
+            "no destination has a connection open (no Doppler stream, no drain)".into()
         )]))
     );
 

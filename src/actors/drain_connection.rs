@@ -246,6 +246,7 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
                     if !connected {
                         connected = true;
                         metrics.drain_connections.fetch_add(1, Ordering::Relaxed);
+                        outlet.account.connected(1);
                     }
                     if failures > 0 {
                         tracing::info!(failures, "drain connection recovered");
@@ -257,6 +258,7 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
                     if connected {
                         connected = false;
                         metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
+                        outlet.account.connected(-1);
                     }
                     failures = failures.saturating_add(1);
                     let wait = backoff::delay(
@@ -284,6 +286,7 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
     }
     if connected {
         metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
+        outlet.account.connected(-1);
     }
     writer.close().await;
     let _ = done.send(true);

@@ -205,6 +205,8 @@ impl DopplersConfig {
 /// Where the Dopplers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DopplerSource {
+    /// No `dopplers` section: no Doppler pool (a drain takes the envelopes).
+    None,
     /// `dopplers.endpoints`: a fixed list, each with its AZ.
     Static(Vec<EndpointConfig>),
     /// `dopplers.router_addr` (every Doppler) and optionally `dopplers.router_addr_with_az` (the
@@ -308,7 +310,8 @@ struct RawConfig {
     #[serde(default)]
     tags: BTreeMap<String, String>,
     ingress: RawIngress,
-    dopplers: RawDopplers,
+    #[serde(default)]
+    dopplers: Option<RawDopplers>,
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
@@ -434,6 +437,36 @@ struct RawDopplers {
     replay_min_rate: NonZeroU32,
     #[serde(default)]
     disable_logs: bool,
+}
+
+/// The section when the YAML leaves it out: no Dopplers at all (another destination must be
+/// configured; [`RawConfig::validate`] checks it).
+impl Default for RawDopplers {
+    fn default() -> Self {
+        Self {
+            endpoints: Default::default(),
+            router_addr: Default::default(),
+            router_addr_with_az: Default::default(),
+            resolve_interval_ms: default_resolve_interval_ms(),
+            tls: Default::default(),
+            connections: default_connections(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            rebalance_interval_ms: default_rebalance_interval_ms(),
+            progress_timeout_ms: default_progress_timeout_ms(),
+            ack_interval_ms: default_ack_interval_ms(),
+            ack_bytes: default_ack_bytes(),
+            recycle_interval_ms: default_recycle_interval_ms(),
+            keepalive_interval_ms: default_keepalive_interval_ms(),
+            keepalive_timeout_ms: default_keepalive_timeout_ms(),
+            batch_max_envelopes: default_batch_max_envelopes(),
+            batch_max_bytes: default_batch_max_bytes(),
+            replay_extra_percent: default_replay_extra_percent(),
+            replay_min_rate: default_replay_min_rate(),
+            disable_logs: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -915,7 +948,16 @@ impl RawConfig {
             udp,
         };
 
-        let d = self.dopplers;
+        // Without a `dopplers` section the agent has no Doppler pool: another destination must
+        // take its envelopes.
+        let no_dopplers = self.dopplers.is_none();
+        if no_dopplers && !self.syslog.has_drains() {
+            return Err(ConfigError::new(
+                "dopplers",
+                "missing: configure Dopplers, or at least one syslog.aggregate_drains entry",
+            ));
+        }
+        let d = self.dopplers.unwrap_or_default();
         let host_port = |key: String, addr: &str| {
             let ok = addr
                 .rsplit_once(':')
@@ -930,6 +972,7 @@ impl RawConfig {
             }
         };
         let source = match (d.endpoints.is_empty(), d.router_addr) {
+            _ if no_dopplers => DopplerSource::None,
             (true, None) => {
                 return Err(ConfigError::new(
                     "dopplers",
@@ -986,7 +1029,7 @@ impl RawConfig {
                 }
                 (Some(files), t.server_name)
             }
-            None if development.enabled => (None, default_server_name()),
+            None if development.enabled || no_dopplers => (None, default_server_name()),
             None => {
                 return Err(ConfigError::new(
                     "dopplers.tls",

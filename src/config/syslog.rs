@@ -156,6 +156,11 @@ fn default_backoff_max_ms() -> NonZeroU64 {
 }
 
 impl RawSyslog {
+    /// Whether any drain is configured.
+    pub(super) fn has_drains(&self) -> bool {
+        !self.aggregate_drains.is_empty()
+    }
+
     pub(super) fn validate(self) -> Result<SyslogConfig, ConfigError> {
         if self.aggregate_drains.len() > MAX_AGGREGATE_DRAINS {
             return Err(ConfigError::new(

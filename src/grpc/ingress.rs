@@ -172,15 +172,13 @@ impl Edge {
     }
 
     /// How long an admission may wait for room, and the reason to count if it gets none.
-    /// Waiting only helps while a stream is draining the pipeline; with every Doppler down the
-    /// budget frees up only on reconnect, and the emitter must not pay for that.
+    /// Waiting only helps while a destination is draining the pipeline (a Doppler stream or a
+    /// drain connection is open); with every destination down the budget frees up only on
+    /// reconnect, and the emitter must not pay for that.
     fn wait_policy(&self) -> (Duration, DropReason) {
-        let streams_open = self
-            .ledger
-            .metrics()
-            .doppler_v2_streams
-            .load(Ordering::Relaxed)
-            > 0;
+        let m = self.ledger.metrics();
+        let streams_open = m.doppler_v2_streams.load(Ordering::Relaxed) > 0
+            || m.drain_connections.load(Ordering::Relaxed) > 0;
         if streams_open {
             (self.tunables.max_wait(), DropReason::PipelineFull)
         } else {

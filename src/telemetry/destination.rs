@@ -8,7 +8,7 @@
 //! same families labelled `drain_scope` and `drain_url` (upstream's syslog-agent's), so summing a
 //! family counts every delivery or drop once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::metrics::DropReason;
@@ -75,6 +75,8 @@ pub struct Account {
     dropped: [AtomicU64; DropReason::ALL.len()],
     buffered: AtomicU64,
     buffered_bytes: AtomicU64,
+    /// Open connections (a drain's; the Doppler pool's are `doppler_v2_streams`).
+    connections: AtomicI64,
     warnings: RateLimit,
 }
 
@@ -88,6 +90,7 @@ pub struct AccountSnapshot {
     pub dropped: Vec<(DropReason, u64)>,
     pub buffered: u64,
     pub buffered_bytes: u64,
+    pub connections: i64,
 }
 
 impl AccountSnapshot {
@@ -112,6 +115,7 @@ impl Account {
             dropped: Default::default(),
             buffered: AtomicU64::new(0),
             buffered_bytes: AtomicU64::new(0),
+            connections: AtomicI64::new(0),
             warnings: RateLimit::new(Duration::from_secs(10)),
         }
     }
@@ -170,6 +174,11 @@ impl Account {
         }
     }
 
+    /// A connection of this destination opened (`+1`) or closed (`-1`).
+    pub fn connected(&self, delta: i64) {
+        self.connections.fetch_add(delta, Ordering::Relaxed);
+    }
+
     /// (envelopes, budget bytes) offered and not yet delivered or dropped.
     pub fn buffered(&self) -> (u64, u64) {
         (
@@ -191,6 +200,7 @@ impl Account {
                 .collect(),
             buffered: get(&self.buffered),
             buffered_bytes: get(&self.buffered_bytes),
+            connections: self.connections.load(Ordering::Relaxed),
         }
     }
 }

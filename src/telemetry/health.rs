@@ -5,8 +5,9 @@
 //!   pipeline arbiter (tagging, sequencing, signing) — runs a task within [`LIVENESS_TIMEOUT`], and
 //!   every actor is there (a panic that escaped an actor's guard takes it down for good). A
 //!   wedged arbiter or a gone actor is what a restart cures.
-//! * ready: live actors, the gRPC ingress is listening and at least one Doppler stream is open,
-//!   so what an emitter sends now can go somewhere.
+//! * ready: live actors, the gRPC ingress is listening and at least one destination has a
+//!   connection open (a Doppler stream or a drain connection), so what an emitter sends now can
+//!   go somewhere. The body reports every destination's connections and balance.
 //!
 //! Both answer 200 or 503 with a JSON body; its field names are a stable interface.
 
@@ -83,8 +84,9 @@ impl Health {
         if !ingress {
             not_ready.push("ingress is not listening");
         }
-        if streams == 0 {
-            not_ready.push("no Doppler stream is open");
+        let drains_open = m.drain_connections.max(0);
+        if streams == 0 && drains_open == 0 {
+            not_ready.push("no destination has a connection open (no Doppler stream, no drain)");
         }
         let (envelopes, bytes) = self.ledger.buffered();
         let mut b = String::with_capacity(512);
@@ -116,7 +118,35 @@ impl Health {
         for reason in DropReason::ALL {
             let _ = write!(b, ",\"{}\":{}", reason.name(), m.dropped_by(reason));
         }
-        b.push_str("},\"reasons\":[");
+        b.push_str("},\"destinations\":[");
+        for (i, a) in m.accounts.iter().enumerate() {
+            if i > 0 {
+                b.push(',');
+            }
+            b.push_str("{\"destination\":");
+            match &a.destination {
+                super::Destination::Doppler => {
+                    b.push_str("\"doppler\"");
+                    let _ = write!(b, ",\"connections\":{streams}");
+                }
+                super::Destination::Drain { scope, url } => {
+                    b.push_str("\"drain\",\"drain_scope\":");
+                    push_json_str(&mut b, scope.name());
+                    b.push_str(",\"drain_url\":");
+                    push_json_str(&mut b, url);
+                    let _ = write!(b, ",\"connections\":{}", a.connections.max(0));
+                }
+            }
+            let _ = write!(
+                b,
+                ",\"offered\":{},\"egress\":{},\"dropped\":{},\"buffered\":{}}}",
+                a.offered,
+                a.egress,
+                a.dropped_total(),
+                a.buffered
+            );
+        }
+        b.push_str("],\"reasons\":[");
         for (i, r) in not_ready.iter().enumerate() {
             if i > 0 {
                 b.push(',');

@@ -206,7 +206,11 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let c = &p.config;
     let cap = c.pipeline.mailbox_capacity.get();
     let ledger = p.ledger.clone();
-    let slots = c.dopplers.connections.get();
+    // No Doppler pool, no slots: the supervisor idles and the sequencer offers nothing to it.
+    let slots = match c.dopplers.source {
+        DopplerSource::None => 0,
+        _ => c.dopplers.connections.get(),
+    };
 
     let dopplers = dopplers(c, &c.identity.az, &p.resolver).map_err(std::io::Error::other)?;
     let queues: Vec<Arc<EgressQueue>> = (0..slots).map(|_| Arc::default()).collect();
@@ -534,6 +538,7 @@ fn dopplers(
     resolver: &Arc<dyn Resolver>,
 ) -> Result<Dopplers, ConfigError> {
     Ok(match &c.dopplers.source {
+        DopplerSource::None => Dopplers::Static(Vec::new()),
         DopplerSource::Static(list) => Dopplers::Static(
             list.iter()
                 .map(|e| Endpoint {
