@@ -165,7 +165,10 @@ const GONE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_milli
 
 enum Control {
     Shutdown,
-    Reload(Box<(Config, TlsSet)>, ReloadReply),
+    Reload(
+        Box<(Config, TlsSet, Vec<Option<tls::DrainTls>>)>,
+        ReloadReply,
+    ),
     DumpState(tokio::sync::oneshot::Sender<()>),
     #[cfg(feature = "chaos-hooks")]
     ChaosPanic(telemetry::ActorName, usize, bool),
@@ -414,10 +417,11 @@ impl Agent {
     /// then runs on exactly as before.
     pub async fn reload(&self, config: Config) -> Result<ReloadOutcome, ReloadError> {
         let tls = TlsSet::load(&config, self.dev_credentials.as_ref(), self.metrics_tls)?;
+        let drain_tls = tls::aggregate_drain_tls(&config)?;
         let control = self.control.as_ref().ok_or(ReloadError::ShuttingDown)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         control
-            .send(Control::Reload(Box::new((config, tls)), tx))
+            .send(Control::Reload(Box::new((config, tls, drain_tls)), tx))
             .map_err(|_| ReloadError::ShuttingDown)?;
         match rx.await {
             Ok(r) => Ok(r?),
@@ -586,8 +590,8 @@ fn run_system(
             match c {
                 None | Some(Control::Shutdown) => break None,
                 Some(Control::Reload(new, reply)) => {
-                    let (config, tls) = *new;
-                    let _ = reply.send(running.reload(config, tls));
+                    let (config, tls, drain_tls) = *new;
+                    let _ = reply.send(running.reload(config, tls, drain_tls));
                 }
                 Some(Control::DumpState(done)) => {
                     running.dump_state().await;

@@ -238,13 +238,25 @@ pub struct TlsSet {
     pub metrics: Option<TlsMaterial>,
 }
 
+/// A drain's TLS client configuration, with the bytes of the files it was made from (a reload
+/// compares them: new files under the same paths restart the drain's connection).
+#[derive(Clone)]
+pub struct DrainTls {
+    pub config: Arc<rustls::ClientConfig>,
+    files: Vec<u8>,
+}
+
+impl PartialEq for DrainTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files
+    }
+}
+
 /// Each `syslog.aggregate_drains` entry's TLS client configuration (`None`: plain TCP).
 ///
 /// # Errors
 /// A [`ConfigError`] naming the entry's file that cannot be read or used.
-pub fn aggregate_drain_tls(
-    config: &Config,
-) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, ConfigError> {
+pub fn aggregate_drain_tls(config: &Config) -> Result<Vec<Option<DrainTls>>, ConfigError> {
     config
         .syslog
         .aggregate_drains
@@ -256,7 +268,15 @@ pub fn aggregate_drain_tls(
             }
             let client = d.client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
             let key = format!("syslog.aggregate_drains[{i}]");
-            drain_client_config(d.ca.as_deref(), client, &key).map(Some)
+            let config = drain_client_config(d.ca.as_deref(), client, &key)?;
+            // Read once more for the comparison; a file that vanished in between was just
+            // read above, so an error here is not worth failing over.
+            let files = [d.ca.as_deref(), client.map(|c| c.0), client.map(|c| c.1)]
+                .into_iter()
+                .flatten()
+                .flat_map(|p| std::fs::read(p).unwrap_or_default())
+                .collect();
+            Ok(Some(DrainTls { config, files }))
         })
         .collect()
 }

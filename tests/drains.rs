@@ -450,3 +450,68 @@ fn a_config_without_dopplers_needs_a_drain() {
     assert_eq!(e.key, "dopplers", "{e}");
     assert!(e.problem.contains("syslog.aggregate_drains"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_drains_and_keeps_the_unchanged_one() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let kept = FakeDrain::tcp(Behaviour::Read);
+    let removed = FakeDrain::tcp(Behaviour::Read);
+    let added = FakeDrain::tcp(Behaviour::Read);
+    let url = |d: &FakeDrain| format!("syslog://{}", d.addr());
+    let before = drain_yaml(&w, &[(url(&kept), false), (url(&removed), false)], "");
+    let after = drain_yaml(&w, &[(url(&added), false), (url(&kept), false)], "");
+    let agent = w.start(&[(doppler.addr(), "z1")], &before);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let first: Vec<_> = (0..50)
+        .map(|i| log_envelope("app", &format!("a{i}")))
+        .collect();
+    send_all(&mut client, &first).await;
+    assert!(kept.wait_for(50, WAIT) && removed.wait_for(50, WAIT));
+
+    let outcome = agent
+        .reload(w.config(&[(doppler.addr(), "z1")], &after))
+        .await
+        .unwrap();
+    assert_eq!(outcome.applied, vec!["syslog.aggregate_drains"]);
+    assert!(outcome.needs_restart.is_empty(), "{outcome:?}");
+    // The removed drain's series go once it has delivered what it held.
+    assert!(
+        wait_until(WAIT, || agent
+            .metrics()
+            .account(&drain(&url(&removed)))
+            .is_none()),
+        "the removed drain retires"
+    );
+    let second: Vec<_> = (0..50)
+        .map(|i| log_envelope("app", &format!("b{i}")))
+        .collect();
+    send_all(&mut client, &second).await;
+    assert!(
+        kept.wait_for(100, WAIT),
+        "the kept drain got {}",
+        kept.count()
+    );
+    assert!(
+        added.wait_for(50, WAIT),
+        "the added drain got {}",
+        added.count()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    assert_eq!(removed.count(), 50, "nothing after its removal");
+    assert!(
+        added.messages().iter().all(|m| m.contains(" b")),
+        "only what came after"
+    );
+    let kept_msgs = kept.messages();
+    assert_eq!(
+        kept_msgs.len(),
+        100,
+        "the kept drain missed nothing across the reload"
+    );
+
+    let m = agent.shutdown().metrics;
+    assert_eq!(m.retired_drain_egress, 50);
+    assert_eq!(m.drain_egress(), 200);
+    assert_fan_out_balanced(&m);
+}

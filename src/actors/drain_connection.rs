@@ -25,7 +25,7 @@ use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use super::guard::Panicked;
-use super::messages::{Drain, DumpState};
+use super::messages::{Drain, DumpState, Retire};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::outbox::Outlet;
 use crate::proto::Envelope;
@@ -63,6 +63,8 @@ pub struct DrainConnection {
     task: Option<AbortHandle>,
     /// Resolved when the task has delivered everything and ended (shutdown).
     finished: Option<tokio::sync::watch::Receiver<bool>>,
+    /// A reload removed the drain and [`DrainConnection::retire`] ran.
+    retired: bool,
 }
 
 #[derive(Default)]
@@ -100,6 +102,7 @@ impl DrainConnection {
             held: Arc::default(),
             task: None,
             finished: None,
+            retired: false,
         }
     }
 
@@ -164,6 +167,51 @@ impl Handler<Drain> for DrainConnection {
                 None => true,
             }
         })
+    }
+}
+
+impl Handler<Retire> for DrainConnection {
+    type Result = ();
+
+    fn handle(&mut self, Retire { grace }: Retire, ctx: &mut Context<Self>) {
+        self.setup.outlet.outbox.close();
+        if let Some(mut finished) = self.finished.clone() {
+            ctx.spawn(
+                actix::fut::wrap_future::<_, Self>(async move {
+                    let _ = finished.wait_for(|done| *done).await;
+                })
+                .map(|(), act, ctx| act.retire(ctx)),
+            );
+        }
+        ctx.run_later(grace, |act, ctx| act.retire(ctx));
+    }
+}
+
+impl DrainConnection {
+    /// Stops the task, drops what it still holds (`drain_removed`), retires the account and
+    /// stops the actor. Runs once, whichever comes first: the task ended or the grace ran out.
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::replace(&mut self.retired, true) {
+            return;
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
+        let (mut n, mut bytes) = self.held.take();
+        for b in outlet.outbox.take_all() {
+            n += b.len();
+            bytes += b.bytes();
+        }
+        outlet.outbox.unroute(bytes);
+        ledger.dropped_at(&outlet.account, DropReason::DrainRemoved, n, bytes);
+        ledger.metrics().retire(&outlet.account);
+        tracing::info!(
+            drain = %self.setup.url.anonymized,
+            dropped = n,
+            "syslog drain removed"
+        );
+        ctx.stop();
     }
 }
 

@@ -35,6 +35,10 @@ pub struct TaggedBatch(pub Batch);
 #[rtype(result = "()")]
 pub struct SequencedBatch {
     pub parts: Vec<Part>,
+    /// Drains a reload removed, to be told once every part routed to them is in their queue:
+    /// the sequencer sends this after the last batch it routed to them, so the signer, which
+    /// handles batches in order, tells them after the last push.
+    pub retire: Vec<(Recipient<Retire>, Duration)>,
 }
 
 /// The envelopes of one connection slot (every source in a slot's part keeps its order), and
@@ -154,10 +158,14 @@ pub struct Reset {
 pub struct SetDefaultTags(pub BTreeMap<String, String>);
 
 /// Reload → sequencer: the destinations beside the Doppler pool from now on (their shares of
-/// the budget follow). Parts already sequenced carry the outlets they were routed to.
+/// the budget follow), and the removed drains to retire, each with its grace period. Parts
+/// already sequenced carry the outlets they were routed to.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetOutlets(pub Vec<Outlet>);
+pub struct SetOutlets {
+    pub outlets: Vec<Outlet>,
+    pub retire: Vec<(Recipient<Retire>, Duration)>,
+}
 
 /// Reload → sequencer: `pipeline.max_buffered_bytes` changed (each slot's share follows).
 #[derive(Message)]
@@ -181,6 +189,15 @@ pub struct SetDopplers(pub crate::routing::Dopplers);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetDial(pub DialSettings);
+
+/// Reload → drain connection: the drain was removed. It delivers what it holds within `grace`;
+/// whatever is left then is dropped (`drain_removed`). Either way its account is retired (its
+/// series go, its totals stay in the balance) and the actor stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire {
+    pub grace: Duration,
+}
 
 /// SIGUSR1: the actor writes one structured log record of its state (target `metron::state`).
 #[derive(Message)]

@@ -110,9 +110,17 @@ impl Handler<SetBudget> for SequencerActor {
 impl Handler<SetOutlets> for SequencerActor {
     type Result = ();
 
-    fn handle(&mut self, SetOutlets(outlets): SetOutlets, _: &mut Context<Self>) {
+    fn handle(&mut self, SetOutlets { outlets, retire }: SetOutlets, _: &mut Context<Self>) {
         self.outlets = outlets;
         self.set_budget(self.budget);
+        if !retire.is_empty() {
+            // Control message, behind every batch routed to the removed drains: must arrive
+            // whatever the signer's mailbox holds.
+            self.next.do_send(SequencedBatch {
+                parts: Vec::new(),
+                retire,
+            });
+        }
     }
 }
 
@@ -365,7 +373,10 @@ impl Handler<TaggedBatch> for SequencerActor {
         if parts.is_empty() {
             return;
         }
-        if let Err(e) = self.next.try_send(SequencedBatch { parts }) {
+        if let Err(e) = self.next.try_send(SequencedBatch {
+            parts,
+            retire: Vec::new(),
+        }) {
             let (reason, msg) = guard::refused(e, DropReason::SignerQueueFull);
             self.drop_parts(msg.parts, reason);
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::guard::{catch, Chaos};
-use super::messages::{DumpState, Part, Pick, SequencedBatch, SetWriter};
+use super::messages::{DumpState, Part, Pick, Retire, SequencedBatch, SetWriter};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::writer::Writer;
@@ -84,6 +84,9 @@ impl Handler<SequencedBatch> for SignerActor {
     type Result = ();
 
     fn handle(&mut self, msg: SequencedBatch, _: &mut Context<Self>) {
+        for (drain, grace) in msg.retire {
+            drain.do_send(Retire { grace });
+        }
         for part in msg.parts {
             // What of this part reached each destination before a panic: (envelopes, priced
             // bytes), the Doppler slot's first, then each outlet's.

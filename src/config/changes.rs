@@ -6,7 +6,7 @@
 
 use super::{
     Config, DevelopmentConfig, DopplerSource, DopplersConfig, HealthConfig, Identity,
-    IngressConfig, LogConfig, MetricsConfig, PipelineConfig, SigningConfig,
+    IngressConfig, LogConfig, MetricsConfig, PipelineConfig, SigningConfig, SyslogConfig,
 };
 
 /// Restart-only keys the reload itself looks at.
@@ -48,6 +48,10 @@ pub enum Live {
     ReplayExtra,
     /// `dopplers.replay_min_rate`.
     ReplayMinRate,
+    /// `syslog.aggregate_drains` (also when a drain's TLS files changed): drains added start,
+    /// drains removed deliver what they hold within `shutdown.grace_period_ms`, unchanged ones
+    /// keep their connection and queue.
+    AggregateDrains,
 }
 
 impl Live {
@@ -70,6 +74,7 @@ impl Live {
             Live::LogLevel => "log.level",
             Live::ReplayExtra => "dopplers.replay_extra_percent",
             Live::ReplayMinRate => "dopplers.replay_min_rate",
+            Live::AggregateDrains => "syslog.aggregate_drains",
         }
     }
 }
@@ -175,7 +180,19 @@ impl Config {
                     credentials_dir,
                     doppler_listen,
                 },
-            syslog,
+            syslog:
+                SyslogConfig {
+                    aggregate_drains,
+                    include_metron_tags,
+                    default_drain_metadata,
+                    max_drain_series,
+                    dial_timeout: drain_dial_timeout,
+                    write_timeout: drain_write_timeout,
+                    idle_reconnect,
+                    backoff_initial: drain_backoff_initial,
+                    backoff_max: drain_backoff_max,
+                    send_buffer_bytes,
+                },
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
         let mut c = Changes::default();
@@ -238,7 +255,48 @@ impl Config {
         );
         c.live(*replay_min_rate != d.replay_min_rate, Live::ReplayMinRate);
         c.restart(*disable_logs != d.disable_logs, "dopplers.disable_logs");
-        c.restart(*syslog != new.syslog, "syslog");
+        let s = &new.syslog;
+        c.live(
+            *aggregate_drains != s.aggregate_drains,
+            Live::AggregateDrains,
+        );
+        for (changed, key) in [
+            (
+                *include_metron_tags != s.include_metron_tags,
+                "syslog.include_metron_tags",
+            ),
+            (
+                *default_drain_metadata != s.default_drain_metadata,
+                "syslog.default_drain_metadata",
+            ),
+            (
+                *max_drain_series != s.max_drain_series,
+                "syslog.max_drain_series",
+            ),
+            (
+                *drain_dial_timeout != s.dial_timeout,
+                "syslog.dial_timeout_ms",
+            ),
+            (
+                *drain_write_timeout != s.write_timeout,
+                "syslog.write_timeout_ms",
+            ),
+            (
+                *idle_reconnect != s.idle_reconnect,
+                "syslog.idle_reconnect_ms",
+            ),
+            (
+                *drain_backoff_initial != s.backoff_initial,
+                "syslog.backoff_initial_ms",
+            ),
+            (*drain_backoff_max != s.backoff_max, "syslog.backoff_max_ms"),
+            (
+                *send_buffer_bytes != s.send_buffer_bytes,
+                "syslog.send_buffer_bytes",
+            ),
+        ] {
+            c.restart(changed, key);
+        }
         c.restart(*metrics_listen != m.listen, "metrics.listen");
         // Turning /metrics' TLS on or off needs a restart; new files while it stays on do not.
         match (metrics_tls, &m.tls) {

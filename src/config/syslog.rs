@@ -191,6 +191,14 @@ impl RawSyslog {
                     ),
                 ));
             }
+            if url.scheme == Scheme::SyslogTls
+                && rustls::pki_types::ServerName::try_from(url.host.as_str()).is_err()
+            {
+                return Err(ConfigError::new(
+                    key("url"),
+                    format!("{}: the host is not a name TLS can verify", url.anonymized),
+                ));
+            }
             let client = match (d.cert, d.key) {
                 (None, None) => None,
                 (Some(c), Some(k)) => Some((c, k)),

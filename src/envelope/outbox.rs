@@ -115,6 +115,13 @@ impl Outbox {
         self.ready.notify_one();
     }
 
+    /// Everything queued, taken out (a removed drain's backlog, to be counted as dropped).
+    pub fn take_all(&self) -> Vec<EncodedBatch> {
+        let mut q = self.inner.lock();
+        q.envelopes = 0;
+        q.batches.drain(..).collect()
+    }
+
     /// Envelopes queued (not counting a batch being written).
     pub fn envelopes(&self) -> usize {
         self.inner.lock().envelopes

@@ -31,8 +31,8 @@ pub struct Health {
     ingress_open: AtomicBool,
     /// The arbiters the liveness probe runs a task on, by name.
     arbiters: Vec<(&'static str, actix::ArbiterHandle)>,
-    /// Every actor, by name.
-    actors: Vec<(String, ActorCheck)>,
+    /// Every actor, by name (a reload adds and removes drain connections).
+    actors: parking_lot::Mutex<Vec<(String, ActorCheck)>>,
     started: Instant,
 }
 
@@ -52,18 +52,29 @@ impl Health {
             ledger,
             ingress_open: AtomicBool::new(false),
             arbiters,
-            actors,
+            actors: parking_lot::Mutex::new(actors),
             started: Instant::now(),
         })
     }
 
     /// The actors that are gone (a panic escaped their guard), by name.
-    pub fn gone_actors(&self) -> Vec<&str> {
+    pub fn gone_actors(&self) -> Vec<String> {
         self.actors
+            .lock()
             .iter()
             .filter(|(_, alive)| !alive())
-            .map(|(name, _)| name.as_str())
+            .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Watches one more actor (a drain a reload added).
+    pub fn add_actor(&self, name: String, check: ActorCheck) {
+        self.actors.lock().push((name, check));
+    }
+
+    /// Stops watching an actor (a drain a reload removed), before it stops.
+    pub fn remove_actor(&self, name: &str) {
+        self.actors.lock().retain(|(n, _)| n != name);
     }
 
     pub fn set_ingress_open(&self, open: bool) {

@@ -63,10 +63,13 @@ pub enum DropReason {
     /// The receiver would refuse the envelope as syslog (a log type neither OUT nor ERR, a
     /// field its parser refuses): never sent, since Log Cache closes the connection on it.
     Unformattable,
+    /// A reload removed the drain, and it could not deliver what it held within
+    /// `shutdown.grace_period_ms`.
+    DrainRemoved,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -85,6 +88,7 @@ impl DropReason {
         DropReason::ActorPanic,
         DropReason::DrainQueueFull,
         DropReason::Unformattable,
+        DropReason::DrainRemoved,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +111,7 @@ impl DropReason {
             DropReason::ActorPanic => "actor_panic",
             DropReason::DrainQueueFull => "drain_queue_full",
             DropReason::Unformattable => "unformattable",
+            DropReason::DrainRemoved => "drain_removed",
         }
     }
 
@@ -127,6 +132,7 @@ impl DropReason {
             DropReason::NoDoppler
             | DropReason::DrainQueueFull
             | DropReason::Unformattable
+            | DropReason::DrainRemoved
             | DropReason::SignerQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
@@ -300,6 +306,10 @@ pub struct Metrics {
     pub drain_connections: AtomicI64,
     /// Every destination's account, the Doppler pool's first.
     accounts: Mutex<Vec<Arc<Account>>>,
+    /// What drains a reload removed delivered and dropped (their series are gone; the balance
+    /// keeps them).
+    retired_drain_egress: AtomicU64,
+    retired_drain_dropped: AtomicU64,
 }
 
 /// One metric family for the exposition: name, type, help, and (labels, value) samples.
@@ -336,6 +346,9 @@ pub struct MetricsSnapshot {
     pub drain_connections: i64,
     /// Every destination's account, the Doppler pool's first.
     pub accounts: Vec<AccountSnapshot>,
+    /// Deliveries and drops of drains a reload removed.
+    pub retired_drain_egress: u64,
+    pub retired_drain_dropped: u64,
 }
 
 impl MetricsSnapshot {
@@ -387,14 +400,14 @@ impl MetricsSnapshot {
         self.accounts.iter().find(|a| a.destination == *d)
     }
 
-    /// Every drain's deliveries.
+    /// Every drain's deliveries (removed drains' included).
     pub fn drain_egress(&self) -> u64 {
-        self.drains().map(|a| a.egress).sum()
+        self.drains().map(|a| a.egress).sum::<u64>() + self.retired_drain_egress
     }
 
-    /// Every drain's drops.
+    /// Every drain's drops (removed drains' included).
     pub fn drain_dropped(&self) -> u64 {
-        self.drains().map(|a| a.dropped_total()).sum()
+        self.drains().map(|a| a.dropped_total()).sum::<u64>() + self.retired_drain_dropped
     }
 
     fn drains(&self) -> impl Iterator<Item = &AccountSnapshot> {
@@ -436,6 +449,8 @@ impl Metrics {
             filtered: AtomicU64::new(0),
             drain_connections: AtomicI64::new(0),
             accounts: Mutex::default(),
+            retired_drain_egress: AtomicU64::new(0),
+            retired_drain_dropped: AtomicU64::new(0),
         }
     }
 
@@ -444,9 +459,20 @@ impl Metrics {
         self.accounts.lock().push(account);
     }
 
-    /// Removes a destination's account (a drain removed by a reload, once it holds nothing).
+    /// Removes a destination's account (a drain removed by a reload, once it holds nothing):
+    /// its series go, its totals stay in the balance.
     pub fn retire(&self, account: &Arc<Account>) {
-        self.accounts.lock().retain(|a| !Arc::ptr_eq(a, account));
+        let mut accounts = self.accounts.lock();
+        let before = accounts.len();
+        accounts.retain(|a| !Arc::ptr_eq(a, account));
+        if accounts.len() < before {
+            let s = account.snapshot();
+            debug_assert_eq!(s.buffered, 0, "retired while holding envelopes");
+            self.retired_drain_egress
+                .fetch_add(s.egress, Ordering::Relaxed);
+            self.retired_drain_dropped
+                .fetch_add(s.dropped_total(), Ordering::Relaxed);
+        }
     }
 
     pub fn accounts(&self) -> Vec<Arc<Account>> {
@@ -588,6 +614,8 @@ impl Metrics {
             filtered: get(&self.filtered),
             drain_connections: self.drain_connections.load(Ordering::Relaxed),
             accounts: self.accounts.lock().iter().map(|a| a.snapshot()).collect(),
+            retired_drain_egress: get(&self.retired_drain_egress),
+            retired_drain_dropped: get(&self.retired_drain_dropped),
         }
     }
 

@@ -20,7 +20,7 @@ use crate::actors::messages::{Drain, DumpState};
 use crate::actors::sequencer::{Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
-use crate::config::{Config, ConfigError, DopplerSource};
+use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource};
 use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
@@ -37,7 +37,7 @@ use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
 use crate::telemetry::{Account, DrainScope};
 use crate::telemetry::{Ledger, Metrics};
-use crate::tls::{ReloadableAcceptor, TlsMaterial, TlsSet};
+use crate::tls::{DrainTls, ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
 use crate::v1::V1Identity;
 
@@ -46,7 +46,7 @@ pub struct Prepared {
     pub config: Config,
     pub tls: TlsSet,
     /// Each aggregate drain's TLS client configuration (`None`: plain TCP).
-    pub drain_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    pub drain_tls: Vec<Option<DrainTls>>,
     /// TLS for the development Doppler, when one runs.
     pub dev_doppler_tls: Option<TlsMaterial>,
     /// (key id, key) signing envelopes; `None` with `signing.enabled: false`.
@@ -454,80 +454,108 @@ fn actor_checks(
     for (slot, c) in connections.iter().enumerate() {
         checks.push((format!("doppler_connection[{slot}]"), check(c)));
     }
-    for (i, d) in drains.iter().enumerate() {
-        checks.push((format!("drain_connection[{i}]"), check(&d.actor)));
+    for d in drains {
+        checks.push((d.name(), d.check()));
     }
     checks
 }
 
-/// A running drain: its actor, and what the shutdown barrier counts as queued.
+/// A running drain: its actor, what the shutdown barrier counts as queued, and what it was
+/// started from (a reload keeps a drain whose entry and TLS files are unchanged).
 struct RunningDrain {
     actor: Addr<DrainConnection>,
     outlet: Outlet,
     held: Arc<Held>,
+    spec: AggregateDrain,
+    tls: Option<DrainTls>,
+}
+
+impl RunningDrain {
+    /// Its name in `/livez`, `/readyz` and the state dump.
+    fn name(&self) -> String {
+        format!("drain_connection[{}]", self.spec.url.anonymized)
+    }
+
+    fn check(&self) -> ActorCheck {
+        let addr = self.actor.clone();
+        Box::new(move || addr.connected())
+    }
 }
 
 /// Starts one connection actor per `syslog.aggregate_drains` entry, each with its own outbox
 /// and account.
 fn start_aggregate_drains(
     c: &Config,
-    tls: &[Option<Arc<rustls::ClientConfig>>],
+    tls: &[Option<DrainTls>],
     ledger: &Arc<Ledger>,
 ) -> Result<Vec<RunningDrain>, ConfigError> {
+    c.syslog
+        .aggregate_drains
+        .iter()
+        .zip(tls)
+        .enumerate()
+        .map(|(i, (d, tls))| start_drain(c, i, d, tls.clone(), ledger))
+        .collect()
+}
+
+/// Starts the connection actor of aggregate drain `i`, `d`.
+fn start_drain(
+    c: &Config,
+    i: usize,
+    d: &AggregateDrain,
+    tls: Option<DrainTls>,
+    ledger: &Arc<Ledger>,
+) -> Result<RunningDrain, ConfigError> {
     let s = &c.syslog;
-    let mut out = Vec::new();
-    for (i, (d, tls)) in s.aggregate_drains.iter().zip(tls).enumerate() {
-        let tls =
-            match tls {
-                None => None,
-                Some(config) => {
-                    let name = rustls::pki_types::ServerName::try_from(d.url.host.clone())
-                        .map_err(|e| ConfigError {
-                            key: format!("syslog.aggregate_drains[{i}].url"),
-                            problem: format!(
-                                "{}: not a name TLS can verify: {e}",
-                                d.url.anonymized
-                            ),
-                        })?;
-                    Some((config.clone(), name))
-                }
-            };
-        let destination = ledger.metrics().drain_destination(
-            DrainScope::Aggregate,
-            &d.url.anonymized,
-            s.max_drain_series.get(),
-        );
-        let account = Arc::new(Account::new(destination));
-        ledger.metrics().register(account.clone());
-        let outlet = Outlet {
-            kinds: d.url.data.kinds(),
-            outbox: Arc::default(),
-            account,
-        };
-        let connection = DrainConnection::new(DrainSetup {
-            outlet: outlet.clone(),
-            url: d.url.clone(),
-            writer: WriterSettings {
-                tls,
-                dial_timeout: s.dial_timeout,
-                write_timeout: s.write_timeout,
-                idle_reconnect: s.idle_reconnect,
-                send_buffer: s.send_buffer_bytes.get(),
-            },
-            metron_tag: s.include_metron_tags,
-            backoff_initial: s.backoff_initial,
-            backoff_max: s.backoff_max,
-            ledger: ledger.clone(),
-        });
-        let held = connection.held();
-        tracing::info!(drain = %d.url.anonymized, scope = "aggregate", "syslog drain configured");
-        out.push(RunningDrain {
-            actor: connection.start(),
-            outlet,
-            held,
-        });
-    }
-    Ok(out)
+    let writer_tls = match &tls {
+        None => None,
+        Some(t) => {
+            let name =
+                rustls::pki_types::ServerName::try_from(d.url.host.clone()).map_err(|e| {
+                    ConfigError {
+                        key: format!("syslog.aggregate_drains[{i}].url"),
+                        problem: format!("{}: not a name TLS can verify: {e}", d.url.anonymized),
+                    }
+                })?;
+            Some((t.config.clone(), name))
+        }
+    };
+    let destination = ledger.metrics().drain_destination(
+        DrainScope::Aggregate,
+        &d.url.anonymized,
+        s.max_drain_series.get(),
+    );
+    let account = Arc::new(Account::new(destination));
+    ledger.metrics().register(account.clone());
+    let outlet = Outlet {
+        kinds: d.url.data.kinds(),
+        outbox: Arc::default(),
+        account,
+    };
+    let connection = DrainConnection::new(DrainSetup {
+        outlet: outlet.clone(),
+        url: d.url.clone(),
+        writer: WriterSettings {
+            tls: writer_tls,
+            dial_timeout: s.dial_timeout,
+            write_timeout: s.write_timeout,
+            idle_reconnect: s.idle_reconnect,
+            send_buffer: s.send_buffer_bytes.get(),
+        },
+        metron_tag: s.include_metron_tags,
+        backoff_initial: s.backoff_initial,
+        backoff_max: s.backoff_max,
+        ledger: ledger.clone(),
+    });
+    let held = connection.held();
+    tracing::info!(drain = %d.url.anonymized, scope = "aggregate", "syslog drain configured");
+    Ok(RunningDrain {
+        actor: connection.start(),
+        outlet,
+        held,
+        spec: d.clone(),
+        tls,
+    })
 }
 
 /// Where the Dopplers are, as the supervisor takes it; `local_az` is the one the supervisor runs
@@ -629,11 +657,7 @@ impl Running {
 
     /// The actors a panic took down for good (it escaped their guard), by name.
     pub fn gone_actors(&self) -> Vec<String> {
-        self.health
-            .gone_actors()
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
+        self.health.gone_actors()
     }
 
     /// SIGUSR1: one structured log record (target `metron::state`) per actor, then the edge and
@@ -653,9 +677,10 @@ impl Running {
             let c = c.clone().recipient::<DumpState>();
             asked.push((format!("doppler_connection[{slot}]"), c.send(DumpState)));
         }
-        for (i, d) in self.drains.iter().enumerate() {
+        for d in &self.drains {
+            let name = d.name();
             let d = d.actor.clone().recipient::<DumpState>();
-            asked.push((format!("drain_connection[{i}]"), d.send(DumpState)));
+            asked.push((name, d.send(DumpState)));
         }
         let answered = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
         if !answered(tokio::time::timeout_at(deadline, ingress).await) {

@@ -3,14 +3,17 @@
 //! live ones, matching them exhaustively.
 
 use super::{
-    dial_settings, dopplers, fixed_envelope_cost, key_id_len, tagged, ReloadOutcome, Running, H2,
+    dial_settings, dopplers, fixed_envelope_cost, key_id_len, start_drain, tagged, ReloadOutcome,
+    Running, RunningDrain, H2,
 };
-use crate::actors::messages::{SetBudget, SetDefaultTags, SetDial, SetDopplers, SetWriter};
+use crate::actors::messages::{
+    SetBudget, SetDefaultTags, SetDial, SetDopplers, SetOutlets, SetWriter,
+};
 use crate::config::{
     Config, ConfigError, Live, SigningConfig, RESTART_SIGNING, RESTART_SIGNING_ENABLED,
 };
 use crate::envelope::writer::Writer;
-use crate::tls::TlsSet;
+use crate::tls::{DrainTls, TlsSet};
 use crate::v1::V1Identity;
 
 impl Running {
@@ -24,7 +27,12 @@ impl Running {
     ///
     /// # Errors
     /// A [`ConfigError`] naming the key when `new` cannot be applied; nothing changed then.
-    pub fn reload(&mut self, new: Config, tls: TlsSet) -> Result<ReloadOutcome, ConfigError> {
+    pub fn reload(
+        &mut self,
+        new: Config,
+        tls: TlsSet,
+        drain_tls: Vec<Option<DrainTls>>,
+    ) -> Result<ReloadOutcome, ConfigError> {
         let live = &mut self.live;
         // Keys that need a restart are compared with the config the agent started with (changed
         // and changed back needs none); live keys with the one applied last.
@@ -36,6 +44,11 @@ impl Running {
         }
         if tls.doppler != live.tls.doppler {
             changes.add_live(Live::DopplersTls);
+        }
+        let running: Vec<_> = self.drains.iter().map(|d| (&d.spec, &d.tls)).collect();
+        let wanted: Vec<_> = new.syslog.aggregate_drains.iter().zip(&drain_tls).collect();
+        if running != wanted {
+            changes.add_live(Live::AggregateDrains);
         }
         if live.metrics_acceptor.is_some()
             && tls.metrics.is_some()
@@ -75,7 +88,8 @@ impl Running {
                 | Live::Budget
                 | Live::LogLevel
                 | Live::ReplayExtra
-                | Live::ReplayMinRate => {}
+                | Live::ReplayMinRate
+                | Live::AggregateDrains => {}
             }
         }
 
@@ -153,6 +167,44 @@ impl Running {
                 }
                 // Applied by the process, which owns logging (main.rs).
                 Live::LogLevel => true,
+                Live::AggregateDrains => {
+                    let mut old: Vec<Option<RunningDrain>> = std::mem::take(&mut self.drains)
+                        .into_iter()
+                        .map(Some)
+                        .collect();
+                    let entries = new.syslog.aggregate_drains.iter().zip(&drain_tls);
+                    for (i, (d, t)) in entries.enumerate() {
+                        let same = |o: &Option<RunningDrain>| {
+                            o.as_ref().is_some_and(|o| o.spec == *d && o.tls == *t)
+                        };
+                        if let Some(k) = old.iter().position(same) {
+                            self.drains.push(old[k].take().expect("found above"));
+                            continue;
+                        }
+                        // The connection settings (timeouts, buffers) are the ones the agent
+                        // started with: they need a restart.
+                        match start_drain(&live.started, i, d, t.clone(), &self.ledger) {
+                            Ok(r) => {
+                                self.health.add_actor(r.name(), r.check());
+                                self.drains.push(r);
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot start a drain"),
+                        }
+                    }
+                    let retire = old
+                        .into_iter()
+                        .flatten()
+                        .map(|o| {
+                            self.health.remove_actor(&o.name());
+                            tracing::info!(drain = %o.spec.url.anonymized, "removing a syslog drain");
+                            (o.actor.recipient(), new.shutdown_grace)
+                        })
+                        .collect();
+                    let outlets = self.drains.iter().map(|d| d.outlet.clone()).collect();
+                    // Control message: must arrive whatever the sequencer's mailbox holds.
+                    self.sequencer.do_send(SetOutlets { outlets, retire });
+                    true
+                }
             };
             if in_force {
                 applied.push(key.key());
