@@ -759,3 +759,89 @@ async fn every_thread_runs_under_sched_batch_unless_told_to_inherit() {
     );
     assert!(metron.wait_for_line("the scheduling policy the process was started with", STEP));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Drains: credentials never leave the config file.
+
+/// What a drain URL may carry that must never appear in a log line or a metric label.
+const SECRETS: [&str; 6] = [
+    "drainuser",
+    "S3cretPass",
+    "T0kenSecret",
+    "tlsuser",
+    "TlsPassw0rd",
+    "QueryK3y",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_drain_credential_reaches_a_log_line_or_a_metric_label() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    // A drain that refuses the dial, and one whose certificate the agent does not trust.
+    let dead = nowhere_free();
+    let stranger = Pki::new();
+    let untrusted = common::drain::FakeDrain::mtls(&stranger, common::drain::Behaviour::Read);
+    let extra = format!(
+        "syslog:\n  aggregate_drains:\n\
+         \x20   - url: \"syslog://drainuser:S3cretPass@{dead}/?token=T0kenSecret\"\n\
+         \x20   - url: \"syslog-tls://tlsuser:TlsPassw0rd@localhost:{}?drain-data=all&key=QueryK3y\"\n\
+         \x20     ca: {}\n\
+         \x20 backoff_initial_ms: 20\n  backoff_max_ms: 100\n",
+        untrusted.addr().port(),
+        w.pki.ca_path.display()
+    );
+    let (mut metron, ingress, metrics) = start_metron(&w, &doppler, &extra);
+    send(&w, ingress, "app", 20).await;
+    for needle in ["cannot connect", "TLS handshake failed"] {
+        assert!(
+            metron.wait_for_line(needle, STEP),
+            "the {needle:?} path was driven: {:#?}",
+            metron.seen
+        );
+    }
+    let exposed = scrape(metrics);
+    assert!(
+        exposed.contains(&format!("drain_url=\"syslog://{dead}/\"")),
+        "{exposed}"
+    );
+    assert!(
+        exposed.contains("drain_url=\"syslog-tls://localhost:"),
+        "{exposed}"
+    );
+    metron.signal("USR1");
+    assert!(
+        metron.wait_for_line("drain_connection", STEP),
+        "the state dump names the drains"
+    );
+    metron.signal("TERM");
+    metron.wait_exit(STEP);
+    let mut everything = metron.all_lines(Pipe::Stdout);
+    everything.extend(metron.all_lines(Pipe::Stderr));
+    everything.push(exposed);
+    for line in &everything {
+        for secret in SECRETS {
+            assert!(!line.contains(secret), "{secret:?} leaked: {line}");
+        }
+        assert!(!line.contains("PRIVATE KEY"), "a key leaked: {line}");
+    }
+}
+
+#[test]
+fn a_bad_drain_url_is_refused_without_its_credentials() {
+    let w = World::new();
+    let yaml = w.yaml(
+        &[(nowhere(), "z1")],
+        "syslog:\n  aggregate_drains:\n    - url: \"syslog://drainuser:S3cretPass@host.example?token=T0kenSecret\"\n",
+    );
+    let line = assert_config_error(&w, &yaml, "syslog.aggregate_drains[0].url", "no port");
+    for secret in SECRETS {
+        assert!(!line.contains(secret), "{secret:?} leaked: {line}");
+    }
+}
+
+/// A loopback address with nothing listening: every dial to it is refused.
+fn nowhere_free() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
