@@ -263,7 +263,7 @@ pub fn aggregate_drain_tls(config: &Config) -> Result<Vec<Option<DrainTls>>, Con
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            if d.url.scheme != crate::syslog::drain::Scheme::SyslogTls {
+            if d.url.scheme == crate::syslog::drain::Scheme::Syslog {
                 return Ok(None);
             }
             let client = d.client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));

@@ -515,3 +515,113 @@ async fn a_reload_adds_and_removes_drains_and_keeps_the_unchanged_one() {
     assert_eq!(m.drain_egress(), 200);
     assert_fan_out_balanced(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_drain_gets_one_message_per_post_with_basic_auth() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let https = common::https_drain::FakeHttpsDrain::start(&w.pki);
+    let url = format!(
+        "https://user:p%40ss@localhost:{}/drain/path?drain-type=logs",
+        https.addr().port()
+    );
+    let yaml = format!(
+        "syslog:\n  aggregate_drains:\n    - {{ url: \"{url}\", ca: {} }}\n",
+        w.pki.ca_path.display()
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<_> = (0..30)
+        .map(|i| log_envelope("app", &format!("line {i}")))
+        .collect();
+    send_all(&mut client, &sent).await;
+    assert!(https.wait_for(30, WAIT), "got {}", https.posts().len());
+    let posts = https.posts();
+    assert_eq!(posts.len(), 30, "one message per POST");
+    for (i, p) in posts.iter().enumerate() {
+        assert_eq!(p.method, "POST");
+        assert_eq!(
+            p.target, "/drain/path?drain-type=logs",
+            "posted to the URL's path and query"
+        );
+        assert_eq!(p.content_type, "text/plain");
+        // base64("user:p@ss"): the userinfo percent-decoded.
+        assert_eq!(p.authorization, "Basic dXNlcjpwQHNz");
+        let (app, msg) = app_and_msg(&p.body);
+        assert_eq!(
+            (app.as_str(), msg),
+            ("app", format!("line {i}")),
+            "in order"
+        );
+        assert!(p.body.ends_with('\n') && p.body.matches('\n').count() == 1);
+    }
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    let labels = drain(&format!(
+        "https://localhost:{}/drain/path",
+        https.addr().port()
+    ));
+    assert_eq!(
+        m.account(&labels).unwrap().egress,
+        30,
+        "labelled without credentials and query"
+    );
+    assert_fan_out_balanced(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_batch_drain_posts_newline_joined_batches_within_the_size_bound() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let https = common::https_drain::FakeHttpsDrain::start(&w.pki);
+    let url = format!("https-batch://localhost:{}/batch", https.addr().port());
+    let yaml = format!(
+        "syslog:\n  aggregate_drains:\n    - {{ url: \"{url}\", ca: {} }}\n",
+        w.pki.ca_path.display()
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    // About 3.5 MB of logs: several requests at the 512 KiB bound.
+    let payload = "y".repeat(700);
+    let sent: Vec<_> = (0..5_000)
+        .map(|i| log_envelope(&format!("app-{}", i % 7), &format!("{i} {payload}")))
+        .collect();
+    send_all(&mut client, &sent).await;
+    assert!(
+        https.wait_for(5_000, WAIT),
+        "got {}",
+        https.messages().len()
+    );
+    let posts = https.posts();
+    assert!(posts.len() >= 7, "{} requests", posts.len());
+    for p in &posts {
+        assert!(
+            p.body.len() <= 512 << 10,
+            "a batch of {} bytes",
+            p.body.len()
+        );
+        assert!(p.body.ends_with('\n'));
+        assert!(
+            !p.body.starts_with(|c: char| c.is_ascii_digit()),
+            "no octet count"
+        );
+    }
+    let messages = https.messages();
+    assert_eq!(messages.len(), 5_000);
+    let mut last = std::collections::HashMap::new();
+    for m in &messages {
+        let (app, msg) = app_and_msg(m);
+        let i: u64 = msg.split(' ').next().unwrap().parse().unwrap();
+        let prev = last.insert(app.clone(), i);
+        assert!(prev.is_none_or(|p| p < i), "{app}: {i} after {prev:?}");
+    }
+    // A trickle goes out without filling a request.
+    send_all(&mut client, &[log_envelope("late", "alone")]).await;
+    assert!(
+        https.wait_for(5_001, WAIT),
+        "a lone message is posted within the batch wait"
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    assert_fan_out_balanced(&m);
+}

@@ -764,13 +764,16 @@ async fn every_thread_runs_under_sched_batch_unless_told_to_inherit() {
 // Drains: credentials never leave the config file.
 
 /// What a drain URL may carry that must never appear in a log line or a metric label.
-const SECRETS: [&str; 6] = [
+const SECRETS: [&str; 9] = [
     "drainuser",
     "S3cretPass",
     "T0kenSecret",
     "tlsuser",
     "TlsPassw0rd",
     "QueryK3y",
+    "httpuser",
+    "H77pPass",
+    "Qu3ryS3cret",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -781,18 +784,29 @@ async fn no_drain_credential_reaches_a_log_line_or_a_metric_label() {
     let dead = nowhere_free();
     let stranger = Pki::new();
     let untrusted = common::drain::FakeDrain::mtls(&stranger, common::drain::Behaviour::Read);
+    // And an HTTPS drain that refuses the credentials.
+    let refusing = common::https_drain::FakeHttpsDrain::start(&w.pki);
+    refusing.answer(401);
     let extra = format!(
         "syslog:\n  aggregate_drains:\n\
          \x20   - url: \"syslog://drainuser:S3cretPass@{dead}/?token=T0kenSecret\"\n\
          \x20   - url: \"syslog-tls://tlsuser:TlsPassw0rd@localhost:{}?drain-data=all&key=QueryK3y\"\n\
          \x20     ca: {}\n\
+         \x20   - url: \"https://httpuser:H77pPass@localhost:{}/?secret=Qu3ryS3cret\"\n\
+         \x20     ca: {}\n\
          \x20 backoff_initial_ms: 20\n  backoff_max_ms: 100\n",
         untrusted.addr().port(),
+        w.pki.ca_path.display(),
+        refusing.addr().port(),
         w.pki.ca_path.display()
     );
     let (mut metron, ingress, metrics) = start_metron(&w, &doppler, &extra);
     send(&w, ingress, "app", 20).await;
-    for needle in ["cannot connect", "TLS handshake failed"] {
+    for needle in [
+        "cannot connect",
+        "TLS handshake failed",
+        "answered HTTP 401",
+    ] {
         assert!(
             metron.wait_for_line(needle, STEP),
             "the {needle:?} path was driven: {:#?}",
@@ -824,6 +838,13 @@ async fn no_drain_credential_reaches_a_log_line_or_a_metric_label() {
         }
         assert!(!line.contains("PRIVATE KEY"), "a key leaked: {line}");
     }
+    assert!(
+        refusing
+            .posts()
+            .iter()
+            .all(|p| p.authorization.starts_with("Basic ")),
+        "the credentials went where they belong"
+    );
 }
 
 #[test]

@@ -31,10 +31,12 @@ use crate::envelope::outbox::Outlet;
 use crate::proto::Envelope;
 use crate::routing::backoff;
 use crate::syslog::drain::DrainUrl;
+use crate::syslog::https::{HttpsTarget, HttpsWriter, BATCH_BYTES, BATCH_WAIT};
 use crate::syslog::rfc5424::{self, Options, MAX_MESSAGE_BYTES};
-use crate::syslog::writer::{SyslogWriter, WriterSettings};
+use crate::syslog::writer::{SyslogWriter, WriteError, WriterSettings};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
+use prost::bytes::Bytes;
 
 const ME: ActorName = ActorName::DrainConnection;
 
@@ -45,7 +47,7 @@ const MAX_WRITE_ENVELOPES: usize = 256;
 pub struct DrainSetup {
     pub outlet: Outlet,
     pub url: DrainUrl,
-    pub writer: WriterSettings,
+    pub transport: Transport,
     /// `syslog.include_metron_tags`.
     pub metron_tag: bool,
     pub backoff_initial: Duration,
@@ -247,15 +249,109 @@ impl Handler<super::messages::ChaosPanic> for DrainConnection {
     }
 }
 
+/// How a drain's messages travel.
+#[derive(Clone)]
+pub enum Transport {
+    /// `syslog://` or `syslog-tls://` to `host:port`: octet-counted frames on one connection.
+    Syslog {
+        addr: String,
+        settings: WriterSettings,
+    },
+    /// `https://` (`batch: false`, one message per POST) or `https-batch://`.
+    Https {
+        target: HttpsTarget,
+        batch: bool,
+        settings: WriterSettings,
+    },
+}
+
+/// A drain connection, by transport.
+enum Writer {
+    Syslog(SyslogWriter),
+    Https(HttpsWriter, bool),
+}
+
+impl Writer {
+    fn new(t: &Transport) -> Writer {
+        match t {
+            Transport::Syslog { addr, settings } => {
+                Writer::Syslog(SyslogWriter::new(addr.clone(), settings.clone()))
+            }
+            Transport::Https {
+                target,
+                batch,
+                settings,
+            } => Writer::Https(
+                HttpsWriter::new(
+                    target.clone(),
+                    settings.dial_timeout,
+                    settings.write_timeout,
+                    settings.send_buffer,
+                ),
+                *batch,
+            ),
+        }
+    }
+
+    /// `https-batch://` gathers messages before it writes.
+    fn batches(&self) -> bool {
+        matches!(self, Writer::Https(_, true))
+    }
+
+    /// Writes `frames[*from..]`, moving `from` past what the drain took (all or nothing on a
+    /// syslog connection; request by request over HTTPS, so a retry sends no message twice
+    /// that a drain acknowledged).
+    async fn write(&mut self, frames: &[Vec<u8>], from: &mut usize) -> Result<(), WriteError> {
+        match self {
+            Writer::Syslog(w) => {
+                w.write(&frames[*from..]).await?;
+                *from = frames.len();
+            }
+            Writer::Https(w, false) => {
+                while *from < frames.len() {
+                    w.post(Bytes::copy_from_slice(&frames[*from])).await?;
+                    *from += 1;
+                }
+            }
+            Writer::Https(w, true) => {
+                while *from < frames.len() {
+                    let mut body = Vec::new();
+                    let mut end = *from;
+                    while end < frames.len()
+                        && (end == *from || body.len() + frames[end].len() <= BATCH_BYTES)
+                    {
+                        body.extend_from_slice(&frames[end]);
+                        end += 1;
+                    }
+                    w.post(Bytes::from(body)).await?;
+                    *from = end;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Writer::Syslog(w) => w.close().await,
+            Writer::Https(w, _) => w.close(),
+        }
+    }
+}
+
+/// What the task has taken and formatted, not yet written: the frames, and the envelopes (with
+/// their budget bytes) they came from.
+#[derive(Default)]
+struct Pending {
+    frames: Vec<Vec<u8>>,
+    bytes_of_frames: usize,
+    envelopes: usize,
+    bytes: usize,
+}
+
 /// The connection's task: take, format, write; retry a failed write after a backoff.
 async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::Sender<bool>) {
-    let (host, port) = (&setup.url.host, setup.url.port);
-    let addr = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let mut writer = SyslogWriter::new(addr, setup.writer.clone());
+    let mut writer = Writer::new(&setup.transport);
     let options = Options {
         hostname: "",
         metadata: !setup.url.omit_metadata,
@@ -266,30 +362,30 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
     let warnings = RateLimit::new(Duration::from_secs(10));
     let mut failures: u32 = 0;
     let mut connected = false;
-    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut pending = Pending::default();
     while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
-        held.set(batch.len(), batch.bytes());
-        frames.clear();
         #[cfg(feature = "chaos-hooks")]
         if held.chaos.swap(false, Ordering::AcqRel) {
+            held.set(batch.len(), batch.bytes());
             super::guard::chaos_panic(ME);
         }
-        let (sent, unformattable) = format_batch(&batch, &options, &mut frames);
-        if unformattable.0 > 0 {
-            outlet.outbox.unroute(unformattable.1);
-            ledger.dropped_at(
-                &outlet.account,
-                DropReason::Unformattable,
-                unformattable.0,
-                unformattable.1,
-            );
-            held.set(sent.0, sent.1);
-        }
-        loop {
-            if frames.is_empty() {
-                break;
+        pending.frames.clear();
+        (pending.bytes_of_frames, pending.envelopes, pending.bytes) = (0, 0, 0);
+        take_in(&setup, &held, &options, &mut pending, batch);
+        if writer.batches() {
+            // https-batch: gather up to a request's worth, for at most a second.
+            let until = tokio::time::Instant::now() + BATCH_WAIT;
+            while pending.bytes_of_frames < BATCH_BYTES {
+                match tokio::time::timeout_at(until, outlet.outbox.take(MAX_WRITE_ENVELOPES)).await
+                {
+                    Ok(Some(more)) => take_in(&setup, &held, &options, &mut pending, more),
+                    Ok(None) | Err(_) => break,
+                }
             }
-            match writer.write(&frames).await {
+        }
+        let mut from = 0;
+        while from < pending.frames.len() {
+            match writer.write(&pending.frames, &mut from).await {
                 Ok(()) => {
                     if !connected {
                         connected = true;
@@ -300,7 +396,6 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
                         tracing::info!(failures, "drain connection recovered");
                         failures = 0;
                     }
-                    break;
                 }
                 Err(e) => {
                     if connected {
@@ -338,6 +433,37 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
     }
     writer.close().await;
     let _ = done.send(true);
+}
+
+/// Formats `batch` onto `pending`, counting what the drain would refuse as dropped; `held` then
+/// says what the task holds.
+fn take_in(
+    setup: &DrainSetup,
+    held: &Held,
+    options: &Options,
+    pending: &mut Pending,
+    batch: EncodedBatch,
+) {
+    let (ledger, outlet) = (&setup.ledger, &setup.outlet);
+    held.set(
+        pending.envelopes + batch.len(),
+        pending.bytes + batch.bytes(),
+    );
+    let before = pending.frames.len();
+    let (sent, refused) = format_batch(&batch, options, &mut pending.frames);
+    pending.bytes_of_frames += pending.frames[before..].iter().map(Vec::len).sum::<usize>();
+    if refused.0 > 0 {
+        outlet.outbox.unroute(refused.1);
+        ledger.dropped_at(
+            &outlet.account,
+            DropReason::Unformattable,
+            refused.0,
+            refused.1,
+        );
+    }
+    pending.envelopes += sent.0;
+    pending.bytes += sent.1;
+    held.set(pending.envelopes, pending.bytes);
 }
 
 /// Formats every envelope of `batch` into `frames`; returns (envelopes, budget bytes) formatted

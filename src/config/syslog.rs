@@ -181,17 +181,7 @@ impl RawSyslog {
                     format!("{}: {e}", crate::syslog::drain::anonymize(&d.url)),
                 )
             })?;
-            if !matches!(url.scheme, Scheme::Syslog | Scheme::SyslogTls) {
-                return Err(ConfigError::new(
-                    key("url"),
-                    format!(
-                        "{}: only syslog:// and syslog-tls:// drains are supported so far \
-                         (https:// and https-batch:// are not)",
-                        url.anonymized
-                    ),
-                ));
-            }
-            if url.scheme == Scheme::SyslogTls
+            if url.scheme != Scheme::Syslog
                 && rustls::pki_types::ServerName::try_from(url.host.as_str()).is_err()
             {
                 return Err(ConfigError::new(
@@ -212,7 +202,7 @@ impl RawSyslog {
             let tls_only = |what: &str| {
                 ConfigError::new(
                     key(what),
-                    format!("{}: only a syslog-tls:// drain uses TLS", url.anonymized),
+                    format!("{}: a syslog:// drain does not use TLS", url.anonymized),
                 )
             };
             if url.scheme == Scheme::Syslog {

@@ -4,5 +4,6 @@
 
 pub mod drain;
 pub mod gofloat;
+pub mod https;
 pub mod rfc5424;
 pub mod writer;

@@ -58,6 +58,8 @@ pub enum WriteError {
     Write(std::io::Error),
     #[error("timed out {0}")]
     Timeout(&'static str),
+    #[error("the drain answered HTTP {0}")]
+    Status(u16),
 }
 
 /// A TCP or TLS stream.
@@ -169,7 +171,7 @@ impl SyslogWriter {
 
 /// Connects to `addr` (`host:port`, resolved; each address tried in turn) with a send buffer of
 /// `send_buffer` bytes.
-async fn connect(addr: &str, send_buffer: usize) -> std::io::Result<TcpStream> {
+pub(super) async fn connect(addr: &str, send_buffer: usize) -> std::io::Result<TcpStream> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
         let socket = if a.is_ipv4() {

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 
 use crate::actors::doppler_connection::DopplerConnection;
-use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held};
+use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held, Transport};
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
 use crate::actors::sequencer::{Routing, SequencerActor};
@@ -32,6 +32,8 @@ use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::routing::Dopplers;
+use crate::syslog::drain::Scheme;
+use crate::syslog::https::HttpsTarget;
 use crate::syslog::writer::WriterSettings;
 use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
@@ -520,6 +522,35 @@ fn start_drain(
             Some((t.config.clone(), name))
         }
     };
+    let settings = WriterSettings {
+        tls: writer_tls.clone(),
+        dial_timeout: s.dial_timeout,
+        write_timeout: s.write_timeout,
+        idle_reconnect: s.idle_reconnect,
+        send_buffer: s.send_buffer_bytes.get(),
+    };
+    let transport = match (d.url.scheme, writer_tls) {
+        (Scheme::Https | Scheme::HttpsBatch, Some((tls, server_name))) => Transport::Https {
+            target: HttpsTarget {
+                host: d.url.host.clone(),
+                port: d.url.port,
+                target: d.url.target.clone(),
+                basic_auth: d.url.basic_auth.clone(),
+                tls,
+                server_name,
+            },
+            batch: d.url.scheme == Scheme::HttpsBatch,
+            settings,
+        },
+        _ => Transport::Syslog {
+            addr: if d.url.host.contains(':') {
+                format!("[{}]:{}", d.url.host, d.url.port)
+            } else {
+                format!("{}:{}", d.url.host, d.url.port)
+            },
+            settings,
+        },
+    };
     let destination = ledger.metrics().drain_destination(
         DrainScope::Aggregate,
         &d.url.anonymized,
@@ -535,13 +566,7 @@ fn start_drain(
     let connection = DrainConnection::new(DrainSetup {
         outlet: outlet.clone(),
         url: d.url.clone(),
-        writer: WriterSettings {
-            tls: writer_tls,
-            dial_timeout: s.dial_timeout,
-            write_timeout: s.write_timeout,
-            idle_reconnect: s.idle_reconnect,
-            send_buffer: s.send_buffer_bytes.get(),
-        },
+        transport,
         metron_tag: s.include_metron_tags,
         backoff_initial: s.backoff_initial,
         backoff_max: s.backoff_max,

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod doppler;
 pub mod drain;
+pub mod https_drain;
 pub mod load;
 pub mod pki;
 pub mod rsyslog;
