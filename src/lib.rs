@@ -1,22 +1,30 @@
 //! # metron: a Loggregator v2 agent
 //!
 //! Emitters on a VM send envelopes over mTLS gRPC; metron tags, sequences, signs and batches them
-//! and forwards them over mTLS to a pool of Dopplers, preferring its own availability zone.
+//! once and hands them to every destination that takes them: a pool of Dopplers over mTLS
+//! (preferring its own availability zone) and syslog drains (Log Cache's aggregate drain and
+//! others), each with its own queue, share of the budget, connections and counters.
 //!
 //! ## Message flow (data goes one way, left to right)
 //!
 //! ```text
 //!  emitters ──gRPC/mTLS──▶ Edge ──IngressBatch──▶ IngressActor ──TaggedBatch──▶ SequencerActor
-//!  (Sender, BatchSender,    │ admission:              tagging,                 slot, stream
-//!   Send)                   │ budget + counts         counter totals           and number
-//!                           ▼                                                        │
-//!                        dropped{ingress}                                  SequencedBatch
+//!  (Sender, BatchSender,    │ admission:              tagging,           slot, stream and number;
+//!   Send)                   │ budget + counts         counter totals     offers each part to every
+//!                           ▼                                            destination whose filter
+//!                        dropped{ingress}                                takes it, within its share
+//!                                                                                    │
+//!                                                                          SequencedBatch
+//!                                                                        (parts + each destination's pick)
 //!                                                                                    ▼
-//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor
-//!                 (one actor, one stream each; EgressQueue per slot)     signature; writes
-//!                                                                        the `metron` tag
-//!                         ▲ Connect                │ ConnectionUp/Down
-//!                         └──── DopplerSupervisor ◀┘   (Balancer: local AZ first, backoff)
+//!  Dopplers ◀──BatchSender/mTLS── DopplerConnection[slot] ◀─slot queue── SignerActor: writes a part
+//!                 (one actor, one stream each; EgressQueue per slot)     once (the `metron` tag, the
+//!                         ▲ Connect                │ ConnectionUp/Down   signature); every destination
+//!                         └──── DopplerSupervisor ◀┘                     gets the same bytes, shared
+//!                               (Balancer: local AZ first, backoff)            │
+//!                                                                             ▼ outbox per drain
+//!  syslog drains ◀──RFC 5424 over TCP/TLS, or HTTPS── DrainConnection[drain]
+//!                 (one actor per drain: format, write, retry with backoff; its own account)
 //! ```
 //!
 //! * [`grpc::ingress`] — the edge. Takes `BatchSender`/`Send` messages undecoded, counts their
@@ -27,13 +35,20 @@
 //!   counts `ingress` and prices each envelope exactly. Emitters are never blocked longer than
 //!   that bound.
 //! * [`actors::ingress`] — origin → source_id, tags, counter totals ([`envelope::tagging`]).
-//! * [`actors::sequencer`] — slot choice, the per-slot share of the budget (each slot is
-//!   guaranteed `budget / (2 · slots)` and may borrow only what no other slot is owed, so a stuck
-//!   Doppler cannot starve the rest), per-source numbering ([`envelope::sequence`]).
+//! * [`actors::sequencer`] — slot choice, the destinations' filters and shares of the budget
+//!   (half the budget is guaranteed, split between the destinations, the Doppler pool's part
+//!   between its slots; beyond its share a destination borrows only what no other is owed, so a
+//!   stuck Doppler or a dead drain cannot starve the rest), per-source numbering
+//!   ([`envelope::sequence`]). Each destination's [`telemetry::Account`] takes over the envelopes
+//!   it is offered.
 //! * [`actors::signer`] — writes each envelope out ([`envelope::writer`]) as it came with what
 //!   the pipeline adds appended ([`envelope::encoded`]): the tags the ingress rules decided, and
 //!   the number and the HMAC-SHA256 signature over the canonical form ([`envelope::signing`]) in
 //!   one `metron` tag ([`envelope::tag`]). Queued envelopes are held encoded.
+//! * [`actors::drain_connection`] — one actor per syslog drain: takes its
+//!   [`envelope::outbox::Outbox`], formats ([`syslog::rfc5424`]), writes ([`syslog::writer`],
+//!   [`syslog::https`]) and retries on a new connection after a backoff; a panic in its task
+//!   restarts it from fresh state.
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`envelope::queue::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
@@ -49,8 +64,9 @@
 //! `try_send`; a full one drops the batch with its own reason. (Control messages, one per
 //! connection event or reload, use `do_send`: they must arrive whatever the mailbox holds, and
 //! there are too few of them to grow memory; decision 6.) All queues together are bounded by
-//! `pipeline.max_buffered_bytes`. The ledger makes `ingress == egress + Σ dropped + buffered`
-//! exact whenever the pipeline is idle, and `buffered` is zero after shutdown.
+//! `pipeline.max_buffered_bytes`. The ledger makes `ingress + destination_copies == Σ egress +
+//! Σ dropped + filtered + buffered` exact whenever the pipeline is idle, and per destination
+//! `offered == egress + dropped + buffered`; `buffered` is zero after shutdown (decision 27).
 //!
 //! ## Control (day-2 operations)
 //!
