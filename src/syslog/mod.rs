@@ -1,7 +1,10 @@
-//! Syslog drains (issue 21): envelopes as upstream's syslog-agent writes them. So far the
-//! formatter ([`rfc5424`]), Go's float layout ([`gofloat`]) and drain URLs ([`drain`]), plain
-//! logic with upstream's golden vectors; the drain writers and their actors come next.
+//! Syslog drains: envelopes as upstream's syslog-agent writes them. Plain logic — the formatter
+//! ([`rfc5424`], tested with upstream's golden vectors), Go's float layout ([`gofloat`]), drain
+//! URLs ([`drain`]), the binding cache's answers ([`bindings`], not yet polled) — and the
+//! connections ([`writer`] for syslog over TCP or TLS, [`https`]). The drain's actor is
+//! `actors::drain_connection`.
 
+pub mod bindings;
 pub mod drain;
 pub mod gofloat;
 pub mod https;
