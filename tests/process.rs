@@ -866,3 +866,79 @@ fn nowhere_free() -> SocketAddr {
         .and_then(|l| l.local_addr())
         .unwrap()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Drains: a blackholed drain holds at most its share of the budget, in memory too.
+
+/// Resident memory of `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// What README's "Syslog drains" promises a blackholed drain costs at most in memory, beyond the
+/// idle process and the budget: the connections' buffers and the allocator's slack.
+const CONNECTION_ALLOWANCE: u64 = 16 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_drain_keeps_the_process_within_the_budget() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let dead = common::drain::FakeDrain::tcp(common::drain::Behaviour::Blackhole);
+    let healthy = common::drain::FakeDrain::tcp(common::drain::Behaviour::Read);
+    let budget: u64 = 16 << 20;
+    let extra = format!(
+        "syslog:\n  aggregate_drains:\n    - url: \"syslog://{}\"\n    - url: \"syslog://{}\"\n\
+         \x20 write_timeout_ms: 1000\n  send_buffer_bytes: 65536\n\
+         pipeline: {{ max_buffered_bytes: {budget} }}\n",
+        dead.addr(),
+        healthy.addr()
+    );
+    let (mut metron, ingress, metrics) = start_metron(&w, &doppler, &extra);
+    let pid = metron.pid();
+    send(&w, ingress, "warm-up", 100).await;
+    assert!(healthy.wait_for(100, STEP));
+    let idle = rss_bytes(pid);
+    // 5,000 envelopes/s for 10 s, 1 KiB payloads: far more than the dead drain's share.
+    let mut client = ingress_client(ingress, &w.pki, &w.client_cert).await;
+    let payload = "z".repeat(1024);
+    let mut peak = idle;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for round in 0..500 {
+        tick.tick().await;
+        let batch = EnvelopeBatch {
+            batch: (0..100)
+                .map(|i| log_envelope(&format!("app-{}", i % 10), &format!("{round} {payload}")))
+                .collect(),
+        };
+        client.send(batch).await.expect("Send succeeds");
+        if round % 10 == 0 {
+            peak = peak.max(rss_bytes(pid));
+        }
+    }
+    peak = peak.max(rss_bytes(pid));
+    let dead_drops = metric_value(
+        &scrape(metrics),
+        "dropped",
+        &[("drain_url", &format!("syslog://{}", dead.addr()))],
+    )
+    .unwrap_or(0.0);
+    assert!(dead_drops > 0.0, "the dead drain filled its share and shed");
+    println!(
+        "idle RSS {} MiB, peak {} MiB, budget {} MiB",
+        idle >> 20,
+        peak >> 20,
+        budget >> 20
+    );
+    assert!(
+        peak <= idle + budget + CONNECTION_ALLOWANCE,
+        "peak RSS {peak} above idle {idle} + budget {budget} + allowance {CONNECTION_ALLOWANCE}"
+    );
+    metron.signal("TERM");
+    metron.wait_exit(STEP);
+}
