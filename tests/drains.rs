@@ -625,3 +625,43 @@ async fn an_https_batch_drain_posts_newline_joined_batches_within_the_size_bound
     let m = agent.shutdown().metrics;
     assert_fan_out_balanced(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_drops_what_it_refuses_for_good_and_gives_up_after_22_attempts() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let https = common::https_drain::FakeHttpsDrain::start(&w.pki);
+    let url = format!("https://localhost:{}/", https.addr().port());
+    let yaml = format!(
+        "syslog:\n  aggregate_drains:\n    - {{ url: \"{url}\", ca: {} }}\n\
+         \x20 backoff_initial_ms: 1\n  backoff_max_ms: 5\n",
+        w.pki.ca_path.display()
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let account = || agent.metrics().account(&drain(&url)).cloned().unwrap();
+
+    // A 400 is final: dropped at once, one request.
+    https.answer(400);
+    send_all(&mut client, &[log_envelope("app", "refused")]).await;
+    assert!(wait_until(WAIT, || account()
+        .dropped_by(DropReason::DrainRefused)
+        == 1));
+    assert_eq!(https.posts().len(), 1, "not retried");
+
+    // A 503 is retried, 22 attempts in all, then dropped.
+    https.answer(503);
+    send_all(&mut client, &[log_envelope("app", "unavailable")]).await;
+    assert!(wait_until(WAIT, || account()
+        .dropped_by(DropReason::DrainWriteFailed)
+        == 1));
+    assert_eq!(https.posts().len(), 1 + 22);
+
+    // The drain is not stuck: the next message goes through.
+    https.answer(200);
+    send_all(&mut client, &[log_envelope("app", "fine")]).await;
+    assert!(wait_until(WAIT, || account().egress == 1));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    assert_fan_out_balanced(&m);
+}

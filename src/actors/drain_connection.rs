@@ -63,8 +63,9 @@ pub struct DrainConnection {
     held: Arc<Held>,
     /// The running task (aborted when the actor stops).
     task: Option<AbortHandle>,
-    /// Resolved when the task has delivered everything and ended (shutdown).
-    finished: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set by the task once it has delivered everything and ended (shutdown, retirement); one
+    /// channel for the drain's life, so a task restarted after a panic reports on it too.
+    done: Arc<tokio::sync::watch::Sender<bool>>,
     /// A reload removed the drain and [`DrainConnection::retire`] ran.
     retired: bool,
 }
@@ -103,7 +104,7 @@ impl DrainConnection {
             setup: Arc::new(setup),
             held: Arc::default(),
             task: None,
-            finished: None,
+            done: Arc::new(tokio::sync::watch::channel(false).0),
             retired: false,
         }
     }
@@ -114,11 +115,10 @@ impl DrainConnection {
     }
 
     fn spawn(&mut self, ctx: &mut Context<Self>) {
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let span = tracing::info_span!("drain", url = %self.setup.url.anonymized);
-        let task =
-            tokio::spawn(run(self.setup.clone(), self.held.clone(), done_tx).instrument(span));
-        self.finished = Some(done_rx);
+        let task = tokio::spawn(
+            run(self.setup.clone(), self.held.clone(), self.done.clone()).instrument(span),
+        );
         self.task = Some(task.abort_handle());
         // The task's end, watched from the actor: a panic restarts it from fresh state.
         let ended = async move {
@@ -162,13 +162,8 @@ impl Handler<Drain> for DrainConnection {
     /// Shutdown: the task writes what is queued, then ends; true once it has.
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
         self.setup.outlet.outbox.close();
-        let finished = self.finished.clone();
-        Box::pin(async move {
-            match finished {
-                Some(mut f) => f.wait_for(|done| *done).await.is_ok(),
-                None => true,
-            }
-        })
+        let mut done = self.done.subscribe();
+        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
     }
 }
 
@@ -177,14 +172,13 @@ impl Handler<Retire> for DrainConnection {
 
     fn handle(&mut self, Retire { grace }: Retire, ctx: &mut Context<Self>) {
         self.setup.outlet.outbox.close();
-        if let Some(mut finished) = self.finished.clone() {
-            ctx.spawn(
-                actix::fut::wrap_future::<_, Self>(async move {
-                    let _ = finished.wait_for(|done| *done).await;
-                })
-                .map(|(), act, ctx| act.retire(ctx)),
-            );
-        }
+        let mut done = self.done.subscribe();
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(async move {
+                let _ = done.wait_for(|done| *done).await;
+            })
+            .map(|(), act, ctx| act.retire(ctx)),
+        );
         ctx.run_later(grace, |act, ctx| act.retire(ctx));
     }
 }
@@ -286,10 +280,19 @@ impl Writer {
                     target.clone(),
                     settings.dial_timeout,
                     settings.write_timeout,
+                    settings.idle_reconnect,
                     settings.send_buffer,
                 ),
                 *batch,
             ),
+        }
+    }
+
+    /// Dials (a syslog connection, or an HTTPS keep-alive one) if there is none.
+    async fn connect(&mut self) -> Result<(), WriteError> {
+        match self {
+            Writer::Syslog(w) => w.connect().await,
+            Writer::Https(w, _) => w.connect().await,
         }
     }
 
@@ -339,29 +342,95 @@ impl Writer {
     }
 }
 
-/// What the task has taken and formatted, not yet written: the frames, and the envelopes (with
-/// their budget bytes) they came from.
+/// What the task has taken and formatted, not yet settled: the frames, and for each envelope
+/// the index one past its last frame and its budget bytes.
 #[derive(Default)]
 struct Pending {
     frames: Vec<Vec<u8>>,
-    bytes_of_frames: usize,
-    envelopes: usize,
-    bytes: usize,
+    frame_bytes: usize,
+    ends: Vec<usize>,
+    costs: Vec<usize>,
+    /// Envelopes already settled (delivered or dropped).
+    settled: usize,
 }
 
-/// The connection's task: take, format, write; retry a failed write after a backoff.
-async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::Sender<bool>) {
+impl Pending {
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.frame_bytes = 0;
+        self.ends.clear();
+        self.costs.clear();
+        self.settled = 0;
+    }
+
+    /// Settles the envelopes not settled yet whose every frame is before `frame` (all of them
+    /// with `usize::MAX`); returns (envelopes, bytes).
+    fn settle_until(&mut self, frame: usize) -> (usize, usize) {
+        let start = self.settled;
+        while self.settled < self.ends.len() && self.ends[self.settled] <= frame {
+            self.settled += 1;
+        }
+        (
+            self.settled - start,
+            self.costs[start..self.settled].iter().sum(),
+        )
+    }
+
+    /// (envelopes, bytes) not settled yet.
+    fn unsettled(&self) -> (usize, usize) {
+        (
+            self.ends.len() - self.settled,
+            self.costs[self.settled..].iter().sum(),
+        )
+    }
+}
+
+/// A drain's open connection, counted in `drain_connections` and its account while it lives:
+/// dropped on a failure, an abort (retirement) or a panic alike, so the counts never stick.
+struct Connected(Arc<DrainSetup>);
+
+impl Connected {
+    fn new(setup: &Arc<DrainSetup>) -> Self {
+        setup
+            .ledger
+            .metrics()
+            .drain_connections
+            .fetch_add(1, Ordering::Relaxed);
+        setup.outlet.account.connected(1);
+        Connected(setup.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0
+            .ledger
+            .metrics()
+            .drain_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.0.outlet.account.connected(-1);
+    }
+}
+
+/// Attempts at one batch before it is dropped (`drain_write_failed`): upstream's retry writer
+/// gives up after 22 (about 2 minutes at the 15 s backoff cap).
+const MAX_ATTEMPTS: u32 = 22;
+
+/// The connection's task: take, format, write; retry a failed write after a backoff, at most
+/// [`MAX_ATTEMPTS`] times; drop at once what the drain refuses for good (an HTTP 4xx other than
+/// 408 and 429).
+async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::watch::Sender<bool>>) {
     let mut writer = Writer::new(&setup.transport);
     let options = Options {
         hostname: "",
         metadata: !setup.url.omit_metadata,
         metron_tag: setup.metron_tag,
     };
-    let (ledger, outlet) = (&setup.ledger, &setup.outlet);
-    let metrics = ledger.metrics();
+    let outlet = &setup.outlet;
     let warnings = RateLimit::new(Duration::from_secs(10));
     let mut failures: u32 = 0;
-    let mut connected = false;
+    // Dialled at once, so a drain that is up counts as a destination before traffic flows.
+    let mut connection = writer.connect().await.ok().map(|()| Connected::new(&setup));
     let mut pending = Pending::default();
     while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
         #[cfg(feature = "chaos-hooks")]
@@ -369,13 +438,12 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
             held.set(batch.len(), batch.bytes());
             super::guard::chaos_panic(ME);
         }
-        pending.frames.clear();
-        (pending.bytes_of_frames, pending.envelopes, pending.bytes) = (0, 0, 0);
+        pending.clear();
         take_in(&setup, &held, &options, &mut pending, batch);
         if writer.batches() {
             // https-batch: gather up to a request's worth, for at most a second.
             let until = tokio::time::Instant::now() + BATCH_WAIT;
-            while pending.bytes_of_frames < BATCH_BYTES {
+            while pending.frame_bytes < BATCH_BYTES {
                 match tokio::time::timeout_at(until, outlet.outbox.take(MAX_WRITE_ENVELOPES)).await
                 {
                     Ok(Some(more)) => take_in(&setup, &held, &options, &mut pending, more),
@@ -384,55 +452,90 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: tokio::sync::watch::
             }
         }
         let mut from = 0;
+        let mut attempts = 0;
         while from < pending.frames.len() {
-            match writer.write(&pending.frames, &mut from).await {
+            attempts += 1;
+            let result = writer.write(&pending.frames, &mut from).await;
+            // What the drain took (all of it, or the requests it answered) is delivered now,
+            // so an abort or a panic later cannot count it as lost.
+            settle(&setup, &held, &mut pending, from, None);
+            let e = match result {
                 Ok(()) => {
-                    if !connected {
-                        connected = true;
-                        metrics.drain_connections.fetch_add(1, Ordering::Relaxed);
-                        outlet.account.connected(1);
-                    }
+                    connection.get_or_insert_with(|| Connected::new(&setup));
                     if failures > 0 {
                         tracing::info!(failures, "drain connection recovered");
                         failures = 0;
                     }
+                    continue;
                 }
-                Err(e) => {
-                    if connected {
-                        connected = false;
-                        metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
-                        outlet.account.connected(-1);
-                    }
-                    failures = failures.saturating_add(1);
-                    let wait = backoff::delay(
-                        failures,
-                        setup.backoff_initial,
-                        setup.backoff_max,
-                        crate::entropy::random_u64(),
+                Err(e) => e,
+            };
+            connection = None;
+            failures = failures.saturating_add(1);
+            let refused = e.is_refusal();
+            let give_up = refused || attempts >= MAX_ATTEMPTS;
+            let wait = backoff::delay(
+                failures,
+                setup.backoff_initial,
+                setup.backoff_max,
+                crate::entropy::random_u64(),
+            );
+            warnings.warn_every(|times| {
+                if give_up {
+                    tracing::warn!(
+                        error = %e,
+                        attempts,
+                        times,
+                        "drain write failed for good; dropping the messages"
                     );
-                    warnings.warn_every(|times| {
-                        tracing::warn!(
-                            error = %e,
-                            failures,
-                            times,
-                            retry_in_ms = wait.as_millis() as u64,
-                            "drain write failed; retrying on a new connection"
-                        );
-                    });
-                    tokio::time::sleep(wait).await;
+                } else {
+                    tracing::warn!(
+                        error = %e,
+                        failures,
+                        times,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "drain write failed; retrying on a new connection"
+                    );
                 }
+            });
+            if give_up {
+                let reason = if refused {
+                    DropReason::DrainRefused
+                } else {
+                    DropReason::DrainWriteFailed
+                };
+                settle(&setup, &held, &mut pending, usize::MAX, Some(reason));
+                break;
             }
+            tokio::time::sleep(wait).await;
         }
-        let (n, bytes) = held.take();
-        outlet.outbox.unroute(bytes);
-        ledger.delivered_at(&outlet.account, n, bytes);
+        settle(&setup, &held, &mut pending, usize::MAX, None);
     }
-    if connected {
-        metrics.drain_connections.fetch_sub(1, Ordering::Relaxed);
-        outlet.account.connected(-1);
-    }
+    drop(connection);
     writer.close().await;
-    let _ = done.send(true);
+    done.send_replace(true);
+}
+
+/// Settles what `pending` holds up to frame `until` (everything with `usize::MAX`): delivered,
+/// or dropped with `reason`; `held` then says what is left.
+fn settle(
+    setup: &DrainSetup,
+    held: &Held,
+    pending: &mut Pending,
+    until: usize,
+    reason: Option<DropReason>,
+) {
+    let (ledger, outlet) = (&setup.ledger, &setup.outlet);
+    let (n, bytes) = pending.settle_until(until);
+    if n > 0 {
+        outlet.outbox.unroute(bytes);
+        match reason {
+            None => ledger.delivered_at(&outlet.account, n, bytes),
+            Some(r) => ledger.dropped_at(&outlet.account, r, n, bytes),
+        }
+    }
+    let (n, bytes) = pending.unsettled();
+    held.set(n, bytes);
 }
 
 /// Formats `batch` onto `pending`, counting what the drain would refuse as dropped; `held` then
@@ -445,13 +548,11 @@ fn take_in(
     batch: EncodedBatch,
 ) {
     let (ledger, outlet) = (&setup.ledger, &setup.outlet);
-    held.set(
-        pending.envelopes + batch.len(),
-        pending.bytes + batch.bytes(),
-    );
+    let (n, bytes) = pending.unsettled();
+    held.set(n + batch.len(), bytes + batch.bytes());
     let before = pending.frames.len();
-    let (sent, refused) = format_batch(&batch, options, &mut pending.frames);
-    pending.bytes_of_frames += pending.frames[before..].iter().map(Vec::len).sum::<usize>();
+    let refused = format_batch(&batch, options, pending);
+    pending.frame_bytes += pending.frames[before..].iter().map(Vec::len).sum::<usize>();
     if refused.0 > 0 {
         outlet.outbox.unroute(refused.1);
         ledger.dropped_at(
@@ -461,42 +562,36 @@ fn take_in(
             refused.1,
         );
     }
-    pending.envelopes += sent.0;
-    pending.bytes += sent.1;
-    held.set(pending.envelopes, pending.bytes);
+    let (n, bytes) = pending.unsettled();
+    held.set(n, bytes);
 }
 
-/// Formats every envelope of `batch` into `frames`; returns (envelopes, budget bytes) formatted
-/// and refused.
-fn format_batch(
-    batch: &EncodedBatch,
-    options: &Options,
-    frames: &mut Vec<Vec<u8>>,
-) -> ((usize, usize), (usize, usize)) {
-    let (mut sent, mut refused) = ((0, 0), (0, 0));
+/// Formats every envelope of `batch` onto `pending`; returns (envelopes, budget bytes) refused.
+fn format_batch(batch: &EncodedBatch, options: &Options, pending: &mut Pending) -> (usize, usize) {
+    let mut refused = (0, 0);
     for i in 0..batch.len() {
         let cost = batch.costs()[i] as usize;
-        let before = frames.len();
+        let before = pending.frames.len();
         let formatted = Envelope::decode(batch.envelope(i))
             .ok()
-            .and_then(|env| rfc5424::format(&env, options, frames).ok())
+            .and_then(|env| rfc5424::format(&env, options, &mut pending.frames).ok())
             // Log Cache closes the connection on a larger frame, losing what follows it.
             .filter(|()| {
-                frames[before..]
+                pending.frames[before..]
                     .iter()
                     .all(|f| f.len() <= MAX_MESSAGE_BYTES)
             });
         match formatted {
             Some(()) => {
-                sent.0 += 1;
-                sent.1 += cost;
+                pending.ends.push(pending.frames.len());
+                pending.costs.push(cost);
             }
             None => {
-                frames.truncate(before);
+                pending.frames.truncate(before);
                 refused.0 += 1;
                 refused.1 += cost;
             }
         }
     }
-    (sent, refused)
+    refused
 }

@@ -121,7 +121,7 @@ struct RawAggregateDrain {
 impl std::fmt::Debug for RawAggregateDrain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawAggregateDrain")
-            .field("url", &crate::syslog::drain::anonymize(&self.url))
+            .field("url", &crate::syslog::drain::redact_unparsed(&self.url))
             .finish_non_exhaustive()
     }
 }
@@ -178,7 +178,7 @@ impl RawSyslog {
             let url = DrainUrl::parse(&d.url, self.default_drain_metadata).map_err(|e| {
                 ConfigError::new(
                     key("url"),
-                    format!("{}: {e}", crate::syslog::drain::anonymize(&d.url)),
+                    format!("{}: {e}", crate::syslog::drain::redact_unparsed(&d.url)),
                 )
             })?;
             if url.scheme != Scheme::Syslog

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use super::drain::{anonymize, DrainUrl};
+use super::drain::{redact_unparsed, DrainUrl};
 
 /// One binding as the cache lists it.
 #[derive(Debug, Deserialize)]
@@ -105,7 +105,7 @@ pub fn read_bindings(
             Ok(u) => u,
             Err(e) => {
                 refused.push(Refused {
-                    url: anonymize(&b.url),
+                    url: redact_unparsed(&b.url),
                     problem: e.to_string(),
                 });
                 continue;
@@ -171,7 +171,7 @@ pub fn read_aggregate(
                 }
             }
             Err(e) => refused.push(Refused {
-                url: anonymize(&b.url),
+                url: redact_unparsed(&b.url),
                 problem: e.to_string(),
             }),
         }
@@ -272,7 +272,7 @@ mod tests {
         assert_eq!(by_app["app-1"][0].hostname, "org.space.web");
         assert_eq!(by_app["app-2"][0].url.anonymized, "syslog://b.example:514");
         assert_eq!(refused.len(), 1);
-        assert_eq!(refused[0].url, "ftp://nope.example/x");
+        assert_eq!(refused[0].url, "ftp://(the rest hidden)");
         let shown = format!("{by_app:?} {refused:?}");
         assert!(
             !shown.contains("secret") && !shown.contains("KEY"),

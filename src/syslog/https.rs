@@ -45,6 +45,10 @@ pub struct HttpsWriter {
     write_timeout: Duration,
     send_buffer: usize,
     conn: Option<SendRequest<Full<Bytes>>>,
+    /// When the connection last answered: one idle for `idle_reconnect` is replaced before the
+    /// next request (servers close idle keep-alive connections, often after about a minute).
+    last: tokio::time::Instant,
+    idle_reconnect: Duration,
 }
 
 impl HttpsWriter {
@@ -52,6 +56,7 @@ impl HttpsWriter {
         to: HttpsTarget,
         dial_timeout: Duration,
         write_timeout: Duration,
+        idle_reconnect: Duration,
         send_buffer: usize,
     ) -> Self {
         let authorization = to.basic_auth.as_ref().map(|(user, password)| {
@@ -69,7 +74,24 @@ impl HttpsWriter {
             write_timeout,
             send_buffer,
             conn: None,
+            last: tokio::time::Instant::now(),
+            idle_reconnect,
         }
+    }
+
+    /// Dials if there is no usable connection.
+    ///
+    /// # Errors
+    /// When the dial fails.
+    pub async fn connect(&mut self) -> Result<(), WriteError> {
+        if self.last.elapsed() >= self.idle_reconnect {
+            self.conn = None;
+        }
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            self.conn = Some(self.dial().await?);
+            self.last = tokio::time::Instant::now();
+        }
+        Ok(())
     }
 
     /// POSTs `body`.
@@ -78,14 +100,18 @@ impl HttpsWriter {
     /// When the connection fails, times out, or the drain answers other than 2xx; the
     /// connection is replaced on the next request.
     pub async fn post(&mut self, body: Bytes) -> Result<(), WriteError> {
-        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-            self.conn = Some(self.dial().await?);
-        }
+        self.connect().await?;
         let conn = self.conn.as_mut().expect("dialled above");
         let host = if self.to.host.contains(':') {
-            format!("[{}]:{}", self.to.host, self.to.port)
+            format!("[{}]", self.to.host)
         } else {
-            format!("{}:{}", self.to.host, self.to.port)
+            self.to.host.clone()
+        };
+        // The default port is left out, as browsers and Go's client write it.
+        let host = if self.to.port == 443 {
+            host
+        } else {
+            format!("{host}:{}", self.to.port)
         };
         let mut request = hyper::Request::post(self.to.target.as_str())
             .header(hyper::header::HOST, host)
@@ -113,6 +139,7 @@ impl HttpsWriter {
             }
         };
         let status = response.status();
+        self.last = tokio::time::Instant::now();
         // The body is not read: dropping it lets hyper discard it and reuse the connection.
         drop(response);
         if status.is_success() {

@@ -62,6 +62,14 @@ pub enum WriteError {
     Status(u16),
 }
 
+impl WriteError {
+    /// The drain refused the messages for good: an HTTP 4xx other than 408 (timeout) and 429
+    /// (too many requests). Sending them again would be refused again.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, WriteError::Status(s) if (400..500).contains(s) && *s != 408 && *s != 429)
+    }
+}
+
 /// A TCP or TLS stream.
 type Conn = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -85,6 +93,19 @@ impl SyslogWriter {
             dials: 0,
             buf: Vec::new(),
         }
+    }
+
+    /// Dials now if there is no connection (at start, so a drain that is up counts as one
+    /// before traffic flows).
+    ///
+    /// # Errors
+    /// When the dial fails; the next write dials again.
+    pub async fn connect(&mut self) -> Result<(), WriteError> {
+        if self.conn.is_none() {
+            let conn = self.dial().await?;
+            self.conn = Some((conn, Instant::now()));
+        }
+        Ok(())
     }
 
     /// Connections dialled so far.

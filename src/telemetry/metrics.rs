@@ -66,10 +66,15 @@ pub enum DropReason {
     /// A reload removed the drain, and it could not deliver what it held within
     /// `shutdown.grace_period_ms`.
     DrainRemoved,
+    /// A drain failed every write of them, 22 times (about 2 minutes at the 15 s backoff cap):
+    /// upstream's retry writer's limit, so one message a drain chokes on cannot hold its queue.
+    DrainWriteFailed,
+    /// An HTTPS drain refused them for good (a 4xx answer other than 408 and 429): not retried.
+    DrainRefused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -89,6 +94,8 @@ impl DropReason {
         DropReason::DrainQueueFull,
         DropReason::Unformattable,
         DropReason::DrainRemoved,
+        DropReason::DrainWriteFailed,
+        DropReason::DrainRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +119,8 @@ impl DropReason {
             DropReason::DrainQueueFull => "drain_queue_full",
             DropReason::Unformattable => "unformattable",
             DropReason::DrainRemoved => "drain_removed",
+            DropReason::DrainWriteFailed => "drain_write_failed",
+            DropReason::DrainRefused => "drain_refused",
         }
     }
 
@@ -133,6 +142,8 @@ impl DropReason {
             | DropReason::DrainQueueFull
             | DropReason::Unformattable
             | DropReason::DrainRemoved
+            | DropReason::DrainWriteFailed
+            | DropReason::DrainRefused
             | DropReason::SignerQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
