@@ -43,12 +43,20 @@ pub fn drain_client_config(
     ca: Option<&std::path::Path>,
     client: Option<(&std::path::Path, &std::path::Path)>,
     key: &str,
-) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+) -> Result<(Arc<rustls::ClientConfig>, [u8; 32]), ConfigError> {
+    // A digest of every file read (not the bytes: one is a private key), for a reload to tell
+    // new files under the same paths.
+    let digest = std::cell::RefCell::new(ring::digest::Context::new(&ring::digest::SHA256));
     let read = |sub: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             key: format!("{key}.{sub}"),
             problem: format!("cannot read {}: {e}", path.display()),
-        })
+        })?;
+        let mut d = digest.borrow_mut();
+        d.update(sub.as_bytes());
+        d.update(&(bytes.len() as u64).to_le_bytes());
+        d.update(&bytes);
+        Ok::<_, ConfigError>(bytes)
     };
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -91,7 +99,9 @@ pub fn drain_client_config(
                 })?
         }
     };
-    Ok(Arc::new(config))
+    let mut files = [0u8; 32];
+    files.copy_from_slice(digest.into_inner().finish().as_ref());
+    Ok((Arc::new(config), files))
 }
 
 impl TlsMaterial {
@@ -238,12 +248,13 @@ pub struct TlsSet {
     pub metrics: Option<TlsMaterial>,
 }
 
-/// A drain's TLS client configuration, with the bytes of the files it was made from (a reload
+/// A drain's TLS client configuration, with a digest of the files it was made from (a reload
 /// compares them: new files under the same paths restart the drain's connection).
 #[derive(Clone)]
 pub struct DrainTls {
     pub config: Arc<rustls::ClientConfig>,
-    files: Vec<u8>,
+    /// SHA-256 of the files it was made from.
+    files: [u8; 32],
 }
 
 impl PartialEq for DrainTls {
@@ -268,14 +279,7 @@ pub fn aggregate_drain_tls(config: &Config) -> Result<Vec<Option<DrainTls>>, Con
             }
             let client = d.client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
             let key = format!("syslog.aggregate_drains[{i}]");
-            let config = drain_client_config(d.ca.as_deref(), client, &key)?;
-            // Read once more for the comparison; a file that vanished in between was just
-            // read above, so an error here is not worth failing over.
-            let files = [d.ca.as_deref(), client.map(|c| c.0), client.map(|c| c.1)]
-                .into_iter()
-                .flatten()
-                .flat_map(|p| std::fs::read(p).unwrap_or_default())
-                .collect();
+            let (config, files) = drain_client_config(d.ca.as_deref(), client, &key)?;
             Ok(Some(DrainTls { config, files }))
         })
         .collect()

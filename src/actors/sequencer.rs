@@ -241,6 +241,26 @@ impl SequencerActor {
             })
             .collect();
 
+        // What goes on (computed first: the ledger changes below cannot panic, so a panic here
+        // leaves the ledger untouched): the envelopes some destination took, and each destination's pick.
+        let mask: u64 = (0..destinations)
+            .filter(|d| accepted[*d])
+            .fold(0, |m, d| m | 1 << d);
+        let mut taken = part.part();
+        let mut picks: Vec<Vec<u32>> = vec![Vec::new(); destinations];
+        for (item, bits) in part.items().iter().zip(&offered) {
+            let bits = bits & mask;
+            if bits == 0 {
+                continue;
+            }
+            let at = taken.len() as u32;
+            for (d, pick) in picks.iter_mut().enumerate() {
+                if bits & (1 << d) != 0 {
+                    pick.push(at);
+                }
+            }
+            taken.push(*item);
+        }
         // The ledger: one obligation per destination offered an envelope.
         let (mut copies, mut copy_bytes, mut unwanted, mut unwanted_bytes) = (0, 0, 0, 0);
         for (item, bits) in part.items().iter().zip(&offered) {
@@ -282,25 +302,6 @@ impl SequencerActor {
             }
         }
 
-        // What goes on: the envelopes some destination took, and each destination's pick.
-        let mask: u64 = (0..destinations)
-            .filter(|d| accepted[*d])
-            .fold(0, |m, d| m | 1 << d);
-        let mut taken = part.part();
-        let mut picks: Vec<Vec<u32>> = vec![Vec::new(); destinations];
-        for (item, bits) in part.items().iter().zip(&offered) {
-            let bits = bits & mask;
-            if bits == 0 {
-                continue;
-            }
-            let at = taken.len() as u32;
-            for (d, pick) in picks.iter_mut().enumerate() {
-                if bits & (1 << d) != 0 {
-                    pick.push(at);
-                }
-            }
-            taken.push(*item);
-        }
         if taken.is_empty() {
             return None;
         }

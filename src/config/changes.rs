@@ -48,7 +48,8 @@ pub enum Live {
     ReplayExtra,
     /// `dopplers.replay_min_rate`.
     ReplayMinRate,
-    /// `syslog.aggregate_drains` (also when a drain's TLS files changed): drains added start,
+    /// `syslog.aggregate_drains` and `syslog.default_drain_metadata` (also when a drain's TLS
+    /// files changed): drains added start,
     /// drains removed deliver what they hold within `shutdown.grace_period_ms`, unchanged ones
     /// keep their connection and queue.
     AggregateDrains,
@@ -256,18 +257,16 @@ impl Config {
         c.live(*replay_min_rate != d.replay_min_rate, Live::ReplayMinRate);
         c.restart(*disable_logs != d.disable_logs, "dopplers.disable_logs");
         let s = &new.syslog;
+        // The default metadata is read into every drain's URL: a change restarts the drains.
         c.live(
-            *aggregate_drains != s.aggregate_drains,
+            *aggregate_drains != s.aggregate_drains
+                || *default_drain_metadata != s.default_drain_metadata,
             Live::AggregateDrains,
         );
         for (changed, key) in [
             (
                 *include_metron_tags != s.include_metron_tags,
                 "syslog.include_metron_tags",
-            ),
-            (
-                *default_drain_metadata != s.default_drain_metadata,
-                "syslog.default_drain_metadata",
             ),
             (
                 *max_drain_series != s.max_drain_series,

@@ -227,13 +227,19 @@ impl RawSyslog {
                     }
                 }
             }
+            // Two drains told apart only by credentials or query would share their metrics
+            // series and their name in the logs.
             if aggregate_drains
                 .iter()
-                .any(|a: &AggregateDrain| a.url == url)
+                .any(|a: &AggregateDrain| a.url.anonymized == url.anonymized)
             {
                 return Err(ConfigError::new(
                     key("url"),
-                    format!("{}: listed twice", url.anonymized),
+                    format!(
+                        "{}: listed twice (without credentials and query, which logs and \
+                         metrics leave out)",
+                        url.anonymized
+                    ),
                 ));
             }
             aggregate_drains.push(AggregateDrain {

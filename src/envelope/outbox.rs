@@ -2,7 +2,7 @@
 //! was offered, shared with the other destinations that took them ([`EncodedBatch::share`]).
 //! The signer pushes, the destination's connection takes. Bounded by the destination's share of
 //! the budget, which the sequencer checks before it offers anything ([`Outbox::routed`]); a
-//! connection that fails puts what it took back at the front, so a reconnect loses nothing.
+//! connection keeps what it took until it is delivered or dropped, so a reconnect loses nothing.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,16 +70,6 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Puts a batch the connection could not deliver back at the front.
-    pub fn put_back(&self, batch: EncodedBatch) {
-        if batch.is_empty() {
-            return;
-        }
-        let mut q = self.inner.lock();
-        q.envelopes += batch.len();
-        q.batches.push_front(batch);
-    }
-
     /// The next batch, at most `max` envelopes of it (the rest stays at the front), or `None`
     /// when nothing is queued.
     pub fn try_take(&self, max: usize) -> Option<EncodedBatch> {
@@ -134,20 +124,18 @@ mod tests {
     use crate::envelope::queue::tests::batch;
 
     #[tokio::test]
-    async fn takes_in_order_splits_and_puts_back() {
+    async fn takes_in_order_and_splits() {
         let o = Outbox::default();
         o.push(batch(3, 10));
         o.push(batch(2, 10));
         assert_eq!(o.envelopes(), 5);
         let a = o.take(2).await.unwrap();
         assert_eq!((a.len(), o.envelopes()), (2, 3));
-        o.put_back(a);
         assert_eq!(
             o.take(10).await.unwrap().len(),
-            2,
-            "the put-back batch first"
+            1,
+            "the rest of the split batch first"
         );
-        assert_eq!(o.take(10).await.unwrap().len(), 1);
         assert_eq!(o.take(10).await.unwrap().len(), 2);
         o.close();
         assert!(o.take(10).await.is_none(), "closed and empty: the end");

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
@@ -71,7 +71,9 @@ impl WriteError {
 }
 
 /// A TCP or TLS stream.
-type Conn = Box<dyn AsyncWrite + Unpin + Send>;
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+type Conn = Box<dyn Stream>;
 
 /// One drain connection, dialled on demand.
 pub struct SyslogWriter {
@@ -182,10 +184,18 @@ impl SyslogWriter {
         Ok(Box::new(tls))
     }
 
-    /// Closes the connection (a TLS close_notify is attempted, briefly).
+    /// Closes the connection: a TLS close_notify and a FIN, then reads until the receiver closes
+    /// too (at most a second). Reading matters: the agent never reads otherwise, and a socket
+    /// closed with unread bytes in it (a TLS 1.3 server's session tickets) is reset, and a reset
+    /// makes the receiver discard what it had not read yet.
     pub async fn close(&mut self) {
         if let Some((mut conn, _)) = self.conn.take() {
             let _ = timeout(Duration::from_millis(100), conn.shutdown()).await;
+            let mut sink = [0u8; 4096];
+            let _ = timeout(Duration::from_secs(1), async {
+                while matches!(conn.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
         }
     }
 }

@@ -319,8 +319,9 @@ pub struct Metrics {
     accounts: Mutex<Vec<Arc<Account>>>,
     /// What drains a reload removed delivered and dropped (their series are gone; the balance
     /// keeps them).
-    retired_drain_egress: AtomicU64,
-    retired_drain_dropped: AtomicU64,
+    /// One merged account per removed drain's destination: its series stay (counters never go
+    /// back) and its totals stay in the balance.
+    retired: Mutex<Vec<AccountSnapshot>>,
 }
 
 /// One metric family for the exposition: name, type, help, and (labels, value) samples.
@@ -360,6 +361,8 @@ pub struct MetricsSnapshot {
     /// Deliveries and drops of drains a reload removed.
     pub retired_drain_egress: u64,
     pub retired_drain_dropped: u64,
+    /// The removed drains' totals, one per destination.
+    pub retired: Vec<AccountSnapshot>,
 }
 
 impl MetricsSnapshot {
@@ -460,8 +463,7 @@ impl Metrics {
             filtered: AtomicU64::new(0),
             drain_connections: AtomicI64::new(0),
             accounts: Mutex::default(),
-            retired_drain_egress: AtomicU64::new(0),
-            retired_drain_dropped: AtomicU64::new(0),
+            retired: Mutex::default(),
         }
     }
 
@@ -479,10 +481,11 @@ impl Metrics {
         if accounts.len() < before {
             let s = account.snapshot();
             debug_assert_eq!(s.buffered, 0, "retired while holding envelopes");
-            self.retired_drain_egress
-                .fetch_add(s.egress, Ordering::Relaxed);
-            self.retired_drain_dropped
-                .fetch_add(s.dropped_total(), Ordering::Relaxed);
+            let mut retired = self.retired.lock();
+            match retired.iter_mut().find(|r| r.destination == s.destination) {
+                Some(r) => merge(r, &s),
+                None => retired.push(s),
+            }
         }
     }
 
@@ -491,7 +494,8 @@ impl Metrics {
     }
 
     /// The destination a new drain's series are labelled with: its anonymized URL while fewer
-    /// than `max_series` drains of any scope have a series of their own, `other` beyond.
+    /// than `max_series` URLs have a series of their own, `other` beyond. A removed drain's
+    /// series stays (its counters never go back), so its URL keeps counting.
     pub fn drain_destination(
         &self,
         scope: DrainScope,
@@ -499,9 +503,13 @@ impl Metrics {
         max_series: usize,
     ) -> Destination {
         let accounts = self.accounts.lock();
-        let mut urls: Vec<&str> = accounts
+        let retired = self.retired.lock();
+        let live = accounts.iter().map(|a| a.destination().clone());
+        let gone = retired.iter().map(|r| r.destination.clone());
+        let destinations: Vec<Destination> = live.chain(gone).collect();
+        let mut urls: Vec<&str> = destinations
             .iter()
-            .filter_map(|a| match a.destination() {
+            .filter_map(|d| match d {
                 Destination::Drain { url, .. } if url != OTHER_DRAINS => Some(url.as_str()),
                 _ => None,
             })
@@ -595,6 +603,8 @@ impl Metrics {
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
+        // Taken once: the lock is not reentrant, and a struct literal's temporaries live to its end.
+        let retired = self.retired.lock().clone();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         MetricsSnapshot {
             ingress: get(&self.ingress),
@@ -625,8 +635,9 @@ impl Metrics {
             filtered: get(&self.filtered),
             drain_connections: self.drain_connections.load(Ordering::Relaxed),
             accounts: self.accounts.lock().iter().map(|a| a.snapshot()).collect(),
-            retired_drain_egress: get(&self.retired_drain_egress),
-            retired_drain_dropped: get(&self.retired_drain_dropped),
+            retired_drain_egress: retired.iter().map(|r| r.egress).sum(),
+            retired_drain_dropped: retired.iter().map(|r| r.dropped_total()).sum(),
+            retired,
         }
     }
 
@@ -643,7 +654,7 @@ impl Metrics {
                 .map(|(_, n)| n)
                 .sum()
         };
-        let drains = drain_series(&s.accounts);
+        let drains = drain_series(&s.accounts, &s.retired);
         let per_drain = |f: &dyn Fn(&DrainSeries) -> u64| -> Vec<(String, String)> {
             drains
                 .iter()
@@ -932,9 +943,15 @@ struct DrainSeries {
     sum: AccountSnapshot,
 }
 
-fn drain_series(accounts: &[AccountSnapshot]) -> BTreeMap<String, DrainSeries> {
+/// Drains summed by their series' labels: the live ones, and the removed ones (`retired`, which
+/// count towards the totals but not towards `drains`).
+fn drain_series(
+    accounts: &[AccountSnapshot],
+    retired: &[AccountSnapshot],
+) -> BTreeMap<String, DrainSeries> {
     let mut out: BTreeMap<String, DrainSeries> = BTreeMap::new();
-    for a in accounts {
+    let live = accounts.iter().map(|a| (a, 1));
+    for (a, count) in live.chain(retired.iter().map(|a| (a, 0))) {
         let Destination::Drain { scope, .. } = &a.destination else {
             continue;
         };
@@ -945,27 +962,33 @@ fn drain_series(accounts: &[AccountSnapshot]) -> BTreeMap<String, DrainSeries> {
                     labels,
                     DrainSeries {
                         scope: *scope,
-                        drains: 1,
+                        drains: count,
                         sum: a.clone(),
                     },
                 );
             }
             Some(d) => {
-                d.drains += 1;
-                d.sum.offered += a.offered;
-                d.sum.egress += a.egress;
-                d.sum.buffered += a.buffered;
-                d.sum.buffered_bytes += a.buffered_bytes;
-                for (r, n) in &a.dropped {
-                    match d.sum.dropped.iter_mut().find(|(x, _)| x == r) {
-                        Some((_, m)) => *m += n,
-                        None => d.sum.dropped.push((*r, *n)),
-                    }
-                }
+                d.drains += count;
+                merge(&mut d.sum, a);
             }
         }
     }
     out
+}
+
+/// Adds `a`'s counts to `into`.
+fn merge(into: &mut AccountSnapshot, a: &AccountSnapshot) {
+    into.offered += a.offered;
+    into.egress += a.egress;
+    into.buffered += a.buffered;
+    into.buffered_bytes += a.buffered_bytes;
+    into.connections += a.connections;
+    for (r, n) in &a.dropped {
+        match into.dropped.iter_mut().find(|(x, _)| x == r) {
+            Some((_, m)) => *m += n,
+            None => into.dropped.push((*r, *n)),
+        }
+    }
 }
 
 /// Prometheus label value escaping: backslash, double quote, newline.

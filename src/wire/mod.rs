@@ -69,6 +69,9 @@ pub struct Running {
     pub connections: Vec<Addr<DopplerConnection>>,
     /// The syslog drains, in `syslog.aggregate_drains` order.
     drains: Vec<RunningDrain>,
+    /// Drains a reload removed that may still be delivering what they hold (within the grace
+    /// period): the shutdown barrier counts them, and shutdown asks them to finish too.
+    retiring: Vec<RunningDrain>,
     queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -417,6 +420,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     Ok(Running {
         connections,
         drains,
+        retiring: Vec::new(),
         queues: queue_handles,
         closed,
         server,
@@ -790,6 +794,7 @@ impl Running {
                 .chain(
                     self.drains
                         .iter()
+                        .chain(&self.retiring)
                         .map(|d| d.outlet.outbox.envelopes() + d.held.envelopes()),
                 )
                 .sum();
@@ -802,7 +807,12 @@ impl Running {
             .connections
             .iter()
             .map(|c| c.clone().recipient::<Drain>())
-            .chain(self.drains.iter().map(|d| d.actor.clone().recipient()))
+            .chain(
+                self.drains
+                    .iter()
+                    .chain(self.retiring.iter().filter(|d| d.actor.connected()))
+                    .map(|d| d.actor.clone().recipient()),
+            )
             .map(|r| r.send(Drain))
             .collect();
         let mut acknowledged = true;

@@ -172,13 +172,20 @@ impl Running {
                         .into_iter()
                         .map(Some)
                         .collect();
+                    // Unwatched before anything starts: a drain restarted on new TLS files has
+                    // the same name as the one it replaces.
+                    for o in old.iter().flatten() {
+                        self.health.remove_actor(&o.name());
+                    }
                     let entries = new.syslog.aggregate_drains.iter().zip(&drain_tls);
                     for (i, (d, t)) in entries.enumerate() {
                         let same = |o: &Option<RunningDrain>| {
                             o.as_ref().is_some_and(|o| o.spec == *d && o.tls == *t)
                         };
                         if let Some(k) = old.iter().position(same) {
-                            self.drains.push(old[k].take().expect("found above"));
+                            let kept = old[k].take().expect("found above");
+                            self.health.add_actor(kept.name(), kept.check());
+                            self.drains.push(kept);
                             continue;
                         }
                         // The connection settings (timeouts, buffers) are the ones the agent
@@ -191,15 +198,14 @@ impl Running {
                             Err(e) => tracing::error!(error = %e, "cannot start a drain"),
                         }
                     }
-                    let retire = old
-                        .into_iter()
-                        .flatten()
-                        .map(|o| {
-                            self.health.remove_actor(&o.name());
-                            tracing::info!(drain = %o.spec.url.anonymized, "removing a syslog drain");
-                            (o.actor.recipient(), new.shutdown_grace)
-                        })
-                        .collect();
+                    // Gone for good: their actors stopped once they retired.
+                    self.retiring.retain(|d| d.actor.connected());
+                    let mut retire = Vec::new();
+                    for o in old.into_iter().flatten() {
+                        tracing::info!(drain = %o.spec.url.anonymized, "removing a syslog drain");
+                        retire.push((o.actor.clone().recipient(), new.shutdown_grace));
+                        self.retiring.push(o);
+                    }
                     let outlets = self.drains.iter().map(|d| d.outlet.clone()).collect();
                     // Control message: must arrive whatever the sequencer's mailbox holds.
                     self.sequencer.do_send(SetOutlets { outlets, retire });
