@@ -12,6 +12,7 @@ pub mod outage;
 pub mod run;
 pub mod sink;
 pub mod subscriber;
+pub mod syslog_load;
 pub mod syslog_sink;
 pub mod workload;
 
