@@ -21,7 +21,8 @@ use crate::tls::TlsMaterial;
 const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
-metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream|outage]
+metron bench [--seconds N] [--probe-seconds N]
+             [--only all|capacity|fixed|downstream|outage|syslog]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
              [--sink-workers N] [--outage-seconds N] [--trace]
@@ -38,9 +39,15 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
                      outage: the sink killed under steady load and restarted, with a modelled
                      1,000-envelope subscriber buffer behind it: the backlog, when delivery
                      resumed, how long the replay took and what the buffer dropped, with the
-                     agent's replay pacing and without
+                     agent's replay pacing and without;
+                     syslog: an aggregate syslog drain beside the Doppler: each sink's own
+                     ceiling (load straight into it), then the agent with the Doppler sink only,
+                     a syslog sink only and both, each at 50k/s (drain over TCP and TLS) and in
+                     a loss-free capacity search (TCP); the fan-out's targets met or not.
+                     --seconds is the length of the 50k/s runs and of each capacity
+                     confirmation, --probe-seconds of the ceilings, max-offered runs and probes
     --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000;
-                     outage: 1000,5000)
+                     outage: 1000,5000; syslog: 50000 only, not changed by --rates)
     --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
     --signing, --sequencing
                      the agent's signing.enabled and sequencing.enabled (default on)
@@ -952,9 +959,9 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
-    if !["all", "capacity", "fixed", "downstream", "outage"].contains(&only.as_str()) {
+    if !["all", "capacity", "fixed", "downstream", "outage", "syslog"].contains(&only.as_str()) {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity, fixed, downstream or outage, not {only:?}"
+            "--only must be all, capacity, fixed, downstream, outage or syslog, not {only:?}"
         )));
     }
     let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
@@ -1011,6 +1018,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         bench.agent_bin.display()
     );
     let report = match only.as_str() {
+        "syslog" => Some(super::syslog_runs::run(&bench, secs, probe_secs)),
         "outage" => {
             let outage_secs: u64 = a.get("outage-seconds", 5)?;
             Some(super::outage::run(&bench, &rates, outage_secs.max(1)))
