@@ -5,6 +5,10 @@
 //! the machine manages without it. Everything stays on 127.0.0.1.
 //!
 //! `metron sink` and `metron load` run the two halves on their own.
+//!
+//! `metron bench --only syslog` ([`syslog_runs`]) adds a syslog sink ([`syslog_sink`], TCP and
+//! TLS) and a load straight into it ([`syslog_load`]), to measure the agent fanning out to an
+//! aggregate drain beside the Doppler sink.
 
 pub mod downstream;
 pub mod load;
@@ -12,6 +16,9 @@ pub mod outage;
 pub mod run;
 pub mod sink;
 pub mod subscriber;
+pub mod syslog_load;
+pub mod syslog_runs;
+pub mod syslog_sink;
 pub mod workload;
 
 use std::time::{SystemTime, UNIX_EPOCH};

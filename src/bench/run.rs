@@ -21,7 +21,8 @@ use crate::tls::TlsMaterial;
 const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
-metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downstream|outage]
+metron bench [--seconds N] [--probe-seconds N]
+             [--only all|capacity|fixed|downstream|outage|syslog]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
              [--sink-workers N] [--outage-seconds N] [--trace]
@@ -38,9 +39,15 @@ metron bench [--seconds N] [--probe-seconds N] [--only all|capacity|fixed|downst
                      outage: the sink killed under steady load and restarted, with a modelled
                      1,000-envelope subscriber buffer behind it: the backlog, when delivery
                      resumed, how long the replay took and what the buffer dropped, with the
-                     agent's replay pacing and without
+                     agent's replay pacing and without;
+                     syslog: an aggregate syslog drain beside the Doppler: each sink's own
+                     ceiling (load straight into it), then the agent with the Doppler sink only,
+                     a syslog sink only and both, each at 50k/s (drain over TCP and TLS) and in
+                     a loss-free capacity search (TCP); the fan-out's targets met or not.
+                     --seconds is the length of the 50k/s runs and of each capacity
+                     confirmation, --probe-seconds of the ceilings, max-offered runs and probes
     --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000;
-                     outage: 1000,5000)
+                     outage: 1000,5000; syslog: 50000 only, not changed by --rates)
     --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
     --signing, --sequencing
                      the agent's signing.enabled and sequencing.enabled (default on)
@@ -253,6 +260,34 @@ pub struct Outcome {
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
     pub out_of_order: u64,
+    /// Whether the Doppler sink was a destination (`received` to `out_of_order` are its
+    /// figures); not in `bench --only syslog`'s runs to the syslog sink alone.
+    pub doppler: bool,
+    /// What the syslog sink got, when it was a destination (`bench --only syslog`).
+    pub drain: Option<Arrived>,
+}
+
+/// What the syslog sink got in a run: one message per envelope (the workload's gauges have one
+/// metric each).
+#[derive(Debug, Clone, Default)]
+pub struct Arrived {
+    pub received: u64,
+    pub rate: f64,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub out_of_order: u64,
+}
+
+impl Arrived {
+    pub(super) fn of(stats: &SinkStats, elapsed: Duration) -> Self {
+        Self {
+            received: stats.received(),
+            rate: stats.received() as f64 / elapsed.as_secs_f64(),
+            p50_us: stats.latency.quantile(0.5),
+            p99_us: stats.latency.quantile(0.99),
+            out_of_order: stats.out_of_order.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Outcome {
@@ -260,13 +295,25 @@ impl Outcome {
         self.sent.saturating_sub(self.received)
     }
 
-    /// Every envelope arrived, the agent dropped none and the load generator kept its pace.
+    /// Every envelope arrived at every destination, the agent dropped none and the load
+    /// generator kept its pace.
     pub fn loss_free(&self) -> bool {
-        self.lost() == 0
+        (!self.doppler || self.lost() == 0)
+            && self.drain.as_ref().is_none_or(|d| d.received >= self.sent)
             && self.agent_dropped == 0
             && self
                 .target
                 .is_none_or(|t| self.offered_rate >= 0.98 * t as f64)
+    }
+
+    /// The delivered rate of the slowest destination.
+    pub fn goodput(&self) -> f64 {
+        let doppler = if self.doppler {
+            self.delivered_rate
+        } else {
+            f64::INFINITY
+        };
+        self.drain.as_ref().map_or(doppler, |d| doppler.min(d.rate))
     }
 }
 
@@ -280,6 +327,32 @@ pub enum Via {
     /// Through a fresh agent that never makes an emitter wait (`max_wait_ms: 0`), like upstream:
     /// what it cannot take at once it sheds.
     AgentNoWait,
+}
+
+/// The sinks an agent run forwards to.
+#[derive(Clone, Copy)]
+pub(super) struct Route<'a> {
+    /// The Doppler sink (a `dopplers` section).
+    pub doppler: bool,
+    /// An aggregate drain, and the stats of the syslog sink behind it.
+    pub drain: Option<(&'a DrainTarget, &'a Arc<SinkStats>)>,
+}
+
+impl Route<'_> {
+    /// Every run but `bench --only syslog`'s.
+    pub const DOPPLER: Route<'static> = Route {
+        doppler: true,
+        drain: None,
+    };
+}
+
+/// An aggregate drain in the agent's config.
+#[derive(Debug, Clone)]
+pub(super) struct DrainTarget {
+    pub url: String,
+    /// `syslog-tls://`: the CA the sink is verified against (`ca`) and the agent's client
+    /// certificate (`cert`, `key`).
+    pub tls: Option<crate::config::TlsFiles>,
 }
 
 /// A running agent process.
@@ -329,15 +402,17 @@ impl AgentProcess {
         via: Via,
         sink: SocketAddr,
     ) -> Result<AgentProcess, BenchError> {
-        Self::start_with(bench, via, sink, "")
+        Self::start_with(bench, via, Some(sink), None, "")
     }
 
-    /// [`AgentProcess::start`] with `dopplers_extra` (e.g. `"\n  replay_min_rate: 50"`) added to
+    /// Starts the agent forwarding to the Doppler sink at `doppler` (`None`: no `dopplers`
+    /// section) and to `drain`, with `dopplers_extra` (e.g. `"\n  replay_min_rate: 50"`) added to
     /// the `dopplers` section.
     pub(super) fn start_with(
         bench: &Bench,
         via: Via,
-        sink: SocketAddr,
+        doppler: Option<SocketAddr>,
+        drain: Option<&DrainTarget>,
         dopplers_extra: &str,
     ) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
@@ -371,6 +446,29 @@ impl AgentProcess {
         } else {
             "sequencing: { enabled: false }\n"
         };
+        let dopplers = doppler.map_or(String::new(), |sink| {
+            format!(
+                "dopplers:
+  endpoints: [ {{ addr: \"{sink}\", az: z1 }} ]
+  tls: {}, server_name: doppler }}{dopplers}
+",
+                yaml_tls(&bench.creds.agent)
+            )
+        });
+        let syslog = drain.map_or(String::new(), |d| {
+            let tls = d.tls.as_ref().map_or(String::new(), |f| {
+                format!(
+                    ", ca: \"{}\", cert: \"{}\", key: \"{}\"",
+                    f.ca.display(),
+                    f.cert.display(),
+                    f.key.display()
+                )
+            });
+            format!(
+                "syslog:\n  aggregate_drains:\n    - {{ url: \"{}\"{tls} }}\n",
+                d.url
+            )
+        });
         let yaml = format!(
             "identity: {{ deployment: {}, job: {}, index: \"{}\", ip: {}, az: z1 }}
 ingress:
@@ -379,10 +477,7 @@ ingress:
     max_wait_ms: {max_wait}
     tls: {} }}
   udp: {{ enabled: false }}
-dopplers:
-  endpoints: [ {{ addr: \"{}\", az: z1 }} ]
-  tls: {}, server_name: doppler }}{dopplers}
-metrics:
+{dopplers}{syslog}metrics:
   listen: \"{metrics}\"
 {signing}
 log: {{ level: warn }}
@@ -393,8 +488,6 @@ development: {{ enabled: false }}
             IDENTITY[1].1,
             IDENTITY[2].1,
             IDENTITY[3].1,
-            yaml_tls(&bench.creds.agent),
-            sink,
             yaml_tls(&bench.creds.agent),
         );
         let config = bench.dir.join("agent.yaml");
@@ -540,7 +633,7 @@ pub(super) const IDENTITY: [(&str, &str); 4] = [
 
 /// Shared set-up for every run.
 pub(super) struct Bench {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     pub(super) creds: DevCredentials,
     key_file: PathBuf,
     sink_addr: SocketAddr,
@@ -562,9 +655,35 @@ impl Bench {
         rate: Option<u64>,
         secs: u64,
     ) -> Result<Outcome, BenchError> {
+        let o = self.run_to(label, via, Route::DOPPLER, rate, secs)?;
+        eprintln!("  {}", row(&o).trim_end());
+        Ok(o)
+    }
+
+    /// [`Bench::run`] through an agent forwarding along `route` (`Via::Direct`: into the Doppler
+    /// sink, whatever `route` says); prints nothing.
+    pub(super) fn run_to(
+        &self,
+        label: &str,
+        via: Via,
+        route: Route,
+        rate: Option<u64>,
+        secs: u64,
+    ) -> Result<Outcome, BenchError> {
         let agent = match via {
             Via::Direct => None,
-            _ => Some(AgentProcess::start(self, via, self.sink_addr)?),
+            _ => Some(AgentProcess::start_with(
+                self,
+                via,
+                route.doppler.then_some(self.sink_addr),
+                route.drain.map(|d| d.0),
+                "",
+            )?),
+        };
+        let route = if agent.is_some() {
+            route
+        } else {
+            Route::DOPPLER
         };
         let (target, server_name) = match &agent {
             Some(a) => (a.ingress, "metron"),
@@ -578,7 +697,19 @@ impl Bench {
             duration: Duration::from_secs(secs),
             extra_tags: Vec::new(),
         };
-        self.stats.reset();
+        let mut sinks = Vec::new();
+        if route.doppler {
+            sinks.push(&self.stats);
+        }
+        sinks.extend(route.drain.map(|d| d.1));
+        for s in &sinks {
+            s.reset();
+        }
+        // What `--trace` shows: the Doppler sink, unless the run has only the syslog sink.
+        let traced = route
+            .drain
+            .filter(|_| !route.doppler)
+            .map_or(&self.stats, |d| d.1);
         let pid = agent.as_ref().map(AgentProcess::pid);
         let peak_kb = Arc::new(AtomicU64::new(0));
         let sampling = Arc::new(AtomicBool::new(true));
@@ -586,7 +717,7 @@ impl Bench {
             let (peak, on) = (peak_kb.clone(), sampling.clone());
             let trace = self
                 .trace
-                .then(|| (agent.as_ref().map(|a| a.metrics), self.stats.clone()));
+                .then(|| (agent.as_ref().map(|a| a.metrics), traced.clone()));
             std::thread::spawn(move || {
                 let mut tracer = trace.map(|(metrics, stats)| Tracer::new(metrics, stats));
                 let mut tick = 0u64;
@@ -608,12 +739,8 @@ impl Bench {
         let cpu1 = pid.and_then(cpu_ticks);
         let busy = started.elapsed();
         let result = result?;
-        let drops = drain_wait(
-            &self.stats,
-            agent.as_ref(),
-            result.sent,
-            Duration::from_secs(15),
-        );
+        let sinks: Vec<&SinkStats> = sinks.iter().map(|s| &***s).collect();
+        let drops = drain_wait_all(&sinks, agent.as_ref(), result.sent, Duration::from_secs(15));
         sampling.store(false, Ordering::Relaxed);
         if let Some(s) = sampler {
             let _ = s.join();
@@ -639,8 +766,9 @@ impl Bench {
             p50_us: self.stats.latency.quantile(0.5),
             p99_us: self.stats.latency.quantile(0.99),
             out_of_order: self.stats.out_of_order.load(Ordering::Relaxed),
+            doppler: route.doppler,
+            drain: route.drain.map(|d| Arrived::of(d.1, result.elapsed)),
         };
-        eprintln!("  {}", row(&o).trim_end());
         Ok(o)
     }
 }
@@ -654,17 +782,31 @@ pub(super) fn drain_wait(
     sent: u64,
     at_most: Duration,
 ) -> (u64, BTreeMap<String, u64>) {
+    drain_wait_all(&[stats], agent, sent, at_most)
+}
+
+/// [`drain_wait`] for several sinks, each of which takes every envelope: until each has
+/// received everything `sent` or the agent counted the rest as dropped. The agent's drops in
+/// total stand in for each sink's own: a run with any drop is not loss-free anyway, and its
+/// figures are what arrived until then.
+pub(super) fn drain_wait_all(
+    sinks: &[&SinkStats],
+    agent: Option<&AgentProcess>,
+    sent: u64,
+    at_most: Duration,
+) -> (u64, BTreeMap<String, u64>) {
     let mut last = (u64::MAX, Instant::now());
     let mut drops = (0, BTreeMap::new());
     let give_up = Instant::now() + at_most;
     loop {
-        let received = stats.received();
         if let Some(a) = agent {
             drops = a.drops();
         }
-        if received + drops.0 >= sent || Instant::now() > give_up {
+        let done = sinks.iter().all(|s| s.received() + drops.0 >= sent);
+        if done || Instant::now() > give_up {
             return drops;
         }
+        let received: u64 = sinks.iter().map(|s| s.received()).sum();
         if received != last.0 {
             last = (received, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(2) {
@@ -713,7 +855,7 @@ impl Tracer {
     }
 }
 
-fn fmt_us(us: u64) -> String {
+pub(super) fn fmt_us(us: u64) -> String {
     if us < 10_000 {
         format!("{:.2} ms", us as f64 / 1000.0)
     } else {
@@ -731,18 +873,23 @@ pub(super) fn fmt_rate(r: f64) -> String {
 
 const HEADER: &str = "| run | target/s | offered/s | delivered/s | lost | agent drops | agent CPU | agent peak RSS | latency p50 / p99 | out of order |\n|---|---|---|---|---|---|---|---|---|---|\n";
 
-fn row(o: &Outcome) -> String {
-    let drops = if o.drops_by_reason.is_empty() {
+/// The agent's drops in total and by reason.
+pub(super) fn fmt_drops(o: &Outcome) -> String {
+    let reasons: Vec<String> = o
+        .drops_by_reason
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    if reasons.is_empty() {
         o.agent_dropped.to_string()
     } else {
-        let reasons: Vec<String> = o
-            .drops_by_reason
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(r, n)| format!("{r} {n}"))
-            .collect();
         format!("{} ({})", o.agent_dropped, reasons.join(", "))
-    };
+    }
+}
+
+fn row(o: &Outcome) -> String {
+    let drops = fmt_drops(o);
     let pct = |n: u64| {
         if o.sent == 0 {
             "-".to_string()
@@ -812,9 +959,9 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
-    if !["all", "capacity", "fixed", "downstream", "outage"].contains(&only.as_str()) {
+    if !["all", "capacity", "fixed", "downstream", "outage", "syslog"].contains(&only.as_str()) {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity, fixed, downstream or outage, not {only:?}"
+            "--only must be all, capacity, fixed, downstream, outage or syslog, not {only:?}"
         )));
     }
     let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
@@ -871,6 +1018,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         bench.agent_bin.display()
     );
     let report = match only.as_str() {
+        "syslog" => Some(super::syslog_runs::run(&bench, secs, probe_secs)),
         "outage" => {
             let outage_secs: u64 = a.get("outage-seconds", 5)?;
             Some(super::outage::run(&bench, &rates, outage_secs.max(1)))
@@ -912,7 +1060,13 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
             secs,
         )?;
         eprintln!("capacity search ({probe_secs} s probes):");
-        let cap = capacity_search(&bench, &max, probe_secs, secs)?;
+        let cap = capacity_search(
+            "agent",
+            max.delivered_rate,
+            probe_secs,
+            secs,
+            |label, rate, secs| bench.run(label, Via::Agent, Some(rate), secs),
+        )?;
         capacity = Some((direct.clone(), max.clone(), shed.clone(), cap.clone()));
         results.extend([direct, max, shed]);
         results.extend(cap);
@@ -991,23 +1145,25 @@ fn setup(dir: &Path, tuning: AgentTuning) -> Result<Bench, BenchError> {
     })
 }
 
-/// Finds the highest loss-free rate: probes around the goodput at max offered load, then
-/// confirms the best with a full-length run, stepping down 10% at a time (at most three times)
-/// while the confirmation loses: short probes are optimistic on a saturated 2-core machine.
-fn capacity_search(
-    bench: &Bench,
-    max: &Outcome,
+/// Finds the highest loss-free rate: probes around `start` (the goodput at max offered load),
+/// then confirms the best with a full-length run, stepping down 10% at a time (at most three
+/// times) while the confirmation loses: short probes are optimistic on a saturated 2-core
+/// machine. `run(label, rate, secs)` makes one run; labels start with `name`. Returns the
+/// confirmation runs.
+pub(super) fn capacity_search(
+    name: &str,
+    start: f64,
     probe_secs: u64,
     secs: u64,
+    mut run: impl FnMut(&str, u64, u64) -> Result<Outcome, BenchError>,
 ) -> Result<Vec<Outcome>, BenchError> {
     let round = |r: f64| ((r / 10_000.0).round() as u64).max(1) * 10_000;
-    let mut rate = round(max.delivered_rate).max(20_000);
+    let mut rate = round(start).max(20_000);
     let (mut best, mut worst): (Option<u64>, Option<u64>) = (None, None);
     for _ in 0..5 {
-        let o = bench.run(
-            &format!("probe {}k/s", rate / 1000),
-            Via::Agent,
-            Some(rate),
+        let o = run(
+            &format!("{name}, probe {}k/s", rate / 1000),
+            rate,
             probe_secs,
         )?;
         if o.loss_free() {
@@ -1029,12 +1185,7 @@ fn capacity_search(
     let mut out = Vec::new();
     let mut rate = best.unwrap_or(10_000);
     for _ in 0..4 {
-        let o = bench.run(
-            &format!("agent, capacity {}k/s", rate / 1000),
-            Via::Agent,
-            Some(rate),
-            secs,
-        )?;
+        let o = run(&format!("{name}, capacity {}k/s", rate / 1000), rate, secs)?;
         let ok = o.loss_free();
         out.push(o);
         if ok {

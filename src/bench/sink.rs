@@ -197,15 +197,7 @@ impl SinkStats {
                 continue;
             };
             n += 1;
-            self.latency
-                .record(u64::try_from(now - ts).unwrap_or(0) / 1_000, 1);
-            match newest.get_mut(source) {
-                Some(t) if ts < *t => late += 1,
-                Some(t) => *t = ts,
-                None => {
-                    newest.insert(source.to_vec(), ts);
-                }
-            }
+            late += u64::from(self.note(&mut newest, now, ts, source));
         }
         drop(newest);
         if self.modelled.load(Ordering::Acquire) {
@@ -216,6 +208,37 @@ impl SinkStats {
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records messages another kind of sink has already read (the syslog sink): each one's
+    /// timestamp (ns since the epoch) and source, and `bytes` in all. One lock per call, so a
+    /// caller passes everything one read brought.
+    pub fn record(&self, seen: &[(i64, &[u8])], bytes: u64) {
+        let now = now_ns();
+        let mut late = 0;
+        let mut newest = self.newest.lock();
+        for &(ts, source) in seen {
+            late += u64::from(self.note(&mut newest, now, ts, source));
+        }
+        drop(newest);
+        self.out_of_order.fetch_add(late, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.received
+            .fetch_add(seen.len() as u64, Ordering::Relaxed);
+    }
+
+    /// One message's latency, and whether it is older than one seen before from its source.
+    fn note(&self, newest: &mut HashMap<Vec<u8>, i64>, now: i64, ts: i64, source: &[u8]) -> bool {
+        self.latency
+            .record(u64::try_from(now - ts).unwrap_or(0) / 1_000, 1);
+        match newest.get_mut(source) {
+            Some(t) if ts < *t => return true,
+            Some(t) => *t = ts,
+            None => {
+                newest.insert(source.to_vec(), ts);
+            }
+        }
+        false
     }
 }
 
