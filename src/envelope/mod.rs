@@ -21,6 +21,26 @@ use prost::bytes::Bytes;
 
 use view::{Layouts, MessageRef, Parsed, Span};
 
+/// Budget bytes routed to one destination (a Doppler slot, a drain) and not yet delivered,
+/// dropped or found smaller once encoded: what its share of the budget is checked against.
+#[derive(Debug, Default)]
+pub struct Routed(std::sync::atomic::AtomicUsize);
+
+impl Routed {
+    pub fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub fn sub(&self, bytes: usize) {
+        let prev = self.0.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+        debug_assert!(prev >= bytes, "unrouted more than was routed");
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// What an envelope carries, for the destinations' filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -5,13 +5,12 @@
 //! connection keeps what it took until it is delivered or dropped, so a reconnect loses nothing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::encoded::EncodedBatch;
-use super::Kinds;
+use super::{Kinds, Routed};
 use crate::telemetry::Account;
 
 /// A destination beside the Doppler pool, as the pipeline sees it: what it takes, its queue and
@@ -36,26 +35,25 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     /// Budget bytes offered to this destination and not yet delivered or dropped.
-    routed: AtomicUsize,
+    routed: Routed,
     ready: Notify,
 }
 
 impl Outbox {
     /// Counts `bytes` as the destination's (the sequencer, before it offers them).
     pub fn route(&self, bytes: usize) {
-        self.routed.fetch_add(bytes, Ordering::AcqRel);
+        self.routed.add(bytes);
     }
 
     /// Bytes counted by [`Outbox::route`] that left: delivered, dropped, or found smaller once
     /// encoded.
     pub fn unroute(&self, bytes: usize) {
-        let prev = self.routed.fetch_sub(bytes, Ordering::AcqRel);
-        debug_assert!(prev >= bytes, "unrouted more than was routed");
+        self.routed.sub(bytes);
     }
 
     /// Budget bytes the destination holds (queued, in the mailboxes before it, or being written).
     pub fn routed(&self) -> usize {
-        self.routed.load(Ordering::Acquire)
+        self.routed.get()
     }
 
     pub fn push(&self, batch: EncodedBatch) {

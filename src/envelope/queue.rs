@@ -123,7 +123,7 @@ pub enum Take {
 pub struct EgressQueue {
     inner: Mutex<Inner>,
     /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
-    routed: AtomicUsize,
+    routed: super::Routed,
     /// Bytes a stream may carry before it must be acknowledged, beyond `ack_bytes`: half the
     /// slot's guaranteed share (0: no limit). In flight, bytes hold their share until the
     /// Doppler answers; a window as large as the share would let a slot fill its share with
@@ -135,18 +135,17 @@ pub struct EgressQueue {
 impl EgressQueue {
     /// Counts `bytes` as routed to this slot.
     pub fn route(&self, bytes: usize) {
-        self.routed.fetch_add(bytes, Ordering::AcqRel);
+        self.routed.add(bytes);
     }
 
     /// Routed bytes that will never reach the queue (dropped on the way).
     pub fn unroute(&self, bytes: usize) {
-        let prev = self.routed.fetch_sub(bytes, Ordering::AcqRel);
-        debug_assert!(prev >= bytes, "unrouted more than was routed");
+        self.routed.sub(bytes);
     }
 
     /// Budget bytes routed to this slot and not yet acknowledged, lost or dropped.
     pub fn routed(&self) -> usize {
-        self.routed.load(Ordering::Acquire)
+        self.routed.get()
     }
 
     /// Sets the most a stream may carry unacknowledged, whatever `ack_bytes` says (the sequencer

@@ -95,14 +95,11 @@ pub struct AccountSnapshot {
 
 impl AccountSnapshot {
     pub fn dropped_total(&self) -> u64 {
-        self.dropped.iter().map(|(_, n)| n).sum()
+        super::metrics::total(&self.dropped)
     }
 
     pub fn dropped_by(&self, reason: DropReason) -> u64 {
-        self.dropped
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, n)| *n)
+        super::metrics::count_of(&self.dropped, reason)
     }
 }
 

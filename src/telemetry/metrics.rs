@@ -168,6 +168,19 @@ impl DropReason {
     }
 }
 
+/// Every drop in a per-reason list.
+pub(crate) fn total(dropped: &[(DropReason, u64)]) -> u64 {
+    dropped.iter().map(|(_, n)| n).sum()
+}
+
+/// The drops of one reason in a per-reason list.
+pub(crate) fn count_of(dropped: &[(DropReason, u64)], reason: DropReason) -> u64 {
+    dropped
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
 /// The `drain_url` of drains beyond `syslog.max_drain_series`.
 pub const OTHER_DRAINS: &str = "other";
 
@@ -372,14 +385,11 @@ impl MetricsSnapshot {
     }
 
     pub fn dropped_total(&self) -> u64 {
-        self.dropped.iter().map(|(_, n)| n).sum()
+        total(&self.dropped)
     }
 
     pub fn dropped_by(&self, reason: DropReason) -> u64 {
-        self.dropped
-            .iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, n)| *n)
+        count_of(&self.dropped, reason)
     }
 
     pub fn restarts_total(&self) -> u64 {
