@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use prost::Message as _;
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -28,7 +27,7 @@ use super::guard::Panicked;
 use super::messages::{Drain, DumpState, Retire};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::outbox::Outlet;
-use crate::proto::Envelope;
+use crate::envelope::view::Parsed;
 use crate::routing::backoff;
 use crate::syslog::drain::DrainUrl;
 use crate::syslog::https::{HttpsTarget, HttpsWriter, BATCH_BYTES, BATCH_WAIT};
@@ -352,6 +351,8 @@ struct Pending {
     costs: Vec<usize>,
     /// Envelopes already settled (delivered or dropped).
     settled: usize,
+    /// Reads each envelope in place for the formatter (reused: it allocates nothing once grown).
+    parsed: Parsed,
 }
 
 impl Pending {
@@ -572,15 +573,19 @@ fn format_batch(batch: &EncodedBatch, options: &Options, pending: &mut Pending) 
     for i in 0..batch.len() {
         let cost = batch.costs()[i] as usize;
         let before = pending.frames.len();
-        let formatted = Envelope::decode(batch.envelope(i))
-            .ok()
-            .and_then(|env| rfc5424::format(&env, options, &mut pending.frames).ok())
-            // Log Cache closes the connection on a larger frame, losing what follows it.
-            .filter(|()| {
-                pending.frames[before..]
-                    .iter()
-                    .all(|f| f.len() <= MAX_MESSAGE_BYTES)
-            });
+        let formatted = rfc5424::format_encoded(
+            batch.envelope(i),
+            &mut pending.parsed,
+            options,
+            &mut pending.frames,
+        )
+        .ok()
+        // Log Cache closes the connection on a larger frame, losing what follows it.
+        .filter(|()| {
+            pending.frames[before..]
+                .iter()
+                .all(|f| f.len() <= MAX_MESSAGE_BYTES)
+        });
         match formatted {
             Some(()) => {
                 pending.ends.push(pending.frames.len());

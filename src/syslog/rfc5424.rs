@@ -17,6 +17,7 @@ use std::fmt::Write as _;
 
 use super::gofloat::format_g;
 use crate::envelope::tag::TAG;
+use crate::envelope::view::{sort_last_wins, MessageRef, Parsed, Span};
 use crate::proto::envelope::Message;
 use crate::proto::Envelope;
 use crate::telemetry::logging::write_date_time;
@@ -50,6 +51,8 @@ pub enum Unformattable {
     TagKey(String),
     #[error("the envelope has no message")]
     NoMessage,
+    #[error("the bytes are no envelope")]
+    Undecodable,
 }
 
 /// The longest message metron sends (without its octet count): Log Cache's syslog server takes
@@ -67,29 +70,196 @@ const MAX_LABEL: usize = 63;
 /// PROCID: the most of the instance id kept when the source type is long too.
 const MAX_SOURCE_INSTANCE: usize = 36;
 
+/// An envelope's fields as the formatter reads them, borrowed: from a decoded envelope
+/// ([`format`]) or in place from its bytes ([`format_encoded`], which allocates nothing per
+/// field).
+#[derive(Debug)]
+pub struct Fields<'a> {
+    pub timestamp: i64,
+    pub source_id: &'a str,
+    pub instance_id: &'a str,
+    /// Sorted by key, one entry per key.
+    pub tags: Vec<(&'a str, &'a str)>,
+    pub body: Body<'a>,
+}
+
+/// The envelope's message, borrowed.
+#[derive(Debug)]
+pub enum Body<'a> {
+    Log {
+        payload: &'a [u8],
+        r#type: i32,
+    },
+    Counter {
+        name: &'a str,
+        delta: u64,
+        total: u64,
+    },
+    /// (name, value, unit), sorted by name, one entry per name.
+    Gauge(Vec<(&'a str, f64, &'a str)>),
+    Timer {
+        name: &'a str,
+        start: i64,
+        stop: i64,
+    },
+    Event {
+        title: &'a str,
+        body: &'a str,
+    },
+}
+
+impl<'a> Fields<'a> {
+    /// A decoded envelope's fields (`None` without a message).
+    pub fn of(env: &'a Envelope) -> Option<Fields<'a>> {
+        let body = match env.message.as_ref()? {
+            Message::Log(l) => Body::Log {
+                payload: &l.payload,
+                r#type: l.r#type,
+            },
+            Message::Counter(c) => Body::Counter {
+                name: &c.name,
+                delta: c.delta,
+                total: c.total,
+            },
+            Message::Gauge(g) => Body::Gauge(
+                g.metrics
+                    .iter()
+                    .map(|(name, v)| (name.as_str(), v.value, v.unit.as_str()))
+                    .collect(),
+            ),
+            Message::Timer(t) => Body::Timer {
+                name: &t.name,
+                start: t.start,
+                stop: t.stop,
+            },
+            Message::Event(e) => Body::Event {
+                title: &e.title,
+                body: &e.body,
+            },
+        };
+        Some(Fields {
+            timestamp: env.timestamp,
+            source_id: &env.source_id,
+            instance_id: &env.instance_id,
+            tags: env
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            body,
+        })
+    }
+
+    fn tag(&self, key: &str) -> Option<&'a str> {
+        self.tags
+            .binary_search_by(|(k, _)| (*k).cmp(key))
+            .ok()
+            .map(|i| self.tags[i].1)
+    }
+}
+
 /// Appends `env`'s messages to `out`, each without framing.
 ///
 /// # Errors
 /// When the receiver would refuse the message (see [`Unformattable`]); nothing is appended.
 pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<(), Unformattable> {
-    let message = env.message.as_ref().ok_or(Unformattable::NoMessage)?;
+    let fields = Fields::of(env).ok_or(Unformattable::NoMessage)?;
+    format_fields(&fields, opts, out)
+}
+
+/// [`format`] for an encoded envelope, read in place with `parsed` (reused from envelope to
+/// envelope); one the in-place reader cannot take is decoded instead.
+///
+/// # Errors
+/// As [`format`]; also [`Unformattable::Undecodable`] for bytes that are no envelope.
+pub fn format_encoded(
+    envelope: &[u8],
+    parsed: &mut Parsed,
+    opts: &Options,
+    out: &mut Vec<Vec<u8>>,
+) -> Result<(), Unformattable> {
+    match fields_in_place(envelope, parsed) {
+        Some(fields) => format_fields(&fields, opts, out),
+        None => {
+            use prost::Message as _;
+            let env = Envelope::decode(envelope).map_err(|_| Unformattable::Undecodable)?;
+            format(&env, opts, out)
+        }
+    }
+}
+
+/// The fields of `envelope` read in place; `None` when the reader hands it to prost.
+fn fields_in_place<'a>(envelope: &'a [u8], parsed: &mut Parsed) -> Option<Fields<'a>> {
+    parsed.parse(envelope).ok()?;
+    parsed.sort_maps(envelope);
+    sort_last_wins(&mut parsed.tags, |(k, _)| k.slice(envelope));
+    // The reader checked every string field to be UTF-8.
+    let text = |s: Span| std::str::from_utf8(s.slice(envelope)).ok();
+    let body = match parsed.message {
+        MessageRef::None => return None,
+        MessageRef::Log { payload, r#type } => Body::Log {
+            payload: payload.slice(envelope),
+            r#type,
+        },
+        MessageRef::Counter { name, delta, total } => Body::Counter {
+            name: text(name)?,
+            delta,
+            total,
+        },
+        MessageRef::Gauge => Body::Gauge(
+            parsed
+                .gauge
+                .iter()
+                .map(|(name, unit, value)| Some((text(*name)?, *value, text(*unit)?)))
+                .collect::<Option<_>>()?,
+        ),
+        MessageRef::Timer { name, start, stop } => Body::Timer {
+            name: text(name)?,
+            start,
+            stop,
+        },
+        MessageRef::Event { title, body } => Body::Event {
+            title: text(title)?,
+            body: text(body)?,
+        },
+    };
+    Some(Fields {
+        timestamp: parsed.timestamp,
+        source_id: text(parsed.source_id)?,
+        instance_id: text(parsed.instance_id)?,
+        tags: parsed
+            .tags
+            .iter()
+            .map(|(k, v)| Some((text(*k)?, text(*v)?)))
+            .collect::<Option<_>>()?,
+        body,
+    })
+}
+
+/// Appends the messages of `env` to `out`, each without framing.
+fn format_fields(
+    env: &Fields,
+    opts: &Options,
+    out: &mut Vec<Vec<u8>>,
+) -> Result<(), Unformattable> {
+    let message = &env.body;
     let pri = match message {
-        Message::Log(log) => match log.r#type {
+        Body::Log { r#type, .. } => match r#type {
             0 => 14,
             1 => 11,
-            other => return Err(Unformattable::LogType(other)),
+            other => return Err(Unformattable::LogType(*other)),
         },
         _ => 14,
     };
     let procid = match message {
-        Message::Log(_) => log_procid(env),
+        Body::Log { .. } => log_procid(env),
         _ => format!("[{}]", env.instance_id),
     };
     if procid.len() > MAX_PROCID {
         return Err(Unformattable::ProcIdTooLong);
     }
     let hostname = hostname(env, opts.hostname);
-    let app_name = truncate(&env.source_id, MAX_APP_NAME);
+    let app_name = truncate(env.source_id, MAX_APP_NAME);
     let mut header = String::with_capacity(128);
     let _ = write!(header, "<{pri}>1 ");
     timestamp(env.timestamp, &mut header);
@@ -110,7 +280,7 @@ pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<
         let sd_len = element.as_ref().map_or(1, String::len) + tags.as_ref().map_or(0, String::len);
         // Room for the rest too: the payload (logs) or upstream's `" \n"` (metrics).
         let payload = match message {
-            Message::Log(log) => log.payload.len() + 2,
+            Body::Log { payload, .. } => payload.len() + 2,
             _ => 2,
         };
         let mut m = Vec::with_capacity(header.len() + sd_len + payload);
@@ -125,50 +295,50 @@ pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<
         m
     };
     match message {
-        Message::Log(log) => {
+        Body::Log { payload, .. } => {
             let mut m = with_sd(None);
             m.push(b' ');
-            m.extend(log.payload.iter().copied().filter(|b| *b != 0));
+            m.extend(payload.iter().copied().filter(|b| *b != 0));
             if m.last() != Some(&b'\n') {
                 m.push(b'\n');
             }
             out.push(m);
         }
-        Message::Counter(c) => {
+        Body::Counter { name, delta, total } => {
             let sd = element(
                 "counter@47450",
                 &[
-                    ("name", &c.name),
-                    ("total", &c.total.to_string()),
-                    ("delta", &c.delta.to_string()),
+                    ("name", name),
+                    ("total", &total.to_string()),
+                    ("delta", &delta.to_string()),
                 ],
             );
             out.push(metric(with_sd(Some(sd))));
         }
-        Message::Gauge(g) => {
-            for (name, value) in &g.metrics {
+        Body::Gauge(metrics) => {
+            for (name, value, unit) in metrics {
                 let mut v = String::new();
-                format_g(value.value, &mut v);
+                format_g(*value, &mut v);
                 let sd = element(
                     "gauge@47450",
-                    &[("name", name), ("value", &v), ("unit", &value.unit)],
+                    &[("name", name), ("value", &v), ("unit", unit)],
                 );
                 out.push(metric(with_sd(Some(sd))));
             }
         }
-        Message::Timer(t) => {
+        Body::Timer { name, start, stop } => {
             let sd = element(
                 "timer@47450",
                 &[
-                    ("name", &t.name),
-                    ("start", &t.start.to_string()),
-                    ("stop", &t.stop.to_string()),
+                    ("name", name),
+                    ("start", &start.to_string()),
+                    ("stop", &stop.to_string()),
                 ],
             );
             out.push(metric(with_sd(Some(sd))));
         }
-        Message::Event(e) => {
-            let sd = element("event@47450", &[("title", &e.title), ("body", &e.body)]);
+        Body::Event { title, body } => {
+            let sd = element("event@47450", &[("title", title), ("body", body)]);
             out.push(metric(with_sd(Some(sd))));
         }
     }
@@ -208,8 +378,8 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// `org.space.app` from the tags when any of the three is there, each part sanitized as a DNS
 /// label; the binding's hostname otherwise. At most 255 bytes.
-fn hostname(env: &Envelope, binding: &str) -> String {
-    let part = |key: &str| env.tags.get(key).map(String::as_str);
+fn hostname(env: &Fields, binding: &str) -> String {
+    let part = |key: &str| env.tag(key);
     let (org, space, app) = (
         part("organization_name"),
         part("space_name"),
@@ -263,11 +433,11 @@ fn go_space(c: char) -> bool {
 
 /// A log's PROCID: `[SOURCE_TYPE/instance]`, the source type sanitized (what is not printable
 /// US-ASCII goes) and upper-cased, both cut as upstream cuts them to fit 128 bytes.
-fn log_procid(env: &Envelope) -> String {
-    let raw = env.tags.get("source_type").map_or("", String::as_str);
+fn log_procid(env: &Fields) -> String {
+    let raw = env.tag("source_type").unwrap_or("");
     let mut source_type = sanitize(raw, |c| c.is_ascii_graphic());
     source_type.make_ascii_uppercase();
-    let mut instance = env.instance_id.as_str();
+    let mut instance = env.instance_id;
     let mut max = MAX_PROCID - 2;
     if instance.is_empty() {
         source_type.truncate(max);
@@ -309,13 +479,13 @@ fn param(sd: &mut String, name: &str, value: &str) {
 }
 
 /// `[tags@47450 k="v" …]` in key order, or nothing (no tags, metadata off).
-fn tags_element(env: &Envelope, opts: &Options) -> Result<Option<String>, Unformattable> {
+fn tags_element(env: &Fields, opts: &Options) -> Result<Option<String>, Unformattable> {
     if !opts.metadata {
         return Ok(None);
     }
     let mut sd = String::new();
     for (k, v) in &env.tags {
-        if k == TAG && !opts.metron_tag {
+        if *k == TAG && !opts.metron_tag {
             continue;
         }
         if k.is_empty()
@@ -323,7 +493,7 @@ fn tags_element(env: &Envelope, opts: &Options) -> Result<Option<String>, Unform
                 .bytes()
                 .all(|b| printable(b) && !matches!(b, b'=' | b']' | b'"'))
         {
-            return Err(Unformattable::TagKey(k.clone()));
+            return Err(Unformattable::TagKey(k.to_string()));
         }
         if sd.is_empty() {
             sd.push('[');
@@ -362,6 +532,34 @@ mod tests {
         let mut s = String::new();
         timestamp(ns, &mut s);
         s
+    }
+
+    #[test]
+    fn agent_written_envelopes_are_read_in_place_not_decoded() {
+        use prost::Message as _;
+        let mut e = Envelope {
+            source_id: "app".into(),
+            message: Some(Message::Log(crate::proto::Log {
+                payload: b"hi".to_vec(),
+                r#type: 0,
+            })),
+            ..Default::default()
+        };
+        e.tags.insert("b".into(), "1".into());
+        e.tags.insert("a".into(), "2".into());
+        let mut bytes = e.encode_to_vec();
+        // What the agent appends: a tag entry that replaces one already there.
+        let mut later = Envelope::default();
+        later.tags.insert("b".into(), "3".into());
+        bytes.extend(later.encode_to_vec());
+        let mut parsed = Parsed::default();
+        let fields = fields_in_place(&bytes, &mut parsed).expect("read in place");
+        assert_eq!(
+            fields.tags,
+            [("a", "2"), ("b", "3")],
+            "sorted, the last one wins"
+        );
+        assert_eq!(fields.tag("b"), Some("3"));
     }
 
     /// Go's layout: microseconds truncated, trailing zeros and a bare point dropped; dates
