@@ -665,3 +665,46 @@ async fn a_drain_drops_what_it_refuses_for_good_and_gives_up_after_22_attempts()
     let m = agent.shutdown().metrics;
     assert_fan_out_balanced(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binding_cache_client_reads_both_lists_over_mtls() {
+    use metron::syslog::cache::{CacheClient, CacheError};
+    let w = World::new();
+    let cache = common::https_drain::FakeHttpsDrain::start_with(&w.pki, true);
+    cache.page(
+        "/base/v2/bindings",
+        r#"[{"url": "syslog://d.example:514", "credentials":
+              [{"apps": [{"hostname": "org.space.web", "app_id": "app-1"}]}]}]"#,
+    );
+    cache.page(
+        "/base/v2/aggregate",
+        r#"[{"url": "syslog-tls://lc.example:6067?include-metrics-deprecated=true"}]"#,
+    );
+    let tls = metron::tls::drain_client_config(
+        Some(&w.pki.ca_path),
+        Some((&w.agent_cert.cert_path, &w.agent_cert.key_path)),
+        "syslog.binding_cache.tls",
+    )
+    .unwrap()
+    .0;
+    let url = format!("https://localhost:{}/base/", cache.addr().port());
+    let client = CacheClient::new(&url, tls.clone(), "localhost", WAIT).unwrap();
+    let answer = client.poll(true, 5).await.unwrap();
+    assert_eq!(
+        answer.apps["app-1"][0].url.anonymized,
+        "syslog://d.example:514"
+    );
+    assert_eq!(answer.aggregate.len(), 1);
+    // A cache outage is an error the poller keeps its last good answer through.
+    cache.answer(503);
+    assert!(matches!(
+        client.poll(true, 5).await,
+        Err(CacheError::Status(503))
+    ));
+    // Without the agent's certificate the cache refuses the handshake.
+    let anonymous = metron::tls::drain_client_config(Some(&w.pki.ca_path), None, "x")
+        .unwrap()
+        .0;
+    let client = CacheClient::new(&url, anonymous, "localhost", WAIT).unwrap();
+    assert!(client.poll(true, 5).await.is_err());
+}

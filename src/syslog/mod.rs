@@ -5,6 +5,7 @@
 //! `actors::drain_connection`.
 
 pub mod bindings;
+pub mod cache;
 pub mod drain;
 pub mod gofloat;
 pub mod https;

@@ -33,6 +33,8 @@ pub struct Posted {
 struct Store {
     posts: Mutex<Vec<Posted>>,
     changed: Condvar,
+    /// Bodies answered to a GET, by path (a binding cache stand-in).
+    pages: Mutex<std::collections::HashMap<String, String>>,
 }
 
 pub struct FakeHttpsDrain {
@@ -52,6 +54,12 @@ impl Drop for FakeHttpsDrain {
 
 impl FakeHttpsDrain {
     pub fn start(pki: &Pki) -> FakeHttpsDrain {
+        FakeHttpsDrain::start_with(pki, false)
+    }
+
+    /// [`FakeHttpsDrain::start`], requiring a client certificate issued by `pki` when
+    /// `client_auth` (as a binding cache does).
+    pub fn start_with(pki: &Pki, client_auth: bool) -> FakeHttpsDrain {
         super::install_crypto_provider();
         let cert = pki.issue("https-drain", &["localhost", "127.0.0.1"]);
         let chain: Vec<CertificateDer<'static>> =
@@ -59,10 +67,21 @@ impl FakeHttpsDrain {
                 .map(|c| c.unwrap())
                 .collect();
         let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
+        let builder = rustls::ServerConfig::builder();
+        let builder = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            builder.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .unwrap(),
+            )
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(chain, key).unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,6 +111,18 @@ impl FakeHttpsDrain {
                         let (s, st) = (s.clone(), st.clone());
                         async move {
                             let (parts, body) = req.into_parts();
+                            if parts.method == hyper::Method::GET {
+                                let page = s.pages.lock().get(parts.uri.path()).cloned();
+                                let mut r = Response::new(Full::new(Bytes::from(
+                                    page.clone().unwrap_or_default(),
+                                )));
+                                let status = match page {
+                                    Some(_) => st.load(Ordering::Relaxed),
+                                    None => 404,
+                                };
+                                *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                return Ok::<_, Infallible>(r);
+                            }
                             let body = body
                                 .collect()
                                 .await
@@ -135,6 +166,14 @@ impl FakeHttpsDrain {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Answers a GET of `path` with `body` (and the status set by [`FakeHttpsDrain::answer`]).
+    pub fn page(&self, path: &str, body: &str) {
+        self.store
+            .pages
+            .lock()
+            .insert(path.to_string(), body.to_string());
     }
 
     /// Answers every request with `status` from now on.
