@@ -1,7 +1,7 @@
 //! Syslog drains: envelopes as upstream's syslog-agent writes them. Plain logic — the formatter
 //! ([`rfc5424`], tested with upstream's golden vectors), Go's float layout ([`gofloat`]), drain
-//! URLs ([`drain`]), the binding cache's answers ([`bindings`], not yet polled) — and the
-//! connections ([`writer`] for syslog over TCP or TLS, [`https`]). The drain's actor is
+//! URLs ([`drain`]), the binding cache's answers ([`bindings`]) and client ([`cache`]), not
+//! polled yet — and the connections ([`writer`] for syslog over TCP or TLS, [`https`]). The drain's actor is
 //! `actors::drain_connection`.
 
 pub mod bindings;
