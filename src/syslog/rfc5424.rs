@@ -71,7 +71,7 @@ const MAX_LABEL: usize = 63;
 const MAX_SOURCE_INSTANCE: usize = 36;
 
 /// An envelope's fields as the formatter reads them, borrowed: from a decoded envelope
-/// ([`format`]) or in place from its bytes ([`format_encoded`], which allocates nothing per
+/// ([`format()`]) or in place from its bytes ([`format_encoded`], which allocates nothing per
 /// field).
 #[derive(Debug)]
 pub struct Fields<'a> {
@@ -167,11 +167,11 @@ pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<
     format_fields(&fields, opts, out)
 }
 
-/// [`format`] for an encoded envelope, read in place with `parsed` (reused from envelope to
+/// [`format()`] for an encoded envelope, read in place with `parsed` (reused from envelope to
 /// envelope); one the in-place reader cannot take is decoded instead.
 ///
 /// # Errors
-/// As [`format`]; also [`Unformattable::Undecodable`] for bytes that are no envelope.
+/// As [`format()`]; also [`Unformattable::Undecodable`] for bytes that are no envelope.
 pub fn format_encoded(
     envelope: &[u8],
     parsed: &mut Parsed,
