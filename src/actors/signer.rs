@@ -130,8 +130,10 @@ impl SignerActor {
             encoded.freeze();
             self.framed_per_envelope = encoded.as_message_body().len() / encoded.len();
             let chunk = start..end;
+            // The last destination takes the written batch itself; only the others share it.
+            let last = part.outlets.len();
             if let Some(pick) = &part.doppler {
-                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk);
+                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk, last == 0);
                 let queue = &self.queues[part.slot];
                 settle(
                     &self.ledger,
@@ -148,7 +150,7 @@ impl SignerActor {
                 queue.push(mine);
             }
             for (k, (outlet, pick)) in part.outlets.iter().enumerate() {
-                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk);
+                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk, k + 1 == last);
                 let outbox = &outlet.outbox;
                 settle(
                     &self.ledger,
@@ -190,18 +192,28 @@ impl SignerActor {
 }
 
 /// What a destination with `pick` takes of the `chunk` of the part just written as `encoded`:
-/// the envelopes, and what they were priced at.
+/// the envelopes, and what they were priced at. The `last` destination to take the whole chunk
+/// takes `encoded` itself rather than a second handle on it (with the Doppler pool alone, every
+/// batch).
 fn picked(
     encoded: &mut EncodedBatch,
     batch: &Batch,
     pick: &Pick,
     chunk: &std::ops::Range<usize>,
+    last: bool,
 ) -> (EncodedBatch, usize) {
     let items = batch.items();
+    let whole = |encoded: &mut EncodedBatch| {
+        if last {
+            std::mem::take(encoded)
+        } else {
+            encoded.share()
+        }
+    };
     match pick {
         Pick::All => {
             let priced = items[chunk.clone()].iter().map(|i| i.cost as usize).sum();
-            (encoded.share(), priced)
+            (whole(encoded), priced)
         }
         Pick::Some(idx) => {
             let idx: Vec<u32> = idx
@@ -214,7 +226,7 @@ fn picked(
                 .map(|i| items[chunk.start + *i as usize].cost as usize)
                 .sum();
             if idx.len() == encoded.len() {
-                (encoded.share(), priced)
+                (whole(encoded), priced)
             } else {
                 (encoded.select(&idx), priced)
             }
