@@ -46,62 +46,81 @@ pub fn drain_client_config(
 ) -> Result<(Arc<rustls::ClientConfig>, [u8; 32]), ConfigError> {
     // A digest of every file read (not the bytes: one is a private key), for a reload to tell
     // new files under the same paths.
-    let digest = std::cell::RefCell::new(ring::digest::Context::new(&ring::digest::SHA256));
-    let read = |sub: &str, path: &std::path::Path| {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut read = |sub: &str, path: &std::path::Path| {
         let bytes = std::fs::read(path).map_err(|e| ConfigError {
             key: format!("{key}.{sub}"),
             problem: format!("cannot read {}: {e}", path.display()),
         })?;
-        let mut d = digest.borrow_mut();
-        d.update(sub.as_bytes());
-        d.update(&(bytes.len() as u64).to_le_bytes());
-        d.update(&bytes);
+        digest.update(sub.as_bytes());
+        digest.update(&(bytes.len() as u64).to_le_bytes());
+        digest.update(&bytes);
         Ok::<_, ConfigError>(bytes)
     };
+    let ca_pem = ca.map(|p| read("ca", p)).transpose()?;
+    let client_pem = match client {
+        Some((c, k)) => Some((read("cert", c)?, read("key", k)?)),
+        None => None,
+    };
+    let named = |sub: &str| match sub {
+        "ca" => ca.map(|p| p.display().to_string()),
+        "cert" => client.map(|(c, _)| c.display().to_string()),
+        _ => None,
+    };
+    let config = drain_client_config_pem(
+        ca_pem.as_deref(),
+        client_pem
+            .as_ref()
+            .map(|(c, k)| (c.as_slice(), k.as_slice())),
+    )
+    .map_err(|(sub, problem)| ConfigError {
+        key: format!("{key}.{sub}"),
+        problem: match named(sub) {
+            Some(file) => format!("{file} {problem}"),
+            None => problem,
+        },
+    })?;
+    let mut files = [0u8; 32];
+    files.copy_from_slice(digest.finish().as_ref());
+    Ok((config, files))
+}
+
+/// [`drain_client_config`] from PEM bytes (a binding's credentials, from the binding cache).
+///
+/// # Errors
+/// Which part (`ca`, `cert` or `key`) cannot be used, and why.
+pub fn drain_client_config_pem(
+    ca: Option<&[u8]>,
+    client: Option<(&[u8], &[u8])>,
+) -> Result<Arc<rustls::ClientConfig>, (&'static str, String)> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
-    if let Some(ca) = ca {
-        let pem = read("ca", ca)?;
+    if let Some(pem) = ca {
         let (added, _) = roots
-            .add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok));
+            .add_parsable_certificates(CertificateDer::pem_slice_iter(pem).filter_map(Result::ok));
         if added == 0 {
-            return Err(ConfigError {
-                key: format!("{key}.ca"),
-                problem: format!("{} holds no usable certificate", ca.display()),
-            });
+            return Err(("ca", "holds no usable certificate".into()));
         }
     }
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     let config = match client {
         None => builder.with_no_client_auth(),
         Some((cert, private)) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&read("cert", cert)?)
-                    .filter_map(Result::ok)
-                    .collect();
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+                .filter_map(Result::ok)
+                .collect();
             if chain.is_empty() {
-                return Err(ConfigError {
-                    key: format!("{key}.cert"),
-                    problem: format!("{} holds no certificate", cert.display()),
-                });
+                return Err(("cert", "holds no certificate".into()));
             }
-            let private =
-                PrivateKeyDer::from_pem_slice(&read("key", private)?).map_err(|e| ConfigError {
-                    key: format!("{key}.key"),
-                    problem: format!("no usable private key: {e}"),
-                })?;
+            let private = PrivateKeyDer::from_pem_slice(private)
+                .map_err(|e| ("key", format!("no usable private key: {e}")))?;
             builder
                 .with_client_auth_cert(chain, private)
-                .map_err(|e| ConfigError {
-                    key: format!("{key}.key"),
-                    problem: format!("does not fit the certificate: {e}"),
-                })?
+                .map_err(|e| ("key", format!("does not fit the certificate: {e}")))?
         }
     };
-    let mut files = [0u8; 32];
-    files.copy_from_slice(digest.into_inner().finish().as_ref());
-    Ok((Arc::new(config), files))
+    Ok(Arc::new(config))
 }
 
 impl TlsMaterial {

@@ -708,3 +708,234 @@ async fn the_binding_cache_client_reads_both_lists_over_mtls() {
     let client = CacheClient::new(&url, anonymous, "localhost", WAIT).unwrap();
     assert!(client.poll(true, 5).await.is_err());
 }
+
+/// `syslog.binding_cache` pointing at `cache` (mTLS with the agent's certificate), polled every
+/// 200 ms.
+fn cache_yaml(w: &World, cache: &common::https_drain::FakeHttpsDrain, extra: &str) -> String {
+    format!(
+        "syslog:\n  binding_cache:\n    url: https://localhost:{}\n    polling_interval_ms: 200\n    \
+         tls: {{ ca: {}, cert: {}, key: {}, server_name: localhost }}\n{extra}",
+        cache.addr().port(),
+        w.pki.ca_path.display(),
+        w.agent_cert.cert_path.display(),
+        w.agent_cert.key_path.display(),
+    )
+}
+
+/// One `/v2/bindings` entry: `url` bound to `app` (hostname `org.space.<app>`), with `ca` PEM.
+fn binding(url: &str, app: &str, ca: &str) -> String {
+    serde_json::json!({
+        "url": url,
+        "credentials": [{"ca": ca, "apps": [{"hostname": format!("org.space.{app}"), "app_id": app}]}]
+    })
+    .to_string()
+}
+
+fn app_drain(url: &str) -> Destination {
+    Destination::Drain {
+        scope: DrainScope::App,
+        url: url.to_string(),
+    }
+}
+
+/// The binding cache's polls so far with `result` (`ok` or `failed`), from `/metrics`.
+fn polls(agent: &Agent, result: &str) -> u64 {
+    let text = scrape(agent.metrics_addr().unwrap());
+    metric_value(&text, "binding_cache_polls", &[("result", result)]).unwrap_or(0.0) as u64
+}
+
+/// Ten logs from each of `apps`, payloads `<round><i>`.
+fn round(apps: &[&str], round: &str) -> Vec<metron::proto::Envelope> {
+    apps.iter()
+        .flat_map(|app| (0..10).map(move |i| log_envelope(app, &format!("{round}{i}"))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_drains_follow_the_binding_cache_and_outlive_its_outage() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let cache = common::https_drain::FakeHttpsDrain::start_with(&w.pki, true);
+    let (a, b, c) = (
+        FakeDrain::tcp(Behaviour::Read),
+        FakeDrain::tcp(Behaviour::Read),
+        FakeDrain::tcp(Behaviour::Read),
+    );
+    let url = |d: &FakeDrain| format!("syslog://{}", d.addr());
+    let bindings = |list: &[(&FakeDrain, &str)]| {
+        let entries: Vec<String> = list
+            .iter()
+            .map(|(d, app)| binding(&url(d), app, ""))
+            .collect();
+        format!("[{}]", entries.join(","))
+    };
+    cache.page("/v2/bindings", &bindings(&[(&a, "app-1"), (&b, "app-2")]));
+    cache.page("/v2/aggregate", "[]");
+    let agent = w.start(&[(doppler.addr(), "z1")], &cache_yaml(&w, &cache, ""));
+    assert!(
+        wait_until(WAIT, || polls(&agent, "ok") >= 1),
+        "the cache answers"
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let apps = ["app-1", "app-2", "app-3"];
+
+    send_all(&mut client, &round(&apps, "a")).await;
+    assert!(
+        a.wait_for(10, WAIT) && b.wait_for(10, WAIT),
+        "{} {}",
+        a.count(),
+        b.count()
+    );
+    for (d, app) in [(&a, "app-1"), (&b, "app-2")] {
+        for m in d.messages() {
+            assert_eq!(app_and_msg(&m).0, app, "only its app's envelopes: {m}");
+            assert!(
+                m.contains(&format!(" org.space.{app} ")),
+                "the binding's hostname: {m}"
+            );
+        }
+    }
+
+    // app-2 unbound, app-3 bound: followed within an interval (two polls later, surely).
+    cache.page("/v2/bindings", &bindings(&[(&a, "app-1"), (&c, "app-3")]));
+    let seen = polls(&agent, "ok");
+    assert!(wait_until(WAIT, || polls(&agent, "ok") >= seen + 2));
+    send_all(&mut client, &round(&apps, "b")).await;
+    assert!(
+        a.wait_for(20, WAIT) && c.wait_for(10, WAIT),
+        "{} {}",
+        a.count(),
+        c.count()
+    );
+    assert!(
+        wait_until(WAIT, || agent
+            .metrics()
+            .account(&app_drain(&url(&b)))
+            .is_none()),
+        "the unbound drain retires"
+    );
+
+    // An outage keeps the drains.
+    cache.answer(503);
+    let failed = polls(&agent, "failed");
+    assert!(wait_until(WAIT, || polls(&agent, "failed") >= failed + 2));
+    send_all(&mut client, &round(&apps, "c")).await;
+    assert!(
+        a.wait_for(30, WAIT) && c.wait_for(20, WAIT),
+        "{} {}",
+        a.count(),
+        c.count()
+    );
+    assert!(doppler.wait_for_count(90, WAIT));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+
+    assert_eq!(b.count(), 10, "nothing after its binding went");
+    let payloads =
+        |d: &FakeDrain| -> Vec<String> { d.messages().iter().map(|m| app_and_msg(m).1).collect() };
+    assert!(
+        payloads(&c).iter().all(|p| !p.starts_with('a')),
+        "the new drain got only what came after its binding"
+    );
+    assert_eq!(a.count(), 30, "the drain that stayed bound missed nothing");
+    let m = agent.shutdown().metrics;
+    assert_eq!(m.dropped_total() + m.drain_dropped(), 0, "{m:?}");
+    assert_eq!(m.drain_egress(), 60);
+    assert_fan_out_balanced(&m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_hears_of_its_drains_losses_but_not_through_the_drain_at_fault() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let cache = common::https_drain::FakeHttpsDrain::start_with(&w.pki, true);
+    // app-1's drains: one refusing every POST, one healthy, one where nothing listens.
+    let refusing = common::https_drain::FakeHttpsDrain::start(&w.pki);
+    refusing.answer(400);
+    let healthy = FakeDrain::tcp(Behaviour::Read);
+    let dead = common::agent::unserved_addr();
+    let refusing_url = format!("https://localhost:{}/drain", refusing.addr().port());
+    let healthy_url = format!("syslog://{}", healthy.addr());
+    let dead_url = format!("syslog://{dead}");
+    let entries = [
+        binding(&refusing_url, "app-1", &w.pki.ca_pem),
+        binding(&healthy_url, "app-1", ""),
+        binding(&dead_url, "app-1", ""),
+    ];
+    cache.page("/v2/bindings", &format!("[{}]", entries.join(",")));
+    cache.page("/v2/aggregate", "[]");
+    let yaml = cache_yaml(&w, &cache, "  backoff_initial_ms: 1\n  backoff_max_ms: 2\n");
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    assert!(wait_until(WAIT, || polls(&agent, "ok") >= 1));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    send_all(&mut client, &round(&["app-1"], "x")).await;
+
+    let lost_at = |url: &str| {
+        format!("messages lost for application app-1 in user provided syslog drain with url {url}")
+    };
+    let heard = |text: &str| healthy.messages().iter().any(|m| m.contains(text));
+    assert!(
+        wait_until(WAIT, || heard(&lost_at(&refusing_url))
+            && heard(&lost_at(&dead_url))
+            && heard(&format!("Failed to connect to {dead_url}"))),
+        "the healthy drain carries the notices: {:?}",
+        healthy.messages()
+    );
+    assert!(
+        refusing
+            .messages()
+            .iter()
+            .all(|m| !m.contains(&lost_at(&refusing_url))),
+        "a notice about a drain is not sent to it"
+    );
+    // Through the pipeline like any envelope: the Doppler has them, in the app's stream.
+    let notices: Vec<metron::proto::Envelope> = doppler
+        .received()
+        .into_iter()
+        .filter(|e| e.tags.get("source_type").map(String::as_str) == Some("LGR"))
+        .collect();
+    assert!(!notices.is_empty());
+    for n in &notices {
+        assert_eq!(
+            (n.source_id.as_str(), n.instance_id.as_str()),
+            ("app-1", "0")
+        );
+        let Some(Message::Log(log)) = &n.message else {
+            panic!("a log: {n:?}")
+        };
+        assert_eq!(log.r#type, metron::proto::log::Type::Err as i32);
+        let text = String::from_utf8_lossy(&log.payload);
+        let count: u64 = text.split(' ').next().unwrap().parse().unwrap_or(1);
+        assert!(
+            count >= 1
+                && (text.contains(" messages lost for application app-1 ")
+                    || text.starts_with("Failed to connect to ")),
+            "{text}"
+        );
+    }
+    // At most one notice of each kind per drain per 5 s.
+    let about = |url: &str| -> Vec<i64> {
+        notices
+            .iter()
+            .filter(|n| {
+                matches!(&n.message, Some(Message::Log(l))
+                    if String::from_utf8_lossy(&l.payload).contains(&lost_at(url)))
+            })
+            .map(|n| n.timestamp)
+            .collect()
+    };
+    for url in [&refusing_url, &dead_url] {
+        for pair in about(url).windows(2) {
+            assert!(
+                pair[1] - pair[0] >= 4_900_000_000,
+                "{url}: notices {pair:?} ns apart"
+            );
+        }
+    }
+    let m = agent.shutdown().metrics;
+    let refused = m.account(&app_drain(&refusing_url)).unwrap();
+    assert!(
+        refused.dropped_by(DropReason::DrainRefused) >= 10,
+        "{refused:?}"
+    );
+    assert_fan_out_balanced(&m);
+}

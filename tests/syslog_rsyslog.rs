@@ -156,6 +156,7 @@ fn settings(tls: Option<(Arc<rustls::ClientConfig>, &'static str)>) -> WriterSet
         write_timeout: Duration::from_secs(5),
         idle_reconnect: Duration::from_secs(60),
         send_buffer: 1 << 20,
+        blocked: Default::default(),
     }
 }
 

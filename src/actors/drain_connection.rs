@@ -52,6 +52,11 @@ pub struct DrainSetup {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub ledger: Arc<Ledger>,
+    /// The binding's hostname (HOSTNAME when the tags do not name the app); empty for an
+    /// aggregate drain.
+    pub hostname: String,
+    /// Dials and TLS handshakes that failed, for the app's "Failed to connect" notice.
+    pub connect_failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The actor; see the module docs.
@@ -423,7 +428,7 @@ const MAX_ATTEMPTS: u32 = 22;
 async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::watch::Sender<bool>>) {
     let mut writer = Writer::new(&setup.transport);
     let options = Options {
-        hostname: "",
+        hostname: &setup.hostname,
         metadata: !setup.url.omit_metadata,
         metron_tag: setup.metron_tag,
     };
@@ -431,7 +436,15 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::wat
     let warnings = RateLimit::new(Duration::from_secs(10));
     let mut failures: u32 = 0;
     // Dialled at once, so a drain that is up counts as a destination before traffic flows.
-    let mut connection = writer.connect().await.ok().map(|()| Connected::new(&setup));
+    let mut connection = match writer.connect().await {
+        Ok(()) => Some(Connected::new(&setup)),
+        Err(e) => {
+            if e.is_connect_failure() {
+                setup.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }
+    };
     let mut pending = Pending::default();
     while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
         #[cfg(feature = "chaos-hooks")]
@@ -473,6 +486,9 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::wat
             };
             connection = None;
             failures = failures.saturating_add(1);
+            if e.is_connect_failure() {
+                setup.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
             let refused = e.is_refusal();
             let give_up = refused || attempts >= MAX_ATTEMPTS;
             let wait = backoff::delay(

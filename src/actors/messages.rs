@@ -167,6 +167,12 @@ pub struct SetOutlets {
     pub retire: Vec<(Recipient<Retire>, Duration)>,
 }
 
+/// Binding cache poller → sequencer: the drains its last good answer lists (app drains open on
+/// their application's next envelope; the cache's aggregate drains at once).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetDrainTable(pub std::sync::Arc<crate::syslog::apps::DrainTable>);
+
 /// Reload → sequencer: `pipeline.max_buffered_bytes` changed (each slot's share follows).
 #[derive(Message)]
 #[rtype(result = "()")]

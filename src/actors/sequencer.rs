@@ -3,17 +3,23 @@
 //! stay in order on one connection. A panic while numbering loses that batch (counted
 //! `actor_panic`); numbering then starts over under a new stream ([`super::guard`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::guard::{self, catch, Chaos};
-use super::messages::{DumpState, Part, Pick, SequencedBatch, SetBudget, SetOutlets, TaggedBatch};
+use super::messages::{
+    DumpState, Part, Pick, Retire, SequencedBatch, SetBudget, SetDrainTable, SetOutlets,
+    TaggedBatch,
+};
 use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
-use crate::envelope::{Batch, Kinds};
+use crate::envelope::{Batch, Kinds, Routed};
+use crate::syslog::apps::{AppRouter, DrainSpec};
 use crate::telemetry::{ActorName, DropReason, Ledger};
 
 const ME: ActorName = ActorName::Sequencer;
@@ -27,9 +33,15 @@ pub struct SequencerActor {
     queues: Vec<Arc<EgressQueue>>,
     /// What the Doppler pool takes (`dopplers.disable_logs` leaves logs out).
     doppler_kinds: Kinds,
-    /// The destinations beside the Doppler pool.
+    /// The destinations beside the Doppler pool: `syslog.aggregate_drains`, then the binding
+    /// cache's aggregate drains.
     outlets: Vec<Outlet>,
-    /// Guaranteed shares of the budget: every slot's, then every outlet's (see [`may_route`]).
+    /// `syslog.aggregate_drains` alone.
+    config_outlets: Vec<Outlet>,
+    /// App drains, with a binding cache.
+    apps: Option<Apps>,
+    /// Guaranteed shares of the budget: every slot's, then every outlet's, then the app drains'
+    /// together (see [`may_route`]).
     shares: Vec<usize>,
     /// The whole budget.
     budget: usize,
@@ -44,7 +56,44 @@ pub struct Routing {
     pub doppler_kinds: Kinds,
     pub outlets: Vec<Outlet>,
     pub budget: usize,
+    /// With `syslog.binding_cache`.
+    pub apps: Option<AppSetup>,
 }
+
+/// Starts a drain from the binding cache: its spec, and the app drains' total its outbox counts
+/// in (`None` for the cache's aggregate drains, which have a share of their own).
+pub type Starter =
+    Arc<dyn Fn(&Arc<DrainSpec>, Option<Arc<Routed>>) -> Option<AppHandle> + Send + Sync>;
+
+/// How app drains are run.
+pub struct AppSetup {
+    pub starter: Starter,
+    /// `syslog.idle_drain_timeout_ms`.
+    pub idle: Duration,
+    /// `syslog.max_app_drains`.
+    pub max: usize,
+    /// What a closed drain has to deliver what it holds (`shutdown.grace_period_ms`).
+    pub grace: Duration,
+}
+
+/// A drain from the binding cache, started: what the pipeline routes to, and how to retire it.
+#[derive(Clone)]
+pub struct AppHandle {
+    pub outlet: Outlet,
+    pub retire: Recipient<Retire>,
+}
+
+/// The app drains' state in the sequencer.
+struct Apps {
+    router: AppRouter<AppHandle>,
+    starter: Starter,
+    /// What all app drains hold together (checked against their share).
+    group: Arc<Routed>,
+    grace: Duration,
+}
+
+/// An app drain may hold at most this fraction of the app drains' guaranteed share (decision 29).
+const APP_DRAIN_SHARE_DIVISOR: usize = 4;
 
 impl SequencerActor {
     pub fn new(
@@ -59,7 +108,14 @@ impl SequencerActor {
             numbering,
             queues: routing.queues,
             doppler_kinds: routing.doppler_kinds,
-            outlets: routing.outlets,
+            outlets: routing.outlets.clone(),
+            config_outlets: routing.outlets,
+            apps: routing.apps.map(|a| Apps {
+                router: AppRouter::new(a.idle, a.max),
+                starter: a.starter,
+                group: Arc::default(),
+                grace: a.grace,
+            }),
             shares: Vec::new(),
             budget: 0,
             next,
@@ -77,7 +133,8 @@ impl SequencerActor {
     /// on while it waits for an answer.
     fn set_budget(&mut self, budget: usize) {
         self.budget = budget;
-        self.shares = shares(budget, self.queues.len(), self.outlets.len());
+        let groups = self.outlets.len() + usize::from(self.apps.is_some());
+        self.shares = shares(budget, self.queues.len(), groups);
         for (q, share) in self.queues.iter().zip(&self.shares) {
             q.set_window(share / 2);
         }
@@ -97,6 +154,74 @@ pub fn shares(budget: usize, slots: usize, outlets: usize) -> Vec<usize> {
 
 impl Actor for SequencerActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.apps.is_some() {
+            ctx.run_interval(Duration::from_secs(1), |act, _| act.sweep_apps());
+        }
+    }
+}
+
+impl SequencerActor {
+    /// The outlets from now on: the configured ones, then the binding cache's aggregate drains.
+    fn refresh_outlets(&mut self) {
+        let mut outlets = self.config_outlets.clone();
+        if let Some(apps) = &self.apps {
+            outlets.extend(apps.router.aggregate().map(|h| h.outlet.clone()));
+        }
+        self.outlets = outlets;
+        self.set_budget(self.budget);
+    }
+
+    /// Sends `handles` their retirement behind every batch routed to them so far.
+    fn retire(&self, handles: Vec<AppHandle>, grace: Duration) {
+        if handles.is_empty() {
+            return;
+        }
+        // Control message: must arrive whatever the signer's mailbox holds.
+        self.next.do_send(SequencedBatch {
+            parts: Vec::new(),
+            retire: handles.into_iter().map(|h| (h.retire, grace)).collect(),
+        });
+    }
+
+    /// Closes idle app drains, opens those the cap held back, and updates the gauges.
+    fn sweep_apps(&mut self) {
+        let Some(apps) = &mut self.apps else { return };
+        let (starter, group) = (&apps.starter, &apps.group);
+        let retired = apps
+            .router
+            .sweep(Instant::now(), &mut |s| starter(s, Some(group.clone())));
+        let grace = apps.grace;
+        self.publish_app_gauges();
+        self.retire(retired, grace);
+    }
+
+    fn publish_app_gauges(&self) {
+        if let Some(apps) = &self.apps {
+            let m = self.ledger.metrics();
+            m.app_drains_open
+                .store(apps.router.open() as i64, Ordering::Relaxed);
+            m.app_drains_refused
+                .store(apps.router.refused(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Handler<SetDrainTable> for SequencerActor {
+    type Result = ();
+
+    fn handle(&mut self, SetDrainTable(table): SetDrainTable, _: &mut Context<Self>) {
+        let Some(apps) = &mut self.apps else { return };
+        let (starter, group) = (&apps.starter, &apps.group);
+        let retired = apps.router.set_table(table, &mut |s| {
+            starter(s, (!s.app_id.is_empty()).then(|| group.clone()))
+        });
+        let grace = apps.grace;
+        self.refresh_outlets();
+        self.publish_app_gauges();
+        self.retire(retired, grace);
+    }
 }
 
 impl Handler<SetBudget> for SequencerActor {
@@ -111,8 +236,8 @@ impl Handler<SetOutlets> for SequencerActor {
     type Result = ();
 
     fn handle(&mut self, SetOutlets { outlets, retire }: SetOutlets, _: &mut Context<Self>) {
-        self.outlets = outlets;
-        self.set_budget(self.budget);
+        self.config_outlets = outlets;
+        self.refresh_outlets();
         if !retire.is_empty() {
             // Control message, behind every batch routed to the removed drains: must arrive
             // whatever the signer's mailbox holds.
@@ -145,8 +270,30 @@ impl Handler<DumpState> for SequencerActor {
             shares_bytes = ?self.shares,
             routed_bytes_by_slot = ?routed,
             routed_bytes_by_outlet = ?outlets,
+            binding_cache_answered = self.apps.as_ref().map(|a| a.router.answered()),
+            apps_with_open_drains = self.apps.as_ref().map_or(0, |a| a.router.groups()),
+            app_drains_open = self.apps.as_ref().map_or(0, |a| a.router.open()),
+            app_drains_routed_bytes = self.apps.as_ref().map_or(0, |a| a.group.get()),
             "state"
         );
+    }
+}
+
+/// The app drains a part's envelopes are offered to.
+#[derive(Default)]
+struct AppOffers {
+    /// Every app drain offered something of the part.
+    drains: Vec<Outlet>,
+    /// Envelope `i`'s drains: `flat[ranges[i].0..ranges[i].1]`, indexes into `drains`.
+    ranges: Vec<(usize, usize)>,
+    flat: Vec<usize>,
+}
+
+impl AppOffers {
+    fn of(&self, i: usize) -> &[usize] {
+        self.ranges
+            .get(i)
+            .map_or(&[], |&(from, to)| &self.flat[from..to])
     }
 }
 
@@ -209,22 +356,30 @@ impl SequencerActor {
                 bits
             })
             .collect();
+        // The app drains each envelope is offered to (indexes into `app.drains`).
+        let app = self.app_offers(&part);
         // Each destination's offer, and whether its share has room for it.
         let destinations = 1 + self.outlets.len();
         let mut offer = vec![(0usize, 0usize); destinations];
-        for (item, bits) in part.items().iter().zip(&offered) {
+        let mut app_offer = vec![(0usize, 0usize); app.drains.len()];
+        for (i, (item, bits)) in part.items().iter().zip(&offered).enumerate() {
             for (d, o) in offer.iter_mut().enumerate() {
                 if bits & (1 << d) != 0 {
                     o.0 += 1;
                     o.1 += item.cost as usize;
                 }
             }
+            for &j in app.of(i) {
+                app_offer[j].0 += 1;
+                app_offer[j].1 += item.cost as usize;
+            }
         }
-        let routed: Vec<usize> = self
+        let mut routed: Vec<usize> = self
             .queues
             .iter()
             .map(|q| q.routed())
             .chain(self.outlets.iter().map(|o| o.outbox.routed()))
+            .chain(self.apps.as_ref().map(|a| a.group.get()))
             .collect();
         // Index of destination d in `routed` / `shares`.
         let index = |d: usize| {
@@ -240,6 +395,24 @@ impl SequencerActor {
                     && may_route(&routed, &self.shares, index(d), offer[d].1, self.budget)
             })
             .collect();
+        // The app drains together against their share, each against its cap.
+        let group = self.queues.len() + self.outlets.len();
+        let app_accepted: Vec<bool> = app
+            .drains
+            .iter()
+            .zip(&app_offer)
+            .map(|(o, &(n, bytes))| {
+                let own = o.outbox.routed();
+                let cap = self.shares[group] / APP_DRAIN_SHARE_DIVISOR;
+                let ok = n > 0
+                    && (own == 0 || own + bytes <= cap)
+                    && may_route(&routed, &self.shares, group, bytes, self.budget);
+                if ok {
+                    routed[group] += bytes;
+                }
+                ok
+            })
+            .collect();
 
         // What goes on (computed first: the ledger changes below cannot panic, so a panic here
         // leaves the ledger untouched): the envelopes some destination took, and each destination's pick.
@@ -248,9 +421,11 @@ impl SequencerActor {
             .fold(0, |m, d| m | 1 << d);
         let mut taken = part.part();
         let mut picks: Vec<Vec<u32>> = vec![Vec::new(); destinations];
-        for (item, bits) in part.items().iter().zip(&offered) {
+        let mut app_picks: Vec<Vec<u32>> = vec![Vec::new(); app.drains.len()];
+        for (i, (item, bits)) in part.items().iter().zip(&offered).enumerate() {
             let bits = bits & mask;
-            if bits == 0 {
+            let apps = app.of(i);
+            if bits == 0 && !apps.iter().any(|&j| app_accepted[j]) {
                 continue;
             }
             let at = taken.len() as u32;
@@ -259,12 +434,15 @@ impl SequencerActor {
                     pick.push(at);
                 }
             }
+            for &j in apps.iter().filter(|&&j| app_accepted[j]) {
+                app_picks[j].push(at);
+            }
             taken.push(*item);
         }
         // The ledger: one obligation per destination offered an envelope.
         let (mut copies, mut copy_bytes, mut unwanted, mut unwanted_bytes) = (0, 0, 0, 0);
-        for (item, bits) in part.items().iter().zip(&offered) {
-            match bits.count_ones() as usize {
+        for (i, (item, bits)) in part.items().iter().zip(&offered).enumerate() {
+            match bits.count_ones() as usize + app.of(i).len() {
                 0 => {
                     unwanted += 1;
                     unwanted_bytes += item.cost as usize;
@@ -301,6 +479,15 @@ impl SequencerActor {
                 self.outlets[d - 1].outbox.route(bytes);
             }
         }
+        for ((o, &(n, bytes)), ok) in app.drains.iter().zip(&app_offer).zip(&app_accepted) {
+            self.ledger.offer(&o.account, n, bytes);
+            if *ok {
+                o.outbox.route(bytes);
+            } else {
+                self.ledger
+                    .dropped_at(&o.account, DropReason::DrainQueueFull, n, bytes);
+            }
+        }
 
         if taken.is_empty() {
             return None;
@@ -319,6 +506,7 @@ impl SequencerActor {
             .outlets
             .iter()
             .zip(picks)
+            .chain(app.drains.iter().zip(app_picks))
             .filter(|(_, p)| !p.is_empty())
             .map(|(o, p)| (o.clone(), pick(p)))
             .collect();
@@ -328,6 +516,51 @@ impl SequencerActor {
             doppler,
             outlets,
         })
+    }
+
+    /// Which app drains each envelope of `part` is offered to: its source's drains (opened on
+    /// its first envelope) whose filter takes it, but not the drain a notice is about.
+    fn app_offers(&mut self, part: &Batch) -> AppOffers {
+        let mut offers = AppOffers::default();
+        let Some(apps) = &mut self.apps else {
+            return offers;
+        };
+        let (starter, group) = (&apps.starter, &apps.group);
+        let mut start = |s: &Arc<DrainSpec>| starter(s, Some(group.clone()));
+        let now = Instant::now();
+        let layouts = part.layouts();
+        let skip = part.notice_about();
+        let mut index: HashMap<usize, usize> = HashMap::new();
+        // Consecutive envelopes of one source (the usual case) look their drains up once.
+        let mut last: Option<(&[u8], Vec<usize>)> = None;
+        for item in part.items() {
+            let source = part.bytes_of(item.source);
+            if last.as_ref().is_none_or(|(s, _)| *s != source) {
+                let drains = apps.router.drains_for(source, now, &mut start);
+                let local = drains
+                    .iter()
+                    .filter(|d| Some(d.handle.outlet.outbox.id()) != skip)
+                    .map(|d| {
+                        let id = d.handle.outlet.outbox.id();
+                        *index.entry(id).or_insert_with(|| {
+                            offers.drains.push(d.handle.outlet.clone());
+                            offers.drains.len() - 1
+                        })
+                    })
+                    .collect();
+                last = Some((source, local));
+            }
+            let kind = layouts.kind(item.layout);
+            let from = offers.flat.len();
+            let local = &last.as_ref().expect("set above").1;
+            offers.flat.extend(
+                local
+                    .iter()
+                    .filter(|&&j| offers.drains[j].kinds.takes(kind)),
+            );
+            offers.ranges.push((from, offers.flat.len()));
+        }
+        offers
     }
 
     /// Drops what `parts` hold at every destination they were routed to.

@@ -53,6 +53,11 @@ pub enum Live {
     /// drains removed deliver what they hold within `shutdown.grace_period_ms`, unchanged ones
     /// keep their connection and queue.
     AggregateDrains,
+    /// `syslog.binding_cache`'s settings (and `syslog.default_drain_metadata`, read into every
+    /// app drain's URL): the poller starts over with them, and its first answer replaces the
+    /// drains (unchanged ones keep their connection). Adding or removing the section needs a
+    /// restart.
+    BindingCache,
 }
 
 impl Live {
@@ -76,6 +81,7 @@ impl Live {
             Live::ReplayExtra => "dopplers.replay_extra_percent",
             Live::ReplayMinRate => "dopplers.replay_min_rate",
             Live::AggregateDrains => "syslog.aggregate_drains",
+            Live::BindingCache => "syslog.binding_cache",
         }
     }
 }
@@ -193,6 +199,10 @@ impl Config {
                     backoff_initial: drain_backoff_initial,
                     backoff_max: drain_backoff_max,
                     send_buffer_bytes,
+                    binding_cache,
+                    idle_drain_timeout,
+                    blocked_ranges,
+                    max_app_drains,
                 },
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
@@ -263,7 +273,23 @@ impl Config {
                 || *default_drain_metadata != s.default_drain_metadata,
             Live::AggregateDrains,
         );
+        // Turning app drains on or off changes how the budget is shared: a restart.
+        let toggled = binding_cache.is_some() != s.binding_cache.is_some();
+        c.restart(toggled, "syslog.binding_cache");
+        c.live(
+            !toggled
+                && s.binding_cache.is_some()
+                && (*binding_cache != s.binding_cache
+                    || *default_drain_metadata != s.default_drain_metadata),
+            Live::BindingCache,
+        );
         for (changed, key) in [
+            (
+                *idle_drain_timeout != s.idle_drain_timeout,
+                "syslog.idle_drain_timeout_ms",
+            ),
+            (*blocked_ranges != s.blocked_ranges, "syslog.blocked_ranges"),
+            (*max_app_drains != s.max_app_drains, "syslog.max_app_drains"),
             (
                 *include_metron_tags != s.include_metron_tags,
                 "syslog.include_metron_tags",

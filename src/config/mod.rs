@@ -18,7 +18,7 @@ mod changes;
 pub mod syslog;
 
 pub use changes::{Changes, Live, RESTART_SIGNING, RESTART_SIGNING_ENABLED};
-pub use syslog::{AggregateDrain, SyslogConfig};
+pub use syslog::{AggregateDrain, BindingCache, SyslogConfig};
 
 pub use crate::telemetry::logging::LogFormat;
 
@@ -954,7 +954,7 @@ impl RawConfig {
         if no_dopplers && !self.syslog.has_drains() {
             return Err(ConfigError::new(
                 "dopplers",
-                "missing: configure Dopplers, or at least one syslog.aggregate_drains entry",
+                "missing: configure Dopplers, a syslog.aggregate_drains entry or syslog.binding_cache",
             ));
         }
         let d = self.dopplers.unwrap_or_default();
@@ -1666,6 +1666,59 @@ development: { enabled: true }
             let e = Config::from_yaml(&format!("{MINIMAL}tags: {{ {tag}: x }}\n")).unwrap_err();
             assert_eq!(e.key, format!("tags.{tag}"));
         }
+    }
+
+    #[test]
+    fn the_binding_cache_section_is_checked_and_named_in_errors() {
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let cache = |url: &str, tls: &str| {
+            format!(
+                "{MINIMAL}syslog:\n  binding_cache: {{ url: \"{url}\", tls: {tls} }}\n  \
+                 blocked_ranges: [ {{ start: 10.0.0.0, end: 10.255.255.255 }} ]\n"
+            )
+        };
+        let files = format!(
+            "{{ ca: {manifest}/Cargo.toml, cert: {manifest}/Cargo.toml, key: {manifest}/Cargo.toml }}"
+        );
+        let c = Config::from_yaml(&cache("https://binding-cache:9000", &files)).unwrap();
+        let b = c.syslog.binding_cache.unwrap();
+        assert_eq!(
+            (
+                b.server_name.as_str(),
+                b.polling_interval,
+                b.per_app_limit.get()
+            ),
+            ("binding-cache", Duration::from_secs(15), 5),
+            "upstream's defaults"
+        );
+        assert_eq!(c.syslog.idle_drain_timeout, Duration::from_secs(600));
+        assert!(c
+            .syslog
+            .blocked_ranges
+            .contains("10.1.2.3".parse().unwrap()));
+        let key = |t: String| Config::from_yaml(&t).unwrap_err().key;
+        assert_eq!(
+            key(cache("http://user:secret@binding-cache:9000", &files)),
+            "syslog.binding_cache.url"
+        );
+        let e =
+            Config::from_yaml(&cache("http://user:secret@binding-cache:9000", &files)).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert_eq!(
+            key(cache(
+                "https://binding-cache:9000",
+                "{ ca: /nope, cert: /nope, key: /nope }"
+            )),
+            "syslog.binding_cache.tls.ca"
+        );
+        assert_eq!(
+            key(cache("https://binding-cache:9000", "{ ca: /nope }")),
+            "syslog.binding_cache.tls.cert"
+        );
+        let reversed = format!(
+            "{MINIMAL}syslog:\n  blocked_ranges: [ {{ start: 10.0.0.9, end: 10.0.0.1 }} ]\n"
+        );
+        assert_eq!(key(reversed), "syslog.blocked_ranges");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
+use crate::syslog::bindings::BlockedRanges;
 use crate::syslog::drain::{DrainUrl, Scheme};
 
 /// The most aggregate drains: each is a destination with its own share of the budget.
@@ -33,6 +34,31 @@ pub struct SyslogConfig {
     pub backoff_max: Duration,
     /// Each drain connection's socket send buffer (see [`crate::syslog::writer::WriterSettings`]).
     pub send_buffer_bytes: NonZeroUsize,
+    /// Where app drains come from; `None`: no app drains.
+    pub binding_cache: Option<BindingCache>,
+    /// An app drain whose source sent nothing for this long is closed (opened again by its next
+    /// envelope).
+    pub idle_drain_timeout: Duration,
+    /// Drain addresses refused after DNS (upstream's `blacklisted_syslog_ranges`).
+    pub blocked_ranges: BlockedRanges,
+    /// The most app drain connections open at once; beyond, a newly seen app's drains wait
+    /// until one closes (counted in `app_drains_refused`).
+    pub max_app_drains: NonZeroUsize,
+}
+
+/// `syslog.binding_cache`: the binding cache polled for app drains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingCache {
+    /// `https://host[:port]`; `/v2/bindings` and `/v2/aggregate` are appended.
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The name the cache's certificate must carry.
+    pub server_name: String,
+    pub polling_interval: Duration,
+    /// Drains per app (the first by URL).
+    pub per_app_limit: NonZeroUsize,
 }
 
 impl Default for SyslogConfig {
@@ -86,6 +112,63 @@ pub(super) struct RawSyslog {
     backoff_max_ms: NonZeroU64,
     #[serde(default = "default_send_buffer_bytes")]
     send_buffer_bytes: NonZeroUsize,
+    #[serde(default)]
+    binding_cache: Option<RawBindingCache>,
+    #[serde(default = "default_idle_drain_timeout_ms")]
+    idle_drain_timeout_ms: NonZeroU64,
+    #[serde(default)]
+    blocked_ranges: Vec<RawRange>,
+    #[serde(default = "default_max_app_drains")]
+    max_app_drains: NonZeroUsize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBindingCache {
+    url: String,
+    tls: RawCacheTls,
+    #[serde(default = "default_polling_interval_ms")]
+    polling_interval_ms: NonZeroU64,
+    #[serde(default = "default_per_app_limit")]
+    per_app_limit: NonZeroUsize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_cache_server_name")]
+    server_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRange {
+    start: String,
+    end: String,
+}
+
+/// Upstream's `IDLE_DRAIN_TIMEOUT`.
+fn default_idle_drain_timeout_ms() -> NonZeroU64 {
+    NonZeroU64::new(600_000).expect("not zero")
+}
+/// Decision 29 says why there is a cap at all.
+fn default_max_app_drains() -> NonZeroUsize {
+    NonZeroUsize::new(500).expect("not zero")
+}
+/// The syslog-agent job's `cache.polling_interval`.
+fn default_polling_interval_ms() -> NonZeroU64 {
+    NonZeroU64::new(15_000).expect("not zero")
+}
+/// Upstream's `BINDING_PER_APP_LIMIT`.
+fn default_per_app_limit() -> NonZeroUsize {
+    NonZeroUsize::new(5).expect("not zero")
+}
+/// The binding cache's certificate name in cf-deployment.
+fn default_cache_server_name() -> String {
+    "binding-cache".into()
 }
 
 impl Default for RawSyslog {
@@ -101,6 +184,10 @@ impl Default for RawSyslog {
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             send_buffer_bytes: default_send_buffer_bytes(),
+            binding_cache: None,
+            idle_drain_timeout_ms: default_idle_drain_timeout_ms(),
+            blocked_ranges: Vec::new(),
+            max_app_drains: default_max_app_drains(),
         }
     }
 }
@@ -158,7 +245,7 @@ fn default_backoff_max_ms() -> NonZeroU64 {
 impl RawSyslog {
     /// Whether any drain is configured.
     pub(super) fn has_drains(&self) -> bool {
-        !self.aggregate_drains.is_empty()
+        !self.aggregate_drains.is_empty() || self.binding_cache.is_some()
     }
 
     pub(super) fn validate(self) -> Result<SyslogConfig, ConfigError> {
@@ -258,6 +345,59 @@ impl RawSyslog {
             ));
         }
         let ms = |v: NonZeroU64| Duration::from_millis(v.get());
+        let blocked_ranges =
+            BlockedRanges::new(self.blocked_ranges.iter().map(|r| (&*r.start, &*r.end)))
+                .map_err(|e| ConfigError::new("syslog.blocked_ranges", e.to_string()))?;
+        let binding_cache = self
+            .binding_cache
+            .map(|c| -> Result<BindingCache, ConfigError> {
+                let uri: hyper::http::Uri = c.url.parse().map_err(|_| {
+                    ConfigError::new(
+                        "syslog.binding_cache.url",
+                        format!(
+                            "{}: not a URL",
+                            crate::syslog::drain::redact_unparsed(&c.url)
+                        ),
+                    )
+                })?;
+                if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+                    return Err(ConfigError::new(
+                        "syslog.binding_cache.url",
+                        format!(
+                            "{}: not an https:// URL with a host",
+                            crate::syslog::drain::redact_unparsed(&c.url)
+                        ),
+                    ));
+                }
+                if rustls::pki_types::ServerName::try_from(c.tls.server_name.as_str()).is_err() {
+                    return Err(ConfigError::new(
+                        "syslog.binding_cache.tls.server_name",
+                        format!("{:?} is not a name TLS can verify", c.tls.server_name),
+                    ));
+                }
+                for (what, p) in [
+                    ("ca", &c.tls.ca),
+                    ("cert", &c.tls.cert),
+                    ("key", &c.tls.key),
+                ] {
+                    if !p.is_file() {
+                        return Err(ConfigError::new(
+                            format!("syslog.binding_cache.tls.{what}"),
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+                Ok(BindingCache {
+                    url: c.url,
+                    ca: c.tls.ca,
+                    cert: c.tls.cert,
+                    key: c.tls.key,
+                    server_name: c.tls.server_name,
+                    polling_interval: ms(c.polling_interval_ms),
+                    per_app_limit: c.per_app_limit,
+                })
+            })
+            .transpose()?;
         Ok(SyslogConfig {
             aggregate_drains,
             include_metron_tags: self.include_metron_tags,
@@ -269,6 +409,10 @@ impl RawSyslog {
             backoff_initial: ms(self.backoff_initial_ms),
             backoff_max: ms(self.backoff_max_ms),
             send_buffer_bytes: self.send_buffer_bytes,
+            binding_cache,
+            idle_drain_timeout: ms(self.idle_drain_timeout_ms),
+            blocked_ranges,
+            max_app_drains: self.max_app_drains,
         })
     }
 }

@@ -117,6 +117,9 @@ pub struct Batch {
     streams: Vec<sequence::StreamId>,
     /// What the edge read of each envelope, which [`Item::layout`] indexes.
     layouts: Arc<Layouts>,
+    /// A notice about a drain (the address of its outbox): the sequencer does not route it to
+    /// that drain (decision 29).
+    notice_about: Option<usize>,
 }
 
 impl Batch {
@@ -129,6 +132,7 @@ impl Batch {
             defaults: Arc::default(),
             streams: Vec::new(),
             layouts: Arc::new(layouts),
+            notice_about: None,
         }
     }
 
@@ -141,7 +145,18 @@ impl Batch {
             defaults: self.defaults.clone(),
             streams: Vec::new(),
             layouts: self.layouts.clone(),
+            notice_about: self.notice_about,
         }
+    }
+
+    /// The drain this batch is a notice about (see [`Batch::mark_notice`]).
+    pub fn notice_about(&self) -> Option<usize> {
+        self.notice_about
+    }
+
+    /// Marks the batch as a notice about the drain whose outbox is at `outbox`.
+    pub fn mark_notice(&mut self, outbox: usize) {
+        self.notice_about = Some(outbox);
     }
 
     pub fn push(&mut self, item: Item) {

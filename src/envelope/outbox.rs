@@ -36,19 +36,40 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     /// Budget bytes offered to this destination and not yet delivered or dropped.
     routed: Routed,
+    /// The app drains' total, which each app drain's bytes count in too.
+    group: Option<std::sync::Arc<Routed>>,
     ready: Notify,
 }
 
 impl Outbox {
+    /// An app drain's outbox: its bytes count in `group` too.
+    pub fn in_group(group: std::sync::Arc<Routed>) -> Self {
+        Self {
+            group: Some(group),
+            ..Self::default()
+        }
+    }
+
     /// Counts `bytes` as the destination's (the sequencer, before it offers them).
     pub fn route(&self, bytes: usize) {
         self.routed.add(bytes);
+        if let Some(g) = &self.group {
+            g.add(bytes);
+        }
     }
 
     /// Bytes counted by [`Outbox::route`] that left: delivered, dropped, or found smaller once
     /// encoded.
     pub fn unroute(&self, bytes: usize) {
         self.routed.sub(bytes);
+        if let Some(g) = &self.group {
+            g.sub(bytes);
+        }
+    }
+
+    /// Its address, which a notice about its drain carries ([`crate::envelope::Batch::mark_notice`]).
+    pub fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     /// Budget bytes the destination holds (queued, in the mailboxes before it, or being written).

@@ -109,17 +109,28 @@ impl Edge {
     /// Cancel-safe: the counts are made together with the decision, after the only `.await`, so a
     /// call cut short (an emitter's RPC dropped mid-way, or shutdown) has counted nothing.
     pub async fn accept(&self, envelopes: Vec<Envelope>) {
-        self.admit_decoded(envelopes, true).await;
+        self.admit_decoded(envelopes, true, None).await;
+    }
+
+    /// [`Edge::accept`] for a notice into an application's stream about the drain whose outbox
+    /// is at `about`: every destination that takes it gets it, but that drain.
+    pub async fn accept_notice(&self, notice: Envelope, about: usize) {
+        self.admit_decoded(vec![notice], true, Some(about)).await;
     }
 
     /// [`Edge::accept`] for envelopes converted from v1 datagrams, which were counted in
     /// `ingress{metric_version="1.0"}` when they arrived. Not cancel-safe: the caller lets it
     /// finish (it waits at most `max_wait`).
     pub async fn accept_converted(&self, envelopes: Vec<Envelope>) {
-        self.admit_decoded(envelopes, false).await;
+        self.admit_decoded(envelopes, false, None).await;
     }
 
-    async fn admit_decoded(&self, envelopes: Vec<Envelope>, count_ingress: bool) {
+    async fn admit_decoded(
+        &self,
+        envelopes: Vec<Envelope>,
+        count_ingress: bool,
+        notice_about: Option<usize>,
+    ) {
         let total = envelopes.len();
         if total == 0 {
             return;
@@ -127,7 +138,7 @@ impl Edge {
         if self.refused_while_closed(total, count_ingress) {
             return;
         }
-        let (batch, oversize) = match self.price(encode_batch(envelopes)) {
+        let (mut batch, oversize) = match self.price(encode_batch(envelopes)) {
             Ok(read) => read,
             Err(e) => {
                 // prost's own encoding always reads: only a panic in the reader gets here. The
@@ -153,6 +164,9 @@ impl Edge {
         if !admitted {
             self.ledger.refused(full, n);
             return;
+        }
+        if let Some(about) = notice_about {
+            batch.mark_notice(about);
         }
         self.hand_over(batch);
     }

@@ -33,6 +33,8 @@ pub struct HttpsTarget {
     pub basic_auth: Option<(String, String)>,
     pub tls: Arc<rustls::ClientConfig>,
     pub server_name: rustls::pki_types::ServerName<'static>,
+    /// Addresses never dialled (`syslog.blocked_ranges`).
+    pub blocked: Arc<super::bindings::BlockedRanges>,
 }
 
 /// One HTTPS drain connection, dialled on demand.
@@ -155,10 +157,13 @@ impl HttpsWriter {
         } else {
             format!("{}:{}", self.to.host, self.to.port)
         };
-        let tcp = timeout(self.dial_timeout, connect(&addr, self.send_buffer))
-            .await
-            .map_err(|_| WriteError::Timeout("connecting"))?
-            .map_err(WriteError::Dial)?;
+        let tcp = timeout(
+            self.dial_timeout,
+            connect(&addr, self.send_buffer, &self.to.blocked),
+        )
+        .await
+        .map_err(|_| WriteError::Timeout("connecting"))?
+        .map_err(WriteError::Dial)?;
         let _ = tcp.set_nodelay(true);
         let connector = TlsConnector::from(self.to.tls.clone());
         let tls = timeout(

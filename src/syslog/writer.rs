@@ -15,6 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 
+use super::bindings::BlockedRanges;
 use super::rfc5424::frame;
 
 /// How a drain connection behaves.
@@ -33,6 +34,8 @@ pub struct WriterSettings {
     /// outside the budget, and the most a connection that dies can lose after its writes were
     /// counted as sent.
     pub send_buffer: usize,
+    /// Addresses never dialled (`syslog.blocked_ranges`), checked after DNS.
+    pub blocked: Arc<BlockedRanges>,
 }
 
 impl std::fmt::Debug for WriterSettings {
@@ -63,10 +66,25 @@ pub enum WriteError {
 }
 
 impl WriteError {
+    /// Dialling or the TLS handshake failed (the app's "Failed to connect" notice).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            WriteError::Dial(_)
+                | WriteError::Tls(_)
+                | WriteError::Timeout("connecting" | "in the TLS handshake")
+        )
+    }
+
     /// The drain refused the messages for good: an HTTP 4xx other than 408 (timeout) and 429
     /// (too many requests). Sending them again would be refused again.
+    /// So is a drain whose every address is in `syslog.blocked_ranges`.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, WriteError::Status(s) if (400..500).contains(s) && *s != 408 && *s != 429)
+        match self {
+            WriteError::Status(s) => (400..500).contains(s) && *s != 408 && *s != 429,
+            WriteError::Dial(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            _ => false,
+        }
     }
 }
 
@@ -164,7 +182,11 @@ impl SyslogWriter {
         self.dials += 1;
         let tcp = timeout(
             self.settings.dial_timeout,
-            connect(&self.addr, self.settings.send_buffer),
+            connect(
+                &self.addr,
+                self.settings.send_buffer,
+                &self.settings.blocked,
+            ),
         )
         .await
         .map_err(|_| WriteError::Timeout("connecting"))?
@@ -202,9 +224,20 @@ impl SyslogWriter {
 
 /// Connects to `addr` (`host:port`, resolved; each address tried in turn) with a send buffer of
 /// `send_buffer` bytes.
-pub(super) async fn connect(addr: &str, send_buffer: usize) -> std::io::Result<TcpStream> {
+pub(super) async fn connect(
+    addr: &str,
+    send_buffer: usize,
+    blocked: &BlockedRanges,
+) -> std::io::Result<TcpStream> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
+        if blocked.contains(a.ip()) {
+            last = Some(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{} is in syslog.blocked_ranges", a.ip()),
+            ));
+            continue;
+        }
         let socket = if a.is_ipv4() {
             TcpSocket::new_v4()?
         } else {

@@ -306,6 +306,17 @@ pub struct Metrics {
     pub ingress_stream_errors: AtomicU64,
     /// `sequence_stream_rotations`: times the per-source table filled and a new stream began.
     pub sequence_rotations: AtomicU64,
+    /// `binding_cache_polls{result}`: the binding cache's answers, read (`ok`) or not (`failed`).
+    pub binding_polls: AtomicU64,
+    pub binding_poll_failures: AtomicU64,
+    /// `app_bindings`: applications the last good answer binds drains to (the whole foundation's).
+    pub app_bindings: AtomicU64,
+    /// `app_drains_open`: app drain connections open (their app sent within the idle timeout).
+    pub app_drains_open: AtomicI64,
+    /// `app_drains_refused`: app drains not opened because `syslog.max_app_drains` were open.
+    pub app_drains_refused: AtomicU64,
+    /// `app_notices`: notices (`LGR` log lines) sent into applications' streams.
+    pub app_notices: AtomicU64,
     /// `doppler_failovers`: a connection that failed reconnected to a different Doppler.
     pub failovers: AtomicU64,
     /// `doppler_rerouted_batches`: batches queued for a failed connection that went on to the
@@ -463,6 +474,12 @@ impl Metrics {
             panic_logs: std::array::from_fn(|_| RateLimit::new(Duration::from_secs(10))),
             ingress_stream_errors: AtomicU64::new(0),
             sequence_rotations: AtomicU64::new(0),
+            binding_polls: AtomicU64::new(0),
+            binding_poll_failures: AtomicU64::new(0),
+            app_bindings: AtomicU64::new(0),
+            app_drains_open: AtomicI64::new(0),
+            app_drains_refused: AtomicU64::new(0),
+            app_notices: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             rerouted_batches: AtomicU64::new(0),
             doppler_replays: AtomicU64::new(0),
@@ -928,6 +945,45 @@ impl Metrics {
                     "",
                     self.sequence_rotations.load(Ordering::Relaxed).to_string(),
                 ),
+            ),
+            (
+                "binding_cache_polls",
+                "counter",
+                "Polls of syslog.binding_cache, by result (a failed one keeps the last good answer).",
+                vec![
+                    (
+                        "result=\"ok\"".to_string(),
+                        self.binding_polls.load(Ordering::Relaxed).to_string(),
+                    ),
+                    (
+                        "result=\"failed\"".to_string(),
+                        self.binding_poll_failures.load(Ordering::Relaxed).to_string(),
+                    ),
+                ],
+            ),
+            (
+                "app_bindings",
+                "gauge",
+                "Applications the binding cache's last good answer binds drains to.",
+                one("", self.app_bindings.load(Ordering::Relaxed).to_string()),
+            ),
+            (
+                "app_drains_open",
+                "gauge",
+                "App drain connections open (their application sent within syslog.idle_drain_timeout_ms).",
+                one("", self.app_drains_open.load(Ordering::Relaxed).to_string()),
+            ),
+            (
+                "app_drains_refused",
+                "counter",
+                "App drains not opened because syslog.max_app_drains were open.",
+                one("", self.app_drains_refused.load(Ordering::Relaxed).to_string()),
+            ),
+            (
+                "app_notices",
+                "counter",
+                "Notices (LGR log lines: drain losses, failed connections) sent into applications' streams.",
+                one("", self.app_notices.load(Ordering::Relaxed).to_string()),
             ),
         ];
         let mut out = String::with_capacity(4096);

@@ -3,6 +3,8 @@
 
 mod reload;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,11 +19,11 @@ use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held, Transport};
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
-use crate::actors::sequencer::{Routing, SequencerActor};
+use crate::actors::sequencer::{AppHandle, AppSetup, Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
 use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource};
-use crate::envelope::outbox::Outlet;
+use crate::envelope::outbox::{Outbox, Outlet};
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
 use crate::envelope::tagging::Tagger;
@@ -32,12 +34,14 @@ use crate::proto::{envelope::Message, Counter, Envelope};
 use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::routing::Dopplers;
+use crate::syslog::apps::DrainSpec;
 use crate::syslog::drain::Scheme;
 use crate::syslog::https::HttpsTarget;
+use crate::syslog::poller::PollerSetup;
 use crate::syslog::writer::WriterSettings;
 use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
-use crate::telemetry::{Account, DrainScope};
+use crate::telemetry::{Account, DrainScope, DropReason};
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::{DrainTls, ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
@@ -72,6 +76,10 @@ pub struct Running {
     /// Drains a reload removed that may still be delivering what they hold (within the grace
     /// period): the shutdown barrier counts them, and shutdown asks them to finish too.
     retiring: Vec<RunningDrain>,
+    /// The drains the binding cache's answers started.
+    cache_drains: CacheDrains,
+    /// The binding cache poller (`syslog.binding_cache`).
+    poller: Option<JoinHandle<()>>,
     queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -247,6 +255,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
 
     let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
     let outlets: Vec<Outlet> = drains.iter().map(|d| d.outlet.clone()).collect();
+    let cache_drains = CacheDrains::default();
+    let apps = c.syslog.binding_cache.as_ref().map(|_| AppSetup {
+        starter: cache_drain_starter(c, &ledger, &cache_drains),
+        idle: c.syslog.idle_drain_timeout,
+        max: c.syslog.max_app_drains.get(),
+        grace: c.shutdown_grace,
+    });
 
     // The data path (ingress actor, sequencer, signer) shares one thread, so a batch crosses
     // threads only into it and out of it; supervision stays on the system arbiter, where signing
@@ -292,6 +307,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
                     doppler_kinds,
                     outlets,
                     budget,
+                    apps,
                 },
                 signer.recipient(),
                 ledger,
@@ -406,6 +422,15 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         }));
     }
 
+    let poller = start_poller(c, &ledger, &sequencer);
+    if poller.is_some() {
+        background.push(tokio::spawn(send_notices(
+            cache_drains.clone(),
+            edge.clone(),
+            ledger.clone(),
+        )));
+    }
+
     let live = LiveState {
         started: p.config.clone(),
         current: p.config.clone(),
@@ -421,6 +446,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         connections,
         drains,
         retiring: Vec::new(),
+        cache_drains,
+        poller,
         queues: queue_handles,
         closed,
         server,
@@ -512,70 +539,19 @@ fn start_drain(
     tls: Option<DrainTls>,
     ledger: &Arc<Ledger>,
 ) -> Result<RunningDrain, ConfigError> {
-    let s = &c.syslog;
-    let writer_tls = match &tls {
-        None => None,
-        Some(t) => {
-            let name =
-                rustls::pki_types::ServerName::try_from(d.url.host.clone()).map_err(|e| {
-                    ConfigError {
-                        key: format!("syslog.aggregate_drains[{i}].url"),
-                        problem: format!("{}: not a name TLS can verify: {e}", d.url.anonymized),
-                    }
-                })?;
-            Some((t.config.clone(), name))
-        }
-    };
-    let settings = WriterSettings {
-        tls: writer_tls.clone(),
-        dial_timeout: s.dial_timeout,
-        write_timeout: s.write_timeout,
-        idle_reconnect: s.idle_reconnect,
-        send_buffer: s.send_buffer_bytes.get(),
-    };
-    let transport = match (d.url.scheme, writer_tls) {
-        (Scheme::Https | Scheme::HttpsBatch, Some((tls, server_name))) => Transport::Https {
-            target: HttpsTarget {
-                host: d.url.host.clone(),
-                port: d.url.port,
-                target: d.url.target.clone(),
-                basic_auth: d.url.basic_auth.clone(),
-                tls,
-                server_name,
-            },
-            batch: d.url.scheme == Scheme::HttpsBatch,
-            settings,
-        },
-        _ => Transport::Syslog {
-            addr: if d.url.host.contains(':') {
-                format!("[{}]:{}", d.url.host, d.url.port)
-            } else {
-                format!("{}:{}", d.url.host, d.url.port)
-            },
-            settings,
-        },
-    };
-    let destination = ledger.metrics().drain_destination(
+    let (connection, outlet, _) = drain_connection(
+        &c.syslog,
+        &d.url,
+        String::new(),
+        tls.as_ref().map(|t| t.config.clone()),
         DrainScope::Aggregate,
-        &d.url.anonymized,
-        s.max_drain_series.get(),
-    );
-    let account = Arc::new(Account::new(destination));
-    ledger.metrics().register(account.clone());
-    let outlet = Outlet {
-        kinds: d.url.data.kinds(),
-        outbox: Arc::default(),
-        account,
-    };
-    let connection = DrainConnection::new(DrainSetup {
-        outlet: outlet.clone(),
-        url: d.url.clone(),
-        transport,
-        metron_tag: s.include_metron_tags,
-        backoff_initial: s.backoff_initial,
-        backoff_max: s.backoff_max,
-        ledger: ledger.clone(),
-    });
+        Outbox::default(),
+        ledger,
+    )
+    .map_err(|problem| ConfigError {
+        key: format!("syslog.aggregate_drains[{i}].url"),
+        problem,
+    })?;
     let held = connection.held();
     tracing::info!(drain = %d.url.anonymized, scope = "aggregate", "syslog drain configured");
     Ok(RunningDrain {
@@ -585,6 +561,258 @@ fn start_drain(
         spec: d.clone(),
         tls,
     })
+}
+
+/// A drain's connection actor (not started), its outlet (with `outbox`, and an account
+/// registered under `scope`), and its count of failed connects.
+///
+/// # Errors
+/// The URL's host is not a name TLS can verify (a TLS drain).
+fn drain_connection(
+    s: &crate::config::SyslogConfig,
+    url: &crate::syslog::drain::DrainUrl,
+    hostname: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    scope: DrainScope,
+    outbox: Outbox,
+    ledger: &Arc<Ledger>,
+) -> Result<(DrainConnection, Outlet, Arc<AtomicU64>), String> {
+    let writer_tls = match tls {
+        None => None,
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                .map_err(|e| format!("{}: not a name TLS can verify: {e}", url.anonymized))?;
+            Some((config, name))
+        }
+    };
+    let blocked = Arc::new(s.blocked_ranges.clone());
+    let settings = WriterSettings {
+        tls: writer_tls.clone(),
+        dial_timeout: s.dial_timeout,
+        write_timeout: s.write_timeout,
+        idle_reconnect: s.idle_reconnect,
+        send_buffer: s.send_buffer_bytes.get(),
+        blocked: blocked.clone(),
+    };
+    let transport = match (url.scheme, writer_tls) {
+        (Scheme::Https | Scheme::HttpsBatch, Some((tls, server_name))) => Transport::Https {
+            target: HttpsTarget {
+                host: url.host.clone(),
+                port: url.port,
+                target: url.target.clone(),
+                basic_auth: url.basic_auth.clone(),
+                tls,
+                server_name,
+                blocked,
+            },
+            batch: url.scheme == Scheme::HttpsBatch,
+            settings,
+        },
+        _ => Transport::Syslog {
+            addr: if url.host.contains(':') {
+                format!("[{}]:{}", url.host, url.port)
+            } else {
+                format!("{}:{}", url.host, url.port)
+            },
+            settings,
+        },
+    };
+    let destination =
+        ledger
+            .metrics()
+            .drain_destination(scope, &url.anonymized, s.max_drain_series.get());
+    let account = Arc::new(Account::new(destination));
+    ledger.metrics().register(account.clone());
+    let outlet = Outlet {
+        kinds: url.data.kinds(),
+        outbox: Arc::new(outbox),
+        account,
+    };
+    let connect_failures = Arc::new(AtomicU64::new(0));
+    let connection = DrainConnection::new(DrainSetup {
+        outlet: outlet.clone(),
+        url: url.clone(),
+        transport,
+        metron_tag: s.include_metron_tags,
+        backoff_initial: s.backoff_initial,
+        backoff_max: s.backoff_max,
+        ledger: ledger.clone(),
+        hostname,
+        connect_failures: connect_failures.clone(),
+    });
+    Ok((connection, outlet, connect_failures))
+}
+
+/// A drain from the binding cache, running: what shutdown waits for and notices are made from.
+#[derive(Clone)]
+struct CacheDrain {
+    actor: Addr<DrainConnection>,
+    outlet: Outlet,
+    held: Arc<Held>,
+    /// Empty for the cache's aggregate drains.
+    app_id: String,
+    url: String,
+    connect_failures: Arc<AtomicU64>,
+}
+
+/// Every drain the binding cache's answers started (the sequencer starts them; entries go once
+/// their actor stopped).
+type CacheDrains = Arc<parking_lot::Mutex<Vec<CacheDrain>>>;
+
+/// What the sequencer calls to start a drain from the binding cache: on the system arbiter, as
+/// the other connections.
+fn cache_drain_starter(
+    c: &Config,
+    ledger: &Arc<Ledger>,
+    registry: &CacheDrains,
+) -> crate::actors::sequencer::Starter {
+    let (syslog, ledger, registry) = (c.syslog.clone(), ledger.clone(), registry.clone());
+    let system = Arbiter::current();
+    Arc::new(move |spec: &Arc<DrainSpec>, group| {
+        let (scope, outbox) = match group {
+            Some(g) => (DrainScope::App, Outbox::in_group(g)),
+            None => (DrainScope::Aggregate, Outbox::default()),
+        };
+        let started = drain_connection(
+            &syslog,
+            &spec.url,
+            spec.hostname.clone(),
+            spec.tls.clone(),
+            scope,
+            outbox,
+            &ledger,
+        );
+        let (connection, outlet, connect_failures) = match started {
+            Ok(s) => s,
+            Err(problem) => {
+                tracing::warn!(app_id = %spec.app_id, problem, "cannot start a drain of the binding cache");
+                return None;
+            }
+        };
+        let held = connection.held();
+        let actor = DrainConnection::start_in_arbiter(&system, move |_| connection);
+        tracing::debug!(app_id = %spec.app_id, drain = %spec.url.anonymized, "drain opened");
+        let mut r = registry.lock();
+        r.retain(|d| d.actor.connected());
+        r.push(CacheDrain {
+            actor: actor.clone(),
+            outlet: outlet.clone(),
+            held,
+            app_id: spec.app_id.clone(),
+            url: spec.url.anonymized.clone(),
+            connect_failures,
+        });
+        Some(AppHandle {
+            outlet,
+            retire: actor.recipient(),
+        })
+    })
+}
+
+/// Starts the binding cache poller, when `c` configures one.
+fn start_poller(
+    c: &Config,
+    ledger: &Arc<Ledger>,
+    sequencer: &Addr<SequencerActor>,
+) -> Option<JoinHandle<()>> {
+    let cache = c.syslog.binding_cache.clone()?;
+    tracing::info!(
+        url = %crate::syslog::drain::redact_unparsed(&cache.url),
+        interval_ms = cache.polling_interval.as_millis() as u64,
+        "polling the binding cache; app drains receive nothing until it first answers"
+    );
+    Some(tokio::spawn(crate::syslog::poller::run(PollerSetup {
+        cache,
+        default_metadata: c.syslog.default_drain_metadata,
+        timeout: c.syslog.dial_timeout,
+        ledger: ledger.clone(),
+        target: sequencer.clone().recipient(),
+    })))
+}
+
+/// How often each kind of notice may reach an app about one drain (upstream's limit).
+const NOTICE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the app was last told about one drain.
+struct Noticed {
+    lost: u64,
+    connect_failures: u64,
+    lost_at: Option<tokio::time::Instant>,
+    failed_at: Option<tokio::time::Instant>,
+}
+
+/// Every second: tells each app whose drain lost envelopes, or could not connect, in its own
+/// stream, at most once per drain per [`NOTICE_INTERVAL`] each (decision 29).
+async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
+    let mut told: HashMap<usize, Noticed> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let drains: Vec<CacheDrain> = {
+            let mut r = registry.lock();
+            r.retain(|d| d.actor.connected());
+            r.iter().filter(|d| !d.app_id.is_empty()).cloned().collect()
+        };
+        told.retain(|id, _| drains.iter().any(|d| d.outlet.outbox.id() == *id));
+        for d in drains {
+            let s = d.outlet.account.snapshot();
+            // What the app lost at this drain (a removed drain's leftovers are not news to it).
+            let lost = s.dropped_total()
+                - s.dropped_by(DropReason::DrainRemoved)
+                - s.dropped_by(DropReason::ShuttingDown);
+            let failures = d.connect_failures.load(Ordering::Relaxed);
+            let id = d.outlet.outbox.id();
+            let t = told.entry(id).or_insert(Noticed {
+                lost: 0,
+                connect_failures: 0,
+                lost_at: None,
+                failed_at: None,
+            });
+            let due =
+                |at: Option<tokio::time::Instant>| at.is_none_or(|at| now - at >= NOTICE_INTERVAL);
+            let mut notices = Vec::new();
+            if lost > t.lost && due(t.lost_at) {
+                notices.push(format!(
+                    "{} messages lost for application {} in user provided syslog drain with url {}",
+                    lost - t.lost,
+                    d.app_id,
+                    d.url
+                ));
+                t.lost = lost;
+                t.lost_at = Some(now);
+            }
+            if failures > t.connect_failures && due(t.failed_at) {
+                notices.push(format!("Failed to connect to {}", d.url));
+                t.connect_failures = failures;
+                t.failed_at = Some(now);
+            }
+            for text in notices {
+                ledger.metrics().app_notices.fetch_add(1, Ordering::Relaxed);
+                edge.accept_notice(notice(&d.app_id, text), id).await;
+            }
+        }
+    }
+}
+
+/// An app notice as upstream's syslog-agent sends it: an ERR log in the app's stream,
+/// `source_type` `LGR`, instance `0`.
+fn notice(app_id: &str, text: String) -> Envelope {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let mut e = Envelope {
+        timestamp: now,
+        source_id: app_id.into(),
+        instance_id: "0".into(),
+        message: Some(Message::Log(crate::proto::Log {
+            payload: text.into_bytes(),
+            r#type: crate::proto::log::Type::Err as i32,
+        })),
+        ..Default::default()
+    };
+    e.tags.insert("source_type".into(), "LGR".into());
+    e
 }
 
 /// Where the Dopplers are, as the supervisor takes it; `local_az` is the one the supervisor runs
@@ -797,6 +1025,12 @@ impl Running {
                         .chain(&self.retiring)
                         .map(|d| d.outlet.outbox.envelopes() + d.held.envelopes()),
                 )
+                .chain(
+                    self.cache_drains
+                        .lock()
+                        .iter()
+                        .map(|d| d.outlet.outbox.envelopes() + d.held.envelopes()),
+                )
                 .sum();
             if buffered == queued as u64 {
                 break;
@@ -813,6 +1047,13 @@ impl Running {
                     .chain(self.retiring.iter().filter(|d| d.actor.connected()))
                     .map(|d| d.actor.clone().recipient()),
             )
+            .chain(
+                self.cache_drains
+                    .lock()
+                    .iter()
+                    .filter(|d| d.actor.connected())
+                    .map(|d| d.actor.clone().recipient()),
+            )
             .map(|r| r.send(Drain))
             .collect();
         let mut acknowledged = true;
@@ -820,7 +1061,7 @@ impl Running {
             let ok = matches!(tokio::time::timeout_at(deadline, r).await, Ok(Ok(true)));
             acknowledged &= ok;
         }
-        for t in self.background {
+        for t in self.background.into_iter().chain(self.poller) {
             t.abort();
         }
         (acknowledged, self.pipeline_arbiter)

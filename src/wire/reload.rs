@@ -3,8 +3,8 @@
 //! live ones, matching them exhaustively.
 
 use super::{
-    dial_settings, dopplers, fixed_envelope_cost, key_id_len, start_drain, tagged, ReloadOutcome,
-    Running, RunningDrain, H2,
+    dial_settings, dopplers, fixed_envelope_cost, key_id_len, start_drain, start_poller, tagged,
+    ReloadOutcome, Running, RunningDrain, H2,
 };
 use crate::actors::messages::{
     SetBudget, SetDefaultTags, SetDial, SetDopplers, SetOutlets, SetWriter,
@@ -89,7 +89,8 @@ impl Running {
                 | Live::LogLevel
                 | Live::ReplayExtra
                 | Live::ReplayMinRate
-                | Live::AggregateDrains => {}
+                | Live::AggregateDrains
+                | Live::BindingCache => {}
             }
         }
 
@@ -167,6 +168,17 @@ impl Running {
                 }
                 // Applied by the process, which owns logging (main.rs).
                 Live::LogLevel => true,
+                Live::BindingCache => {
+                    if let Some(p) = self.poller.take() {
+                        p.abort();
+                    }
+                    // Settings other than the cache's own are the ones the agent started with.
+                    let mut c = live.started.clone();
+                    c.syslog.binding_cache = new.syslog.binding_cache.clone();
+                    c.syslog.default_drain_metadata = new.syslog.default_drain_metadata;
+                    self.poller = start_poller(&c, &self.ledger, &self.sequencer);
+                    true
+                }
                 Live::AggregateDrains => {
                     let mut old: Vec<Option<RunningDrain>> = std::mem::take(&mut self.drains)
                         .into_iter()
