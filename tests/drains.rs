@@ -939,3 +939,63 @@ async fn an_app_hears_of_its_drains_losses_but_not_through_the_drain_at_fault() 
     );
     assert_fan_out_balanced(&m);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_app_drain_closes_and_reopens_and_a_blocked_address_is_never_dialled() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let cache = common::https_drain::FakeHttpsDrain::start_with(&w.pki, true);
+    let drain = FakeDrain::tcp(Behaviour::Read);
+    let blocked = FakeDrain::tcp(Behaviour::Read);
+    let url = format!("syslog://{}", drain.addr());
+    // Same address, another port: the range blocks 127.0.0.2 only.
+    let blocked_url = format!("syslog://127.0.0.2:{}", blocked.addr().port());
+    let entries = [
+        binding(&url, "app-1", ""),
+        binding(&blocked_url, "app-2", ""),
+    ];
+    cache.page("/v2/bindings", &format!("[{}]", entries.join(",")));
+    cache.page("/v2/aggregate", "[]");
+    let yaml = cache_yaml(
+        &w,
+        &cache,
+        "  idle_drain_timeout_ms: 300\n  blocked_ranges: [ { start: 127.0.0.2, end: 127.0.0.2 } ]\n",
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    assert!(wait_until(WAIT, || polls(&agent, "ok") >= 1));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let open = |agent: &Agent| {
+        let text = scrape(agent.metrics_addr().unwrap());
+        metric_value(&text, "app_drains_open", &[]).unwrap_or(-1.0) as i64
+    };
+
+    send_all(&mut client, &round(&["app-1", "app-2"], "a")).await;
+    assert!(drain.wait_for(10, WAIT));
+    let refused = || {
+        agent
+            .metrics()
+            .account(&app_drain(&blocked_url))
+            .map_or(0, |a| a.dropped_by(DropReason::DrainRefused))
+    };
+    assert!(
+        wait_until(WAIT, || refused() == 10),
+        "blocked: {}",
+        refused()
+    );
+    assert_eq!(blocked.count(), 0, "never dialled");
+    assert!(wait_until(WAIT, || open(&agent) == 2), "both opened");
+
+    // Silence past the idle timeout closes both; the next envelope opens app-1's again.
+    assert!(
+        wait_until(WAIT, || open(&agent) == 0
+            && agent.metrics().account(&app_drain(&url)).is_none()),
+        "idle drains close and retire"
+    );
+    send_all(&mut client, &round(&["app-1"], "b")).await;
+    assert!(drain.wait_for(20, WAIT), "reopened: {}", drain.count());
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    assert_eq!(m.drain_egress(), 20);
+    assert_eq!(m.drain_dropped(), 10, "the blocked drain's, nothing else");
+    assert_fan_out_balanced(&m);
+}

@@ -519,7 +519,8 @@ impl SequencerActor {
     }
 
     /// Which app drains each envelope of `part` is offered to: its source's drains (opened on
-    /// its first envelope) whose filter takes it, but not the drain a notice is about.
+    /// its first envelope) whose filter takes it, but not the drain a notice is about. A notice
+    /// opens no drain and does not keep one open (it is not the app's activity).
     fn app_offers(&mut self, part: &Batch) -> AppOffers {
         let mut offers = AppOffers::default();
         let Some(apps) = &mut self.apps else {
@@ -536,7 +537,11 @@ impl SequencerActor {
         for item in part.items() {
             let source = part.bytes_of(item.source);
             if last.as_ref().is_none_or(|(s, _)| *s != source) {
-                let drains = apps.router.drains_for(source, now, &mut start);
+                let drains = if skip.is_some() {
+                    apps.router.open_for(source)
+                } else {
+                    apps.router.drains_for(source, now, &mut start)
+                };
                 let local = drains
                     .iter()
                     .filter(|d| Some(d.handle.outlet.outbox.id()) != skip)

@@ -201,6 +201,24 @@ impl<H> AppRouter<H> {
         now: Instant,
         start: &mut impl FnMut(&Arc<DrainSpec>) -> Option<H>,
     ) -> &[Started<H>] {
+        self.lookup(source, Some(now), start)
+    }
+
+    /// The drains open for `source`, opening none and leaving its idle clock alone: for the
+    /// agent's own notices, which are not the app's activity.
+    pub fn open_for(&mut self, source: &[u8]) -> &[Started<H>] {
+        self.lookup(source, None, &mut |_| None)
+    }
+
+    fn lookup(
+        &mut self,
+        source: &[u8],
+        seen: Option<Instant>,
+        start: &mut impl FnMut(&Arc<DrainSpec>) -> Option<H>,
+    ) -> &[Started<H>] {
+        let Some(now) = seen else {
+            return self.groups.get(source).map_or(&[], |g| &g.drains);
+        };
         if !self.groups.contains_key(source) {
             let Some(specs) = std::str::from_utf8(source)
                 .ok()
@@ -404,6 +422,12 @@ mod tests {
             .drains_for(b"app-2", t0, &mut starter(&mut started))
             .is_empty());
         assert_eq!(started.len(), 2, "opened once");
+        assert!(r.open_for(b"app-3").is_empty());
+        assert_eq!(
+            r.open_for(b"app-1").len(),
+            2,
+            "a notice sees the open drains"
+        );
         assert!(r
             .sweep(t0 + Duration::from_secs(599), &mut starter(&mut started))
             .is_empty());
