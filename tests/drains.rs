@@ -786,6 +786,13 @@ async fn app_drains_follow_the_binding_cache_and_outlive_its_outage() {
         a.count(),
         b.count()
     );
+    let (_, ready) = http_get(agent.health_addr().unwrap(), "/readyz")
+        .await
+        .unwrap();
+    assert!(
+        ready.contains(r#"{"destination":"app_drains","drains":2,"#),
+        "app drains summed in /readyz: {ready}"
+    );
     for (d, app) in [(&a, "app-1"), (&b, "app-2")] {
         for m in d.messages() {
             assert_eq!(app_and_msg(&m).0, app, "only its app's envelopes: {m}");

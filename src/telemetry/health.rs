@@ -130,7 +130,9 @@ impl Health {
             let _ = write!(b, ",\"{}\":{}", reason.name(), m.dropped_by(reason));
         }
         b.push_str("},\"destinations\":[");
-        for (i, a) in m.accounts.iter().enumerate() {
+        // App drains (as many as `syslog.max_app_drains`) are summed into one entry.
+        let is_app = |a: &&super::AccountSnapshot| matches!(&a.destination, super::Destination::Drain { scope, .. } if *scope == super::DrainScope::App);
+        for (i, a) in m.accounts.iter().filter(|a| !is_app(a)).enumerate() {
             if i > 0 {
                 b.push(',');
             }
@@ -155,6 +157,24 @@ impl Health {
                 a.egress,
                 a.dropped_total(),
                 a.buffered
+            );
+        }
+        let apps: Vec<&super::AccountSnapshot> = m.accounts.iter().filter(is_app).collect();
+        if !apps.is_empty() {
+            if apps.len() < m.accounts.len() {
+                b.push(',');
+            }
+            let sum =
+                |f: fn(&super::AccountSnapshot) -> u64| apps.iter().map(|a| f(a)).sum::<u64>();
+            let _ = write!(
+                b,
+                "{{\"destination\":\"app_drains\",\"drains\":{},\"connections\":{},                 \"offered\":{},\"egress\":{},\"dropped\":{},\"buffered\":{}}}",
+                apps.len(),
+                apps.iter().map(|a| a.connections.max(0)).sum::<i64>(),
+                sum(|a| a.offered),
+                sum(|a| a.egress),
+                sum(super::AccountSnapshot::dropped_total),
+                sum(|a| a.buffered),
             );
         }
         b.push_str("],\"reasons\":[");
