@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use metron::envelope::view::Parsed;
 use metron::proto::envelope::Message;
 use metron::proto::{Counter, Envelope, Event, Gauge, GaugeValue, Log, Timer};
-use metron::syslog::rfc5424::{format, format_encoded, Options};
+use metron::syslog::rfc5424::{format, format_encoded, Messages, Options};
 use proptest::prelude::*;
 use syslog_rfc5424::message::ProcId;
 use syslog_rfc5424::SyslogMessage;
@@ -264,10 +264,11 @@ proptest! {
         let opts = Options { hostname: "host", metadata, metron_tag };
         let mut want = Vec::new();
         let want_result = format(&decoded, &opts, &mut want);
-        let mut got = Vec::new();
+        let mut got = Messages::default();
         let mut parsed = Parsed::default();
         let got_result = format_encoded(&bytes, &mut parsed, &opts, &mut got);
         prop_assert_eq!(got_result, want_result);
+        let got: Vec<Vec<u8>> = got.iter().map(<[u8]>::to_vec).collect();
         prop_assert_eq!(got, want);
     }
 }

@@ -31,7 +31,7 @@ use crate::envelope::view::Parsed;
 use crate::routing::backoff;
 use crate::syslog::drain::DrainUrl;
 use crate::syslog::https::{HttpsTarget, HttpsWriter, BATCH_BYTES, BATCH_WAIT};
-use crate::syslog::rfc5424::{self, Options, MAX_MESSAGE_BYTES};
+use crate::syslog::rfc5424::{self, Messages, Options, MAX_MESSAGE_BYTES};
 use crate::syslog::writer::{SyslogWriter, WriteError, WriterSettings};
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
@@ -305,32 +305,34 @@ impl Writer {
         matches!(self, Writer::Https(_, true))
     }
 
-    /// Writes `frames[*from..]`, moving `from` past what the drain took (all or nothing on a
+    /// Writes messages `*from..`, moving `from` past what the drain took (all or nothing on a
     /// syslog connection; request by request over HTTPS, so a retry sends no message twice
     /// that a drain acknowledged).
-    async fn write(&mut self, frames: &[Vec<u8>], from: &mut usize) -> Result<(), WriteError> {
+    async fn write(&mut self, messages: &Messages, from: &mut usize) -> Result<(), WriteError> {
         match self {
             Writer::Syslog(w) => {
-                w.write(&frames[*from..]).await?;
-                *from = frames.len();
+                w.write((*from..messages.len()).map(|i| messages.get(i)))
+                    .await?;
+                *from = messages.len();
             }
             Writer::Https(w, false) => {
-                while *from < frames.len() {
-                    w.post(Bytes::copy_from_slice(&frames[*from])).await?;
+                while *from < messages.len() {
+                    w.post(Bytes::copy_from_slice(messages.get(*from))).await?;
                     *from += 1;
                 }
             }
             Writer::Https(w, true) => {
-                while *from < frames.len() {
-                    let mut body = Vec::new();
+                while *from < messages.len() {
+                    let mut len = 0;
                     let mut end = *from;
-                    while end < frames.len()
-                        && (end == *from || body.len() + frames[end].len() <= BATCH_BYTES)
+                    while end < messages.len()
+                        && (end == *from || len + messages.get(end).len() <= BATCH_BYTES)
                     {
-                        body.extend_from_slice(&frames[end]);
+                        len += messages.get(end).len();
                         end += 1;
                     }
-                    w.post(Bytes::from(body)).await?;
+                    w.post(Bytes::copy_from_slice(messages.joined(*from, end)))
+                        .await?;
                     *from = end;
                 }
             }
@@ -346,12 +348,11 @@ impl Writer {
     }
 }
 
-/// What the task has taken and formatted, not yet settled: the frames, and for each envelope
-/// the index one past its last frame and its budget bytes.
+/// What the task has taken and formatted, not yet settled: the messages, and for each envelope
+/// the index one past its last message and its budget bytes.
 #[derive(Default)]
 struct Pending {
-    frames: Vec<Vec<u8>>,
-    frame_bytes: usize,
+    messages: Messages,
     ends: Vec<usize>,
     costs: Vec<usize>,
     /// Envelopes already settled (delivered or dropped).
@@ -362,8 +363,7 @@ struct Pending {
 
 impl Pending {
     fn clear(&mut self) {
-        self.frames.clear();
-        self.frame_bytes = 0;
+        self.messages.clear();
         self.ends.clear();
         self.costs.clear();
         self.settled = 0;
@@ -457,7 +457,7 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::wat
         if writer.batches() {
             // https-batch: gather up to a request's worth, for at most a second.
             let until = tokio::time::Instant::now() + BATCH_WAIT;
-            while pending.frame_bytes < BATCH_BYTES {
+            while pending.messages.bytes() < BATCH_BYTES {
                 match tokio::time::timeout_at(until, outlet.outbox.take(MAX_WRITE_ENVELOPES)).await
                 {
                     Ok(Some(more)) => take_in(&setup, &held, &options, &mut pending, more),
@@ -467,9 +467,9 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::wat
         }
         let mut from = 0;
         let mut attempts = 0;
-        while from < pending.frames.len() {
+        while from < pending.messages.len() {
             attempts += 1;
-            let result = writer.write(&pending.frames, &mut from).await;
+            let result = writer.write(&pending.messages, &mut from).await;
             // What the drain took (all of it, or the requests it answered) is delivered now,
             // so an abort or a panic later cannot count it as lost.
             settle(&setup, &held, &mut pending, from, None);
@@ -567,9 +567,7 @@ fn take_in(
     let (ledger, outlet) = (&setup.ledger, &setup.outlet);
     let (n, bytes) = pending.unsettled();
     held.set(n + batch.len(), bytes + batch.bytes());
-    let before = pending.frames.len();
     let refused = format_batch(&batch, options, pending);
-    pending.frame_bytes += pending.frames[before..].iter().map(Vec::len).sum::<usize>();
     if refused.0 > 0 {
         outlet.outbox.unroute(refused.1);
         ledger.dropped_at(
@@ -588,27 +586,26 @@ fn format_batch(batch: &EncodedBatch, options: &Options, pending: &mut Pending) 
     let mut refused = (0, 0);
     for i in 0..batch.len() {
         let cost = batch.costs()[i] as usize;
-        let before = pending.frames.len();
+        let before = pending.messages.len();
         let formatted = rfc5424::format_encoded(
             batch.envelope(i),
             &mut pending.parsed,
             options,
-            &mut pending.frames,
+            &mut pending.messages,
         )
         .ok()
         // Log Cache closes the connection on a larger frame, losing what follows it.
         .filter(|()| {
-            pending.frames[before..]
-                .iter()
-                .all(|f| f.len() <= MAX_MESSAGE_BYTES)
+            (before..pending.messages.len())
+                .all(|m| pending.messages.get(m).len() <= MAX_MESSAGE_BYTES)
         });
         match formatted {
             Some(()) => {
-                pending.ends.push(pending.frames.len());
+                pending.ends.push(pending.messages.len());
                 pending.costs.push(cost);
             }
             None => {
-                pending.frames.truncate(before);
+                pending.messages.truncate(before);
                 refused.0 += 1;
                 refused.1 += cost;
             }

@@ -158,17 +158,89 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Messages one after another in one buffer (unframed): what [`format_encoded`] writes, with no
+/// allocation per message once the buffers have grown.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Messages {
+    bytes: Vec<u8>,
+    /// One past each message's last byte.
+    ends: Vec<usize>,
+}
+
+impl Messages {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Message `i`.
+    pub fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    /// Messages `from..to`, back to back (how `https-batch://` posts them).
+    pub fn joined(&self, from: usize, to: usize) -> &[u8] {
+        let start = if from == 0 { 0 } else { self.ends[from - 1] };
+        let end = if to == 0 { 0 } else { self.ends[to - 1] };
+        &self.bytes[start..end]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// Bytes of every message together.
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// Keeps the first `n` messages.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.ends.len() {
+            self.ends.truncate(n);
+            self.bytes.truncate(self.ends.last().copied().unwrap_or(0));
+        }
+    }
+
+    /// Ends the message being written.
+    fn end(&mut self) {
+        self.ends.push(self.bytes.len());
+    }
+}
+
+/// `fmt::Write` into a byte buffer (no intermediate `String`).
+struct Bytes<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Bytes<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// Appends `env`'s messages to `out`, each without framing.
 ///
 /// # Errors
 /// When the receiver would refuse the message (see [`Unformattable`]); nothing is appended.
 pub fn format(env: &Envelope, opts: &Options, out: &mut Vec<Vec<u8>>) -> Result<(), Unformattable> {
     let fields = Fields::of(env).ok_or(Unformattable::NoMessage)?;
-    format_fields(&fields, opts, out)
+    let mut messages = Messages::default();
+    format_fields(&fields, opts, &mut messages)?;
+    out.extend(messages.iter().map(<[u8]>::to_vec));
+    Ok(())
 }
 
 /// [`format()`] for an encoded envelope, read in place with `parsed` (reused from envelope to
-/// envelope); one the in-place reader cannot take is decoded instead.
+/// envelope), onto `out`; one the in-place reader cannot take is decoded instead.
 ///
 /// # Errors
 /// As [`format()`]; also [`Unformattable::Undecodable`] for bytes that are no envelope.
@@ -176,14 +248,15 @@ pub fn format_encoded(
     envelope: &[u8],
     parsed: &mut Parsed,
     opts: &Options,
-    out: &mut Vec<Vec<u8>>,
+    out: &mut Messages,
 ) -> Result<(), Unformattable> {
     match fields_in_place(envelope, parsed) {
         Some(fields) => format_fields(&fields, opts, out),
         None => {
             use prost::Message as _;
             let env = Envelope::decode(envelope).map_err(|_| Unformattable::Undecodable)?;
-            format(&env, opts, out)
+            let fields = Fields::of(&env).ok_or(Unformattable::NoMessage)?;
+            format_fields(&fields, opts, out)
         }
     }
 }
@@ -236,110 +309,143 @@ fn fields_in_place<'a>(envelope: &'a [u8], parsed: &mut Parsed) -> Option<Fields
     })
 }
 
-/// Appends the messages of `env` to `out`, each without framing.
-fn format_fields(
-    env: &Fields,
-    opts: &Options,
-    out: &mut Vec<Vec<u8>>,
-) -> Result<(), Unformattable> {
+/// Appends the messages of `env` to `out`, each without framing; nothing when it fails.
+fn format_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), Unformattable> {
+    let (bytes, messages) = (out.bytes.len(), out.len());
+    let written = write_fields(env, opts, out);
+    if written.is_err() {
+        out.bytes.truncate(bytes);
+        out.ends.truncate(messages);
+    }
+    written
+}
+
+/// [`format_fields`], written straight into `out` (the caller takes back a failed one): the
+/// header and the tags element once, copied into each further message of a gauge.
+fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), Unformattable> {
     let message = &env.body;
     let pri = match message {
         Body::Log { r#type, .. } => match r#type {
-            0 => 14,
-            1 => 11,
+            0 => "<14>1 ",
+            1 => "<11>1 ",
             other => return Err(Unformattable::LogType(*other)),
         },
-        _ => 14,
+        _ => "<14>1 ",
     };
-    let procid = match message {
-        Body::Log { .. } => log_procid(env),
-        _ => format!("[{}]", env.instance_id),
-    };
+    let start = out.bytes.len();
+    let b = &mut out.bytes;
+    b.extend_from_slice(pri.as_bytes());
+    timestamp(env.timestamp, b);
+    // The three header fields, written, then checked as upstream checks them.
+    b.push(b' ');
+    let host = b.len();
+    write_hostname(env, opts.hostname, b);
+    let host = host..b.len();
+    b.push(b' ');
+    let app = b.len();
+    b.extend_from_slice(truncate(env.source_id, MAX_APP_NAME).as_bytes());
+    let app = app..b.len();
+    b.push(b' ');
+    let procid = b.len();
+    match message {
+        Body::Log { .. } => write_log_procid(env, b),
+        _ => {
+            b.push(b'[');
+            b.extend_from_slice(env.instance_id.as_bytes());
+            b.push(b']');
+        }
+    }
+    let procid = procid..b.len();
     if procid.len() > MAX_PROCID {
         return Err(Unformattable::ProcIdTooLong);
     }
-    let hostname = hostname(env, opts.hostname);
-    let app_name = truncate(env.source_id, MAX_APP_NAME);
-    let mut header = String::with_capacity(128);
-    let _ = write!(header, "<{pri}>1 ");
-    timestamp(env.timestamp, &mut header);
-    for (field, value) in [
-        ("HOSTNAME", hostname.as_str()),
-        ("APP-NAME", app_name),
-        ("PROCID", procid.as_str()),
-    ] {
-        if !value.bytes().all(printable) {
+    for (field, range) in [("HOSTNAME", &host), ("APP-NAME", &app), ("PROCID", &procid)] {
+        if !b[range.clone()].iter().copied().all(printable) {
             return Err(Unformattable::NotPrintable(field));
         }
-        header.push(' ');
-        header.push_str(if value.is_empty() { "-" } else { value });
     }
-    header.push_str(" - ");
-    let tags = tags_element(env, opts)?;
-    let with_sd = |element: Option<String>| {
-        let sd_len = element.as_ref().map_or(1, String::len) + tags.as_ref().map_or(0, String::len);
-        // Room for the rest too: the payload (logs) or upstream's `" \n"` (metrics).
-        let payload = match message {
-            Body::Log { payload, .. } => payload.len() + 2,
-            _ => 2,
-        };
-        let mut m = Vec::with_capacity(header.len() + sd_len + payload);
-        m.extend_from_slice(header.as_bytes());
-        match (element, &tags) {
-            (None, None) => m.push(b'-'),
-            (element, tags) => {
-                m.extend(element.iter().flat_map(|e| e.bytes()));
-                m.extend(tags.iter().flat_map(|t| t.bytes()));
-            }
+    // Empty HOSTNAME / APP-NAME: `-` (PROCID always has its brackets). Only an empty field is
+    // replaced, so the ranges after it move by at most one byte each.
+    for range in [&app, &host] {
+        if range.is_empty() {
+            b.insert(range.start, b'-');
         }
-        m
-    };
+    }
+    b.extend_from_slice(b" - ");
+    let header = start..b.len();
     match message {
         Body::Log { payload, .. } => {
-            let mut m = with_sd(None);
-            m.push(b' ');
-            m.extend(payload.iter().copied().filter(|b| *b != 0));
-            if m.last() != Some(&b'\n') {
-                m.push(b'\n');
+            match write_tags(env, opts, b)? {
+                true => {}
+                false => b.push(b'-'),
             }
-            out.push(m);
+            b.push(b' ');
+            b.extend(payload.iter().copied().filter(|c| *c != 0));
+            if b.last() != Some(&b'\n') {
+                b.push(b'\n');
+            }
+            out.end();
         }
         Body::Counter { name, delta, total } => {
-            let sd = element(
-                "counter@47450",
-                &[
-                    ("name", name),
-                    ("total", &total.to_string()),
-                    ("delta", &delta.to_string()),
-                ],
-            );
-            out.push(metric(with_sd(Some(sd))));
+            b.extend_from_slice(b"[counter@47450");
+            param(b, "name", name);
+            param_display(b, "total", total);
+            param_display(b, "delta", delta);
+            b.push(b']');
+            write_tags(env, opts, b)?;
+            b.extend_from_slice(b" \n");
+            out.end();
         }
         Body::Gauge(metrics) => {
-            for (name, value, unit) in metrics {
+            let mut tags: Option<std::ops::Range<usize>> = None;
+            for (i, (name, value, unit)) in metrics.iter().enumerate() {
+                let b = &mut out.bytes;
+                if i > 0 {
+                    b.extend_from_within(header.clone());
+                }
+                b.extend_from_slice(b"[gauge@47450");
+                param(b, "name", name);
+                b.extend_from_slice(b" value=\"");
                 let mut v = String::new();
                 format_g(*value, &mut v);
-                let sd = element(
-                    "gauge@47450",
-                    &[("name", name), ("value", &v), ("unit", unit)],
-                );
-                out.push(metric(with_sd(Some(sd))));
+                b.extend_from_slice(v.as_bytes());
+                b.push(b'"');
+                param(b, "unit", unit);
+                b.push(b']');
+                match &tags {
+                    Some(t) => b.extend_from_within(t.clone()),
+                    None => {
+                        let at = b.len();
+                        write_tags(env, opts, b)?;
+                        tags = Some(at..b.len());
+                    }
+                }
+                b.extend_from_slice(b" \n");
+                out.end();
+            }
+            if metrics.is_empty() {
+                // Nothing to send: take the header back.
+                out.bytes.truncate(start);
             }
         }
         Body::Timer { name, start, stop } => {
-            let sd = element(
-                "timer@47450",
-                &[
-                    ("name", name),
-                    ("start", &start.to_string()),
-                    ("stop", &stop.to_string()),
-                ],
-            );
-            out.push(metric(with_sd(Some(sd))));
+            b.extend_from_slice(b"[timer@47450");
+            param(b, "name", name);
+            param_display(b, "start", start);
+            param_display(b, "stop", stop);
+            b.push(b']');
+            write_tags(env, opts, b)?;
+            b.extend_from_slice(b" \n");
+            out.end();
         }
         Body::Event { title, body } => {
-            let sd = element("event@47450", &[("title", title), ("body", body)]);
-            out.push(metric(with_sd(Some(sd))));
+            b.extend_from_slice(b"[event@47450");
+            param(b, "title", title);
+            param(b, "body", body);
+            b.push(b']');
+            write_tags(env, opts, b)?;
+            b.extend_from_slice(b" \n");
+            out.end();
         }
     }
     Ok(())
@@ -350,12 +456,6 @@ pub fn frame(message: &[u8], out: &mut Vec<u8>) {
     use std::io::Write as _;
     let _ = write!(out, "{} ", message.len());
     out.extend_from_slice(message);
-}
-
-/// A metric message ends with an empty MSG and upstream's `" \n"`.
-fn metric(mut m: Vec<u8>) -> Vec<u8> {
-    m.extend_from_slice(b" \n");
-    m
 }
 
 /// Printable US-ASCII (33-126), what RFC 5424 allows in its header fields.
@@ -376,54 +476,58 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// `org.space.app` from the tags when any of the three is there, each part sanitized as a DNS
-/// label; the binding's hostname otherwise. At most 255 bytes.
-fn hostname(env: &Fields, binding: &str) -> String {
+/// HOSTNAME: `org.space.app` from the tags when any of the three is there, each part sanitized
+/// as a DNS label; the binding's hostname otherwise. At most 255 bytes.
+fn write_hostname(env: &Fields, binding: &str, out: &mut Vec<u8>) {
     let part = |key: &str| env.tag(key);
     let (org, space, app) = (
         part("organization_name"),
         part("space_name"),
         part("app_name"),
     );
-    let name = if org.is_some() || space.is_some() || app.is_some() {
-        let label = |s: Option<&str>| {
-            let mut l = label(s.unwrap_or(""));
-            l.truncate(MAX_LABEL);
-            l
-        };
-        format!("{}.{}.{}", label(org), label(space), label(app))
-    } else {
-        binding.to_string()
-    };
-    truncate(&name, MAX_HOSTNAME).to_string()
+    if org.is_none() && space.is_none() && app.is_none() {
+        out.extend_from_slice(truncate(binding, MAX_HOSTNAME).as_bytes());
+        return;
+    }
+    let start = out.len();
+    for (i, p) in [org, space, app].into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        let at = out.len();
+        sanitize(
+            p.unwrap_or(""),
+            |c| c == '-' || c.is_ascii_alphanumeric(),
+            out,
+        );
+        // ASCII only: a byte cut is a character cut.
+        out.truncate(at + (out.len() - at).min(MAX_LABEL));
+    }
+    out.truncate(start + (out.len() - start).min(MAX_HOSTNAME));
 }
 
-/// Upstream's hostname sanitizing: runs of whitespace become `-`, anything outside
-/// `[-a-zA-Z0-9]` goes, trailing dashes go.
-fn label(s: &str) -> String {
-    sanitize(s, |c| c == '-' || c.is_ascii_alphanumeric())
-}
-
-/// Upstream's sanitizing: runs of whitespace (Go regexp's `\s`) become `-`, characters `keep`
-/// refuses go, trailing dashes go.
-fn sanitize(s: &str, keep: impl Fn(char) -> bool) -> String {
-    let mut out = String::with_capacity(s.len());
+/// Upstream's sanitizing, appended to `out`: runs of whitespace (Go regexp's `\s`) become `-`,
+/// characters `keep` refuses go, trailing dashes go.
+fn sanitize(s: &str, keep: impl Fn(char) -> bool, out: &mut Vec<u8>) {
+    let start = out.len();
     let mut in_space = false;
+    let mut utf8 = [0; 4];
     for c in s.chars() {
         if go_space(c) {
             if !in_space {
-                out.push('-');
+                out.push(b'-');
             }
             in_space = true;
             continue;
         }
         in_space = false;
         if keep(c) {
-            out.push(c);
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
         }
     }
-    out.truncate(out.trim_end_matches('-').len());
-    out
+    while out.len() > start && out.last() == Some(&b'-') {
+        out.pop();
+    }
 }
 
 /// Go regexp's `\s`: ASCII space, tab, newline, form feed, carriage return.
@@ -433,57 +537,63 @@ fn go_space(c: char) -> bool {
 
 /// A log's PROCID: `[SOURCE_TYPE/instance]`, the source type sanitized (what is not printable
 /// US-ASCII goes) and upper-cased, both cut as upstream cuts them to fit 128 bytes.
-fn log_procid(env: &Fields) -> String {
+fn write_log_procid(env: &Fields, out: &mut Vec<u8>) {
     let raw = env.tag("source_type").unwrap_or("");
-    let mut source_type = sanitize(raw, |c| c.is_ascii_graphic());
-    source_type.make_ascii_uppercase();
+    out.push(b'[');
+    let at = out.len();
+    sanitize(raw, |c| c.is_ascii_graphic(), out);
+    out[at..].make_ascii_uppercase();
+    // Printable ASCII only from here: byte cuts are character cuts.
+    let source_type = out.len() - at;
     let mut instance = env.instance_id;
     let mut max = MAX_PROCID - 2;
     if instance.is_empty() {
-        source_type.truncate(max);
-        return format!("[{source_type}]");
+        out.truncate(at + source_type.min(max));
+        out.push(b']');
+        return;
     }
     max -= 1;
-    if instance.len() + source_type.len() > max {
+    if instance.len() + source_type > max {
         instance = truncate(instance, MAX_SOURCE_INSTANCE);
     }
-    if instance.len() + source_type.len() > max {
-        source_type.truncate(max.saturating_sub(instance.len()));
+    if instance.len() + source_type > max {
+        out.truncate(at + source_type.min(max.saturating_sub(instance.len())));
     }
-    format!("[{source_type}/{instance}]")
+    out.push(b'/');
+    out.extend_from_slice(instance.as_bytes());
+    out.push(b']');
 }
 
-/// `[ID name="value" …]`, values escaped.
-fn element(id: &str, params: &[(&str, &str)]) -> String {
-    let mut sd = String::with_capacity(64);
-    sd.push('[');
-    sd.push_str(id);
-    for (name, value) in params {
-        param(&mut sd, name, value);
-    }
-    sd.push(']');
-    sd
-}
-
-fn param(sd: &mut String, name: &str, value: &str) {
-    sd.push(' ');
-    sd.push_str(name);
-    sd.push_str("=\"");
-    for c in value.chars() {
-        if matches!(c, '\\' | '"' | ']') {
-            sd.push('\\');
+/// ` name="value"`, the value escaped.
+fn param(sd: &mut Vec<u8>, name: &str, value: &str) {
+    sd.push(b' ');
+    sd.extend_from_slice(name.as_bytes());
+    sd.extend_from_slice(b"=\"");
+    for &c in value.as_bytes() {
+        if matches!(c, b'\\' | b'"' | b']') {
+            sd.push(b'\\');
         }
         sd.push(c);
     }
-    sd.push('"');
+    sd.push(b'"');
 }
 
-/// `[tags@47450 k="v" …]` in key order, or nothing (no tags, metadata off).
-fn tags_element(env: &Fields, opts: &Options) -> Result<Option<String>, Unformattable> {
+/// ` name="value"` for a number.
+fn param_display(sd: &mut Vec<u8>, name: &str, value: &impl std::fmt::Display) {
+    sd.push(b' ');
+    sd.extend_from_slice(name.as_bytes());
+    sd.extend_from_slice(b"=\"");
+    let _ = write!(Bytes(sd), "{value}");
+    sd.push(b'"');
+}
+
+/// `[tags@47450 k="v" …]` in key order, appended; false when there is none (no tags, metadata
+/// off).
+fn write_tags(env: &Fields, opts: &Options, out: &mut Vec<u8>) -> Result<bool, Unformattable> {
     if !opts.metadata {
-        return Ok(None);
+        return Ok(false);
     }
-    let mut sd = String::new();
+    let mut any = false;
     for (k, v) in &env.tags {
         if *k == TAG && !opts.metron_tag {
             continue;
@@ -495,23 +605,24 @@ fn tags_element(env: &Fields, opts: &Options) -> Result<Option<String>, Unformat
         {
             return Err(Unformattable::TagKey(k.to_string()));
         }
-        if sd.is_empty() {
-            sd.push('[');
-            sd.push_str(TAGS_ID);
+        if !any {
+            out.push(b'[');
+            out.extend_from_slice(TAGS_ID.as_bytes());
+            any = true;
         }
-        param(&mut sd, k, v);
+        param(out, k, v);
     }
-    if sd.is_empty() {
-        return Ok(None);
+    if any {
+        out.push(b']');
     }
-    sd.push(']');
-    Ok(Some(sd))
+    Ok(any)
 }
 
 /// Go's `time.Unix(0, ns).UTC().Format("2006-01-02T15:04:05.999999-07:00")`: microseconds
 /// (truncated) without trailing zeros, no fraction at all when they are zero, `+00:00`.
-fn timestamp(ns: i64, out: &mut String) {
-    let _ = write_date_time(out, ns.div_euclid(1_000_000_000));
+fn timestamp(ns: i64, out: &mut Vec<u8>) {
+    let mut w = Bytes(out);
+    let _ = write_date_time(&mut w, ns.div_euclid(1_000_000_000));
     let mut micros = ns.rem_euclid(1_000_000_000) / 1_000;
     if micros > 0 {
         let mut width = 6;
@@ -519,9 +630,9 @@ fn timestamp(ns: i64, out: &mut String) {
             micros /= 10;
             width -= 1;
         }
-        let _ = write!(out, ".{micros:0width$}");
+        let _ = write!(w, ".{micros:0width$}");
     }
-    out.push_str("+00:00");
+    out.extend_from_slice(b"+00:00");
 }
 
 #[cfg(test)]
@@ -529,9 +640,9 @@ mod tests {
     use super::*;
 
     fn ts(ns: i64) -> String {
-        let mut s = String::new();
+        let mut s = Vec::new();
         timestamp(ns, &mut s);
-        s
+        String::from_utf8(s).unwrap()
     }
 
     #[test]

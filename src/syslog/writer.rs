@@ -139,10 +139,13 @@ impl SyslogWriter {
     /// # Errors
     /// When dialling or writing fails or times out; the connection is closed then, and none of
     /// `messages` may be taken as delivered.
-    pub async fn write(&mut self, messages: &[Vec<u8>]) -> Result<(), WriteError> {
+    pub async fn write<M: AsRef<[u8]>>(
+        &mut self,
+        messages: impl IntoIterator<Item = M>,
+    ) -> Result<(), WriteError> {
         self.buf.clear();
         for m in messages {
-            frame(m, &mut self.buf);
+            frame(m.as_ref(), &mut self.buf);
         }
         let idle_limit = self.settings.idle_reconnect;
         if self
