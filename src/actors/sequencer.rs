@@ -480,6 +480,9 @@ impl SequencerActor {
             }
         }
         for ((o, &(n, bytes)), ok) in app.drains.iter().zip(&app_offer).zip(&app_accepted) {
+            if n == 0 {
+                continue;
+            }
             self.ledger.offer(&o.account, n, bytes);
             if *ok {
                 o.outbox.route(bytes);
@@ -531,7 +534,7 @@ impl SequencerActor {
         let now = Instant::now();
         let layouts = part.layouts();
         let skip = part.notice_about();
-        let mut index: HashMap<usize, usize> = HashMap::new();
+        let mut index: HashMap<u64, usize> = HashMap::new();
         // Consecutive envelopes of one source (the usual case) look their drains up once.
         let mut last: Option<(&[u8], Vec<usize>)> = None;
         for item in part.items() {

@@ -117,9 +117,9 @@ pub struct Batch {
     streams: Vec<sequence::StreamId>,
     /// What the edge read of each envelope, which [`Item::layout`] indexes.
     layouts: Arc<Layouts>,
-    /// A notice about a drain (the address of its outbox): the sequencer does not route it to
-    /// that drain (decision 29).
-    notice_about: Option<usize>,
+    /// A notice about a drain (its outbox's id): the sequencer does not route it to that drain
+    /// (decision 29).
+    notice_about: Option<u64>,
 }
 
 impl Batch {
@@ -150,12 +150,12 @@ impl Batch {
     }
 
     /// The drain this batch is a notice about (see [`Batch::mark_notice`]).
-    pub fn notice_about(&self) -> Option<usize> {
+    pub fn notice_about(&self) -> Option<u64> {
         self.notice_about
     }
 
-    /// Marks the batch as a notice about the drain whose outbox is at `outbox`.
-    pub fn mark_notice(&mut self, outbox: usize) {
+    /// Marks the batch as a notice about the drain whose outbox has id `outbox`.
+    pub fn mark_notice(&mut self, outbox: u64) {
         self.notice_about = Some(outbox);
     }
 

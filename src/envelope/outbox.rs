@@ -31,14 +31,28 @@ struct Inner {
 }
 
 /// One destination's queue of signed batches.
-#[derive(Default)]
 pub struct Outbox {
+    /// Unique for the process's life (a notice names its drain by it).
+    id: u64,
     inner: Mutex<Inner>,
     /// Budget bytes offered to this destination and not yet delivered or dropped.
     routed: Routed,
     /// The app drains' total, which each app drain's bytes count in too.
     group: Option<std::sync::Arc<Routed>>,
     ready: Notify,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            inner: Mutex::default(),
+            routed: Routed::default(),
+            group: None,
+            ready: Notify::new(),
+        }
+    }
 }
 
 impl Outbox {
@@ -67,9 +81,9 @@ impl Outbox {
         }
     }
 
-    /// Its address, which a notice about its drain carries ([`crate::envelope::Batch::mark_notice`]).
-    pub fn id(&self) -> usize {
-        std::ptr::from_ref(self) as usize
+    /// Its id, which a notice about its drain carries ([`crate::envelope::Batch::mark_notice`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Budget bytes the destination holds (queued, in the mailboxes before it, or being written).

@@ -113,8 +113,8 @@ impl Edge {
     }
 
     /// [`Edge::accept`] for a notice into an application's stream about the drain whose outbox
-    /// is at `about`: every destination that takes it gets it, but that drain.
-    pub async fn accept_notice(&self, notice: Envelope, about: usize) {
+    /// has id `about`: every destination that takes it gets it, but that drain.
+    pub async fn accept_notice(&self, notice: Envelope, about: u64) {
         self.admit_decoded(vec![notice], true, Some(about)).await;
     }
 
@@ -129,7 +129,7 @@ impl Edge {
         &self,
         envelopes: Vec<Envelope>,
         count_ingress: bool,
-        notice_about: Option<usize>,
+        notice_about: Option<u64>,
     ) {
         let total = envelopes.len();
         if total == 0 {

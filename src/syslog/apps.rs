@@ -118,6 +118,12 @@ impl DrainTable {
     }
 }
 
+/// Whether two specs are the same drain: the same one of a table, or one a new answer lists
+/// again (a poller started over by a reload resolves every spec anew).
+fn is(a: &Arc<DrainSpec>, b: &Arc<DrainSpec>) -> bool {
+    Arc::ptr_eq(a, b) || a.same(b)
+}
+
 /// A drain the router started: its spec and what the starter made of it.
 pub struct Started<H> {
     pub spec: Arc<DrainSpec>,
@@ -128,7 +134,7 @@ pub struct Started<H> {
 struct Group<H> {
     drains: Vec<Started<H>>,
     /// Drains of its binding not open (the cap was reached); retried by [`AppRouter::sweep`].
-    missing: bool,
+    missing: usize,
     last_seen: Instant,
 }
 
@@ -229,7 +235,7 @@ impl<H> AppRouter<H> {
             let specs = specs.clone();
             let mut group = Group {
                 drains: Vec::new(),
-                missing: false,
+                missing: 0,
                 last_seen: now,
             };
             self.open_missing(&mut group, &specs, start);
@@ -247,14 +253,13 @@ impl<H> AppRouter<H> {
         specs: &[Arc<DrainSpec>],
         start: &mut impl FnMut(&Arc<DrainSpec>) -> Option<H>,
     ) {
-        group.missing = false;
+        let mut missing: usize = 0;
         for spec in specs {
-            if group.drains.iter().any(|d| Arc::ptr_eq(&d.spec, spec)) {
+            if group.drains.iter().any(|d| is(&d.spec, spec)) {
                 continue;
             }
             if self.open >= self.max {
-                self.refused += 1;
-                group.missing = true;
+                missing += 1;
                 continue;
             }
             if let Some(handle) = start(spec) {
@@ -265,6 +270,9 @@ impl<H> AppRouter<H> {
                 });
             }
         }
+        // Counted once per drain held back, not at every retry.
+        self.refused += missing.saturating_sub(group.missing) as u64;
+        group.missing = missing;
     }
 
     /// A new answer: returns the drains to retire (their binding went, or changed). The
@@ -287,7 +295,7 @@ impl<H> AppRouter<H> {
                 .unwrap_or_default();
             let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut group.drains)
                 .into_iter()
-                .partition(|d| specs.iter().any(|s| Arc::ptr_eq(s, &d.spec)));
+                .partition(|d| specs.iter().any(|s| is(s, &d.spec)));
             self.open -= gone.len();
             retired.extend(gone.into_iter().map(|d| d.handle));
             group.drains = keep;
@@ -297,11 +305,11 @@ impl<H> AppRouter<H> {
         self.groups = groups;
         let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.aggregate)
             .into_iter()
-            .partition(|d| self.table.aggregate.iter().any(|s| Arc::ptr_eq(s, &d.spec)));
+            .partition(|d| self.table.aggregate.iter().any(|s| is(s, &d.spec)));
         retired.extend(gone.into_iter().map(|d| d.handle));
         self.aggregate = keep;
         for spec in &self.table.aggregate {
-            if self.aggregate.iter().any(|d| Arc::ptr_eq(&d.spec, spec)) {
+            if self.aggregate.iter().any(|d| is(&d.spec, spec)) {
                 continue;
             }
             if let Some(handle) = start(spec) {
@@ -332,7 +340,7 @@ impl<H> AppRouter<H> {
             retired.extend(g.drains.drain(..).map(|d| d.handle));
             false
         });
-        for (source, group) in groups.iter_mut().filter(|(_, g)| g.missing) {
+        for (source, group) in groups.iter_mut().filter(|(_, g)| g.missing > 0) {
             let specs = std::str::from_utf8(source)
                 .ok()
                 .and_then(|s| self.table.apps.get(s))
@@ -452,7 +460,12 @@ mod tests {
         );
         r.set_table(t1.clone(), &mut starter(&mut started));
         r.drains_for(b"app-1", t0, &mut starter(&mut started));
-        let t2 = table(&[("app-1", &["syslog://b:1", "syslog://c:1"])], &t1);
+        // Resolved without the previous table (a reload started the poller over): the same
+        // drains are still recognised.
+        let t2 = table(
+            &[("app-1", &["syslog://b:1", "syslog://c:1"])],
+            &DrainTable::default(),
+        );
         let gone = r.set_table(t2.clone(), &mut starter(&mut started));
         assert_eq!(gone, ["app-1 syslog://a:1"]);
         assert_eq!(
@@ -490,7 +503,12 @@ mod tests {
         assert!(r
             .drains_for(b"app-2", later, &mut starter(&mut started))
             .is_empty());
-        assert_eq!(r.refused(), 1);
+        assert!(r.sweep(later, &mut starter(&mut started)).is_empty());
+        assert_eq!(
+            r.refused(),
+            1,
+            "one drain held back, counted once, retried every sweep"
+        );
         // app-1 goes idle: its drains close and app-2's opens in the same sweep.
         let gone = r.sweep(t0 + Duration::from_secs(10), &mut starter(&mut started));
         assert_eq!(gone.len(), 2);

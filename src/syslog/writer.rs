@@ -82,7 +82,7 @@ impl WriteError {
     pub fn is_refusal(&self) -> bool {
         match self {
             WriteError::Status(s) => (400..500).contains(s) && *s != 408 && *s != 429,
-            WriteError::Dial(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            WriteError::Dial(e) => e.get_ref().is_some_and(|inner| inner.is::<Blocked>()),
             _ => false,
         }
     }
@@ -233,12 +233,10 @@ pub(super) async fn connect(
     blocked: &BlockedRanges,
 ) -> std::io::Result<TcpStream> {
     let mut last = None;
+    let mut blocked_ip = None;
     for a in tokio::net::lookup_host(addr).await? {
         if blocked.contains(a.ip()) {
-            last = Some(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!("{} is in syslog.blocked_ranges", a.ip()),
-            ));
+            blocked_ip = Some(a.ip());
             continue;
         }
         let socket = if a.is_ipv4() {
@@ -252,5 +250,14 @@ pub(super) async fn connect(
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} resolves to no address"))))
+    // Blocked only when no address was allowed: an allowed one that failed is worth a retry.
+    Err(last.unwrap_or_else(|| match blocked_ip {
+        Some(ip) => std::io::Error::other(Blocked(ip)),
+        None => std::io::Error::other(format!("{addr} resolves to no address")),
+    }))
 }
+
+/// Every address of a drain is in `syslog.blocked_ranges`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} is in syslog.blocked_ranges")]
+pub struct Blocked(pub std::net::IpAddr);

@@ -35,6 +35,7 @@ use crate::routing::balancer::Endpoint;
 use crate::routing::discovery::{Discovery, Resolver};
 use crate::routing::Dopplers;
 use crate::syslog::apps::DrainSpec;
+use crate::syslog::bindings::BlockedRanges;
 use crate::syslog::drain::Scheme;
 use crate::syslog::https::HttpsTarget;
 use crate::syslog::poller::PollerSetup;
@@ -541,11 +542,15 @@ fn start_drain(
 ) -> Result<RunningDrain, ConfigError> {
     let (connection, outlet, _) = drain_connection(
         &c.syslog,
-        &d.url,
-        String::new(),
-        tls.as_ref().map(|t| t.config.clone()),
-        DrainScope::Aggregate,
-        Outbox::default(),
+        NewDrain {
+            url: &d.url,
+            hostname: String::new(),
+            tls: tls.as_ref().map(|t| t.config.clone()),
+            scope: DrainScope::Aggregate,
+            outbox: Outbox::default(),
+            // As upstream: the blocked ranges apply to the binding cache's drains.
+            blocked: Arc::default(),
+        },
         ledger,
     )
     .map_err(|problem| ConfigError {
@@ -563,20 +568,36 @@ fn start_drain(
     })
 }
 
-/// A drain's connection actor (not started), its outlet (with `outbox`, and an account
-/// registered under `scope`), and its count of failed connects.
+/// What makes one drain, beside the `syslog:` settings.
+struct NewDrain<'a> {
+    url: &'a crate::syslog::drain::DrainUrl,
+    /// The binding's (empty for an aggregate drain).
+    hostname: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    scope: DrainScope,
+    outbox: Outbox,
+    /// Addresses never dialled.
+    blocked: Arc<BlockedRanges>,
+}
+
+/// A drain's connection actor (not started), its outlet (with its outbox, and an account
+/// registered under its scope), and its count of failed connects.
 ///
 /// # Errors
 /// The URL's host is not a name TLS can verify (a TLS drain).
 fn drain_connection(
     s: &crate::config::SyslogConfig,
-    url: &crate::syslog::drain::DrainUrl,
-    hostname: String,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    scope: DrainScope,
-    outbox: Outbox,
+    d: NewDrain,
     ledger: &Arc<Ledger>,
 ) -> Result<(DrainConnection, Outlet, Arc<AtomicU64>), String> {
+    let NewDrain {
+        url,
+        hostname,
+        tls,
+        scope,
+        outbox,
+        blocked,
+    } = d;
     let writer_tls = match tls {
         None => None,
         Some(config) => {
@@ -585,7 +606,6 @@ fn drain_connection(
             Some((config, name))
         }
     };
-    let blocked = Arc::new(s.blocked_ranges.clone());
     let settings = WriterSettings {
         tls: writer_tls.clone(),
         dial_timeout: s.dial_timeout,
@@ -667,6 +687,7 @@ fn cache_drain_starter(
     registry: &CacheDrains,
 ) -> crate::actors::sequencer::Starter {
     let (syslog, ledger, registry) = (c.syslog.clone(), ledger.clone(), registry.clone());
+    let blocked = Arc::new(c.syslog.blocked_ranges.clone());
     let system = Arbiter::current();
     Arc::new(move |spec: &Arc<DrainSpec>, group| {
         let (scope, outbox) = match group {
@@ -675,11 +696,14 @@ fn cache_drain_starter(
         };
         let started = drain_connection(
             &syslog,
-            &spec.url,
-            spec.hostname.clone(),
-            spec.tls.clone(),
-            scope,
-            outbox,
+            NewDrain {
+                url: &spec.url,
+                hostname: spec.hostname.clone(),
+                tls: spec.tls.clone(),
+                scope,
+                outbox,
+                blocked: blocked.clone(),
+            },
             &ledger,
         );
         let (connection, outlet, connect_failures) = match started {
@@ -744,7 +768,7 @@ struct Noticed {
 /// Every second: tells each app whose drain lost envelopes, or could not connect, in its own
 /// stream, at most once per drain per [`NOTICE_INTERVAL`] each (decision 29).
 async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
-    let mut told: HashMap<usize, Noticed> = HashMap::new();
+    let mut told: HashMap<u64, Noticed> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -991,6 +1015,10 @@ impl Running {
     /// move any more. Returns whether every stream was flushed and acknowledged by a Doppler.
     pub async fn drain(self, deadline: tokio::time::Instant) -> (bool, Arbiter) {
         let _ = self.closed.send(true);
+        // No new answer from now on: the drains stay as they are while they flush.
+        if let Some(p) = &self.poller {
+            p.abort();
+        }
         self.health.set_ingress_open(false);
         // Emitter handlers see `closed` and return; give the ones mid-call a moment to finish,
         // then cut idle emitter connections (the edge is cancel-safe, so nothing is miscounted).
