@@ -3,7 +3,8 @@
 //! Emitters on a VM send envelopes over mTLS gRPC; metron tags, sequences, signs and batches them
 //! once and hands them to every destination that takes them: a pool of Dopplers over mTLS
 //! (preferring its own availability zone) and syslog drains (Log Cache's aggregate drain and
-//! others), each with its own queue, share of the budget, connections and counters.
+//! others, and each application's drains from the binding cache), each with its own queue, share
+//! of the budget, connections and counters.
 //!
 //! ## Message flow (data goes one way, left to right)
 //!
@@ -25,6 +26,9 @@
 //!                                                                             ▼ outbox per drain
 //!  syslog drains ◀──RFC 5424 over TCP/TLS, or HTTPS── DrainConnection[drain]
 //!                 (one actor per drain: format, write, retry with backoff; its own account)
+//!                        ▲ started by the sequencer on an app's first envelope
+//!  binding cache ──poller──SetDrainTable──▶ SequencerActor (app drains: syslog::apps)
+//!  notices (LGR: "N messages lost…") ──▶ Edge, like any envelope, not to the drain they are about
 //! ```
 //!
 //! * [`grpc::ingress`] — the edge. Takes `BatchSender`/`Send` messages undecoded, counts their

@@ -1,7 +1,7 @@
 //! The binding cache's client: `GET {url}/v2/bindings` and `GET {url}/v2/aggregate` over TLS
 //! (mTLS with the agent's certificate, as upstream's syslog-agent asks), one connection per
-//! poll, bounded by a timeout. What it answers is read by [`super::bindings`]. Not polled by the
-//! running agent yet: app drains are the rest of issue 21.
+//! poll, bounded by a timeout. What it answers is read by [`super::bindings`]; the agent polls
+//! it from [`super::poller`].
 
 use std::sync::Arc;
 use std::time::Duration;
