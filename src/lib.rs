@@ -98,6 +98,7 @@ pub mod envelope;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod grpc;
+pub mod limits;
 pub mod routing;
 pub mod syslog;
 pub mod telemetry;

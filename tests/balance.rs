@@ -301,7 +301,12 @@ async fn a_stuck_doppler_cannot_take_the_healthy_slots_share() {
         0,
         "the healthy slots never ran out of budget: {m:?}"
     );
-    assert!(m.dropped_by(DropReason::SlotQueueFull) > 0, "{m:?}");
+    // Shed at the stuck slots' share, or earlier at the edge by fair shedding (every source
+    // sends alike here, and the healthy slots drain: decision 30).
+    assert!(
+        m.dropped_by(DropReason::SlotQueueFull) + m.dropped_by(DropReason::FairShare) > 0,
+        "{m:?}"
+    );
 
     stuck.set_stalled(false);
     assert!(wait_until_async(WAIT, || agent.buffered().0 == 0).await);

@@ -58,6 +58,9 @@ pub enum Live {
     /// drains (unchanged ones keep their connection). Adding or removing the section needs a
     /// restart.
     BindingCache,
+    /// `limits`: the per-source rate limits, from the next batch on (each source's bucket keeps
+    /// what it holds, up to its new burst).
+    Limits,
 }
 
 impl Live {
@@ -82,6 +85,7 @@ impl Live {
             Live::ReplayMinRate => "dopplers.replay_min_rate",
             Live::AggregateDrains => "syslog.aggregate_drains",
             Live::BindingCache => "syslog.binding_cache",
+            Live::Limits => "limits",
         }
     }
 }
@@ -204,6 +208,7 @@ impl Config {
                     blocked_ranges,
                     max_app_drains,
                 },
+            limits,
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
         let mut c = Changes::default();
@@ -266,6 +271,7 @@ impl Config {
         );
         c.live(*replay_min_rate != d.replay_min_rate, Live::ReplayMinRate);
         c.restart(*disable_logs != d.disable_logs, "dopplers.disable_logs");
+        c.live(*limits != new.limits, Live::Limits);
         let s = &new.syslog;
         // The default metadata is read into every drain's URL: a change restarts the drains.
         c.live(

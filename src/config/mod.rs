@@ -15,9 +15,11 @@ use crate::envelope::pacer::ReplayRate;
 use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
 mod changes;
+pub mod limits;
 pub mod syslog;
 
 pub use changes::{Changes, Live, RESTART_SIGNING, RESTART_SIGNING_ENABLED};
+pub use limits::{Limit, LimitsConfig};
 pub use syslog::{AggregateDrain, BindingCache, SyslogConfig};
 
 pub use crate::telemetry::logging::LogFormat;
@@ -76,6 +78,8 @@ pub struct Config {
     pub development: DevelopmentConfig,
     /// Syslog drains beside the Doppler pool.
     pub syslog: SyslogConfig,
+    /// Per-source rate limits (off by default).
+    pub limits: LimitsConfig,
 }
 
 /// `log`: what the agent writes about itself.
@@ -333,6 +337,8 @@ struct RawConfig {
     development: RawDevelopment,
     #[serde(default)]
     syslog: syslog::RawSyslog,
+    #[serde(default)]
+    limits: limits::RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1270,6 +1276,7 @@ impl RawConfig {
             health,
             development,
             syslog: self.syslog.validate()?,
+            limits: self.limits.validate()?,
         })
     }
 }
@@ -1719,6 +1726,49 @@ development: { enabled: true }
             "{MINIMAL}syslog:\n  blocked_ranges: [ {{ start: 10.0.0.9, end: 10.0.0.1 }} ]\n"
         );
         assert_eq!(key(reversed), "syslog.blocked_ranges");
+    }
+
+    #[test]
+    fn limits_are_off_by_default_and_checked() {
+        assert!(!Config::from_yaml(MINIMAL).unwrap().limits.enabled());
+        let with = |l: &str| Config::from_yaml(&format!("{MINIMAL}limits: {l}\n"));
+        let c = with(
+            "{ per_source: { envelopes_per_second: 100 }, overrides: { big: { bytes_per_second: 1e6 } }, exempt: [ router ] }",
+        )
+        .unwrap();
+        let l = c.limits;
+        assert_eq!(l.limit_of("app").unwrap().envelopes_per_second, Some(100.0));
+        let big = l.limit_of("big").unwrap();
+        assert_eq!(
+            (
+                big.envelopes_per_second,
+                big.bytes_per_second,
+                big.burst_seconds
+            ),
+            (Some(100.0), Some(1e6), 1.0),
+            "an override keeps what it does not say"
+        );
+        assert!(l.limit_of("router").is_none(), "exempt");
+        let key = |l: &str| with(l).unwrap_err().key;
+        assert_eq!(
+            key("{ per_source: { envelopes_per_second: 0 } }"),
+            "limits.per_source.envelopes_per_second"
+        );
+        assert_eq!(
+            key("{ per_source: { burst_seconds: 2 } }"),
+            "limits.per_source"
+        );
+        assert_eq!(
+            key("{ overrides: { app: { bytes_per_second: -1 } } }"),
+            "limits.overrides.app.bytes_per_second"
+        );
+        assert_eq!(key("{ per_sorce: {} }"), "limits.per_sorce");
+        // Live on SIGHUP.
+        let a = Config::from_yaml(MINIMAL).unwrap();
+        let b = with("{ per_source: { envelopes_per_second: 100 } }").unwrap();
+        let changes = a.changes(&b);
+        assert_eq!(changes.live, vec![changes::Live::Limits]);
+        assert!(changes.restart.is_empty());
     }
 
     #[test]

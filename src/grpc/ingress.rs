@@ -24,8 +24,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::actors::guard::{catch, refused};
 use crate::actors::messages::IngressBatch;
 use crate::config::MAX_GRPC_MESSAGE_BYTES;
+use crate::config::{Limit, LimitsConfig};
 use crate::envelope::raw::count_batch;
 use crate::envelope::{encode_batch, read_batch, Batch, ReadError};
+use crate::limits::fair::{self, FairShed};
+use crate::limits::rate::RateLimiter;
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
 use crate::telemetry::ratelimit::RateLimit;
@@ -86,7 +89,17 @@ pub struct Edge {
     tunables: Arc<EdgeTunables>,
     /// `true` once shutdown began: new envelopes are refused.
     closed: watch::Receiver<bool>,
+    /// Fair shedding between sources while the budget is under pressure (decision 30).
+    fair: Arc<parking_lot::Mutex<FairShed>>,
+    /// Per-source rate limits (`limits:`), and whether any is configured.
+    limiter: Arc<parking_lot::Mutex<RateLimiter>>,
+    limits_on: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The most sources fair shedding tracks at once (the lightest are forgotten beyond).
+pub const FAIR_SOURCES: usize = 10_000;
+/// The most sources with a rate limit bucket at once (full buckets are forgotten first).
+pub const LIMITED_SOURCES: usize = 100_000;
 
 impl Edge {
     pub fn new(
@@ -100,7 +113,33 @@ impl Edge {
             ledger,
             tunables,
             closed,
+            fair: Arc::new(parking_lot::Mutex::new(FairShed::new(FAIR_SOURCES))),
+            limiter: Arc::new(parking_lot::Mutex::new(RateLimiter::new(
+                LimitsConfig::default(),
+                LIMITED_SOURCES,
+            ))),
+            limits_on: Arc::default(),
         }
+    }
+
+    /// The per-source rate limits from the next batch on (start-up and reloads).
+    pub fn set_limits(&self, limits: LimitsConfig) {
+        let mut l = self.limiter.lock();
+        l.set_config(limits, std::time::Instant::now());
+        self.limits_on.store(l.enabled(), Ordering::Relaxed);
+    }
+
+    /// Up to `max` sources that had envelopes refused by their rate limit since their last
+    /// notice, each with how many, and its limit.
+    pub fn rate_limited(&self, max: usize) -> Vec<(String, u64, Option<Limit>)> {
+        let mut l = self.limiter.lock();
+        l.take_pending(max)
+            .into_iter()
+            .map(|(s, n)| {
+                let limit = l.limit_of(&s);
+                (s, n, limit)
+            })
+            .collect()
     }
 
     /// Takes responsibility for `envelopes`: each is then counted in `ingress` and ends up
@@ -112,10 +151,11 @@ impl Edge {
         self.admit_decoded(envelopes, true, None).await;
     }
 
-    /// [`Edge::accept`] for a notice into an application's stream about the drain whose outbox
-    /// has id `about`: every destination that takes it gets it, but that drain.
-    pub async fn accept_notice(&self, notice: Envelope, about: u64) {
-        self.admit_decoded(vec![notice], true, Some(about)).await;
+    /// [`Edge::accept`] for a notice into an application's stream (about the drain whose outbox
+    /// has id `about`, when it is about one: every destination that takes it gets it, but that
+    /// drain). Neither rate limits nor fair shedding apply to notices.
+    pub async fn accept_notice(&self, notice: Envelope, about: Option<u64>) {
+        self.admit_decoded(vec![notice], true, about).await;
     }
 
     /// [`Edge::accept`] for envelopes converted from v1 datagrams, which were counted in
@@ -223,6 +263,18 @@ impl Edge {
             .saturating_mul(RESERVE_FACTOR)
             .saturating_add(total.saturating_mul(self.tunables.fixed_cost() as usize));
         let (wait, full) = self.wait_policy();
+        // Fair shedding (decision 30) while the budget is under pressure but the batch fits and
+        // something drains it; a batch that cannot fit is shed whole from its framing, unread.
+        let pressure = self.ledger.pressure();
+        self.fair
+            .lock()
+            .measure(self.ledger.freed(), std::time::Instant::now());
+        if pressure >= fair::TRACK_FROM
+            && full != DropReason::NoDoppler
+            && self.ledger.free_bytes() >= estimate
+        {
+            return self.accept_fairly(raw, pressure).await;
+        }
         let reserved = self.ledger.reserve(estimate, wait).await;
         // From here on no `.await`: decision and counts land together.
         let Some(reserved) = reserved else {
@@ -238,8 +290,10 @@ impl Edge {
                 return Err(Status::internal(e.to_string()));
             }
         };
+        let (batch, limited) = self.limit(batch);
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
+        self.ledger.refused(DropReason::SourceRateLimited, limited);
         let (n, bytes) = (batch.len(), batch.bytes());
         if !self.ledger.settle(reserved, n, bytes) {
             self.ledger.refused(full, n);
@@ -247,6 +301,60 @@ impl Edge {
         }
         self.hand_over(batch);
         Ok(())
+    }
+
+    /// [`Edge::accept_encoded`] while the budget is under pressure: reads the batch first (the
+    /// source ids, in place), leaves out the envelopes of sources over their fair share
+    /// (`fair_share`), then admits the rest as [`Edge::accept`] does.
+    async fn accept_fairly(&self, raw: RawBatch, pressure: f64) -> Result<(), Status> {
+        let total = raw.count;
+        let (batch, oversize) = self
+            .price(raw.body)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (batch, limited) = self.limit(batch);
+        let (batch, shed) = self.shed_unfairly(batch, pressure);
+        let (n, bytes) = (batch.len(), batch.bytes());
+        let (wait, full) = self.wait_policy();
+        let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
+        // From here on no `.await`: decision and counts land together.
+        let metrics = self.ledger.metrics();
+        metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
+        self.ledger.refused(DropReason::Oversize, oversize);
+        self.ledger.refused(DropReason::SourceRateLimited, limited);
+        self.ledger.refused(DropReason::FairShare, shed);
+        if !admitted {
+            self.ledger.refused(full, n);
+            return Ok(());
+        }
+        self.hand_over(batch);
+        Ok(())
+    }
+
+    /// `batch` without the envelopes fair shedding refuses, and how many it refused.
+    fn shed_unfairly(&self, batch: Batch, pressure: f64) -> (Batch, usize) {
+        let budget = self.ledger.max_bytes();
+        let freed = self.ledger.freed();
+        filter(batch, |offers, keep| {
+            self.fair.lock().decide(
+                offers,
+                (pressure, budget),
+                freed,
+                std::time::Instant::now(),
+                keep,
+            )
+        })
+    }
+
+    /// `batch` without the envelopes over their source's rate limit, and how many those were.
+    fn limit(&self, batch: Batch) -> (Batch, usize) {
+        if !self.limits_on.load(Ordering::Relaxed) {
+            return (batch, 0);
+        }
+        filter(batch, |offers, keep| {
+            self.limiter
+                .lock()
+                .decide(offers, std::time::Instant::now(), keep)
+        })
     }
 
     /// Reads and prices each envelope without decoding it; those too large for any Doppler are
@@ -278,6 +386,35 @@ impl Edge {
             self.ledger.dropped(reason, n, bytes);
         }
     }
+}
+
+/// `batch` with only the envelopes `decide` keeps (it fills `keep`, one flag per envelope, and
+/// returns how many it refused), and that count.
+fn filter(
+    batch: Batch,
+    decide: impl FnOnce(&[fair::Offer], &mut Vec<bool>) -> usize,
+) -> (Batch, usize) {
+    let offers: Vec<fair::Offer> = batch
+        .items()
+        .iter()
+        .map(|i| fair::Offer {
+            source: batch.bytes_of(i.source),
+            bytes: i.cost as usize,
+        })
+        .collect();
+    let mut keep = Vec::with_capacity(offers.len());
+    let refused = decide(&offers, &mut keep);
+    drop(offers);
+    if refused == 0 {
+        return (batch, 0);
+    }
+    let mut kept = batch.part();
+    for (item, k) in batch.items().iter().zip(&keep) {
+        if *k {
+            kept.push(*item);
+        }
+    }
+    (kept, refused)
 }
 
 /// An `EnvelopeBatch` as it arrived: its bytes, and how many envelopes its framing holds.

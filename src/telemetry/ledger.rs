@@ -36,6 +36,10 @@ pub struct Ledger {
     /// from what is released before any permit is given back.
     debt: AtomicUsize,
     in_flight: AtomicU64,
+    /// See [`Ledger::freed`].
+    freed: AtomicU64,
+    /// Budget bytes the destinations other than the Doppler pool hold (see [`Ledger::pressure`]).
+    beside_doppler: std::sync::atomic::AtomicI64,
     /// Woken whenever envelopes leave, for the shutdown drain.
     released: Notify,
 }
@@ -51,6 +55,8 @@ impl Ledger {
             max_bytes: AtomicUsize::new(max_bytes),
             debt: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            beside_doppler: std::sync::atomic::AtomicI64::new(0),
             released: Notify::new(),
         }
     }
@@ -173,7 +179,19 @@ impl Ledger {
         }
     }
 
+    /// Budget bytes of envelopes that left so far (delivered or dropped): how fast the pipeline
+    /// drains, for fair shedding.
+    pub fn freed(&self) -> u64 {
+        self.freed.load(Ordering::Relaxed)
+    }
+
+    /// Budget bytes free now.
+    pub fn free_bytes(&self) -> usize {
+        self.budget.available_permits()
+    }
+
     fn release(&self, n: usize, bytes: usize) {
+        self.freed.fetch_add(bytes as u64, Ordering::Relaxed);
         let prev = self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
         debug_assert!(prev >= n as u64, "released more envelopes than admitted");
         self.give_back(bytes);
@@ -218,11 +236,29 @@ impl Ledger {
     /// `n` envelopes costing `bytes` offered to `to`: from now on its account settles them.
     pub fn offer(&self, to: &Account, n: usize, bytes: usize) {
         to.offer(n, bytes);
+        self.beside(to, bytes as i64);
+    }
+
+    /// Counts `bytes` more (or fewer) held by `at`, when it is not the Doppler pool.
+    fn beside(&self, at: &Account, bytes: i64) {
+        if !at.is_doppler() {
+            self.beside_doppler.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// The share of the budget held by everything but the drains (the pipeline's mailboxes and
+    /// the Doppler pool): the pressure fair shedding answers (decision 30). A drain over its
+    /// share sheds its own envelopes; it must not make the edge shed anyone's.
+    pub fn pressure(&self) -> f64 {
+        let beside = self.beside_doppler.load(Ordering::Relaxed).max(0) as u64;
+        let held = self.buffered().1.saturating_sub(beside);
+        held as f64 / self.max_bytes().max(1) as f64
     }
 
     /// What `at` holds changed size (its envelopes were encoded after they were priced).
     pub fn resize_at(&self, at: &Account, grow: usize, shrink: usize) {
         at.resize(grow, shrink);
+        self.beside(at, grow as i64 - shrink as i64);
         if grow > 0 {
             self.grow(grow);
         }
@@ -234,6 +270,7 @@ impl Ledger {
     /// Envelopes `at` delivered (a Doppler acknowledged them; written to a drain's connection).
     pub fn delivered_at(&self, at: &Account, n: usize, bytes: usize) {
         at.delivered(n, bytes);
+        self.beside(at, -(bytes as i64));
         if at.is_doppler() {
             self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
         }
@@ -244,6 +281,7 @@ impl Ledger {
     /// series too, as upstream's classic agent counts them.
     pub fn dropped_at(&self, at: &Account, reason: DropReason, n: usize, bytes: usize) {
         at.dropped(reason, n, bytes);
+        self.beside(at, -(bytes as i64));
         if at.is_doppler() {
             self.metrics.dropped(reason, n as u64);
         }

@@ -71,10 +71,16 @@ pub enum DropReason {
     DrainWriteFailed,
     /// An HTTPS drain refused them for good (a 4xx answer other than 408 and 429): not retried.
     DrainRefused,
+    /// Fair shedding (decision 30): the budget was under pressure and their source was sending
+    /// more than its fair share of what the pipeline drains; refused at the edge, before any
+    /// work, so the sources within their share lose nothing.
+    FairShare,
+    /// Over its source's rate limit (`limits.per_source` / `limits.overrides`).
+    SourceRateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -96,6 +102,8 @@ impl DropReason {
         DropReason::DrainRemoved,
         DropReason::DrainWriteFailed,
         DropReason::DrainRefused,
+        DropReason::FairShare,
+        DropReason::SourceRateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -121,6 +129,8 @@ impl DropReason {
             DropReason::DrainRemoved => "drain_removed",
             DropReason::DrainWriteFailed => "drain_write_failed",
             DropReason::DrainRefused => "drain_refused",
+            DropReason::FairShare => "fair_share",
+            DropReason::SourceRateLimited => "source_rate_limited",
         }
     }
 
@@ -137,7 +147,9 @@ impl DropReason {
             | DropReason::V1MissingField
             | DropReason::V1MissingEvent
             | DropReason::V1UnknownEventType
-            | DropReason::ActorPanic => "ingress",
+            | DropReason::ActorPanic
+            | DropReason::FairShare
+            | DropReason::SourceRateLimited => "ingress",
             DropReason::NoDoppler
             | DropReason::DrainQueueFull
             | DropReason::Unformattable

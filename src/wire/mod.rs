@@ -81,6 +81,8 @@ pub struct Running {
     cache_drains: CacheDrains,
     /// The binding cache poller (`syslog.binding_cache`).
     poller: Option<JoinHandle<()>>,
+    /// The edge, for the rate limits a reload changes.
+    edge: Edge,
     queues: Vec<Arc<EgressQueue>>,
     closed: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -432,6 +434,12 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         )));
     }
 
+    edge.set_limits(c.limits.clone());
+    background.push(tokio::spawn(send_rate_limit_notices(
+        edge.clone(),
+        ledger.clone(),
+    )));
+
     let live = LiveState {
         started: p.config.clone(),
         current: p.config.clone(),
@@ -449,6 +457,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         retiring: Vec::new(),
         cache_drains,
         poller,
+        edge,
         queues: queue_handles,
         closed,
         server,
@@ -813,8 +822,37 @@ async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
             }
             for text in notices {
                 ledger.metrics().app_notices.fetch_add(1, Ordering::Relaxed);
-                edge.accept_notice(notice(&d.app_id, text), id).await;
+                edge.accept_notice(notice(&d.app_id, text), Some(id)).await;
             }
+        }
+    }
+}
+
+/// The most sources told of their rate limit per second (the rest are told a second later).
+const RATE_NOTICES_PER_TICK: usize = 1_000;
+
+/// Every second: tells each source whose envelopes its rate limit refused since, in its own
+/// stream (at most one notice per source per second).
+async fn send_rate_limit_notices(edge: Edge, ledger: Arc<Ledger>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for (source, n, limit) in edge.rate_limited(RATE_NOTICES_PER_TICK) {
+            let limit = limit.map_or_else(String::new, |l| {
+                let mut parts = Vec::new();
+                if let Some(e) = l.envelopes_per_second {
+                    parts.push(format!("{e} envelopes/s"));
+                }
+                if let Some(b) = l.bytes_per_second {
+                    parts.push(format!("{b} bytes/s"));
+                }
+                format!(" of {}", parts.join(" and "))
+            });
+            let text = format!(
+                "{n} envelopes from source {source} dropped by the agent: over its rate limit{limit}"
+            );
+            ledger.metrics().app_notices.fetch_add(1, Ordering::Relaxed);
+            edge.accept_notice(notice(&source, text), None).await;
         }
     }
 }

@@ -90,7 +90,8 @@ impl Running {
                 | Live::ReplayExtra
                 | Live::ReplayMinRate
                 | Live::AggregateDrains
-                | Live::BindingCache => {}
+                | Live::BindingCache
+                | Live::Limits => {}
             }
         }
 
@@ -168,6 +169,10 @@ impl Running {
                 }
                 // Applied by the process, which owns logging (main.rs).
                 Live::LogLevel => true,
+                Live::Limits => {
+                    self.edge.set_limits(new.limits.clone());
+                    true
+                }
                 Live::BindingCache => {
                     if let Some(p) = self.poller.take() {
                         p.abort();

@@ -54,6 +54,28 @@ struct Store {
     refusing: std::sync::atomic::AtomicBool,
     /// Mirrors the counters of `state` for async waiters, who must not block on `changed`.
     counts: watch::Sender<Counts>,
+    /// Envelopes a second this Doppler takes, all streams together (0: as fast as it can), and
+    /// when it may take the next batch.
+    rate: std::sync::atomic::AtomicU64,
+    next_batch: Mutex<Instant>,
+}
+
+impl Store {
+    /// Waits until the Doppler may take more after a batch of `n` (see
+    /// [`FakeDoppler::set_rate`]): it reads nothing meanwhile, so flow control pushes back.
+    async fn pace(&self, n: usize) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let until = {
+            let mut next = self.next_batch.lock();
+            let start = (*next).max(Instant::now());
+            *next = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            *next
+        };
+        tokio::time::sleep_until(until.into()).await;
+    }
 }
 
 /// The counters of a `FakeDoppler`, as one consistent snapshot.
@@ -175,10 +197,14 @@ impl Ingress for Recorder {
         loop {
             self.unstalled(&mut stalled).await;
             match stream.message().await? {
-                Some(batch) => self.store.update(|s| {
-                    s.batches += 1;
-                    s.record(started, batch.batch);
-                }),
+                Some(batch) => {
+                    let n = batch.batch.len();
+                    self.store.update(|s| {
+                        s.batches += 1;
+                        s.record(started, batch.batch);
+                    });
+                    self.store.pace(n).await;
+                }
                 // As an upstream Doppler answers a stream the sender ended: its handler returns
                 // the `io.EOF` from `Recv`, which gRPC-Go sends as `Unknown: EOF`.
                 None => return Err(Status::unknown("EOF")),
@@ -244,6 +270,8 @@ impl FakeDoppler {
                 changed: Condvar::new(),
                 stalled,
                 refusing: std::sync::atomic::AtomicBool::new(false),
+                rate: std::sync::atomic::AtomicU64::new(0),
+                next_batch: Mutex::new(Instant::now()),
                 counts,
             }),
             cert_pem: cert.cert_pem,
@@ -356,6 +384,12 @@ impl FakeDoppler {
     /// a Doppler that passes a dial and fails every stream.
     pub fn set_refusing(&self, refusing: bool) {
         self.store.refusing.store(refusing, Ordering::Release);
+    }
+
+    /// Takes at most `per_second` envelopes a second from now on, all streams together (a slow
+    /// Doppler); 0 lifts the cap.
+    pub fn set_rate(&self, per_second: u64) {
+        self.store.rate.store(per_second, Ordering::Relaxed);
     }
 
     /// From now on, models a subscriber's bounded buffer behind this Doppler

@@ -1,0 +1,300 @@
+//! Fair shedding (decision 30): when the budget is under pressure, the edge refuses new
+//! envelopes from the sources sending more than their fair share of what the pipeline drains,
+//! before any work is spent on them, and admits the others. Plain logic: the edge feeds it what
+//! it read of each batch (source ids in place) and the ledger's readings.
+//!
+//! - Each tracked source has two rates, exponentially weighted over [`TAU`]: what it *offered*
+//!   (every envelope the edge read) and what was *admitted*.
+//! - The pipeline's capacity is the rate at which budget bytes leave it (delivered or dropped).
+//!   Below [`MIN_CAPACITY`] of the budget a second nothing drains (a stalled or absent
+//!   destination): no share of nothing is fair, so nobody is shed by this policy, and the whole
+//!   budget serves to ride the outage out.
+//! - The fair share `f` is the max-min water level: `Σ min(offered_i, f) = capacity`.
+//! - While the budget holds at least [`SHED_FROM`] of itself, an envelope whose source offers
+//!   no more than `f` is always admitted (by this policy: the budget may still be full); one
+//!   whose source offers more is admitted only while the source's admitted rate is below its
+//!   allowance: `f` scaled down as the budget fills from [`SHED_FROM`] to [`SHED_ALL`], so what
+//!   heavy sources are admitted never fills the budget and there is always room for the light
+//!   ones.
+//!
+//! Below [`TRACK_FROM`] nothing is read or tracked (no cost while the pipeline is easy).
+//! The table holds at most `max_sources` sources; when full, the ones offering least are
+//! forgotten first (a forgotten source starts again from nothing, which only favours it).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Rates are averaged over this long.
+pub const TAU: Duration = Duration::from_secs(1);
+/// From this share of the budget held, sources are tracked.
+pub const TRACK_FROM: f64 = 0.25;
+/// From this share, sources above their fair share are shed.
+pub const SHED_FROM: f64 = 0.5;
+/// At this share, sources above their fair share get nothing.
+pub const SHED_ALL: f64 = 0.9;
+/// The least capacity, as a share of the budget a second, at which sources are shed.
+pub const MIN_CAPACITY: f64 = 0.01;
+/// How often the fair share is computed again.
+const LEVEL_EVERY: Duration = Duration::from_millis(50);
+
+/// An exponentially weighted rate, bytes per second.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    value: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn new(at: Instant) -> Self {
+        Self { value: 0.0, at }
+    }
+
+    /// The rate decayed to `now`.
+    fn at(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.value * (-dt / TAU.as_secs_f64()).exp()
+    }
+
+    fn add(&mut self, now: Instant, bytes: usize) {
+        self.value = self.at(now) + bytes as f64 / TAU.as_secs_f64();
+        self.at = now;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    offered: Rate,
+    admitted: Rate,
+}
+
+/// One envelope of a batch as the policy sees it.
+pub struct Offer<'a> {
+    pub source: &'a [u8],
+    pub bytes: usize,
+}
+
+/// The fair shedding table. See the module docs.
+pub struct FairShed {
+    sources: HashMap<Box<[u8]>, Source>,
+    max_sources: usize,
+    /// The pipeline's capacity, bytes/s, and the `freed` reading it was last updated from.
+    capacity: Rate,
+    freed: Option<(u64, Instant)>,
+    /// The fair share in force (bytes/s; infinite: nobody is shed), what a source above it may
+    /// have admitted, and when they were computed.
+    level: f64,
+    allowance: f64,
+    level_at: Option<Instant>,
+}
+
+impl FairShed {
+    pub fn new(max_sources: usize) -> Self {
+        Self {
+            sources: HashMap::new(),
+            max_sources: max_sources.max(1),
+            capacity: Rate::new(Instant::now()),
+            freed: None,
+            level: f64::INFINITY,
+            allowance: f64::INFINITY,
+            level_at: None,
+        }
+    }
+
+    /// Sources tracked now.
+    pub fn tracked(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The fair share in force, bytes/s (`None`: nobody is shed).
+    pub fn level(&self) -> Option<f64> {
+        self.level.is_finite().then_some(self.level)
+    }
+
+    /// Decides for each of `offers` (in order) whether it is admitted, given the budget's
+    /// `occupancy` (0.0-1.0) and the ledger's `freed` bytes so far, at `now`. `keep[i]` says
+    /// whether offer `i` is; the count refused is returned.
+    pub fn decide(
+        &mut self,
+        offers: &[Offer],
+        (occupancy, budget): (f64, usize),
+        freed: u64,
+        now: Instant,
+        keep: &mut Vec<bool>,
+    ) -> usize {
+        keep.clear();
+        self.measure(freed, now);
+        if occupancy < TRACK_FROM {
+            keep.resize(offers.len(), true);
+            return 0;
+        }
+        for o in offers {
+            self.entry(o.source, now).offered.add(now, o.bytes);
+        }
+        if self
+            .level_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LEVEL_EVERY)
+        {
+            let mut demands: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
+            self.level = water_level(&mut demands, self.capacity.at(now));
+            let scale = ((SHED_ALL - occupancy) / (SHED_ALL - SHED_FROM)).clamp(0.0, 1.0);
+            self.allowance = self.level * scale;
+            self.level_at = Some(now);
+        }
+        let shedding =
+            occupancy >= SHED_FROM && self.capacity.at(now) >= MIN_CAPACITY * budget as f64;
+        let mut refused = 0;
+        for o in offers {
+            let (level, allowance) = (self.level, self.allowance);
+            let s = self.entry(o.source, now);
+            let admit = !shedding || s.offered.at(now) <= level || s.admitted.at(now) < allowance;
+            if admit {
+                s.admitted.add(now, o.bytes);
+            } else {
+                refused += 1;
+            }
+            keep.push(admit);
+        }
+        refused
+    }
+
+    /// Updates the capacity from the ledger's `freed` reading (cheap: at most one sample per
+    /// 50 ms; the edge calls it for every batch, so the estimate is warm when pressure comes).
+    pub fn measure(&mut self, freed: u64, now: Instant) {
+        match self.freed {
+            None => self.freed = Some((freed, now)),
+            Some((before, at)) if now.saturating_duration_since(at) >= LEVEL_EVERY => {
+                let bytes = freed.saturating_sub(before) as usize;
+                self.capacity.add(now, bytes);
+                self.freed = Some((freed, now));
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn entry(&mut self, source: &[u8], now: Instant) -> &mut Source {
+        if !self.sources.contains_key(source) && self.sources.len() >= self.max_sources {
+            self.forget_lightest(now);
+        }
+        self.sources.entry(source.into()).or_insert(Source {
+            offered: Rate::new(now),
+            admitted: Rate::new(now),
+        })
+    }
+
+    /// Forgets the tenth of the sources offering least (at least one).
+    fn forget_lightest(&mut self, now: Instant) {
+        let mut rates: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
+        let k = (rates.len() / 10).max(1).min(rates.len() - 1);
+        let (_, cut, _) = rates.select_nth_unstable_by(k, f64::total_cmp);
+        let cut = *cut;
+        let mut left = k;
+        self.sources.retain(|_, s| {
+            if left > 0 && s.offered.at(now) <= cut {
+                left -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// The max-min fair share of `capacity` between `demands`: the level `f` with
+/// `Σ min(d, f) == capacity`, infinite when every demand fits.
+pub fn water_level(demands: &mut [f64], capacity: f64) -> f64 {
+    demands.sort_by(f64::total_cmp);
+    let mut left = capacity.max(0.0);
+    let n = demands.len();
+    for (i, d) in demands.iter().enumerate() {
+        let share = left / (n - i) as f64;
+        if *d > share {
+            return share;
+        }
+        left -= d;
+    }
+    f64::INFINITY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_water_level_serves_the_small_demands_whole() {
+        assert_eq!(water_level(&mut [1.0, 2.0, 100.0], 13.0), 10.0);
+        assert_eq!(water_level(&mut [1.0, 2.0, 3.0], 13.0), f64::INFINITY);
+        assert_eq!(water_level(&mut [50.0, 50.0], 10.0), 5.0);
+        assert_eq!(water_level(&mut [], 10.0), f64::INFINITY);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Max-min fairness: at the level, the demands served whole and the rest capped at it
+        /// add up to the capacity exactly; no demand at or under the level is cut while one
+        /// above it gets more than the level.
+        #[test]
+        fn the_level_is_max_min_fair(mut demands in prop::collection::vec(0.0f64..1e6, 1..50),
+                                     capacity in 0.0f64..2e7) {
+            let level = water_level(&mut demands.clone(), capacity);
+            let served: f64 = demands.iter().map(|d| d.min(level)).sum();
+            let total: f64 = demands.iter().sum();
+            if level.is_finite() {
+                prop_assert!((served - capacity).abs() <= 1e-6 * capacity.max(1.0), "{served} vs {capacity}");
+                prop_assert!(demands.iter().any(|d| *d > level));
+            } else {
+                prop_assert!(total <= capacity * (1.0 + 1e-9) + 1e-9);
+            }
+            demands.sort_by(f64::total_cmp);
+        }
+
+        /// Under pressure, with a steady offer per source over several seconds, a source offering
+        /// no more than its fair share loses nothing, and every refused envelope belongs to a
+        /// source offering more than the level.
+        #[test]
+        fn sources_within_their_share_lose_nothing(
+            heavy in prop::collection::vec(2_000usize..20_000, 1..4),
+            light in prop::collection::vec(1usize..200, 1..30),
+            occupancy in 0.5f64..0.85,
+        ) {
+            let mut fair = FairShed::new(1000);
+            let t0 = Instant::now();
+            // The pipeline drains 5,000 bytes every 10 ms (500 kB/s).
+            let mut freed = 0u64;
+            let mut keep = Vec::new();
+            let mut lost = vec![0usize; heavy.len() + light.len()];
+            let names: Vec<String> = (0..heavy.len() + light.len()).map(|i| format!("s{i}")).collect();
+            for step in 0..600u64 {
+                let now = t0 + Duration::from_millis(10 * step);
+                freed += 5_000;
+                // Per 10 ms: each source offers its bytes/s / 100, in 100-byte envelopes.
+                let per: Vec<usize> = heavy.iter().chain(&light).map(|b| (b / 100).max(1)).collect();
+                let offers: Vec<Offer> = per.iter().enumerate().flat_map(|(i, n)| {
+                    (0..*n).map(move |_| i)
+                }).map(|i| Offer { source: names[i].as_bytes(), bytes: 100 }).collect();
+                let level_before = fair.level;
+                fair.decide(&offers, (occupancy, 1 << 20), freed, now, &mut keep);
+                if step < 300 {
+                    continue; // let the rates settle
+                }
+                for (o, k) in offers.iter().zip(&keep) {
+                    if !k {
+                        let i: usize = std::str::from_utf8(&o.source[1..]).unwrap().parse().unwrap();
+                        lost[i] += 1;
+                        // Refused only above the level in force.
+                        let offered = fair.sources[o.source].offered.at(now);
+                        prop_assert!(offered > fair.level || offered > level_before);
+                    }
+                }
+            }
+            let level = fair.level().unwrap_or(f64::INFINITY);
+            for (i, b) in heavy.iter().chain(&light).enumerate() {
+                // A source offering at most 90% of the level never lost anything.
+                if ((*b / 100).max(1) * 100 * 100) as f64 <= 0.9 * level {
+                    prop_assert_eq!(lost[i], 0, "source {} offering {} B/s, level {}", i, b, level);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Noisy neighbours: one source flooding a Doppler that takes 20,000 envelopes a second costs the
+//! quiet sources nothing; the flood's losses are counted as `fair_share`. Two variants: the
+//! flood on a connection of its own, and the Diego case, where one emitter carries every app's
+//! envelopes and the quiet ones ride in the flood's own batches. Real mTLS gRPC both sides.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::agent::World;
+use common::*;
+use metron::proto::envelope::Message;
+use metron::proto::EnvelopeBatch;
+use metron::telemetry::DropReason;
+
+const WAIT: Duration = Duration::from_secs(30);
+const QUIET_SOURCES: usize = 100;
+/// One envelope per quiet source per round: 1,000 envelopes/s in all.
+const ROUND: Duration = Duration::from_millis(100);
+const FLOOD_FOR: Duration = Duration::from_secs(4);
+
+fn quiet_round(round: usize) -> Vec<metron::proto::Envelope> {
+    (0..QUIET_SOURCES)
+        .map(|s| log_envelope(&format!("quiet-{s}"), &format!("{round}")))
+        .collect()
+}
+
+/// Runs the flood and the quiet sources for [`FLOOD_FOR`], then checks who lost what.
+async fn noisy_neighbours(diego: bool) {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    doppler.set_rate(20_000);
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        "pipeline: { max_buffered_bytes: 10485760 }\n",
+    );
+    let mut flood = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut quiet = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let start = Instant::now();
+    let mut rounds = 0;
+    let mut flood_sent = 0u64;
+    let mut next_round = start;
+    // Bounded: the flood stops after FLOOD_FOR, and after 100,000 batches whatever happens.
+    for i in 0..100_000u64 {
+        let now = Instant::now();
+        if now >= start + FLOOD_FOR {
+            break;
+        }
+        let mut batch: Vec<_> = (0..100)
+            .map(|j| log_envelope("flood", &format!("{}", i * 100 + j)))
+            .collect();
+        flood_sent += 100;
+        if now >= next_round {
+            // The quiet sources' round: inside the flood's batch (Diego), or on their own
+            // connection.
+            if diego {
+                batch.extend(quiet_round(rounds));
+            } else {
+                send_all(&mut quiet, &quiet_round(rounds)).await;
+            }
+            rounds += 1;
+            next_round += ROUND;
+        }
+        flood
+            .send(EnvelopeBatch { batch })
+            .await
+            .expect("the agent takes every call");
+    }
+    let quiet_sent = rounds * QUIET_SOURCES;
+    assert!(
+        rounds >= 30,
+        "the quiet sources kept their pace: {rounds} rounds"
+    );
+
+    // Everything admitted reaches the Doppler at its pace.
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let mut got: HashMap<String, usize> = HashMap::new();
+    for e in doppler.received() {
+        if let Some(Message::Log(_)) = e.message {
+            *got.entry(e.source_id).or_default() += 1;
+        }
+    }
+    let quiet_got: usize = (0..QUIET_SOURCES)
+        .map(|s| got.get(&format!("quiet-{s}")).copied().unwrap_or(0))
+        .sum();
+    let m = agent.shutdown().metrics;
+    eprintln!(
+        "diego={diego}: quiet {quiet_got}/{quiet_sent}, flood {}/{flood_sent}, dropped {:?}",
+        got.get("flood").copied().unwrap_or(0),
+        m.dropped
+    );
+    assert_eq!(quiet_got, quiet_sent, "the quiet sources lost nothing");
+    let flood_got = got.get("flood").copied().unwrap_or(0) as u64;
+    assert!(flood_got < flood_sent, "the flood was shed");
+    assert!(
+        m.dropped_by(DropReason::FairShare) > 0,
+        "the flood's losses are fair_share: {:?}",
+        m.dropped
+    );
+    assert_eq!(
+        m.ingress,
+        m.egress + m.dropped_total(),
+        "every envelope delivered or counted"
+    );
+    assert_eq!(m.egress, (quiet_got as u64) + flood_got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_its_own_connection_costs_the_quiet_sources_nothing() {
+    noisy_neighbours(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_sharing_the_quiet_sources_batches_costs_them_nothing() {
+    noisy_neighbours(true).await;
+}
+
+/// The envelopes the Doppler got from `source`, as the payload numbers sent.
+fn payloads(doppler: &FakeDoppler, source: &str) -> Vec<u64> {
+    doppler
+        .received()
+        .into_iter()
+        .filter(|e| e.source_id == source)
+        .filter_map(|e| match e.message {
+            Some(Message::Log(l)) => String::from_utf8(l.payload).ok()?.parse().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_source_is_held_to_its_limit_and_told_so() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        "limits:\n  per_source: { envelopes_per_second: 1000, burst_seconds: 1 }\n  \
+         overrides: { big: { envelopes_per_second: 100000 } }\n  exempt: [ router ]\n",
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    // 3 s, a batch every 20 ms: "hot", "big" (overridden) and "router" (exempt) offer 5,000
+    // envelopes/s each, "cold" 100/s. Payload: the batch's number.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let start = Instant::now();
+    let batches = 150u64;
+    let mut cold_sent = 0;
+    for i in 0..batches {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        for source in ["hot", "big", "router"] {
+            batch.extend((0..100).map(|_| log_envelope(source, &i.to_string())));
+        }
+        batch.extend((0..2).map(|_| log_envelope("cold", &i.to_string())));
+        cold_sent += 2;
+        client
+            .send(EnvelopeBatch { batch })
+            .await
+            .expect("the agent takes every call");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let hot = payloads(&doppler, "hot");
+    for (source, sent) in [
+        ("big", 100 * batches),
+        ("router", 100 * batches),
+        ("cold", cold_sent),
+    ] {
+        assert_eq!(
+            payloads(&doppler, source).len() as u64,
+            sent,
+            "{source} is within its limit"
+        );
+    }
+    // Past the first second's burst, "hot" gets its rate: batches after the first 50 (1 s).
+    let late = hot.iter().filter(|b| **b >= 50).count() as f64;
+    let late_secs = secs * (batches - 50) as f64 / batches as f64;
+    let rate = late / late_secs;
+    eprintln!(
+        "hot: {} of {} in {secs:.2} s; {rate:.0}/s after the first second (limit 1000/s)",
+        hot.len(),
+        100 * batches
+    );
+    assert!(
+        (700.0..1400.0).contains(&rate),
+        "held to its limit: {rate}/s"
+    );
+    let m = agent.metrics();
+    let limited = m.dropped_by(DropReason::SourceRateLimited);
+    assert_eq!(
+        limited,
+        100 * batches - hot.len() as u64,
+        "every refusal counted"
+    );
+
+    // Told in its own stream, at most once a second, every refusal accounted for in the notices.
+    let told = |d: &FakeDoppler| -> Vec<(u64, String)> {
+        d.received()
+            .into_iter()
+            .filter(|e| {
+                e.source_id == "hot" && e.tags.get("source_type").map(String::as_str) == Some("LGR")
+            })
+            .filter_map(|e| match e.message {
+                Some(Message::Log(l)) => {
+                    let text = String::from_utf8(l.payload).ok()?;
+                    let n = text.split(' ').next()?.parse().ok()?;
+                    Some((n, text))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(WAIT, || told(&doppler).iter().map(|(n, _)| n).sum::<u64>()
+            == limited),
+        "the notices add up to {limited}: {:?}",
+        told(&doppler)
+    );
+    let notices = told(&doppler);
+    assert!(
+        notices.len() as f64 <= secs.ceil() + 2.0,
+        "at most one a second: {}",
+        notices.len()
+    );
+    assert!(notices[0].1.ends_with(
+        "envelopes from source hot dropped by the agent: over its rate limit of 1000 envelopes/s"
+    ), "{}", notices[0].1);
+    let m = agent.shutdown().metrics;
+    assert_eq!(m.ingress, m.egress + m.dropped_total());
+}
