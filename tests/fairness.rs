@@ -41,6 +41,7 @@ async fn noisy_neighbours(diego: bool) {
     let mut rounds = 0;
     let mut flood_sent = 0u64;
     let mut next_round = start;
+    let mut named = false;
     // Bounded: the flood stops after FLOOD_FOR, and after 100,000 batches whatever happens.
     for i in 0..100_000u64 {
         let now = Instant::now();
@@ -66,7 +67,29 @@ async fn noisy_neighbours(diego: bool) {
             .send(EnvelopeBatch { batch })
             .await
             .expect("the agent takes every call");
+        if !named && now >= start + FLOOD_FOR / 2 + Duration::from_millis(500) {
+            // Mid-flood: the flood is named, first, in /metrics and /readyz.
+            named = true;
+            let text = scrape_async(agent.metrics_addr().unwrap()).await;
+            let top = [("rank", "1"), ("source_id", "flood")];
+            assert!(
+                metric_value(&text, "heaviest_source_dropped", &top).unwrap_or(0.0) > 0.0,
+                "the flood is the heaviest and shed: {}",
+                text.lines()
+                    .filter(|l| l.starts_with("heaviest"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            let (_, ready) = http_get(agent.health_addr().unwrap(), "/readyz")
+                .await
+                .unwrap();
+            assert!(
+                ready.contains(r#""heaviest_sources":[{"rank":1,"source_id":"flood""#),
+                "{ready}"
+            );
+        }
     }
+    assert!(named, "the flood ran long enough to be named");
     let quiet_sent = rounds * QUIET_SOURCES;
     assert!(
         rounds >= 30,
@@ -227,4 +250,71 @@ async fn a_rate_limited_source_is_held_to_its_limit_and_told_so() {
     ), "{}", notices[0].1);
     let m = agent.shutdown().metrics;
     assert_eq!(m.ingress, m.egress + m.dropped_total());
+}
+
+/// `/metrics` once `sent` envelopes arrived and the heaviest sources' report names ten.
+async fn reported(agent: &metron::Agent, sent: u64) -> String {
+    assert!(common::agent::wait_drained(agent, WAIT));
+    assert_eq!(agent.metrics().ingress, sent);
+    let heaviest = |t: &str| {
+        t.lines()
+            .filter(|l| l.starts_with("heaviest_source_envelopes{"))
+            .count()
+    };
+    // The report is refreshed every second: a bounded wait for one with ten sources.
+    for _ in 0..100 {
+        let text = scrape_async(agent.metrics_addr().unwrap()).await;
+        if heaviest(&text) == 10 {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the report never named ten sources");
+}
+
+/// The series `/metrics` exposes (lines that are not comments).
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_series_do_not_grow_with_the_number_of_sources() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    // Limits on, so every source is tracked whatever the load.
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        "limits: { per_source: { envelopes_per_second: 1000000 } }\n",
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let send = |from: usize, to: usize| {
+        (from..to)
+            .map(|s| log_envelope(&format!("source-{s}"), "x"))
+            .collect::<Vec<_>>()
+    };
+    for chunk in send(0, 100).chunks(100) {
+        client
+            .send(EnvelopeBatch {
+                batch: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+    let few = reported(&agent, 100).await;
+    for chunk in send(100, 100_100).chunks(1000) {
+        client
+            .send(EnvelopeBatch {
+                batch: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+    let many = reported(&agent, 100_100).await;
+    assert_eq!(
+        series(&few),
+        series(&many),
+        "100 sources and 100,100 sources: as many series"
+    );
 }

@@ -16,7 +16,7 @@ pub struct Limit {
 }
 
 /// `limits:` as validated.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitsConfig {
     /// Every source's limit (`None`: sources are not limited, overrides aside).
     pub per_source: Option<Limit>,
@@ -24,6 +24,22 @@ pub struct LimitsConfig {
     pub overrides: BTreeMap<String, Limit>,
     /// Sources never limited (platform components, say).
     pub exempt: BTreeSet<String>,
+    /// How many of the heaviest sources `/metrics`, `/readyz` and the state dump name.
+    pub top_sources: usize,
+}
+
+/// The most sources the heaviest sources' report names.
+pub const MAX_TOP_SOURCES: usize = 20;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_source: None,
+            overrides: BTreeMap::new(),
+            exempt: BTreeSet::new(),
+            top_sources: 10,
+        }
+    }
 }
 
 impl LimitsConfig {
@@ -50,6 +66,8 @@ pub(super) struct RawLimits {
     overrides: BTreeMap<String, RawLimit>,
     #[serde(default)]
     exempt: Vec<String>,
+    #[serde(default)]
+    top_sources: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -122,10 +140,18 @@ impl RawLimits {
             )?;
             overrides.insert(source.clone(), limit);
         }
+        let top_sources = self.top_sources.unwrap_or(10);
+        if !(1..=MAX_TOP_SOURCES).contains(&top_sources) {
+            return Err(ConfigError::new(
+                "limits.top_sources",
+                format!("{top_sources}: from 1 to {MAX_TOP_SOURCES}"),
+            ));
+        }
         Ok(LimitsConfig {
             per_source,
             overrides,
             exempt: self.exempt.into_iter().collect(),
+            top_sources,
         })
     }
 }

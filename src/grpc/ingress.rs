@@ -27,7 +27,7 @@ use crate::config::MAX_GRPC_MESSAGE_BYTES;
 use crate::config::{Limit, LimitsConfig};
 use crate::envelope::raw::count_batch;
 use crate::envelope::{encode_batch, read_batch, Batch, ReadError};
-use crate::limits::fair::{self, FairShed};
+use crate::limits::fair::{self, FairShed, Heavy};
 use crate::limits::rate::RateLimiter;
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
@@ -94,6 +94,8 @@ pub struct Edge {
     /// Per-source rate limits (`limits:`), and whether any is configured.
     limiter: Arc<parking_lot::Mutex<RateLimiter>>,
     limits_on: Arc<std::sync::atomic::AtomicBool>,
+    /// `limits.top_sources`.
+    top_sources: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The most sources fair shedding tracks at once (the lightest are forgotten beyond).
@@ -119,11 +121,14 @@ impl Edge {
                 LIMITED_SOURCES,
             ))),
             limits_on: Arc::default(),
+            top_sources: Arc::new(std::sync::atomic::AtomicUsize::new(10)),
         }
     }
 
     /// The per-source rate limits from the next batch on (start-up and reloads).
     pub fn set_limits(&self, limits: LimitsConfig) {
+        self.top_sources
+            .store(limits.top_sources, Ordering::Relaxed);
         let mut l = self.limiter.lock();
         l.set_config(limits, std::time::Instant::now());
         self.limits_on.store(l.enabled(), Ordering::Relaxed);
@@ -312,7 +317,7 @@ impl Edge {
             .price(raw.body)
             .map_err(|e| Status::internal(e.to_string()))?;
         let (batch, limited) = self.limit(batch);
-        let (batch, shed) = self.shed_unfairly(batch, pressure);
+        let (batch, shed) = self.shed_unfairly(batch, pressure, limited > 0 || self.limits_on());
         let (n, bytes) = (batch.len(), batch.bytes());
         let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
@@ -330,31 +335,54 @@ impl Edge {
         Ok(())
     }
 
-    /// `batch` without the envelopes fair shedding refuses, and how many it refused.
-    fn shed_unfairly(&self, batch: Batch, pressure: f64) -> (Batch, usize) {
+    /// `batch` without the envelopes fair shedding refuses, and how many it refused;
+    /// `observed`: the rate limits already recorded what it offers.
+    fn shed_unfairly(&self, batch: Batch, pressure: f64, observed: bool) -> (Batch, usize) {
         let budget = self.ledger.max_bytes();
         let freed = self.ledger.freed();
         filter(batch, |offers, keep| {
-            self.fair.lock().decide(
+            self.fair.lock().decide_observed(
                 offers,
                 (pressure, budget),
                 freed,
                 std::time::Instant::now(),
                 keep,
+                observed,
             )
         })
     }
 
-    /// `batch` without the envelopes over their source's rate limit, and how many those were.
+    fn limits_on(&self) -> bool {
+        self.limits_on.load(Ordering::Relaxed)
+    }
+
+    /// `batch` without the envelopes over their source's rate limit, and how many those were;
+    /// what every source offered and had refused goes into the heaviest sources' report.
     fn limit(&self, batch: Batch) -> (Batch, usize) {
-        if !self.limits_on.load(Ordering::Relaxed) {
+        if !self.limits_on() {
             return (batch, 0);
         }
         filter(batch, |offers, keep| {
-            self.limiter
-                .lock()
-                .decide(offers, std::time::Instant::now(), keep)
+            let now = std::time::Instant::now();
+            let refused = self.limiter.lock().decide(offers, now, keep);
+            let mut fair = self.fair.lock();
+            fair.observe(offers, now);
+            if refused > 0 {
+                for (o, k) in offers.iter().zip(keep.iter()) {
+                    if !k {
+                        fair.rate_limited(o.source, 1, now);
+                    }
+                }
+            }
+            refused
         })
+    }
+
+    /// The `limits.top_sources` heaviest sources now (tracked while the pipeline is under
+    /// pressure or rate limits are configured).
+    pub fn heaviest(&self) -> Vec<Heavy> {
+        let n = self.top_sources.load(Ordering::Relaxed);
+        self.fair.lock().heaviest(n, std::time::Instant::now())
     }
 
     /// Reads and prices each envelope without decoding it; those too large for any Doppler are

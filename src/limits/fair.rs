@@ -9,7 +9,9 @@
 //!   Below [`MIN_CAPACITY`] of the budget a second nothing drains (a stalled or absent
 //!   destination): no share of nothing is fair, so nobody is shed by this policy, and the whole
 //!   budget serves to ride the outage out.
-//! - The fair share `f` is the max-min water level: `Σ min(offered_i, f) = capacity`.
+//! - The fair share `f` is the max-min water level, `Σ min(offered_i, f) = capacity`, and never
+//!   less than the mean of what the sources offer (the capacity is measured from bursty
+//!   acknowledgements; a dip must not make the quiet sources heavy).
 //! - While the budget holds at least [`SHED_FROM`] of itself, an envelope whose source offers
 //!   no more than `f` is always admitted (by this policy: the budget may still be full); one
 //!   whose source offers more is admitted only while the source's admitted rate is below its
@@ -63,8 +65,26 @@ impl Rate {
 
 #[derive(Debug, Clone, Copy)]
 struct Source {
+    /// Bytes/s offered and admitted (what the policy works on).
     offered: Rate,
     admitted: Rate,
+    /// Envelopes/s offered, refused by fair shedding, refused by the source's rate limit: for
+    /// the heaviest sources' report.
+    envelopes: Rate,
+    shed: Rate,
+    limited: Rate,
+}
+
+/// One of the heaviest sources, as [`FairShed::heaviest`] reports it (rates over about 1 s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heavy {
+    pub source_id: String,
+    pub envelopes_per_second: f64,
+    pub bytes_per_second: f64,
+    /// Refused by fair shedding (`fair_share`), envelopes/s.
+    pub fair_share_per_second: f64,
+    /// Refused by the source's rate limit (`source_rate_limited`), envelopes/s.
+    pub rate_limited_per_second: f64,
 }
 
 /// One envelope of a batch as the policy sees it.
@@ -121,21 +141,39 @@ impl FairShed {
         now: Instant,
         keep: &mut Vec<bool>,
     ) -> usize {
+        self.decide_observed(offers, (occupancy, budget), freed, now, keep, false)
+    }
+
+    /// [`FairShed::decide`]; `observed`: the offers were already recorded by
+    /// [`FairShed::observe`] (the rate limits read them first).
+    pub fn decide_observed(
+        &mut self,
+        offers: &[Offer],
+        (occupancy, budget): (f64, usize),
+        freed: u64,
+        now: Instant,
+        keep: &mut Vec<bool>,
+        observed: bool,
+    ) -> usize {
         keep.clear();
         self.measure(freed, now);
         if occupancy < TRACK_FROM {
             keep.resize(offers.len(), true);
             return 0;
         }
-        for o in offers {
-            self.entry(o.source, now).offered.add(now, o.bytes);
+        if !observed {
+            self.observe(offers, now);
         }
         if self
             .level_at
             .is_none_or(|at| now.saturating_duration_since(at) >= LEVEL_EVERY)
         {
             let mut demands: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
-            self.level = water_level(&mut demands, self.capacity.at(now));
+            let mean = demands.iter().sum::<f64>() / demands.len().max(1) as f64;
+            // Never below the mean demand: the capacity is measured from acknowledgements,
+            // which come in bursts and stop for a while when a connection is replaced; a dip
+            // must not turn the quiet sources into heavy ones.
+            self.level = water_level(&mut demands, self.capacity.at(now)).max(mean);
             let scale = ((SHED_ALL - occupancy) / (SHED_ALL - SHED_FROM)).clamp(0.0, 1.0);
             self.allowance = self.level * scale;
             self.level_at = Some(now);
@@ -150,11 +188,47 @@ impl FairShed {
             if admit {
                 s.admitted.add(now, o.bytes);
             } else {
+                s.shed.add(now, 1);
                 refused += 1;
             }
             keep.push(admit);
         }
         refused
+    }
+
+    /// Records what `offers` offer (their sources' rates) without deciding anything: for the
+    /// heaviest sources' report while only rate limits read the batches.
+    pub fn observe(&mut self, offers: &[Offer], now: Instant) {
+        for o in offers {
+            let s = self.entry(o.source, now);
+            s.offered.add(now, o.bytes);
+            s.envelopes.add(now, 1);
+        }
+    }
+
+    /// Records envelopes of `source` its rate limit refused.
+    pub fn rate_limited(&mut self, source: &[u8], n: usize, now: Instant) {
+        self.entry(source, now).limited.add(now, n);
+    }
+
+    /// The `n` sources offering the most bytes now, heaviest first (sources offering nothing
+    /// any more left out).
+    pub fn heaviest(&self, n: usize, now: Instant) -> Vec<Heavy> {
+        let mut all: Vec<Heavy> = self
+            .sources
+            .iter()
+            .map(|(k, s)| Heavy {
+                source_id: String::from_utf8_lossy(k).into_owned(),
+                envelopes_per_second: s.envelopes.at(now),
+                bytes_per_second: s.offered.at(now),
+                fair_share_per_second: s.shed.at(now),
+                rate_limited_per_second: s.limited.at(now),
+            })
+            .filter(|h| h.bytes_per_second >= 1.0 || h.rate_limited_per_second >= 0.5)
+            .collect();
+        all.sort_by(|a, b| b.bytes_per_second.total_cmp(&a.bytes_per_second));
+        all.truncate(n);
+        all
     }
 
     /// Updates the capacity from the ledger's `freed` reading (cheap: at most one sample per
@@ -178,6 +252,9 @@ impl FairShed {
         self.sources.entry(source.into()).or_insert(Source {
             offered: Rate::new(now),
             admitted: Rate::new(now),
+            envelopes: Rate::new(now),
+            shed: Rate::new(now),
+            limited: Rate::new(now),
         })
     }
 

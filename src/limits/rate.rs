@@ -204,6 +204,7 @@ mod tests {
             )]
             .into(),
             exempt: ["router".to_string()].into(),
+            top_sources: 10,
         }
     }
 

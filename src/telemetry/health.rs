@@ -177,7 +177,33 @@ impl Health {
                 sum(|a| a.buffered),
             );
         }
-        b.push_str("],\"reasons\":[");
+        b.push(']');
+        // While the agent sheds by source: who.
+        let heaviest = self.ledger.metrics().heaviest();
+        if heaviest
+            .iter()
+            .any(|h| h.fair_share_per_second + h.rate_limited_per_second >= 0.5)
+        {
+            b.push_str(",\"heaviest_sources\":[");
+            for (i, h) in heaviest.iter().enumerate() {
+                if i > 0 {
+                    b.push(',');
+                }
+                let _ = write!(b, "{{\"rank\":{},\"source_id\":", i + 1);
+                push_json_str(&mut b, &h.source_id);
+                let _ = write!(
+                    b,
+                    ",\"envelopes_per_second\":{:.1},\"bytes_per_second\":{:.1},\
+                     \"dropped_per_second\":{{\"fair_share\":{:.1},\"source_rate_limited\":{:.1}}}}}",
+                    h.envelopes_per_second,
+                    h.bytes_per_second,
+                    h.fair_share_per_second,
+                    h.rate_limited_per_second
+                );
+            }
+            b.push(']');
+        }
+        b.push_str(",\"reasons\":[");
         for (i, r) in not_ready.iter().enumerate() {
             if i > 0 {
                 b.push(',');

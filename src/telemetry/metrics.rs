@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::destination::{Account, AccountSnapshot, Destination, DrainScope};
 use super::ratelimit::RateLimit;
+use crate::limits::fair::Heavy;
 use std::sync::Arc;
 
 /// Why envelopes were dropped. Each reason belongs to one `direction`, with upstream's meaning:
@@ -329,6 +330,8 @@ pub struct Metrics {
     pub app_drains_refused: AtomicU64,
     /// `app_notices`: notices (`LGR` log lines) sent into applications' streams.
     pub app_notices: AtomicU64,
+    /// The heaviest sources as last reported by the edge (at most `limits.top_sources`).
+    heaviest: Mutex<Vec<Heavy>>,
     /// `doppler_failovers`: a connection that failed reconnected to a different Doppler.
     pub failovers: AtomicU64,
     /// `doppler_rerouted_batches`: batches queued for a failed connection that went on to the
@@ -492,6 +495,7 @@ impl Metrics {
             app_drains_open: AtomicI64::new(0),
             app_drains_refused: AtomicU64::new(0),
             app_notices: AtomicU64::new(0),
+            heaviest: Mutex::default(),
             failovers: AtomicU64::new(0),
             rerouted_batches: AtomicU64::new(0),
             doppler_replays: AtomicU64::new(0),
@@ -994,8 +998,26 @@ impl Metrics {
             (
                 "app_notices",
                 "counter",
-                "Notices (LGR log lines: drain losses, failed connections) sent into applications' streams.",
+                "Notices (LGR log lines: drain losses, failed connections, rate limits) sent into sources' streams.",
                 one("", self.app_notices.load(Ordering::Relaxed).to_string()),
+            ),
+            (
+                "heaviest_source_envelopes",
+                "gauge",
+                "The heaviest sources now (at most limits.top_sources; series come and go with the ranking): envelopes/s offered.",
+                self.heaviest_series(|h| h.envelopes_per_second),
+            ),
+            (
+                "heaviest_source_bytes",
+                "gauge",
+                "The same sources: bytes/s offered.",
+                self.heaviest_series(|h| h.bytes_per_second),
+            ),
+            (
+                "heaviest_source_dropped",
+                "gauge",
+                "The same sources: envelopes/s refused (fair_share + source_rate_limited; /readyz and the state dump split them).",
+                self.heaviest_series(|h| h.fair_share_per_second + h.rate_limited_per_second),
             ),
         ];
         let mut out = String::with_capacity(4096);
@@ -1010,6 +1032,36 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+impl Metrics {
+    /// The edge's latest report of the heaviest sources.
+    pub fn set_heaviest(&self, heaviest: Vec<Heavy>) {
+        *self.heaviest.lock() = heaviest;
+    }
+
+    pub fn heaviest(&self) -> Vec<Heavy> {
+        self.heaviest.lock().clone()
+    }
+
+    /// One series per heaviest source, `{rank, source_id}`, of `value`.
+    fn heaviest_series(&self, value: impl Fn(&Heavy) -> f64) -> Vec<(String, String)> {
+        self.heaviest
+            .lock()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                (
+                    format!(
+                        "rank=\"{}\",source_id=\"{}\"",
+                        i + 1,
+                        escape_label(&h.source_id)
+                    ),
+                    format!("{:.1}", value(h)),
+                )
+            })
+            .collect()
     }
 }
 

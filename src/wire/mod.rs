@@ -831,12 +831,14 @@ async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
 /// The most sources told of their rate limit per second (the rest are told a second later).
 const RATE_NOTICES_PER_TICK: usize = 1_000;
 
-/// Every second: tells each source whose envelopes its rate limit refused since, in its own
-/// stream (at most one notice per source per second).
+/// Every second: updates the heaviest sources' report, and tells each source whose envelopes
+/// its rate limit refused since, in its own stream (at most one notice per source per second).
 async fn send_rate_limit_notices(edge: Edge, ledger: Arc<Ledger>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        // The heaviest sources' report, for /metrics, /readyz and the state dump.
+        ledger.metrics().set_heaviest(edge.heaviest());
         for (source, n, limit) in edge.rate_limited(RATE_NOTICES_PER_TICK) {
             let limit = limit.map_or_else(String::new, |l| {
                 let mut parts = Vec::new();
@@ -1038,6 +1040,19 @@ impl Running {
             dropped = m.dropped_total(),
             "state"
         );
+        for (i, h) in self.ledger.metrics().heaviest().iter().enumerate() {
+            tracing::info!(
+                target: "metron::state",
+                actor = "edge",
+                rank = i + 1,
+                source_id = %h.source_id,
+                envelopes_per_second = h.envelopes_per_second as u64,
+                bytes_per_second = h.bytes_per_second as u64,
+                fair_share_per_second = h.fair_share_per_second as u64,
+                source_rate_limited_per_second = h.rate_limited_per_second as u64,
+                "heaviest source"
+            );
+        }
         if !silent.is_empty() {
             tracing::warn!(
                 target: "metron::state",
