@@ -19,6 +19,7 @@ use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::{Batch, Kinds, Routed};
+use crate::limits::fair::FairShed;
 use crate::syslog::apps::{AppRouter, DrainSpec};
 use crate::telemetry::{ActorName, DropReason, Ledger};
 
@@ -40,6 +41,8 @@ pub struct SequencerActor {
     config_outlets: Vec<Outlet>,
     /// App drains, with a binding cache.
     apps: Option<Apps>,
+    /// See [`Routing::fair`].
+    fair: Option<Arc<parking_lot::Mutex<FairShed>>>,
     /// Guaranteed shares of the budget: every slot's, then every outlet's, then the app drains'
     /// together (see [`may_route`]).
     shares: Vec<usize>,
@@ -58,6 +61,8 @@ pub struct Routing {
     pub budget: usize,
     /// With `syslog.binding_cache`.
     pub apps: Option<AppSetup>,
+    /// Fair shedding's table, to tell the light sources of a destination over its share.
+    pub fair: Option<Arc<parking_lot::Mutex<FairShed>>>,
 }
 
 /// Starts a drain from the binding cache: its spec, and the app drains' total its outbox counts
@@ -116,6 +121,7 @@ impl SequencerActor {
                 group: Arc::default(),
                 grace: a.grace,
             }),
+            fair: routing.fair,
             shares: Vec::new(),
             budget: 0,
             next,
@@ -395,6 +401,40 @@ impl SequencerActor {
                     && may_route(&routed, &self.shares, index(d), offer[d].1, self.budget)
             })
             .collect();
+        // A destination over its share still takes the envelopes of the sources within their
+        // fair share, within one more share of its own: a flood sharing a slot with quiet
+        // sources loses its own envelopes, not theirs (decision 30).
+        let refused: u64 = (0..destinations)
+            .filter(|d| offer[*d].0 > 0 && !accepted[*d])
+            .fold(0, |m, d| m | 1 << d);
+        let light = self.light_items(&part, refused, &offered);
+        let mut light_offer = vec![(0usize, 0usize); destinations];
+        if let Some(light) = &light {
+            for ((item, bits), l) in part.items().iter().zip(&offered).zip(light) {
+                for (d, o) in light_offer.iter_mut().enumerate() {
+                    if *l && bits & refused & (1 << d) != 0 {
+                        o.0 += 1;
+                        o.1 += item.cost as usize;
+                    }
+                }
+            }
+        }
+        let light_accepted: Vec<bool> = (0..destinations)
+            .map(|d| {
+                let i = index(d);
+                light_offer[d].0 > 0
+                    && may_route(
+                        &routed,
+                        &self.shares,
+                        i,
+                        light_offer[d].1,
+                        self.budget + self.shares[i],
+                    )
+            })
+            .collect();
+        let light_mask: u64 = (0..destinations)
+            .filter(|d| light_accepted[*d])
+            .fold(0, |m, d| m | 1 << d);
         // The app drains together against their share, each against its cap.
         let group = self.queues.len() + self.outlets.len();
         let app_accepted: Vec<bool> = app
@@ -422,8 +462,9 @@ impl SequencerActor {
         let mut taken = part.part();
         let mut picks: Vec<Vec<u32>> = vec![Vec::new(); destinations];
         let mut app_picks: Vec<Vec<u32>> = vec![Vec::new(); app.drains.len()];
+        let is_light = |i: usize| light.as_ref().is_some_and(|l| l[i]);
         for (i, (item, bits)) in part.items().iter().zip(&offered).enumerate() {
-            let bits = bits & mask;
+            let bits = bits & (mask | if is_light(i) { light_mask } else { 0 });
             let apps = app.of(i);
             if bits == 0 && !apps.iter().any(|&j| app_accepted[j]) {
                 continue;
@@ -466,17 +507,30 @@ impl SequencerActor {
                 &self.outlets[d - 1].account
             };
             self.ledger.offer(account, n, bytes);
-            if !accepted[d] {
+            // What goes to the destination: all of it, or (over its share) its light part.
+            let (taken_n, taken_bytes) = if accepted[d] {
+                (n, bytes)
+            } else if light_accepted[d] {
+                light_offer[d]
+            } else {
+                (0, 0)
+            };
+            if taken_n < n {
                 let reason = if d == 0 {
                     DropReason::SlotQueueFull
                 } else {
                     DropReason::DrainQueueFull
                 };
-                self.ledger.dropped_at(account, reason, n, bytes);
-            } else if d == 0 {
-                self.queues[slot].route(bytes);
+                self.ledger
+                    .dropped_at(account, reason, n - taken_n, bytes - taken_bytes);
+            }
+            if taken_n == 0 {
+                continue;
+            }
+            if d == 0 {
+                self.queues[slot].route(taken_bytes);
             } else {
-                self.outlets[d - 1].outbox.route(bytes);
+                self.outlets[d - 1].outbox.route(taken_bytes);
             }
         }
         for ((o, &(n, bytes)), ok) in app.drains.iter().zip(&app_offer).zip(&app_accepted) {
@@ -519,6 +573,43 @@ impl SequencerActor {
             doppler,
             outlets,
         })
+    }
+
+    /// For each envelope of `part`, whether its source is within its fair share, when some
+    /// destination (bits `refused`) is over its share and the fair table says so; `None` when
+    /// there is nothing to tell.
+    fn light_items(&self, part: &Batch, refused: u64, offered: &[u64]) -> Option<Vec<bool>> {
+        if refused == 0 {
+            return None;
+        }
+        let fair = self.fair.as_ref()?;
+        let mut fair = fair.lock();
+        let now = Instant::now();
+        fair.want_tracking(now);
+        if !fair.fresh(now) {
+            return None;
+        }
+        let mut last: Option<(&[u8], bool)> = None;
+        Some(
+            part.items()
+                .iter()
+                .zip(offered)
+                .map(|(item, bits)| {
+                    if bits & refused == 0 {
+                        return false;
+                    }
+                    let source = part.bytes_of(item.source);
+                    match last {
+                        Some((s, l)) if s == source => l,
+                        _ => {
+                            let l = fair.is_light(source, now);
+                            last = Some((source, l));
+                            l
+                        }
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// Which app drains each envelope of `part` is offered to: its source's drains (opened on

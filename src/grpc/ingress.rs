@@ -109,13 +109,14 @@ impl Edge {
         ledger: Arc<Ledger>,
         tunables: Arc<EdgeTunables>,
         closed: watch::Receiver<bool>,
+        fair: Arc<parking_lot::Mutex<FairShed>>,
     ) -> Self {
         Self {
             ingress,
             ledger,
             tunables,
             closed,
-            fair: Arc::new(parking_lot::Mutex::new(FairShed::new(FAIR_SOURCES))),
+            fair,
             limiter: Arc::new(parking_lot::Mutex::new(RateLimiter::new(
                 LimitsConfig::default(),
                 LIMITED_SOURCES,
@@ -296,6 +297,14 @@ impl Edge {
             }
         };
         let (batch, limited) = self.limit(batch);
+        if !self.limits_on() {
+            let now = std::time::Instant::now();
+            let mut fair = self.fair.lock();
+            if fair.tracking_wanted(now) {
+                // A destination is over its share: record who sends what, for the sequencer.
+                fair.observe(&offers_of(&batch), now);
+            }
+        }
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
         self.ledger.refused(DropReason::SourceRateLimited, limited);
@@ -422,14 +431,7 @@ fn filter(
     batch: Batch,
     decide: impl FnOnce(&[fair::Offer], &mut Vec<bool>) -> usize,
 ) -> (Batch, usize) {
-    let offers: Vec<fair::Offer> = batch
-        .items()
-        .iter()
-        .map(|i| fair::Offer {
-            source: batch.bytes_of(i.source),
-            bytes: i.cost as usize,
-        })
-        .collect();
+    let offers = offers_of(&batch);
     let mut keep = Vec::with_capacity(offers.len());
     let refused = decide(&offers, &mut keep);
     drop(offers);
@@ -443,6 +445,19 @@ fn filter(
         }
     }
     (kept, refused)
+}
+
+/// Each envelope of `batch` as the per-source policies see it: its source, read in place, and
+/// its cost.
+fn offers_of(batch: &Batch) -> Vec<fair::Offer<'_>> {
+    batch
+        .items()
+        .iter()
+        .map(|i| fair::Offer {
+            source: batch.bytes_of(i.source),
+            bytes: i.cost as usize,
+        })
+        .collect()
 }
 
 /// An `EnvelopeBatch` as it arrived: its bytes, and how many envelopes its framing holds.

@@ -105,6 +105,14 @@ pub struct FairShed {
     level: f64,
     allowance: f64,
     level_at: Option<Instant>,
+    /// The mean offer (bytes/s) at the last computation: a destination over its share tells
+    /// light sources by it ([`FairShed::is_light`]).
+    mean: f64,
+    /// Until when the edge should track every batch's sources although the pipeline is easy
+    /// (a destination is over its share: [`FairShed::want_tracking`]).
+    track_until: Option<Instant>,
+    /// When sources were last recorded.
+    observed_at: Option<Instant>,
 }
 
 impl FairShed {
@@ -117,6 +125,9 @@ impl FairShed {
             level: f64::INFINITY,
             allowance: f64::INFINITY,
             level_at: None,
+            mean: f64::INFINITY,
+            track_until: None,
+            observed_at: None,
         }
     }
 
@@ -164,20 +175,9 @@ impl FairShed {
         if !observed {
             self.observe(offers, now);
         }
-        if self
-            .level_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= LEVEL_EVERY)
-        {
-            let mut demands: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
-            let mean = demands.iter().sum::<f64>() / demands.len().max(1) as f64;
-            // Never below the mean demand: the capacity is measured from acknowledgements,
-            // which come in bursts and stop for a while when a connection is replaced; a dip
-            // must not turn the quiet sources into heavy ones.
-            self.level = water_level(&mut demands, self.capacity.at(now)).max(mean);
-            let scale = ((SHED_ALL - occupancy) / (SHED_ALL - SHED_FROM)).clamp(0.0, 1.0);
-            self.allowance = self.level * scale;
-            self.level_at = Some(now);
-        }
+        self.refresh(now);
+        let scale = ((SHED_ALL - occupancy) / (SHED_ALL - SHED_FROM)).clamp(0.0, 1.0);
+        self.allowance = self.level * scale;
         let shedding =
             occupancy >= SHED_FROM && self.capacity.at(now) >= MIN_CAPACITY * budget as f64;
         let mut refused = 0;
@@ -196,6 +196,51 @@ impl FairShed {
         refused
     }
 
+    /// Computes the level and the mean again if they are older than 50 ms.
+    fn refresh(&mut self, now: Instant) {
+        if self
+            .level_at
+            .is_some_and(|at| now.saturating_duration_since(at) < LEVEL_EVERY)
+        {
+            return;
+        }
+        let mut demands: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
+        self.mean = demands.iter().sum::<f64>() / demands.len().max(1) as f64;
+        // Never below the mean demand: the capacity is measured from acknowledgements, which
+        // come in bursts and stop for a while when a connection is replaced; a dip must not
+        // turn the quiet sources into heavy ones.
+        self.level = water_level(&mut demands, self.capacity.at(now)).max(self.mean);
+        self.level_at = Some(now);
+    }
+
+    /// A destination is over its share: the edge should record every batch's sources for the
+    /// next 2 s, so the sequencer can tell the light ones.
+    pub fn want_tracking(&mut self, now: Instant) {
+        self.track_until = Some(now + Duration::from_secs(2));
+    }
+
+    /// Whether the edge should record sources although the pipeline is easy.
+    pub fn tracking_wanted(&self, now: Instant) -> bool {
+        self.track_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether sources were recorded in the last second, so light ones can be told apart.
+    pub fn fresh(&self, now: Instant) -> bool {
+        self.mean.is_finite()
+            && self
+                .observed_at
+                .is_some_and(|at| now.saturating_duration_since(at) < TAU)
+    }
+
+    /// Whether `source` offers no more than the mean of the sources recorded (see
+    /// [`FairShed::fresh`]). A destination over its share still takes a light source's
+    /// envelopes, within one more share of its own (decision 30).
+    pub fn is_light(&self, source: &[u8], now: Instant) -> bool {
+        self.sources
+            .get(source)
+            .is_none_or(|s| s.offered.at(now) <= self.mean)
+    }
+
     /// Records what `offers` offer (their sources' rates) without deciding anything: for the
     /// heaviest sources' report while only rate limits read the batches.
     pub fn observe(&mut self, offers: &[Offer], now: Instant) {
@@ -204,6 +249,8 @@ impl FairShed {
             s.offered.add(now, o.bytes);
             s.envelopes.add(now, 1);
         }
+        self.observed_at = Some(now);
+        self.refresh(now);
     }
 
     /// Records envelopes of `source` its rate limit refused.

@@ -259,6 +259,10 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
     let outlets: Vec<Outlet> = drains.iter().map(|d| d.outlet.clone()).collect();
     let cache_drains = CacheDrains::default();
+    // Fair shedding's table: the edge keeps it, the sequencer reads who is light (decision 30).
+    let fair = Arc::new(parking_lot::Mutex::new(crate::limits::fair::FairShed::new(
+        crate::grpc::ingress::FAIR_SOURCES,
+    )));
     let apps = c.syslog.binding_cache.as_ref().map(|_| AppSetup {
         starter: cache_drain_starter(c, &ledger, &cache_drains),
         idle: c.syslog.idle_drain_timeout,
@@ -300,6 +304,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         let budget = c.pipeline.max_buffered_bytes.get();
         let numbering = c.sequencing_enabled;
         let doppler_kinds = c.dopplers.kinds();
+        let fair = Some(fair.clone());
         SequencerActor::start_in_arbiter(&pipeline_arbiter.handle(), move |ctx| {
             ctx.set_mailbox_capacity(cap);
             SequencerActor::new(
@@ -311,6 +316,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
                     outlets,
                     budget,
                     apps,
+                    fair,
                 },
                 signer.recipient(),
                 ledger,
@@ -337,6 +343,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         ledger.clone(),
         tunables.clone(),
         closed_rx.clone(),
+        fair.clone(),
     );
 
     // The socket is bound exactly when `ingress.udp` is enabled.

@@ -21,6 +21,8 @@ pub enum Behaviour {
     Read,
     /// Accepts and never reads: the sender's writes block once the socket buffers are full.
     Blackhole,
+    /// Reads and records at most this many messages a second (a slow drain).
+    Slow(u32),
 }
 
 #[derive(Default)]
@@ -108,12 +110,16 @@ impl FakeDrain {
                 }
                 let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let rate = match behaviour {
+                        Behaviour::Slow(r) => Some(r),
+                        _ => None,
+                    };
                     match tls {
-                        None => read_frames(tcp, &s).await,
+                        None => read_frames(tcp, &s, rate).await,
                         Some(config) => {
                             let acceptor = tokio_rustls::TlsAcceptor::from(config);
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                read_frames(stream, &s).await;
+                                read_frames(stream, &s, rate).await;
                             }
                         }
                     }
@@ -154,10 +160,17 @@ impl FakeDrain {
 }
 
 /// Reads `<len> <message>` frames until the connection ends; a malformed frame ends it too.
-async fn read_frames(stream: impl AsyncRead + Unpin, store: &Store) {
+/// With a `rate`, at most that many a second.
+async fn read_frames(stream: impl AsyncRead + Unpin, store: &Store, rate: Option<u32>) {
     let mut r = BufReader::new(stream);
     let mut len = Vec::new();
+    let mut next = tokio::time::Instant::now();
     loop {
+        if let Some(rate) = rate {
+            // Pacing sets the drain's speed; it synchronises nothing.
+            tokio::time::sleep_until(next).await;
+            next += std::time::Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        }
         len.clear();
         match r.read_until(b' ', &mut len).await {
             Ok(0) | Err(_) => return,
