@@ -142,58 +142,25 @@ pub async fn send(spec: LoadSpec, channels: Vec<Channel>) -> Result<LoadResult, 
     for (i, channel) in channels.into_iter().enumerate() {
         let templates = templates(i, spec.streams, &spec.extra_tags);
         let sent = sent.clone();
-        tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
-            let mut grpc =
-                tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-            let call = tokio::spawn(async move {
-                grpc.ready()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-                    "/loggregator.v2.Ingress/BatchSender",
-                );
-                grpc.client_streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
-                    .await
-                    .map(|_| ())
-            });
-            let mut k: u64 = 0;
-            let mut last_base = 0i64;
-            // Spread the streams' sends over one interval.
-            let offset = per_stream.map_or(0.0, |b| i as f64 / (b * 4.0));
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                if let Some(b) = per_stream {
-                    let due = start + Duration::from_secs_f64(offset + k as f64 / b);
-                    if due >= deadline {
-                        break;
-                    }
-                    if due > now {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                }
-                let base = now_ns().max(last_base + BATCH as i64);
-                last_base = base;
-                let body = templates[(k as usize) % templates.len()].stamped(base);
-                if tx.send(body).await.is_err() {
-                    break;
-                }
+        // Spread the streams' sends over one interval.
+        let pace = per_stream.map(|b| Pace {
+            start: start + Duration::from_secs_f64(i as f64 / (b * 4.0)),
+            per_second: b,
+        });
+        tasks.push(tokio::spawn(stream(
+            channel,
+            pace,
+            deadline,
+            move |k, base| {
                 sent.fetch_add(BATCH as u64, Ordering::Relaxed);
-                k += 1;
-            }
-            drop(tx);
-            call.await
-                .map_err(|e| tonic::Status::internal(e.to_string()))
-                .and_then(|r| r)
-        }));
+                templates[(k as usize) % templates.len()].stamped(base)
+            },
+        )));
     }
     let mut failure = None;
     for t in tasks {
         match t.await {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(status)) => failure = Some(status.to_string()),
             Err(e) => failure = Some(e.to_string()),
         }
@@ -209,4 +176,72 @@ pub async fn send(spec: LoadSpec, channels: Vec<Channel>) -> Result<LoadResult, 
             elapsed,
         }),
     }
+}
+
+/// When a stream sends its batches: the first at `start`, then `per_second` a second.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub start: Instant,
+    pub per_second: f64,
+}
+
+/// Timestamps of one batch span at most this many nanoseconds (`base` .. `base + STAMP_SPAN`):
+/// the next batch's start later, so that a source's timestamps only grow.
+const STAMP_SPAN: i64 = 1_000;
+
+/// One `BatchSender` stream on `channel` until `deadline`: `next(k, base)` makes the `k`-th
+/// batch's body, its envelopes stamped from `base` (ns since the epoch) on; sent at `pace`, or
+/// as fast as the receiver reads. Ends the stream and waits for the receiver's answer; returns
+/// the number of batches sent.
+///
+/// # Errors
+/// When the stream fails.
+pub async fn stream(
+    channel: Channel,
+    pace: Option<Pace>,
+    deadline: Instant,
+    mut next: impl FnMut(u64, i64) -> Vec<u8> + Send + 'static,
+) -> Result<u64, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+    let mut grpc =
+        tonic::client::Grpc::new(channel).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let call = tokio::spawn(async move {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/loggregator.v2.Ingress/BatchSender",
+        );
+        grpc.client_streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+            .await
+            .map(|_| ())
+    });
+    let mut k: u64 = 0;
+    let mut last_base = 0i64;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if let Some(p) = pace {
+            let due = p.start + Duration::from_secs_f64(k as f64 / p.per_second);
+            if due >= deadline {
+                break;
+            }
+            if due > now {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        let base = now_ns().max(last_base + STAMP_SPAN);
+        last_base = base;
+        if tx.send(next(k, base)).await.is_err() {
+            break;
+        }
+        k += 1;
+    }
+    drop(tx);
+    call.await
+        .map_err(|e| tonic::Status::internal(e.to_string()))
+        .and_then(|r| r)?;
+    Ok(k)
 }

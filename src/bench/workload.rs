@@ -22,7 +22,9 @@ pub fn source_id(i: usize) -> String {
     format!("{:08x}-be7c-4c4e-9a1b-{:012x}", 0xb0_0000 + i, i)
 }
 
-fn envelope(kind: usize, source: usize, n: usize, extra_tags: &[(String, String)]) -> Envelope {
+/// Envelope `n` of the workload's mix (`kind` 0-6 a log, 7 a counter, 8 a gauge, 9 a timer) from
+/// source `source`.
+pub fn envelope(kind: usize, source: usize, n: usize, extra_tags: &[(String, String)]) -> Envelope {
     let message = match kind {
         0..=6 => Message::Log(Log {
             payload: format!("{n:>8} GET /v2/apps 200 {}", "x".repeat(200)).as_bytes()[..200]
@@ -73,6 +75,31 @@ pub struct Template {
 }
 
 impl Template {
+    /// The encoded batch of `envelopes` (each with a timestamp in 2^56..2^63, e.g. the
+    /// workload's placeholder: every real one this century encodes to 9 bytes too).
+    pub fn of(envelopes: impl IntoIterator<Item = Envelope>) -> Self {
+        let mut body = Vec::with_capacity(BATCH * 400);
+        let mut ts_at = Vec::with_capacity(BATCH);
+        for e in envelopes {
+            let e = e.encode_to_vec();
+            debug_assert_eq!(e[0], 0x08, "timestamp first");
+            body.push(0x0a);
+            prost::encoding::encode_varint(e.len() as u64, &mut body);
+            ts_at.push(body.len() + 1);
+            body.extend_from_slice(&e);
+        }
+        Template { body, ts_at }
+    }
+
+    /// Envelopes in the batch.
+    pub fn len(&self) -> usize {
+        self.ts_at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ts_at.is_empty()
+    }
+
     /// A copy with the envelopes stamped `base`, `base + 1`, … (`base` in 2^56..2^63, i.e. any
     /// Unix time in nanoseconds between 2002 and 2262).
     pub fn stamped(&self, base: i64) -> Vec<u8> {
@@ -99,18 +126,10 @@ pub fn templates(stream: usize, streams: usize, extra_tags: &[(String, String)])
     let mine: Vec<usize> = (0..SOURCES).filter(|s| s % streams == stream).collect();
     (0..TEMPLATES)
         .map(|t| {
-            let mut body = Vec::with_capacity(BATCH * 400);
-            let mut ts_at = Vec::with_capacity(BATCH);
-            for i in 0..BATCH {
+            Template::of((0..BATCH).map(|i| {
                 let source = mine[(t * BATCH + i) % mine.len()];
-                let e = envelope(i % 10, source, t * BATCH + i, extra_tags).encode_to_vec();
-                debug_assert_eq!(e[0], 0x08, "timestamp first");
-                body.push(0x0a);
-                prost::encoding::encode_varint(e.len() as u64, &mut body);
-                ts_at.push(body.len() + 1);
-                body.extend_from_slice(&e);
-            }
-            Template { body, ts_at }
+                envelope(i % 10, source, t * BATCH + i, extra_tags)
+            }))
         })
         .collect()
 }
