@@ -7,6 +7,10 @@
 //! subscriber: decodes each message fully with prost and re-encodes every envelope, so that its
 //! CPU per envelope shows what an envelope's form costs downstream (`metron bench --only
 //! downstream`).
+//!
+//! With [`SinkStats::cap_rate`] it takes at most so many envelopes a second (all streams
+//! together): it reads nothing until the last batch's share of time has passed, so HTTP/2 flow
+//! control pushes back on the sender, as a saturated Doppler does (`bench --only noisy`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -14,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -122,8 +127,16 @@ pub struct SinkStats {
     pub out_of_order: AtomicU64,
     pub malformed: AtomicU64,
     pub latency: Histogram,
-    /// The newest timestamp seen per source id.
-    newest: Mutex<HashMap<Vec<u8>, i64>>,
+    /// The newest timestamp seen per source id, and the envelopes received from it.
+    newest: Mutex<HashMap<Vec<u8>, (i64, u64)>>,
+    /// Source ids starting with this are a watched group (`None`: none), whose latency is also
+    /// recorded in `watched_latency`.
+    watched: Mutex<Option<Vec<u8>>>,
+    pub watched_latency: Histogram,
+    /// Envelopes a second the sink takes (0: as fast as it can), and when it may read the next
+    /// batch.
+    rate_cap: AtomicU64,
+    next_read: Mutex<Option<std::time::Instant>>,
     /// A subscriber's buffer behind the sink, if modelled (`bench --only outage`).
     subscriber: Mutex<Option<SubscriberBuffer>>,
     /// Whether `subscriber` is set: the other runs take no lock for it.
@@ -145,7 +158,46 @@ impl SinkStats {
         self.out_of_order.store(0, Ordering::Relaxed);
         self.malformed.store(0, Ordering::Relaxed);
         self.latency.reset();
+        self.watched_latency.reset();
         self.newest.lock().clear();
+    }
+
+    /// At most `per_second` envelopes a second from now on (0: no cap).
+    pub fn cap_rate(&self, per_second: u64) {
+        self.rate_cap.store(per_second, Ordering::Relaxed);
+        *self.next_read.lock() = None;
+    }
+
+    /// Records the latency of sources whose id starts with `prefix` in `watched_latency` too
+    /// (`None`: no group).
+    pub fn watch(&self, prefix: Option<&[u8]>) {
+        *self.watched.lock() = prefix.map(<[u8]>::to_vec);
+    }
+
+    /// Envelopes received per source id since the last reset.
+    pub fn received_by_source(&self) -> HashMap<Vec<u8>, u64> {
+        self.newest
+            .lock()
+            .iter()
+            .map(|(k, (_, n))| (k.clone(), *n))
+            .collect()
+    }
+
+    /// Waits until the sink may read more after a batch of `n`, when its rate is capped.
+    async fn pace(&self, n: u64) {
+        let cap = self.rate_cap.load(Ordering::Relaxed);
+        if cap == 0 {
+            return;
+        }
+        let until = {
+            let mut next = self.next_read.lock();
+            let now = std::time::Instant::now();
+            let until =
+                next.map_or(now, |t| t.max(now)) + Duration::from_secs_f64(n as f64 / cap as f64);
+            *next = Some(until);
+            until
+        };
+        tokio::time::sleep_until(until.into()).await;
     }
 
     pub fn received(&self) -> u64 {
@@ -170,7 +222,8 @@ impl SinkStats {
         self.subscriber.lock().map_or(0, |s| s.dropped())
     }
 
-    fn record_batch(&self, body: &[u8]) {
+    /// Records one batch; returns the envelopes in it.
+    fn record_batch(&self, body: &[u8]) -> u64 {
         if self.decode {
             match crate::proto::EnvelopeBatch::decode(body) {
                 Ok(batch) => {
@@ -187,6 +240,8 @@ impl SinkStats {
         let mut n = 0;
         let mut bytes = 0;
         let mut late = 0;
+        let watched = self.watched.lock().clone();
+        let watched = watched.as_deref();
         let mut newest = self.newest.lock();
         for entry in batch_entries(body) {
             let Ok((ts, source)) = entry.and_then(|e| {
@@ -197,7 +252,7 @@ impl SinkStats {
                 continue;
             };
             n += 1;
-            late += u64::from(self.note(&mut newest, now, ts, source));
+            late += u64::from(self.note(&mut newest, now, ts, source, watched));
         }
         drop(newest);
         if self.modelled.load(Ordering::Acquire) {
@@ -208,6 +263,7 @@ impl SinkStats {
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.received.fetch_add(n, Ordering::Relaxed);
+        n
     }
 
     /// Records messages another kind of sink has already read (the syslog sink): each one's
@@ -218,7 +274,7 @@ impl SinkStats {
         let mut late = 0;
         let mut newest = self.newest.lock();
         for &(ts, source) in seen {
-            late += u64::from(self.note(&mut newest, now, ts, source));
+            late += u64::from(self.note(&mut newest, now, ts, source, None));
         }
         drop(newest);
         self.out_of_order.fetch_add(late, Ordering::Relaxed);
@@ -228,14 +284,31 @@ impl SinkStats {
     }
 
     /// One message's latency, and whether it is older than one seen before from its source.
-    fn note(&self, newest: &mut HashMap<Vec<u8>, i64>, now: i64, ts: i64, source: &[u8]) -> bool {
-        self.latency
-            .record(u64::try_from(now - ts).unwrap_or(0) / 1_000, 1);
+    /// Counts it for its source, and records its latency in `watched_latency` too when the
+    /// source id starts with `watched`.
+    fn note(
+        &self,
+        newest: &mut HashMap<Vec<u8>, (i64, u64)>,
+        now: i64,
+        ts: i64,
+        source: &[u8],
+        watched: Option<&[u8]>,
+    ) -> bool {
+        let us = u64::try_from(now - ts).unwrap_or(0) / 1_000;
+        self.latency.record(us, 1);
+        if watched.is_some_and(|w| source.starts_with(w)) {
+            self.watched_latency.record(us, 1);
+        }
         match newest.get_mut(source) {
-            Some(t) if ts < *t => return true,
-            Some(t) => *t = ts,
+            Some((t, n)) => {
+                *n += 1;
+                if ts < *t {
+                    return true;
+                }
+                *t = ts;
+            }
             None => {
-                newest.insert(source.to_vec(), ts);
+                newest.insert(source.to_vec(), (ts, 1));
             }
         }
         false
@@ -248,7 +321,7 @@ struct SinkCodec(Arc<SinkStats>);
 
 impl Codec for SinkCodec {
     type Encode = BatchSenderResponse;
-    type Decode = ();
+    type Decode = u64;
     type Encoder = Self;
     type Decoder = Self;
 
@@ -272,34 +345,38 @@ impl Encoder for SinkCodec {
 }
 
 impl Decoder for SinkCodec {
-    type Item = ();
+    type Item = u64;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<u64>, Status> {
         use prost::bytes::Buf;
         use tonic::codegen::Bytes;
         let len = src.remaining();
-        if src.chunk().len() == len {
-            self.0.record_batch(src.chunk());
+        let n = if src.chunk().len() == len {
+            let n = self.0.record_batch(src.chunk());
             src.advance(len);
+            n
         } else {
             let b: Bytes = src.copy_to_bytes(len);
-            self.0.record_batch(&b);
-        }
-        Ok(Some(()))
+            self.0.record_batch(&b)
+        };
+        Ok(Some(n))
     }
 }
 
-struct BatchSender;
+struct BatchSender(Arc<SinkStats>);
 
-impl tonic::server::ClientStreamingService<()> for BatchSender {
+impl tonic::server::ClientStreamingService<u64> for BatchSender {
     type Response = BatchSenderResponse;
     type Future = BoxFuture<Response<BatchSenderResponse>, Status>;
 
-    fn call(&mut self, request: Request<Streaming<()>>) -> Self::Future {
+    fn call(&mut self, request: Request<Streaming<u64>>) -> Self::Future {
+        let stats = self.0.clone();
         Box::pin(async move {
             let mut s = request.into_inner();
-            while s.message().await?.is_some() {}
+            while let Some(n) = s.message().await? {
+                stats.pace(n).await;
+            }
             Ok(Response::new(BatchSenderResponse {}))
         })
     }
@@ -328,13 +405,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let codec = SinkCodec(self.0.clone());
+        let stats = self.0.clone();
         Box::pin(async move {
             if req.uri().path() != "/loggregator.v2.Ingress/BatchSender" {
                 return Ok(Status::unimplemented("the sink only serves BatchSender").into_http());
             }
             let mut grpc = tonic::server::Grpc::new(codec)
                 .apply_max_message_size_config(Some(MAX_GRPC_MESSAGE_BYTES), None);
-            Ok(grpc.client_streaming(BatchSender, req).await)
+            Ok(grpc.client_streaming(BatchSender(stats), req).await)
         })
     }
 }
