@@ -9,9 +9,13 @@
 //! `metron bench --only syslog` ([`syslog_runs`]) adds a syslog sink ([`syslog_sink`], TCP and
 //! TLS) and a load straight into it ([`syslog_load`]), to measure the agent fanning out to an
 //! aggregate drain beside the Doppler sink.
+//!
+//! `metron bench --only noisy` ([`noisy_runs`]) measures noisy neighbours: a flood beside quiet
+//! sources into a rate-capped sink, and a per-source rate limit held (issue 22).
 
 pub mod downstream;
 pub mod load;
+pub mod noisy_runs;
 pub mod outage;
 pub mod run;
 pub mod sink;

@@ -128,7 +128,7 @@ fn one(
     )));
     let mut sink = KillableSink::start(doppler_tls, stats.clone())?;
     let extra = if paced { "" } else { UNPACED };
-    let agent = AgentProcess::start_with(bench, Via::Agent, Some(sink.addr), None, extra)?;
+    let agent = AgentProcess::start_with(bench, Via::Agent, Some(sink.addr), None, extra, "")?;
     let spec = LoadSpec {
         target: agent.ingress,
         tls: bench.emitter_tls.client_config("metron"),

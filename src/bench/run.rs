@@ -22,7 +22,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
 metron bench [--seconds N] [--probe-seconds N]
-             [--only all|capacity|fixed|downstream|outage|syslog]
+             [--only all|capacity|fixed|downstream|outage|syslog|noisy]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
              [--sink-workers N] [--outage-seconds N] [--trace]
@@ -45,7 +45,12 @@ metron bench [--seconds N] [--probe-seconds N]
                      a syslog sink only and both, each at 50k/s (drain over TCP and TLS) and in
                      a loss-free capacity search (TCP); the fan-out's targets met or not.
                      --seconds is the length of the 50k/s runs and of each capacity
-                     confirmation, --probe-seconds of the ceilings, max-offered runs and probes
+                     confirmation, --probe-seconds of the ceilings, max-offered runs and probes;
+                     noisy: noisy neighbours (issue 22): one source flooding the agent in front
+                     of a sink capped at 20k/s beside quiet sources (on their own connection,
+                     and inside the flood's batches), and a source offering 50k/s against a
+                     10k/s per-source limit: the quiet sources' loss and p99, the flood's
+                     goodput, the drops by reason, the limited rate; --seconds per run
     --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000;
                      outage: 1000,5000; syslog: 50000 only, not changed by --rates)
     --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
@@ -402,18 +407,20 @@ impl AgentProcess {
         via: Via,
         sink: SocketAddr,
     ) -> Result<AgentProcess, BenchError> {
-        Self::start_with(bench, via, Some(sink), None, "")
+        Self::start_with(bench, via, Some(sink), None, "", "")
     }
 
     /// Starts the agent forwarding to the Doppler sink at `doppler` (`None`: no `dopplers`
     /// section) and to `drain`, with `dopplers_extra` (e.g. `"\n  replay_min_rate: 50"`) added to
-    /// the `dopplers` section.
+    /// the `dopplers` section and `sections` (whole top-level sections, each line ending in a
+    /// newline, e.g. `"limits: { ... }\n"`) to the config.
     pub(super) fn start_with(
         bench: &Bench,
         via: Via,
         doppler: Option<SocketAddr>,
         drain: Option<&DrainTarget>,
         dopplers_extra: &str,
+        sections: &str,
     ) -> Result<AgentProcess, BenchError> {
         let ingress = free_port()?;
         let metrics = free_port()?;
@@ -483,7 +490,7 @@ ingress:
 log: {{ level: warn }}
 health: {{ listen: null }}
 development: {{ enabled: false }}
-{pipeline}{sequencing}",
+{pipeline}{sequencing}{sections}",
             IDENTITY[0].1,
             IDENTITY[1].1,
             IDENTITY[2].1,
@@ -544,7 +551,7 @@ development: {{ enabled: false }}
     }
 
     /// (dropped in total, by reason) as the agent counts them.
-    fn drops(&self) -> (u64, BTreeMap<String, u64>) {
+    pub(super) fn drops(&self) -> (u64, BTreeMap<String, u64>) {
         let text = scrape(self.metrics).unwrap_or_default();
         let mut by_reason = BTreeMap::new();
         for line in text.lines() {
@@ -636,8 +643,8 @@ pub(super) struct Bench {
     pub(super) dir: PathBuf,
     pub(super) creds: DevCredentials,
     key_file: PathBuf,
-    sink_addr: SocketAddr,
-    stats: Arc<SinkStats>,
+    pub(super) sink_addr: SocketAddr,
+    pub(super) stats: Arc<SinkStats>,
     agent_bin: PathBuf,
     tuning: AgentTuning,
     trace: bool,
@@ -677,6 +684,7 @@ impl Bench {
                 via,
                 route.doppler.then_some(self.sink_addr),
                 route.drain.map(|d| d.0),
+                "",
                 "",
             )?),
         };
@@ -863,6 +871,15 @@ pub(super) fn fmt_us(us: u64) -> String {
     }
 }
 
+/// A target's cell: met, not met, or not measured (`None`).
+pub(super) fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "not met",
+        None => "not measured",
+    }
+}
+
 pub(super) fn fmt_rate(r: f64) -> String {
     if r >= 1e6 {
         format!("{:.2}M", r / 1e6)
@@ -959,9 +976,19 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     let secs: u64 = a.get("seconds", 20)?;
     let probe_secs: u64 = a.get("probe-seconds", 8)?;
     let only: String = a.get("only", "all".to_string())?;
-    if !["all", "capacity", "fixed", "downstream", "outage", "syslog"].contains(&only.as_str()) {
+    if ![
+        "all",
+        "capacity",
+        "fixed",
+        "downstream",
+        "outage",
+        "syslog",
+        "noisy",
+    ]
+    .contains(&only.as_str())
+    {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity, fixed, downstream, outage or syslog, not {only:?}"
+            "--only must be all, capacity, fixed, downstream, outage, syslog or noisy, not {only:?}"
         )));
     }
     let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
@@ -1019,6 +1046,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     );
     let report = match only.as_str() {
         "syslog" => Some(super::syslog_runs::run(&bench, secs, probe_secs)),
+        "noisy" => Some(super::noisy_runs::run(&bench, secs)),
         "outage" => {
             let outage_secs: u64 = a.get("outage-seconds", 5)?;
             Some(super::outage::run(&bench, &rates, outage_secs.max(1)))

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::run::{
-    capacity_search, drain_wait_all, fmt_drops, fmt_rate, fmt_us, Arrived, Bench, DrainTarget,
-    Outcome, Route, Via,
+    capacity_search, drain_wait_all, fmt_drops, fmt_rate, fmt_us, verdict, Arrived, Bench,
+    DrainTarget, Outcome, Route, Via,
 };
 use super::syslog_load::{self, SyslogLoadSpec};
 use super::syslog_sink::{SinkTls, SyslogSink};
@@ -302,14 +302,6 @@ fn fmt_capacity(rate: Option<u64>) -> String {
 
 fn fmt_cpu(cpu: Option<f64>) -> String {
     cpu.map_or("-".into(), |c| format!("{c:.1}%"))
-}
-
-fn verdict(met: Option<bool>) -> &'static str {
-    match met {
-        Some(true) => "met",
-        Some(false) => "not met",
-        None => "not measured",
-    }
 }
 
 const HEADER: &str = "| run | target/s | offered/s | Doppler sink got/s | syslog sink got/s | lost, Doppler / syslog | agent drops | agent CPU | agent peak RSS | Doppler sink p50 / p99 | syslog sink p50 / p99 | out of order, Doppler / syslog |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
