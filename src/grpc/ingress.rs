@@ -350,7 +350,7 @@ impl Edge {
         let budget = self.ledger.max_bytes();
         let freed = self.ledger.freed();
         filter(batch, |offers, keep| {
-            self.fair.lock().decide_observed(
+            self.fair.lock().decide(
                 offers,
                 (pressure, budget),
                 freed,

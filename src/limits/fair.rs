@@ -144,20 +144,9 @@ impl FairShed {
     /// Decides for each of `offers` (in order) whether it is admitted, given the budget's
     /// `occupancy` (0.0-1.0) and the ledger's `freed` bytes so far, at `now`. `keep[i]` says
     /// whether offer `i` is; the count refused is returned.
+    /// `observed`: the offers were already recorded by [`FairShed::observe`] (the rate limits
+    /// read them first).
     pub fn decide(
-        &mut self,
-        offers: &[Offer],
-        (occupancy, budget): (f64, usize),
-        freed: u64,
-        now: Instant,
-        keep: &mut Vec<bool>,
-    ) -> usize {
-        self.decide_observed(offers, (occupancy, budget), freed, now, keep, false)
-    }
-
-    /// [`FairShed::decide`]; `observed`: the offers were already recorded by
-    /// [`FairShed::observe`] (the rate limits read them first).
-    pub fn decide_observed(
         &mut self,
         offers: &[Offer],
         (occupancy, budget): (f64, usize),
@@ -398,7 +387,7 @@ mod tests {
                     (0..*n).map(move |_| i)
                 }).map(|i| Offer { source: names[i].as_bytes(), bytes: 100 }).collect();
                 let level_before = fair.level;
-                fair.decide(&offers, (occupancy, 1 << 20), freed, now, &mut keep);
+                fair.decide(&offers, (occupancy, 1 << 20), freed, now, &mut keep, false);
                 if step < 300 {
                     continue; // let the rates settle
                 }

@@ -387,14 +387,11 @@ fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), 
             out.end();
         }
         Body::Counter { name, delta, total } => {
-            b.extend_from_slice(b"[counter@47450");
-            param(b, "name", name);
-            param_display(b, "total", total);
-            param_display(b, "delta", delta);
-            b.push(b']');
-            write_tags(env, opts, b)?;
-            b.extend_from_slice(b" \n");
-            out.end();
+            metric_message(out, env, opts, b"[counter@47450", |b| {
+                param(b, "name", name);
+                param_display(b, "total", total);
+                param_display(b, "delta", delta);
+            })?;
         }
         Body::Gauge(metrics) => {
             let mut tags: Option<std::ops::Range<usize>> = None;
@@ -429,25 +426,38 @@ fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), 
             }
         }
         Body::Timer { name, start, stop } => {
-            b.extend_from_slice(b"[timer@47450");
-            param(b, "name", name);
-            param_display(b, "start", start);
-            param_display(b, "stop", stop);
-            b.push(b']');
-            write_tags(env, opts, b)?;
-            b.extend_from_slice(b" \n");
-            out.end();
+            metric_message(out, env, opts, b"[timer@47450", |b| {
+                param(b, "name", name);
+                param_display(b, "start", start);
+                param_display(b, "stop", stop);
+            })?;
         }
         Body::Event { title, body } => {
-            b.extend_from_slice(b"[event@47450");
-            param(b, "title", title);
-            param(b, "body", body);
-            b.push(b']');
-            write_tags(env, opts, b)?;
-            b.extend_from_slice(b" \n");
-            out.end();
+            metric_message(out, env, opts, b"[event@47450", |b| {
+                param(b, "title", title);
+                param(b, "body", body);
+            })?;
         }
     }
+    Ok(())
+}
+
+/// Ends a counter's, timer's or event's message (its header already written): its element
+/// (`open`, then what `params` writes), the tags element and upstream's `" \n"`.
+fn metric_message(
+    out: &mut Messages,
+    env: &Fields,
+    opts: &Options,
+    open: &[u8],
+    params: impl FnOnce(&mut Vec<u8>),
+) -> Result<(), Unformattable> {
+    let b = &mut out.bytes;
+    b.extend_from_slice(open);
+    params(b);
+    b.push(b']');
+    write_tags(env, opts, b)?;
+    b.extend_from_slice(b" \n");
+    out.end();
     Ok(())
 }
 
