@@ -21,7 +21,7 @@ use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::{Batch, Kinds, Routed};
 use crate::limits::fair::FairShed;
 use crate::syslog::apps::{AppRouter, DrainSpec};
-use crate::telemetry::{ActorName, DropReason, Ledger};
+use crate::telemetry::{Account, ActorName, DropReason, Ledger};
 
 const ME: ActorName = ActorName::Sequencer;
 
@@ -43,6 +43,8 @@ pub struct SequencerActor {
     apps: Option<Apps>,
     /// See [`Routing::fair`].
     fair: Option<Arc<parking_lot::Mutex<FairShed>>>,
+    /// Each destination's egress when it last changed (by account), for [`Self::draining`].
+    progress: HashMap<usize, (u64, Instant)>,
     /// Guaranteed shares of the budget: every slot's, then every outlet's, then the app drains'
     /// together (see [`may_route`]).
     shares: Vec<usize>,
@@ -122,6 +124,7 @@ impl SequencerActor {
                 grace: a.grace,
             }),
             fair: routing.fair,
+            progress: HashMap::new(),
             shares: Vec::new(),
             budget: 0,
             next,
@@ -388,13 +391,8 @@ impl SequencerActor {
             .chain(self.apps.as_ref().map(|a| a.group.get()))
             .collect();
         // Index of destination d in `routed` / `shares`.
-        let index = |d: usize| {
-            if d == 0 {
-                slot
-            } else {
-                self.queues.len() + d - 1
-            }
-        };
+        let slots = self.queues.len();
+        let index = move |d: usize| if d == 0 { slot } else { slots + d - 1 };
         let accepted: Vec<bool> = (0..destinations)
             .map(|d| {
                 offer[d].0 > 0
@@ -404,8 +402,18 @@ impl SequencerActor {
         // A destination over its share still takes the envelopes of the sources within their
         // fair share, within one more share of its own: a flood sharing a slot with quiet
         // sources loses its own envelopes, not theirs (decision 30).
+        // Only a destination that is taking envelopes (it delivered some within the last
+        // second): a stuck or blackholed one would only hold the light ones longer.
         let refused: u64 = (0..destinations)
             .filter(|d| offer[*d].0 > 0 && !accepted[*d])
+            .filter(|d| {
+                let account = if *d == 0 {
+                    self.ledger.doppler().clone()
+                } else {
+                    self.outlets[*d - 1].account.clone()
+                };
+                self.draining(&account)
+            })
             .fold(0, |m, d| m | 1 << d);
         let light = self.light_items(&part, refused, &offered);
         let mut light_offer = vec![(0usize, 0usize); destinations];
@@ -573,6 +581,18 @@ impl SequencerActor {
             doppler,
             outlets,
         })
+    }
+
+    /// Whether `account`'s destination delivered anything within the last second.
+    fn draining(&mut self, account: &Arc<Account>) -> bool {
+        let now = Instant::now();
+        let egress = account.egress();
+        let key = Arc::as_ptr(account) as usize;
+        let seen = self.progress.entry(key).or_insert((egress, now));
+        if seen.0 != egress {
+            *seen = (egress, now);
+        }
+        now.saturating_duration_since(seen.1) < Duration::from_secs(1) && egress > 0
     }
 
     /// For each envelope of `part`, whether its source is within its fair share, when some

@@ -108,6 +108,18 @@ impl RawLimit {
                 }
             }
         }
+        if let Some(e) = envelopes {
+            if e * burst < 1.0 {
+                return Err(ConfigError::new(
+                    format!("{key}.burst_seconds"),
+                    format!(
+                        "{burst}: at {e} envelopes/s the burst must hold at least one envelope \
+                         (burst_seconds ≥ {})",
+                        1.0 / e
+                    ),
+                ));
+            }
+        }
         if envelopes.is_none() && bytes.is_none() {
             return Err(ConfigError::new(
                 key,

@@ -1763,6 +1763,11 @@ development: { enabled: true }
             "limits.overrides.app.bytes_per_second"
         );
         assert_eq!(key("{ per_sorce: {} }"), "limits.per_sorce");
+        assert_eq!(
+            key("{ per_source: { envelopes_per_second: 0.5 } }"),
+            "limits.per_source.burst_seconds",
+            "a burst that never holds one envelope would refuse everything"
+        );
         // Live on SIGHUP.
         let a = Config::from_yaml(MINIMAL).unwrap();
         let b = with("{ per_source: { envelopes_per_second: 100 } }").unwrap();

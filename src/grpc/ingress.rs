@@ -28,7 +28,7 @@ use crate::config::{Limit, LimitsConfig};
 use crate::envelope::raw::count_batch;
 use crate::envelope::{encode_batch, read_batch, Batch, ReadError};
 use crate::limits::fair::{self, FairShed, Heavy};
-use crate::limits::rate::RateLimiter;
+use crate::limits::rate::{RateLimiter, Refusals};
 use crate::proto::ingress_server::{Ingress, IngressServer};
 use crate::proto::{BatchSenderResponse, Envelope, EnvelopeBatch, IngressResponse, SendResponse};
 use crate::telemetry::ratelimit::RateLimit;
@@ -296,7 +296,7 @@ impl Edge {
                 return Err(Status::internal(e.to_string()));
             }
         };
-        let (batch, limited) = self.limit(batch);
+        let (batch, limited, refusals) = self.limit(batch);
         if !self.limits_on() {
             let now = std::time::Instant::now();
             let mut fair = self.fair.lock();
@@ -308,6 +308,7 @@ impl Edge {
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
         self.ledger.refused(DropReason::SourceRateLimited, limited);
+        self.note_limited(refusals);
         let (n, bytes) = (batch.len(), batch.bytes());
         if !self.ledger.settle(reserved, n, bytes) {
             self.ledger.refused(full, n);
@@ -325,8 +326,8 @@ impl Edge {
         let (batch, oversize) = self
             .price(raw.body)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let (batch, limited) = self.limit(batch);
-        let (batch, shed) = self.shed_unfairly(batch, pressure, limited > 0 || self.limits_on());
+        let (batch, limited, refusals) = self.limit(batch);
+        let (batch, shed) = self.shed_unfairly(batch, pressure, self.limits_on());
         let (n, bytes) = (batch.len(), batch.bytes());
         let (wait, full) = self.wait_policy();
         let admitted = n > 0 && self.ledger.admit(n, bytes, wait).await;
@@ -335,6 +336,7 @@ impl Edge {
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);
         self.ledger.refused(DropReason::SourceRateLimited, limited);
+        self.note_limited(refusals);
         self.ledger.refused(DropReason::FairShare, shed);
         if !admitted {
             self.ledger.refused(full, n);
@@ -365,26 +367,46 @@ impl Edge {
         self.limits_on.load(Ordering::Relaxed)
     }
 
-    /// `batch` without the envelopes over their source's rate limit, and how many those were;
-    /// what every source offered and had refused goes into the heaviest sources' report.
-    fn limit(&self, batch: Batch) -> (Batch, usize) {
+    /// `batch` without the envelopes over their source's rate limit, how many those were, and
+    /// by source (for [`Edge::note_limited`], once they are counted). What the sources offered
+    /// within their limits goes into the fair table (what a limit refuses is no demand).
+    fn limit(&self, batch: Batch) -> (Batch, usize, Refusals) {
+        let mut refusals = Refusals::new();
         if !self.limits_on() {
-            return (batch, 0);
+            return (batch, 0, refusals);
         }
-        filter(batch, |offers, keep| {
+        let (batch, refused) = filter(batch, |offers, keep| {
             let now = std::time::Instant::now();
-            let refused = self.limiter.lock().decide(offers, now, keep);
-            let mut fair = self.fair.lock();
-            fair.observe(offers, now);
-            if refused > 0 {
-                for (o, k) in offers.iter().zip(keep.iter()) {
-                    if !k {
-                        fair.rate_limited(o.source, 1, now);
-                    }
-                }
-            }
+            let refused = self.limiter.lock().decide(offers, now, keep, &mut refusals);
+            let kept: Vec<fair::Offer> = offers
+                .iter()
+                .zip(keep.iter())
+                .filter(|(_, k)| **k)
+                .map(|(o, _)| fair::Offer {
+                    source: o.source,
+                    bytes: o.bytes,
+                })
+                .collect();
+            self.fair.lock().observe(&kept, now);
             refused
-        })
+        });
+        (batch, refused, refusals)
+    }
+
+    /// Counts `refusals` for the sources' notices and the heaviest sources' report: after the
+    /// last `.await` of an admission, with the drops.
+    fn note_limited(&self, refusals: Refusals) {
+        if refusals.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut fair = self.fair.lock();
+            for (source, n) in &refusals {
+                fair.rate_limited(source, *n as usize, now);
+            }
+        }
+        self.limiter.lock().note(refusals);
     }
 
     /// The `limits.top_sources` heaviest sources now (tracked while the pipeline is under

@@ -5,7 +5,8 @@
 //!
 //! - Each tracked source has two rates, exponentially weighted over [`TAU`]: what it *offered*
 //!   (every envelope the edge read) and what was *admitted*.
-//! - The pipeline's capacity is the rate at which budget bytes leave it (delivered or dropped).
+//! - The pipeline's capacity is the rate at which the Doppler pool delivers budget bytes (the
+//!   pressure it answers leaves the drains out too; drops are no capacity).
 //!   Below [`MIN_CAPACITY`] of the budget a second nothing drains (a stalled or absent
 //!   destination): no share of nothing is fair, so nobody is shed by this policy, and the whole
 //!   budget serves to ride the outage out.
@@ -193,6 +194,10 @@ impl FairShed {
         {
             return;
         }
+        // Sources that went quiet are forgotten here, so the mean is over the active ones.
+        self.sources.retain(|_, s| {
+            s.offered.at(now) >= 1.0 || s.limited.at(now) >= 0.01 || s.shed.at(now) >= 0.01
+        });
         let mut demands: Vec<f64> = self.sources.values().map(|s| s.offered.at(now)).collect();
         self.mean = demands.iter().sum::<f64>() / demands.len().max(1) as f64;
         // Never below the mean demand: the capacity is measured from acknowledgements, which
@@ -221,13 +226,14 @@ impl FairShed {
                 .is_some_and(|at| now.saturating_duration_since(at) < TAU)
     }
 
-    /// Whether `source` offers no more than the mean of the sources recorded (see
-    /// [`FairShed::fresh`]). A destination over its share still takes a light source's
-    /// envelopes, within one more share of its own (decision 30).
+    /// Whether `source` offers less than the mean of the active sources recorded (see
+    /// [`FairShed::fresh`]; a source not recorded is not known to be light). A draining
+    /// destination over its share still takes a light source's envelopes, within one more share
+    /// of its own (decision 30).
     pub fn is_light(&self, source: &[u8], now: Instant) -> bool {
         self.sources
             .get(source)
-            .is_none_or(|s| s.offered.at(now) <= self.mean)
+            .is_some_and(|s| s.offered.at(now) < self.mean)
     }
 
     /// Records what `offers` offer (their sources' rates) without deciding anything: for the

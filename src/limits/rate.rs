@@ -82,9 +82,13 @@ pub struct RateLimiter {
     config: LimitsConfig,
     buckets: HashMap<Box<[u8]>, Bucket>,
     max_sources: usize,
-    /// Envelopes refused per source since its last notice.
+    /// Envelopes refused per source since its last notice (counted by [`RateLimiter::note`],
+    /// once the refusals are counted as drops).
     pending: HashMap<Box<[u8]>, u64>,
 }
+
+/// Envelopes refused per source in one batch, for [`RateLimiter::note`].
+pub type Refusals = Vec<(Box<[u8]>, u64)>;
 
 impl RateLimiter {
     pub fn new(config: LimitsConfig, max_sources: usize) -> Self {
@@ -113,10 +117,18 @@ impl RateLimiter {
             };
             b.refill(now);
             let fresh = Bucket::new(limit, now);
+            // A dimension the old limit did not have starts full, as a new bucket's.
+            let keep = |had: Option<f64>, held: f64, new: f64| {
+                if had.is_some() {
+                    held.min(new)
+                } else {
+                    new
+                }
+            };
             *b = Bucket {
                 limit,
-                envelopes: b.envelopes.min(fresh.envelopes),
-                bytes: b.bytes.min(fresh.bytes),
+                envelopes: keep(b.limit.envelopes_per_second, b.envelopes, fresh.envelopes),
+                bytes: keep(b.limit.bytes_per_second, b.bytes, fresh.bytes),
                 at: now,
             };
             true
@@ -124,8 +136,14 @@ impl RateLimiter {
     }
 
     /// Decides for each of `offers` whether it is within its source's limit; `keep[i]` says
-    /// whether offer `i` is. Returns how many were refused.
-    pub fn decide(&mut self, offers: &[Offer], now: Instant, keep: &mut Vec<bool>) -> usize {
+    /// whether offer `i` is. Returns how many were refused; `refusals` gets them by source.
+    pub fn decide(
+        &mut self,
+        offers: &[Offer],
+        now: Instant,
+        keep: &mut Vec<bool>,
+        refusals: &mut Refusals,
+    ) -> usize {
         keep.clear();
         let mut refused = 0;
         for o in offers {
@@ -135,13 +153,24 @@ impl RateLimiter {
             };
             if !admit {
                 refused += 1;
-                if self.pending.len() < self.max_sources || self.pending.contains_key(o.source) {
-                    *self.pending.entry(o.source.into()).or_default() += 1;
+                match refusals.last_mut() {
+                    Some((s, n)) if **s == *o.source => *n += 1,
+                    _ => refusals.push((o.source.into(), 1)),
                 }
             }
             keep.push(admit);
         }
         refused
+    }
+
+    /// Counts `refusals` for the sources' notices (once they are counted as drops; a source
+    /// beyond `max_sources` pending is counted in the metrics but not told).
+    pub fn note(&mut self, refusals: Refusals) {
+        for (source, n) in refusals {
+            if self.pending.len() < self.max_sources || self.pending.contains_key(&source) {
+                *self.pending.entry(source).or_default() += n;
+            }
+        }
     }
 
     /// The bucket of `source`, made on its first envelope; `None` when it is not limited.
@@ -221,27 +250,30 @@ mod tests {
                 })
                 .collect()
         };
+        let mut refusals = Refusals::new();
         assert_eq!(
-            r.decide(&offers("app", 15), t0, &mut keep),
+            r.decide(&offers("app", 15), t0, &mut keep, &mut refusals),
             5,
             "a burst of 10"
         );
         assert_eq!(
-            r.decide(&offers("router", 1000), t0, &mut keep),
+            r.decide(&offers("router", 1000), t0, &mut keep, &mut refusals),
             0,
             "exempt"
         );
         assert_eq!(
-            r.decide(&offers("big", 1000), t0, &mut keep),
+            r.decide(&offers("big", 1000), t0, &mut keep, &mut refusals),
             0,
             "overridden"
         );
         let later = t0 + Duration::from_millis(500);
         assert_eq!(
-            r.decide(&offers("app", 10), later, &mut keep),
+            r.decide(&offers("app", 10), later, &mut keep, &mut refusals),
             5,
             "5 refilled in 0.5 s"
         );
+        assert!(r.take_pending(10).is_empty(), "told only once counted");
+        r.note(refusals);
         assert_eq!(r.take_pending(10), vec![("app".to_string(), 10)]);
         assert!(r.take_pending(10).is_empty(), "counted again from zero");
     }
@@ -265,7 +297,7 @@ mod tests {
             for (ms, n, bytes) in steps {
                 now += Duration::from_millis(ms);
                 let offers: Vec<Offer> = (0..n).map(|_| Offer { source: b"app", bytes }).collect();
-                r.decide(&offers, now, &mut keep);
+                r.decide(&offers, now, &mut keep, &mut Refusals::new());
                 let k = keep.iter().filter(|k| **k).count() as f64;
                 admitted += k;
                 admitted_bytes += k * bytes as f64;

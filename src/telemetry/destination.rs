@@ -117,6 +117,11 @@ impl Account {
         }
     }
 
+    /// Envelopes delivered so far.
+    pub fn egress(&self) -> u64 {
+        self.egress.load(Ordering::Relaxed)
+    }
+
     pub fn destination(&self) -> &Destination {
         &self.destination
     }

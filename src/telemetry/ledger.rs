@@ -179,8 +179,8 @@ impl Ledger {
         }
     }
 
-    /// Budget bytes of envelopes that left so far (delivered or dropped): how fast the pipeline
-    /// drains, for fair shedding.
+    /// Budget bytes the Doppler pool delivered so far: how fast the destinations fair shedding
+    /// answers for take envelopes (drains, copies and drops left out: decision 30).
     pub fn freed(&self) -> u64 {
         self.freed.load(Ordering::Relaxed)
     }
@@ -191,7 +191,6 @@ impl Ledger {
     }
 
     fn release(&self, n: usize, bytes: usize) {
-        self.freed.fetch_add(bytes as u64, Ordering::Relaxed);
         let prev = self.in_flight.fetch_sub(n as u64, Ordering::Relaxed);
         debug_assert!(prev >= n as u64, "released more envelopes than admitted");
         self.give_back(bytes);
@@ -272,6 +271,7 @@ impl Ledger {
         at.delivered(n, bytes);
         self.beside(at, -(bytes as i64));
         if at.is_doppler() {
+            self.freed.fetch_add(bytes as u64, Ordering::Relaxed);
             self.metrics.egress.fetch_add(n as u64, Ordering::Relaxed);
         }
         self.release(n, bytes);

@@ -360,6 +360,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     });
 
     let mut stop = closed_rx;
+    // Limits in force before the first emitter connects.
+    edge.set_limits(c.limits.clone());
     let router = server_builder.add_service(IngressService::router(edge.clone()));
     let health = Health::new(
         ledger.clone(),
@@ -441,11 +443,22 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         )));
     }
 
-    edge.set_limits(c.limits.clone());
     background.push(tokio::spawn(send_rate_limit_notices(
         edge.clone(),
         ledger.clone(),
     )));
+    {
+        // The heaviest sources' report, for /metrics, /readyz and the state dump: on its own
+        // tick, so notices waiting for room never delay it.
+        let (edge, ledger) = (edge.clone(), ledger.clone());
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                ledger.metrics().set_heaviest(edge.heaviest());
+            }
+        }));
+    }
 
     let live = LiveState {
         started: p.config.clone(),
@@ -835,17 +848,16 @@ async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
     }
 }
 
-/// The most sources told of their rate limit per second (the rest are told a second later).
-const RATE_NOTICES_PER_TICK: usize = 1_000;
+/// The most sources told of their rate limit per second (the rest are told later, their counts
+/// kept): each notice may wait up to `ingress.grpc.max_wait_ms` for room.
+const RATE_NOTICES_PER_TICK: usize = 100;
 
-/// Every second: updates the heaviest sources' report, and tells each source whose envelopes
-/// its rate limit refused since, in its own stream (at most one notice per source per second).
+/// Every second: tells each source whose envelopes its rate limit refused since, in its own
+/// stream (at most one notice per source per second).
 async fn send_rate_limit_notices(edge: Edge, ledger: Arc<Ledger>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        // The heaviest sources' report, for /metrics, /readyz and the state dump.
-        ledger.metrics().set_heaviest(edge.heaviest());
         for (source, n, limit) in edge.rate_limited(RATE_NOTICES_PER_TICK) {
             let limit = limit.map_or_else(String::new, |l| {
                 let mut parts = Vec::new();
