@@ -402,8 +402,8 @@ impl SequencerActor {
         // A destination over its share still takes the envelopes of the sources within their
         // fair share, within one more share of its own: a flood sharing a slot with quiet
         // sources loses its own envelopes, not theirs (decision 30).
-        // Only a destination that is taking envelopes (it delivered some within the last
-        // second): a stuck or blackholed one would only hold the light ones longer.
+        // Only a destination that is taking envelopes (see `draining`): a stuck or blackholed
+        // one would only hold the light ones longer.
         let refused: u64 = (0..destinations)
             .filter(|d| offer[*d].0 > 0 && !accepted[*d])
             .filter(|d| {
@@ -583,7 +583,9 @@ impl SequencerActor {
         })
     }
 
-    /// Whether `account`'s destination delivered anything within the last second.
+    /// Whether `account`'s destination is taking envelopes: it delivered some within the last
+    /// 3 s (a Doppler stream is acknowledged every `ack_interval_ms`, 1 s by default), or it
+    /// has a connection open and has delivered nothing yet (its first acknowledgement is due).
     fn draining(&mut self, account: &Arc<Account>) -> bool {
         let now = Instant::now();
         let egress = account.egress();
@@ -592,7 +594,18 @@ impl SequencerActor {
         if seen.0 != egress {
             *seen = (egress, now);
         }
-        now.saturating_duration_since(seen.1) < Duration::from_secs(1) && egress > 0
+        if egress == 0 {
+            let open = if account.is_doppler() {
+                self.ledger
+                    .metrics()
+                    .doppler_v2_streams
+                    .load(Ordering::Relaxed)
+            } else {
+                account.connections()
+            };
+            return open > 0;
+        }
+        now.saturating_duration_since(seen.1) < Duration::from_secs(3)
     }
 
     /// For each envelope of `part`, whether its source is within its fair share, when some

@@ -227,13 +227,13 @@ impl FairShed {
     }
 
     /// Whether `source` offers less than the mean of the active sources recorded (see
-    /// [`FairShed::fresh`]; a source not recorded is not known to be light). A draining
+    /// [`FairShed::fresh`]; a source not recorded yet, its first envelope, is). A draining
     /// destination over its share still takes a light source's envelopes, within one more share
     /// of its own (decision 30).
     pub fn is_light(&self, source: &[u8], now: Instant) -> bool {
         self.sources
             .get(source)
-            .is_some_and(|s| s.offered.at(now) < self.mean)
+            .is_none_or(|s| s.offered.at(now) < self.mean)
     }
 
     /// Records what `offers` offer (their sources' rates) without deciding anything: for the

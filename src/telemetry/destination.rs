@@ -122,6 +122,11 @@ impl Account {
         self.egress.load(Ordering::Relaxed)
     }
 
+    /// Connections open now (drains; the Doppler pool counts its streams in the metrics).
+    pub fn connections(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
     pub fn destination(&self) -> &Destination {
         &self.destination
     }
