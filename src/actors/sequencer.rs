@@ -178,6 +178,12 @@ impl SequencerActor {
         if let Some(apps) = &self.apps {
             outlets.extend(apps.router.aggregate().map(|h| h.outlet.clone()));
         }
+        // Forget the progress of destinations that are gone.
+        let live: Vec<usize> = std::iter::once(&**self.ledger.doppler())
+            .chain(outlets.iter().map(|o| &*o.account))
+            .map(|a| std::ptr::from_ref(a) as usize)
+            .collect();
+        self.progress.retain(|k, _| live.contains(k));
         self.outlets = outlets;
         self.set_budget(self.budget);
     }
@@ -406,14 +412,7 @@ impl SequencerActor {
         // one would only hold the light ones longer.
         let refused: u64 = (0..destinations)
             .filter(|d| offer[*d].0 > 0 && !accepted[*d])
-            .filter(|d| {
-                let account = if *d == 0 {
-                    self.ledger.doppler().clone()
-                } else {
-                    self.outlets[*d - 1].account.clone()
-                };
-                self.draining(&account)
-            })
+            .filter(|d| self.draining(*d))
             .fold(0, |m, d| m | 1 << d);
         let light = self.light_items(&part, refused, &offered);
         let mut light_offer = vec![(0usize, 0usize); destinations];
@@ -586,10 +585,16 @@ impl SequencerActor {
     /// Whether `account`'s destination is taking envelopes: it delivered some within the last
     /// 3 s (a Doppler stream is acknowledged every `ack_interval_ms`, 1 s by default), or it
     /// has a connection open and has delivered nothing yet (its first acknowledgement is due).
-    fn draining(&mut self, account: &Arc<Account>) -> bool {
+    /// `d` as in [`Self::route`]: 0 the Doppler pool, `1 + j` outlet `j`.
+    fn draining(&mut self, d: usize) -> bool {
         let now = Instant::now();
+        let account: &Account = if d == 0 {
+            self.ledger.doppler()
+        } else {
+            &self.outlets[d - 1].account
+        };
         let egress = account.egress();
-        let key = Arc::as_ptr(account) as usize;
+        let key = std::ptr::from_ref(account) as usize;
         let seen = self.progress.entry(key).or_insert((egress, now));
         if seen.0 != egress {
             *seen = (egress, now);

@@ -272,9 +272,14 @@ impl Edge {
         // Fair shedding (decision 30) while the budget is under pressure but the batch fits and
         // something drains it; a batch that cannot fit is shed whole from its framing, unread.
         let pressure = self.ledger.pressure();
-        self.fair
-            .lock()
-            .measure(self.ledger.freed(), std::time::Instant::now());
+        let now = std::time::Instant::now();
+        // One lock per batch while the pipeline is easy: the capacity sample, and whether a
+        // destination over its share wants the sources recorded.
+        let tracking = {
+            let mut fair = self.fair.lock();
+            fair.measure(self.ledger.freed(), now);
+            fair.tracking_wanted(now)
+        };
         if pressure >= fair::TRACK_FROM
             && full != DropReason::NoDoppler
             && self.ledger.free_bytes() >= estimate
@@ -297,13 +302,10 @@ impl Edge {
             }
         };
         let (batch, limited, refusals) = self.limit(batch);
-        if !self.limits_on() {
-            let now = std::time::Instant::now();
-            let mut fair = self.fair.lock();
-            if fair.tracking_wanted(now) {
-                // A destination is over its share: record who sends what, for the sequencer.
-                fair.observe(&offers_of(&batch), now);
-            }
+        if tracking && !self.limits_on() {
+            // A destination is over its share: record who sends what, for the sequencer (with
+            // limits on, `limit` did).
+            self.fair.lock().observe(&offers_of(&batch), now);
         }
         metrics.ingress.fetch_add(total as u64, Ordering::Relaxed);
         self.ledger.refused(DropReason::Oversize, oversize);

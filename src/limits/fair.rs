@@ -132,16 +132,6 @@ impl FairShed {
         }
     }
 
-    /// Sources tracked now.
-    pub fn tracked(&self) -> usize {
-        self.sources.len()
-    }
-
-    /// The fair share in force, bytes/s (`None`: nobody is shed).
-    pub fn level(&self) -> Option<f64> {
-        self.level.is_finite().then_some(self.level)
-    }
-
     /// Decides for each of `offers` (in order) whether it is admitted, given the budget's
     /// `occupancy` (0.0-1.0) and the ledger's `freed` bytes so far, at `now`. `keep[i]` says
     /// whether offer `i` is; the count refused is returned.

@@ -375,9 +375,8 @@ fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), 
     let header = start..b.len();
     match message {
         Body::Log { payload, .. } => {
-            match write_tags(env, opts, b)? {
-                true => {}
-                false => b.push(b'-'),
+            if !write_tags(env, opts, b)? {
+                b.push(b'-');
             }
             b.push(b' ');
             b.extend(payload.iter().copied().filter(|c| *c != 0));
@@ -395,6 +394,7 @@ fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), 
         }
         Body::Gauge(metrics) => {
             let mut tags: Option<std::ops::Range<usize>> = None;
+            let mut v = String::new();
             for (i, (name, value, unit)) in metrics.iter().enumerate() {
                 let b = &mut out.bytes;
                 if i > 0 {
@@ -403,7 +403,7 @@ fn write_fields(env: &Fields, opts: &Options, out: &mut Messages) -> Result<(), 
                 b.extend_from_slice(b"[gauge@47450");
                 param(b, "name", name);
                 b.extend_from_slice(b" value=\"");
-                let mut v = String::new();
+                v.clear();
                 format_g(*value, &mut v);
                 b.extend_from_slice(v.as_bytes());
                 b.push(b'"');

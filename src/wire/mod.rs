@@ -787,6 +787,7 @@ fn start_poller(
 const NOTICE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the app was last told about one drain.
+#[derive(Default)]
 struct Noticed {
     lost: u64,
     connect_failures: u64,
@@ -807,7 +808,9 @@ async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
             r.retain(|d| d.actor.connected());
             r.iter().filter(|d| !d.app_id.is_empty()).cloned().collect()
         };
-        told.retain(|id, _| drains.iter().any(|d| d.outlet.outbox.id() == *id));
+        let live: std::collections::HashSet<u64> =
+            drains.iter().map(|d| d.outlet.outbox.id()).collect();
+        told.retain(|id, _| live.contains(id));
         for d in drains {
             let s = d.outlet.account.snapshot();
             // What the app lost at this drain (a removed drain's leftovers are not news to it).
@@ -816,12 +819,7 @@ async fn send_notices(registry: CacheDrains, edge: Edge, ledger: Arc<Ledger>) {
                 - s.dropped_by(DropReason::ShuttingDown);
             let failures = d.connect_failures.load(Ordering::Relaxed);
             let id = d.outlet.outbox.id();
-            let t = told.entry(id).or_insert(Noticed {
-                lost: 0,
-                connect_failures: 0,
-                lost_at: None,
-                failed_at: None,
-            });
+            let t = told.entry(id).or_default();
             let due =
                 |at: Option<tokio::time::Instant>| at.is_none_or(|at| now - at >= NOTICE_INTERVAL);
             let mut notices = Vec::new();
