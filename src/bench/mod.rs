@@ -17,6 +17,7 @@ pub mod downstream;
 pub mod load;
 pub mod noisy_runs;
 pub mod outage;
+pub mod pacer;
 pub mod run;
 pub mod sink;
 pub mod subscriber;

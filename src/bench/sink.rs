@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -135,8 +134,7 @@ pub struct SinkStats {
     pub watched_latency: Histogram,
     /// Envelopes a second the sink takes (0: as fast as it can), and when it may read the next
     /// batch.
-    rate_cap: AtomicU64,
-    next_read: Mutex<Option<std::time::Instant>>,
+    pacer: super::pacer::ReadPacer,
     /// A subscriber's buffer behind the sink, if modelled (`bench --only outage`).
     subscriber: Mutex<Option<SubscriberBuffer>>,
     /// Whether `subscriber` is set: the other runs take no lock for it.
@@ -164,8 +162,7 @@ impl SinkStats {
 
     /// At most `per_second` envelopes a second from now on (0: no cap).
     pub fn cap_rate(&self, per_second: u64) {
-        self.rate_cap.store(per_second, Ordering::Relaxed);
-        *self.next_read.lock() = None;
+        self.pacer.set(per_second);
     }
 
     /// Records the latency of sources whose id starts with `prefix` in `watched_latency` too
@@ -185,19 +182,7 @@ impl SinkStats {
 
     /// Waits until the sink may read more after a batch of `n`, when its rate is capped.
     async fn pace(&self, n: u64) {
-        let cap = self.rate_cap.load(Ordering::Relaxed);
-        if cap == 0 {
-            return;
-        }
-        let until = {
-            let mut next = self.next_read.lock();
-            let now = std::time::Instant::now();
-            let until =
-                next.map_or(now, |t| t.max(now)) + Duration::from_secs_f64(n as f64 / cap as f64);
-            *next = Some(until);
-            until
-        };
-        tokio::time::sleep_until(until.into()).await;
+        self.pacer.after(n).await;
     }
 
     pub fn received(&self) -> u64 {
@@ -240,7 +225,7 @@ impl SinkStats {
         let mut n = 0;
         let mut bytes = 0;
         let mut late = 0;
-        let watched = self.watched.lock().clone();
+        let watched = self.watched.lock();
         let watched = watched.as_deref();
         let mut newest = self.newest.lock();
         for entry in batch_entries(body) {

@@ -54,28 +54,9 @@ struct Store {
     refusing: std::sync::atomic::AtomicBool,
     /// Mirrors the counters of `state` for async waiters, who must not block on `changed`.
     counts: watch::Sender<Counts>,
-    /// Envelopes a second this Doppler takes, all streams together (0: as fast as it can), and
-    /// when it may take the next batch.
-    rate: std::sync::atomic::AtomicU64,
-    next_batch: Mutex<Instant>,
-}
-
-impl Store {
-    /// Waits until the Doppler may take more after a batch of `n` (see
-    /// [`FakeDoppler::set_rate`]): it reads nothing meanwhile, so flow control pushes back.
-    async fn pace(&self, n: usize) {
-        let rate = self.rate.load(Ordering::Relaxed);
-        if rate == 0 {
-            return;
-        }
-        let until = {
-            let mut next = self.next_batch.lock();
-            let start = (*next).max(Instant::now());
-            *next = start + Duration::from_secs_f64(n as f64 / rate as f64);
-            *next
-        };
-        tokio::time::sleep_until(until.into()).await;
-    }
+    /// Envelopes a second this Doppler takes, all streams together (see
+    /// [`FakeDoppler::set_rate`]).
+    pacer: metron::bench::pacer::ReadPacer,
 }
 
 /// The counters of a `FakeDoppler`, as one consistent snapshot.
@@ -203,7 +184,7 @@ impl Ingress for Recorder {
                         s.batches += 1;
                         s.record(started, batch.batch);
                     });
-                    self.store.pace(n).await;
+                    self.store.pacer.after(n as u64).await;
                 }
                 // As an upstream Doppler answers a stream the sender ended: its handler returns
                 // the `io.EOF` from `Recv`, which gRPC-Go sends as `Unknown: EOF`.
@@ -270,8 +251,7 @@ impl FakeDoppler {
                 changed: Condvar::new(),
                 stalled,
                 refusing: std::sync::atomic::AtomicBool::new(false),
-                rate: std::sync::atomic::AtomicU64::new(0),
-                next_batch: Mutex::new(Instant::now()),
+                pacer: Default::default(),
                 counts,
             }),
             cert_pem: cert.cert_pem,
@@ -389,7 +369,7 @@ impl FakeDoppler {
     /// Takes at most `per_second` envelopes a second from now on, all streams together (a slow
     /// Doppler); 0 lifts the cap.
     pub fn set_rate(&self, per_second: u64) {
-        self.store.rate.store(per_second, Ordering::Relaxed);
+        self.store.pacer.set(per_second);
     }
 
     /// From now on, models a subscriber's bounded buffer behind this Doppler
