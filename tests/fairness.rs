@@ -42,6 +42,8 @@ async fn noisy_neighbours(diego: bool) {
     let mut flood_sent = 0u64;
     let mut next_round = start;
     let mut named = false;
+    // Per quiet round, how many flood envelopes were sent before it.
+    let mut flood_before: Vec<u64> = Vec::new();
     // Bounded: the flood stops after FLOOD_FOR, and after 100,000 batches whatever happens.
     for i in 0..100_000u64 {
         let now = Instant::now();
@@ -57,8 +59,10 @@ async fn noisy_neighbours(diego: bool) {
             // connection.
             if diego {
                 batch.extend(quiet_round(rounds));
+                flood_before.push(flood_sent);
             } else {
                 send_all(&mut quiet, &quiet_round(rounds)).await;
+                flood_before.push(flood_sent - 100);
             }
             rounds += 1;
             next_round += ROUND;
@@ -107,6 +111,7 @@ async fn noisy_neighbours(diego: bool) {
     let quiet_got: usize = (0..QUIET_SOURCES)
         .map(|s| got.get(&format!("quiet-{s}")).copied().unwrap_or(0))
         .sum();
+    let overtaken = overtaken(&doppler, &flood_before);
     let m = agent.shutdown().metrics;
     eprintln!(
         "diego={diego}: quiet {quiet_got}/{quiet_sent}, flood {}/{flood_sent}, dropped {:?}",
@@ -127,6 +132,77 @@ async fn noisy_neighbours(diego: bool) {
         "every envelope delivered or counted"
     );
     assert_eq!(m.egress, (quiet_got as u64) + flood_got);
+    // The quiet sources that share the flood's connection (its slot) went ahead of its
+    // backlog: the median of their envelopes from the flood's second half arrived before
+    // thousands of flood envelopes sent earlier (first in, first out, it would be none).
+    let median = overtaken[overtaken.len() / 2];
+    eprintln!(
+        "quiet envelopes sharing the flood's slot, flood envelopes overtaken: median {median}, \
+         quartiles {} / {}",
+        overtaken[overtaken.len() / 4],
+        overtaken[overtaken.len() * 3 / 4]
+    );
+    assert!(median >= 1_000, "{overtaken:?}");
+}
+
+/// For each envelope of the quiet sources sharing the flood's slot, from the rounds of the
+/// flood's second half: how many flood envelopes sent before it arrived after it (sorted). Checks
+/// on the way that each source's envelopes arrived in the order sent.
+fn overtaken(doppler: &FakeDoppler, flood_before: &[u64]) -> Vec<u64> {
+    let slots = 3; // `dopplers.connections` in the tests' agent (common::agent)
+    let flood_slot = metron::envelope::sequence::slot_of(b"flood", slots);
+    let sharing: Vec<String> = (0..QUIET_SOURCES)
+        .map(|s| format!("quiet-{s}"))
+        .filter(|s| metron::envelope::sequence::slot_of(s.as_bytes(), slots) == flood_slot)
+        .collect();
+    assert!(
+        !sharing.is_empty(),
+        "some quiet source shares the flood's slot"
+    );
+    let received: Vec<(String, u64)> = doppler
+        .received()
+        .into_iter()
+        .filter_map(|e| match e.message {
+            Some(Message::Log(l)) => Some((
+                e.source_id,
+                String::from_utf8(l.payload).ok()?.parse().ok()?,
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (s, n) in &received {
+        if let Some(prev) = last.insert(s, *n) {
+            assert!(*n > prev, "{s} sent {n} after {prev}: out of order");
+        }
+    }
+    // The flood's envelopes in the order received: ascending (checked above).
+    let flood: Vec<u64> = received
+        .iter()
+        .filter(|(s, _)| s == "flood")
+        .map(|(_, n)| *n)
+        .collect();
+    let half = flood_before.len() / 2;
+    let mut seen_flood: Option<u64> = None;
+    let mut out = Vec::new();
+    for (s, n) in &received {
+        if s == "flood" {
+            seen_flood = Some(*n);
+            continue;
+        }
+        let round = *n as usize;
+        if round < half || !sharing.contains(s) {
+            continue;
+        }
+        // Flood envelopes sent before this one and received after it: payloads in
+        // (last flood received so far, flood_before[round]).
+        let after = seen_flood.map_or(0, |l| flood.partition_point(|&f| f <= l));
+        let before = flood.partition_point(|&f| f < flood_before[round]);
+        out.push(before.saturating_sub(after) as u64);
+    }
+    out.sort_unstable();
+    assert!(!out.is_empty());
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

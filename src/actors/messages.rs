@@ -49,6 +49,12 @@ pub struct Part {
     pub batch: Batch,
     /// The Doppler slot's pick; `None` when the Doppler pool takes none of the part.
     pub doppler: Option<Pick>,
+    /// Of the Doppler slot's pick, the envelopes for its express lane, and those parked until
+    /// bulk has handed over `barrier` envelopes (indices, ascending; both empty: all of it goes
+    /// to bulk). See [`crate::limits::lanes`].
+    pub express: Vec<u32>,
+    pub parked: Vec<u32>,
+    pub barrier: u64,
     /// Every other destination that takes some of the part, with its pick.
     pub outlets: Vec<(Outlet, Pick)>,
 }

@@ -20,6 +20,7 @@ use crate::envelope::queue::EgressQueue;
 use crate::envelope::sequence::{slot_of, Sequencer};
 use crate::envelope::{Batch, Kinds, Routed};
 use crate::limits::fair::FairShed;
+use crate::limits::lanes::{Lane, Lanes};
 use crate::syslog::apps::{AppRouter, DrainSpec};
 use crate::telemetry::{Account, ActorName, DropReason, Ledger};
 
@@ -43,6 +44,8 @@ pub struct SequencerActor {
     apps: Option<Apps>,
     /// See [`Routing::fair`].
     fair: Option<Arc<parking_lot::Mutex<FairShed>>>,
+    /// Each slot's lanes: which of its queue's lanes each source's envelopes go to.
+    lanes: Vec<Lanes>,
     /// Each destination's egress when it last changed (by account), for [`Self::draining`].
     progress: HashMap<usize, (u64, Instant)>,
     /// Guaranteed shares of the budget: every slot's, then every outlet's, then the app drains'
@@ -99,6 +102,10 @@ struct Apps {
     grace: Duration,
 }
 
+/// A slot's lanes start recording sources once more than this fraction of its guaranteed
+/// share waits in its queue (decision 32).
+const BACKLOG_DIVISOR: usize = 16;
+
 /// An app drain may hold at most this fraction of the app drains' guaranteed share (decision 29).
 const APP_DRAIN_SHARE_DIVISOR: usize = 4;
 
@@ -110,6 +117,7 @@ impl SequencerActor {
         next: Recipient<SequencedBatch>,
         ledger: Arc<Ledger>,
     ) -> Self {
+        let lanes = routing.queues.iter().map(|_| Lanes::default()).collect();
         let mut actor = Self {
             sequencer,
             numbering,
@@ -124,6 +132,7 @@ impl SequencerActor {
                 grace: a.grace,
             }),
             fair: routing.fair,
+            lanes: Vec::new(),
             progress: HashMap::new(),
             shares: Vec::new(),
             budget: 0,
@@ -131,6 +140,7 @@ impl SequencerActor {
             ledger,
             chaos: Chaos::default(),
         };
+        actor.lanes = lanes;
         actor.set_budget(routing.budget);
         actor
     }
@@ -284,6 +294,12 @@ impl Handler<DumpState> for SequencerActor {
             budget_bytes = self.budget,
             shares_bytes = ?self.shares,
             routed_bytes_by_slot = ?routed,
+            // Per slot: whether its lanes are on (a backlog), and the sources they follow.
+            lanes_by_slot = ?self
+                .lanes
+                .iter()
+                .map(|l| (l.active(), l.recorded()))
+                .collect::<Vec<_>>(),
             routed_bytes_by_outlet = ?outlets,
             binding_cache_answered = self.apps.as_ref().map(|a| a.router.answered()),
             apps_with_open_drains = self.apps.as_ref().map_or(0, |a| a.router.groups()),
@@ -564,6 +580,11 @@ impl SequencerActor {
                 Pick::Some(idx)
             }
         };
+        let (express, parked, barrier) = if picks[0].is_empty() {
+            Default::default()
+        } else {
+            self.lanes_of(slot, &taken, &picks[0])
+        };
         let mut picks = picks.into_iter();
         let doppler = picks.next().filter(|p| !p.is_empty()).map(pick);
         let outlets = self
@@ -578,8 +599,61 @@ impl SequencerActor {
             slot,
             batch: taken,
             doppler,
+            express,
+            parked,
+            barrier,
             outlets,
         })
+    }
+
+    /// Which of the slot's `pick` of `part` go to its express lane (decision 32), and which are
+    /// parked until bulk has handed over the barrier: the envelopes of the sources within their
+    /// fair share while the slot has a backlog ([`Lanes`]).
+    fn lanes_of(&mut self, slot: usize, part: &Batch, pick: &[u32]) -> (Vec<u32>, Vec<u32>, u64) {
+        let queue = &self.queues[slot];
+        let lanes = &mut self.lanes[slot];
+        let backlog = queue.queued_bytes();
+        if backlog > self.shares[slot] / BACKLOG_DIVISOR && self.fair.is_some() {
+            lanes.activate();
+        } else if backlog == 0 {
+            lanes.deactivate();
+        }
+        if lanes.idle() {
+            lanes.skip(pick.len());
+            return Default::default();
+        }
+        let now = Instant::now();
+        let fair = self.fair.as_ref().filter(|_| lanes.active()).map(|f| {
+            let mut f = f.lock();
+            // A backlog: the edge should record who sends what, to tell the light sources.
+            f.want_tracking(now);
+            f
+        });
+        let fair = fair.filter(|f| f.fresh(now));
+        let taken = queue.taken();
+        let items = part.items();
+        let (mut express, mut parked) = (Vec::new(), Vec::new());
+        let mut run = 0;
+        while run < pick.len() {
+            let source = part.bytes_of(items[pick[run] as usize].source);
+            let end = run
+                + pick[run..]
+                    .iter()
+                    .take_while(|&&i| part.bytes_of(items[i as usize].source) == source)
+                    .count();
+            let want = match &fair {
+                Some(f) if f.is_quiet(source, now) => Lane::Express,
+                _ => Lane::Bulk,
+            };
+            match lanes.place(source, want, end - run, taken) {
+                Lane::Express => express.extend_from_slice(&pick[run..end]),
+                Lane::Parked => parked.extend_from_slice(&pick[run..end]),
+                Lane::Bulk => {}
+            }
+            run = end;
+        }
+        let barrier = lanes.end_part();
+        (express, parked, barrier)
     }
 
     /// Whether `account`'s destination is taking envelopes: it delivered some within the last

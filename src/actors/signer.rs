@@ -16,7 +16,7 @@ use actix::prelude::*;
 use super::guard::{catch, Chaos};
 use super::messages::{DumpState, Part, Pick, Retire, SequencedBatch, SetWriter};
 use crate::envelope::encoded::EncodedBatch;
-use crate::envelope::queue::EgressQueue;
+use crate::envelope::queue::{EgressQueue, Lane};
 use crate::envelope::writer::Writer;
 use crate::envelope::Batch;
 use crate::telemetry::{Account, ActorName, DropReason, Ledger};
@@ -133,21 +133,35 @@ impl SignerActor {
             // The last destination takes the written batch itself; only the others share it.
             let last = part.outlets.len();
             if let Some(pick) = &part.doppler {
-                let (mine, priced) = picked(&mut encoded, batch, pick, &chunk, last == 0);
                 let queue = &self.queues[part.slot];
-                settle(
-                    &self.ledger,
-                    self.ledger.doppler(),
-                    &mine,
-                    priced,
-                    |grow, shrink| {
-                        queue.route(grow);
-                        queue.unroute(shrink);
-                    },
-                );
-                handed[0].0 += mine.len();
-                handed[0].1 += priced;
-                queue.push(mine);
+                let mut hand = |lane: Lane, pick: &Pick, last: bool| {
+                    if matches!(pick, Pick::Some(idx) if idx.is_empty()) {
+                        return;
+                    }
+                    let (mine, priced) = picked(&mut encoded, batch, pick, &chunk, last);
+                    settle(
+                        &self.ledger,
+                        self.ledger.doppler(),
+                        &mine,
+                        priced,
+                        |grow, shrink| {
+                            queue.route(grow);
+                            queue.unroute(shrink);
+                        },
+                    );
+                    handed[0].0 += mine.len();
+                    handed[0].1 += priced;
+                    queue.push_to(lane, part.barrier, mine);
+                };
+                if part.express.is_empty() && part.parked.is_empty() {
+                    hand(Lane::Bulk, pick, last == 0);
+                } else {
+                    // Bulk first: a parked envelope's barrier is in bulk before it.
+                    let bulk = bulk_of(pick, &part.express, &part.parked, batch.len());
+                    hand(Lane::Bulk, &bulk, last == 0);
+                    hand(Lane::Parked, &Pick::Some(part.parked.clone()), false);
+                    hand(Lane::Express, &Pick::Some(part.express.clone()), false);
+                }
             }
             for (k, (outlet, pick)) in part.outlets.iter().enumerate() {
                 let (mine, priced) = picked(&mut encoded, batch, pick, &chunk, k + 1 == last);
@@ -189,6 +203,29 @@ impl SignerActor {
                 .dropped_at(&outlet.account, DropReason::ActorPanic, n, bytes);
         }
     }
+}
+
+/// What of the Doppler slot's `pick` of a part of `len` envelopes goes to bulk: what is neither
+/// in `express` nor in `parked` (both ascending subsets of it).
+fn bulk_of(pick: &Pick, express: &[u32], parked: &[u32], len: usize) -> Pick {
+    let all: Box<dyn Iterator<Item = u32>> = match pick {
+        Pick::All => Box::new(0..len as u32),
+        Pick::Some(idx) => Box::new(idx.iter().copied()),
+    };
+    let (mut e, mut p) = (express.iter().peekable(), parked.iter().peekable());
+    Pick::Some(
+        all.filter(|i| {
+            let (in_e, in_p) = (e.peek() == Some(&i), p.peek() == Some(&i));
+            if in_e {
+                e.next();
+            }
+            if in_p {
+                p.next();
+            }
+            !(in_e || in_p)
+        })
+        .collect(),
+    )
 }
 
 /// What a destination with `pick` takes of the `chunk` of the part just written as `encoded`:
@@ -260,5 +297,18 @@ impl Handler<super::messages::ChaosPanic> for SignerActor {
             super::guard::chaos_panic(ME);
         }
         self.chaos.arm();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_is_the_pick_without_express_and_parked() {
+        let some = |v: &[u32]| Pick::Some(v.to_vec());
+        assert_eq!(bulk_of(&Pick::All, &[1, 4], &[2], 6), some(&[0, 3, 5]));
+        assert_eq!(bulk_of(&some(&[0, 2, 3, 7]), &[7], &[0], 9), some(&[2, 3]));
+        assert_eq!(bulk_of(&some(&[1, 2]), &[1], &[2], 3), some(&[]));
     }
 }

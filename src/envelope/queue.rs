@@ -4,9 +4,14 @@
 //! wherever the slot reconnects. Bounded by the budget, which the sequencer checks per slot
 //! before it routes anything here. A connection that starts with a backlog replays it paced
 //! ([`super::pacer`]).
+//!
+//! Two lanes (decision 32): bulk, and express for the sources within their fair share while the
+//! slot has a backlog (the sequencer chooses, [`crate::limits::lanes`]). A take starts with
+//! express. Parked batches wait for bulk to hand over everything up to their barrier (or to
+//! empty), then join express.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
@@ -14,6 +19,7 @@ use parking_lot::Mutex;
 
 use super::encoded::EncodedBatch;
 use super::pacer::{Pacer, ReplayRate, Replayed};
+pub use crate::limits::lanes::Lane;
 use crate::telemetry::{DropReason, Ledger};
 
 /// Limits on one outgoing `EnvelopeBatch`, in envelopes and in bytes. Bytes are counted as the
@@ -24,18 +30,45 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
-impl BatchLimits {
-    /// How many leading envelopes of `batch` fit in one message (at least one).
-    fn fitting_prefix(&self, batch: &EncodedBatch) -> usize {
-        let mut bytes = 0;
-        for (i, cost) in batch.costs().iter().enumerate() {
-            bytes += *cost as usize;
-            if i > 0 && (i + 1 > self.max_envelopes || bytes > self.max_bytes) {
-                return i;
-            }
+/// How many leading envelopes of `batch` fit in `out` within `limits`; at least one when `out`
+/// is empty.
+fn fitting_prefix(out: &OutgoingBatch, limits: &BatchLimits, batch: &EncodedBatch) -> usize {
+    let room = limits.max_envelopes.saturating_sub(out.len());
+    let mut bytes = out.bytes();
+    for (i, cost) in batch.costs().iter().enumerate() {
+        bytes += *cost as usize;
+        if i + 1 > room || bytes > limits.max_bytes {
+            return if i == 0 && out.is_empty() { 1 } else { i };
         }
-        batch.len().min(self.max_envelopes).max(1)
     }
+    batch.len()
+}
+
+/// Moves batches from the front of `lane` into `out` while they fit `limits`: whole ones, or
+/// the fitting prefix of the first (at least one envelope when `out` is empty). Returns how
+/// many envelopes it moved.
+fn take_lane(
+    lane: &mut VecDeque<EncodedBatch>,
+    out: &mut OutgoingBatch,
+    limits: &BatchLimits,
+) -> usize {
+    let before = out.len();
+    let mut first = true;
+    while let Some(front) = lane.front_mut() {
+        let fit = fitting_prefix(out, limits, front);
+        if fit == front.len() {
+            out.add(lane.pop_front().expect("front exists"));
+        } else {
+            // Only the lane's first batch is cut: later ones wait whole for the next message.
+            if first && fit > 0 {
+                let rest = front.split_off(fit);
+                out.add(std::mem::replace(front, rest));
+            }
+            break;
+        }
+        first = false;
+    }
+    out.len() - before
 }
 
 /// One outgoing `EnvelopeBatch` message: queued batches taken together. They are written one
@@ -77,7 +110,12 @@ impl OutgoingBatch {
 
 #[derive(Default)]
 struct Inner {
+    /// The bulk lane.
     batches: VecDeque<EncodedBatch>,
+    /// The express lane: taken first.
+    express: VecDeque<EncodedBatch>,
+    /// Batches for express, waiting for bulk's handed-over count to reach their barrier.
+    parked: VecDeque<(u64, EncodedBatch)>,
     envelopes: usize,
     /// Since when the queue has held data without a stream taking any (progress watchdog).
     waiting_since: Option<Instant>,
@@ -96,6 +134,30 @@ struct Inner {
     in_flight_since: Option<Instant>,
     /// Paces the backlog a connection starts with.
     pacer: Pacer,
+}
+
+impl Inner {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty() && self.express.is_empty() && self.parked.is_empty()
+    }
+
+    /// Moves the parked batches whose barrier bulk has reached (all of them once bulk is
+    /// empty) to express, in order.
+    fn release(&mut self, taken: u64) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let empty = self.batches.is_empty();
+        let mut kept = VecDeque::new();
+        for (barrier, batch) in self.parked.drain(..) {
+            if empty || barrier <= taken {
+                self.express.push_back(batch);
+            } else {
+                kept.push_back((barrier, batch));
+            }
+        }
+        self.parked = kept;
+    }
 }
 
 /// What [`EgressQueue::poll_take`] gives the stream.
@@ -130,6 +192,12 @@ pub struct EgressQueue {
     /// what it sent, take nothing more, and so never reach the window: only the timer
     /// (`ack_interval_ms`) would end the stream.
     window: AtomicUsize,
+    /// Envelopes handed to streams from bulk since the start: the sequencer's lane positions
+    /// ([`crate::limits::lanes`]). Written under the lock, after parked batches it releases
+    /// have moved.
+    taken: AtomicU64,
+    /// Budget bytes waiting in the lanes (not yet taken by a stream).
+    queued_bytes: AtomicUsize,
 }
 
 impl EgressQueue {
@@ -195,7 +263,14 @@ impl EgressQueue {
         q.nonempty_since = q.nonempty_since.and_then(|t| t.checked_sub(by));
     }
 
+    /// Queues `batch` in the bulk lane.
     pub fn push(&self, batch: EncodedBatch) {
+        self.push_to(Lane::Bulk, 0, batch);
+    }
+
+    /// Queues `batch` in `lane`; a parked one waits for bulk to hand over `barrier` envelopes
+    /// in all (or to empty).
+    pub fn push_to(&self, lane: Lane, barrier: u64, batch: EncodedBatch) {
         if batch.is_empty() {
             return;
         }
@@ -203,12 +278,21 @@ impl EgressQueue {
             let mut q = self.inner.lock();
             q.envelopes += batch.len();
             q.pacer.pushed(batch.len());
-            if q.batches.is_empty() {
+            if q.is_empty() {
                 let now = Instant::now();
                 q.waiting_since = Some(now);
                 q.nonempty_since = Some(now);
             }
-            q.batches.push_back(batch);
+            self.queued_bytes
+                .fetch_add(batch.bytes(), Ordering::Relaxed);
+            match lane {
+                Lane::Bulk => q.batches.push_back(batch),
+                Lane::Express => q.express.push_back(batch),
+                Lane::Parked => {
+                    q.parked.push_back((barrier, batch));
+                    q.release(self.taken.load(Ordering::Acquire));
+                }
+            }
             q.waker.take()
         };
         if let Some(w) = waker {
@@ -222,7 +306,18 @@ impl EgressQueue {
 
     /// Batches waiting in the queue.
     pub fn batches(&self) -> usize {
-        self.inner.lock().batches.len()
+        let q = self.inner.lock();
+        q.batches.len() + q.express.len() + q.parked.len()
+    }
+
+    /// Budget bytes waiting in the queue (not yet taken by a stream).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Envelopes handed to streams from bulk since the start.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Acquire)
     }
 
     /// Envelopes taken by a stream and not yet acknowledged by its Doppler.
@@ -279,7 +374,7 @@ impl EgressQueue {
     /// Shutdown has closed the queue and nothing is left in it.
     pub fn is_drained(&self) -> bool {
         let q = self.inner.lock();
-        q.closing && q.batches.is_empty()
+        q.closing && q.is_empty()
     }
 
     /// Ends the current stream once the queue is empty (shutdown), flushing it unpaced; returns
@@ -299,12 +394,13 @@ impl EgressQueue {
 
     /// Takes the next outgoing batch: whole queued batches merged while they fit the limits, or
     /// the fitting prefix of an oversized one; during a replay, no more than its pace allows.
+    /// Express first; bulk fills the rest.
     pub fn poll_take(&self, cx: &mut Context<'_>, limits: &BatchLimits, epoch: u64) -> Take {
         let mut q = self.inner.lock();
         if q.epoch != epoch {
             return Take::End;
         }
-        if q.batches.is_empty() {
+        if q.is_empty() {
             if q.closing {
                 return Take::End;
             }
@@ -329,28 +425,20 @@ impl EgressQueue {
             }
             Err(done) => Some(done),
         };
-        let mut first = q.batches.pop_front().expect("not empty");
-        let fit = limits.fitting_prefix(&first);
         let mut out = OutgoingBatch::default();
-        if fit < first.len() {
-            let rest = first.split_off(fit);
-            q.batches.push_front(rest);
-            out.add(first);
-        } else {
-            out.add(first);
-            while let Some(next) = q.batches.front() {
-                if out.len() + next.len() > limits.max_envelopes
-                    || out.bytes() + next.bytes() > limits.max_bytes
-                {
-                    break;
-                }
-                out.add(q.batches.pop_front().expect("front exists"));
-            }
+        let q = &mut *q;
+        take_lane(&mut q.express, &mut out, &limits);
+        let bulk = take_lane(&mut q.batches, &mut out, &limits);
+        if bulk > 0 || !q.parked.is_empty() {
+            let taken = self.taken.load(Ordering::Acquire) + bulk as u64;
+            q.release(taken);
+            self.taken.store(taken, Ordering::Release);
         }
+        self.queued_bytes.fetch_sub(out.bytes(), Ordering::Relaxed);
         q.envelopes -= out.len();
         q.pacer.took(out.len());
-        q.waiting_since = (!q.batches.is_empty()).then_some(now);
-        if q.batches.is_empty() {
+        q.waiting_since = (!q.is_empty()).then_some(now);
+        if q.is_empty() {
             q.nonempty_since = None;
         }
         q.in_flight.0 += out.len();
@@ -419,5 +507,55 @@ pub(crate) mod tests {
         let q = EgressQueue::default();
         push(&q, batch(2, 5000));
         assert_eq!(take(&q, &limits).unwrap().len(), 1);
+    }
+
+    fn push_to(q: &EgressQueue, lane: Lane, barrier: u64, b: EncodedBatch) {
+        q.route(b.bytes());
+        q.push_to(lane, barrier, b);
+    }
+
+    /// Envelopes of cost `cost` tell the lanes apart in what a take returns.
+    fn costs(b: &OutgoingBatch) -> Vec<u32> {
+        b.parts().iter().flat_map(|p| p.costs().to_vec()).collect()
+    }
+
+    #[test]
+    fn express_goes_first_and_parked_batches_wait_for_their_barrier() {
+        let limits = BatchLimits {
+            max_envelopes: 4,
+            max_bytes: 1000,
+        };
+        let q = EgressQueue::default();
+        push_to(&q, Lane::Bulk, 0, batch(3, 1));
+        push_to(&q, Lane::Bulk, 0, batch(3, 2));
+        // Parked until bulk has handed over 3 envelopes.
+        push_to(&q, Lane::Parked, 3, batch(1, 9));
+        push_to(&q, Lane::Express, 0, batch(1, 7));
+        assert_eq!(q.queued_bytes(), 3 + 6 + 9 + 7);
+        // Express first, then bulk fills the message (its first batch only, whole).
+        assert_eq!(costs(&take(&q, &limits).unwrap()), [7, 1, 1, 1]);
+        assert_eq!(q.taken(), 3);
+        // Bulk reached the barrier: the parked batch went to express, ahead of bulk's rest.
+        assert_eq!(costs(&take(&q, &limits).unwrap()), [9, 2, 2, 2]);
+        assert_eq!(q.taken(), 6);
+        assert!(take(&q, &limits).is_none());
+        assert_eq!((q.queued_bytes(), q.envelopes()), (0, 0));
+    }
+
+    #[test]
+    fn a_parked_batch_goes_once_bulk_is_empty_whatever_its_barrier() {
+        let limits = BatchLimits {
+            max_envelopes: 10,
+            max_bytes: 1000,
+        };
+        let q = EgressQueue::default();
+        // Bulk is empty: nothing of its sources can be ahead in it (positions lost on the way).
+        push_to(&q, Lane::Parked, 50, batch(2, 9));
+        assert_eq!(costs(&take(&q, &limits).unwrap()), [9, 9]);
+        push_to(&q, Lane::Bulk, 0, batch(1, 1));
+        push_to(&q, Lane::Parked, 50, batch(1, 9));
+        assert_eq!(costs(&take(&q, &limits).unwrap()), [1]);
+        // Bulk emptied by that take: released.
+        assert_eq!(costs(&take(&q, &limits).unwrap()), [9]);
     }
 }

@@ -226,6 +226,16 @@ impl FairShed {
             .is_none_or(|s| s.offered.at(now) < self.mean)
     }
 
+    /// Whether `source` offers less than half the mean (see [`FairShed::is_light`]; a source not
+    /// recorded yet is): a slot with a backlog puts its envelopes in express (decision 32).
+    /// Half, so that a source near the mean does not flip between lanes as rates wobble, and a
+    /// lone source is never quiet.
+    pub fn is_quiet(&self, source: &[u8], now: Instant) -> bool {
+        self.sources
+            .get(source)
+            .is_none_or(|s| s.offered.at(now) < self.mean / 2.0)
+    }
+
     /// Records what `offers` offer (their sources' rates) without deciding anything: for the
     /// heaviest sources' report while only rate limits read the batches.
     pub fn observe(&mut self, offers: &[Offer], now: Instant) {

@@ -2,4 +2,5 @@
 //! per-source rate limits ([`rate`]).
 
 pub mod fair;
+pub mod lanes;
 pub mod rate;
