@@ -12,6 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dropsonde/events/log.proto",
         "proto/dropsonde/events/metric.proto",
         "proto/dropsonde/events/uuid.proto",
+        // OTLP (proto/opentelemetry/README.md): the messages and the three export services.
+        "proto/opentelemetry/proto/common/v1/common.proto",
+        "proto/opentelemetry/proto/resource/v1/resource.proto",
+        "proto/opentelemetry/proto/logs/v1/logs.proto",
+        "proto/opentelemetry/proto/metrics/v1/metrics.proto",
+        "proto/opentelemetry/proto/trace/v1/trace.proto",
+        "proto/opentelemetry/proto/collector/logs/v1/logs_service.proto",
+        "proto/opentelemetry/proto/collector/metrics/v1/metrics_service.proto",
+        "proto/opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     // No generator prints these itself: without them proto edits are silently ignored.
     for f in files {

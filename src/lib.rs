@@ -99,6 +99,7 @@ pub mod envelope;
 pub mod fuzzing;
 pub mod grpc;
 pub mod limits;
+pub mod otlp;
 pub mod routing;
 pub mod syslog;
 pub mod telemetry;
@@ -118,6 +119,54 @@ pub mod proto_v1 {
     //! upstream declares `required` are `Option`s here; [`crate::v1::decode`] enforces them.
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("events");
+}
+
+pub mod otlp_proto {
+    //! Generated OTLP types and export services (`proto/opentelemetry/`), in the packages'
+    //! module tree (the generated code refers to its siblings through `super`).
+    #![allow(clippy::all, missing_docs)]
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    pub mod resource {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    pub mod logs {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.logs.v1");
+        }
+    }
+    pub mod metrics {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.metrics.v1");
+        }
+    }
+    pub mod trace {
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.trace.v1");
+        }
+    }
+    pub mod collector {
+        pub mod logs {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.logs.v1");
+            }
+        }
+        pub mod metrics {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.metrics.v1");
+            }
+        }
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+            }
+        }
+    }
 }
 
 use std::net::SocketAddr;

@@ -1,0 +1,4 @@
+//! The OTLP destination (issue 23): envelopes mapped to OpenTelemetry logs, metrics and spans
+//! exactly as upstream's forwarder-agent maps them (`mapping`).
+
+pub mod mapping;
