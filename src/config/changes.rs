@@ -209,10 +209,12 @@ impl Config {
                     max_app_drains,
                 },
             limits,
+            otlp,
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
         let mut c = Changes::default();
         c.restart(*az != new.identity.az, "identity.az");
+        c.restart(*otlp != new.otlp, "otlp");
         c.live(*default_tags != new.default_tags, Live::Tags);
         c.restart(*listen != new.ingress.listen, "ingress.grpc.listen");
         c.live(*ingress_tls != new.ingress.tls, Live::IngressTls);

@@ -16,10 +16,12 @@ use crate::envelope::tag::{MAX_KEY_ID, TAG};
 
 mod changes;
 pub mod limits;
+pub mod otlp;
 pub mod syslog;
 
 pub use changes::{Changes, Live, RESTART_SIGNING, RESTART_SIGNING_ENABLED};
 pub use limits::{Limit, LimitsConfig};
+pub use otlp::{OtlpConfig, OtlpSecurity, Retry};
 pub use syslog::{AggregateDrain, BindingCache, SyslogConfig};
 
 pub use crate::telemetry::logging::LogFormat;
@@ -80,6 +82,8 @@ pub struct Config {
     pub syslog: SyslogConfig,
     /// Per-source rate limits (off by default).
     pub limits: LimitsConfig,
+    /// An OpenTelemetry collector beside the Doppler pool (`None`: none).
+    pub otlp: Option<OtlpConfig>,
 }
 
 /// `log`: what the agent writes about itself.
@@ -339,6 +343,8 @@ struct RawConfig {
     syslog: syslog::RawSyslog,
     #[serde(default)]
     limits: limits::RawLimits,
+    #[serde(default)]
+    otlp: Option<otlp::RawOtlp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1277,6 +1283,7 @@ impl RawConfig {
             development,
             syslog: self.syslog.validate()?,
             limits: self.limits.validate()?,
+            otlp: self.otlp.map(otlp::RawOtlp::validate).transpose()?,
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod doppler;
 pub mod drain;
 pub mod https_drain;
 pub mod load;
+pub mod otlp;
 pub mod pki;
 pub mod rsyslog;
 pub mod util;
