@@ -84,12 +84,12 @@ pub struct Held {
 }
 
 impl Held {
-    fn set(&self, n: usize, bytes: usize) {
+    pub(crate) fn set(&self, n: usize, bytes: usize) {
         self.envelopes.store(n, Ordering::Release);
         self.bytes.store(bytes, Ordering::Release);
     }
 
-    fn take(&self) -> (usize, usize) {
+    pub(crate) fn take(&self) -> (usize, usize) {
         (
             self.envelopes.swap(0, Ordering::AcqRel),
             self.bytes.swap(0, Ordering::AcqRel),

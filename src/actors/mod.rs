@@ -6,6 +6,7 @@ pub mod drain_connection;
 pub mod guard;
 pub mod ingress;
 pub mod messages;
+pub mod otlp_connection;
 pub mod sequencer;
 pub mod signer;
 pub mod supervisor;

@@ -22,6 +22,8 @@ pub enum Destination {
     /// A syslog drain: `scope` is `aggregate` or `app`; `url` is the anonymized URL (no
     /// credentials, no query) or `other` once `syslog.max_drain_series` drains have a series.
     Drain { scope: DrainScope, url: String },
+    /// The OTLP collector at `endpoint` (`otlp.endpoint`).
+    Otlp { endpoint: String },
 }
 
 /// Upstream's `drain_scope` label.
@@ -53,6 +55,10 @@ impl Destination {
                 scope.name(),
                 super::metrics::escape_label(url)
             ),
+            Destination::Otlp { endpoint } => format!(
+                "otlp_endpoint=\"{}\"",
+                super::metrics::escape_label(endpoint)
+            ),
         }
     }
 
@@ -61,6 +67,7 @@ impl Destination {
         match self {
             Destination::Doppler => "doppler".into(),
             Destination::Drain { scope, url } => format!("{} drain {url}", scope.name()),
+            Destination::Otlp { endpoint } => format!("otlp {endpoint}"),
         }
     }
 }

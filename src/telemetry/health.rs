@@ -149,6 +149,11 @@ impl Health {
                     push_json_str(&mut b, url);
                     let _ = write!(b, ",\"connections\":{}", a.connections.max(0));
                 }
+                super::Destination::Otlp { endpoint } => {
+                    b.push_str("\"otlp\",\"otlp_endpoint\":");
+                    push_json_str(&mut b, endpoint);
+                    let _ = write!(b, ",\"connections\":{}", a.connections.max(0));
+                }
             }
             let _ = write!(
                 b,

@@ -78,10 +78,15 @@ pub enum DropReason {
     FairShare,
     /// Over its source's rate limit (`limits.per_source` / `limits.overrides`).
     SourceRateLimited,
+    /// The OTLP collector answered `UNIMPLEMENTED` for their signal (it has no pipeline for
+    /// it): the signal is paused for 5 minutes, its envelopes counted here meanwhile.
+    SignalUnimplemented,
+    /// The OTLP collector accepted the export but rejected these (`partial_success`).
+    OtlpRejected,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::PipelineFull,
         DropReason::NoDoppler,
         DropReason::Oversize,
@@ -105,6 +110,8 @@ impl DropReason {
         DropReason::DrainRefused,
         DropReason::FairShare,
         DropReason::SourceRateLimited,
+        DropReason::SignalUnimplemented,
+        DropReason::OtlpRejected,
     ];
 
     pub fn name(self) -> &'static str {
@@ -132,6 +139,8 @@ impl DropReason {
             DropReason::DrainRefused => "drain_refused",
             DropReason::FairShare => "fair_share",
             DropReason::SourceRateLimited => "source_rate_limited",
+            DropReason::SignalUnimplemented => "signal_unimplemented",
+            DropReason::OtlpRejected => "otlp_rejected",
         }
     }
 
@@ -157,6 +166,8 @@ impl DropReason {
             | DropReason::DrainRemoved
             | DropReason::DrainWriteFailed
             | DropReason::DrainRefused
+            | DropReason::SignalUnimplemented
+            | DropReason::OtlpRejected
             | DropReason::SignerQueueFull
             | DropReason::ShutdownGraceExpired
             | DropReason::ConnectionLost => "egress",
@@ -260,10 +271,11 @@ pub enum ActorName {
     Supervisor,
     DopplerConnection,
     DrainConnection,
+    OtlpConnection,
 }
 
 impl ActorName {
-    pub const ALL: [ActorName; 7] = [
+    pub const ALL: [ActorName; 8] = [
         ActorName::Edge,
         ActorName::Ingress,
         ActorName::Sequencer,
@@ -271,6 +283,7 @@ impl ActorName {
         ActorName::Supervisor,
         ActorName::DopplerConnection,
         ActorName::DrainConnection,
+        ActorName::OtlpConnection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -282,6 +295,7 @@ impl ActorName {
             ActorName::Supervisor => "supervisor",
             ActorName::DopplerConnection => "doppler_connection",
             ActorName::DrainConnection => "drain_connection",
+            ActorName::OtlpConnection => "otlp_connection",
         }
     }
 

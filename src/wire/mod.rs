@@ -13,16 +13,17 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Server;
+use tonic::transport::{Endpoint as GrpcEndpoint, Server};
 
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held, Transport};
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
+use crate::actors::otlp_connection::{OtlpConnection, OtlpSetup};
 use crate::actors::sequencer::{AppHandle, AppSetup, Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
-use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource};
+use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource, OtlpSecurity};
 use crate::envelope::outbox::{Outbox, Outlet};
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
@@ -42,7 +43,7 @@ use crate::syslog::poller::PollerSetup;
 use crate::syslog::writer::WriterSettings;
 use crate::telemetry::health::{ActorCheck, Health};
 use crate::telemetry::server::Site;
-use crate::telemetry::{Account, DrainScope, DropReason};
+use crate::telemetry::{Account, Destination, DrainScope, DropReason};
 use crate::telemetry::{Ledger, Metrics};
 use crate::tls::{DrainTls, ReloadableAcceptor, TlsMaterial, TlsSet};
 use crate::udp::UdpIngress;
@@ -79,6 +80,8 @@ pub struct Running {
     retiring: Vec<RunningDrain>,
     /// The drains the binding cache's answers started.
     cache_drains: CacheDrains,
+    /// The OTLP collector (`otlp:`).
+    otlp: Option<RunningOtlp>,
     /// The binding cache poller (`syslog.binding_cache`).
     poller: Option<JoinHandle<()>>,
     /// The edge, for the rate limits a reload changes.
@@ -257,7 +260,12 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     });
 
     let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
-    let outlets: Vec<Outlet> = drains.iter().map(|d| d.outlet.clone()).collect();
+    let otlp = start_otlp(c, &p.tls.ingress, &ledger).map_err(std::io::Error::other)?;
+    let outlets: Vec<Outlet> = drains
+        .iter()
+        .map(|d| d.outlet.clone())
+        .chain(otlp.as_ref().map(|o| o.outlet.clone()))
+        .collect();
     let cache_drains = CacheDrains::default();
     // Fair shedding's table: the edge keeps it, the sequencer reads who is light (decision 30).
     let fair = Arc::new(parking_lot::Mutex::new(crate::limits::fair::FairShed::new(
@@ -369,14 +377,20 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
             ("system", Arbiter::current()),
             ("pipeline", pipeline_arbiter.handle()),
         ],
-        actor_checks(
-            &ingress,
-            &sequencer,
-            &signer,
-            &supervisor,
-            &connections,
-            &drains,
-        ),
+        {
+            let mut checks = actor_checks(
+                &ingress,
+                &sequencer,
+                &signer,
+                &supervisor,
+                &connections,
+                &drains,
+            );
+            if let Some(o) = &otlp {
+                checks.push((RunningOtlp::NAME.to_owned(), o.check()));
+            }
+            checks
+        },
     );
     let incoming =
         ingress_acceptor
@@ -476,6 +490,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         drains,
         retiring: Vec::new(),
         cache_drains,
+        otlp,
         poller,
         edge,
         queues: queue_handles,
@@ -595,6 +610,85 @@ fn start_drain(
         spec: d.clone(),
         tls,
     })
+}
+
+/// The running OTLP destination: its actor and what the shutdown barrier counts as queued.
+pub(crate) struct RunningOtlp {
+    actor: Addr<OtlpConnection>,
+    outlet: Outlet,
+    held: Arc<Held>,
+}
+
+impl RunningOtlp {
+    const NAME: &'static str = "otlp_connection";
+
+    fn check(&self) -> ActorCheck {
+        let addr = self.actor.clone();
+        Box::new(move || addr.connected())
+    }
+}
+
+/// Starts the OTLP destination's connection actor, if `otlp:` is configured: over mTLS with
+/// `otlp.tls` or the agent's own ingress certificate (`ingress`), or plaintext on loopback.
+fn start_otlp(
+    c: &Config,
+    ingress: &TlsMaterial,
+    ledger: &Arc<Ledger>,
+) -> Result<Option<RunningOtlp>, ConfigError> {
+    let Some(o) = &c.otlp else {
+        return Ok(None);
+    };
+    let bad = |problem: String| ConfigError {
+        key: "otlp.endpoint".into(),
+        problem,
+    };
+    let endpoint = match &o.security {
+        OtlpSecurity::Tls { files, server_name } => {
+            let material = match files {
+                Some(f) => TlsMaterial::load(f, "otlp.tls")?,
+                None => ingress.clone(),
+            };
+            GrpcEndpoint::from_shared(format!("https://{}", o.endpoint))
+                .map_err(|e| bad(e.to_string()))?
+                .tls_config(material.client_config(server_name))
+                .map_err(|e| bad(e.to_string()))?
+        }
+        OtlpSecurity::Plaintext => {
+            tracing::warn!(
+                endpoint = %o.endpoint,
+                "PLAINTEXT OTLP: envelopes go to the collector unencrypted and unauthenticated \
+                 (otlp.plaintext, loopback only)"
+            );
+            GrpcEndpoint::from_shared(format!("http://{}", o.endpoint))
+                .map_err(|e| bad(e.to_string()))?
+        }
+    };
+    let channel = endpoint
+        .connect_timeout(c.dopplers.connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let account = Arc::new(Account::new(Destination::Otlp {
+        endpoint: o.endpoint.clone(),
+    }));
+    ledger.metrics().register(account.clone());
+    let outlet = Outlet {
+        kinds: crate::actors::otlp_connection::kinds(o.signals),
+        outbox: Arc::new(Outbox::default()),
+        account,
+    };
+    let connection = OtlpConnection::new(OtlpSetup {
+        outlet: outlet.clone(),
+        config: o.clone(),
+        channel,
+        ledger: ledger.clone(),
+    });
+    let held = connection.held();
+    tracing::info!(endpoint = %o.endpoint, signals = ?o.signals, "OTLP collector configured");
+    Ok(Some(RunningOtlp {
+        actor: connection.start(),
+        outlet,
+        held,
+    }))
 }
 
 /// What makes one drain, beside the `syslog:` settings.
@@ -988,6 +1082,11 @@ impl Running {
             ActorName::Supervisor => self.supervisor.do_send(msg),
             ActorName::DopplerConnection => self.connections[slot].do_send(msg),
             ActorName::DrainConnection => self.drains[slot].actor.do_send(msg),
+            ActorName::OtlpConnection => {
+                if let Some(o) = &self.otlp {
+                    o.actor.do_send(msg);
+                }
+            }
             // Not an actor: its reader's panics are caught per batch, with no mailbox to reach.
             ActorName::Edge => {}
         }
@@ -1019,6 +1118,10 @@ impl Running {
             let name = d.name();
             let d = d.actor.clone().recipient::<DumpState>();
             asked.push((name, d.send(DumpState)));
+        }
+        if let Some(o) = &self.otlp {
+            let a = o.actor.clone().recipient::<DumpState>();
+            asked.push((RunningOtlp::NAME.to_owned(), a.send(DumpState)));
         }
         let answered = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
         if !answered(tokio::time::timeout_at(deadline, ingress).await) {
@@ -1129,6 +1232,11 @@ impl Running {
                         .iter()
                         .map(|d| d.outlet.outbox.envelopes() + d.held.envelopes()),
                 )
+                .chain(
+                    self.otlp
+                        .iter()
+                        .map(|o| o.outlet.outbox.envelopes() + o.held.envelopes()),
+                )
                 .sum();
             if buffered == queued as u64 {
                 break;
@@ -1152,6 +1260,7 @@ impl Running {
                     .filter(|d| d.actor.connected())
                     .map(|d| d.actor.clone().recipient()),
             )
+            .chain(self.otlp.iter().map(|o| o.actor.clone().recipient()))
             .map(|r| r.send(Drain))
             .collect();
         let mut acknowledged = true;

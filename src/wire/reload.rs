@@ -223,7 +223,12 @@ impl Running {
                         retire.push((o.actor.clone().recipient(), new.shutdown_grace));
                         self.retiring.push(o);
                     }
-                    let outlets = self.drains.iter().map(|d| d.outlet.clone()).collect();
+                    let outlets = self
+                        .drains
+                        .iter()
+                        .map(|d| d.outlet.clone())
+                        .chain(self.otlp.as_ref().map(|o| o.outlet.clone()))
+                        .collect();
                     // Control message: must arrive whatever the sequencer's mailbox holds.
                     self.sequencer.do_send(SetOutlets { outlets, retire });
                     true

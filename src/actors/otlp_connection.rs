@@ -1,0 +1,527 @@
+//! The OTLP collector's connection actor (issue 23): takes what its outbox holds, maps each
+//! envelope as upstream's OTLP writer does ([`crate::otlp::mapping`]), batches per signal
+//! (`otlp.batch_max_items` items or `otlp.batch_interval_ms`) and exports over OTLP/gRPC.
+//!
+//! - A retryable failure (the OTLP specification's codes; `RESOURCE_EXHAUSTED` only with a
+//!   `RetryInfo`, whose delay is honoured) is retried on `otlp.retry`'s schedule until
+//!   `otlp.retry.max_elapsed_ms`, then dropped (`drain_write_failed`). Meanwhile the outbox
+//!   fills up to the collector's share of the budget and the sequencer drops what is over it
+//!   (`drain_queue_full`): a dead collector costs the other destinations nothing.
+//! - A signal answered `UNIMPLEMENTED` (a collector without that pipeline) is paused for 5
+//!   minutes: its envelopes are counted `signal_unimplemented`, one warning per pause, and the
+//!   other signals go on.
+//! - `partial_success` rejections are counted `otlp_rejected`; any other failure drops the batch
+//!   (`drain_refused`). An envelope with nothing to export (a timer without trace tags) is
+//!   counted `unformattable`.
+//!
+//! What `egress` means here: the collector answered the export without rejecting it.
+//!
+//! As a drain's, the actor is a shell around one task; a panic in the task drops what it held
+//! (`actor_panic`) and the task starts again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use prost::Message as _;
+use tokio::task::AbortHandle;
+use tonic::transport::Channel;
+
+use super::drain_connection::Held;
+use super::guard::Panicked;
+use super::messages::{Drain, DumpState};
+use crate::config::{OtlpConfig, Retry};
+use crate::envelope::encoded::EncodedBatch;
+use crate::envelope::outbox::Outlet;
+use crate::envelope::{Kind, Kinds};
+use crate::otlp::export::{classify, Pause, Verdict};
+use crate::otlp::mapping::{self, Mapped, Outcome, Signals};
+use crate::otlp_proto::collector::logs::v1::logs_service_client::LogsServiceClient;
+use crate::otlp_proto::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use crate::otlp_proto::collector::trace::v1::trace_service_client::TraceServiceClient;
+use crate::proto::envelope::Message;
+use crate::proto::Envelope;
+use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{ActorName, DropReason, Ledger};
+
+const ME: ActorName = ActorName::OtlpConnection;
+
+/// The most envelopes taken from the outbox at once.
+const MAX_TAKE: usize = 256;
+
+/// What the OTLP destination takes: the kinds of the signals exported.
+pub fn kinds(signals: Signals) -> Kinds {
+    let mut kinds = Vec::new();
+    if signals.logs {
+        kinds.extend([Kind::Log, Kind::Event]);
+    }
+    if signals.metrics {
+        kinds.extend([Kind::Counter, Kind::Gauge]);
+    }
+    if signals.traces {
+        kinds.push(Kind::Timer);
+    }
+    Kinds::of(&kinds)
+}
+
+/// Everything the connection needs; fixed for its life.
+pub struct OtlpSetup {
+    pub outlet: Outlet,
+    pub config: OtlpConfig,
+    /// Connected lazily, reconnected by tonic as needed.
+    pub channel: Channel,
+    pub ledger: Arc<Ledger>,
+}
+
+/// The actor; see the module docs.
+pub struct OtlpConnection {
+    setup: Arc<OtlpSetup>,
+    held: Arc<Held>,
+    task: Option<AbortHandle>,
+    done: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Test-only: the task panics at its next batch (chaos hook).
+    #[cfg(feature = "chaos-hooks")]
+    chaos: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl OtlpConnection {
+    pub fn new(setup: OtlpSetup) -> Self {
+        Self {
+            setup: Arc::new(setup),
+            held: Arc::default(),
+            task: None,
+            done: Arc::new(tokio::sync::watch::channel(false).0),
+            #[cfg(feature = "chaos-hooks")]
+            chaos: Arc::default(),
+        }
+    }
+
+    /// What the connection holds in hand, for the shutdown barrier.
+    pub fn held(&self) -> Arc<Held> {
+        self.held.clone()
+    }
+
+    fn spawn(&mut self, ctx: &mut Context<Self>) {
+        #[cfg(feature = "chaos-hooks")]
+        let chaos = self.chaos.clone();
+        #[cfg(not(feature = "chaos-hooks"))]
+        let chaos = ();
+        let task = tokio::spawn(run(
+            self.setup.clone(),
+            self.held.clone(),
+            self.done.clone(),
+            chaos,
+        ));
+        self.task = Some(task.abort_handle());
+        let ended = async move {
+            match task.await {
+                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
+                _ => None,
+            }
+        };
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
+                if let Some(panic) = ended {
+                    let ledger = &act.setup.ledger;
+                    panic.report(ME, ledger.metrics());
+                    let (n, bytes) = act.held.take();
+                    act.setup.outlet.outbox.unroute(bytes);
+                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
+                    act.spawn(ctx);
+                }
+            }),
+        );
+    }
+}
+
+impl Actor for OtlpConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.spawn(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Handler<Drain> for OtlpConnection {
+    type Result = ResponseFuture<bool>;
+
+    /// Shutdown: the task exports what is queued, then ends; true once it has.
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.setup.outlet.outbox.close();
+        let mut done = self.done.subscribe();
+        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
+    }
+}
+
+impl Handler<DumpState> for OtlpConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let s = self.setup.outlet.account.snapshot();
+        tracing::info!(
+            target: "metron::state",
+            actor = "otlp_connection",
+            endpoint = %self.setup.config.endpoint,
+            queued = self.setup.outlet.outbox.envelopes(),
+            held = self.held.envelopes(),
+            routed_bytes = self.setup.outlet.outbox.routed(),
+            offered = s.offered,
+            egress = s.egress,
+            dropped = s.dropped_total(),
+            "state"
+        );
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for OtlpConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        self.chaos.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The three signals, as indexes into per-signal state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    Logs = 0,
+    Metrics = 1,
+    Traces = 2,
+}
+
+impl Signal {
+    const ALL: [Signal; 3] = [Signal::Logs, Signal::Metrics, Signal::Traces];
+
+    fn of(e: &Envelope) -> Option<Signal> {
+        match e.message {
+            Some(Message::Log(_) | Message::Event(_)) => Some(Signal::Logs),
+            Some(Message::Counter(_) | Message::Gauge(_)) => Some(Signal::Metrics),
+            Some(Message::Timer(_)) => Some(Signal::Traces),
+            None => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Logs => "logs",
+            Signal::Metrics => "metrics",
+            Signal::Traces => "traces",
+        }
+    }
+}
+
+/// One signal's batch being gathered: its items, and the envelopes (and budget bytes) they came
+/// from, settled together.
+#[derive(Default)]
+struct Pending {
+    mapped: Mapped,
+    items: usize,
+    envelopes: usize,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+/// The task's state.
+struct Exporter {
+    setup: Arc<OtlpSetup>,
+    held: Arc<Held>,
+    logs: LogsServiceClient<Channel>,
+    metrics: MetricsServiceClient<Channel>,
+    traces: TraceServiceClient<Channel>,
+    pending: [Pending; 3],
+    paused: [Pause; 3],
+    warnings: RateLimit,
+    /// Consecutive failed exports, for the "recovered" line.
+    failures: u32,
+}
+
+#[cfg(feature = "chaos-hooks")]
+type ChaosFlag = Arc<std::sync::atomic::AtomicBool>;
+#[cfg(not(feature = "chaos-hooks"))]
+type ChaosFlag = ();
+
+async fn run(
+    setup: Arc<OtlpSetup>,
+    held: Arc<Held>,
+    done: Arc<tokio::sync::watch::Sender<bool>>,
+    #[cfg_attr(not(feature = "chaos-hooks"), allow(unused_variables))] chaos: ChaosFlag,
+) {
+    let channel = setup.channel.clone();
+    let limit = crate::config::MAX_GRPC_MESSAGE_BYTES;
+    let mut x = Exporter {
+        logs: LogsServiceClient::new(channel.clone()).max_encoding_message_size(limit),
+        metrics: MetricsServiceClient::new(channel.clone()).max_encoding_message_size(limit),
+        traces: TraceServiceClient::new(channel).max_encoding_message_size(limit),
+        setup,
+        held,
+        pending: Default::default(),
+        paused: [Pause::default(); 3],
+        warnings: RateLimit::new(Duration::from_secs(10)),
+        failures: 0,
+    };
+    let interval = x.setup.config.batch_interval;
+    loop {
+        let due = x
+            .pending
+            .iter()
+            .filter_map(|p| p.since)
+            .min()
+            .map(|since| tokio::time::Instant::from_std(since + interval));
+        let take = x.setup.outlet.outbox.take(MAX_TAKE);
+        let taken = match due {
+            Some(due) => tokio::time::timeout_at(due, take).await.ok(),
+            None => Some(take.await),
+        };
+        match taken {
+            Some(Some(batch)) => {
+                x.take_in(&batch);
+                #[cfg(feature = "chaos-hooks")]
+                if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                    super::guard::chaos_panic(ME);
+                }
+                for s in Signal::ALL {
+                    if x.pending[s as usize].items >= x.setup.config.batch_max_items.get() {
+                        x.export(s).await;
+                    }
+                }
+            }
+            // Closed and empty (shutdown): export the rest, then end.
+            Some(None) => {
+                for s in Signal::ALL {
+                    x.export(s).await;
+                }
+                break;
+            }
+            None => {
+                let now = Instant::now();
+                for s in Signal::ALL {
+                    if x.pending[s as usize]
+                        .since
+                        .is_some_and(|t| now >= t + interval)
+                    {
+                        x.export(s).await;
+                    }
+                }
+            }
+        }
+    }
+    done.send_replace(true);
+}
+
+impl Exporter {
+    fn held_now(&self) {
+        let n = self.pending.iter().map(|p| p.envelopes).sum();
+        let bytes = self.pending.iter().map(|p| p.bytes).sum();
+        self.held.set(n, bytes);
+    }
+
+    fn drop_now(&self, reason: DropReason, n: usize, bytes: usize) {
+        if n == 0 {
+            return;
+        }
+        let outlet = &self.setup.outlet;
+        outlet.outbox.unroute(bytes);
+        self.setup
+            .ledger
+            .dropped_at(&outlet.account, reason, n, bytes);
+    }
+
+    /// Maps `batch` onto the signals' pending batches; counts what cannot be exported.
+    fn take_in(&mut self, batch: &EncodedBatch) {
+        let (n, bytes) = (
+            self.pending.iter().map(|p| p.envelopes).sum::<usize>(),
+            self.pending.iter().map(|p| p.bytes).sum::<usize>(),
+        );
+        self.held.set(n + batch.len(), bytes + batch.bytes());
+        let now = Instant::now();
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let signals = self.setup.config.signals;
+        let mut unformattable = (0, 0);
+        let mut unimplemented = (0, 0);
+        for i in 0..batch.len() {
+            let cost = batch.costs()[i] as usize;
+            let Some((e, signal)) = Envelope::decode(batch.envelope(i))
+                .ok()
+                .and_then(|e| Signal::of(&e).map(|s| (e, s)))
+            else {
+                unformattable.0 += 1;
+                unformattable.1 += cost;
+                continue;
+            };
+            if self.paused[signal as usize].paused(now) {
+                unimplemented.0 += 1;
+                unimplemented.1 += cost;
+                continue;
+            }
+            let p = &mut self.pending[signal as usize];
+            match mapping::map(&e, signals, now_ns, &mut p.mapped) {
+                Outcome::Mapped(k) if k > 0 => {
+                    p.items += k;
+                    p.envelopes += 1;
+                    p.bytes += cost;
+                    p.since.get_or_insert(now);
+                }
+                _ => {
+                    unformattable.0 += 1;
+                    unformattable.1 += cost;
+                }
+            }
+        }
+        self.drop_now(DropReason::Unformattable, unformattable.0, unformattable.1);
+        self.drop_now(
+            DropReason::SignalUnimplemented,
+            unimplemented.0,
+            unimplemented.1,
+        );
+        self.held_now();
+    }
+
+    /// Exports `signal`'s pending batch, retrying as the module docs say, and settles it.
+    async fn export(&mut self, signal: Signal) {
+        let p = std::mem::take(&mut self.pending[signal as usize]);
+        if p.envelopes == 0 {
+            return;
+        }
+        // Still held until settled: the shutdown barrier and a panic count it.
+        self.pending[signal as usize].envelopes = p.envelopes;
+        self.pending[signal as usize].bytes = p.bytes;
+        let retry: Retry = self.setup.config.retry;
+        let started = Instant::now();
+        let mut mapped = p.mapped;
+        let (logs, metrics, spans) = match signal {
+            Signal::Logs => (Some(mapped.take_logs()), None, None),
+            Signal::Metrics => (None, Some(mapped.take_metrics()), None),
+            Signal::Traces => (None, None, Some(mapped.take_spans())),
+        };
+        let mut attempt = 0;
+        let outcome = loop {
+            // Each attempt sends a copy: the batch is kept until it is settled.
+            let result = if let Some(req) = &logs {
+                self.logs.export(req.clone()).await.map(|r| {
+                    r.into_inner()
+                        .partial_success
+                        .map_or(0, |p| p.rejected_log_records)
+                })
+            } else if let Some(req) = &metrics {
+                self.metrics.export(req.clone()).await.map(|r| {
+                    r.into_inner()
+                        .partial_success
+                        .map_or(0, |p| p.rejected_data_points)
+                })
+            } else if let Some(req) = &spans {
+                self.traces.export(req.clone()).await.map(|r| {
+                    r.into_inner()
+                        .partial_success
+                        .map_or(0, |p| p.rejected_spans)
+                })
+            } else {
+                unreachable!("one request per signal")
+            };
+            let status = match result {
+                Ok(rejected) => break Ok(rejected),
+                Err(status) => status,
+            };
+            self.failures = self.failures.saturating_add(1);
+            match classify(&status) {
+                Verdict::Retry(delay) => {
+                    attempt += 1;
+                    let wait = delay.unwrap_or_else(|| retry.delay(attempt));
+                    if started.elapsed() + wait > retry.max_elapsed {
+                        break Err((DropReason::DrainWriteFailed, status));
+                    }
+                    self.warnings.warn_every(|times| {
+                        tracing::warn!(
+                            signal = signal.name(),
+                            error = %status,
+                            attempt,
+                            times,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "OTLP export failed; retrying"
+                        );
+                    });
+                    tokio::time::sleep(wait).await;
+                }
+                Verdict::Unimplemented => {
+                    if self.paused[signal as usize].start(Instant::now()) {
+                        tracing::warn!(
+                            signal = signal.name(),
+                            error = %status,
+                            pause_s = crate::otlp::export::PAUSE.as_secs(),
+                            "the OTLP collector does not take this signal; pausing it (its \
+                             envelopes are counted as dropped, signal_unimplemented)"
+                        );
+                    }
+                    break Err((DropReason::SignalUnimplemented, status));
+                }
+                Verdict::Refused => break Err((DropReason::DrainRefused, status)),
+            }
+        };
+        self.pending[signal as usize].envelopes = 0;
+        self.pending[signal as usize].bytes = 0;
+        let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
+        match outcome {
+            Ok(rejected) => {
+                if self.failures > 0 {
+                    tracing::info!(failures = self.failures, "OTLP export recovered");
+                    self.failures = 0;
+                }
+                // Rejections are counted in items; as envelopes, at most the batch's.
+                let rejected = usize::try_from(rejected.max(0))
+                    .unwrap_or(usize::MAX)
+                    .min(p.envelopes);
+                let share =
+                    |n: usize| (p.bytes as u128 * n as u128 / p.envelopes.max(1) as u128) as usize;
+                let rejected_bytes = share(rejected);
+                outlet.outbox.unroute(p.bytes);
+                ledger.dropped_at(
+                    &outlet.account,
+                    DropReason::OtlpRejected,
+                    rejected,
+                    rejected_bytes,
+                );
+                ledger.delivered_at(
+                    &outlet.account,
+                    p.envelopes - rejected,
+                    p.bytes - rejected_bytes,
+                );
+                if rejected > 0 {
+                    self.warnings.warn_every(|times| {
+                        tracing::warn!(
+                            signal = signal.name(),
+                            rejected,
+                            times,
+                            "the OTLP collector rejected part of an export"
+                        );
+                    });
+                }
+            }
+            Err((reason, status)) => {
+                if reason != DropReason::SignalUnimplemented {
+                    self.warnings.warn_every(|times| {
+                        tracing::warn!(
+                            signal = signal.name(),
+                            error = %status,
+                            reason = reason.name(),
+                            times,
+                            "OTLP export failed for good; dropping the batch"
+                        );
+                    });
+                }
+                self.drop_now(reason, p.envelopes, p.bytes);
+            }
+        }
+        self.held_now();
+    }
+}

@@ -1,0 +1,241 @@
+//! The OTLP destination beside the Doppler pool (issue 23): envelopes reach a collector over
+//! mTLS (server name `otel-collector`, the agent's own certificate) mapped as upstream maps them;
+//! a collector that is down is retried and loses nothing within the budget; a signal it does not
+//! take is paused while the others flow; partial rejections are counted; a dead collector costs
+//! the Doppler nothing. Real gRPC both sides, certificates made at test time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::World;
+use common::otlp::{Behaviour, FakeCollector, Signal};
+use common::*;
+use metron::otlp_proto::common::v1::any_value;
+use metron::otlp_proto::metrics::v1::{metric, number_data_point};
+use metron::proto::Envelope;
+use metron::telemetry::{Destination, DropReason, MetricsSnapshot};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn otlp_yaml(collector: &FakeCollector, extra: &str) -> String {
+    format!(
+        "otlp:\n  endpoint: \"{}\"\n  retry: {{ initial_ms: 50, max_ms: 200, max_elapsed_ms: 60000 }}\n{extra}",
+        collector.addr()
+    )
+}
+
+fn account(m: &MetricsSnapshot, collector: &FakeCollector) -> metron::telemetry::AccountSnapshot {
+    m.account(&Destination::Otlp {
+        endpoint: collector.addr().to_string(),
+    })
+    .expect("the OTLP destination has an account")
+    .clone()
+}
+
+/// A timer with the trace tags upstream needs to make a span of it.
+fn traced_timer(source: &str, i: u64) -> Envelope {
+    let mut e = timer_envelope(source, "http", 1_000, 2_000);
+    e.tags.insert("trace_id".into(), format!("{:032x}", i + 1));
+    e.tags.insert("span_id".into(), format!("{:016x}", i + 1));
+    e.tags.insert("peer_type".into(), "Server".into());
+    e.tags
+        .insert("uri".into(), format!("https://x.example/path/{i}?q=1"));
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_signal_reaches_the_collector_as_upstream_maps_it() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    let agent = w.start(&[(doppler.addr(), "z1")], &otlp_yaml(&collector, ""));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut sent = Vec::new();
+    for i in 0..200u64 {
+        sent.push(log_envelope("app-a", &format!("line {i}")));
+        sent.push(counter_envelope("app-a", "requests", 1, i + 1));
+        sent.push(gauge_envelope("app-a", "cpu", i as f64, "percentage"));
+        sent.push(traced_timer("app-a", i));
+        sent.push(event_envelope("app-a", "deployed", "an event"));
+    }
+    send_all(&mut client, &sent).await;
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.log_records >= 400
+                && c.data_points >= 400
+                && c.spans >= 200)
+            .await,
+        "the collector got {:?}",
+        collector.counts()
+    );
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    assert_eq!(
+        (
+            collector.log_records(),
+            collector.data_points(),
+            collector.spans()
+        ),
+        (400, 400, 200),
+        "each envelope once"
+    );
+    // Field by field, a few of each: counters are cumulative monotonic sums of the total;
+    // attributes start with instance_id and source_id, carry the default tags and never the
+    // agent's own `metron` tag.
+    let mut totals = Vec::new();
+    for req in collector.metrics() {
+        for rm in &req.resource_metrics {
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                match &m.data {
+                    Some(metric::Data::Sum(s)) => {
+                        assert!(s.is_monotonic);
+                        let p = &s.data_points[0];
+                        let keys: Vec<&str> = p.attributes.iter().map(|a| a.key.as_str()).collect();
+                        assert_eq!(&keys[..2], ["instance_id", "source_id"]);
+                        assert!(keys.contains(&"deployment"), "{keys:?}");
+                        assert!(!keys.contains(&"metron"), "{keys:?}");
+                        if let Some(number_data_point::Value::AsInt(v)) = p.value {
+                            totals.push(v);
+                        }
+                    }
+                    Some(metric::Data::Gauge(g)) => {
+                        assert_eq!((m.name.as_str(), m.unit.as_str()), ("cpu", "percentage"));
+                        assert_eq!(g.data_points.len(), 1);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+    assert_eq!(totals, (1..=200).collect::<Vec<i64>>(), "totals in order");
+    let bodies: Vec<String> = collector
+        .logs()
+        .iter()
+        .flat_map(|r| r.resource_logs.clone())
+        .flat_map(|r| r.scope_logs)
+        .flat_map(|s| s.log_records)
+        .filter(|r| r.severity_number == 9)
+        .map(|r| match r.body.and_then(|b| b.value) {
+            Some(any_value::Value::StringValue(s)) => s,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..200).map(|i| format!("line {i}")).collect::<Vec<_>>()
+    );
+    let span = &collector.traces()[0].resource_spans[0].scope_spans[0].spans[0];
+    assert_eq!((span.name.as_str(), span.kind), ("/path/0", 2));
+
+    let m = agent.shutdown().metrics;
+    let a = account(&m, &collector);
+    assert_eq!(
+        (a.offered, a.egress, a.dropped_total()),
+        (1000, 1000, 0),
+        "{a:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_down_then_back_loses_nothing_within_the_budget() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    collector.set_behaviour_all(Behaviour::Unavailable);
+    let agent = w.start(&[(doppler.addr(), "z1")], &otlp_yaml(&collector, ""));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<Envelope> = (0..2_000)
+        .map(|i| log_envelope("app-a", &format!("{i}")))
+        .collect();
+    send_all(&mut client, &sent).await;
+    // Refused while it is unavailable, retried on the schedule; the Doppler is not held up.
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.requests(Signal::Logs) >= 3)
+            .await
+    );
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    assert_eq!(collector.log_records(), 0);
+    collector.set_behaviour_all(Behaviour::Ok);
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.log_records >= 2_000)
+            .await,
+        "{:?}",
+        collector.counts()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    let a = account(&m, &collector);
+    assert_eq!((a.egress, a.dropped_total()), (2_000, 0), "{a:?}");
+    assert_eq!(collector.log_records(), 2_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_the_collector_lacks_is_paused_and_the_others_flow() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    collector.set_behaviour(Signal::Logs, Behaviour::Unimplemented);
+    collector.set_behaviour(Signal::Metrics, Behaviour::PartialSuccess { rejected: 1 });
+    let agent = w.start(&[(doppler.addr(), "z1")], &otlp_yaml(&collector, ""));
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut sent = Vec::new();
+    for i in 0..300u64 {
+        sent.push(log_envelope("app-a", &format!("{i}")));
+        sent.push(counter_envelope("app-a", "requests", 1, i + 1));
+    }
+    send_all(&mut client, &sent).await;
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    let a = account(&m, &collector);
+    // Logs: one export tried, answered UNIMPLEMENTED; the signal paused, everything counted.
+    assert_eq!(
+        collector.requests(Signal::Logs),
+        1,
+        "paused after the first"
+    );
+    assert_eq!(a.dropped_by(DropReason::SignalUnimplemented), 300, "{a:?}");
+    // Metrics: every export answered with one rejected point, counted as such.
+    let exports = collector.requests(Signal::Metrics) as u64;
+    assert!(exports >= 3, "batches of at most 100: {exports}");
+    assert_eq!(a.dropped_by(DropReason::OtlpRejected), exports, "{a:?}");
+    assert_eq!(a.egress, 300 - exports);
+    assert_eq!(a.offered, a.egress + a.dropped_total());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_costs_the_doppler_nothing() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let mut collector = FakeCollector::start(&w.pki);
+    collector.kill();
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        &otlp_yaml(&collector, "pipeline: { max_buffered_bytes: 10485760 }\n"),
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<Envelope> = (0..20_000)
+        .map(|i| log_envelope("app-a", &format!("{i}")))
+        .collect();
+    send_all(&mut client, &sent).await;
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    // Acknowledged by the Doppler, while the collector's share fills and sheds.
+    assert!(wait_until_async(WAIT, || agent.metrics().egress == 20_000).await);
+    let m = agent.metrics();
+    assert_eq!(doppler.count(), 20_000, "the Doppler got everything once");
+    assert_eq!(m.dropped_total(), 0, "and lost nothing");
+    let a = account(&m, &collector);
+    assert_eq!(a.egress, 0);
+    assert_eq!(a.offered, 20_000);
+    assert_eq!(
+        a.offered,
+        a.egress + a.dropped_total() + a.buffered,
+        "{a:?}"
+    );
+    // What it could not hold is its own loss, counted in its own series.
+    assert_eq!(a.dropped_total(), a.dropped_by(DropReason::DrainQueueFull));
+    drop(agent);
+}
