@@ -239,3 +239,252 @@ async fn a_dead_collector_costs_the_doppler_nothing() {
     assert_eq!(a.dropped_total(), a.dropped_by(DropReason::DrainQueueFull));
     drop(agent);
 }
+
+/// `rotel-agent`, the Rust OpenTelemetry collector in PyPI's `rotel` package (installed by
+/// `.ci/run`); `ROTEL_AGENT` overrides where it is.
+fn rotel_agent() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ROTEL_AGENT") {
+        return p.into();
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the rotel package is not installed (pip install rotel==0.0.1a15, as .ci/run does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("a path").trim().into()
+}
+
+/// A real collector as a child process on a loopback port, printing what it decodes; stopped
+/// when dropped.
+struct Rotel {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    out: std::path::PathBuf,
+    _dir: tempfile_dir::Dir,
+}
+
+mod tempfile_dir {
+    /// A directory removed when dropped.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Rotel {
+    fn start() -> Rotel {
+        let addr = common::agent::unserved_addr();
+        let dir = std::env::temp_dir().join(format!(
+            "metron-rotel-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("rotel.out");
+        let file = std::fs::File::create(&out).unwrap();
+        let child = std::process::Command::new(rotel_agent())
+            .args(["start", "--otlp-grpc-endpoint", &addr.to_string()])
+            .args([
+                "--otlp-http-endpoint",
+                &common::agent::unserved_addr().to_string(),
+            ])
+            .args(["--exporter", "blackhole"])
+            .args(["--debug-log", "logs", "--debug-log", "metrics"])
+            .args(["--debug-log-verbosity", "detailed"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("rotel-agent starts");
+        let rotel = Rotel {
+            child,
+            addr,
+            out,
+            _dir: tempfile_dir::Dir(dir),
+        };
+        assert!(
+            wait_until(WAIT, || std::net::TcpStream::connect(addr).is_ok()),
+            "rotel listens on {addr}: {}",
+            rotel.output()
+        );
+        rotel
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+impl Drop for Rotel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One record or metric as rotel's debug exporter prints it (`--debug-log-verbosity detailed`):
+/// its `Key: value` fields, and its attributes (`-> key: Str(value)`) in order.
+#[derive(Debug, Default)]
+struct Printed {
+    fields: std::collections::HashMap<String, String>,
+    attributes: Vec<(String, String)>,
+}
+
+/// The log records and the metrics in rotel's output.
+fn parse_rotel(output: &str) -> (Vec<Printed>, Vec<Printed>) {
+    let (mut logs, mut metrics) = (Vec::new(), Vec::new());
+    // Which list the current block goes to, and whether `->` lines are attributes.
+    let mut current: Option<(bool, Printed)> = None;
+    let mut in_attributes = false;
+    let mut flush = |c: &mut Option<(bool, Printed)>| {
+        if let Some((is_log, p)) = c.take() {
+            if is_log {
+                logs.push(p);
+            } else {
+                metrics.push(p);
+            }
+        }
+    };
+    for line in output.lines() {
+        let t = line.trim();
+        if t.starts_with("LogRecord #") || t.starts_with("Metric #") {
+            flush(&mut current);
+            current = Some((t.starts_with("LogRecord"), Printed::default()));
+            in_attributes = false;
+            continue;
+        }
+        if t.starts_with("ResourceLog #") || t.starts_with("ResourceMetrics #") {
+            flush(&mut current);
+            continue;
+        }
+        let Some((_, p)) = &mut current else { continue };
+        if t == "Attributes:" || t == "Data point attributes:" {
+            in_attributes = true;
+            continue;
+        }
+        if let Some(kv) = t.strip_prefix("-> ") {
+            let (k, v) = kv
+                .split_once(": ")
+                .unwrap_or((kv.trim_end_matches(':'), ""));
+            if in_attributes {
+                let v = v
+                    .strip_prefix("Str(")
+                    .and_then(|v| v.strip_suffix(')'))
+                    .unwrap_or(v);
+                p.attributes.push((k.to_string(), v.to_string()));
+            } else {
+                p.fields.insert(k.to_string(), v.to_string());
+            }
+            continue;
+        }
+        in_attributes = false;
+        if let Some((k, v)) = t.split_once(": ") {
+            p.fields.insert(k.to_string(), v.to_string());
+        }
+    }
+    flush(&mut current);
+    (logs, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_collector_decodes_logs_counters_and_gauges_as_sent() {
+    const N: u64 = 1_000;
+    let rotel = Rotel::start();
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let yaml = format!(
+        "otlp: {{ endpoint: \"{}\", plaintext: true, signals: {{ traces: false }} }}\n",
+        rotel.addr
+    );
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let mut sent = Vec::new();
+    for i in 0..N {
+        sent.push(log_envelope("app-a", &format!("line {i}")));
+        sent.push(counter_envelope("app-a", "requests", 1, i + 1));
+        sent.push(gauge_envelope("app-a", "cpu", i as f64 + 0.5, "percentage"));
+    }
+    send_all(&mut client, &sent).await;
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    let a = m
+        .account(&Destination::Otlp {
+            endpoint: rotel.addr.to_string(),
+        })
+        .expect("an account")
+        .clone();
+    assert_eq!(
+        (a.offered, a.egress, a.dropped_total()),
+        (3 * N, 3 * N, 0),
+        "{a:?}"
+    );
+    // Printed as it decodes: wait (bounded) until every item is in its output.
+    assert!(wait_until(WAIT, || {
+        let (logs, metrics) = parse_rotel(&rotel.output());
+        logs.len() as u64 >= N && metrics.len() as u64 >= 2 * N
+    }));
+    let (logs, metrics) = parse_rotel(&rotel.output());
+    assert_eq!((logs.len() as u64, metrics.len() as u64), (N, 2 * N));
+    let timestamps: Vec<String> = sent.iter().map(|e| e.timestamp.to_string()).collect();
+    let want_attributes = |p: &Printed| {
+        let keys: Vec<&str> = p.attributes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(&keys[..2], ["instance_id", "source_id"], "{p:?}");
+        assert_eq!(p.attributes[1].1, "app-a");
+        assert!(
+            p.attributes.contains(&("deployment".into(), "cf".into())),
+            "{p:?}"
+        );
+        assert!(!keys.contains(&"metron"), "{p:?}");
+    };
+    for (i, l) in logs.iter().enumerate() {
+        assert_eq!(
+            l.fields["Body"],
+            format!("Str(line {i})"),
+            "in order: {l:?}"
+        );
+        assert_eq!(l.fields["SeverityText"], "SEVERITY_NUMBER_INFO");
+        assert_eq!(l.fields["SeverityNumber"], "SEVERITY_NUMBER_INFO(9)");
+        assert_eq!(l.fields["Timestamp"], timestamps[i * 3]);
+        want_attributes(l);
+    }
+    let (mut counters, mut gauges) = (0u64, 0u64);
+    for m in &metrics {
+        want_attributes(m);
+        match m.fields["Name"].as_str() {
+            "requests" => {
+                assert_eq!(m.fields["DataType"], "Sum");
+                assert_eq!(m.fields["IsMonotonic"], "true");
+                assert_eq!(
+                    m.fields["AggregationTemporality"],
+                    "AGGREGATION_TEMPORALITY_CUMULATIVE"
+                );
+                assert_eq!(
+                    m.fields["Value"],
+                    (counters + 1).to_string(),
+                    "totals in order"
+                );
+                assert_eq!(m.fields["Timestamp"], timestamps[counters as usize * 3 + 1]);
+                counters += 1;
+            }
+            "cpu" => {
+                assert_eq!(m.fields["DataType"], "Gauge");
+                assert_eq!(m.fields["Unit"], "percentage");
+                assert_eq!(
+                    m.fields["Value"].parse::<f64>().unwrap(),
+                    gauges as f64 + 0.5
+                );
+                gauges += 1;
+            }
+            other => panic!("unexpected metric {other}: {m:?}"),
+        }
+    }
+    assert_eq!((counters, gauges), (N, N));
+}
