@@ -2,9 +2,11 @@
 //!
 //! Emitters on a VM send envelopes over mTLS gRPC; metron tags, sequences, signs and batches them
 //! once and hands them to every destination that takes them: a pool of Dopplers over mTLS
-//! (preferring its own availability zone) and syslog drains (Log Cache's aggregate drain and
-//! others, and each application's drains from the binding cache), each with its own queue, share
-//! of the budget, connections and counters.
+//! (preferring its own availability zone), syslog drains (Log Cache's aggregate drain and
+//! others, and each application's drains from the binding cache), an OpenTelemetry collector,
+//! and the local agents that announce themselves in `ingress_port.yml` files (the
+//! forwarder-agent's fan-out), each with its own queue, share of the budget, connections and
+//! counters.
 //!
 //! ## Message flow (data goes one way, left to right)
 //!
@@ -29,6 +31,10 @@
 //!                        ▲ started by the sequencer on an app's first envelope
 //!  binding cache ──poller──SetDrainTable──▶ SequencerActor (app drains: syslog::apps)
 //!  notices (LGR: "N messages lost…") ──▶ Edge, like any envelope, not to the drain they are about
+//!
+//!  OTel collector ◀──OTLP/gRPC── OtlpConnection (otlp::mapping, batch per signal, retry/pause)
+//!  local v2 agents ◀──Ingress.Send── ForwardConnection[port] (one per ingress_port.yml file)
+//!                 (each takes its own outbox, like a drain; files read at start and on SIGHUP)
 //! ```
 //!
 //! * [`grpc::ingress`] — the edge. Takes `BatchSender`/`Send` messages undecoded, counts their
@@ -53,6 +59,10 @@
 //!   [`envelope::outbox::Outbox`], formats ([`syslog::rfc5424`]), writes ([`syslog::writer`],
 //!   [`syslog::https`]) and retries on a new connection after a backoff; a panic in its task
 //!   restarts it from fresh state.
+//! * [`actors::otlp_connection`] — the OpenTelemetry collector: maps ([`otlp::mapping`]),
+//!   batches per signal, exports, retries or pauses a signal as [`otlp::export`] decides.
+//! * [`actors::forward_connection`] — one actor per downstream v2 agent announced by an
+//!   `ingress_port.yml` file ([`forwarding`]).
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue
 //!   ([`envelope::queue::EgressQueue`]) outlives connections, so a restart loses nothing queued. Its
 //!   streams are ended and acknowledged every `ack_interval_ms`; only then do envelopes count as
@@ -95,6 +105,7 @@ pub mod config;
 pub mod dev;
 pub mod entropy;
 pub mod envelope;
+pub mod forwarding;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod grpc;

@@ -3,6 +3,7 @@
 
 pub mod doppler_connection;
 pub mod drain_connection;
+pub mod forward_connection;
 pub mod guard;
 pub mod ingress;
 pub mod messages;

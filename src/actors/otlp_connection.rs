@@ -159,6 +159,40 @@ impl Handler<Drain> for OtlpConnection {
     }
 }
 
+impl Handler<super::messages::Retire> for OtlpConnection {
+    type Result = ();
+
+    /// Its file is gone: export what it holds within `grace`, then stop.
+    fn handle(&mut self, msg: super::messages::Retire, ctx: &mut Context<Self>) {
+        self.setup.outlet.outbox.close();
+        let mut done = self.done.subscribe();
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(async move {
+                let _ = done.wait_for(|done| *done).await;
+            })
+            .map(|(), act, ctx| act.retire(ctx)),
+        );
+        ctx.run_later(msg.grace, |act, ctx| act.retire(ctx));
+    }
+}
+
+impl OtlpConnection {
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        } else {
+            return;
+        }
+        super::forward_connection::retire_outlet(
+            &self.setup.outlet,
+            &self.held,
+            &self.setup.ledger,
+        );
+        tracing::info!(endpoint = %self.setup.config.endpoint, "OTLP collector removed");
+        ctx.stop();
+    }
+}
+
 impl Handler<DumpState> for OtlpConnection {
     type Result = ();
 
@@ -243,6 +277,32 @@ struct Exporter {
     warnings: RateLimit,
     /// Consecutive failed exports, for the "recovered" line.
     failures: u32,
+    /// Set while exports succeed: counted as an open connection (`drain_connections`, the
+    /// account's), so the edge knows something drains.
+    connected: Option<Connected>,
+}
+
+/// An open connection in the counts (`drain_connections`, the destination's account), for as
+/// long as it lives: dropped on a failure, an abort or a panic alike.
+pub(crate) struct Connected(Arc<crate::telemetry::Account>, Arc<Ledger>);
+
+impl Connected {
+    pub(crate) fn new(outlet: &Outlet, ledger: &Arc<Ledger>) -> Self {
+        let m = ledger.metrics();
+        m.drain_connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        outlet.account.connected(1);
+        Connected(outlet.account.clone(), ledger.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let m = self.1.metrics();
+        m.drain_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.connected(-1);
+    }
 }
 
 #[cfg(feature = "chaos-hooks")]
@@ -268,6 +328,7 @@ async fn run(
         paused: [Pause::default(); 3],
         warnings: RateLimit::new(Duration::from_secs(10)),
         failures: 0,
+        connected: None,
     };
     let interval = x.setup.config.batch_interval;
     loop {
@@ -430,10 +491,17 @@ impl Exporter {
                 unreachable!("one request per signal")
             };
             let status = match result {
-                Ok(rejected) => break Ok(rejected),
+                Ok(rejected) => {
+                    if self.connected.is_none() {
+                        self.connected =
+                            Some(Connected::new(&self.setup.outlet, &self.setup.ledger));
+                    }
+                    break Ok(rejected);
+                }
                 Err(status) => status,
             };
             self.failures = self.failures.saturating_add(1);
+            self.connected = None;
             match classify(&status) {
                 Verdict::Retry(delay) => {
                     attempt += 1;

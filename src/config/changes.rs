@@ -61,6 +61,10 @@ pub enum Live {
     /// `limits`: the per-source rate limits, from the next batch on (each source's bucket keeps
     /// what it holds, up to its new burst).
     Limits,
+    /// The `ingress_port.yml` files (`forwarding.ingress_port_glob`, read again at every
+    /// reload): downstream agents announced since start, those gone deliver what they hold
+    /// within `shutdown.grace_period_ms`.
+    Forwarding,
 }
 
 impl Live {
@@ -86,6 +90,7 @@ impl Live {
             Live::AggregateDrains => "syslog.aggregate_drains",
             Live::BindingCache => "syslog.binding_cache",
             Live::Limits => "limits",
+            Live::Forwarding => "forwarding.ingress_port_glob files",
         }
     }
 }
@@ -210,11 +215,16 @@ impl Config {
                 },
             limits,
             otlp,
+            ingress_port_glob,
         } = self;
         let (d, m, p) = (&new.dopplers, &new.metrics, &new.pipeline);
         let mut c = Changes::default();
         c.restart(*az != new.identity.az, "identity.az");
         c.restart(*otlp != new.otlp, "otlp");
+        c.restart(
+            *ingress_port_glob != new.ingress_port_glob,
+            "forwarding.ingress_port_glob",
+        );
         c.live(*default_tags != new.default_tags, Live::Tags);
         c.restart(*listen != new.ingress.listen, "ingress.grpc.listen");
         c.live(*ingress_tls != new.ingress.tls, Live::IngressTls);

@@ -84,6 +84,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// An OpenTelemetry collector beside the Doppler pool (`None`: none).
     pub otlp: Option<OtlpConfig>,
+    /// `forwarding.ingress_port_glob`: where downstream agents announce their ports (`None`:
+    /// no fan-out to them).
+    pub ingress_port_glob: Option<String>,
 }
 
 /// `log`: what the agent writes about itself.
@@ -345,6 +348,15 @@ struct RawConfig {
     limits: limits::RawLimits,
     #[serde(default)]
     otlp: Option<otlp::RawOtlp>,
+    #[serde(default)]
+    forwarding: RawForwarding,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarding {
+    #[serde(default)]
+    ingress_port_glob: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -963,10 +975,14 @@ impl RawConfig {
         // Without a `dopplers` section the agent has no Doppler pool: another destination must
         // take its envelopes.
         let no_dopplers = self.dopplers.is_none();
-        if no_dopplers && !self.syslog.has_drains() {
+        let other_destination = self.syslog.has_drains()
+            || self.otlp.is_some()
+            || self.forwarding.ingress_port_glob.is_some();
+        if no_dopplers && !other_destination {
             return Err(ConfigError::new(
                 "dopplers",
-                "missing: configure Dopplers, a syslog.aggregate_drains entry or syslog.binding_cache",
+                "missing: configure Dopplers, a syslog.aggregate_drains entry, \
+                 syslog.binding_cache, otlp or forwarding.ingress_port_glob",
             ));
         }
         let d = self.dopplers.unwrap_or_default();
@@ -1284,6 +1300,15 @@ impl RawConfig {
             syslog: self.syslog.validate()?,
             limits: self.limits.validate()?,
             otlp: self.otlp.map(otlp::RawOtlp::validate).transpose()?,
+            ingress_port_glob: match self.forwarding.ingress_port_glob {
+                Some(g) if g.trim().is_empty() => {
+                    return Err(ConfigError::new(
+                        "forwarding.ingress_port_glob",
+                        "must not be empty (leave the key out for no fan-out)",
+                    ))
+                }
+                g => g,
+            },
         })
     }
 }

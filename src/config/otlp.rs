@@ -155,6 +155,29 @@ fn default_server_name() -> String {
     "otel-collector".into()
 }
 
+impl OtlpConfig {
+    /// The collector an `ingress_port.yml` file announces at `endpoint`: this section's
+    /// settings (or the defaults, without one) with that endpoint. Plaintext is kept only for
+    /// a loopback endpoint, which an announced one always is.
+    pub fn announced(section: Option<&OtlpConfig>, endpoint: String) -> OtlpConfig {
+        let mut c = section.cloned().unwrap_or_else(|| {
+            RawOtlp {
+                endpoint: endpoint.clone(),
+                tls: None,
+                plaintext: false,
+                signals: RawSignals::default(),
+                batch_max_items: default_batch_max_items(),
+                batch_interval_ms: default_batch_interval_ms(),
+                retry: RawRetry::default(),
+            }
+            .validate()
+            .expect("the defaults are valid")
+        });
+        c.endpoint = endpoint;
+        c
+    }
+}
+
 impl RawOtlp {
     pub(super) fn validate(self) -> Result<OtlpConfig, ConfigError> {
         let endpoint_err = |problem: String| ConfigError::new("otlp.endpoint", problem);

@@ -240,6 +240,24 @@ impl Decoder for PreEncodedCodec {
 
 const BATCH_SENDER: &str = "/loggregator.v2.Ingress/BatchSender";
 
+/// `Ingress.Send` with envelopes already encoded: one batch, acknowledged by its answer (the
+/// fan-out to downstream v2 agents, [`crate::actors::forward_connection`]).
+///
+/// # Errors
+/// The connection is not ready or the call fails.
+pub async fn send_batch(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    batch: OutgoingBatch,
+) -> Result<(), tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/loggregator.v2.Ingress/Send");
+    grpc.unary(tonic::Request::new(batch), path, PreEncodedCodec)
+        .await
+        .map(|_| ())
+}
+
 /// Opens one BatchSender stream carrying `stream`.
 async fn batch_sender(
     grpc: &mut tonic::client::Grpc<Channel>,

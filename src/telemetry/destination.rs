@@ -22,8 +22,10 @@ pub enum Destination {
     /// A syslog drain: `scope` is `aggregate` or `app`; `url` is the anonymized URL (no
     /// credentials, no query) or `other` once `syslog.max_drain_series` drains have a series.
     Drain { scope: DrainScope, url: String },
-    /// The OTLP collector at `endpoint` (`otlp.endpoint`).
+    /// The OTLP collector at `endpoint` (`otlp.endpoint`, or an `ingress_port.yml` file's).
     Otlp { endpoint: String },
+    /// A downstream v2 agent announced by an `ingress_port.yml` file (the forwarder's fan-out).
+    Forward { addr: String },
 }
 
 /// Upstream's `drain_scope` label.
@@ -59,6 +61,10 @@ impl Destination {
                 "otlp_endpoint=\"{}\"",
                 super::metrics::escape_label(endpoint)
             ),
+            Destination::Forward { addr } => format!(
+                "forward_destination=\"{}\"",
+                super::metrics::escape_label(addr)
+            ),
         }
     }
 
@@ -68,6 +74,7 @@ impl Destination {
             Destination::Doppler => "doppler".into(),
             Destination::Drain { scope, url } => format!("{} drain {url}", scope.name()),
             Destination::Otlp { endpoint } => format!("otlp {endpoint}"),
+            Destination::Forward { addr } => format!("forward {addr}"),
         }
     }
 }

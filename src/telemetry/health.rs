@@ -154,6 +154,11 @@ impl Health {
                     push_json_str(&mut b, endpoint);
                     let _ = write!(b, ",\"connections\":{}", a.connections.max(0));
                 }
+                super::Destination::Forward { addr } => {
+                    b.push_str("\"forward\",\"forward_destination\":");
+                    push_json_str(&mut b, addr);
+                    let _ = write!(b, ",\"connections\":{}", a.connections.max(0));
+                }
             }
             let _ = write!(
                 b,

@@ -788,10 +788,33 @@ impl Metrics {
                 "Envelopes dropped for a syslog drain (upstream's syslog-agent family; the same drops as dropped{drain_url}).",
                 drains
                     .iter()
+                    .filter(|(_, d)| d.scope.is_some())
                     .map(|(labels, d)| {
                         (
                             format!("direction=\"egress\",{labels}"),
                             d.sum.dropped_total().to_string(),
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                "egress_expired_total",
+                "counter",
+                "Envelopes dropped for a destination the forwarder-agent would fan out to (upstream's forwarder-agent family; the same drops as dropped{otlp_endpoint} or dropped{forward_destination}).",
+                s.accounts
+                    .iter()
+                    .filter_map(|a| match &a.destination {
+                        Destination::Otlp { endpoint } => Some(("otelcol", endpoint, a)),
+                        Destination::Forward { addr } => Some(("", addr, a)),
+                        _ => None,
+                    })
+                    .map(|(protocol, destination, a)| {
+                        (
+                            format!(
+                                "protocol=\"{protocol}\",destination=\"{}\"",
+                                escape_label(destination)
+                            ),
+                            a.dropped_total().to_string(),
                         )
                     })
                     .collect(),
@@ -858,7 +881,7 @@ impl Metrics {
                 [DrainScope::Aggregate, DrainScope::App]
                     .iter()
                     .map(|scope| {
-                        let n = drains.iter().filter(|(_, d)| d.scope == *scope).map(|(_, d)| d.drains).sum::<u64>();
+                        let n = drains.iter().filter(|(_, d)| d.scope == Some(*scope)).map(|(_, d)| d.drains).sum::<u64>();
                         (format!("drain_scope=\"{}\"", scope.name()), n.to_string())
                     })
                     .collect(),
@@ -1081,7 +1104,8 @@ impl Metrics {
 
 /// Drains summed by their series' labels (drains beyond `syslog.max_drain_series` share one).
 struct DrainSeries {
-    scope: DrainScope,
+    /// `None`: not a syslog drain (an OTLP collector, a downstream v2 agent).
+    scope: Option<DrainScope>,
     /// Drains counted in this series.
     drains: u64,
     sum: AccountSnapshot,
@@ -1096,8 +1120,10 @@ fn drain_series(
     let mut out: BTreeMap<String, DrainSeries> = BTreeMap::new();
     let live = accounts.iter().map(|a| (a, 1));
     for (a, count) in live.chain(retired.iter().map(|a| (a, 0))) {
-        let Destination::Drain { scope, .. } = &a.destination else {
-            continue;
+        let scope = match &a.destination {
+            Destination::Drain { scope, .. } => Some(*scope),
+            Destination::Otlp { .. } | Destination::Forward { .. } => None,
+            Destination::Doppler => continue,
         };
         let labels = a.destination.labels();
         match out.get_mut(&labels) {
@@ -1105,7 +1131,7 @@ fn drain_series(
                 out.insert(
                     labels,
                     DrainSeries {
-                        scope: *scope,
+                        scope,
                         drains: count,
                         sum: a.clone(),
                     },

@@ -17,13 +17,14 @@ use tonic::transport::{Endpoint as GrpcEndpoint, Server};
 
 use crate::actors::doppler_connection::DopplerConnection;
 use crate::actors::drain_connection::{DrainConnection, DrainSetup, Held, Transport};
+use crate::actors::forward_connection::{ForwardConnection, ForwardSetup};
 use crate::actors::ingress::IngressActor;
 use crate::actors::messages::{Drain, DumpState};
 use crate::actors::otlp_connection::{OtlpConnection, OtlpSetup};
 use crate::actors::sequencer::{AppHandle, AppSetup, Routing, SequencerActor};
 use crate::actors::signer::SignerActor;
 use crate::actors::supervisor::{DopplerSupervisor, SupervisorSetup};
-use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource, OtlpSecurity};
+use crate::config::{AggregateDrain, Config, ConfigError, DopplerSource, OtlpConfig, OtlpSecurity};
 use crate::envelope::outbox::{Outbox, Outlet};
 use crate::envelope::queue::{BatchLimits, EgressQueue};
 use crate::envelope::sequence::Sequencer;
@@ -80,8 +81,13 @@ pub struct Running {
     retiring: Vec<RunningDrain>,
     /// The drains the binding cache's answers started.
     cache_drains: CacheDrains,
-    /// The OTLP collector (`otlp:`).
-    otlp: Option<RunningOtlp>,
+    /// The OTLP collectors (`otlp:`, and those `ingress_port.yml` files announce).
+    otlp: Vec<RunningOtlp>,
+    /// The downstream v2 agents `ingress_port.yml` files announce.
+    forwards: Vec<RunningForward>,
+    /// Destinations whose file went away, delivering what they hold within the grace period:
+    /// the shutdown barrier counts them, and shutdown asks them to finish too.
+    retiring_outlets: Vec<(Outlet, Arc<Held>, Recipient<Drain>)>,
     /// The binding cache poller (`syslog.binding_cache`).
     poller: Option<JoinHandle<()>>,
     /// The edge, for the rate limits a reload changes.
@@ -260,11 +266,13 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     });
 
     let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
-    let otlp = start_otlp(c, &p.tls.ingress, &ledger).map_err(std::io::Error::other)?;
+    let (otlp, forwards) =
+        start_outlets(c, &p.tls.ingress, &ledger).map_err(std::io::Error::other)?;
     let outlets: Vec<Outlet> = drains
         .iter()
         .map(|d| d.outlet.clone())
-        .chain(otlp.as_ref().map(|o| o.outlet.clone()))
+        .chain(otlp.iter().map(|o| o.outlet.clone()))
+        .chain(forwards.iter().map(|f| f.outlet.clone()))
         .collect();
     let cache_drains = CacheDrains::default();
     // Fair shedding's table: the edge keeps it, the sequencer reads who is light (decision 30).
@@ -386,8 +394,11 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
                 &connections,
                 &drains,
             );
-            if let Some(o) = &otlp {
-                checks.push((RunningOtlp::NAME.to_owned(), o.check()));
+            for o in &otlp {
+                checks.push((o.name.clone(), check(&o.actor)));
+            }
+            for f in &forwards {
+                checks.push((f.name.clone(), check(&f.actor)));
             }
             checks
         },
@@ -491,6 +502,8 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         retiring: Vec::new(),
         cache_drains,
         otlp,
+        forwards,
+        retiring_outlets: Vec::new(),
         poller,
         edge,
         queues: queue_handles,
@@ -612,32 +625,38 @@ fn start_drain(
     })
 }
 
-/// The running OTLP destination: its actor and what the shutdown barrier counts as queued.
+/// A running OTLP destination: its actor and what the shutdown barrier counts as queued.
 pub(crate) struct RunningOtlp {
+    /// The file that announced it (`None`: the `otlp:` section's).
+    announced: Option<crate::forwarding::Downstream>,
+    name: String,
     actor: Addr<OtlpConnection>,
     outlet: Outlet,
     held: Arc<Held>,
 }
 
-impl RunningOtlp {
-    const NAME: &'static str = "otlp_connection";
-
-    fn check(&self) -> ActorCheck {
-        let addr = self.actor.clone();
-        Box::new(move || addr.connected())
-    }
+/// A running downstream v2 agent's connection.
+pub(crate) struct RunningForward {
+    announced: crate::forwarding::Downstream,
+    name: String,
+    actor: Addr<ForwardConnection>,
+    outlet: Outlet,
+    held: Arc<Held>,
 }
 
-/// Starts the OTLP destination's connection actor, if `otlp:` is configured: over mTLS with
-/// `otlp.tls` or the agent's own ingress certificate (`ingress`), or plaintext on loopback.
+fn check<A: Actor>(addr: &Addr<A>) -> ActorCheck {
+    let addr = addr.clone();
+    Box::new(move || addr.connected())
+}
+
+/// Starts an OTLP destination's connection actor for `o`: over mTLS with `otlp.tls` or the
+/// agent's own ingress certificate (`ingress`), or plaintext on loopback.
 fn start_otlp(
     c: &Config,
+    o: &OtlpConfig,
     ingress: &TlsMaterial,
     ledger: &Arc<Ledger>,
-) -> Result<Option<RunningOtlp>, ConfigError> {
-    let Some(o) = &c.otlp else {
-        return Ok(None);
-    };
+) -> Result<RunningOtlp, ConfigError> {
     let bad = |problem: String| ConfigError {
         key: "otlp.endpoint".into(),
         problem,
@@ -684,11 +703,203 @@ fn start_otlp(
     });
     let held = connection.held();
     tracing::info!(endpoint = %o.endpoint, signals = ?o.signals, "OTLP collector configured");
-    Ok(Some(RunningOtlp {
+    Ok(RunningOtlp {
+        announced: None,
+        name: format!("otlp_connection[{}]", o.endpoint),
         actor: connection.start(),
         outlet,
         held,
-    }))
+    })
+}
+
+/// The destinations beside the Doppler pool and the drains: `otlp:`, and what the
+/// `ingress_port.yml` files announce (`forwarding.ingress_port_glob`) read now.
+fn start_outlets(
+    c: &Config,
+    ingress: &TlsMaterial,
+    ledger: &Arc<Ledger>,
+) -> Result<(Vec<RunningOtlp>, Vec<RunningForward>), ConfigError> {
+    let mut otlp = Vec::new();
+    if let Some(o) = &c.otlp {
+        otlp.push(start_otlp(c, o, ingress, ledger)?);
+    }
+    let mut forwards = Vec::new();
+    let Some(pattern) = &c.ingress_port_glob else {
+        return Ok((otlp, forwards));
+    };
+    let (found, bad) = crate::forwarding::discover(pattern, c.ingress.listen.port());
+    for (path, problem) in bad {
+        tracing::warn!(file = %path.display(), problem, "ignoring an ingress_port.yml file");
+    }
+    for d in wanted(found, c) {
+        start_downstream(c, d, ingress, ledger, &mut otlp, &mut forwards)?;
+    }
+    tracing::info!(
+        pattern,
+        forwards = forwards.len(),
+        collectors = otlp.len(),
+        "downstream agents discovered"
+    );
+    Ok((otlp, forwards))
+}
+
+/// What the files announce that is not already configured: a collector the `otlp:` section
+/// names is that one.
+fn wanted(
+    found: Vec<crate::forwarding::Downstream>,
+    c: &Config,
+) -> Vec<crate::forwarding::Downstream> {
+    let section = c.otlp.as_ref().map(|o| o.endpoint.as_str());
+    found
+        .into_iter()
+        .filter(|d| {
+            d.protocol != crate::forwarding::Protocol::Otelcol || Some(d.addr().as_str()) != section
+        })
+        .collect()
+}
+
+/// Starts what an `ingress_port.yml` file announces: a collector or a downstream v2 agent.
+fn start_downstream(
+    c: &Config,
+    d: crate::forwarding::Downstream,
+    ingress: &TlsMaterial,
+    ledger: &Arc<Ledger>,
+    otlp: &mut Vec<RunningOtlp>,
+    forwards: &mut Vec<RunningForward>,
+) -> Result<(), ConfigError> {
+    match d.protocol {
+        crate::forwarding::Protocol::Otelcol => {
+            let o = OtlpConfig::announced(c.otlp.as_ref(), d.addr());
+            let mut r = start_otlp(c, &o, ingress, ledger)?;
+            r.announced = Some(d);
+            otlp.push(r);
+        }
+        crate::forwarding::Protocol::V2 => forwards.push(start_forward(c, d, ingress, ledger)?),
+    }
+    Ok(())
+}
+
+/// Every destination beside the Doppler pool, as the sequencer routes to them.
+fn outlets_of(
+    drains: &[RunningDrain],
+    otlp: &[RunningOtlp],
+    forwards: &[RunningForward],
+) -> Vec<Outlet> {
+    drains
+        .iter()
+        .map(|d| d.outlet.clone())
+        .chain(otlp.iter().map(|o| o.outlet.clone()))
+        .chain(forwards.iter().map(|f| f.outlet.clone()))
+        .collect()
+}
+
+impl Running {
+    /// The downstreams started from `ingress_port.yml` files, sorted.
+    fn announced(&self) -> Vec<crate::forwarding::Downstream> {
+        let mut v: Vec<_> = self
+            .otlp
+            .iter()
+            .filter_map(|o| o.announced)
+            .chain(self.forwards.iter().map(|f| f.announced))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Makes the running downstreams the `found` ones: starts the new, and returns the gone
+    /// ones' retirements (to follow the last batch routed to them).
+    fn set_downstreams(
+        &mut self,
+        found: &[crate::forwarding::Downstream],
+        started: &Config,
+        ingress: &TlsMaterial,
+        grace: Duration,
+    ) -> Vec<(Recipient<crate::actors::messages::Retire>, Duration)> {
+        let mut retire = Vec::new();
+        let (gone_otlp, kept_otlp): (Vec<_>, Vec<_>) = std::mem::take(&mut self.otlp)
+            .into_iter()
+            .partition(|o| o.announced.is_some_and(|d| !found.contains(&d)));
+        self.otlp = kept_otlp;
+        let (gone_fwd, kept_fwd): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forwards)
+            .into_iter()
+            .partition(|f| !found.contains(&f.announced));
+        self.forwards = kept_fwd;
+        for o in gone_otlp {
+            self.health.remove_actor(&o.name);
+            retire.push((o.actor.clone().recipient(), grace));
+            self.retiring_outlets
+                .push((o.outlet, o.held, o.actor.recipient()));
+        }
+        for f in gone_fwd {
+            self.health.remove_actor(&f.name);
+            retire.push((f.actor.clone().recipient(), grace));
+            self.retiring_outlets
+                .push((f.outlet, f.held, f.actor.recipient()));
+        }
+        let running = self.announced();
+        for d in found.iter().filter(|d| !running.contains(d)) {
+            let (mut otlp, mut forwards) = (Vec::new(), Vec::new());
+            match start_downstream(started, *d, ingress, &self.ledger, &mut otlp, &mut forwards) {
+                Ok(()) => {
+                    for o in otlp {
+                        self.health.add_actor(o.name.clone(), check(&o.actor));
+                        self.otlp.push(o);
+                    }
+                    for f in forwards {
+                        self.health.add_actor(f.name.clone(), check(&f.actor));
+                        self.forwards.push(f);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a downstream agent's connection")
+                }
+            }
+        }
+        retire
+    }
+}
+
+/// Starts the connection actor of a downstream v2 agent.
+fn start_forward(
+    c: &Config,
+    d: crate::forwarding::Downstream,
+    ingress: &TlsMaterial,
+    ledger: &Arc<Ledger>,
+) -> Result<RunningForward, ConfigError> {
+    let addr = d.addr();
+    let channel = GrpcEndpoint::from_shared(format!("https://{addr}"))
+        .and_then(|e| e.tls_config(ingress.client_config("metron")))
+        .map_err(|e| ConfigError {
+            key: "forwarding.ingress_port_glob".into(),
+            problem: format!("{addr}: {e}"),
+        })?
+        .connect_timeout(c.dopplers.connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let account = Arc::new(Account::new(Destination::Forward { addr: addr.clone() }));
+    ledger.metrics().register(account.clone());
+    let outlet = Outlet {
+        kinds: crate::envelope::Kinds::ALL,
+        outbox: Arc::new(Outbox::default()),
+        account,
+    };
+    let connection = ForwardConnection::new(ForwardSetup {
+        outlet: outlet.clone(),
+        addr: addr.clone(),
+        channel,
+        backoff_initial: c.syslog.backoff_initial,
+        backoff_max: c.syslog.backoff_max,
+        ledger: ledger.clone(),
+    });
+    let held = connection.held();
+    tracing::info!(destination = %addr, "forwarding to a downstream v2 agent");
+    Ok(RunningForward {
+        announced: d,
+        name: format!("forward_connection[{addr}]"),
+        actor: connection.start(),
+        outlet,
+        held,
+    })
 }
 
 /// What makes one drain, beside the `syslog:` settings.
@@ -1083,7 +1294,7 @@ impl Running {
             ActorName::DopplerConnection => self.connections[slot].do_send(msg),
             ActorName::DrainConnection => self.drains[slot].actor.do_send(msg),
             ActorName::OtlpConnection => {
-                if let Some(o) = &self.otlp {
+                if let Some(o) = self.otlp.get(slot) {
                     o.actor.do_send(msg);
                 }
             }
@@ -1119,9 +1330,13 @@ impl Running {
             let d = d.actor.clone().recipient::<DumpState>();
             asked.push((name, d.send(DumpState)));
         }
-        if let Some(o) = &self.otlp {
+        for o in &self.otlp {
             let a = o.actor.clone().recipient::<DumpState>();
-            asked.push((RunningOtlp::NAME.to_owned(), a.send(DumpState)));
+            asked.push((o.name.clone(), a.send(DumpState)));
+        }
+        for f in &self.forwards {
+            let a = f.actor.clone().recipient::<DumpState>();
+            asked.push((f.name.clone(), a.send(DumpState)));
         }
         let answered = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
         if !answered(tokio::time::timeout_at(deadline, ingress).await) {
@@ -1237,6 +1452,16 @@ impl Running {
                         .iter()
                         .map(|o| o.outlet.outbox.envelopes() + o.held.envelopes()),
                 )
+                .chain(
+                    self.forwards
+                        .iter()
+                        .map(|f| f.outlet.outbox.envelopes() + f.held.envelopes()),
+                )
+                .chain(
+                    self.retiring_outlets
+                        .iter()
+                        .map(|(o, h, _)| o.outbox.envelopes() + h.envelopes()),
+                )
                 .sum();
             if buffered == queued as u64 {
                 break;
@@ -1261,6 +1486,13 @@ impl Running {
                     .map(|d| d.actor.clone().recipient()),
             )
             .chain(self.otlp.iter().map(|o| o.actor.clone().recipient()))
+            .chain(self.forwards.iter().map(|f| f.actor.clone().recipient()))
+            .chain(
+                self.retiring_outlets
+                    .iter()
+                    .filter(|(_, _, r)| r.connected())
+                    .map(|(_, _, r)| r.clone()),
+            )
             .map(|r| r.send(Drain))
             .collect();
         let mut acknowledged = true;

@@ -33,6 +33,19 @@ impl Running {
         tls: TlsSet,
         drain_tls: Vec<Option<DrainTls>>,
     ) -> Result<ReloadOutcome, ConfigError> {
+        // The ingress_port.yml files, read again (the glob itself needs a restart).
+        let announced = self.live.started.ingress_port_glob.as_ref().map(|pattern| {
+            let (found, bad) =
+                crate::forwarding::discover(pattern, self.live.started.ingress.listen.port());
+            for (path, problem) in bad {
+                tracing::warn!(file = %path.display(), problem, "ignoring an ingress_port.yml file");
+            }
+            super::wanted(found, &self.live.started)
+        });
+        let announced_changed = announced
+            .as_ref()
+            .is_some_and(|found| *found != self.announced());
+        let grace = new.shutdown_grace;
         let live = &mut self.live;
         // Keys that need a restart are compared with the config the agent started with (changed
         // and changed back needs none); live keys with the one applied last.
@@ -50,6 +63,9 @@ impl Running {
         if running != wanted {
             changes.add_live(Live::AggregateDrains);
         }
+        if announced_changed {
+            changes.add_live(Live::Forwarding);
+        }
         if live.metrics_acceptor.is_some()
             && tls.metrics.is_some()
             && tls.metrics != live.tls.metrics
@@ -64,6 +80,7 @@ impl Running {
         let mut signer = None;
         for key in &changes.live {
             match key {
+                Live::Forwarding => {}
                 Live::IngressTls => {
                     ingress_config = Some(tls.ingress.server_config("ingress.grpc.tls", H2)?);
                 }
@@ -100,6 +117,8 @@ impl Running {
         let mut redial = false;
         for key in changes.live {
             let in_force = match key {
+                // Applied below, once the rest is.
+                Live::Forwarding => true,
                 Live::Tags => {
                     self.ingress
                         .do_send(SetDefaultTags(new.default_tags.clone()));
@@ -223,12 +242,7 @@ impl Running {
                         retire.push((o.actor.clone().recipient(), new.shutdown_grace));
                         self.retiring.push(o);
                     }
-                    let outlets = self
-                        .drains
-                        .iter()
-                        .map(|d| d.outlet.clone())
-                        .chain(self.otlp.as_ref().map(|o| o.outlet.clone()))
-                        .collect();
+                    let outlets = super::outlets_of(&self.drains, &self.otlp, &self.forwards);
                     // Control message: must arrive whatever the sequencer's mailbox holds.
                     self.sequencer.do_send(SetOutlets { outlets, retire });
                     true
@@ -251,8 +265,16 @@ impl Running {
                 key_id_len(&live.signing),
             ),
         );
+        let ingress = tls.ingress.clone();
         live.tls = tls;
         live.current = new;
+        if let Some(found) = announced.filter(|_| announced_changed) {
+            let started = self.live.started.clone();
+            let retire = self.set_downstreams(&found, &started, &ingress, grace);
+            let outlets = super::outlets_of(&self.drains, &self.otlp, &self.forwards);
+            // Control message: must arrive whatever the sequencer's mailbox holds.
+            self.sequencer.do_send(SetOutlets { outlets, retire });
+        }
         Ok(ReloadOutcome {
             applied,
             needs_restart,

@@ -241,7 +241,9 @@ impl FakeDoppler {
     /// If the certificate, the listener or the runtime cannot be set up.
     pub fn start_on(pki: &Pki, addr: SocketAddr) -> FakeDoppler {
         let n = DOPPLER_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let cert = pki.issue(&format!("doppler-{n}"), &["doppler", "localhost"]);
+        // `metron`: a fake Doppler also stands in for a downstream v2 agent (a syslog-agent), which
+        // the forwarder dials by that name.
+        let cert = pki.issue(&format!("doppler-{n}"), &["doppler", "localhost", "metron"]);
         let (stalled, _) = watch::channel(false);
         let (counts, _) = watch::channel(Counts::default());
         let mut doppler = FakeDoppler {

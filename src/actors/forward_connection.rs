@@ -1,0 +1,265 @@
+//! A downstream v2 agent's connection actor (the forwarder's fan-out, issue 23): takes what its
+//! outbox holds and sends it, as signed and tagged (every tag kept), in `Ingress.Send` calls to
+//! `127.0.0.1:PORT` over mTLS (server name `metron`, the agent's own certificate and CA, as
+//! upstream's forwarder-agent). Each call's answer acknowledges its batch (`egress`).
+//!
+//! A failed call is retried after a capped backoff (`syslog.backoff_*`), at most 22 times
+//! (`drain_write_failed` after); a call refused for good (a code the OTLP specification would
+//! not retry either) drops its batch (`drain_refused`). Meanwhile the outbox fills to the
+//! destination's share and the sequencer drops what is over it (`drain_queue_full`): a dead
+//! downstream costs the others nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::task::AbortHandle;
+use tonic::transport::Channel;
+
+use super::drain_connection::Held;
+use super::guard::Panicked;
+use super::messages::{Drain, DumpState};
+use super::otlp_connection::Connected;
+use crate::envelope::outbox::Outlet;
+use crate::envelope::queue::OutgoingBatch;
+use crate::grpc::egress::send_batch;
+use crate::otlp::export::{classify, Verdict};
+use crate::routing::backoff;
+use crate::telemetry::ratelimit::RateLimit;
+use crate::telemetry::{ActorName, DropReason, Ledger};
+
+const ME: ActorName = ActorName::DrainConnection;
+
+/// Envelopes per `Send` call at most (upstream's client batches 100; a call carries what has
+/// queued up, within the gRPC message limit).
+const MAX_CALL_ENVELOPES: usize = 1000;
+
+/// Attempts at one batch before it is dropped (as a drain's).
+const MAX_ATTEMPTS: u32 = 22;
+
+/// Everything the connection needs; fixed for its life.
+pub struct ForwardSetup {
+    pub outlet: Outlet,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    pub channel: Channel,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub ledger: Arc<Ledger>,
+}
+
+/// The actor; see the module docs.
+pub struct ForwardConnection {
+    setup: Arc<ForwardSetup>,
+    held: Arc<Held>,
+    task: Option<AbortHandle>,
+    done: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl ForwardConnection {
+    pub fn new(setup: ForwardSetup) -> Self {
+        Self {
+            setup: Arc::new(setup),
+            held: Arc::default(),
+            task: None,
+            done: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    pub fn held(&self) -> Arc<Held> {
+        self.held.clone()
+    }
+
+    fn spawn(&mut self, ctx: &mut Context<Self>) {
+        let task = tokio::spawn(run(
+            self.setup.clone(),
+            self.held.clone(),
+            self.done.clone(),
+        ));
+        self.task = Some(task.abort_handle());
+        let ended = async move {
+            match task.await {
+                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
+                _ => None,
+            }
+        };
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
+                if let Some(panic) = ended {
+                    let ledger = &act.setup.ledger;
+                    panic.report(ME, ledger.metrics());
+                    let (n, bytes) = act.held.take();
+                    act.setup.outlet.outbox.unroute(bytes);
+                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
+                    act.spawn(ctx);
+                }
+            }),
+        );
+    }
+}
+
+impl Actor for ForwardConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.spawn(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Handler<Drain> for ForwardConnection {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.setup.outlet.outbox.close();
+        let mut done = self.done.subscribe();
+        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
+    }
+}
+
+impl Handler<super::messages::Retire> for ForwardConnection {
+    type Result = ();
+
+    /// Its file is gone: deliver what it holds within `grace`, then stop.
+    fn handle(&mut self, msg: super::messages::Retire, ctx: &mut Context<Self>) {
+        self.setup.outlet.outbox.close();
+        let mut done = self.done.subscribe();
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(async move {
+                let _ = done.wait_for(|done| *done).await;
+            })
+            .map(|(), act, ctx| act.retire(ctx)),
+        );
+        ctx.run_later(msg.grace, |act, ctx| act.retire(ctx));
+    }
+}
+
+impl ForwardConnection {
+    /// Stops the task, drops what it still holds (`drain_removed`), retires the account and
+    /// stops the actor (once).
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        } else {
+            return;
+        }
+        retire_outlet(&self.setup.outlet, &self.held, &self.setup.ledger);
+        tracing::info!(destination = %self.setup.addr, "downstream agent removed");
+        ctx.stop();
+    }
+}
+
+/// What a removed destination still holds is dropped (`drain_removed`) and its account retired.
+pub(crate) fn retire_outlet(outlet: &Outlet, held: &Held, ledger: &Ledger) {
+    let (mut n, mut bytes) = held.take();
+    for b in outlet.outbox.take_all() {
+        n += b.len();
+        bytes += b.bytes();
+    }
+    outlet.outbox.unroute(bytes);
+    ledger.dropped_at(&outlet.account, DropReason::DrainRemoved, n, bytes);
+    ledger.metrics().retire(&outlet.account);
+}
+
+impl Handler<DumpState> for ForwardConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: DumpState, _: &mut Context<Self>) {
+        let s = self.setup.outlet.account.snapshot();
+        tracing::info!(
+            target: "metron::state",
+            actor = "forward_connection",
+            destination = %self.setup.addr,
+            queued = self.setup.outlet.outbox.envelopes(),
+            held = self.held.envelopes(),
+            offered = s.offered,
+            egress = s.egress,
+            dropped = s.dropped_total(),
+            "state"
+        );
+    }
+}
+
+async fn run(
+    setup: Arc<ForwardSetup>,
+    held: Arc<Held>,
+    done: Arc<tokio::sync::watch::Sender<bool>>,
+) {
+    let mut grpc = tonic::client::Grpc::new(setup.channel.clone())
+        .max_encoding_message_size(crate::config::MAX_GRPC_MESSAGE_BYTES);
+    let (ledger, outlet) = (&setup.ledger, &setup.outlet);
+    let warnings = RateLimit::new(Duration::from_secs(10));
+    let mut failures: u32 = 0;
+    let mut connected: Option<Connected> = None;
+    while let Some(batch) = outlet.outbox.take(MAX_CALL_ENVELOPES).await {
+        let (n, bytes) = (batch.len(), batch.bytes());
+        held.set(n, bytes);
+        let mut attempts = 0;
+        let dropped = loop {
+            attempts += 1;
+            let mut call = OutgoingBatch::default();
+            call.add(batch.clone());
+            let status = match send_batch(&mut grpc, call).await {
+                Ok(()) => {
+                    connected.get_or_insert_with(|| Connected::new(outlet, ledger));
+                    if failures > 0 {
+                        tracing::info!(destination = %setup.addr, failures, "forwarding recovered");
+                        failures = 0;
+                    }
+                    break None;
+                }
+                Err(status) => status,
+            };
+            connected = None;
+            failures = failures.saturating_add(1);
+            let retry = matches!(classify(&status), Verdict::Retry(_));
+            if !retry {
+                break Some((DropReason::DrainRefused, status));
+            }
+            if attempts >= MAX_ATTEMPTS {
+                break Some((DropReason::DrainWriteFailed, status));
+            }
+            let wait = backoff::delay(
+                failures,
+                setup.backoff_initial,
+                setup.backoff_max,
+                crate::entropy::random_u64(),
+            );
+            warnings.warn_every(|times| {
+                tracing::warn!(
+                    destination = %setup.addr,
+                    error = %status,
+                    failures,
+                    times,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "forwarding failed; retrying"
+                );
+            });
+            tokio::time::sleep(wait).await;
+        };
+        outlet.outbox.unroute(bytes);
+        match dropped {
+            None => ledger.delivered_at(&outlet.account, n, bytes),
+            Some((reason, status)) => {
+                warnings.warn_every(|times| {
+                    tracing::warn!(
+                        destination = %setup.addr,
+                        error = %status,
+                        reason = reason.name(),
+                        times,
+                        "forwarding failed for good; dropping the batch"
+                    );
+                });
+                ledger.dropped_at(&outlet.account, reason, n, bytes);
+            }
+        }
+        held.set(0, 0);
+    }
+    drop(connected);
+    done.send_replace(true);
+}
