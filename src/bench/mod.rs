@@ -16,6 +16,8 @@
 pub mod downstream;
 pub mod load;
 pub mod noisy_runs;
+pub mod otlp_runs;
+pub mod otlp_sink;
 pub mod outage;
 pub mod pacer;
 pub mod run;

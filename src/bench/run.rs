@@ -22,7 +22,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 pub const BENCH_USAGE: &str = "\
 metron bench [--seconds N] [--probe-seconds N]
-             [--only all|capacity|fixed|downstream|outage|syslog|noisy]
+             [--only all|capacity|fixed|downstream|outage|syslog|noisy|otlp]
              [--rates N,N...] [--rounds N] [--connections N] [--ack-bytes N] [--ack-interval-ms N]
              [--budget-bytes N] [--signing on|off] [--sequencing on|off] [--agent-bin PATH]
              [--sink-workers N] [--outage-seconds N] [--trace]
@@ -50,7 +50,11 @@ metron bench [--seconds N] [--probe-seconds N]
                      of a sink capped at 20k/s beside quiet sources (on their own connection,
                      and inside the flood's batches), and a source offering 50k/s against a
                      10k/s per-source limit: the quiet sources' loss and p99, the flood's
-                     goodput, the drops by reason, the limited rate; --seconds per run
+                     goodput, the drops by reason, the limited rate; --seconds per run;
+                     otlp: an OpenTelemetry collector (the benchmark's OTLP sink, mTLS)
+                     beside the Doppler: the agent with the Doppler only, the collector only
+                     and both at 50k/s, then a loss-free capacity search for the Doppler only
+                     and both; --seconds and --probe-seconds as for syslog
     --rates          the fixed rates, envelopes/s (default 10000,50000; downstream: 10000;
                      outage: 1000,5000; syslog: 50000 only, not changed by --rates)
     --rounds         downstream: rounds, the sinks swapping roles each round (default 4)
@@ -277,6 +281,8 @@ pub struct Outcome {
 #[derive(Debug, Clone, Default)]
 pub struct Arrived {
     pub received: u64,
+    /// What the destination takes of the workload (see [`DrainTarget::takes`]).
+    pub takes: (u64, u64),
     pub rate: f64,
     pub p50_us: Option<u64>,
     pub p99_us: Option<u64>,
@@ -284,9 +290,10 @@ pub struct Arrived {
 }
 
 impl Arrived {
-    pub(super) fn of(stats: &SinkStats, elapsed: Duration) -> Self {
+    pub(super) fn of(stats: &SinkStats, elapsed: Duration, takes: (u64, u64)) -> Self {
         Self {
             received: stats.received(),
+            takes,
             rate: stats.received() as f64 / elapsed.as_secs_f64(),
             p50_us: stats.latency.quantile(0.5),
             p99_us: stats.latency.quantile(0.99),
@@ -304,7 +311,10 @@ impl Outcome {
     /// generator kept its pace.
     pub fn loss_free(&self) -> bool {
         (!self.doppler || self.lost() == 0)
-            && self.drain.as_ref().is_none_or(|d| d.received >= self.sent)
+            && self
+                .drain
+                .as_ref()
+                .is_none_or(|d| d.received * d.takes.1 >= self.sent * d.takes.0)
             && self.agent_dropped == 0
             && self
                 .target
@@ -318,7 +328,10 @@ impl Outcome {
         } else {
             f64::INFINITY
         };
-        self.drain.as_ref().map_or(doppler, |d| doppler.min(d.rate))
+        // In envelopes of the workload: what the destination does not take counts as taken.
+        self.drain.as_ref().map_or(doppler, |d| {
+            doppler.min(d.rate * d.takes.1 as f64 / d.takes.0.max(1) as f64)
+        })
     }
 }
 
@@ -351,13 +364,21 @@ impl Route<'_> {
     };
 }
 
-/// An aggregate drain in the agent's config.
+/// The destination beside the Doppler in the agent's config: an aggregate syslog drain, or an
+/// OTLP collector.
 #[derive(Debug, Clone)]
 pub(super) struct DrainTarget {
+    /// A drain's URL, or the collector's `host:port` (with `otlp`).
     pub url: String,
     /// `syslog-tls://`: the CA the sink is verified against (`ca`) and the agent's client
     /// certificate (`cert`, `key`).
     pub tls: Option<crate::config::TlsFiles>,
+    /// An OTLP collector (mTLS with the agent's certificate, server name `doppler`, traces off)
+    /// rather than a syslog drain.
+    pub otlp: bool,
+    /// The share of the workload's envelopes it takes, as (of, in): the OTLP sink gets no
+    /// timers (9 in 10), a drain everything (1 in 1).
+    pub takes: (u64, u64),
 }
 
 /// A running agent process.
@@ -463,6 +484,15 @@ impl AgentProcess {
             )
         });
         let syslog = drain.map_or(String::new(), |d| {
+            if d.otlp {
+                return format!(
+                    "otlp:\n  endpoint: \"{}\"\n  tls: {{ ca: \"{}\", cert: \"{}\", key: \"{}\", server_name: doppler }}\n  signals: {{ traces: false }}\n",
+                    d.url,
+                    bench.creds.agent.ca.display(),
+                    bench.creds.agent.cert.display(),
+                    bench.creds.agent.key.display()
+                );
+            }
             let tls = d.tls.as_ref().map_or(String::new(), |f| {
                 format!(
                     ", ca: \"{}\", cert: \"{}\", key: \"{}\"",
@@ -705,12 +735,12 @@ impl Bench {
             duration: Duration::from_secs(secs),
             extra_tags: Vec::new(),
         };
-        let mut sinks = Vec::new();
+        let mut sinks: Vec<(&Arc<SinkStats>, (u64, u64))> = Vec::new();
         if route.doppler {
-            sinks.push(&self.stats);
+            sinks.push((&self.stats, (1, 1)));
         }
-        sinks.extend(route.drain.map(|d| d.1));
-        for s in &sinks {
+        sinks.extend(route.drain.map(|d| (d.1, d.0.takes)));
+        for (s, _) in &sinks {
             s.reset();
         }
         // What `--trace` shows: the Doppler sink, unless the run has only the syslog sink.
@@ -747,8 +777,11 @@ impl Bench {
         let cpu1 = pid.and_then(cpu_ticks);
         let busy = started.elapsed();
         let result = result?;
-        let sinks: Vec<&SinkStats> = sinks.iter().map(|s| &***s).collect();
-        let drops = drain_wait_all(&sinks, agent.as_ref(), result.sent, Duration::from_secs(15));
+        let sinks: Vec<(&SinkStats, u64)> = sinks
+            .iter()
+            .map(|(s, (of, in_))| (&***s, result.sent * of / in_))
+            .collect();
+        let drops = drain_wait_all(&sinks, agent.as_ref(), Duration::from_secs(15));
         sampling.store(false, Ordering::Relaxed);
         if let Some(s) = sampler {
             let _ = s.join();
@@ -775,7 +808,9 @@ impl Bench {
             p99_us: self.stats.latency.quantile(0.99),
             out_of_order: self.stats.out_of_order.load(Ordering::Relaxed),
             doppler: route.doppler,
-            drain: route.drain.map(|d| Arrived::of(d.1, result.elapsed)),
+            drain: route
+                .drain
+                .map(|d| Arrived::of(d.1, result.elapsed, d.0.takes)),
         };
         Ok(o)
     }
@@ -790,17 +825,17 @@ pub(super) fn drain_wait(
     sent: u64,
     at_most: Duration,
 ) -> (u64, BTreeMap<String, u64>) {
-    drain_wait_all(&[stats], agent, sent, at_most)
+    drain_wait_all(&[(stats, sent)], agent, at_most)
 }
 
 /// [`drain_wait`] for several sinks, each of which takes every envelope: until each has
 /// received everything `sent` or the agent counted the rest as dropped. The agent's drops in
 /// total stand in for each sink's own: a run with any drop is not loss-free anyway, and its
 /// figures are what arrived until then.
+/// `sinks`: each with what it should receive.
 pub(super) fn drain_wait_all(
-    sinks: &[&SinkStats],
+    sinks: &[(&SinkStats, u64)],
     agent: Option<&AgentProcess>,
-    sent: u64,
     at_most: Duration,
 ) -> (u64, BTreeMap<String, u64>) {
     let mut last = (u64::MAX, Instant::now());
@@ -810,11 +845,13 @@ pub(super) fn drain_wait_all(
         if let Some(a) = agent {
             drops = a.drops();
         }
-        let done = sinks.iter().all(|s| s.received() + drops.0 >= sent);
+        let done = sinks
+            .iter()
+            .all(|(s, sent)| s.received() + drops.0 >= *sent);
         if done || Instant::now() > give_up {
             return drops;
         }
-        let received: u64 = sinks.iter().map(|s| s.received()).sum();
+        let received: u64 = sinks.iter().map(|(s, _)| s.received()).sum();
         if received != last.0 {
             last = (received, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(2) {
@@ -984,11 +1021,12 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
         "outage",
         "syslog",
         "noisy",
+        "otlp",
     ]
     .contains(&only.as_str())
     {
         return Err(BenchError::Usage(format!(
-            "--only must be all, capacity, fixed, downstream, outage, syslog or noisy, not {only:?}"
+            "--only must be all, capacity, fixed, downstream, outage, syslog, noisy or otlp, not {only:?}"
         )));
     }
     let on_off = |key: &str| match a.0.get(key).map(String::as_str) {
@@ -1046,6 +1084,7 @@ pub fn bench_main(args: &[String]) -> Result<(), BenchError> {
     );
     let report = match only.as_str() {
         "syslog" => Some(super::syslog_runs::run(&bench, secs, probe_secs)),
+        "otlp" => Some(super::otlp_runs::run(&bench, secs, probe_secs)),
         "noisy" => Some(super::noisy_runs::run(&bench, secs)),
         "outage" => {
             let outage_secs: u64 = a.get("outage-seconds", 5)?;

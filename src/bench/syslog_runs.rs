@@ -41,6 +41,8 @@ pub(super) fn run(bench: &Bench, secs: u64, probe_secs: u64) -> Result<String, B
     let tcp_drain = DrainTarget {
         url: tcp_sink.url(),
         tls: None,
+        otlp: false,
+        takes: (1, 1),
     };
     let tls_drain = DrainTarget {
         url: tls_sink.url(),
@@ -48,6 +50,8 @@ pub(super) fn run(bench: &Bench, secs: u64, probe_secs: u64) -> Result<String, B
             ca: tls.ca.clone(),
             ..bench.creds.agent.clone()
         }),
+        otlp: false,
+        takes: (1, 1),
     };
     let syslog_tcp = with_drain(false, &tcp_drain, &tcp_sink);
     let both_tcp = with_drain(true, &tcp_drain, &tcp_sink);
@@ -270,7 +274,7 @@ fn direct(
         duration: Duration::from_secs(secs),
     };
     let r = bench.rt.block_on(syslog_load::run(spec))?;
-    drain_wait_all(&[&sink.stats], None, r.sent, Duration::from_secs(15));
+    drain_wait_all(&[(&sink.stats, r.sent)], None, Duration::from_secs(15));
     Ok(Outcome {
         label,
         target: None,
@@ -281,7 +285,7 @@ fn direct(
         drain: Some(Arrived {
             p50_us: None,
             p99_us: None,
-            ..Arrived::of(&sink.stats, r.elapsed)
+            ..Arrived::of(&sink.stats, r.elapsed, (1, 1))
         }),
         ..Outcome::default()
     })
