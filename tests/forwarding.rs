@@ -115,7 +115,9 @@ async fn a_downstream_agent_that_is_down_costs_the_others_nothing() {
     let mut a = FakeDoppler::start(&w.pki);
     let b = FakeDoppler::start(&w.pki);
     let jobs = Jobs::new(&[("a", a.addr().port(), ""), ("b", b.addr().port(), "")]);
-    let agent = w.start(&[(doppler.addr(), "z1")], &jobs.yaml());
+    // A backoff long enough that `a`'s batch outlives a slow machine's wait for the others.
+    let yaml = format!("{}syslog: {{ backoff_max_ms: 2000 }}\n", jobs.yaml());
+    let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     a.kill();
     let batch = |from: usize| -> Vec<metron::proto::Envelope> {

@@ -28,11 +28,16 @@ use crate::routing::backoff;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
 
+// Counted with the drains' panics: one family for every outlet's connection.
 const ME: ActorName = ActorName::DrainConnection;
 
 /// Envelopes per `Send` call at most (upstream's client batches 100; a call carries what has
 /// queued up, within the gRPC message limit).
 const MAX_CALL_ENVELOPES: usize = 1000;
+
+/// Budget bytes per call at most (an envelope's budget cost is at least its encoded size): well
+/// under a receiver's 10 MiB gRPC limit.
+const MAX_CALL_BYTES: usize = 4 << 20;
 
 /// Attempts at one batch before it is dropped (as a drain's).
 const MAX_ATTEMPTS: u32 = 22;
@@ -196,7 +201,11 @@ async fn run(
     let warnings = RateLimit::new(Duration::from_secs(10));
     let mut failures: u32 = 0;
     let mut connected: Option<Connected> = None;
-    while let Some(batch) = outlet.outbox.take(MAX_CALL_ENVELOPES).await {
+    while let Some(batch) = outlet
+        .outbox
+        .take_within(MAX_CALL_ENVELOPES, MAX_CALL_BYTES)
+        .await
+    {
         let (n, bytes) = (batch.len(), batch.bytes());
         held.set(n, bytes);
         let mut attempts = 0;

@@ -30,15 +30,18 @@ use tonic::transport::Channel;
 use super::drain_connection::Held;
 use super::guard::Panicked;
 use super::messages::{Drain, DumpState};
-use crate::config::{OtlpConfig, Retry};
+use crate::config::OtlpConfig;
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::outbox::Outlet;
 use crate::envelope::{Kind, Kinds};
 use crate::otlp::export::{classify, Pause, Verdict};
 use crate::otlp::mapping::{self, Mapped, Outcome, Signals};
 use crate::otlp_proto::collector::logs::v1::logs_service_client::LogsServiceClient;
+use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
 use crate::otlp_proto::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceRequest;
 use crate::otlp_proto::collector::trace::v1::trace_service_client::TraceServiceClient;
+use crate::otlp_proto::collector::trace::v1::ExportTraceServiceRequest;
 use crate::proto::envelope::Message;
 use crate::proto::Envelope;
 use crate::telemetry::ratelimit::RateLimit;
@@ -254,6 +257,15 @@ impl Signal {
     }
 }
 
+/// Budget bytes taken from the outbox at once, and the most a signal gathers before it
+/// exports: an export stays well under a collector's default 4 MiB receive limit (and the
+/// agent's own gRPC message limit) whatever the envelopes' sizes.
+const MAX_TAKE_BYTES: usize = 512 << 10;
+const MAX_EXPORT_BYTES: usize = 512 << 10;
+
+/// The longest one export call may take before it counts as failed (and is retried).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One signal's batch being gathered: its items, and the envelopes (and budget bytes) they came
 /// from, settled together.
 #[derive(Default)]
@@ -265,6 +277,26 @@ struct Pending {
     since: Option<Instant>,
 }
 
+/// An export request, by signal.
+enum Request {
+    Logs(ExportLogsServiceRequest),
+    Metrics(ExportMetricsServiceRequest),
+    Traces(ExportTraceServiceRequest),
+}
+
+/// One export and what it settles; kept while it waits for its next attempt.
+struct Export {
+    request: Request,
+    items: usize,
+    envelopes: usize,
+    bytes: usize,
+    /// Failed attempts so far, and the time they made it wait in all.
+    attempts: u32,
+    waited: Duration,
+    /// When it is tried again.
+    due: Instant,
+}
+
 /// The task's state.
 struct Exporter {
     setup: Arc<OtlpSetup>,
@@ -273,6 +305,9 @@ struct Exporter {
     metrics: MetricsServiceClient<Channel>,
     traces: TraceServiceClient<Channel>,
     pending: [Pending; 3],
+    /// Each signal's export waiting for its next attempt: while there is one, the signal
+    /// gathers but does not export (its order is kept), and the other signals go on.
+    waiting: [Option<Export>; 3],
     paused: [Pause; 3],
     warnings: RateLimit,
     /// Consecutive failed exports, for the "recovered" line.
@@ -325,65 +360,120 @@ async fn run(
         setup,
         held,
         pending: Default::default(),
+        waiting: Default::default(),
         paused: [Pause::default(); 3],
         warnings: RateLimit::new(Duration::from_secs(10)),
         failures: 0,
         connected: None,
     };
-    let interval = x.setup.config.batch_interval;
+    let mut closed = false;
     loop {
-        let due = x
-            .pending
-            .iter()
-            .filter_map(|p| p.since)
-            .min()
-            .map(|since| tokio::time::Instant::from_std(since + interval));
-        let take = x.setup.outlet.outbox.take(MAX_TAKE);
-        let taken = match due {
-            Some(due) => tokio::time::timeout_at(due, take).await.ok(),
-            None => Some(take.await),
-        };
-        match taken {
-            Some(Some(batch)) => {
-                x.take_in(&batch);
-                #[cfg(feature = "chaos-hooks")]
-                if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                    super::guard::chaos_panic(ME);
-                }
-                for s in Signal::ALL {
-                    if x.pending[s as usize].items >= x.setup.config.batch_max_items.get() {
-                        x.export(s).await;
-                    }
-                }
-            }
-            // Closed and empty (shutdown): export the rest, then end.
-            Some(None) => {
-                for s in Signal::ALL {
-                    x.export(s).await;
-                }
+        if closed {
+            // Shutdown: everything gathered goes, each waiting export on its schedule; the
+            // shutdown's grace period bounds how long that may take.
+            if x.is_idle() {
                 break;
             }
-            None => {
-                let now = Instant::now();
-                for s in Signal::ALL {
-                    if x.pending[s as usize]
-                        .since
-                        .is_some_and(|t| now >= t + interval)
-                    {
-                        x.export(s).await;
+            if let Some(due) = x.next_due(true) {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            }
+        } else {
+            let take = x.setup.outlet.outbox.take_within(MAX_TAKE, MAX_TAKE_BYTES);
+            let taken = match x.next_due(false) {
+                Some(due) => tokio::time::timeout_at(tokio::time::Instant::from_std(due), take)
+                    .await
+                    .ok(),
+                None => Some(take.await),
+            };
+            match taken {
+                Some(Some(batch)) => {
+                    x.take_in(&batch);
+                    #[cfg(feature = "chaos-hooks")]
+                    if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        super::guard::chaos_panic(ME);
                     }
                 }
+                // Closed and empty.
+                Some(None) => closed = true,
+                None => {}
             }
         }
+        x.run_due(closed).await;
     }
     done.send_replace(true);
 }
 
 impl Exporter {
     fn held_now(&self) {
-        let n = self.pending.iter().map(|p| p.envelopes).sum();
-        let bytes = self.pending.iter().map(|p| p.bytes).sum();
+        let waiting = self.waiting.iter().flatten();
+        let n = self.pending.iter().map(|p| p.envelopes).sum::<usize>()
+            + waiting.clone().map(|w| w.envelopes).sum::<usize>();
+        let bytes = self.pending.iter().map(|p| p.bytes).sum::<usize>()
+            + waiting.map(|w| w.bytes).sum::<usize>();
         self.held.set(n, bytes);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.iter().all(|p| p.envelopes == 0) && self.waiting.iter().all(Option::is_none)
+    }
+
+    /// When something is next due: a waiting export's attempt, or a gathered batch's interval
+    /// (`all`: every gathered batch is due now, at shutdown).
+    fn next_due(&self, all: bool) -> Option<Instant> {
+        let interval = self.setup.config.batch_interval;
+        Signal::ALL
+            .iter()
+            .filter_map(|&s| match &self.waiting[s as usize] {
+                Some(w) => Some(w.due),
+                None if all && self.pending[s as usize].envelopes > 0 => Some(Instant::now()),
+                None => self.pending[s as usize].since.map(|t| t + interval),
+            })
+            .min()
+    }
+
+    /// Tries every waiting export that is due, and exports every gathered batch that is full or
+    /// old enough (everything gathered with `all`).
+    async fn run_due(&mut self, all: bool) {
+        let interval = self.setup.config.batch_interval;
+        let max_items = self.setup.config.batch_max_items.get();
+        for s in Signal::ALL {
+            let now = Instant::now();
+            let i = s as usize;
+            if let Some(w) = self.waiting[i].take() {
+                if w.due <= now {
+                    self.attempt(s, w).await;
+                } else {
+                    self.waiting[i] = Some(w);
+                }
+                continue;
+            }
+            let p = &self.pending[i];
+            let ready = p.envelopes > 0
+                && (all
+                    || p.items >= max_items
+                    || p.bytes >= MAX_EXPORT_BYTES
+                    || p.since.is_some_and(|t| now >= t + interval));
+            if ready {
+                let p = std::mem::take(&mut self.pending[i]);
+                let mut mapped = p.mapped;
+                let request = match s {
+                    Signal::Logs => Request::Logs(mapped.take_logs()),
+                    Signal::Metrics => Request::Metrics(mapped.take_metrics()),
+                    Signal::Traces => Request::Traces(mapped.take_spans()),
+                };
+                let export = Export {
+                    request,
+                    items: p.items,
+                    envelopes: p.envelopes,
+                    bytes: p.bytes,
+                    attempts: 0,
+                    waited: Duration::ZERO,
+                    due: now,
+                };
+                self.attempt(s, export).await;
+            }
+        }
+        self.held_now();
     }
 
     fn drop_now(&self, reason: DropReason, n: usize, bytes: usize) {
@@ -400,8 +490,20 @@ impl Exporter {
     /// Maps `batch` onto the signals' pending batches; counts what cannot be exported.
     fn take_in(&mut self, batch: &EncodedBatch) {
         let (n, bytes) = (
-            self.pending.iter().map(|p| p.envelopes).sum::<usize>(),
-            self.pending.iter().map(|p| p.bytes).sum::<usize>(),
+            self.pending.iter().map(|p| p.envelopes).sum::<usize>()
+                + self
+                    .waiting
+                    .iter()
+                    .flatten()
+                    .map(|w| w.envelopes)
+                    .sum::<usize>(),
+            self.pending.iter().map(|p| p.bytes).sum::<usize>()
+                + self
+                    .waiting
+                    .iter()
+                    .flatten()
+                    .map(|w| w.bytes)
+                    .sum::<usize>(),
         );
         self.held.set(n + batch.len(), bytes + batch.bytes());
         let now = Instant::now();
@@ -449,147 +551,131 @@ impl Exporter {
         self.held_now();
     }
 
-    /// Exports `signal`'s pending batch, retrying as the module docs say, and settles it.
-    async fn export(&mut self, signal: Signal) {
-        let p = std::mem::take(&mut self.pending[signal as usize]);
-        if p.envelopes == 0 {
-            return;
-        }
-        // Still held until settled: the shutdown barrier and a panic count it.
-        self.pending[signal as usize].envelopes = p.envelopes;
-        self.pending[signal as usize].bytes = p.bytes;
-        let retry: Retry = self.setup.config.retry;
-        let started = Instant::now();
-        let mut mapped = p.mapped;
-        let (logs, metrics, spans) = match signal {
-            Signal::Logs => (Some(mapped.take_logs()), None, None),
-            Signal::Metrics => (None, Some(mapped.take_metrics()), None),
-            Signal::Traces => (None, None, Some(mapped.take_spans())),
-        };
-        let mut attempt = 0;
-        let outcome = loop {
-            // Each attempt sends a copy: the batch is kept until it is settled.
-            let result = if let Some(req) = &logs {
-                self.logs.export(req.clone()).await.map(|r| {
+    /// One attempt at `export`: settled, or kept in `waiting` for its next attempt.
+    async fn attempt(&mut self, signal: Signal, mut export: Export) {
+        let call = async {
+            match &export.request {
+                Request::Logs(r) => self.logs.export(r.clone()).await.map(|r| {
                     r.into_inner()
                         .partial_success
                         .map_or(0, |p| p.rejected_log_records)
-                })
-            } else if let Some(req) = &metrics {
-                self.metrics.export(req.clone()).await.map(|r| {
+                }),
+                Request::Metrics(r) => self.metrics.export(r.clone()).await.map(|r| {
                     r.into_inner()
                         .partial_success
                         .map_or(0, |p| p.rejected_data_points)
-                })
-            } else if let Some(req) = &spans {
-                self.traces.export(req.clone()).await.map(|r| {
+                }),
+                Request::Traces(r) => self.traces.export(r.clone()).await.map(|r| {
                     r.into_inner()
                         .partial_success
                         .map_or(0, |p| p.rejected_spans)
-                })
-            } else {
-                unreachable!("one request per signal")
-            };
-            let status = match result {
-                Ok(rejected) => {
-                    if self.connected.is_none() {
-                        self.connected =
-                            Some(Connected::new(&self.setup.outlet, &self.setup.ledger));
-                    }
-                    break Ok(rejected);
+                }),
+            }
+        };
+        let result = tokio::time::timeout(EXPORT_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} s",
+                    EXPORT_TIMEOUT.as_secs()
+                )))
+            });
+        let status = match result {
+            Ok(rejected) => {
+                if self.connected.is_none() {
+                    self.connected = Some(Connected::new(&self.setup.outlet, &self.setup.ledger));
                 }
-                Err(status) => status,
-            };
-            self.failures = self.failures.saturating_add(1);
-            self.connected = None;
-            match classify(&status) {
-                Verdict::Retry(delay) => {
-                    attempt += 1;
-                    let wait = delay.unwrap_or_else(|| retry.delay(attempt));
-                    if started.elapsed() + wait > retry.max_elapsed {
-                        break Err((DropReason::DrainWriteFailed, status));
-                    }
+                self.settle(signal, &export, rejected);
+                return;
+            }
+            Err(status) => status,
+        };
+        self.failures = self.failures.saturating_add(1);
+        let retry = self.setup.config.retry;
+        let reason = match classify(&status) {
+            Verdict::Retry(delay) => {
+                self.connected = None;
+                export.attempts += 1;
+                let wait = delay.unwrap_or_else(|| retry.delay(export.attempts));
+                // The schedule's waits, not the calls' time, count against max_elapsed
+                // (upstream's 7 retries fit its 91 s).
+                if export.waited + wait <= retry.max_elapsed {
                     self.warnings.warn_every(|times| {
                         tracing::warn!(
                             signal = signal.name(),
                             error = %status,
-                            attempt,
+                            attempt = export.attempts,
                             times,
                             retry_in_ms = wait.as_millis() as u64,
                             "OTLP export failed; retrying"
                         );
                     });
-                    tokio::time::sleep(wait).await;
+                    export.waited += wait;
+                    export.due = Instant::now() + wait;
+                    self.waiting[signal as usize] = Some(export);
+                    return;
                 }
-                Verdict::Unimplemented => {
-                    if self.paused[signal as usize].start(Instant::now()) {
-                        tracing::warn!(
-                            signal = signal.name(),
-                            error = %status,
-                            pause_s = crate::otlp::export::PAUSE.as_secs(),
-                            "the OTLP collector does not take this signal; pausing it (its \
-                             envelopes are counted as dropped, signal_unimplemented)"
-                        );
-                    }
-                    break Err((DropReason::SignalUnimplemented, status));
-                }
-                Verdict::Refused => break Err((DropReason::DrainRefused, status)),
+                DropReason::DrainWriteFailed
             }
+            Verdict::Unimplemented => {
+                if self.paused[signal as usize].start(Instant::now()) {
+                    tracing::warn!(
+                        signal = signal.name(),
+                        error = %status,
+                        pause_s = crate::otlp::export::PAUSE.as_secs(),
+                        "the OTLP collector does not take this signal; pausing it (its \
+                         envelopes are counted as dropped, signal_unimplemented)"
+                    );
+                }
+                DropReason::SignalUnimplemented
+            }
+            Verdict::Refused => DropReason::DrainRefused,
         };
-        self.pending[signal as usize].envelopes = 0;
-        self.pending[signal as usize].bytes = 0;
-        let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
-        match outcome {
-            Ok(rejected) => {
-                if self.failures > 0 {
-                    tracing::info!(failures = self.failures, "OTLP export recovered");
-                    self.failures = 0;
-                }
-                // Rejections are counted in items; as envelopes, at most the batch's.
-                let rejected = usize::try_from(rejected.max(0))
-                    .unwrap_or(usize::MAX)
-                    .min(p.envelopes);
-                let share =
-                    |n: usize| (p.bytes as u128 * n as u128 / p.envelopes.max(1) as u128) as usize;
-                let rejected_bytes = share(rejected);
-                outlet.outbox.unroute(p.bytes);
-                ledger.dropped_at(
-                    &outlet.account,
-                    DropReason::OtlpRejected,
-                    rejected,
-                    rejected_bytes,
+        if reason != DropReason::SignalUnimplemented {
+            self.warnings.warn_every(|times| {
+                tracing::warn!(
+                    signal = signal.name(),
+                    error = %status,
+                    reason = reason.name(),
+                    times,
+                    "OTLP export failed for good; dropping the batch"
                 );
-                ledger.delivered_at(
-                    &outlet.account,
-                    p.envelopes - rejected,
-                    p.bytes - rejected_bytes,
-                );
-                if rejected > 0 {
-                    self.warnings.warn_every(|times| {
-                        tracing::warn!(
-                            signal = signal.name(),
-                            rejected,
-                            times,
-                            "the OTLP collector rejected part of an export"
-                        );
-                    });
-                }
-            }
-            Err((reason, status)) => {
-                if reason != DropReason::SignalUnimplemented {
-                    self.warnings.warn_every(|times| {
-                        tracing::warn!(
-                            signal = signal.name(),
-                            error = %status,
-                            reason = reason.name(),
-                            times,
-                            "OTLP export failed for good; dropping the batch"
-                        );
-                    });
-                }
-                self.drop_now(reason, p.envelopes, p.bytes);
-            }
+            });
         }
-        self.held_now();
+        self.drop_now(reason, export.envelopes, export.bytes);
+    }
+
+    /// An export answered: delivered, but for what the collector rejected.
+    fn settle(&mut self, signal: Signal, export: &Export, rejected: i64) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "OTLP export recovered");
+            self.failures = 0;
+        }
+        let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
+        let n = export.envelopes;
+        // Rejections come in items; as envelopes, in proportion, rounded up.
+        let rejected_items = u128::try_from(rejected.max(0)).unwrap_or(0);
+        let rejected = (rejected_items * n as u128)
+            .div_ceil(export.items.max(1) as u128)
+            .min(n as u128) as usize;
+        let rejected_bytes = (export.bytes as u128 * rejected as u128 / n.max(1) as u128) as usize;
+        outlet.outbox.unroute(export.bytes);
+        ledger.dropped_at(
+            &outlet.account,
+            DropReason::OtlpRejected,
+            rejected,
+            rejected_bytes,
+        );
+        ledger.delivered_at(&outlet.account, n - rejected, export.bytes - rejected_bytes);
+        if rejected > 0 {
+            self.warnings.warn_every(|times| {
+                tracing::warn!(
+                    signal = signal.name(),
+                    rejected,
+                    times,
+                    "the OTLP collector rejected part of an export"
+                );
+            });
+        }
     }
 }

@@ -618,6 +618,11 @@ impl SequencerActor {
         } else if backlog == 0 {
             lanes.deactivate();
         }
+        if !lanes.active() && lanes.recorded() > 0 {
+            // Parked sources released since: forgotten, so the fast path comes back (a parked
+            // source that never sends again would otherwise keep the lanes looking).
+            lanes.prune(queue.taken());
+        }
         if lanes.idle() {
             lanes.skip(pick.len());
             return Default::default();

@@ -156,11 +156,14 @@ impl SignerActor {
                 if part.express.is_empty() && part.parked.is_empty() {
                     hand(Lane::Bulk, pick, last == 0);
                 } else {
-                    // Bulk first: a parked envelope's barrier is in bulk before it.
+                    // Express, bulk, parked: within a part a source may move from express to
+                    // bulk or to parked (never back), and the stream may take between two
+                    // pushes; a parked envelope's barrier is in bulk before it, and a parked
+                    // batch may be released into express as it is pushed.
                     let bulk = bulk_of(pick, &part.express, &part.parked, batch.len());
+                    hand(Lane::Express, &Pick::Some(part.express.clone()), false);
                     hand(Lane::Bulk, &bulk, last == 0);
                     hand(Lane::Parked, &Pick::Some(part.parked.clone()), false);
-                    hand(Lane::Express, &Pick::Some(part.express.clone()), false);
                 }
             }
             for (k, (outlet, pick)) in part.outlets.iter().enumerate() {

@@ -106,10 +106,24 @@ impl Outbox {
     /// The next batch, at most `max` envelopes of it (the rest stays at the front), or `None`
     /// when nothing is queued.
     pub fn try_take(&self, max: usize) -> Option<EncodedBatch> {
+        self.try_take_within(max, usize::MAX)
+    }
+
+    /// As [`Outbox::try_take`], and at most `max_bytes` of budget bytes (at least one envelope).
+    pub fn try_take_within(&self, max: usize, max_bytes: usize) -> Option<EncodedBatch> {
         let mut q = self.inner.lock();
         let mut first = q.batches.pop_front()?;
-        if first.len() > max.max(1) {
-            let rest = first.split_off(max.max(1));
+        let mut fit = first.len().min(max.max(1));
+        let mut bytes = 0;
+        for (i, c) in first.costs().iter().take(fit).enumerate() {
+            bytes += *c as usize;
+            if i > 0 && bytes > max_bytes {
+                fit = i;
+                break;
+            }
+        }
+        if first.len() > fit {
+            let rest = first.split_off(fit);
             q.batches.push_front(rest);
         }
         q.envelopes -= first.len();
@@ -119,9 +133,14 @@ impl Outbox {
     /// Waits for the next batch (see [`Outbox::try_take`]); `None` once the outbox is closing
     /// and empty.
     pub async fn take(&self, max: usize) -> Option<EncodedBatch> {
+        self.take_within(max, usize::MAX).await
+    }
+
+    /// As [`Outbox::take`], at most `max_bytes` of budget bytes (at least one envelope).
+    pub async fn take_within(&self, max: usize, max_bytes: usize) -> Option<EncodedBatch> {
         loop {
             let ready = self.ready.notified();
-            if let Some(b) = self.try_take(max) {
+            if let Some(b) = self.try_take_within(max, max_bytes) {
                 return Some(b);
             }
             if self.inner.lock().closing {

@@ -428,7 +428,14 @@ impl EgressQueue {
         let mut out = OutgoingBatch::default();
         let q = &mut *q;
         take_lane(&mut q.express, &mut out, &limits);
-        let bulk = take_lane(&mut q.batches, &mut out, &limits);
+        // Bulk only once express is empty: a source moving from express to bulk is in order
+        // only because nothing of bulk ever leaves before what express held (a review found
+        // a message cut short in express and filled from bulk).
+        let bulk = if q.express.is_empty() {
+            take_lane(&mut q.batches, &mut out, &limits)
+        } else {
+            0
+        };
         if bulk > 0 || !q.parked.is_empty() {
             let taken = self.taken.load(Ordering::Acquire) + bulk as u64;
             q.release(taken);
