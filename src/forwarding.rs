@@ -77,22 +77,37 @@ pub fn read_port_file(path: &Path) -> Result<Option<Downstream>, String> {
 /// without `own_port` (metron's own ingress: no loops). A file that cannot be read is
 /// reported in the second list (its path and why) and skipped.
 pub fn discover(pattern: &str, own_port: u16) -> (Vec<Downstream>, Vec<(PathBuf, String)>) {
+    let (found, bad) = discover_paths(pattern, own_port);
+    (downstreams(found.iter().map(|(_, d)| *d)), bad)
+}
+
+/// As [`discover`], with the file each downstream came from (unsorted, duplicates kept).
+pub fn discover_paths(
+    pattern: &str,
+    own_port: u16,
+) -> (Vec<(PathBuf, Downstream)>, Vec<(PathBuf, String)>) {
     let mut found = Vec::new();
     let mut bad = Vec::new();
     for path in glob(pattern) {
         match read_port_file(&path) {
-            Ok(Some(d)) if d.port != own_port => found.push(d),
+            Ok(Some(d)) if d.port != own_port => found.push((path, d)),
             Ok(_) => {}
             Err(e) => bad.push((path, e)),
         }
     }
-    found.sort();
-    found.dedup();
     (found, bad)
 }
 
+/// Sorted, without duplicates.
+pub fn downstreams(d: impl Iterator<Item = Downstream>) -> Vec<Downstream> {
+    let mut v: Vec<Downstream> = d.collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// The paths matching `pattern`, sorted: `*` and `?` within one path segment (as Go's
-/// `filepath.Glob`, without character classes).
+/// `filepath.Glob`, without character classes; like it, a wildcard matches a leading dot).
 pub fn glob(pattern: &str) -> Vec<PathBuf> {
     let absolute = pattern.starts_with('/');
     let mut paths = vec![if absolute {
@@ -118,10 +133,6 @@ pub fn glob(pattern: &str) -> Vec<PathBuf> {
             for e in entries.flatten() {
                 let name = e.file_name();
                 let Some(name) = name.to_str() else { continue };
-                // As Go: a wildcard does not match a leading dot unless the pattern has one.
-                if name.starts_with('.') && !seg.starts_with('.') {
-                    continue;
-                }
                 if matches(seg.as_bytes(), name.as_bytes())
                     && (last || e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink()))
                 {
@@ -180,12 +191,6 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("ingress_port.yml"), body).unwrap();
         }
-        std::fs::create_dir_all(dir.join("jobs/.hidden/config")).unwrap();
-        std::fs::write(
-            dir.join("jobs/.hidden/config/ingress_port.yml"),
-            "ingress: 1\n",
-        )
-        .unwrap();
         dir
     }
 
@@ -193,7 +198,7 @@ mod tests {
     fn the_files_announce_their_agents_and_our_own_port_is_left_out() {
         let dir = tree();
         let pattern = format!("{}/jobs/*/config/ingress_port.yml", dir.display());
-        assert_eq!(glob(&pattern).len(), 6, "not the hidden job");
+        assert_eq!(glob(&pattern).len(), 6);
         let (found, bad) = discover(&pattern, 3458);
         assert_eq!(
             found,

@@ -199,12 +199,26 @@ async fn a_reload_picks_up_a_new_file_and_lets_a_removed_one_go() {
     assert!(doppler.wait_for_count(1000, WAIT));
     assert!(common::agent::wait_drained(&agent, WAIT));
     assert_eq!(a.count(), 500, "nothing more for the removed one");
+
+    // `b`'s file caught half written at the next reload: `b` stays.
+    std::fs::write(b_dir.join("ingress_port.yml"), "ingress: [").unwrap();
+    let outcome = agent
+        .reload(w.config(&[(doppler.addr(), "z1")], &yaml))
+        .await
+        .expect("the reload applies");
+    assert!(outcome.applied.is_empty(), "{outcome:?}");
+    let third: Vec<_> = (1000..1100)
+        .map(|i| log_envelope("app", &i.to_string()))
+        .collect();
+    send_all(&mut client, &third).await;
+    assert!(b.wait_for_count(600, WAIT), "b got {}", b.count());
+    assert!(common::agent::wait_drained(&agent, WAIT));
     let m = agent.shutdown().metrics;
     let acc = m.account(&forward(&b)).expect("b has an account");
-    assert_eq!((acc.offered, acc.egress), (500, 500));
+    assert_eq!((acc.offered, acc.egress), (600, 600));
     assert!(
         m.account(&forward(&a)).is_none(),
         "a's account is retired once it has delivered"
     );
-    assert_eq!(m.egress, 1000);
+    assert_eq!(m.egress, 1100);
 }

@@ -88,6 +88,8 @@ pub struct Running {
     /// Destinations whose file went away, delivering what they hold within the grace period:
     /// the shutdown barrier counts them, and shutdown asks them to finish too.
     retiring_outlets: Vec<(Outlet, Arc<Held>, Recipient<Drain>)>,
+    /// What each `ingress_port.yml` file said when it last read well.
+    readings: HashMap<std::path::PathBuf, crate::forwarding::Downstream>,
     /// The binding cache poller (`syslog.binding_cache`).
     poller: Option<JoinHandle<()>>,
     /// The edge, for the rate limits a reload changes.
@@ -266,8 +268,9 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
     });
 
     let drains = start_aggregate_drains(c, &p.drain_tls, &ledger).map_err(std::io::Error::other)?;
+    let mut readings = HashMap::new();
     let (otlp, forwards) =
-        start_outlets(c, &p.tls.ingress, &ledger).map_err(std::io::Error::other)?;
+        start_outlets(c, &p.tls.ingress, &ledger, &mut readings).map_err(std::io::Error::other)?;
     let outlets: Vec<Outlet> = drains
         .iter()
         .map(|d| d.outlet.clone())
@@ -504,6 +507,7 @@ pub fn start(p: Prepared) -> std::io::Result<Running> {
         otlp,
         forwards,
         retiring_outlets: Vec::new(),
+        readings,
         poller,
         edge,
         queues: queue_handles,
@@ -718,6 +722,7 @@ fn start_outlets(
     c: &Config,
     ingress: &TlsMaterial,
     ledger: &Arc<Ledger>,
+    readings: &mut HashMap<std::path::PathBuf, crate::forwarding::Downstream>,
 ) -> Result<(Vec<RunningOtlp>, Vec<RunningForward>), ConfigError> {
     let mut otlp = Vec::new();
     if let Some(o) = &c.otlp {
@@ -727,10 +732,12 @@ fn start_outlets(
     let Some(pattern) = &c.ingress_port_glob else {
         return Ok((otlp, forwards));
     };
-    let (found, bad) = crate::forwarding::discover(pattern, c.ingress.listen.port());
+    let (found, bad) = crate::forwarding::discover_paths(pattern, c.ingress.listen.port());
     for (path, problem) in bad {
         tracing::warn!(file = %path.display(), problem, "ignoring an ingress_port.yml file");
     }
+    *readings = found.iter().cloned().collect();
+    let found = crate::forwarding::downstreams(found.into_iter().map(|(_, d)| d));
     for d in wanted(found, c) {
         start_downstream(c, d, ingress, ledger, &mut otlp, &mut forwards)?;
     }
@@ -749,11 +756,21 @@ fn wanted(
     found: Vec<crate::forwarding::Downstream>,
     c: &Config,
 ) -> Vec<crate::forwarding::Downstream> {
-    let section = c.otlp.as_ref().map(|o| o.endpoint.as_str());
+    // `localhost:9100`, `127.0.0.1:9100` and `[::1]:9100` name the collector a file announcing
+    // 9100 does.
+    let section_port = c.otlp.as_ref().and_then(|o| {
+        let (host, port) = o.endpoint.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let local = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        local.then(|| port.parse::<u16>().ok()).flatten()
+    });
     found
         .into_iter()
         .filter(|d| {
-            d.protocol != crate::forwarding::Protocol::Otelcol || Some(d.addr().as_str()) != section
+            d.protocol != crate::forwarding::Protocol::Otelcol || Some(d.port) != section_port
         })
         .collect()
 }

@@ -35,12 +35,26 @@ impl Running {
     ) -> Result<ReloadOutcome, ConfigError> {
         // The ingress_port.yml files, read again (the glob itself needs a restart).
         let announced = self.live.started.ingress_port_glob.as_ref().map(|pattern| {
-            let (found, bad) =
-                crate::forwarding::discover(pattern, self.live.started.ingress.listen.port());
+            let (mut found, bad) =
+                crate::forwarding::discover_paths(pattern, self.live.started.ingress.listen.port());
             for (path, problem) in bad {
-                tracing::warn!(file = %path.display(), problem, "ignoring an ingress_port.yml file");
+                // Half written, say: what it said last time stands until it reads again.
+                let kept = self.readings.get(&path).copied();
+                tracing::warn!(
+                    file = %path.display(),
+                    problem,
+                    kept = kept.map(|d| d.addr()),
+                    "cannot read an ingress_port.yml file; keeping what it said before"
+                );
+                if let Some(d) = kept {
+                    found.push((path, d));
+                }
             }
-            super::wanted(found, &self.live.started)
+            self.readings = found.iter().cloned().collect();
+            super::wanted(
+                crate::forwarding::downstreams(found.into_iter().map(|(_, d)| d)),
+                &self.live.started,
+            )
         });
         let announced_changed = announced
             .as_ref()
@@ -236,6 +250,7 @@ impl Running {
                     }
                     // Gone for good: their actors stopped once they retired.
                     self.retiring.retain(|d| d.actor.connected());
+                    self.retiring_outlets.retain(|(_, _, r)| r.connected());
                     let mut retire = Vec::new();
                     for o in old.into_iter().flatten() {
                         tracing::info!(drain = %o.spec.url.anonymized, "removing a syslog drain");
