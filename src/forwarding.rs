@@ -76,16 +76,18 @@ pub fn read_port_file(path: &Path) -> Result<Option<Downstream>, String> {
 /// The downstreams the files matching `pattern` announce, sorted, without duplicates and
 /// without `own_port` (metron's own ingress: no loops). A file that cannot be read is
 /// reported in the second list (its path and why) and skipped.
-pub fn discover(pattern: &str, own_port: u16) -> (Vec<Downstream>, Vec<(PathBuf, String)>) {
+pub fn discover(pattern: &str, own_port: u16) -> (Vec<Downstream>, Unreadable) {
     let (found, bad) = discover_paths(pattern, own_port);
     (downstreams(found.iter().map(|(_, d)| *d)), bad)
 }
 
+/// Each downstream with the file it came from.
+pub type Readings = Vec<(PathBuf, Downstream)>;
+/// Each file that could not be read, and why.
+pub type Unreadable = Vec<(PathBuf, String)>;
+
 /// As [`discover`], with the file each downstream came from (unsorted, duplicates kept).
-pub fn discover_paths(
-    pattern: &str,
-    own_port: u16,
-) -> (Vec<(PathBuf, Downstream)>, Vec<(PathBuf, String)>) {
+pub fn discover_paths(pattern: &str, own_port: u16) -> (Readings, Unreadable) {
     let mut found = Vec::new();
     let mut bad = Vec::new();
     for path in glob(pattern) {
