@@ -15,16 +15,17 @@
 //! kernel had accepted and not yet sent (at most a socket buffer); a write that fails is sent
 //! again whole on the next connection, so a receiver may see a message twice, never a gap.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-use super::guard::Panicked;
 use super::messages::{Drain, DumpState, Retire};
+use super::outlet_task::{OutletActor, OutletShell};
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::outbox::Outlet;
 use crate::envelope::view::Parsed;
@@ -62,16 +63,8 @@ pub struct DrainSetup {
 /// The actor; see the module docs.
 pub struct DrainConnection {
     setup: Arc<DrainSetup>,
-    /// Envelopes (and their budget bytes) the task has taken from the outbox and not yet
-    /// settled: a panic drops exactly these.
-    held: Arc<Held>,
-    /// The running task (aborted when the actor stops).
-    task: Option<AbortHandle>,
-    /// Set by the task once it has delivered everything and ended (shutdown, retirement); one
-    /// channel for the drain's life, so a task restarted after a panic reports on it too.
-    done: Arc<tokio::sync::watch::Sender<bool>>,
-    /// A reload removed the drain and [`DrainConnection::retire`] ran.
-    retired: bool,
+    /// The task, what it holds, and its end (see [`super::outlet_task`]).
+    shell: OutletShell,
 }
 
 #[derive(Default)]
@@ -104,45 +97,49 @@ impl Held {
 
 impl DrainConnection {
     pub fn new(setup: DrainSetup) -> Self {
+        let shell = OutletShell::new(setup.outlet.clone(), setup.ledger.clone());
         Self {
             setup: Arc::new(setup),
-            held: Arc::default(),
-            task: None,
-            done: Arc::new(tokio::sync::watch::channel(false).0),
-            retired: false,
+            shell,
         }
     }
 
     /// What the connection holds in hand, for the shutdown barrier.
     pub fn held(&self) -> Arc<Held> {
-        self.held.clone()
+        self.shell.held.clone()
     }
 
-    fn spawn(&mut self, ctx: &mut Context<Self>) {
+    /// Stops the task, drops what it still holds (`drain_removed`), retires the account and
+    /// stops the actor. Runs once, whichever comes first: the task ended or the grace ran out.
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if let Some(dropped) = self.shell.retire() {
+            tracing::info!(
+                drain = %self.setup.url.anonymized,
+                dropped,
+                "syslog drain removed"
+            );
+            ctx.stop();
+        }
+    }
+}
+
+impl OutletActor for DrainConnection {
+    const NAME: ActorName = ME;
+
+    fn shell(&mut self) -> &mut OutletShell {
+        &mut self.shell
+    }
+
+    fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let span = tracing::info_span!("drain", url = %self.setup.url.anonymized);
-        let task = tokio::spawn(
-            run(self.setup.clone(), self.held.clone(), self.done.clone()).instrument(span),
-        );
-        self.task = Some(task.abort_handle());
-        // The task's end, watched from the actor: a panic restarts it from fresh state.
-        let ended = async move {
-            match task.await {
-                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
-                _ => None,
-            }
-        };
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
-                if let Some(panic) = ended {
-                    let ledger = &act.setup.ledger;
-                    panic.report(ME, ledger.metrics());
-                    let (n, bytes) = act.held.take();
-                    act.setup.outlet.outbox.unroute(bytes);
-                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
-                    act.spawn(ctx);
-                }
-            }),
-        );
+        Box::pin(
+            run(
+                self.setup.clone(),
+                self.shell.held.clone(),
+                self.shell.done.clone(),
+            )
+            .instrument(span),
+        )
     }
 }
 
@@ -150,13 +147,11 @@ impl Actor for DrainConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.spawn(ctx);
+        OutletShell::spawn(self, ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+        self.shell.stopped();
     }
 }
 
@@ -165,9 +160,7 @@ impl Handler<Drain> for DrainConnection {
 
     /// Shutdown: the task writes what is queued, then ends; true once it has.
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
+        self.shell.drain()
     }
 }
 
@@ -175,43 +168,7 @@ impl Handler<Retire> for DrainConnection {
     type Result = ();
 
     fn handle(&mut self, Retire { grace }: Retire, ctx: &mut Context<Self>) {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(async move {
-                let _ = done.wait_for(|done| *done).await;
-            })
-            .map(|(), act, ctx| act.retire(ctx)),
-        );
-        ctx.run_later(grace, |act, ctx| act.retire(ctx));
-    }
-}
-
-impl DrainConnection {
-    /// Stops the task, drops what it still holds (`drain_removed`), retires the account and
-    /// stops the actor. Runs once, whichever comes first: the task ended or the grace ran out.
-    fn retire(&mut self, ctx: &mut Context<Self>) {
-        if std::mem::replace(&mut self.retired, true) {
-            return;
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
-        let (mut n, mut bytes) = self.held.take();
-        for b in outlet.outbox.take_all() {
-            n += b.len();
-            bytes += b.bytes();
-        }
-        outlet.outbox.unroute(bytes);
-        ledger.dropped_at(&outlet.account, DropReason::DrainRemoved, n, bytes);
-        ledger.metrics().retire(&outlet.account);
-        tracing::info!(
-            drain = %self.setup.url.anonymized,
-            dropped = n,
-            "syslog drain removed"
-        );
-        ctx.stop();
+        OutletShell::retire_after(self, ctx, grace, Self::retire);
     }
 }
 
@@ -225,7 +182,7 @@ impl Handler<DumpState> for DrainConnection {
             actor = "drain_connection",
             drain = %self.setup.url.anonymized,
             queued = self.setup.outlet.outbox.envelopes(),
-            held = self.held.envelopes(),
+            held = self.shell.held.envelopes(),
             routed_bytes = self.setup.outlet.outbox.routed(),
             offered = s.offered,
             egress = s.egress,
@@ -243,7 +200,7 @@ impl Handler<super::messages::ChaosPanic> for DrainConnection {
         if msg.escape {
             super::guard::chaos_panic(ME);
         }
-        self.held.chaos.store(true, Ordering::Release);
+        self.shell.held.chaos.store(true, Ordering::Release);
     }
 }
 

@@ -9,17 +9,18 @@
 //! destination's share and the sequencer drops what is over it (`drain_queue_full`): a dead
 //! downstream costs the others nothing.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::task::AbortHandle;
 use tonic::transport::Channel;
 
 use super::drain_connection::Held;
-use super::guard::Panicked;
 use super::messages::{Drain, DumpState};
 use super::otlp_connection::Connected;
+use super::outlet_task::{OutletActor, OutletShell};
 use crate::envelope::outbox::Outlet;
 use crate::envelope::queue::OutgoingBatch;
 use crate::grpc::egress::send_batch;
@@ -56,50 +57,44 @@ pub struct ForwardSetup {
 /// The actor; see the module docs.
 pub struct ForwardConnection {
     setup: Arc<ForwardSetup>,
-    held: Arc<Held>,
-    task: Option<AbortHandle>,
-    done: Arc<tokio::sync::watch::Sender<bool>>,
+    shell: OutletShell,
 }
 
 impl ForwardConnection {
     pub fn new(setup: ForwardSetup) -> Self {
+        let shell = OutletShell::new(setup.outlet.clone(), setup.ledger.clone());
         Self {
             setup: Arc::new(setup),
-            held: Arc::default(),
-            task: None,
-            done: Arc::new(tokio::sync::watch::channel(false).0),
+            shell,
         }
     }
 
     pub fn held(&self) -> Arc<Held> {
-        self.held.clone()
+        self.shell.held.clone()
     }
 
-    fn spawn(&mut self, ctx: &mut Context<Self>) {
-        let task = tokio::spawn(run(
+    /// Retired: what it still holds is dropped (once).
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if let Some(dropped) = self.shell.retire() {
+            tracing::info!(destination = %self.setup.addr, dropped, "downstream agent removed");
+            ctx.stop();
+        }
+    }
+}
+
+impl OutletActor for ForwardConnection {
+    const NAME: ActorName = ME;
+
+    fn shell(&mut self) -> &mut OutletShell {
+        &mut self.shell
+    }
+
+    fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(run(
             self.setup.clone(),
-            self.held.clone(),
-            self.done.clone(),
-        ));
-        self.task = Some(task.abort_handle());
-        let ended = async move {
-            match task.await {
-                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
-                _ => None,
-            }
-        };
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
-                if let Some(panic) = ended {
-                    let ledger = &act.setup.ledger;
-                    panic.report(ME, ledger.metrics());
-                    let (n, bytes) = act.held.take();
-                    act.setup.outlet.outbox.unroute(bytes);
-                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
-                    act.spawn(ctx);
-                }
-            }),
-        );
+            self.shell.held.clone(),
+            self.shell.done.clone(),
+        ))
     }
 }
 
@@ -107,13 +102,11 @@ impl Actor for ForwardConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.spawn(ctx);
+        OutletShell::spawn(self, ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+        self.shell.stopped();
     }
 }
 
@@ -121,9 +114,7 @@ impl Handler<Drain> for ForwardConnection {
     type Result = ResponseFuture<bool>;
 
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
+        self.shell.drain()
     }
 }
 
@@ -132,43 +123,8 @@ impl Handler<super::messages::Retire> for ForwardConnection {
 
     /// Its file is gone: deliver what it holds within `grace`, then stop.
     fn handle(&mut self, msg: super::messages::Retire, ctx: &mut Context<Self>) {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(async move {
-                let _ = done.wait_for(|done| *done).await;
-            })
-            .map(|(), act, ctx| act.retire(ctx)),
-        );
-        ctx.run_later(msg.grace, |act, ctx| act.retire(ctx));
+        OutletShell::retire_after(self, ctx, msg.grace, Self::retire);
     }
-}
-
-impl ForwardConnection {
-    /// Stops the task, drops what it still holds (`drain_removed`), retires the account and
-    /// stops the actor (once).
-    fn retire(&mut self, ctx: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        } else {
-            return;
-        }
-        retire_outlet(&self.setup.outlet, &self.held, &self.setup.ledger);
-        tracing::info!(destination = %self.setup.addr, "downstream agent removed");
-        ctx.stop();
-    }
-}
-
-/// What a removed destination still holds is dropped (`drain_removed`) and its account retired.
-pub(crate) fn retire_outlet(outlet: &Outlet, held: &Held, ledger: &Ledger) {
-    let (mut n, mut bytes) = held.take();
-    for b in outlet.outbox.take_all() {
-        n += b.len();
-        bytes += b.bytes();
-    }
-    outlet.outbox.unroute(bytes);
-    ledger.dropped_at(&outlet.account, DropReason::DrainRemoved, n, bytes);
-    ledger.metrics().retire(&outlet.account);
 }
 
 impl Handler<DumpState> for ForwardConnection {
@@ -181,7 +137,7 @@ impl Handler<DumpState> for ForwardConnection {
             actor = "forward_connection",
             destination = %self.setup.addr,
             queued = self.setup.outlet.outbox.envelopes(),
-            held = self.held.envelopes(),
+            held = self.shell.held.envelopes(),
             offered = s.offered,
             egress = s.egress,
             dropped = s.dropped_total(),

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod ingress;
 pub mod messages;
 pub mod otlp_connection;
+pub mod outlet_task;
 pub mod sequencer;
 pub mod signer;
 pub mod supervisor;

@@ -19,17 +19,18 @@
 //! As a drain's, the actor is a shell around one task; a panic in the task drops what it held
 //! (`actor_panic`) and the task starts again.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use prost::Message as _;
-use tokio::task::AbortHandle;
 use tonic::transport::Channel;
 
 use super::drain_connection::Held;
-use super::guard::Panicked;
 use super::messages::{Drain, DumpState};
+use super::outlet_task::{OutletActor, OutletShell};
 use crate::config::OtlpConfig;
 use crate::envelope::encoded::EncodedBatch;
 use crate::envelope::outbox::Outlet;
@@ -79,9 +80,7 @@ pub struct OtlpSetup {
 /// The actor; see the module docs.
 pub struct OtlpConnection {
     setup: Arc<OtlpSetup>,
-    held: Arc<Held>,
-    task: Option<AbortHandle>,
-    done: Arc<tokio::sync::watch::Sender<bool>>,
+    shell: OutletShell,
     /// Test-only: the task panics at its next batch (chaos hook).
     #[cfg(feature = "chaos-hooks")]
     chaos: Arc<std::sync::atomic::AtomicBool>,
@@ -89,11 +88,10 @@ pub struct OtlpConnection {
 
 impl OtlpConnection {
     pub fn new(setup: OtlpSetup) -> Self {
+        let shell = OutletShell::new(setup.outlet.clone(), setup.ledger.clone());
         Self {
             setup: Arc::new(setup),
-            held: Arc::default(),
-            task: None,
-            done: Arc::new(tokio::sync::watch::channel(false).0),
+            shell,
             #[cfg(feature = "chaos-hooks")]
             chaos: Arc::default(),
         }
@@ -101,39 +99,36 @@ impl OtlpConnection {
 
     /// What the connection holds in hand, for the shutdown barrier.
     pub fn held(&self) -> Arc<Held> {
-        self.held.clone()
+        self.shell.held.clone()
     }
 
-    fn spawn(&mut self, ctx: &mut Context<Self>) {
+    /// Retired: what it still holds is dropped (once).
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if let Some(dropped) = self.shell.retire() {
+            tracing::info!(endpoint = %self.setup.config.endpoint, dropped, "OTLP collector removed");
+            ctx.stop();
+        }
+    }
+}
+
+impl OutletActor for OtlpConnection {
+    const NAME: ActorName = ME;
+
+    fn shell(&mut self) -> &mut OutletShell {
+        &mut self.shell
+    }
+
+    fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         #[cfg(feature = "chaos-hooks")]
         let chaos = self.chaos.clone();
         #[cfg(not(feature = "chaos-hooks"))]
         let chaos = ();
-        let task = tokio::spawn(run(
+        Box::pin(run(
             self.setup.clone(),
-            self.held.clone(),
-            self.done.clone(),
+            self.shell.held.clone(),
+            self.shell.done.clone(),
             chaos,
-        ));
-        self.task = Some(task.abort_handle());
-        let ended = async move {
-            match task.await {
-                Err(e) if e.is_panic() => Some(Panicked::from_payload(&*e.into_panic())),
-                _ => None,
-            }
-        };
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(ended).map(|ended, act, ctx| {
-                if let Some(panic) = ended {
-                    let ledger = &act.setup.ledger;
-                    panic.report(ME, ledger.metrics());
-                    let (n, bytes) = act.held.take();
-                    act.setup.outlet.outbox.unroute(bytes);
-                    ledger.dropped_at(&act.setup.outlet.account, DropReason::ActorPanic, n, bytes);
-                    act.spawn(ctx);
-                }
-            }),
-        );
+        ))
     }
 }
 
@@ -141,13 +136,11 @@ impl Actor for OtlpConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.spawn(ctx);
+        OutletShell::spawn(self, ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
+        self.shell.stopped();
     }
 }
 
@@ -156,9 +149,7 @@ impl Handler<Drain> for OtlpConnection {
 
     /// Shutdown: the task exports what is queued, then ends; true once it has.
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        Box::pin(async move { done.wait_for(|done| *done).await.is_ok() })
+        self.shell.drain()
     }
 }
 
@@ -167,32 +158,7 @@ impl Handler<super::messages::Retire> for OtlpConnection {
 
     /// Its file is gone: export what it holds within `grace`, then stop.
     fn handle(&mut self, msg: super::messages::Retire, ctx: &mut Context<Self>) {
-        self.setup.outlet.outbox.close();
-        let mut done = self.done.subscribe();
-        ctx.spawn(
-            actix::fut::wrap_future::<_, Self>(async move {
-                let _ = done.wait_for(|done| *done).await;
-            })
-            .map(|(), act, ctx| act.retire(ctx)),
-        );
-        ctx.run_later(msg.grace, |act, ctx| act.retire(ctx));
-    }
-}
-
-impl OtlpConnection {
-    fn retire(&mut self, ctx: &mut Context<Self>) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        } else {
-            return;
-        }
-        super::forward_connection::retire_outlet(
-            &self.setup.outlet,
-            &self.held,
-            &self.setup.ledger,
-        );
-        tracing::info!(endpoint = %self.setup.config.endpoint, "OTLP collector removed");
-        ctx.stop();
+        OutletShell::retire_after(self, ctx, msg.grace, Self::retire);
     }
 }
 
@@ -206,7 +172,7 @@ impl Handler<DumpState> for OtlpConnection {
             actor = "otlp_connection",
             endpoint = %self.setup.config.endpoint,
             queued = self.setup.outlet.outbox.envelopes(),
-            held = self.held.envelopes(),
+            held = self.shell.held.envelopes(),
             routed_bytes = self.setup.outlet.outbox.routed(),
             offered = s.offered,
             egress = s.egress,
