@@ -495,7 +495,7 @@ impl Exporter {
                 continue;
             }
             let p = &mut self.pending[signal as usize];
-            match mapping::map(&e, signals, now_ns, &mut p.mapped) {
+            match mapping::map(e, signals, now_ns, &mut p.mapped) {
                 Outcome::Mapped(k) if k > 0 => {
                     p.items += k;
                     p.envelopes += 1;

@@ -8,7 +8,8 @@
 //!   tag other than `Client`; named by the path of its `uri` tag when that parses as a URL,
 //!   server kind for `peer_type` `Server`, status unset;
 //! - a log is a log record with INFO (OUT) or ERROR (ERR) severity, its text the enum's name,
-//!   the payload as a string body; an event is a log record whose body is `{title, body}`;
+//!   the payload as a string body (invalid UTF-8 replaced, where upstream's marshaller would
+//!   fail the whole export); an event is a log record whose body is `{title, body}`;
 //! - every item carries the attributes `instance_id` and `source_id`, then every tag but
 //!   `instance_id`, `source_id`, `__v1_type`, `span_id`, `trace_id`, and the tag metron adds for
 //!   sequencing and signing (a unique value per envelope would be an unbounded series), as
@@ -101,23 +102,24 @@ pub enum Outcome {
     Unmappable,
 }
 
-/// Maps `e` into `out`; `now_ns` is the observed time given to log records.
-pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Outcome {
+/// Maps `e` into `out`; `now_ns` is the observed time given to log records. Takes the envelope:
+/// its strings move into the items rather than being copied.
+pub fn map(mut e: Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Outcome {
     // Upstream: `uint64(int64)`, the same bits.
     let time = e.timestamp as u64;
-    match &e.message {
+    match e.message.take() {
         Some(Message::Counter(c)) => {
             if !signals.metrics {
                 return Outcome::SignalOff;
             }
             out.metrics.push(Metric {
-                name: c.name.clone(),
+                name: c.name,
                 data: Some(metric::Data::Sum(Sum {
                     aggregation_temporality: AggregationTemporality::Cumulative as i32,
                     is_monotonic: true,
                     data_points: vec![NumberDataPoint {
                         time_unix_nano: time,
-                        attributes: attributes(e),
+                        attributes: attributes(&mut e),
                         value: Some(number_data_point::Value::AsInt(
                             (c.total & 0x7FFF_FFFF_FFFF_FFFF) as i64,
                         )),
@@ -132,15 +134,22 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
             if !signals.metrics {
                 return Outcome::SignalOff;
             }
-            let attributes = attributes(e);
-            for (name, v) in &g.metrics {
+            let n = g.metrics.len();
+            let mut attributes = Some(attributes(&mut e));
+            for (i, (name, v)) in g.metrics.into_iter().enumerate() {
+                // The last value takes the attributes; the others a copy.
+                let attributes = if i + 1 == n {
+                    attributes.take().unwrap_or_default()
+                } else {
+                    attributes.clone().unwrap_or_default()
+                };
                 out.metrics.push(Metric {
-                    name: name.clone(),
-                    unit: v.unit.clone(),
+                    name,
+                    unit: v.unit,
                     data: Some(metric::Data::Gauge(Gauge {
                         data_points: vec![NumberDataPoint {
                             time_unix_nano: time,
-                            attributes: attributes.clone(),
+                            attributes,
                             value: Some(number_data_point::Value::AsDouble(v.value)),
                             ..Default::default()
                         }],
@@ -148,7 +157,7 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
                     ..Default::default()
                 });
             }
-            Outcome::Mapped(g.metrics.len())
+            Outcome::Mapped(n)
         }
         Some(Message::Timer(t)) => {
             if !signals.traces {
@@ -164,7 +173,7 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
             };
             let name = match e.tags.get("uri").map(|u| url_path(u)) {
                 Some(Some(path)) => path,
-                _ => t.name.clone(),
+                _ => t.name,
             };
             let kind = if tag("peer_type") == "Server" {
                 span::SpanKind::Server
@@ -184,7 +193,7 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
                             code: status::StatusCode::Unset as i32,
                             ..Default::default()
                         }),
-                        attributes: attributes(e),
+                        attributes: attributes(&mut e),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -202,13 +211,16 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
                 Ok(log::Type::Err) => SeverityNumber::Error,
                 Err(_) => SeverityNumber::Unspecified,
             };
+            // Invalid UTF-8 is replaced (upstream's marshaller would fail the whole export).
+            let body = String::from_utf8(l.payload)
+                .unwrap_or_else(|bad| String::from_utf8_lossy(bad.as_bytes()).into_owned());
             out.logs.push(log_record(LogRecord {
                 time_unix_nano: time,
                 observed_time_unix_nano: now_ns,
                 severity_number: severity as i32,
                 severity_text: severity.as_str_name().to_owned(),
-                body: Some(string(String::from_utf8_lossy(&l.payload).into_owned())),
-                attributes: attributes(e),
+                body: Some(string(body)),
+                attributes: attributes(&mut e),
                 ..Default::default()
             }));
             Outcome::Mapped(1)
@@ -222,13 +234,10 @@ pub fn map(e: &Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Out
                 observed_time_unix_nano: now_ns,
                 body: Some(AnyValue {
                     value: Some(any_value::Value::KvlistValue(KeyValueList {
-                        values: vec![
-                            key_value("title", ev.title.clone()),
-                            key_value("body", ev.body.clone()),
-                        ],
+                        values: vec![key_value("title", ev.title), key_value("body", ev.body)],
                     })),
                 }),
-                attributes: attributes(e),
+                attributes: attributes(&mut e),
                 ..Default::default()
             }));
             Outcome::Mapped(1)
@@ -261,19 +270,24 @@ fn key_value(key: &str, value: String) -> KeyValue {
     }
 }
 
-/// `instance_id`, `source_id`, then the tags (see the module docs).
-pub fn attributes(e: &Envelope) -> Vec<KeyValue> {
-    let mut out = Vec::with_capacity(2 + e.tags.len());
-    out.push(key_value("instance_id", e.instance_id.clone()));
-    out.push(key_value("source_id", e.source_id.clone()));
-    for (k, v) in &e.tags {
+/// `instance_id`, `source_id`, then the tags (see the module docs), moved out of `e`.
+pub fn attributes(e: &mut Envelope) -> Vec<KeyValue> {
+    let tags = std::mem::take(&mut e.tags);
+    let mut out = Vec::with_capacity(2 + tags.len());
+    out.push(key_value("instance_id", std::mem::take(&mut e.instance_id)));
+    out.push(key_value("source_id", std::mem::take(&mut e.source_id)));
+    for (k, v) in tags {
         if matches!(
             k.as_str(),
             "instance_id" | "source_id" | "__v1_type" | "span_id" | "trace_id" | METRON_TAG
         ) {
             continue;
         }
-        out.push(key_value(k, v.clone()));
+        out.push(KeyValue {
+            key: k,
+            value: Some(string(v)),
+            ..Default::default()
+        });
     }
     out
 }
@@ -379,7 +393,7 @@ mod tests {
 
     fn mapped(e: &Envelope) -> (Outcome, Mapped) {
         let mut out = Mapped::default();
-        let outcome = map(e, Signals::default(), 7, &mut out);
+        let outcome = map(e.clone(), Signals::default(), 7, &mut out);
         (outcome, out)
     }
 
@@ -645,7 +659,7 @@ mod tests {
             metrics: false,
             traces: true,
         };
-        assert_eq!(map(&counter(1), off, 0, &mut out), Outcome::SignalOff);
+        assert_eq!(map(counter(1), off, 0, &mut out), Outcome::SignalOff);
         assert!(out.is_empty());
     }
 
