@@ -49,14 +49,20 @@ pub struct Part {
     pub batch: Batch,
     /// The Doppler slot's pick; `None` when the Doppler pool takes none of the part.
     pub doppler: Option<Pick>,
-    /// Of the Doppler slot's pick, the envelopes for its express lane, and those parked until
-    /// bulk has handed over `barrier` envelopes (indices, ascending; both empty: all of it goes
-    /// to bulk). See [`crate::limits::lanes`].
-    pub express: Vec<u32>,
-    pub parked: Vec<u32>,
-    pub barrier: u64,
+    /// How the Doppler slot's pick splits between its queue's lanes; `None`: all of it goes to
+    /// bulk. See [`crate::limits::lanes`].
+    pub lanes: Option<LaneSplit>,
     /// Every other destination that takes some of the part, with its pick.
     pub outlets: Vec<(Outlet, Pick)>,
+}
+
+/// The Doppler slot's pick of a part, by lane: three disjoint picks that make up the whole.
+pub struct LaneSplit {
+    pub express: Pick,
+    pub bulk: Pick,
+    /// Released into express once bulk has handed over `barrier` envelopes.
+    pub parked: Pick,
+    pub barrier: u64,
 }
 
 /// Which envelopes of a part a destination takes.

@@ -370,12 +370,21 @@ async fn run(
 }
 
 impl Exporter {
+    /// (envelopes, budget bytes) gathered or waiting to be tried again.
+    fn holding(&self) -> (usize, usize) {
+        let gathered = self.pending.iter().map(|p| (p.envelopes, p.bytes));
+        let waiting = self
+            .waiting
+            .iter()
+            .flatten()
+            .map(|w| (w.envelopes, w.bytes));
+        gathered
+            .chain(waiting)
+            .fold((0, 0), |(n, b), (m, c)| (n + m, b + c))
+    }
+
     fn held_now(&self) {
-        let waiting = self.waiting.iter().flatten();
-        let n = self.pending.iter().map(|p| p.envelopes).sum::<usize>()
-            + waiting.clone().map(|w| w.envelopes).sum::<usize>();
-        let bytes = self.pending.iter().map(|p| p.bytes).sum::<usize>()
-            + waiting.map(|w| w.bytes).sum::<usize>();
+        let (n, bytes) = self.holding();
         self.held.set(n, bytes);
     }
 
@@ -455,22 +464,7 @@ impl Exporter {
 
     /// Maps `batch` onto the signals' pending batches; counts what cannot be exported.
     fn take_in(&mut self, batch: &EncodedBatch) {
-        let (n, bytes) = (
-            self.pending.iter().map(|p| p.envelopes).sum::<usize>()
-                + self
-                    .waiting
-                    .iter()
-                    .flatten()
-                    .map(|w| w.envelopes)
-                    .sum::<usize>(),
-            self.pending.iter().map(|p| p.bytes).sum::<usize>()
-                + self
-                    .waiting
-                    .iter()
-                    .flatten()
-                    .map(|w| w.bytes)
-                    .sum::<usize>(),
-        );
+        let (n, bytes) = self.holding();
         self.held.set(n + batch.len(), bytes + batch.bytes());
         let now = Instant::now();
         let now_ns = std::time::SystemTime::now()

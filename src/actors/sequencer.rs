@@ -12,7 +12,7 @@ use actix::prelude::*;
 
 use super::guard::{self, catch, Chaos};
 use super::messages::{
-    DumpState, Part, Pick, Retire, SequencedBatch, SetBudget, SetDrainTable, SetOutlets,
+    DumpState, LaneSplit, Part, Pick, Retire, SequencedBatch, SetBudget, SetDrainTable, SetOutlets,
     TaggedBatch,
 };
 use crate::envelope::outbox::Outlet;
@@ -117,8 +117,8 @@ impl SequencerActor {
         next: Recipient<SequencedBatch>,
         ledger: Arc<Ledger>,
     ) -> Self {
-        let lanes = routing.queues.iter().map(|_| Lanes::default()).collect();
         let mut actor = Self {
+            lanes: routing.queues.iter().map(|_| Lanes::default()).collect(),
             sequencer,
             numbering,
             queues: routing.queues,
@@ -132,7 +132,6 @@ impl SequencerActor {
                 grace: a.grace,
             }),
             fair: routing.fair,
-            lanes: Vec::new(),
             progress: HashMap::new(),
             shares: Vec::new(),
             budget: 0,
@@ -140,7 +139,6 @@ impl SequencerActor {
             ledger,
             chaos: Chaos::default(),
         };
-        actor.lanes = lanes;
         actor.set_budget(routing.budget);
         actor
     }
@@ -580,8 +578,8 @@ impl SequencerActor {
                 Pick::Some(idx)
             }
         };
-        let (express, parked, barrier) = if picks[0].is_empty() {
-            Default::default()
+        let lanes = if picks[0].is_empty() {
+            None
         } else {
             self.lanes_of(slot, &taken, &picks[0])
         };
@@ -599,17 +597,16 @@ impl SequencerActor {
             slot,
             batch: taken,
             doppler,
-            express,
-            parked,
-            barrier,
+            lanes,
             outlets,
         })
     }
 
-    /// Which of the slot's `pick` of `part` go to its express lane (decision 32), and which are
-    /// parked until bulk has handed over the barrier: the envelopes of the sources within their
-    /// fair share while the slot has a backlog ([`Lanes`]).
-    fn lanes_of(&mut self, slot: usize, part: &Batch, pick: &[u32]) -> (Vec<u32>, Vec<u32>, u64) {
+    /// How the slot's `pick` of `part` splits between its queue's lanes (decision 32): the
+    /// envelopes of the sources within their fair share go to express while the slot has a
+    /// backlog, or are parked until bulk has handed over the barrier ([`Lanes`]). `None`: all
+    /// of it to bulk.
+    fn lanes_of(&mut self, slot: usize, part: &Batch, pick: &[u32]) -> Option<LaneSplit> {
         let queue = &self.queues[slot];
         let lanes = &mut self.lanes[slot];
         let backlog = queue.queued_bytes();
@@ -625,7 +622,7 @@ impl SequencerActor {
         }
         if lanes.idle() {
             lanes.skip(pick.len());
-            return Default::default();
+            return None;
         }
         let now = Instant::now();
         let fair = self.fair.as_ref().filter(|_| lanes.active()).map(|f| {
@@ -637,7 +634,7 @@ impl SequencerActor {
         let fair = fair.filter(|f| f.fresh(now));
         let taken = queue.taken();
         let items = part.items();
-        let (mut express, mut parked) = (Vec::new(), Vec::new());
+        let (mut express, mut bulk, mut parked) = (Vec::new(), Vec::new(), Vec::new());
         let mut run = 0;
         while run < pick.len() {
             let source = part.bytes_of(items[pick[run] as usize].source);
@@ -653,12 +650,17 @@ impl SequencerActor {
             match lanes.place(source, want, end - run, taken) {
                 Lane::Express => express.extend_from_slice(&pick[run..end]),
                 Lane::Parked => parked.extend_from_slice(&pick[run..end]),
-                Lane::Bulk => {}
+                Lane::Bulk => bulk.extend_from_slice(&pick[run..end]),
             }
             run = end;
         }
         let barrier = lanes.end_part();
-        (express, parked, barrier)
+        (!express.is_empty() || !parked.is_empty()).then_some(LaneSplit {
+            express: Pick::Some(express),
+            bulk: Pick::Some(bulk),
+            parked: Pick::Some(parked),
+            barrier,
+        })
     }
 
     /// Whether `account`'s destination is taking envelopes: it delivered some within the last

@@ -151,19 +151,19 @@ impl SignerActor {
                     );
                     handed[0].0 += mine.len();
                     handed[0].1 += priced;
-                    queue.push_to(lane, part.barrier, mine);
+                    queue.push_to(lane, part.lanes.as_ref().map_or(0, |l| l.barrier), mine);
                 };
-                if part.express.is_empty() && part.parked.is_empty() {
-                    hand(Lane::Bulk, pick, last == 0);
-                } else {
+                match &part.lanes {
+                    None => hand(Lane::Bulk, pick, last == 0),
                     // Express, bulk, parked: within a part a source may move from express to
                     // bulk or to parked (never back), and the stream may take between two
                     // pushes; a parked envelope's barrier is in bulk before it, and a parked
                     // batch may be released into express as it is pushed.
-                    let bulk = bulk_of(pick, &part.express, &part.parked, batch.len());
-                    hand(Lane::Express, &Pick::Some(part.express.clone()), false);
-                    hand(Lane::Bulk, &bulk, last == 0);
-                    hand(Lane::Parked, &Pick::Some(part.parked.clone()), false);
+                    Some(l) => {
+                        hand(Lane::Express, &l.express, false);
+                        hand(Lane::Bulk, &l.bulk, last == 0);
+                        hand(Lane::Parked, &l.parked, false);
+                    }
                 }
             }
             for (k, (outlet, pick)) in part.outlets.iter().enumerate() {
@@ -206,29 +206,6 @@ impl SignerActor {
                 .dropped_at(&outlet.account, DropReason::ActorPanic, n, bytes);
         }
     }
-}
-
-/// What of the Doppler slot's `pick` of a part of `len` envelopes goes to bulk: what is neither
-/// in `express` nor in `parked` (both ascending subsets of it).
-fn bulk_of(pick: &Pick, express: &[u32], parked: &[u32], len: usize) -> Pick {
-    let all: Box<dyn Iterator<Item = u32>> = match pick {
-        Pick::All => Box::new(0..len as u32),
-        Pick::Some(idx) => Box::new(idx.iter().copied()),
-    };
-    let (mut e, mut p) = (express.iter().peekable(), parked.iter().peekable());
-    Pick::Some(
-        all.filter(|i| {
-            let (in_e, in_p) = (e.peek() == Some(&i), p.peek() == Some(&i));
-            if in_e {
-                e.next();
-            }
-            if in_p {
-                p.next();
-            }
-            !(in_e || in_p)
-        })
-        .collect(),
-    )
 }
 
 /// What a destination with `pick` takes of the `chunk` of the part just written as `encoded`:
@@ -300,18 +277,5 @@ impl Handler<super::messages::ChaosPanic> for SignerActor {
             super::guard::chaos_panic(ME);
         }
         self.chaos.arm();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bulk_is_the_pick_without_express_and_parked() {
-        let some = |v: &[u32]| Pick::Some(v.to_vec());
-        assert_eq!(bulk_of(&Pick::All, &[1, 4], &[2], 6), some(&[0, 3, 5]));
-        assert_eq!(bulk_of(&some(&[0, 2, 3, 7]), &[7], &[0], 9), some(&[2, 3]));
-        assert_eq!(bulk_of(&some(&[1, 2]), &[1], &[2], 3), some(&[]));
     }
 }
