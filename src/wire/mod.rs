@@ -629,23 +629,42 @@ fn start_drain(
     })
 }
 
-/// A running OTLP destination: its actor and what the shutdown barrier counts as queued.
-pub(crate) struct RunningOtlp {
-    /// The file that announced it (`None`: the `otlp:` section's).
+/// A running OTLP collector or downstream agent: its actor and what the shutdown barrier
+/// counts as queued.
+pub(crate) struct RunningOutlet<A: Actor> {
+    /// The file that announced it (`None`: the `otlp:` section's collector).
     announced: Option<crate::forwarding::Downstream>,
     name: String,
-    actor: Addr<OtlpConnection>,
+    actor: Addr<A>,
     outlet: Outlet,
     held: Arc<Held>,
 }
 
-/// A running downstream v2 agent's connection.
-pub(crate) struct RunningForward {
-    announced: crate::forwarding::Downstream,
-    name: String,
-    actor: Addr<ForwardConnection>,
-    outlet: Outlet,
-    held: Arc<Held>,
+type RunningOtlp = RunningOutlet<OtlpConnection>;
+type RunningForward = RunningOutlet<ForwardConnection>;
+
+/// Takes out of `running` those a file announced that `found` no longer lists: each is told to
+/// retire (after the last batch routed to it: `retire`, for the sequencer) and kept in
+/// `retiring` until it has.
+fn take_gone<A>(
+    running: &mut Vec<RunningOutlet<A>>,
+    found: &[crate::forwarding::Downstream],
+    grace: Duration,
+    health: &Health,
+    retire: &mut Vec<(Recipient<crate::actors::messages::Retire>, Duration)>,
+    retiring: &mut Vec<(Outlet, Arc<Held>, Recipient<Drain>)>,
+) where
+    A: Actor<Context = Context<A>> + Handler<crate::actors::messages::Retire> + Handler<Drain>,
+{
+    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(running)
+        .into_iter()
+        .partition(|o| o.announced.is_some_and(|d| !found.contains(&d)));
+    *running = kept;
+    for o in gone {
+        health.remove_actor(&o.name);
+        retire.push((o.actor.clone().recipient(), grace));
+        retiring.push((o.outlet, o.held, o.actor.recipient()));
+    }
 }
 
 fn check<A: Actor>(addr: &Addr<A>) -> ActorCheck {
@@ -817,7 +836,7 @@ impl Running {
             .otlp
             .iter()
             .filter_map(|o| o.announced)
-            .chain(self.forwards.iter().map(|f| f.announced))
+            .chain(self.forwards.iter().filter_map(|f| f.announced))
             .collect();
         v.sort();
         v
@@ -833,26 +852,16 @@ impl Running {
         grace: Duration,
     ) -> Vec<(Recipient<crate::actors::messages::Retire>, Duration)> {
         let mut retire = Vec::new();
-        let (gone_otlp, kept_otlp): (Vec<_>, Vec<_>) = std::mem::take(&mut self.otlp)
-            .into_iter()
-            .partition(|o| o.announced.is_some_and(|d| !found.contains(&d)));
-        self.otlp = kept_otlp;
-        let (gone_fwd, kept_fwd): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forwards)
-            .into_iter()
-            .partition(|f| !found.contains(&f.announced));
-        self.forwards = kept_fwd;
-        for o in gone_otlp {
-            self.health.remove_actor(&o.name);
-            retire.push((o.actor.clone().recipient(), grace));
-            self.retiring_outlets
-                .push((o.outlet, o.held, o.actor.recipient()));
-        }
-        for f in gone_fwd {
-            self.health.remove_actor(&f.name);
-            retire.push((f.actor.clone().recipient(), grace));
-            self.retiring_outlets
-                .push((f.outlet, f.held, f.actor.recipient()));
-        }
+        let (health, retiring) = (&self.health, &mut self.retiring_outlets);
+        take_gone(&mut self.otlp, found, grace, health, &mut retire, retiring);
+        take_gone(
+            &mut self.forwards,
+            found,
+            grace,
+            health,
+            &mut retire,
+            retiring,
+        );
         let running = self.announced();
         for d in found.iter().filter(|d| !running.contains(d)) {
             let (mut otlp, mut forwards) = (Vec::new(), Vec::new());
@@ -911,7 +920,7 @@ fn start_forward(
     let held = connection.held();
     tracing::info!(destination = %addr, "forwarding to a downstream v2 agent");
     Ok(RunningForward {
-        announced: d,
+        announced: Some(d),
         name: format!("forward_connection[{addr}]"),
         actor: connection.start(),
         outlet,
