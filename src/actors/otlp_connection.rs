@@ -19,12 +19,14 @@
 //! As a drain's, the actor is a shell around one task; a panic in the task drops what it held
 //! (`actor_panic`) and the task starts again.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use prost::bytes::Bytes;
 use prost::Message as _;
 use tonic::transport::Channel;
 
@@ -33,17 +35,17 @@ use super::messages::{Drain, DumpState};
 use super::outlet_task::{OutletActor, OutletShell};
 use crate::config::OtlpConfig;
 use crate::envelope::encoded::EncodedBatch;
+use crate::envelope::fields::{fields_in_place, Fields};
 use crate::envelope::outbox::Outlet;
+use crate::envelope::view::Parsed;
 use crate::envelope::{Kind, Kinds};
+use crate::grpc::egress::unary_encoded;
+use crate::otlp::encode::{Batch, Signal, Writer};
 use crate::otlp::export::{classify, Pause, Verdict};
-use crate::otlp::mapping::{self, Mapped, Outcome, Signals};
-use crate::otlp_proto::collector::logs::v1::logs_service_client::LogsServiceClient;
-use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
-use crate::otlp_proto::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceRequest;
-use crate::otlp_proto::collector::trace::v1::trace_service_client::TraceServiceClient;
-use crate::otlp_proto::collector::trace::v1::ExportTraceServiceRequest;
-use crate::proto::envelope::Message;
+use crate::otlp::mapping::{Outcome, Signals};
+use crate::otlp_proto::collector::logs::v1::ExportLogsServiceResponse;
+use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceResponse;
+use crate::otlp_proto::collector::trace::v1::ExportTraceServiceResponse;
 use crate::proto::Envelope;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
@@ -194,35 +196,6 @@ impl Handler<super::messages::ChaosPanic> for OtlpConnection {
     }
 }
 
-/// The three signals, as indexes into per-signal state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
-    Logs = 0,
-    Metrics = 1,
-    Traces = 2,
-}
-
-impl Signal {
-    const ALL: [Signal; 3] = [Signal::Logs, Signal::Metrics, Signal::Traces];
-
-    fn of(e: &Envelope) -> Option<Signal> {
-        match e.message {
-            Some(Message::Log(_) | Message::Event(_)) => Some(Signal::Logs),
-            Some(Message::Counter(_) | Message::Gauge(_)) => Some(Signal::Metrics),
-            Some(Message::Timer(_)) => Some(Signal::Traces),
-            None => None,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Signal::Logs => "logs",
-            Signal::Metrics => "metrics",
-            Signal::Traces => "traces",
-        }
-    }
-}
-
 /// Budget bytes taken from the outbox at once, and the most a signal gathers before it
 /// exports: an export stays well under a collector's default 4 MiB receive limit (and the
 /// agent's own gRPC message limit) whatever the envelopes' sizes.
@@ -232,34 +205,33 @@ const MAX_EXPORT_BYTES: usize = 512 << 10;
 /// The longest one export call may take before it counts as failed (and is retried).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One signal's batch being gathered: its items, and the envelopes (and budget bytes) they came
+const PATHS: [&str; 3] = [
+    "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+    "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+    "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+];
+
+/// One signal's export being written: its items, and the envelopes (and budget bytes) they came
 /// from, settled together.
 #[derive(Default)]
 struct Pending {
-    mapped: Mapped,
-    items: usize,
+    batch: Batch,
     envelopes: usize,
     bytes: usize,
     since: Option<Instant>,
 }
 
-/// An export request, by signal.
-enum Request {
-    Logs(ExportLogsServiceRequest),
-    Metrics(ExportMetricsServiceRequest),
-    Traces(ExportTraceServiceRequest),
-}
-
-/// One export and what it settles; kept while it waits for its next attempt.
+/// One export request and what it settles; kept while it waits for its turn or its next
+/// attempt.
 struct Export {
-    request: Request,
+    request: Bytes,
     items: usize,
     envelopes: usize,
     bytes: usize,
     /// Failed attempts so far, and the time they made it wait in all.
     attempts: u32,
     waited: Duration,
-    /// When it is tried again.
+    /// When it may be tried (again).
     due: Instant,
 }
 
@@ -267,13 +239,14 @@ struct Export {
 struct Exporter {
     setup: Arc<OtlpSetup>,
     held: Arc<Held>,
-    logs: LogsServiceClient<Channel>,
-    metrics: MetricsServiceClient<Channel>,
-    traces: TraceServiceClient<Channel>,
+    grpc: tonic::client::Grpc<Channel>,
+    writer: Writer,
+    parsed: Parsed,
     pending: [Pending; 3],
-    /// Each signal's export waiting for its next attempt: while there is one, the signal
-    /// gathers but does not export (its order is kept), and the other signals go on.
-    waiting: [Option<Export>; 3],
+    /// Each signal's exports, oldest first, each at most [`MAX_EXPORT_BYTES`] of envelopes.
+    /// The first one may be waiting for its next attempt: meanwhile the signal gathers but does
+    /// not export (its order is kept), and the other signals go on.
+    ready: [VecDeque<Export>; 3],
     paused: [Pause; 3],
     warnings: RateLimit,
     /// Consecutive failed exports, for the "recovered" line.
@@ -317,16 +290,17 @@ async fn run(
     done: Arc<tokio::sync::watch::Sender<bool>>,
     #[cfg_attr(not(feature = "chaos-hooks"), allow(unused_variables))] chaos: ChaosFlag,
 ) {
-    let channel = setup.channel.clone();
-    let limit = crate::config::MAX_GRPC_MESSAGE_BYTES;
+    let grpc = tonic::client::Grpc::new(setup.channel.clone())
+        .max_encoding_message_size(crate::config::MAX_GRPC_MESSAGE_BYTES);
+    let writer = Writer::new(setup.config.attributes, setup.config.signals);
     let mut x = Exporter {
-        logs: LogsServiceClient::new(channel.clone()).max_encoding_message_size(limit),
-        metrics: MetricsServiceClient::new(channel.clone()).max_encoding_message_size(limit),
-        traces: TraceServiceClient::new(channel).max_encoding_message_size(limit),
         setup,
         held,
+        grpc,
+        writer,
+        parsed: Parsed::default(),
         pending: Default::default(),
-        waiting: Default::default(),
+        ready: Default::default(),
         paused: [Pause::default(); 3],
         warnings: RateLimit::new(Duration::from_secs(10)),
         failures: 0,
@@ -370,16 +344,12 @@ async fn run(
 }
 
 impl Exporter {
-    /// (envelopes, budget bytes) gathered or waiting to be tried again.
+    /// (envelopes, budget bytes) gathered or waiting to be exported.
     fn holding(&self) -> (usize, usize) {
         let gathered = self.pending.iter().map(|p| (p.envelopes, p.bytes));
-        let waiting = self
-            .waiting
-            .iter()
-            .flatten()
-            .map(|w| (w.envelopes, w.bytes));
+        let ready = self.ready.iter().flatten().map(|w| (w.envelopes, w.bytes));
         gathered
-            .chain(waiting)
+            .chain(ready)
             .fold((0, 0), |(n, b), (m, c)| (n + m, b + c))
     }
 
@@ -389,66 +359,60 @@ impl Exporter {
     }
 
     fn is_idle(&self) -> bool {
-        self.pending.iter().all(|p| p.envelopes == 0) && self.waiting.iter().all(Option::is_none)
+        self.pending.iter().all(|p| p.envelopes == 0) && self.ready.iter().all(VecDeque::is_empty)
     }
 
-    /// When something is next due: a waiting export's attempt, or a gathered batch's interval
-    /// (`all`: every gathered batch is due now, at shutdown).
+    /// When something is next due: an export's attempt, or a gathered batch's interval (`all`:
+    /// every gathered batch is due now, at shutdown).
     fn next_due(&self, all: bool) -> Option<Instant> {
         let interval = self.setup.config.batch_interval;
         Signal::ALL
             .iter()
-            .filter_map(|&s| match &self.waiting[s as usize] {
-                Some(w) => Some(w.due),
-                None if all && self.pending[s as usize].envelopes > 0 => Some(Instant::now()),
-                None => self.pending[s as usize].since.map(|t| t + interval),
+            .filter_map(|&s| {
+                let i = s as usize;
+                let gathered = match self.pending[i].since {
+                    Some(_) if all => Some(Instant::now()),
+                    since => since.map(|t| t + interval),
+                };
+                let export = self.ready[i].front().map(|w| w.due);
+                gathered.into_iter().chain(export).min()
             })
             .min()
     }
 
-    /// Tries every waiting export that is due, and exports every gathered batch that is full or
-    /// old enough (everything gathered with `all`).
+    /// Closes every gathered batch that is full or old enough (every one with `all`) into an
+    /// export, then makes one attempt at each signal's first export if it is due.
     async fn run_due(&mut self, all: bool) {
         let interval = self.setup.config.batch_interval;
         let max_items = self.setup.config.batch_max_items.get();
         for s in Signal::ALL {
             let now = Instant::now();
             let i = s as usize;
-            if let Some(w) = self.waiting[i].take() {
-                if w.due <= now {
-                    self.attempt(s, w).await;
-                } else {
-                    self.waiting[i] = Some(w);
-                }
-                continue;
-            }
             let p = &self.pending[i];
-            let ready = p.envelopes > 0
-                && (all
-                    || p.items >= max_items
-                    || p.bytes >= MAX_EXPORT_BYTES
-                    || p.since.is_some_and(|t| now >= t + interval));
-            if ready {
-                let p = std::mem::take(&mut self.pending[i]);
-                let mut mapped = p.mapped;
-                let request = match s {
-                    Signal::Logs => Request::Logs(mapped.take_logs()),
-                    Signal::Metrics => Request::Metrics(mapped.take_metrics()),
-                    Signal::Traces => Request::Traces(mapped.take_spans()),
-                };
-                let export = Export {
-                    request,
-                    items: p.items,
-                    envelopes: p.envelopes,
-                    bytes: p.bytes,
-                    attempts: 0,
-                    waited: Duration::ZERO,
-                    due: now,
-                };
-                self.attempt(s, export).await;
+            let full = p.batch.items() >= max_items || p.bytes >= MAX_EXPORT_BYTES;
+            if p.envelopes > 0 && (all || full || p.since.is_some_and(|t| now >= t + interval)) {
+                self.seal(s, now);
+            }
+            if self.ready[i].front().is_some_and(|w| w.due <= now) {
+                self.attempt(s).await;
             }
         }
         self.held_now();
+    }
+
+    /// The signal's gathered batch becomes its last export.
+    fn seal(&mut self, s: Signal, now: Instant) {
+        let p = std::mem::take(&mut self.pending[s as usize]);
+        let items = p.batch.items();
+        self.ready[s as usize].push_back(Export {
+            request: p.batch.finish(s),
+            items,
+            envelopes: p.envelopes,
+            bytes: p.bytes,
+            attempts: 0,
+            waited: Duration::ZERO,
+            due: now,
+        });
     }
 
     fn drop_now(&self, reason: DropReason, n: usize, bytes: usize) {
@@ -462,7 +426,7 @@ impl Exporter {
             .dropped_at(&outlet.account, reason, n, bytes);
     }
 
-    /// Maps `batch` onto the signals' pending batches; counts what cannot be exported.
+    /// Writes `batch` into the signals' gathered batches; counts what cannot be exported.
     fn take_in(&mut self, batch: &EncodedBatch) {
         let (n, bytes) = self.holding();
         self.held.set(n + batch.len(), bytes + batch.bytes());
@@ -470,28 +434,34 @@ impl Exporter {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let signals = self.setup.config.signals;
         let mut unformattable = (0, 0);
         let mut unimplemented = (0, 0);
         for i in 0..batch.len() {
             let cost = batch.costs()[i] as usize;
-            let Some((e, signal)) = Envelope::decode(batch.envelope(i))
-                .ok()
-                .and_then(|e| Signal::of(&e).map(|s| (e, s)))
-            else {
+            let bytes = batch.envelope(i);
+            let decoded;
+            let fields = match fields_in_place(bytes, &mut self.parsed) {
+                Some(f) => Some(f),
+                // An encoding the in-place reader leaves to prost.
+                None => {
+                    decoded = Envelope::decode(bytes).ok();
+                    decoded.as_ref().and_then(Fields::of)
+                }
+            };
+            let Some(f) = fields else {
                 unformattable.0 += 1;
                 unformattable.1 += cost;
                 continue;
             };
+            let signal = Signal::of(&f.body);
             if self.paused[signal as usize].paused(now) {
                 unimplemented.0 += 1;
                 unimplemented.1 += cost;
                 continue;
             }
             let p = &mut self.pending[signal as usize];
-            match mapping::map(e, signals, now_ns, &mut p.mapped) {
+            match self.writer.write(&f, now_ns, &mut p.batch) {
                 Outcome::Mapped(k) if k > 0 => {
-                    p.items += k;
                     p.envelopes += 1;
                     p.bytes += cost;
                     p.since.get_or_insert(now);
@@ -511,25 +481,26 @@ impl Exporter {
         self.held_now();
     }
 
-    /// One attempt at `export`: settled, or kept in `waiting` for its next attempt.
-    async fn attempt(&mut self, signal: Signal, mut export: Export) {
-        let call = async {
-            match &export.request {
-                Request::Logs(r) => self.logs.export(r.clone()).await.map(|r| {
-                    r.into_inner()
-                        .partial_success
-                        .map_or(0, |p| p.rejected_log_records)
-                }),
-                Request::Metrics(r) => self.metrics.export(r.clone()).await.map(|r| {
-                    r.into_inner()
-                        .partial_success
-                        .map_or(0, |p| p.rejected_data_points)
-                }),
-                Request::Traces(r) => self.traces.export(r.clone()).await.map(|r| {
-                    r.into_inner()
-                        .partial_success
-                        .map_or(0, |p| p.rejected_spans)
-                }),
+    /// One attempt at the signal's first export: settled, or kept first for its next attempt.
+    async fn attempt(&mut self, signal: Signal) {
+        let Some(mut export) = self.ready[signal as usize].pop_front() else {
+            return;
+        };
+        let (grpc, request) = (&mut self.grpc, export.request.clone());
+        let path = PATHS[signal as usize];
+        let call = async move {
+            match signal {
+                Signal::Logs => unary_encoded::<ExportLogsServiceResponse>(grpc, path, request)
+                    .await
+                    .map(|r| r.partial_success.map_or(0, |p| p.rejected_log_records)),
+                Signal::Metrics => {
+                    unary_encoded::<ExportMetricsServiceResponse>(grpc, path, request)
+                        .await
+                        .map(|r| r.partial_success.map_or(0, |p| p.rejected_data_points))
+                }
+                Signal::Traces => unary_encoded::<ExportTraceServiceResponse>(grpc, path, request)
+                    .await
+                    .map(|r| r.partial_success.map_or(0, |p| p.rejected_spans)),
             }
         };
         let result = tokio::time::timeout(EXPORT_TIMEOUT, call)
@@ -572,7 +543,7 @@ impl Exporter {
                     });
                     export.waited += wait;
                     export.due = Instant::now() + wait;
-                    self.waiting[signal as usize] = Some(export);
+                    self.ready[signal as usize].push_front(export);
                     return;
                 }
                 DropReason::DrainWriteFailed
@@ -591,7 +562,16 @@ impl Exporter {
             }
             Verdict::Refused => DropReason::DrainRefused,
         };
-        if reason != DropReason::SignalUnimplemented {
+        if reason == DropReason::SignalUnimplemented {
+            // What else the signal holds would be answered the same.
+            let p = std::mem::take(&mut self.pending[signal as usize]);
+            let (mut n, mut bytes) = (p.envelopes, p.bytes);
+            for w in std::mem::take(&mut self.ready[signal as usize]) {
+                n += w.envelopes;
+                bytes += w.bytes;
+            }
+            self.drop_now(reason, n, bytes);
+        } else {
             self.warnings.warn_every(|times| {
                 tracing::warn!(
                     signal = signal.name(),

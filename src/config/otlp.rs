@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigError, TlsFiles};
+use crate::otlp::encode::Layout;
 use crate::otlp::mapping::Signals;
 
 /// `otlp:` as validated.
@@ -17,6 +18,8 @@ pub struct OtlpConfig {
     pub endpoint: String,
     pub security: OtlpSecurity,
     pub signals: Signals,
+    /// Where the Cloud Foundry identity goes (`otlp.attributes`).
+    pub attributes: Layout,
     /// Items (metrics, log records, spans) per export request, at most (an envelope's items
     /// are never split: a gauge with many values can go over).
     pub batch_max_items: NonZeroUsize,
@@ -67,6 +70,8 @@ pub(super) struct RawOtlp {
     plaintext: bool,
     #[serde(default)]
     signals: RawSignals,
+    #[serde(default)]
+    attributes: Layout,
     #[serde(default = "default_batch_max_items")]
     batch_max_items: NonZeroUsize,
     #[serde(default = "default_batch_interval_ms")]
@@ -166,6 +171,7 @@ impl OtlpConfig {
                 tls: None,
                 plaintext: false,
                 signals: RawSignals::default(),
+                attributes: Layout::default(),
                 batch_max_items: default_batch_max_items(),
                 batch_interval_ms: default_batch_interval_ms(),
                 retry: RawRetry::default(),
@@ -251,6 +257,7 @@ impl RawOtlp {
             endpoint: self.endpoint,
             security,
             signals,
+            attributes: self.attributes,
             batch_max_items: self.batch_max_items,
             batch_interval: ms(self.batch_interval_ms),
             retry,

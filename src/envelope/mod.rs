@@ -2,6 +2,7 @@
 //! per-source sequencing, and the signing form. No actors, no I/O: unit- and property-tested.
 
 pub mod encoded;
+pub mod fields;
 pub mod outbox;
 pub mod pacer;
 pub mod queue;

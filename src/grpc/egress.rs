@@ -240,6 +240,74 @@ impl Decoder for PreEncodedCodec {
 
 const BATCH_SENDER: &str = "/loggregator.v2.Ingress/BatchSender";
 
+/// A unary request already encoded (the OTLP writer's export requests,
+/// [`crate::otlp::encode`]), its answer `R` decoded with prost.
+struct RawRequestCodec<R>(std::marker::PhantomData<fn() -> R>);
+
+impl<R> Clone for RawRequestCodec<R> {
+    fn clone(&self) -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<R: Message + Default + Send + 'static> Codec for RawRequestCodec<R> {
+    type Encode = prost::bytes::Bytes;
+    type Decode = R;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        self.clone()
+    }
+
+    fn decoder(&mut self) -> Self {
+        self.clone()
+    }
+}
+
+impl<R> Encoder for RawRequestCodec<R> {
+    type Item = prost::bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl<R: Message + Default> Decoder for RawRequestCodec<R> {
+    type Item = R;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<R>, Self::Error> {
+        R::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable response: {e}")))
+    }
+}
+
+/// One unary call of `path` with `request` already encoded; the answer decoded as `R`.
+///
+/// # Errors
+/// The connection is not ready or the call fails.
+pub async fn unary_encoded<R: Message + Default + Send + 'static>(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    path: &'static str,
+    request: prost::bytes::Bytes,
+) -> Result<R, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    grpc.unary(
+        tonic::Request::new(request),
+        path,
+        RawRequestCodec(std::marker::PhantomData),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
 /// `Ingress.Send` with envelopes already encoded: one batch, acknowledged by its answer (the
 /// fan-out to downstream v2 agents, [`crate::actors::forward_connection`]).
 ///

@@ -18,21 +18,41 @@
 //! Metrics of one export go in one `ResourceMetrics` with one scope; each log record and each
 //! span in a `ResourceLogs` / `ResourceSpans` of its own, as upstream sends them.
 
+#[cfg(test)]
 use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
+#[cfg(test)]
 use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceRequest;
+#[cfg(test)]
 use crate::otlp_proto::collector::trace::v1::ExportTraceServiceRequest;
+#[cfg(test)]
 use crate::otlp_proto::common::v1::{any_value, AnyValue, KeyValue, KeyValueList};
+#[cfg(test)]
 use crate::otlp_proto::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
+#[cfg(test)]
 use crate::otlp_proto::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum,
 };
+#[cfg(test)]
 use crate::otlp_proto::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+#[cfg(test)]
 use crate::proto::envelope::Message;
+#[cfg(test)]
 use crate::proto::{log, Envelope};
 
 /// The tag metron adds for sequencing and signing (decision 22): never an attribute.
 pub const METRON_TAG: &str = "metron";
+
+/// Tags that are never attributes: the two ids (attributes of their own), the v1 type, the
+/// trace ids (a span's own fields) and [`METRON_TAG`].
+pub const EXCLUDED_TAGS: [&str; 6] = [
+    "instance_id",
+    "source_id",
+    "__v1_type",
+    "span_id",
+    "trace_id",
+    METRON_TAG,
+];
 
 /// Which signals are exported (`otlp.signals`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +73,7 @@ impl Default for Signals {
 }
 
 /// Envelopes mapped, by signal, waiting to be exported.
+#[cfg(test)]
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Mapped {
     pub metrics: Vec<Metric>,
@@ -60,6 +81,7 @@ pub struct Mapped {
     pub spans: Vec<ResourceSpans>,
 }
 
+#[cfg(test)]
 impl Mapped {
     pub fn is_empty(&self) -> bool {
         self.metrics.is_empty() && self.logs.is_empty() && self.spans.is_empty()
@@ -104,6 +126,7 @@ pub enum Outcome {
 
 /// Maps `e` into `out`; `now_ns` is the observed time given to log records. Takes the envelope:
 /// its strings move into the items rather than being copied.
+#[cfg(test)]
 pub fn map(mut e: Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Outcome {
     // Upstream: `uint64(int64)`, the same bits.
     let time = e.timestamp as u64;
@@ -246,6 +269,7 @@ pub fn map(mut e: Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> 
     }
 }
 
+#[cfg(test)]
 fn log_record(record: LogRecord) -> ResourceLogs {
     ResourceLogs {
         scope_logs: vec![ScopeLogs {
@@ -256,12 +280,14 @@ fn log_record(record: LogRecord) -> ResourceLogs {
     }
 }
 
+#[cfg(test)]
 fn string(s: String) -> AnyValue {
     AnyValue {
         value: Some(any_value::Value::StringValue(s)),
     }
 }
 
+#[cfg(test)]
 fn key_value(key: &str, value: String) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
@@ -271,16 +297,14 @@ fn key_value(key: &str, value: String) -> KeyValue {
 }
 
 /// `instance_id`, `source_id`, then the tags (see the module docs), moved out of `e`.
+#[cfg(test)]
 pub fn attributes(e: &mut Envelope) -> Vec<KeyValue> {
     let tags = std::mem::take(&mut e.tags);
     let mut out = Vec::with_capacity(2 + tags.len());
     out.push(key_value("instance_id", std::mem::take(&mut e.instance_id)));
     out.push(key_value("source_id", std::mem::take(&mut e.source_id)));
     for (k, v) in tags {
-        if matches!(
-            k.as_str(),
-            "instance_id" | "source_id" | "__v1_type" | "span_id" | "trace_id" | METRON_TAG
-        ) {
+        if EXCLUDED_TAGS.contains(&k.as_str()) {
             continue;
         }
         out.push(KeyValue {
@@ -293,7 +317,7 @@ pub fn attributes(e: &mut Envelope) -> Vec<KeyValue> {
 }
 
 /// Go's `hex.DecodeString` of a non-empty string: `None` when empty, of odd length or not hex.
-fn hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
@@ -308,7 +332,7 @@ fn hex(s: &str) -> Option<Vec<u8>> {
 /// parser returns an error: a control character, an empty scheme (`:x`), a colon in the first
 /// segment of a relative reference, or a bad `%` escape. An opaque URL (`mailto:x`) has an
 /// empty path.
-fn url_path(uri: &str) -> Option<String> {
+pub(crate) fn url_path(uri: &str) -> Option<String> {
     if uri.bytes().any(|b| b < 0x20 || b == 0x7f) {
         return None;
     }
