@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use prost::bytes::Bytes;
 use prost::Message as _;
+use tokio::task::JoinSet;
+use tokio::time::Instant as TokioInstant;
 use tonic::transport::Channel;
 
 use super::drain_connection::Held;
@@ -202,6 +204,40 @@ impl Handler<super::messages::ChaosPanic> for OtlpConnection {
 const MAX_TAKE_BYTES: usize = 512 << 10;
 const MAX_EXPORT_BYTES: usize = 512 << 10;
 
+/// An export as it comes back from its call.
+type Flown = (Signal, Export, Result<i64, tonic::Status>);
+
+/// One export call of `signal`'s `request`: the items the collector rejected, or why it failed
+/// (within [`EXPORT_TIMEOUT`]).
+async fn call(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    signal: Signal,
+    request: Bytes,
+) -> Result<i64, tonic::Status> {
+    let path = PATHS[signal as usize];
+    let call = async move {
+        match signal {
+            Signal::Logs => unary_encoded::<ExportLogsServiceResponse>(grpc, path, request)
+                .await
+                .map(|r| r.partial_success.map_or(0, |p| p.rejected_log_records)),
+            Signal::Metrics => unary_encoded::<ExportMetricsServiceResponse>(grpc, path, request)
+                .await
+                .map(|r| r.partial_success.map_or(0, |p| p.rejected_data_points)),
+            Signal::Traces => unary_encoded::<ExportTraceServiceResponse>(grpc, path, request)
+                .await
+                .map(|r| r.partial_success.map_or(0, |p| p.rejected_spans)),
+        }
+    };
+    tokio::time::timeout(EXPORT_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {} s",
+                EXPORT_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 /// The longest one export call may take before it counts as failed (and is retried).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -247,6 +283,8 @@ struct Exporter {
     /// The first one may be waiting for its next attempt: meanwhile the signal gathers but does
     /// not export (its order is kept), and the other signals go on.
     ready: [VecDeque<Export>; 3],
+    /// Per signal: exports in flight, and their envelopes and budget bytes.
+    flying: [(usize, usize, usize); 3],
     paused: [Pause; 3],
     warnings: RateLimit,
     /// Consecutive failed exports, for the "recovered" line.
@@ -301,44 +339,47 @@ async fn run(
         parsed: Parsed::default(),
         pending: Default::default(),
         ready: Default::default(),
+        flying: Default::default(),
         paused: [Pause::default(); 3],
         warnings: RateLimit::new(Duration::from_secs(10)),
         failures: 0,
         connected: None,
     };
+    let setup = x.setup.clone();
+    let mut in_flight = JoinSet::new();
     let mut closed = false;
     loop {
-        if closed {
-            // Shutdown: everything gathered goes, each waiting export on its schedule; the
-            // shutdown's grace period bounds how long that may take.
-            if x.is_idle() {
-                break;
-            }
-            if let Some(due) = x.next_due(true) {
-                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-            }
-        } else {
-            let take = x.setup.outlet.outbox.take_within(MAX_TAKE, MAX_TAKE_BYTES);
-            let taken = match x.next_due(false) {
-                Some(due) => tokio::time::timeout_at(tokio::time::Instant::from_std(due), take)
-                    .await
-                    .ok(),
-                None => Some(take.await),
-            };
-            match taken {
-                Some(Some(batch)) => {
-                    x.take_in(&batch);
-                    #[cfg(feature = "chaos-hooks")]
-                    if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                        super::guard::chaos_panic(ME);
-                    }
-                }
-                // Closed and empty.
-                Some(None) => closed = true,
-                None => {}
-            }
+        // Shutdown: everything gathered goes, each failed export on its schedule; the
+        // shutdown's grace period bounds how long that may take.
+        x.seal_due(closed);
+        x.start_due(&mut in_flight);
+        x.held_now();
+        if closed && x.is_idle() {
+            break;
         }
-        x.run_due(closed).await;
+        let due = x.next_due();
+        tokio::select! {
+            taken = setup.outlet.outbox.take_within(MAX_TAKE, MAX_TAKE_BYTES), if !closed => {
+                match taken {
+                    Some(batch) => {
+                        x.take_in(&batch);
+                        #[cfg(feature = "chaos-hooks")]
+                        if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                            super::guard::chaos_panic(ME);
+                        }
+                    }
+                    // Closed and empty.
+                    None => closed = true,
+                }
+            }
+            Some(done) = in_flight.join_next() => match done {
+                Ok((signal, export, result)) => x.finished(signal, export, result),
+                // A panic in an export is the task's own (the shell counts what it held).
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(TokioInstant::from_std(due)) => {}
+        }
     }
     done.send_replace(true);
 }
@@ -348,8 +389,10 @@ impl Exporter {
     fn holding(&self) -> (usize, usize) {
         let gathered = self.pending.iter().map(|p| (p.envelopes, p.bytes));
         let ready = self.ready.iter().flatten().map(|w| (w.envelopes, w.bytes));
+        let flying = self.flying.iter().map(|f| (f.1, f.2));
         gathered
             .chain(ready)
+            .chain(flying)
             .fold((0, 0), |(n, b), (m, c)| (n + m, b + c))
     }
 
@@ -359,45 +402,68 @@ impl Exporter {
     }
 
     fn is_idle(&self) -> bool {
-        self.pending.iter().all(|p| p.envelopes == 0) && self.ready.iter().all(VecDeque::is_empty)
+        self.pending.iter().all(|p| p.envelopes == 0)
+            && self.ready.iter().all(VecDeque::is_empty)
+            && self.flying.iter().all(|f| f.0 == 0)
     }
 
-    /// When something is next due: an export's attempt, or a gathered batch's interval (`all`:
-    /// every gathered batch is due now, at shutdown).
-    fn next_due(&self, all: bool) -> Option<Instant> {
+    /// When something is next due: a gathered batch's interval, or the first export of a signal
+    /// with none in flight (far away when nothing is).
+    fn next_due(&self) -> Instant {
         let interval = self.setup.config.batch_interval;
-        Signal::ALL
+        let gathered = self
+            .pending
             .iter()
-            .filter_map(|&s| {
-                let i = s as usize;
-                let gathered = match self.pending[i].since {
-                    Some(_) if all => Some(Instant::now()),
-                    since => since.map(|t| t + interval),
-                };
-                let export = self.ready[i].front().map(|w| w.due);
-                gathered.into_iter().chain(export).min()
-            })
+            .filter_map(|p| p.since.map(|t| t + interval));
+        let waiting = Signal::ALL
+            .iter()
+            .map(|&s| s as usize)
+            .filter(|&i| self.flying[i].0 == 0)
+            .filter_map(|i| self.ready[i].front().map(|w| w.due));
+        gathered
+            .chain(waiting)
             .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
     }
 
     /// Closes every gathered batch that is full or old enough (every one with `all`) into an
-    /// export, then makes one attempt at each signal's first export if it is due.
-    async fn run_due(&mut self, all: bool) {
+    /// export.
+    fn seal_due(&mut self, all: bool) {
         let interval = self.setup.config.batch_interval;
         let max_items = self.setup.config.batch_max_items.get();
+        let now = Instant::now();
         for s in Signal::ALL {
-            let now = Instant::now();
-            let i = s as usize;
-            let p = &self.pending[i];
+            let p = &self.pending[s as usize];
             let full = p.batch.items() >= max_items || p.bytes >= MAX_EXPORT_BYTES;
             if p.envelopes > 0 && (all || full || p.since.is_some_and(|t| now >= t + interval)) {
                 self.seal(s, now);
             }
-            if self.ready[i].front().is_some_and(|w| w.due <= now) {
-                self.attempt(s).await;
-            }
         }
-        self.held_now();
+    }
+
+    /// Starts each signal's first export if it is due and the signal has none in flight: one
+    /// at a time per signal, so the collector gets a signal's exports in order (a counter's
+    /// totals never go back), and the signals side by side.
+    fn start_due(&mut self, in_flight: &mut JoinSet<Flown>) {
+        let now = Instant::now();
+        for s in Signal::ALL {
+            let i = s as usize;
+            if self.flying[i].0 > 0 || self.ready[i].front().is_none_or(|w| w.due > now) {
+                continue;
+            }
+            let Some(export) = self.ready[i].pop_front() else {
+                continue;
+            };
+            let f = &mut self.flying[i];
+            f.0 += 1;
+            f.1 += export.envelopes;
+            f.2 += export.bytes;
+            let mut grpc = self.grpc.clone();
+            in_flight.spawn(async move {
+                let result = call(&mut grpc, s, export.request.clone()).await;
+                (s, export, result)
+            });
+        }
     }
 
     /// The signal's gathered batch becomes its last export.
@@ -481,36 +547,12 @@ impl Exporter {
         self.held_now();
     }
 
-    /// One attempt at the signal's first export: settled, or kept first for its next attempt.
-    async fn attempt(&mut self, signal: Signal) {
-        let Some(mut export) = self.ready[signal as usize].pop_front() else {
-            return;
-        };
-        let (grpc, request) = (&mut self.grpc, export.request.clone());
-        let path = PATHS[signal as usize];
-        let call = async move {
-            match signal {
-                Signal::Logs => unary_encoded::<ExportLogsServiceResponse>(grpc, path, request)
-                    .await
-                    .map(|r| r.partial_success.map_or(0, |p| p.rejected_log_records)),
-                Signal::Metrics => {
-                    unary_encoded::<ExportMetricsServiceResponse>(grpc, path, request)
-                        .await
-                        .map(|r| r.partial_success.map_or(0, |p| p.rejected_data_points))
-                }
-                Signal::Traces => unary_encoded::<ExportTraceServiceResponse>(grpc, path, request)
-                    .await
-                    .map(|r| r.partial_success.map_or(0, |p| p.rejected_spans)),
-            }
-        };
-        let result = tokio::time::timeout(EXPORT_TIMEOUT, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer within {} s",
-                    EXPORT_TIMEOUT.as_secs()
-                )))
-            });
+    /// An export answered, failed or timed out: settled, or kept first for its next attempt.
+    fn finished(&mut self, signal: Signal, mut export: Export, result: Result<i64, tonic::Status>) {
+        let f = &mut self.flying[signal as usize];
+        f.0 -= 1;
+        f.1 -= export.envelopes;
+        f.2 -= export.bytes;
         let status = match result {
             Ok(rejected) => {
                 if self.connected.is_none() {
