@@ -451,9 +451,28 @@ impl Exporter {
             if self.flying[i].0 > 0 || self.ready[i].front().is_none_or(|w| w.due > now) {
                 continue;
             }
-            let Some(export) = self.ready[i].pop_front() else {
+            let Some(mut export) = self.ready[i].pop_front() else {
                 continue;
             };
+            // Exports that queued behind the last one go together, up to the cap: a
+            // collector slower than one export per batch gets fewer, larger ones. (Requests
+            // concatenated are one request with their resources one after another.)
+            if export.attempts == 0 {
+                let mut joined: Option<Vec<u8>> = None;
+                while let Some(next) = self.ready[i].front().filter(|n| {
+                    n.attempts == 0 && n.due <= now && export.bytes + n.bytes <= MAX_EXPORT_BYTES
+                }) {
+                    let j = joined.get_or_insert_with(|| export.request.to_vec());
+                    j.extend_from_slice(&next.request);
+                    export.items += next.items;
+                    export.envelopes += next.envelopes;
+                    export.bytes += next.bytes;
+                    self.ready[i].pop_front();
+                }
+                if let Some(j) = joined {
+                    export.request = j.into();
+                }
+            }
             let f = &mut self.flying[i];
             f.0 += 1;
             f.1 += export.envelopes;
