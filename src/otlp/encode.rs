@@ -11,7 +11,6 @@
 //!   space and process tags) on the Resource under the semantic conventions' names
 //!   ([`SEMCONV_TAGS`]), one resource per identity in each export, the other tags per item.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use prost::bytes::Bytes;
@@ -330,10 +329,13 @@ impl Writer {
                     _ => (0, b"SEVERITY_NUMBER_UNSPECIFIED"),
                 };
                 // Invalid UTF-8 is replaced (upstream's marshaller would fail the whole export).
-                let body = String::from_utf8_lossy(payload);
-                let body = match &body {
-                    Cow::Borrowed(s) => s.as_bytes(),
-                    Cow::Owned(s) => s.as_bytes(),
+                let replaced;
+                let body = match std::str::from_utf8(payload) {
+                    Ok(_) => payload,
+                    Err(_) => {
+                        replaced = String::from_utf8_lossy(payload).into_owned();
+                        replaced.as_bytes()
+                    }
                 };
                 self.attributes(f, 6);
                 let item = &mut self.item;
