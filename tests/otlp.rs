@@ -137,6 +137,90 @@ async fn every_signal_reaches_the_collector_as_upstream_maps_it() {
     );
 }
 
+/// `otlp.attributes: semconv`: each app's identity on the Resource under the semantic
+/// conventions' names, one resource per app in an export; the other tags (the agent's default
+/// tags among them) stay on the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semconv_puts_each_apps_identity_on_its_resource() {
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        &otlp_yaml(&collector, "  attributes: semconv\n"),
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let app_log = |app: &str, i: usize| {
+        let mut e = log_envelope(app, &format!("{app} {i}"));
+        e.instance_id = "2".into();
+        for (k, v) in [
+            ("app_id", app),
+            ("app_name", "shop"),
+            ("space_name", "dev"),
+            ("process_type", "web"),
+        ] {
+            e.tags.insert(k.into(), v.into());
+        }
+        e
+    };
+    let sent: Vec<Envelope> = (0..300)
+        .map(|i| app_log(if i % 2 == 0 { "app-a" } else { "app-b" }, i))
+        .collect();
+    send_all(&mut client, &sent).await;
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.log_records >= 300)
+            .await
+    );
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    let mut per_app = std::collections::BTreeMap::<String, usize>::new();
+    for r in collector.logs().iter().flat_map(|r| &r.resource_logs) {
+        let resource: Vec<(&str, &str)> = r
+            .resource
+            .as_ref()
+            .expect("a resource")
+            .attributes
+            .iter()
+            .map(|a| match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => (a.key.as_str(), s.as_str()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let app = resource[0].1;
+        assert_eq!(
+            resource,
+            [
+                ("cloudfoundry.system.id", app),
+                ("cloudfoundry.system.instance.id", "2"),
+                ("cloudfoundry.app.instance.id", "2"),
+                ("cloudfoundry.app.id", app),
+                ("cloudfoundry.app.name", "shop"),
+                ("cloudfoundry.process.type", "web"),
+                ("cloudfoundry.space.name", "dev"),
+            ]
+        );
+        for record in r.scope_logs.iter().flat_map(|s| &s.log_records) {
+            let keys: Vec<&str> = record.attributes.iter().map(|a| a.key.as_str()).collect();
+            assert!(keys.contains(&"deployment"), "{keys:?}");
+            for moved in ["app_id", "source_id", "instance_id", "metron"] {
+                assert!(!keys.contains(&moved), "{moved} in {keys:?}");
+            }
+            match record.body.as_ref().and_then(|b| b.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => assert!(s.starts_with(app), "{s}"),
+                other => panic!("{other:?}"),
+            }
+            *per_app.entry(app.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        per_app,
+        [("app-a".to_string(), 150), ("app-b".to_string(), 150)].into()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let a = account(&agent.shutdown().metrics, &collector);
+    assert_eq!((a.egress, a.dropped_total()), (300, 0), "{a:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_down_then_back_loses_nothing_within_the_budget() {
     let w = World::new();
