@@ -32,7 +32,7 @@
 //!  binding cache ──poller──SetDrainTable──▶ SequencerActor (app drains: syslog::apps)
 //!  notices (LGR: "N messages lost…") ──▶ Edge, like any envelope, not to the drain they are about
 //!
-//!  OTel collector ◀──OTLP/gRPC── OtlpConnection (otlp::mapping, batch per signal, retry/pause)
+//!  OTel collector ◀──OTLP/gRPC── OtlpConnection (otlp::encode, batch per signal, retry/pause)
 //!  local v2 agents ◀──Ingress.Send── ForwardConnection[port] (one per ingress_port.yml file)
 //!                 (each takes its own outbox, like a drain; files read at start and on SIGHUP)
 //! ```
@@ -59,8 +59,8 @@
 //!   [`envelope::outbox::Outbox`], formats ([`syslog::rfc5424`]), writes ([`syslog::writer`],
 //!   [`syslog::https`]) and retries on a new connection after a backoff; a panic in its task
 //!   restarts it from fresh state.
-//! * [`actors::otlp_connection`] — the OpenTelemetry collector: maps ([`otlp::mapping`]),
-//!   batches per signal, exports, retries or pauses a signal as [`otlp::export`] decides.
+//! * [`actors::otlp_connection`] — the OpenTelemetry collector: writes OTLP from the envelope
+//!   read in place ([`otlp::encode`], upstream's mapping, [`otlp::mapping`]), batches per signal, exports, retries or pauses a signal as [`otlp::export`] decides.
 //! * [`actors::forward_connection`] — one actor per downstream v2 agent announced by an
 //!   `ingress_port.yml` file ([`forwarding`]).
 //! * [`actors::doppler_connection`] — one supervised actor per slot; its queue

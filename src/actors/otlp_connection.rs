@@ -1,6 +1,8 @@
-//! The OTLP collector's connection actor (issue 23): takes what its outbox holds, maps each
-//! envelope as upstream's OTLP writer does ([`crate::otlp::mapping`]), batches per signal
-//! (`otlp.batch_max_items` items or `otlp.batch_interval_ms`) and exports over OTLP/gRPC.
+//! The OTLP collector's connection actor (issue 23): takes what its outbox holds, writes each
+//! envelope into its signal's export request as upstream's OTLP writer maps it
+//! ([`crate::otlp::encode`], the rules in [`crate::otlp::mapping`]), batches per signal
+//! (`otlp.batch_max_items` items or `otlp.batch_interval_ms`) and exports over OTLP/gRPC, one
+//! export in flight per signal (exports queued behind it go together, up to 512 KiB).
 //!
 //! - A retryable failure (the OTLP specification's codes; `RESOURCE_EXHAUSTED` only with a
 //!   `RetryInfo`, whose delay is honoured) is retried on `otlp.retry`'s schedule until

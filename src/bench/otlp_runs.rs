@@ -29,7 +29,11 @@ const MAX_CPU_RATIO: f64 = 1.6;
 pub(super) fn run(bench: &Bench, secs: u64, probe_secs: u64) -> Result<String, BenchError> {
     let tls = TlsMaterial::load(&bench.creds.doppler, "doppler")
         .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let sink = OtlpSink::start(&bench.rt, tls.tonic_server_config())?;
+    // The collector on threads of its own, as a real one is a process of its own: decoding a
+    // large export on the Doppler sink's runtime would hold up the Doppler sink's reads and show
+    // as the Doppler's latency.
+    let otlp_rt = super::run::runtime_with(1)?;
+    let sink = OtlpSink::start(&otlp_rt, tls.tonic_server_config())?;
     let target = DrainTarget {
         url: sink.addr.to_string(),
         tls: None,

@@ -143,7 +143,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
     runtime_with(2)
 }
 
-fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime, BenchError> {
+pub(super) fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime, BenchError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .enable_all()

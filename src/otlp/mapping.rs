@@ -17,6 +17,10 @@
 //!
 //! Metrics of one export go in one `ResourceMetrics` with one scope; each log record and each
 //! span in a `ResourceLogs` / `ResourceSpans` of its own, as upstream sends them.
+//!
+//! The agent writes the protobuf straight from the envelope's bytes ([`super::encode`]); the
+//! struct mapping here (`map`, compiled for tests) is the model that both upstream's output
+//! and the writer's bytes are checked against (decision 34).
 
 #[cfg(test)]
 use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
