@@ -222,3 +222,68 @@ async fn a_reload_picks_up_a_new_file_and_lets_a_removed_one_go() {
     );
     assert_eq!(m.egress, 1100);
 }
+
+/// A panic in a downstream agent's connection task costs only the batch it held (counted as
+/// `actor_panic`, in its own series and under its own actor name); the task starts again and
+/// the rest arrives; the Doppler is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_forward_connection_costs_only_the_batch_it_held() {
+    use metron::telemetry::{ActorName, DropReason};
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let a = FakeDoppler::start(&w.pki);
+    let jobs = Jobs::new(&[("syslog-agent", a.addr().port(), "")]);
+    let agent = w.start(&[(doppler.addr(), "z1")], &jobs.yaml());
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let first: Vec<_> = (0..500)
+        .map(|i| log_envelope("app-a", &format!("before {i}")))
+        .collect();
+    send_all(&mut client, &first).await;
+    assert!(a.wait_for_count(first.len(), WAIT), "got {}", a.count());
+    agent.chaos_panic(ActorName::ForwardConnection, 0, false);
+    // The task panics at the first batch it takes once the hook is set: keep sending until it
+    // has (bounded), then as much again.
+    let mut sent = first.len();
+    let mut step = 0;
+    let mut after_panic = 0;
+    while after_panic < 10 {
+        assert!(step < 2_000, "the forward connection never panicked");
+        let batch: Vec<_> = (0..50)
+            .map(|i| log_envelope("app-a", &format!("after {step} {i}")))
+            .collect();
+        send_all(&mut client, &batch).await;
+        sent += batch.len();
+        step += 1;
+        if agent.metrics().panics_of(ActorName::ForwardConnection) == 1 {
+            after_panic += 1;
+        }
+    }
+    let sent = sent as u64;
+    assert!(
+        doppler.wait_for_count(sent as usize, WAIT),
+        "got {}",
+        doppler.count()
+    );
+    let panicked = |m: &metron::telemetry::MetricsSnapshot| {
+        m.panics_of(ActorName::ForwardConnection) == 1
+            && m.account(&forward(&a))
+                .is_some_and(|acc| acc.offered == acc.egress + acc.dropped_total())
+    };
+    assert!(
+        wait_until_async(WAIT, || panicked(&agent.metrics())).await,
+        "{:?}",
+        agent.metrics()
+    );
+    // Its batch held when it panicked is the only loss; what came after arrives.
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let m = agent.shutdown().metrics;
+    let acc = m.account(&forward(&a)).expect("an account").clone();
+    let lost = acc.dropped_by(DropReason::ActorPanic);
+    assert!(lost > 0, "{acc:?}");
+    assert_eq!(acc.dropped_total(), lost, "{acc:?}");
+    assert_eq!((acc.offered, acc.egress), (sent, sent - lost), "{acc:?}");
+    assert_eq!(a.count() as u64, sent - lost);
+    assert_eq!(m.panics_of(ActorName::ForwardConnection), 1);
+    assert_eq!(m.panics_of(ActorName::DrainConnection), 0);
+    assert_eq!(doppler.count() as u64, sent, "the Doppler got everything");
+}

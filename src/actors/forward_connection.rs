@@ -29,8 +29,7 @@ use crate::routing::backoff;
 use crate::telemetry::ratelimit::RateLimit;
 use crate::telemetry::{ActorName, DropReason, Ledger};
 
-// Counted with the drains' panics: one family for every outlet's connection.
-const ME: ActorName = ActorName::DrainConnection;
+const ME: ActorName = ActorName::ForwardConnection;
 
 /// Envelopes per `Send` call at most (upstream's client batches 100; a call carries what has
 /// queued up, within the gRPC message limit).
@@ -58,6 +57,9 @@ pub struct ForwardSetup {
 pub struct ForwardConnection {
     setup: Arc<ForwardSetup>,
     shell: OutletShell,
+    /// Test-only: the task panics at its next batch (chaos hook).
+    #[cfg(feature = "chaos-hooks")]
+    chaos: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ForwardConnection {
@@ -66,6 +68,8 @@ impl ForwardConnection {
         Self {
             setup: Arc::new(setup),
             shell,
+            #[cfg(feature = "chaos-hooks")]
+            chaos: Arc::default(),
         }
     }
 
@@ -90,10 +94,15 @@ impl OutletActor for ForwardConnection {
     }
 
     fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        #[cfg(feature = "chaos-hooks")]
+        let chaos = self.chaos.clone();
+        #[cfg(not(feature = "chaos-hooks"))]
+        let chaos = ();
         Box::pin(run(
             self.setup.clone(),
             self.shell.held.clone(),
             self.shell.done.clone(),
+            chaos,
         ))
     }
 }
@@ -127,6 +136,23 @@ impl Handler<super::messages::Retire> for ForwardConnection {
     }
 }
 
+#[cfg(feature = "chaos-hooks")]
+impl Handler<super::messages::ChaosPanic> for ForwardConnection {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
+        if msg.escape {
+            super::guard::chaos_panic(ME);
+        }
+        self.chaos.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[cfg(feature = "chaos-hooks")]
+type ChaosFlag = Arc<std::sync::atomic::AtomicBool>;
+#[cfg(not(feature = "chaos-hooks"))]
+type ChaosFlag = ();
+
 impl Handler<DumpState> for ForwardConnection {
     type Result = ();
 
@@ -150,6 +176,7 @@ async fn run(
     setup: Arc<ForwardSetup>,
     held: Arc<Held>,
     done: Arc<tokio::sync::watch::Sender<bool>>,
+    #[cfg_attr(not(feature = "chaos-hooks"), allow(unused_variables))] chaos: ChaosFlag,
 ) {
     let mut grpc = tonic::client::Grpc::new(setup.channel.clone())
         .max_encoding_message_size(crate::config::MAX_GRPC_MESSAGE_BYTES);
@@ -164,6 +191,10 @@ async fn run(
     {
         let (n, bytes) = (batch.len(), batch.bytes());
         held.set(n, bytes);
+        #[cfg(feature = "chaos-hooks")]
+        if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            super::guard::chaos_panic(ME);
+        }
         let mut attempts = 0;
         let dropped = loop {
             attempts += 1;

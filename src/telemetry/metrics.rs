@@ -272,10 +272,11 @@ pub enum ActorName {
     DopplerConnection,
     DrainConnection,
     OtlpConnection,
+    ForwardConnection,
 }
 
 impl ActorName {
-    pub const ALL: [ActorName; 8] = [
+    pub const ALL: [ActorName; 9] = [
         ActorName::Edge,
         ActorName::Ingress,
         ActorName::Sequencer,
@@ -284,6 +285,7 @@ impl ActorName {
         ActorName::DopplerConnection,
         ActorName::DrainConnection,
         ActorName::OtlpConnection,
+        ActorName::ForwardConnection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -296,6 +298,7 @@ impl ActorName {
             ActorName::DopplerConnection => "doppler_connection",
             ActorName::DrainConnection => "drain_connection",
             ActorName::OtlpConnection => "otlp_connection",
+            ActorName::ForwardConnection => "forward_connection",
         }
     }
 

@@ -1324,6 +1324,11 @@ impl Running {
                     o.actor.do_send(msg);
                 }
             }
+            ActorName::ForwardConnection => {
+                if let Some(f) = self.forwards.get(slot) {
+                    f.actor.do_send(msg);
+                }
+            }
             // Not an actor: its reader's panics are caught per batch, with no mailbox to reach.
             ActorName::Edge => {}
         }
