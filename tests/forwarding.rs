@@ -1,6 +1,6 @@
 //! The forwarder drop-in (issue 23): downstream v2 agents announced by `ingress_port.yml` files
 //! (`forwarding.ingress_port_glob`) get every envelope beside the Doppler pool, each exactly once
-//! with every tag kept; one that is down for a while costs the others nothing and its losses,
+//! with every tag kept; one that is down for 10 s costs the others nothing and its losses,
 //! if any, are counted in its own series. Real mTLS gRPC both sides (the downstream agents are
 //! fake Dopplers dialled by the name `metron`, as upstream's forwarder dials them).
 
@@ -120,29 +120,34 @@ async fn a_downstream_agent_that_is_down_costs_the_others_nothing() {
     let agent = w.start(&[(doppler.addr(), "z1")], &yaml);
     let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
     a.kill();
-    let batch = |from: usize| -> Vec<metron::proto::Envelope> {
-        (from..from + 1000)
+    let batch = |from: usize, n: usize| -> Vec<metron::proto::Envelope> {
+        (from..from + n)
             .map(|i| log_envelope("app-a", &i.to_string()))
             .collect()
     };
-    send_all(&mut client, &batch(0)).await;
-    // While `a` is down, the Doppler and `b` take everything at once.
-    assert!(doppler.wait_for_count(1000, WAIT));
-    assert!(b.wait_for_count(1000, WAIT));
+    // `a` down for 10 s under a steady 1,000 envelopes/s (paced by the clock, not waited on).
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for step in 0..100 {
+        tick.tick().await;
+        send_all(&mut client, &batch(step * 100, 100)).await;
+    }
+    // Meanwhile the Doppler and `b` took everything.
+    assert!(doppler.wait_for_count(10_000, WAIT));
+    assert!(b.wait_for_count(10_000, WAIT));
     assert_eq!(a.count(), 0);
     // Back: `a` gets what was queued for it (retried), and what comes next.
     a.restart();
-    send_all(&mut client, &batch(1000)).await;
-    assert!(doppler.wait_for_count(2000, WAIT));
-    assert!(b.wait_for_count(2000, WAIT));
-    assert!(a.wait_for_count(2000, WAIT), "a got {}", a.count());
+    send_all(&mut client, &batch(10_000, 1000)).await;
+    assert!(doppler.wait_for_count(11_000, WAIT));
+    assert!(b.wait_for_count(11_000, WAIT));
+    assert!(a.wait_for_count(11_000, WAIT), "a got {}", a.count());
     assert!(common::agent::wait_drained(&agent, WAIT));
     // Each downstream's series: metron's own families and upstream's forwarder family.
     let text = scrape_async(agent.metrics_addr().unwrap()).await;
     let a_addr = a.addr().to_string();
     assert_eq!(
         metric_value(&text, "egress", &[("forward_destination", a_addr.as_str())]),
-        Some(2000.0),
+        Some(11_000.0),
         "{text}"
     );
     assert_eq!(
@@ -155,8 +160,8 @@ async fn a_downstream_agent_that_is_down_costs_the_others_nothing() {
     );
     let m = agent.shutdown().metrics;
     let acc = m.account(&forward(&a)).unwrap();
-    assert_eq!((acc.egress, acc.dropped_total()), (2000, 0), "{acc:?}");
-    assert_eq!(m.egress, 2000);
+    assert_eq!((acc.egress, acc.dropped_total()), (11_000, 0), "{acc:?}");
+    assert_eq!(m.egress, 11_000);
     assert_eq!(m.dropped_total(), 0);
 }
 
