@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use prost::bytes::Bytes;
 use prost::Message as _;
-use tokio::task::JoinSet;
 use tokio::time::Instant as TokioInstant;
 use tonic::transport::Channel;
 
@@ -206,16 +205,35 @@ impl Handler<super::messages::ChaosPanic> for OtlpConnection {
 const MAX_TAKE_BYTES: usize = 512 << 10;
 const MAX_EXPORT_BYTES: usize = 512 << 10;
 
-/// An export as it comes back from its call.
-type Flown = (Signal, Export, Result<i64, tonic::Status>);
+/// Each signal's export call in flight, polled by the exporter's own task (no task spawned
+/// per export).
+type Calls = [Option<Pin<Box<dyn Future<Output = Result<i64, tonic::Status>> + Send>>>; 3];
+
+/// The first call of `calls` to have finished: its signal and its answer.
+fn poll_calls(
+    calls: &mut Calls,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<(Signal, Result<i64, tonic::Status>)> {
+    for s in Signal::ALL {
+        let slot = &mut calls[s as usize];
+        if let Some(call) = slot {
+            if let std::task::Poll::Ready(result) = call.as_mut().poll(cx) {
+                *slot = None;
+                return std::task::Poll::Ready((s, result));
+            }
+        }
+    }
+    std::task::Poll::Pending
+}
 
 /// One export call of `signal`'s `request`: the items the collector rejected, or why it failed
 /// (within [`EXPORT_TIMEOUT`]).
 async fn call(
-    grpc: &mut tonic::client::Grpc<Channel>,
+    mut grpc: tonic::client::Grpc<Channel>,
     signal: Signal,
-    request: Bytes,
+    request: Vec<Bytes>,
 ) -> Result<i64, tonic::Status> {
+    let grpc = &mut grpc;
     let path = PATHS[signal as usize];
     let call = async move {
         match signal {
@@ -262,7 +280,9 @@ struct Pending {
 /// One export request and what it settles; kept while it waits for its turn or its next
 /// attempt.
 struct Export {
-    request: Bytes,
+    /// The request's bytes: one export request, or several joined (see
+    /// [`Exporter::start_due`]).
+    request: Vec<Bytes>,
     items: usize,
     envelopes: usize,
     bytes: usize,
@@ -285,8 +305,8 @@ struct Exporter {
     /// The first one may be waiting for its next attempt: meanwhile the signal gathers but does
     /// not export (its order is kept), and the other signals go on.
     ready: [VecDeque<Export>; 3],
-    /// Per signal: exports in flight, and their envelopes and budget bytes.
-    flying: [(usize, usize, usize); 3],
+    /// Per signal: the export in flight.
+    flying: [Option<Export>; 3],
     paused: [Pause; 3],
     warnings: RateLimit,
     /// Consecutive failed exports, for the "recovered" line.
@@ -348,13 +368,13 @@ async fn run(
         connected: None,
     };
     let setup = x.setup.clone();
-    let mut in_flight = JoinSet::new();
+    let mut calls: Calls = Default::default();
     let mut closed = false;
     loop {
         // Shutdown: everything gathered goes, each failed export on its schedule; the
         // shutdown's grace period bounds how long that may take.
         x.seal_due(closed);
-        x.start_due(&mut in_flight);
+        x.start_due(&mut calls);
         x.held_now();
         if closed && x.is_idle() {
             break;
@@ -374,12 +394,8 @@ async fn run(
                     None => closed = true,
                 }
             }
-            Some(done) = in_flight.join_next() => match done {
-                Ok((signal, export, result)) => x.finished(signal, export, result),
-                // A panic in an export is the task's own (the shell counts what it held).
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => {}
-            },
+            (signal, result) = std::future::poll_fn(|cx| poll_calls(&mut calls, cx)),
+                if calls.iter().any(Option::is_some) => x.finished(signal, result),
             () = tokio::time::sleep_until(TokioInstant::from_std(due)) => {}
         }
     }
@@ -391,7 +407,7 @@ impl Exporter {
     fn holding(&self) -> (usize, usize) {
         let gathered = self.pending.iter().map(|p| (p.envelopes, p.bytes));
         let ready = self.ready.iter().flatten().map(|w| (w.envelopes, w.bytes));
-        let flying = self.flying.iter().map(|f| (f.1, f.2));
+        let flying = self.flying.iter().flatten().map(|w| (w.envelopes, w.bytes));
         gathered
             .chain(ready)
             .chain(flying)
@@ -406,7 +422,7 @@ impl Exporter {
     fn is_idle(&self) -> bool {
         self.pending.iter().all(|p| p.envelopes == 0)
             && self.ready.iter().all(VecDeque::is_empty)
-            && self.flying.iter().all(|f| f.0 == 0)
+            && self.flying.iter().all(Option::is_none)
     }
 
     /// When something is next due: a gathered batch's interval, or the first export of a signal
@@ -420,7 +436,7 @@ impl Exporter {
         let waiting = Signal::ALL
             .iter()
             .map(|&s| s as usize)
-            .filter(|&i| self.flying[i].0 == 0)
+            .filter(|&i| self.flying[i].is_none())
             .filter_map(|i| self.ready[i].front().map(|w| w.due));
         gathered
             .chain(waiting)
@@ -446,11 +462,11 @@ impl Exporter {
     /// Starts each signal's first export if it is due and the signal has none in flight: one
     /// at a time per signal, so the collector gets a signal's exports in order (a counter's
     /// totals never go back), and the signals side by side.
-    fn start_due(&mut self, in_flight: &mut JoinSet<Flown>) {
+    fn start_due(&mut self, calls: &mut Calls) {
         let now = Instant::now();
         for s in Signal::ALL {
             let i = s as usize;
-            if self.flying[i].0 > 0 || self.ready[i].front().is_none_or(|w| w.due > now) {
+            if self.flying[i].is_some() || self.ready[i].front().is_none_or(|w| w.due > now) {
                 continue;
             }
             let Some(mut export) = self.ready[i].pop_front() else {
@@ -458,32 +474,21 @@ impl Exporter {
             };
             // Exports that queued behind the last one go together, up to the cap: a
             // collector slower than one export per batch gets fewer, larger ones. (Requests
-            // concatenated are one request with their resources one after another.)
+            // concatenated are one request with their resources one after another; the call
+            // writes the parts one after another.)
             if export.attempts == 0 {
-                let mut joined: Option<Vec<u8>> = None;
                 while let Some(next) = self.ready[i].front().filter(|n| {
                     n.attempts == 0 && n.due <= now && export.bytes + n.bytes <= MAX_EXPORT_BYTES
                 }) {
-                    let j = joined.get_or_insert_with(|| export.request.to_vec());
-                    j.extend_from_slice(&next.request);
                     export.items += next.items;
                     export.envelopes += next.envelopes;
                     export.bytes += next.bytes;
-                    self.ready[i].pop_front();
-                }
-                if let Some(j) = joined {
-                    export.request = j.into();
+                    let next = self.ready[i].pop_front().expect("just seen");
+                    export.request.extend(next.request);
                 }
             }
-            let f = &mut self.flying[i];
-            f.0 += 1;
-            f.1 += export.envelopes;
-            f.2 += export.bytes;
-            let mut grpc = self.grpc.clone();
-            in_flight.spawn(async move {
-                let result = call(&mut grpc, s, export.request.clone()).await;
-                (s, export, result)
-            });
+            calls[i] = Some(Box::pin(call(self.grpc.clone(), s, export.request.clone())));
+            self.flying[i] = Some(export);
         }
     }
 
@@ -492,7 +497,7 @@ impl Exporter {
         let p = std::mem::take(&mut self.pending[s as usize]);
         let items = p.batch.items();
         self.ready[s as usize].push_back(Export {
-            request: p.batch.finish(s),
+            request: vec![p.batch.finish(s)],
             items,
             envelopes: p.envelopes,
             bytes: p.bytes,
@@ -569,11 +574,10 @@ impl Exporter {
     }
 
     /// An export answered, failed or timed out: settled, or kept first for its next attempt.
-    fn finished(&mut self, signal: Signal, mut export: Export, result: Result<i64, tonic::Status>) {
-        let f = &mut self.flying[signal as usize];
-        f.0 -= 1;
-        f.1 -= export.envelopes;
-        f.2 -= export.bytes;
+    fn finished(&mut self, signal: Signal, result: Result<i64, tonic::Status>) {
+        let Some(mut export) = self.flying[signal as usize].take() else {
+            return;
+        };
         let status = match result {
             Ok(rejected) => {
                 if self.connected.is_none() {

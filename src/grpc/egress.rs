@@ -251,7 +251,7 @@ impl<R> Clone for RawRequestCodec<R> {
 }
 
 impl<R: Message + Default + Send + 'static> Codec for RawRequestCodec<R> {
-    type Encode = prost::bytes::Bytes;
+    type Encode = Vec<prost::bytes::Bytes>;
     type Decode = R;
     type Encoder = Self;
     type Decoder = Self;
@@ -266,11 +266,14 @@ impl<R: Message + Default + Send + 'static> Codec for RawRequestCodec<R> {
 }
 
 impl<R> Encoder for RawRequestCodec<R> {
-    type Item = prost::bytes::Bytes;
+    type Item = Vec<prost::bytes::Bytes>;
     type Error = tonic::Status;
 
     fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put_slice(&item);
+        dst.reserve(item.iter().map(|b| b.len()).sum());
+        for part in &item {
+            dst.put_slice(part);
+        }
         Ok(())
     }
 }
@@ -286,14 +289,15 @@ impl<R: Message + Default> Decoder for RawRequestCodec<R> {
     }
 }
 
-/// One unary call of `path` with `request` already encoded; the answer decoded as `R`.
+/// One unary call of `path` with `request` already encoded (in parts written one after
+/// another: concatenated protobuf messages are one message); the answer decoded as `R`.
 ///
 /// # Errors
 /// The connection is not ready or the call fails.
 pub async fn unary_encoded<R: Message + Default + Send + 'static>(
     grpc: &mut tonic::client::Grpc<Channel>,
     path: &'static str,
-    request: prost::bytes::Bytes,
+    request: Vec<prost::bytes::Bytes>,
 ) -> Result<R, tonic::Status> {
     grpc.ready()
         .await
