@@ -138,8 +138,8 @@ async fn every_signal_reaches_the_collector_as_upstream_maps_it() {
 }
 
 /// `otlp.attributes: semconv`: each app's identity on the Resource under the semantic
-/// conventions' names, one resource per app in an export; the other tags (the agent's default
-/// tags among them) stay on the records.
+/// conventions' names, its records grouped under it; the other tags (the agent's default tags
+/// among them) stay on the records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn semconv_puts_each_apps_identity_on_its_resource() {
     let w = World::new();
@@ -174,7 +174,15 @@ async fn semconv_puts_each_apps_identity_on_its_resource() {
     );
     assert!(doppler.wait_for_count(sent.len(), WAIT));
     let mut per_app = std::collections::BTreeMap::<String, usize>::new();
-    for r in collector.logs().iter().flat_map(|r| &r.resource_logs) {
+    let requests = collector.logs();
+    // The records of an app share their resource (one per app in each batch; exports joined
+    // behind a slow call keep their batches' own).
+    let resources = requests
+        .iter()
+        .map(|r| r.resource_logs.len())
+        .sum::<usize>();
+    assert!(resources < 300, "{resources} resources for 300 records");
+    for r in requests.iter().flat_map(|r| &r.resource_logs) {
         let resource: Vec<(&str, &str)> = r
             .resource
             .as_ref()
@@ -202,7 +210,15 @@ async fn semconv_puts_each_apps_identity_on_its_resource() {
         for record in r.scope_logs.iter().flat_map(|s| &s.log_records) {
             let keys: Vec<&str> = record.attributes.iter().map(|a| a.key.as_str()).collect();
             assert!(keys.contains(&"deployment"), "{keys:?}");
-            for moved in ["app_id", "source_id", "instance_id", "metron"] {
+            for moved in [
+                "app_id",
+                "app_name",
+                "space_name",
+                "process_type",
+                "source_id",
+                "instance_id",
+                "metron",
+            ] {
                 assert!(!keys.contains(&moved), "{moved} in {keys:?}");
             }
             match record.body.as_ref().and_then(|b| b.value.as_ref()) {
@@ -806,8 +822,13 @@ async fn thirty_seconds_unavailable_at_5000_per_second_then_recovery_loses_nothi
     );
     assert!(doppler.wait_for_count_async(sent, WAIT).await);
 
-    // Every envelope exactly once at the collector, by value.
+    // Every envelope exactly once at the collector, by value; the counter's totals in the
+    // order they were sent, across the retries and the joined exports.
     let (mut bodies, mut totals, mut values) = recorded_values(&collector);
+    assert!(
+        totals.windows(2).all(|w| w[0] < w[1]),
+        "counter totals arrived out of order"
+    );
     bodies.sort_unstable();
     bodies.dedup();
     totals.sort_unstable();
@@ -863,4 +884,65 @@ async fn thirty_seconds_unavailable_at_5000_per_second_then_recovery_loses_nothi
         "the fan-out balance: {m:?}"
     );
     assert!(m.peak_buffered_bytes <= BUDGET, "within the budget: {m:?}");
+}
+
+/// Gauges with many values and many tags make requests several times the size of their
+/// envelopes (every value carries the attributes): each export stays under the collector's
+/// 4 MiB receive limit, after an outage too, when the exports that queued go together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_gauges_stay_within_the_collectors_message_limit() {
+    use std::collections::BTreeMap;
+
+    use metron::proto::envelope::Message;
+    use metron::proto::{Gauge, GaugeValue};
+
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    collector.set_behaviour_all(Behaviour::Unavailable);
+    let agent = w.start(
+        &[(doppler.addr(), "z1")],
+        &otlp_yaml(&collector, "pipeline: { max_buffered_bytes: 268435456 }\n"),
+    );
+    let mut client = ingress_client(agent.ingress_addr(), &w.pki, &w.client_cert).await;
+    let sent: Vec<Envelope> = (0..1_000)
+        .map(|i| {
+            let mut e = gauge_envelope("app-a", "x", 0.0, "");
+            let metrics: BTreeMap<String, GaugeValue> = (0..30)
+                .map(|j| {
+                    let value = (i * 1_000 + j) as f64;
+                    let unit = String::new();
+                    (format!("m{j:02}"), GaugeValue { unit, value })
+                })
+                .collect();
+            e.message = Some(Message::Gauge(Gauge { metrics }));
+            for t in 0..20 {
+                e.tags.insert(
+                    format!("tag_{t:02}"),
+                    "6f3c2b1e-7a8d-4c9e-b2f1-0d5e6a7b8c9d".into(),
+                );
+            }
+            e
+        })
+        .collect();
+    send_all(&mut client, &sent).await;
+    assert!(doppler.wait_for_count(sent.len(), WAIT));
+    // Refused while everything queues, then back.
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.requests(Signal::Metrics) >= 2)
+            .await
+    );
+    collector.set_behaviour_all(Behaviour::Ok);
+    assert!(
+        collector
+            .wait_for_async(WAIT, |c| c.data_points >= 30_000)
+            .await,
+        "{:?}",
+        collector.counts()
+    );
+    assert!(common::agent::wait_drained(&agent, WAIT));
+    let a = account(&agent.shutdown().metrics, &collector);
+    assert_eq!((a.egress, a.dropped_total()), (1_000, 0), "{a:?}");
+    assert_eq!(collector.data_points(), 30_000, "each once");
 }

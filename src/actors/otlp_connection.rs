@@ -199,11 +199,14 @@ impl Handler<super::messages::ChaosPanic> for OtlpConnection {
     }
 }
 
-/// Budget bytes taken from the outbox at once, and the most a signal gathers before it
-/// exports: an export stays well under a collector's default 4 MiB receive limit (and the
-/// agent's own gRPC message limit) whatever the envelopes' sizes.
+/// Budget bytes taken from the outbox at once, and the most envelopes' budget bytes one export
+/// settles (what it holds of the budget while it waits).
 const MAX_TAKE_BYTES: usize = 512 << 10;
 const MAX_EXPORT_BYTES: usize = 512 << 10;
+/// The most request bytes one export carries (its items are larger than the envelopes they
+/// come from: a gauge's values each carry the attributes): half a collector's default 4 MiB
+/// receive limit. An envelope is never split, so one envelope over it goes alone.
+const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// Each signal's export call in flight, polled by the exporter's own task (no task spawned
 /// per export).
@@ -293,6 +296,11 @@ struct Export {
     due: Instant,
 }
 
+/// An export's request bytes.
+fn request_len(export: &Export) -> usize {
+    export.request.iter().map(Bytes::len).sum()
+}
+
 /// The task's state.
 struct Exporter {
     setup: Arc<OtlpSetup>,
@@ -309,8 +317,8 @@ struct Exporter {
     flying: [Option<Export>; 3],
     paused: [Pause; 3],
     warnings: RateLimit,
-    /// Consecutive failed exports, for the "recovered" line.
-    failures: u32,
+    /// Per signal: consecutive failed exports, for the "recovered" line.
+    failures: [u32; 3],
     /// Set while exports succeed: counted as an open connection (`drain_connections`, the
     /// account's), so the edge knows something drains.
     connected: Option<Connected>,
@@ -364,7 +372,7 @@ async fn run(
         flying: Default::default(),
         paused: [Pause::default(); 3],
         warnings: RateLimit::new(Duration::from_secs(10)),
-        failures: 0,
+        failures: [0; 3],
         connected: None,
     };
     let setup = x.setup.clone();
@@ -452,7 +460,9 @@ impl Exporter {
         let now = Instant::now();
         for s in Signal::ALL {
             let p = &self.pending[s as usize];
-            let full = p.batch.items() >= max_items || p.bytes >= MAX_EXPORT_BYTES;
+            let full = p.batch.items() >= max_items
+                || p.bytes >= MAX_EXPORT_BYTES
+                || p.batch.len() >= MAX_REQUEST_BYTES;
             if p.envelopes > 0 && (all || full || p.since.is_some_and(|t| now >= t + interval)) {
                 self.seal(s, now);
             }
@@ -478,7 +488,10 @@ impl Exporter {
             // writes the parts one after another.)
             if export.attempts == 0 {
                 while let Some(next) = self.ready[i].front().filter(|n| {
-                    n.attempts == 0 && n.due <= now && export.bytes + n.bytes <= MAX_EXPORT_BYTES
+                    n.attempts == 0
+                        && n.due <= now
+                        && export.bytes + n.bytes <= MAX_EXPORT_BYTES
+                        && request_len(&export) + request_len(n) <= MAX_REQUEST_BYTES
                 }) {
                     export.items += next.items;
                     export.envelopes += next.envelopes;
@@ -557,6 +570,9 @@ impl Exporter {
                     p.envelopes += 1;
                     p.bytes += cost;
                     p.since.get_or_insert(now);
+                    if p.batch.len() >= MAX_REQUEST_BYTES {
+                        self.seal(signal, now);
+                    }
                 }
                 _ => {
                     unformattable.0 += 1;
@@ -588,7 +604,8 @@ impl Exporter {
             }
             Err(status) => status,
         };
-        self.failures = self.failures.saturating_add(1);
+        let failures = &mut self.failures[signal as usize];
+        *failures = failures.saturating_add(1);
         let retry = self.setup.config.retry;
         let reason = match classify(&status) {
             Verdict::Retry(delay) => {
@@ -654,9 +671,14 @@ impl Exporter {
 
     /// An export answered: delivered, but for what the collector rejected.
     fn settle(&mut self, signal: Signal, export: &Export, rejected: i64) {
-        if self.failures > 0 {
-            tracing::info!(failures = self.failures, "OTLP export recovered");
-            self.failures = 0;
+        let failures = &mut self.failures[signal as usize];
+        if *failures > 0 {
+            tracing::info!(
+                signal = signal.name(),
+                failures = *failures,
+                "OTLP export recovered"
+            );
+            *failures = 0;
         }
         let (ledger, outlet) = (&self.setup.ledger, &self.setup.outlet);
         let n = export.envelopes;

@@ -9,7 +9,7 @@
 //!   `ResourceMetrics`, nothing on the resources;
 //! - [`Layout::Semconv`]: the Cloud Foundry identity (source and instance ids and the app, org,
 //!   space and process tags) on the Resource under the semantic conventions' names
-//!   ([`SEMCONV_TAGS`]), one resource per identity in each export, the other tags per item.
+//!   ([`SEMCONV_TAGS`]), one resource per identity in each batch, the other tags per item.
 
 use std::collections::HashMap;
 
@@ -189,6 +189,16 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.items == 0
+    }
+
+    /// Bytes written so far: about the size of the request [`Batch::finish`] makes.
+    pub fn len(&self) -> usize {
+        self.body.len()
+            + self
+                .groups
+                .iter()
+                .map(|(r, items)| r.len() + items.len() + 16)
+                .sum::<usize>()
     }
 
     /// The export request: `Export{Logs,Metrics,Trace}ServiceRequest`'s bytes.
@@ -515,23 +525,34 @@ mod tests {
     }
 
     fn any_envelope() -> impl Strategy<Value = Envelope> {
-        (
-            any::<i64>(),
-            ".{0,4}",
-            ".{0,4}",
-            any_tags(),
-            crate::envelope::signing::tests::any_message(),
+        // Long strings too, whose lengths take more than one byte.
+        let long = prop_oneof![3 => ".{0,4}", 1 => "[a-z\u{e9}]{100,300}"];
+        let many_values =
+            prop::collection::btree_map("[a-z]{1,3}", any::<f64>(), 0..40).prop_map(|m| {
+                Some(Message::Gauge(crate::proto::Gauge {
+                    metrics: m
+                        .into_iter()
+                        .map(|(k, value)| {
+                            let unit = "ms".to_string();
+                            (k, crate::proto::GaugeValue { unit, value })
+                        })
+                        .collect(),
+                }))
+            });
+        let message = prop_oneof![
+            4 => crate::envelope::signing::tests::any_message(),
+            1 => many_values,
+        ];
+        (any::<i64>(), long.clone(), long, any_tags(), message).prop_map(
+            |(timestamp, source_id, instance_id, tags, message)| Envelope {
+                timestamp,
+                source_id,
+                instance_id,
+                tags,
+                message,
+                ..Default::default()
+            },
         )
-            .prop_map(
-                |(timestamp, source_id, instance_id, tags, message)| Envelope {
-                    timestamp,
-                    source_id,
-                    instance_id,
-                    tags,
-                    message,
-                    ..Default::default()
-                },
-            )
     }
 
     proptest! {
@@ -551,24 +572,30 @@ mod tests {
                 map(e, Signals::default(), 7, &mut model);
             }
             let [logs, metrics, traces] = written(&envelopes, Layout::Upstream, decoded);
-            let reencoded = |b: &[u8], m: &dyn Fn(&[u8]) -> Vec<u8>| m(b);
+            // Decoded and encoded again, the bytes are the model's; and they are exactly as
+            // long as the model's encoding (no stray bytes a decoder would skip).
+            let model_logs = model.take_logs().encode_to_vec();
             prop_assert_eq!(
-                reencoded(&logs, &|b| ExportLogsServiceRequest::decode(b).unwrap().encode_to_vec()),
-                model.take_logs().encode_to_vec()
+                ExportLogsServiceRequest::decode(&logs[..]).unwrap().encode_to_vec(),
+                model_logs.clone()
             );
+            prop_assert_eq!(logs.len(), model_logs.len());
+            let model_spans = model.take_spans().encode_to_vec();
             prop_assert_eq!(
-                reencoded(&traces, &|b| ExportTraceServiceRequest::decode(b).unwrap().encode_to_vec()),
-                model.take_spans().encode_to_vec()
+                ExportTraceServiceRequest::decode(&traces[..]).unwrap().encode_to_vec(),
+                model_spans.clone()
             );
-            let expected = if model.metrics.is_empty() {
+            prop_assert_eq!(traces.len(), model_spans.len());
+            let model_metrics = if model.metrics.is_empty() {
                 Vec::new()
             } else {
                 model.take_metrics().encode_to_vec()
             };
             prop_assert_eq!(
                 ExportMetricsServiceRequest::decode(&metrics[..]).unwrap().encode_to_vec(),
-                expected
+                model_metrics.clone()
             );
+            prop_assert_eq!(metrics.len(), model_metrics.len());
         }
     }
 

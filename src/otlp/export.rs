@@ -24,8 +24,13 @@ pub enum Verdict {
 
 /// Classifies a failed export (OTLP/gRPC "Failures": CANCELLED, DEADLINE_EXCEEDED, ABORTED,
 /// OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are retryable; RESOURCE_EXHAUSTED only with
-/// `RetryInfo`).
+/// `RetryInfo`). A request over a message size limit (tonic's and grpc-go's words) is refused,
+/// whatever its code: the same bytes can never succeed.
 pub fn classify(status: &tonic::Status) -> Verdict {
+    let message = status.message();
+    if message.contains("message length too large") || message.contains("larger than max") {
+        return Verdict::Refused;
+    }
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
@@ -183,6 +188,27 @@ mod tests {
         let status = tonic::Status::with_details(Code::Unavailable, "", details.into());
         assert_eq!(classify(&status), Verdict::Retry(Some(delay)));
         assert_eq!(retry_delay(b"\xff\xff"), None);
+    }
+
+    #[test]
+    fn a_request_over_a_size_limit_is_refused_whatever_its_code() {
+        // tonic's encoder and decoder, and grpc-go's receiver, in their own words.
+        for status in [
+            tonic::Status::out_of_range(
+                "Error, encoded message length too large: found 5562715 bytes, the limit is: \
+                 4194304 bytes",
+            ),
+            tonic::Status::out_of_range("Error, decoded message length too large: found 5 bytes"),
+            tonic::Status::resource_exhausted(
+                "grpc: received message larger than max (5562715 vs. 4194304)",
+            ),
+        ] {
+            assert_eq!(classify(&status), Verdict::Refused, "{status:?}");
+        }
+        assert!(matches!(
+            classify(&tonic::Status::out_of_range("something else")),
+            Verdict::Retry(None)
+        ));
     }
 
     #[test]
