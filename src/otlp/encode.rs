@@ -599,6 +599,108 @@ mod tests {
         }
     }
 
+    /// Every item's attributes with its resource's mapped back to the tags they came from
+    /// (sorted, as a multiset over the items), and whether each resource came once.
+    fn items_back(requests: &[Bytes; 3]) -> (Vec<Vec<(String, String)>>, bool) {
+        use crate::otlp_proto::common::v1::KeyValue as Kv;
+        use crate::otlp_proto::metrics::v1::metric::Data;
+        let pair = |kv: &Kv| {
+            let (k, v) = strings(std::slice::from_ref(kv))[0];
+            (k.to_string(), v.to_string())
+        };
+        let back = |resource: Option<&crate::otlp_proto::resource::v1::Resource>, item: &[Kv]| {
+            let mut out: Vec<(String, String)> = Vec::new();
+            for kv in resource.map_or(&[][..], |r| &r.attributes) {
+                let (k, v) = pair(kv);
+                let tag = match k.as_str() {
+                    "cloudfoundry.system.id" => "source_id",
+                    "cloudfoundry.system.instance.id" => "instance_id",
+                    "cloudfoundry.app.instance.id" => continue,
+                    other => {
+                        SEMCONV_TAGS
+                            .iter()
+                            .find(|(_, n)| *n == other)
+                            .expect("known")
+                            .0
+                    }
+                };
+                out.push((tag.to_string(), v));
+            }
+            out.extend(item.iter().map(pair));
+            out.sort();
+            out
+        };
+        let (mut items, mut unique) = (Vec::new(), true);
+        let mut once = |resources: Vec<Option<Vec<u8>>>| {
+            let n = resources.len();
+            let set: std::collections::HashSet<_> = resources.into_iter().collect();
+            unique &= set.len() == n;
+        };
+        let logs = ExportLogsServiceRequest::decode(&requests[0][..]).unwrap();
+        once(
+            logs.resource_logs
+                .iter()
+                .map(|r| r.resource.as_ref().map(|x| x.encode_to_vec()))
+                .collect(),
+        );
+        for r in &logs.resource_logs {
+            for l in r.scope_logs.iter().flat_map(|s| &s.log_records) {
+                items.push(back(r.resource.as_ref(), &l.attributes));
+            }
+        }
+        let metrics = ExportMetricsServiceRequest::decode(&requests[1][..]).unwrap();
+        once(
+            metrics
+                .resource_metrics
+                .iter()
+                .map(|r| r.resource.as_ref().map(|x| x.encode_to_vec()))
+                .collect(),
+        );
+        for r in &metrics.resource_metrics {
+            for m in r.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                let points = match &m.data {
+                    Some(Data::Sum(s)) => &s.data_points,
+                    Some(Data::Gauge(g)) => &g.data_points,
+                    other => panic!("{other:?}"),
+                };
+                for p in points {
+                    items.push(back(r.resource.as_ref(), &p.attributes));
+                }
+            }
+        }
+        let traces = ExportTraceServiceRequest::decode(&requests[2][..]).unwrap();
+        once(
+            traces
+                .resource_spans
+                .iter()
+                .map(|r| r.resource.as_ref().map(|x| x.encode_to_vec()))
+                .collect(),
+        );
+        for r in &traces.resource_spans {
+            for s in r.scope_spans.iter().flat_map(|s| &s.spans) {
+                items.push(back(r.resource.as_ref(), &s.attributes));
+            }
+        }
+        items.sort();
+        (items, unique)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The semconv layout carries the same attributes as upstream's, each item's split
+        /// between its resource and itself, one resource per identity in a batch.
+        #[test]
+        fn semconv_is_upstreams_attributes_regrouped(
+            envelopes in prop::collection::vec(any_envelope(), 0..8),
+        ) {
+            let (upstream, _) = items_back(&written(&envelopes, Layout::Upstream, false));
+            let (semconv, unique) = items_back(&written(&envelopes, Layout::Semconv, false));
+            prop_assert_eq!(semconv, upstream);
+            prop_assert!(unique, "a resource twice in one batch");
+        }
+    }
+
     fn strings(attributes: &[KeyValue]) -> Vec<(&str, &str)> {
         attributes
             .iter()
