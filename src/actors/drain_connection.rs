@@ -93,6 +93,18 @@ impl Held {
     pub fn envelopes(&self) -> usize {
         self.envelopes.load(Ordering::Acquire)
     }
+
+    /// Test-only: the task is to panic at its next batch.
+    #[cfg(feature = "chaos-hooks")]
+    pub(crate) fn arm_chaos(&self) {
+        self.chaos.store(true, Ordering::Release);
+    }
+
+    /// Test-only: whether the task is to panic now (once).
+    #[cfg(feature = "chaos-hooks")]
+    pub(crate) fn chaos_due(&self) -> bool {
+        self.chaos.swap(false, Ordering::AcqRel)
+    }
 }
 
 impl DrainConnection {
@@ -197,10 +209,7 @@ impl Handler<super::messages::ChaosPanic> for DrainConnection {
     type Result = ();
 
     fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
-        if msg.escape {
-            super::guard::chaos_panic(ME);
-        }
-        self.shell.held.chaos.store(true, Ordering::Release);
+        self.shell.chaos_panic(ME, msg.escape);
     }
 }
 
@@ -405,7 +414,7 @@ async fn run(setup: Arc<DrainSetup>, held: Arc<Held>, done: Arc<tokio::sync::wat
     let mut pending = Pending::default();
     while let Some(batch) = outlet.outbox.take(MAX_WRITE_ENVELOPES).await {
         #[cfg(feature = "chaos-hooks")]
-        if held.chaos.swap(false, Ordering::AcqRel) {
+        if held.chaos_due() {
             held.set(batch.len(), batch.bytes());
             super::guard::chaos_panic(ME);
         }

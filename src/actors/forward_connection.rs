@@ -57,9 +57,6 @@ pub struct ForwardSetup {
 pub struct ForwardConnection {
     setup: Arc<ForwardSetup>,
     shell: OutletShell,
-    /// Test-only: the task panics at its next batch (chaos hook).
-    #[cfg(feature = "chaos-hooks")]
-    chaos: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ForwardConnection {
@@ -68,8 +65,6 @@ impl ForwardConnection {
         Self {
             setup: Arc::new(setup),
             shell,
-            #[cfg(feature = "chaos-hooks")]
-            chaos: Arc::default(),
         }
     }
 
@@ -94,15 +89,10 @@ impl OutletActor for ForwardConnection {
     }
 
     fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        #[cfg(feature = "chaos-hooks")]
-        let chaos = self.chaos.clone();
-        #[cfg(not(feature = "chaos-hooks"))]
-        let chaos = ();
         Box::pin(run(
             self.setup.clone(),
             self.shell.held.clone(),
             self.shell.done.clone(),
-            chaos,
         ))
     }
 }
@@ -141,17 +131,9 @@ impl Handler<super::messages::ChaosPanic> for ForwardConnection {
     type Result = ();
 
     fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
-        if msg.escape {
-            super::guard::chaos_panic(ME);
-        }
-        self.chaos.store(true, std::sync::atomic::Ordering::Release);
+        self.shell.chaos_panic(ME, msg.escape);
     }
 }
-
-#[cfg(feature = "chaos-hooks")]
-type ChaosFlag = Arc<std::sync::atomic::AtomicBool>;
-#[cfg(not(feature = "chaos-hooks"))]
-type ChaosFlag = ();
 
 impl Handler<DumpState> for ForwardConnection {
     type Result = ();
@@ -176,7 +158,6 @@ async fn run(
     setup: Arc<ForwardSetup>,
     held: Arc<Held>,
     done: Arc<tokio::sync::watch::Sender<bool>>,
-    #[cfg_attr(not(feature = "chaos-hooks"), allow(unused_variables))] chaos: ChaosFlag,
 ) {
     let mut grpc = tonic::client::Grpc::new(setup.channel.clone())
         .max_encoding_message_size(crate::config::MAX_GRPC_MESSAGE_BYTES);
@@ -192,7 +173,7 @@ async fn run(
         let (n, bytes) = (batch.len(), batch.bytes());
         held.set(n, bytes);
         #[cfg(feature = "chaos-hooks")]
-        if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        if held.chaos_due() {
             super::guard::chaos_panic(ME);
         }
         let mut attempts = 0;

@@ -86,9 +86,6 @@ pub struct OtlpSetup {
 pub struct OtlpConnection {
     setup: Arc<OtlpSetup>,
     shell: OutletShell,
-    /// Test-only: the task panics at its next batch (chaos hook).
-    #[cfg(feature = "chaos-hooks")]
-    chaos: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl OtlpConnection {
@@ -97,8 +94,6 @@ impl OtlpConnection {
         Self {
             setup: Arc::new(setup),
             shell,
-            #[cfg(feature = "chaos-hooks")]
-            chaos: Arc::default(),
         }
     }
 
@@ -124,15 +119,10 @@ impl OutletActor for OtlpConnection {
     }
 
     fn task(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        #[cfg(feature = "chaos-hooks")]
-        let chaos = self.chaos.clone();
-        #[cfg(not(feature = "chaos-hooks"))]
-        let chaos = ();
         Box::pin(run(
             self.setup.clone(),
             self.shell.held.clone(),
             self.shell.done.clone(),
-            chaos,
         ))
     }
 }
@@ -192,10 +182,7 @@ impl Handler<super::messages::ChaosPanic> for OtlpConnection {
     type Result = ();
 
     fn handle(&mut self, msg: super::messages::ChaosPanic, _: &mut Context<Self>) {
-        if msg.escape {
-            super::guard::chaos_panic(ME);
-        }
-        self.chaos.store(true, std::sync::atomic::Ordering::Release);
+        self.shell.chaos_panic(ME, msg.escape);
     }
 }
 
@@ -347,17 +334,7 @@ impl Drop for Connected {
     }
 }
 
-#[cfg(feature = "chaos-hooks")]
-type ChaosFlag = Arc<std::sync::atomic::AtomicBool>;
-#[cfg(not(feature = "chaos-hooks"))]
-type ChaosFlag = ();
-
-async fn run(
-    setup: Arc<OtlpSetup>,
-    held: Arc<Held>,
-    done: Arc<tokio::sync::watch::Sender<bool>>,
-    #[cfg_attr(not(feature = "chaos-hooks"), allow(unused_variables))] chaos: ChaosFlag,
-) {
+async fn run(setup: Arc<OtlpSetup>, held: Arc<Held>, done: Arc<tokio::sync::watch::Sender<bool>>) {
     let grpc = tonic::client::Grpc::new(setup.channel.clone())
         .max_encoding_message_size(crate::config::MAX_GRPC_MESSAGE_BYTES);
     let writer = Writer::new(setup.config.attributes, setup.config.signals);
@@ -394,7 +371,7 @@ async fn run(
                     Some(batch) => {
                         x.take_in(&batch);
                         #[cfg(feature = "chaos-hooks")]
-                        if chaos.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        if x.held.chaos_due() {
                             super::guard::chaos_panic(ME);
                         }
                     }

@@ -79,6 +79,16 @@ impl OutletShell {
         );
     }
 
+    /// Test-only: the actor panics now (`escape`: outside its guard), or its task at its next
+    /// batch.
+    #[cfg(feature = "chaos-hooks")]
+    pub fn chaos_panic(&self, me: ActorName, escape: bool) {
+        if escape {
+            super::guard::chaos_panic(me);
+        }
+        self.held.arm_chaos();
+    }
+
     /// The actor stopped: so does its task.
     pub fn stopped(&mut self) {
         if let Some(t) = self.task.take() {

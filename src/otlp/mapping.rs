@@ -22,28 +22,6 @@
 //! struct mapping here (`map`, compiled for tests) is the model that both upstream's output
 //! and the writer's bytes are checked against (decision 34).
 
-#[cfg(test)]
-use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
-#[cfg(test)]
-use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceRequest;
-#[cfg(test)]
-use crate::otlp_proto::collector::trace::v1::ExportTraceServiceRequest;
-#[cfg(test)]
-use crate::otlp_proto::common::v1::{any_value, AnyValue, KeyValue, KeyValueList};
-#[cfg(test)]
-use crate::otlp_proto::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
-#[cfg(test)]
-use crate::otlp_proto::metrics::v1::{
-    metric, number_data_point, AggregationTemporality, Gauge, Metric, NumberDataPoint,
-    ResourceMetrics, ScopeMetrics, Sum,
-};
-#[cfg(test)]
-use crate::otlp_proto::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
-#[cfg(test)]
-use crate::proto::envelope::Message;
-#[cfg(test)]
-use crate::proto::{log, Envelope};
-
 /// The tag metron adds for sequencing and signing (decision 22): never an attribute.
 pub const METRON_TAG: &str = "metron";
 
@@ -76,47 +54,6 @@ impl Default for Signals {
     }
 }
 
-/// Envelopes mapped, by signal, waiting to be exported.
-#[cfg(test)]
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Mapped {
-    pub metrics: Vec<Metric>,
-    pub logs: Vec<ResourceLogs>,
-    pub spans: Vec<ResourceSpans>,
-}
-
-#[cfg(test)]
-impl Mapped {
-    pub fn is_empty(&self) -> bool {
-        self.metrics.is_empty() && self.logs.is_empty() && self.spans.is_empty()
-    }
-
-    /// The metrics as one export request (one resource, one scope), leaving none here.
-    pub fn take_metrics(&mut self) -> ExportMetricsServiceRequest {
-        ExportMetricsServiceRequest {
-            resource_metrics: vec![ResourceMetrics {
-                scope_metrics: vec![ScopeMetrics {
-                    metrics: std::mem::take(&mut self.metrics),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        }
-    }
-
-    pub fn take_logs(&mut self) -> ExportLogsServiceRequest {
-        ExportLogsServiceRequest {
-            resource_logs: std::mem::take(&mut self.logs),
-        }
-    }
-
-    pub fn take_spans(&mut self) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest {
-            resource_spans: std::mem::take(&mut self.spans),
-        }
-    }
-}
-
 /// What one envelope became.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -126,198 +63,6 @@ pub enum Outcome {
     SignalOff,
     /// Nothing to map: a timer without valid trace tags, or an envelope without a message.
     Unmappable,
-}
-
-/// Maps `e` into `out`; `now_ns` is the observed time given to log records. Takes the envelope:
-/// its strings move into the items rather than being copied.
-#[cfg(test)]
-pub fn map(mut e: Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Outcome {
-    // Upstream: `uint64(int64)`, the same bits.
-    let time = e.timestamp as u64;
-    match e.message.take() {
-        Some(Message::Counter(c)) => {
-            if !signals.metrics {
-                return Outcome::SignalOff;
-            }
-            out.metrics.push(Metric {
-                name: c.name,
-                data: Some(metric::Data::Sum(Sum {
-                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                    is_monotonic: true,
-                    data_points: vec![NumberDataPoint {
-                        time_unix_nano: time,
-                        attributes: attributes(&mut e),
-                        value: Some(number_data_point::Value::AsInt(
-                            (c.total & 0x7FFF_FFFF_FFFF_FFFF) as i64,
-                        )),
-                        ..Default::default()
-                    }],
-                })),
-                ..Default::default()
-            });
-            Outcome::Mapped(1)
-        }
-        Some(Message::Gauge(g)) => {
-            if !signals.metrics {
-                return Outcome::SignalOff;
-            }
-            let n = g.metrics.len();
-            let mut attributes = Some(attributes(&mut e));
-            for (i, (name, v)) in g.metrics.into_iter().enumerate() {
-                // The last value takes the attributes; the others a copy.
-                let attributes = if i + 1 == n {
-                    attributes.take().unwrap_or_default()
-                } else {
-                    attributes.clone().unwrap_or_default()
-                };
-                out.metrics.push(Metric {
-                    name,
-                    unit: v.unit,
-                    data: Some(metric::Data::Gauge(Gauge {
-                        data_points: vec![NumberDataPoint {
-                            time_unix_nano: time,
-                            attributes,
-                            value: Some(number_data_point::Value::AsDouble(v.value)),
-                            ..Default::default()
-                        }],
-                    })),
-                    ..Default::default()
-                });
-            }
-            Outcome::Mapped(n)
-        }
-        Some(Message::Timer(t)) => {
-            if !signals.traces {
-                return Outcome::SignalOff;
-            }
-            let tag = |k: &str| e.tags.get(k).map_or("", String::as_str);
-            if tag("peer_type") == "Client" {
-                return Outcome::Unmappable;
-            }
-            let (Some(span_id), Some(trace_id)) = (hex(tag("span_id")), hex(tag("trace_id")))
-            else {
-                return Outcome::Unmappable;
-            };
-            let name = match e.tags.get("uri").map(|u| url_path(u)) {
-                Some(Some(path)) => path,
-                _ => t.name,
-            };
-            let kind = if tag("peer_type") == "Server" {
-                span::SpanKind::Server
-            } else {
-                span::SpanKind::Internal
-            };
-            out.spans.push(ResourceSpans {
-                scope_spans: vec![ScopeSpans {
-                    spans: vec![Span {
-                        trace_id,
-                        span_id,
-                        name,
-                        kind: kind as i32,
-                        start_time_unix_nano: t.start as u64,
-                        end_time_unix_nano: t.stop as u64,
-                        status: Some(Status {
-                            code: status::StatusCode::Unset as i32,
-                            ..Default::default()
-                        }),
-                        attributes: attributes(&mut e),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            });
-            Outcome::Mapped(1)
-        }
-        Some(Message::Log(l)) => {
-            if !signals.logs {
-                return Outcome::SignalOff;
-            }
-            let severity = match log::Type::try_from(l.r#type) {
-                Ok(log::Type::Out) => SeverityNumber::Info,
-                Ok(log::Type::Err) => SeverityNumber::Error,
-                Err(_) => SeverityNumber::Unspecified,
-            };
-            // Invalid UTF-8 is replaced (upstream's marshaller would fail the whole export).
-            let body = String::from_utf8(l.payload)
-                .unwrap_or_else(|bad| String::from_utf8_lossy(bad.as_bytes()).into_owned());
-            out.logs.push(log_record(LogRecord {
-                time_unix_nano: time,
-                observed_time_unix_nano: now_ns,
-                severity_number: severity as i32,
-                severity_text: severity.as_str_name().to_owned(),
-                body: Some(string(body)),
-                attributes: attributes(&mut e),
-                ..Default::default()
-            }));
-            Outcome::Mapped(1)
-        }
-        Some(Message::Event(ev)) => {
-            if !signals.logs {
-                return Outcome::SignalOff;
-            }
-            out.logs.push(log_record(LogRecord {
-                time_unix_nano: time,
-                observed_time_unix_nano: now_ns,
-                body: Some(AnyValue {
-                    value: Some(any_value::Value::KvlistValue(KeyValueList {
-                        values: vec![key_value("title", ev.title), key_value("body", ev.body)],
-                    })),
-                }),
-                attributes: attributes(&mut e),
-                ..Default::default()
-            }));
-            Outcome::Mapped(1)
-        }
-        None => Outcome::Unmappable,
-    }
-}
-
-#[cfg(test)]
-fn log_record(record: LogRecord) -> ResourceLogs {
-    ResourceLogs {
-        scope_logs: vec![ScopeLogs {
-            log_records: vec![record],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-#[cfg(test)]
-fn string(s: String) -> AnyValue {
-    AnyValue {
-        value: Some(any_value::Value::StringValue(s)),
-    }
-}
-
-#[cfg(test)]
-fn key_value(key: &str, value: String) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(string(value)),
-        ..Default::default()
-    }
-}
-
-/// `instance_id`, `source_id`, then the tags (see the module docs), moved out of `e`.
-#[cfg(test)]
-pub fn attributes(e: &mut Envelope) -> Vec<KeyValue> {
-    let tags = std::mem::take(&mut e.tags);
-    let mut out = Vec::with_capacity(2 + tags.len());
-    out.push(key_value("instance_id", std::mem::take(&mut e.instance_id)));
-    out.push(key_value("source_id", std::mem::take(&mut e.source_id)));
-    for (k, v) in tags {
-        if EXCLUDED_TAGS.contains(&k.as_str()) {
-            continue;
-        }
-        out.push(KeyValue {
-            key: k,
-            value: Some(string(v)),
-            ..Default::default()
-        });
-    }
-    out
 }
 
 /// Go's `hex.DecodeString` of a non-empty string: `None` when empty, of odd length or not hex.
@@ -394,6 +139,258 @@ fn unescape(s: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The struct model of the mapping (compiled for tests): what upstream's output and the
+/// writer's bytes are checked against.
+#[cfg(test)]
+mod model {
+    use super::{hex, url_path, Outcome, Signals, EXCLUDED_TAGS};
+    pub(super) use crate::otlp_proto::collector::logs::v1::ExportLogsServiceRequest;
+    pub(super) use crate::otlp_proto::collector::metrics::v1::ExportMetricsServiceRequest;
+    pub(super) use crate::otlp_proto::collector::trace::v1::ExportTraceServiceRequest;
+    pub(super) use crate::otlp_proto::common::v1::{any_value, AnyValue, KeyValue, KeyValueList};
+    pub(super) use crate::otlp_proto::logs::v1::{
+        LogRecord, ResourceLogs, ScopeLogs, SeverityNumber,
+    };
+    pub(super) use crate::otlp_proto::metrics::v1::{
+        metric, number_data_point, AggregationTemporality, Gauge, Metric, NumberDataPoint,
+        ResourceMetrics, ScopeMetrics, Sum,
+    };
+    pub(super) use crate::otlp_proto::trace::v1::{
+        span, status, ResourceSpans, ScopeSpans, Span, Status,
+    };
+    pub(super) use crate::proto::envelope::Message;
+    pub(super) use crate::proto::{log, Envelope};
+
+    /// Envelopes mapped, by signal, waiting to be exported.
+    #[derive(Debug, Default, Clone, PartialEq)]
+    pub struct Mapped {
+        pub metrics: Vec<Metric>,
+        pub logs: Vec<ResourceLogs>,
+        pub spans: Vec<ResourceSpans>,
+    }
+
+    impl Mapped {
+        pub fn is_empty(&self) -> bool {
+            self.metrics.is_empty() && self.logs.is_empty() && self.spans.is_empty()
+        }
+
+        /// The metrics as one export request (one resource, one scope), leaving none here.
+        pub fn take_metrics(&mut self) -> ExportMetricsServiceRequest {
+            ExportMetricsServiceRequest {
+                resource_metrics: vec![ResourceMetrics {
+                    scope_metrics: vec![ScopeMetrics {
+                        metrics: std::mem::take(&mut self.metrics),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }
+        }
+
+        pub fn take_logs(&mut self) -> ExportLogsServiceRequest {
+            ExportLogsServiceRequest {
+                resource_logs: std::mem::take(&mut self.logs),
+            }
+        }
+
+        pub fn take_spans(&mut self) -> ExportTraceServiceRequest {
+            ExportTraceServiceRequest {
+                resource_spans: std::mem::take(&mut self.spans),
+            }
+        }
+    }
+
+    /// Maps `e` into `out`; `now_ns` is the observed time given to log records. Takes the envelope:
+    /// its strings move into the items rather than being copied.
+    pub fn map(mut e: Envelope, signals: Signals, now_ns: u64, out: &mut Mapped) -> Outcome {
+        // Upstream: `uint64(int64)`, the same bits.
+        let time = e.timestamp as u64;
+        match e.message.take() {
+            Some(Message::Counter(c)) => {
+                if !signals.metrics {
+                    return Outcome::SignalOff;
+                }
+                out.metrics.push(Metric {
+                    name: c.name,
+                    data: Some(metric::Data::Sum(Sum {
+                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        is_monotonic: true,
+                        data_points: vec![NumberDataPoint {
+                            time_unix_nano: time,
+                            attributes: attributes(&mut e),
+                            value: Some(number_data_point::Value::AsInt(
+                                (c.total & 0x7FFF_FFFF_FFFF_FFFF) as i64,
+                            )),
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                });
+                Outcome::Mapped(1)
+            }
+            Some(Message::Gauge(g)) => {
+                if !signals.metrics {
+                    return Outcome::SignalOff;
+                }
+                let n = g.metrics.len();
+                let mut attributes = Some(attributes(&mut e));
+                for (i, (name, v)) in g.metrics.into_iter().enumerate() {
+                    // The last value takes the attributes; the others a copy.
+                    let attributes = if i + 1 == n {
+                        attributes.take().unwrap_or_default()
+                    } else {
+                        attributes.clone().unwrap_or_default()
+                    };
+                    out.metrics.push(Metric {
+                        name,
+                        unit: v.unit,
+                        data: Some(metric::Data::Gauge(Gauge {
+                            data_points: vec![NumberDataPoint {
+                                time_unix_nano: time,
+                                attributes,
+                                value: Some(number_data_point::Value::AsDouble(v.value)),
+                                ..Default::default()
+                            }],
+                        })),
+                        ..Default::default()
+                    });
+                }
+                Outcome::Mapped(n)
+            }
+            Some(Message::Timer(t)) => {
+                if !signals.traces {
+                    return Outcome::SignalOff;
+                }
+                let tag = |k: &str| e.tags.get(k).map_or("", String::as_str);
+                if tag("peer_type") == "Client" {
+                    return Outcome::Unmappable;
+                }
+                let (Some(span_id), Some(trace_id)) = (hex(tag("span_id")), hex(tag("trace_id")))
+                else {
+                    return Outcome::Unmappable;
+                };
+                let name = match e.tags.get("uri").map(|u| url_path(u)) {
+                    Some(Some(path)) => path,
+                    _ => t.name,
+                };
+                let kind = if tag("peer_type") == "Server" {
+                    span::SpanKind::Server
+                } else {
+                    span::SpanKind::Internal
+                };
+                out.spans.push(ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![Span {
+                            trace_id,
+                            span_id,
+                            name,
+                            kind: kind as i32,
+                            start_time_unix_nano: t.start as u64,
+                            end_time_unix_nano: t.stop as u64,
+                            status: Some(Status {
+                                code: status::StatusCode::Unset as i32,
+                                ..Default::default()
+                            }),
+                            attributes: attributes(&mut e),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                });
+                Outcome::Mapped(1)
+            }
+            Some(Message::Log(l)) => {
+                if !signals.logs {
+                    return Outcome::SignalOff;
+                }
+                let severity = match log::Type::try_from(l.r#type) {
+                    Ok(log::Type::Out) => SeverityNumber::Info,
+                    Ok(log::Type::Err) => SeverityNumber::Error,
+                    Err(_) => SeverityNumber::Unspecified,
+                };
+                // Invalid UTF-8 is replaced (upstream's marshaller would fail the whole export).
+                let body = String::from_utf8(l.payload)
+                    .unwrap_or_else(|bad| String::from_utf8_lossy(bad.as_bytes()).into_owned());
+                out.logs.push(log_record(LogRecord {
+                    time_unix_nano: time,
+                    observed_time_unix_nano: now_ns,
+                    severity_number: severity as i32,
+                    severity_text: severity.as_str_name().to_owned(),
+                    body: Some(string(body)),
+                    attributes: attributes(&mut e),
+                    ..Default::default()
+                }));
+                Outcome::Mapped(1)
+            }
+            Some(Message::Event(ev)) => {
+                if !signals.logs {
+                    return Outcome::SignalOff;
+                }
+                out.logs.push(log_record(LogRecord {
+                    time_unix_nano: time,
+                    observed_time_unix_nano: now_ns,
+                    body: Some(AnyValue {
+                        value: Some(any_value::Value::KvlistValue(KeyValueList {
+                            values: vec![key_value("title", ev.title), key_value("body", ev.body)],
+                        })),
+                    }),
+                    attributes: attributes(&mut e),
+                    ..Default::default()
+                }));
+                Outcome::Mapped(1)
+            }
+            None => Outcome::Unmappable,
+        }
+    }
+
+    fn log_record(record: LogRecord) -> ResourceLogs {
+        ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![record],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn string(s: String) -> AnyValue {
+        AnyValue {
+            value: Some(any_value::Value::StringValue(s)),
+        }
+    }
+
+    fn key_value(key: &str, value: String) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: Some(string(value)),
+            ..Default::default()
+        }
+    }
+
+    /// `instance_id`, `source_id`, then the tags (see the module docs), moved out of `e`.
+    pub fn attributes(e: &mut Envelope) -> Vec<KeyValue> {
+        let tags = std::mem::take(&mut e.tags);
+        let mut out = Vec::with_capacity(2 + tags.len());
+        out.push(key_value("instance_id", std::mem::take(&mut e.instance_id)));
+        out.push(key_value("source_id", std::mem::take(&mut e.source_id)));
+        for (k, v) in tags {
+            if EXCLUDED_TAGS.contains(&k.as_str()) {
+                continue;
+            }
+            out.push(KeyValue {
+                key: k,
+                value: Some(string(v)),
+                ..Default::default()
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub use model::{map, Mapped};
+
 #[cfg(test)]
 mod tests {
     //! Expected values from upstream's real output (`../shared/reference/destinations.md` §1.4,
@@ -402,6 +399,7 @@ mod tests {
 
     use std::collections::BTreeMap;
 
+    use super::model::*;
     use super::*;
     use crate::proto::{Counter, Event, Gauge as V2Gauge, GaugeValue, Log, Timer};
 
