@@ -96,11 +96,11 @@ struct RawOtlpTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSignals {
-    #[serde(default = "yes")]
+    #[serde(default = "super::default_true")]
     logs: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::default_true")]
     metrics: bool,
-    #[serde(default = "yes")]
+    #[serde(default = "super::default_true")]
     traces: bool,
 }
 
@@ -135,9 +135,6 @@ impl Default for RawRetry {
     }
 }
 
-fn yes() -> bool {
-    true
-}
 /// Upstream's signal batcher: 100 items or 100 ms.
 fn default_batch_max_items() -> NonZeroUsize {
     NonZeroUsize::new(100).expect("not zero")

@@ -96,7 +96,7 @@ pub(super) struct RawSyslog {
     aggregate_drains: Vec<RawAggregateDrain>,
     #[serde(default)]
     include_metron_tags: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     default_drain_metadata: bool,
     #[serde(default = "default_max_drain_series")]
     max_drain_series: NonZeroUsize,
@@ -216,9 +216,6 @@ impl std::fmt::Debug for RawAggregateDrain {
 /// Enough for 20 MB/s to a drain 50 ms away; decision 27 says why it is bounded at all.
 fn default_send_buffer_bytes() -> NonZeroUsize {
     NonZeroUsize::new(1 << 20).expect("not zero")
-}
-fn default_true() -> bool {
-    true
 }
 fn default_max_drain_series() -> NonZeroUsize {
     NonZeroUsize::new(100).expect("not zero")
