@@ -1,5 +1,6 @@
 //! The real `metron` binary: configuration errors exit 64 with one line on stderr naming the key,
-//! SIGTERM drains and exits 0, and a second signal during a slow drain exits 1 at once.
+//! SIGTERM drains and exits 0, and a second signal during a slow drain exits 1 at once; a
+//! collector without a signal is warned about once.
 
 mod common;
 
@@ -941,4 +942,55 @@ async fn a_blackholed_drain_keeps_the_process_within_the_budget() {
     );
     metron.signal("TERM");
     metron.wait_exit(STEP);
+}
+
+/// A collector without a logs pipeline (issue 23): the logs signal is paused with one warning
+/// however many rounds of logs come, no error line per export, and metrics go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_the_collector_lacks_is_warned_about_once() {
+    use common::otlp::{Behaviour, FakeCollector, Signal};
+    let w = World::new();
+    let doppler = FakeDoppler::start(&w.pki);
+    let collector = FakeCollector::start(&w.pki);
+    collector.set_behaviour(Signal::Logs, Behaviour::Unimplemented);
+    let extra = format!("otlp:\n  endpoint: \"{}\"\n", collector.addr());
+    let (mut metron, ingress, _metrics) = start_metron(&w, &doppler, &extra);
+    let mut client = ingress_client(ingress, &w.pki, &w.client_cert).await;
+    for round in 0..5u64 {
+        let batch: Vec<_> = (0..200u64)
+            .flat_map(|i| {
+                [
+                    log_envelope("app-a", &format!("round {round} line {i}")),
+                    counter_envelope("app-a", "requests", 1, round * 200 + i + 1),
+                ]
+            })
+            .collect();
+        send_all(&mut client, &batch).await;
+        // Each round reaches the collector's metrics before the next is sent.
+        let points = ((round + 1) * 200) as usize;
+        assert!(
+            collector
+                .wait_for_async(STEP, |c| c.data_points >= points)
+                .await,
+            "{:?}",
+            collector.counts()
+        );
+    }
+    assert_eq!(collector.log_records(), 0);
+    assert_eq!(collector.data_points(), 1_000);
+    metron.signal("TERM");
+    let status = metron.wait_exit(STEP);
+    let lines = metron.all_lines(Pipe::Stdout);
+    assert!(status.success(), "{status}; logs: {lines:#?}");
+    let paused: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("does not take this signal"))
+        .collect();
+    assert_eq!(paused.len(), 1, "one warning per pause: {lines:#?}");
+    assert!(paused[0].contains("WARN") && paused[0].contains("signal=\"logs\""));
+    assert!(
+        !lines.iter().any(|l| l.contains("OTLP export failed")),
+        "no line per refused export: {lines:#?}"
+    );
+    assert_eq!(doppler.count(), 2_000, "the Doppler got everything");
 }
