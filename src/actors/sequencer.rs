@@ -413,12 +413,17 @@ impl SequencerActor {
         // Index of destination d in `routed` / `shares`.
         let slots = self.queues.len();
         let index = move |d: usize| if d == 0 { slot } else { slots + d - 1 };
-        let accepted: Vec<bool> = (0..destinations)
-            .map(|d| {
-                offer[d].0 > 0
-                    && may_route(&routed, &self.shares, index(d), offer[d].1, self.budget)
-            })
-            .collect();
+        let mut accepted = vec![false; destinations];
+        for d in 0..destinations {
+            let (i, bytes) = (index(d), offer[d].1);
+            // Beyond its share an outlet borrows only while it delivers: a dead collector or a
+            // drain that is down keeps to its own share, and the free half of the budget stays
+            // for the destinations that take envelopes.
+            let stuck_outlet = || d > 0 && routed[i] > 0 && routed[i] + bytes > self.shares[i];
+            accepted[d] = offer[d].0 > 0
+                && may_route(&routed, &self.shares, i, bytes, self.budget)
+                && (!stuck_outlet() || self.draining(d));
+        }
         // A destination over its share still takes the envelopes of the sources within their
         // fair share, within one more share of its own: a flood sharing a slot with quiet
         // sources loses its own envelopes, not theirs (decision 30).
